@@ -11,5 +11,5 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
-        pytest.skip(f"real datasets not found at {SHARED_DATA}")
+        pytest.fail(f"real datasets not found at {SHARED_DATA} (shared/ must sit beside the checkout)")
     return SHARED_DATA
