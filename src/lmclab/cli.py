@@ -1,0 +1,186 @@
+"""The `lmclab` command line. Every command that prints results accepts `--json`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lmclab.config import add_config_flags, config_from_args
+
+
+def _common_io(p: argparse.ArgumentParser, data: bool = True, device: bool = True) -> None:
+    p.add_argument("--runs-dir", default=None, help="run store (default: $LMCLAB_RUNS_DIR or ./runs)")
+    if data:
+        p.add_argument("--data-dir", default=None, help="local datasets (also searched: $LMCLAB_DATA_DIR, the cache)")
+        p.add_argument("--offline", action="store_true", help="never download; fail if data is not local")
+    if device:
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmclab", description=__import__("lmclab").__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a preset (reuses or resumes a stored run with the same config)")
+    p.add_argument("preset", help="recipe name; `lmclab presets` lists them")
+    add_config_flags(p)
+    p.add_argument("--checkpoints", default="", metavar="SPEC",
+                   help="extra kept checkpoints: epochs:0,1,2 | every:N | log:K | steps:S,T, joined by '+'")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: only at the end)")
+    _common_io(p)
+
+    p = sub.add_parser("runs", help="list stored runs with their key config and final metrics")
+    _common_io(p, data=False, device=False)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    p.add_argument("run", help="run directory, name, or hash prefix")
+    p.add_argument("--split", choices=("train", "test", "both"), default="test")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: final)")
+    _common_io(p)
+
+    for name, text in (("presets", "list training presets"), ("models", "list models and their options"),
+                       ("datasets", "list dataset names")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="the README's main job: train a pair of MLPs, report and plot them")
+    p.add_argument("--preset", default="mlp_mnist")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one model each")
+    p.add_argument("--out", default="out/demo", help="where figures and tables go")
+    p.add_argument("--no-progress", action="store_true")
+    _common_io(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors: one clear message, no traceback
+        if not isinstance(exc, _user_errors()):
+            raise
+        print(f"lmclab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from lmclab.data import DataError
+    from lmclab.models import ModelError
+    from lmclab.store import CheckpointError, RunNotFound
+    from lmclab.training import TrainingDiverged, UnknownPreset
+
+    return (DataError, ModelError, CheckpointError, RunNotFound, UnknownPreset, TrainingDiverged, ValueError)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """Human-readable output: stdout normally, stderr when stdout carries JSON."""
+    print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+
+
+def _options(args: argparse.Namespace, **extra: Any) -> Any:
+    from lmclab.training import CheckpointSchedule, RunOptions
+
+    return RunOptions(runs_dir=args.runs_dir, data_dir=args.data_dir, device=args.device,
+                      checkpoints=CheckpointSchedule.parse(getattr(args, "checkpoints", "")),
+                      progress=not getattr(args, "no_progress", False), download=not args.offline, **extra)
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.training import get_preset, train
+
+    preset = get_preset(args.preset)
+    config = config_from_args(preset.config, args).normalised()
+    run = train(config, _options(args, preset=preset.name, eval_every=args.eval_every))
+    final = run.meta.get("final_metrics", {})
+    _say(args, f"run: {run.path}\n" + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    return {"run": run.path.name, "path": str(run.path), "hash": run.hash, "final_metrics": final}
+
+
+def cmd_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from lmclab.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    rows = [r.summary() for r in store.runs()]
+    if not args.json:
+        if not rows:
+            print(f"no runs in {store.root.resolve()}")
+        for r in rows:
+            f = r["final"] or {}
+            acc = f"test acc {f['test_accuracy']:.4f}  test loss {f['test_loss']:.4f}" if f else ""
+            print(f"{r['run']}  {r['status'] or '?':<11} {r['preset'] or '-':<20} {r['model']}×{r['width']} "
+                  f"{r['norm'] or ''} on {r['dataset']}  seeds {r['seeds']}  epochs {r['epochs_done']}  {acc}")
+    return rows
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.data import DeviceDataset
+    from lmclab.store import RunStore
+    from lmclab.training import evaluate, load_run_model, resolve_device
+
+    run = RunStore(args.runs_dir).get(args.run)
+    device = resolve_device(args.device)
+    model = load_run_model(run, args.step, device)
+    result: dict[str, Any] = {"run": run.path.name, "step": args.step if args.step is not None else run.meta["total_steps"]}
+    for split in ("train", "test") if args.split == "both" else (args.split,):
+        data = DeviceDataset.load(run.config.data.dataset, split, data_dir=args.data_dir, device=device,
+                                  augment=False, download=not args.offline, progress=not args.json)
+        metrics = evaluate(model, data)
+        result[split] = metrics
+        _say(args, f"{run.path.name} step {result['step']} {split}: loss {metrics['loss']:.4f}  "
+                   f"accuracy {metrics['accuracy']:.4f}  ({len(data)} examples)")
+    return result
+
+
+def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.training import PRESETS
+
+    out = {name: {"source": p.source, "config": p.config.normalised().to_dict()} for name, p in PRESETS.items()}
+    if not args.json:
+        for name, p in PRESETS.items():
+            print(f"{name:<24} {p.source}")
+    return out
+
+
+def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.models import MODEL_NAMES, model_defaults
+
+    out = {name: model_defaults(name) for name in MODEL_NAMES}
+    if not args.json:
+        for name, opts in out.items():
+            print(f"{name:<10} " + ", ".join(f"{k}={v}" for k, v in opts.items()))
+    return out
+
+
+def cmd_datasets(args: argparse.Namespace) -> list[str]:
+    from lmclab.data import DATASET_NAMES
+
+    names = [*DATASET_NAMES, "imagefolder:<dir or zip with train/<class>/* and test/<class>/*>"]
+    if not args.json:
+        print("\n".join(names))
+    return names
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.experiments.pair import run_pair_demo
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    return run_pair_demo(args.preset, seeds=seeds, epochs=args.epochs, out=args.out,
+                         options=_options(args, preset=args.preset), say=lambda t: _say(args, t))
+
+
+COMMANDS = {"train": cmd_train, "runs": cmd_runs, "eval": cmd_eval, "presets": cmd_presets,
+            "models": cmd_models, "datasets": cmd_datasets, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Experiments: one module per study, each a function that writes figures and tables."""

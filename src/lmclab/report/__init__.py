@@ -1,0 +1,5 @@
+"""Figures and tables."""
+from lmclab.report.tables import write_csv
+from lmclab.report.training import plot_histories
+
+__all__ = ["plot_histories", "write_csv"]

@@ -1,0 +1,131 @@
+"""The trainer on real MNIST subsets: determinism, seed independence, resume bit-identity, reuse, NaN."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
+from lmclab.store import RunStore, load_checkpoint
+from lmclab.training import CheckpointSchedule, RunOptions, TrainingDiverged, load_run_model, train
+
+# 50 images per class (500), batch 50 -> 10 steps per epoch, 3 epochs.
+SMALL = RunConfig(
+    data=DataConfig("mnist", train_per_class=50),
+    model=ModelConfig("mlp", hidden=(32, 32)),
+    train=TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine",
+                      warmup_epochs=0.5, batch_size=50, epochs=3),
+    seeds=SeedConfig(1, 2, 3),
+)
+
+
+def options(tmp: Path, shared: Path, **kw: object) -> RunOptions:
+    return RunOptions(runs_dir=str(tmp), data_dir=str(shared), device="cpu", progress=False, download=False, **kw)  # type: ignore[arg-type]
+
+
+def final_state(run) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return run.load_state()
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def strip_time(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "time"} for h in history]
+
+
+def test_same_config_same_weights_and_a_real_improvement(tmp_path: Path, shared_data: Path) -> None:
+    run_a = train(SMALL, options(tmp_path / "a", shared_data))
+    run_b = train(SMALL, options(tmp_path / "b", shared_data))
+    assert_identical(final_state(run_a), final_state(run_b))
+    history = run_a.meta["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert run_a.meta["final_metrics"]["test_accuracy"] > 0.6  # 500 MNIST images, 3 epochs
+    assert run_a.meta["status"] == "complete" and run_a.meta["environment"]["torch"] == torch.__version__
+
+
+def test_seed_streams_are_independent(tmp_path: Path, shared_data: Path) -> None:
+    opts = options(tmp_path, shared_data, checkpoints=CheckpointSchedule(epochs=(0,)))
+    base = train(SMALL, opts)
+    other_order = train(dataclasses.replace(SMALL, seeds=SeedConfig(1, 99, 3)), opts)
+    other_init = train(dataclasses.replace(SMALL, seeds=SeedConfig(98, 2, 3)), opts)
+    assert_identical(base.load_state(0), other_order.load_state(0))  # data order does not touch the init
+    assert not torch.equal(final_state(base)["head.weight"], final_state(other_order)["head.weight"])
+    assert not torch.equal(base.load_state(0)["head.weight"], other_init.load_state(0)["head.weight"])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step: int):  # type: ignore[no-untyped-def]
+    def callback(state) -> None:  # type: ignore[no-untyped-def]
+        if state.step == step:
+            raise Interrupt
+
+    return callback
+
+
+@pytest.mark.parametrize("schedule", ["", "steps:15"])
+def test_resume_is_bit_identical(tmp_path: Path, shared_data: Path, schedule: str) -> None:
+    """Interrupted mid-epoch 2, resumed from the epoch-1 resume file (or a mid-epoch checkpoint)."""
+    opts = options(tmp_path / "r", shared_data, checkpoints=CheckpointSchedule.parse(schedule))
+    with pytest.raises(Interrupt):
+        train(SMALL, opts, callback=interrupt_at(17))
+    run = RunStore(opts.runs_dir).find(SMALL)
+    assert run is not None and run.meta["status"] == "interrupted" and not run.complete
+    resumed = train(SMALL, opts)
+    expected_step = 15 if schedule else 10
+    assert resumed.meta["resumed_from"]["step"] == expected_step
+    straight = train(SMALL, options(tmp_path / "s", shared_data))
+    assert_identical(final_state(resumed), final_state(straight))
+    assert strip_time(resumed.meta["history"]) == strip_time(straight.meta["history"])
+    assert not resumed.resume_path.exists()
+
+
+def test_complete_run_is_reused_and_missing_checkpoints_are_filled(tmp_path: Path, shared_data: Path) -> None:
+    opts = options(tmp_path, shared_data)
+    run = train(SMALL, opts)
+    final = final_state(run)
+    steps: list[int] = []
+    again = train(SMALL, opts, callback=lambda s: steps.append(s.step))
+    assert again == run and steps == []
+    with_epochs = train(SMALL, dataclasses.replace(opts, checkpoints=CheckpointSchedule(epochs=(1, 2))), callback=lambda s: steps.append(s.step))
+    assert steps[0] == 1  # retrained from the start to produce the missing epoch-1 checkpoint
+    assert run.checkpoint_steps() == [10, 20, 30]
+    assert_identical(final, final_state(with_epochs))
+    tensors, header = load_checkpoint(run.checkpoint_path(10))
+    assert header["step"] == 10 and "rng.data" in tensors and any(k.startswith("optim.") for k in tensors)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path: Path, shared_data: Path) -> None:
+    # a calm first epoch, then lr ×1e8 from epoch 2 on (a step schedule with gamma > 1)
+    calm_then_explode = dataclasses.replace(SMALL.train, schedule="step", milestones=(1,), gamma=1e8, warmup_epochs=0)
+    exploding = dataclasses.replace(SMALL, train=calm_then_explode)
+    opts = options(tmp_path, shared_data)
+    with pytest.raises(TrainingDiverged) as err:
+        train(exploding, opts)
+    run = RunStore(opts.runs_dir).find(exploding)
+    assert run is not None and run.meta["status"] == "diverged"
+    assert str(run.resume_path) in str(err.value) and "epoch 2" in str(err.value)
+    tensors, header = load_checkpoint(run.resume_path)
+    assert header["step"] == 10
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
+
+
+def test_load_run_model_reproduces_final_metrics(tmp_path: Path, shared_data: Path) -> None:
+    from lmclab.data import DeviceDataset
+    from lmclab.training import evaluate
+
+    run = train(SMALL, options(tmp_path, shared_data))
+    model = load_run_model(run)
+    test = DeviceDataset.load("mnist", "test", data_dir=shared_data, download=False, progress=False)
+    metrics = evaluate(model, test)
+    assert metrics["accuracy"] == run.meta["final_metrics"]["test_accuracy"]
+    assert metrics["loss"] == pytest.approx(run.meta["final_metrics"]["test_loss"], rel=1e-6)
