@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the README's main job: train a pair of MLPs, report and plot them")
     p.add_argument("--preset", default="mlp_mnist")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one model each")
     p.add_argument("--out", default="out/demo", help="where figures and tables go")
     p.add_argument("--no-progress", action="store_true")

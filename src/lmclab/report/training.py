@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lmclab.store import atomic_write  # noqa: E402
 
@@ -28,6 +29,7 @@ def plot_histories(path: str | os.PathLike, histories: Mapping[str, Sequence[Map
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:

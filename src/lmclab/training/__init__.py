@@ -12,10 +12,11 @@ from lmclab.training.trainer import (
     make_optimizer,
     resolve_device,
     train,
+    train_step,
 )
 
 __all__ = [
     "OPTIMIZERS", "PRESETS", "SCHEDULES", "CheckpointSchedule", "Preset", "RunOptions", "TrainState",
     "TrainingDiverged", "UnknownPreset", "evaluate", "get_preset", "init_model", "learning_rate",
-    "load_run_model", "make_optimizer", "resolve_device", "train",
+    "load_run_model", "make_optimizer", "resolve_device", "train", "train_step",
 ]

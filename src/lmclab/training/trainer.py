@@ -104,6 +104,21 @@ def is_cnn(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the mean cross-entropy (bf16 autocast + channels_last on CUDA)."""
+    if x.is_cuda and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast_for(x.device):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def train(
     config: RunConfig,
     options: RunOptions = RunOptions(),
@@ -197,20 +212,13 @@ def train(
             if pos == 0 or order is None:
                 order = torch.randperm(n, generator=data_gen).to(device)
             x, y = train_ds.batch(order[pos * bs:(pos + 1) * bs], aug_gen)
-            if device.type == "cuda" and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
             lr = learning_rate(config.train, step, total_steps, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast_for(device):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = train_step(model, optimizer, x, y)
             step += 1
-            epoch_sums += torch.stack([loss.detach().double() * y.numel(),
-                                       (logits.detach().argmax(1) == y).sum().double(),
+            epoch_sums += torch.stack([loss.double() * y.numel(),
+                                       (logits.argmax(1) == y).sum().double(),
                                        torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
             bar.update(1)
 
