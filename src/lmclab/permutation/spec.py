@@ -1,0 +1,214 @@
+"""Permutation specs and permutations of hidden units over `dict[str, Tensor]` points.
+
+A *spec* lists groups of (tensor, axis) that share one permutation: permuting the units of a hidden
+layer permutes the output axis of the layer that produces it, every per-unit vector that follows
+(biases, norm weights, BN running statistics) and the input axis of every layer that consumes it.
+A residual addition ties the groups on both sides into one.
+
+A *permutation* maps group name -> index vector p (a permutation of range(size)). Applied to a
+point θ it gives π(θ) with  π(θ)[t] = θ[t].index_select(axis, p)  for each (t, axis) of the group;
+unit i of the new network is unit p[i] of the old one. When an axis holds `block` consecutive
+entries per unit (a conv's channels flattened with their H·W positions into a linear layer), unit i
+owns entries [i·block, (i+1)·block) and whole blocks move.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+class SpecError(ValueError):
+    """A spec that cannot be derived, or that does not fit the parameters it is used with."""
+
+
+@dataclass(frozen=True)
+class AxisRef:
+    """Axis `axis` of tensor `tensor` (a state_dict key) carries the group's units, `block` entries each."""
+
+    tensor: str
+    axis: int
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class PermGroup:
+    """One shared permutation of `size` units.
+
+    `activations` names the fx nodes whose outputs carry this group on dim 1 (the channel / feature
+    axis) at the points where the group is consumed: the inputs of the layers that read it.
+    Activation matching correlates units there; they are never the network's input or output.
+    """
+
+    name: str
+    size: int
+    axes: tuple[AxisRef, ...]
+    activations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    groups: tuple[PermGroup, ...]
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise SpecError(f"duplicate group names in spec: {sorted(n for n in names if names.count(n) > 1)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.groups]
+
+    def group(self, name: str) -> PermGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise SpecError(f"no group {name!r} in spec; groups: {', '.join(self.names)}")
+
+    def axes_by_tensor(self) -> dict[str, list[tuple[str, AxisRef]]]:
+        """tensor name -> [(group name, axis ref)] for every permuted axis of that tensor."""
+        out: dict[str, list[tuple[str, AxisRef]]] = {}
+        for g in self.groups:
+            for ax in g.axes:
+                out.setdefault(ax.tensor, []).append((g.name, ax))
+        return out
+
+    def check(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Every axis exists with size == group size × block; no axis is claimed twice."""
+        problems: list[str] = []
+        seen: dict[tuple[str, int], str] = {}
+        for g in self.groups:
+            for ax in g.axes:
+                if ax.tensor not in params:
+                    problems.append(f"group {g.name}: tensor {ax.tensor!r} not in parameters")
+                    continue
+                shape = tuple(params[ax.tensor].shape)
+                if ax.axis >= len(shape) or shape[ax.axis] != g.size * ax.block:
+                    problems.append(f"group {g.name}: {ax.tensor} axis {ax.axis} of shape {shape} is not "
+                                    f"{g.size} units × {ax.block}")
+                key = (ax.tensor, ax.axis)
+                if key in seen:
+                    problems.append(f"{ax.tensor} axis {ax.axis} claimed by both {seen[key]} and {g.name}")
+                seen[key] = g.name
+        if problems:
+            raise SpecError("spec does not fit the parameters:\n  " + "\n  ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": [{"name": g.name, "size": g.size, "activations": list(g.activations),
+                            "axes": [[a.tensor, a.axis, a.block] for a in g.axes]} for g in self.groups]}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "PermutationSpec":
+        return PermutationSpec(tuple(
+            PermGroup(g["name"], int(g["size"]), tuple(AxisRef(t, int(a), int(b)) for t, a, b in g["axes"]),
+                      tuple(g.get("activations", ())))
+            for g in d["groups"]))
+
+    def canonical(self) -> "PermutationSpec":
+        """Axes sorted within groups, groups sorted by name: for comparing specs built differently."""
+        groups = (PermGroup(g.name, g.size, tuple(sorted(g.axes, key=lambda a: (a.tensor, a.axis))), g.activations)
+                  for g in self.groups)
+        return PermutationSpec(tuple(sorted(groups, key=lambda g: g.name)))
+
+
+def expand_block(perm: torch.Tensor, block: int) -> torch.Tensor:
+    """Index vector over entries for a unit permutation with `block` consecutive entries per unit."""
+    if block == 1:
+        return perm
+    return (perm[:, None] * block + torch.arange(block, device=perm.device)).reshape(-1)
+
+
+def permute_axis(tensor: torch.Tensor, ax: AxisRef, perm: torch.Tensor) -> torch.Tensor:
+    return tensor.index_select(ax.axis, expand_block(perm.to(tensor.device), ax.block))
+
+
+class Permutation:
+    """A permutation for every group of a spec: group name -> int64 index vector.
+
+    `apply(θ)` is π(θ); `inverse()` is π⁻¹; `a.compose(b)` is π_a ∘ π_b (apply b first, then a).
+    """
+
+    def __init__(self, perms: Mapping[str, torch.Tensor]) -> None:
+        self.perms = {k: torch.as_tensor(v, dtype=torch.int64).cpu() for k, v in perms.items()}
+        for name, p in self.perms.items():
+            if p.ndim != 1 or not torch.equal(p.sort().values, torch.arange(len(p))):
+                raise SpecError(f"group {name}: not a permutation of range({len(p)})")
+
+    @staticmethod
+    def identity(spec: PermutationSpec) -> "Permutation":
+        return Permutation({g.name: torch.arange(g.size) for g in spec.groups})
+
+    @staticmethod
+    def random(spec: PermutationSpec, generator: torch.Generator | None = None) -> "Permutation":
+        return Permutation({g.name: torch.randperm(g.size, generator=generator) for g in spec.groups})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.perms[name]
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Permutation) and self.perms.keys() == other.perms.keys()
+                and all(torch.equal(p, other.perms[k]) for k, p in self.perms.items()))
+
+    def __repr__(self) -> str:
+        moved = {k: int((p != torch.arange(len(p))).sum()) for k, p in self.perms.items()}
+        return f"Permutation({len(self.perms)} groups, units moved: {moved})"
+
+    def is_identity(self) -> bool:
+        return all(torch.equal(p, torch.arange(len(p))) for p in self.perms.values())
+
+    def inverse(self) -> "Permutation":
+        return Permutation({k: torch.argsort(p) for k, p in self.perms.items()})
+
+    def compose(self, first: "Permutation") -> "Permutation":
+        """self ∘ first: apply(compose) == self.apply(first.apply(θ)). Index form: first[self]."""
+        if self.perms.keys() != first.perms.keys():
+            raise SpecError(f"cannot compose permutations over different groups: {sorted(self.perms)} vs {sorted(first.perms)}")
+        return Permutation({k: first.perms[k][p] for k, p in self.perms.items()})
+
+    def apply(self, params: Mapping[str, torch.Tensor], spec: PermutationSpec) -> Params:
+        """π(θ): every tensor of `params` with each of its spec axes permuted; others copied by reference."""
+        missing = [g.name for g in spec.groups if g.name not in self.perms]
+        if missing:
+            raise SpecError(f"permutation lacks groups {missing}")
+        out = dict(params)
+        for tensor, axes in spec.axes_by_tensor().items():
+            if tensor not in out:
+                raise SpecError(f"spec names tensor {tensor!r}, which the parameters do not have")
+            t = out[tensor]
+            for group, ax in axes:
+                t = permute_axis(t, ax, self.perms[group])
+            out[tensor] = t
+        return out
+
+    def save(self, path: str | os.PathLike, spec: PermutationSpec | None = None, **meta: Any) -> Path:
+        """safetensors: one int64 tensor per group; the spec and `meta` as JSON in the header."""
+        from lmclab.store import save_checkpoint
+
+        header = {"kind": "permutation", "meta": meta, "spec": spec.to_dict() if spec is not None else None}
+        return save_checkpoint(path, {f"perm.{k}": v for k, v in self.perms.items()}, header)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> tuple["Permutation", PermutationSpec | None, dict[str, Any]]:
+        from lmclab.store import CheckpointError, load_checkpoint
+
+        tensors, header = load_checkpoint(path)
+        if header.get("kind") != "permutation":
+            raise CheckpointError(f"{path} is not a permutation file (kind: {header.get('kind')!r})")
+        spec = PermutationSpec.from_dict(header["spec"]) if header.get("spec") else None
+        perm = Permutation({k[len("perm."):]: v for k, v in tensors.items() if k.startswith("perm.")})
+        return perm, spec, header.get("meta", {})
+
+
+def parameter_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                       names: Iterable[str] | None = None) -> float:
+    """‖a − b‖₂ over the given tensors (default: all floating-point tensors present in both)."""
+    keys = list(names) if names is not None else [k for k in a if k in b and a[k].is_floating_point()]
+    return float(torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)))
