@@ -1,5 +1,6 @@
 """Figures and tables."""
+from lmclab.report.paths import plot_paths
 from lmclab.report.tables import write_csv
 from lmclab.report.training import plot_histories
 
-__all__ = ["plot_histories", "write_csv"]
+__all__ = ["plot_histories", "plot_paths", "write_csv"]

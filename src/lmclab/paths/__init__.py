@@ -1,0 +1,18 @@
+"""Interpolation paths between points in parameter space, barriers, BN reset and REPAIR."""
+from lmclab.paths.barriers import DEFINITIONS, barrier_curve, barrier_report, barriers
+from lmclab.paths.curves import BN_MODES, default_bn_mode, evaluate_path
+from lmclab.paths.interpolate import cumulative_layer_sets, default_lambdas, layer_groups, lerp
+from lmclab.paths.normalization import (
+    ChannelStats,
+    channel_stats,
+    has_batchnorm,
+    repair,
+    repair_points,
+    reset_bn_stats,
+)
+
+__all__ = [
+    "BN_MODES", "DEFINITIONS", "ChannelStats", "barrier_curve", "barrier_report", "barriers", "channel_stats",
+    "cumulative_layer_sets", "default_bn_mode", "default_lambdas", "evaluate_path", "has_batchnorm",
+    "layer_groups", "lerp", "repair", "repair_points", "reset_bn_stats",
+]

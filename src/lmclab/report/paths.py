@@ -1,0 +1,63 @@
+"""Loss and accuracy along interpolation paths (the look of Git Re-Basin's and Benkő's figures)."""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lmclab.store import atomic_write  # noqa: E402
+
+SPLIT_STYLE = {"train": "-", "test": "--"}
+
+
+def plot_paths(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metrics: Sequence[str] = ("loss", "accuracy"),
+               title: str = "", endpoint_labels: tuple[str, str] = ("Model A", "Model B")) -> Path:
+    """One panel per metric; one colour per path (e.g. naive, permuted), train solid / test dashed;
+    mean ± std over pairs when rows carry several `pair` values. Non-finite values are left out of the
+    lines and counted in the panel's title, never drawn as numbers."""
+    rows = list(rows)
+    paths = list(dict.fromkeys(r.get("path", "path") for r in rows))
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), constrained_layout=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        dropped = 0
+        for i, name in enumerate(paths):
+            for split in splits:
+                curves: dict[Any, dict[float, float]] = {}
+                for r in rows:
+                    if r.get("path", "path") == name and r["split"] == split and r["metric"] == metric:
+                        curves.setdefault(r.get("pair", 0), {})[r["lambda"]] = r["value"]
+                if not curves:
+                    continue
+                lam = sorted(set().union(*curves.values()))
+                values = np.array([[c.get(x, math.nan) for x in lam] for c in curves.values()], dtype=float)
+                dropped += int((~np.isfinite(values)).sum())
+                values[~np.isfinite(values)] = np.nan
+                mean = np.nanmean(values, axis=0) if np.isfinite(values).any() else values[0]
+                label = f"{name} {split}" + (f" (n={len(curves)})" if len(curves) > 1 else "")
+                ax.plot(lam, mean, SPLIT_STYLE.get(split, ":"), color=f"C{i}", label=label, lw=1.8)
+                if len(curves) > 1:
+                    std = np.nanstd(values, axis=0)
+                    ax.fill_between(lam, mean - std, mean + std, color=f"C{i}", alpha=0.18, lw=0)
+        ax.set_xlim(0, 1)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+        ax.set_xticklabels([endpoint_labels[0], "0.25", "0.5", "0.75", endpoint_labels[1]])
+        ax.set_xlabel("λ")
+        ax.set_ylabel(metric)
+        ax.set_title(metric + (f" ({dropped} non-finite values omitted)" if dropped else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format=path.suffix.lstrip(".") or "png"))
+    plt.close(fig)
+    return path

@@ -1,0 +1,172 @@
+"""Paths: interpolation, barrier definitions on hand-made curves, BN reset and REPAIR by hand."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lmclab.data import DatasetInfo, DeviceDataset
+from lmclab.models import build_model
+from lmclab.paths import (
+    barrier_curve,
+    barrier_report,
+    barriers,
+    channel_stats,
+    cumulative_layer_sets,
+    default_lambdas,
+    evaluate_path,
+    layer_groups,
+    lerp,
+    repair,
+    repair_points,
+    reset_bn_stats,
+)
+from lmclab.paths.normalization import endpoint_stats
+from lmclab.report import plot_paths
+from lmclab.training import evaluate
+
+
+def toy_dataset(n: int = 96, shape: tuple[int, int, int] = (1, 6, 6), classes: int = 3, seed: int = 0) -> DeviceDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    labels = torch.arange(n) % classes
+    info = DatasetInfo("toy", classes, shape, (0.5,) * shape[0], (0.25,) * shape[0], False, tuple("abc"[:classes]), "test")
+    return DeviceDataset(images, labels, info)
+
+
+def make(name: str, seed: int, **kw: object) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, input_shape=(1, 6, 6), num_classes=3, **kw).eval()
+
+
+# ---------------------------------------------------------------------------------------- barriers
+
+
+def test_barriers_on_an_exact_polynomial() -> None:
+    """L(λ) = 1 + 2λ + 4λ(1−λ): curve 4λ(1−λ), barrier 1 at ½; max L = 3.25 at ¾, so rebasin = 3.25 − 2."""
+    lam = default_lambdas(25)
+    values = [1 + 2 * x + 4 * x * (1 - x) for x in lam]
+    np.testing.assert_allclose(barrier_curve(lam, values), [4 * x * (1 - x) for x in lam], atol=1e-12)
+    b = barriers(lam, values)
+    assert b["barrier"] == pytest.approx(1.0) and b["argmax_lambda"] == 0.5
+    assert b["rebasin"] == pytest.approx(1.25) and b["midpoint"] == pytest.approx(1.0)
+
+
+def test_midpoint_off_grid_and_negative_barrier() -> None:
+    lam, values = [0.0, 0.4, 0.6, 1.0], [1.0, 0.0, 0.5, 1.0]
+    b = barriers(lam, values)
+    assert b["midpoint"] == pytest.approx(-0.75)  # halfway between −1 and −0.5
+    assert b["barrier"] == 0.0 and b["rebasin"] == 0.0
+
+
+def test_barrier_refuses_nan_and_bad_grids() -> None:
+    with pytest.raises(ValueError, match="non-finite values on the path at λ = \\[0.5\\]"):
+        barriers([0, 0.5, 1], [1.0, float("nan"), 1.0])
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        barriers([0.1, 1], [1.0, 1.0])
+
+
+def test_barrier_report_groups_curves() -> None:
+    rows = [{"path": p, "split": "test", "metric": m, "lambda": x, "value": v}
+            for p, scale in (("naive", 1.0), ("permuted", 0.1))
+            for m in ("loss", "accuracy") for x, v in ((0, 0.0), (0.5, scale), (1, 0.0))]
+    report = {(r["path"], r["metric"]): r["barrier"] for r in barrier_report(rows)}
+    assert report == {("naive", "loss"): 1.0, ("permuted", "loss"): 0.1}
+
+
+# ---------------------------------------------------------------------------------------- interpolation
+
+
+def test_lerp_is_exact_at_ends_and_respects_layer_choice() -> None:
+    a, b = make("mlp", 0, hidden=(8,)).state_dict(), make("mlp", 1, hidden=(8,)).state_dict()
+    assert all(torch.equal(lerp(a, b, 0.0)[k], a[k]) and torch.equal(lerp(a, b, 1.0)[k], b[k]) for k in a)
+    mid = lerp(a, b, 0.5, only=["head.weight"], base="b")
+    assert torch.allclose(mid["head.weight"], (a["head.weight"] + b["head.weight"]) / 2)
+    assert torch.equal(mid["head.bias"], b["head.bias"]) and torch.equal(mid["layers.0.linear.weight"], b["layers.0.linear.weight"])
+    with pytest.raises(KeyError, match="no such tensors"):
+        lerp(a, b, 0.5, only=["nope"])
+
+
+def test_layer_groups_and_cumulative_orders() -> None:
+    groups = layer_groups(make("resnet20", 0, norm="batchnorm"))
+    assert groups["stem.norm"] == ["stem.norm.weight", "stem.norm.bias", "stem.norm.running_mean",
+                                   "stem.norm.running_var", "stem.norm.num_batches_tracked"]
+    names = list(groups)
+    assert names[0] == "stem.conv" and names[-1] == "head"
+    assert cumulative_layer_sets(names, "shallow")[1] == names[:2]
+    assert cumulative_layer_sets(names, "deep")[0] == ["head"]
+    rnd = cumulative_layer_sets(names, "random", seed=3)
+    assert rnd == cumulative_layer_sets(names, "random", seed=3) and sorted(rnd[-1]) == sorted(names)
+
+
+def test_path_endpoints_equal_the_models(tmp_path: Path) -> None:
+    data = toy_dataset()
+    ma, mb = make("mlp", 0, hidden=(16,)), make("mlp", 1, hidden=(16,))
+    rows = evaluate_path(ma, ma.state_dict(), mb.state_dict(), {"test": data}, lambdas=[0.0, 0.5, 1.0], progress=False)
+    loss = {r["lambda"]: r["value"] for r in rows if r["metric"] == "loss"}
+    assert loss[0.0] == evaluate(ma, data)["loss"] and loss[1.0] == evaluate(mb, data)["loss"]
+    err = {r["lambda"]: r["value"] for r in rows if r["metric"] == "error"}
+    acc = {r["lambda"]: r["value"] for r in rows if r["metric"] == "accuracy"}
+    assert all(err[x] == pytest.approx(1 - acc[x]) for x in acc)
+    figure = plot_paths(tmp_path / "p.png", [{**r, "path": "naive"} for r in rows])
+    assert figure.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------- BN reset / REPAIR
+
+
+def test_bn_reset_equals_a_recomputation_by_hand() -> None:
+    data = toy_dataset(n=90)
+    model = make("resnet20", 0, norm="batchnorm")
+    bn = model.stem.norm
+    # by hand: the stem BN's inputs are the stem conv's outputs; average of batch means / unbiased variances
+    conv_outputs = [model.stem.conv(x) for x, _ in data.batches(30)]
+    mean = torch.stack([o.mean((0, 2, 3)) for o in conv_outputs]).mean(0)
+    var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in conv_outputs]).mean(0)
+    bn.running_mean.fill_(7.0)
+    reset_bn_stats(model, data, batch_size=30)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-6)
+    assert not model.training and bn.momentum == 0.1
+    # the population mean is exact when batches are equal-sized
+    torch.testing.assert_close(bn.running_mean, torch.cat(conv_outputs).mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "kw"), [("mlp", {"hidden": (16, 16)}), ("resnet20", {"norm": "layernorm"}),
+                                          ("resnet20", {"norm": "batchnorm"})])
+def test_repair_reaches_the_goal_statistics(name: str, kw: dict) -> None:
+    """With one batch holding all the data, REPAIR's folded network has exactly the goal channel stats."""
+    data = toy_dataset(n=64)
+    ma, mb = make(name, 0, **kw), make(name, 1, **kw)
+    example = next(data.batches(2))[0]
+    points = repair_points(ma, example)
+    assert points and "head" not in points
+    scratch = make(name, 2, **kw)
+    sa = endpoint_stats(scratch, ma.state_dict(), points, data, batch_size=64)
+    sb = endpoint_stats(scratch, mb.state_dict(), points, data, batch_size=64)
+    lam = 0.3
+    scratch.load_state_dict(lerp(ma.state_dict(), mb.state_dict(), lam))
+    repair(scratch, sa, sb, lam, data, batch_size=64)
+    after = channel_stats(scratch, points, data, batch_size=64)
+    for p in points:
+        torch.testing.assert_close(after.mean[p], (1 - lam) * sa.mean[p] + lam * sb.mean[p], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(after.std[p], (1 - lam) * sa.std[p] + lam * sb.std[p], rtol=1e-3, atol=1e-4)
+
+
+def test_repair_points_skip_the_head_of_a_norm_free_mlp() -> None:
+    model = make("mlp", 0, hidden=(8, 8))
+    assert repair_points(model, torch.zeros(2, 1, 6, 6)) == ["layers.0.linear", "layers.1.linear"]
+
+
+def test_bn_modes_on_a_path() -> None:
+    data = toy_dataset(n=60)
+    ma, mb = make("resnet20", 0, norm="batchnorm"), make("resnet20", 1, norm="batchnorm")
+    for bn in ("none", "reset", "repair"):
+        rows = evaluate_path(ma, ma.state_dict(), mb.state_dict(), {"test": data}, lambdas=[0, 0.5, 1], bn=bn,
+                             bn_data=data, progress=False)
+        assert len(rows) == 9 and all(np.isfinite(r["value"]) for r in rows)
+    with pytest.raises(ValueError, match="needs bn_data"):
+        evaluate_path(ma, ma.state_dict(), mb.state_dict(), {"test": data}, bn="reset")
