@@ -42,16 +42,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: final)")
     _common_io(p)
 
+    p = sub.add_parser("align", help="align run B's hidden units to run A's (verified, cached in the store)")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--method", choices=("weight", "activation"), default="weight")
+    p.add_argument("--seed", type=int, default=0, help="group order of weight matching")
+    p.add_argument("--examples", type=int, default=5000, help="training examples for activation matching")
+    p.add_argument("--no-progress", action="store_true")
+    _common_io(p)
+
+    p = sub.add_parser("interpolate", help="loss/accuracy on the straight path between two runs, with barriers")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--align", choices=("weight", "activation"), default=None, help="align first (naive path too)")
+    how.add_argument("--perm", default=None, metavar="FILE", help="a saved permutation (from `lmclab align`)")
+    p.add_argument("--points", type=int, default=25, help="evenly spaced λ, both ends included")
+    p.add_argument("--split", choices=("train", "test", "both"), default="both")
+    p.add_argument("--subset", type=int, default=None, help="stratified subset of each split (quick runs)")
+    p.add_argument("--bn", choices=("none", "reset", "repair"), default=None,
+                   help="normalisation statistics at each λ (default: reset for BatchNorm models, else none)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="interpolate only these layer groups (module names; others from --base), "
+                        "or cumulative:shallow|deep|random")
+    p.add_argument("--base", choices=("a", "b"), default="a", help="where non-interpolated layers come from")
+    p.add_argument("--out", default=None, help="output directory (default: lmc_<hash> in the run store)")
+    p.add_argument("--no-progress", action="store_true")
+    _common_io(p)
+
     for name, text in (("presets", "list training presets"), ("models", "list models and their options"),
                        ("datasets", "list dataset names")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("demo", help="the README's main job: train a pair of MLPs, report and plot them")
+    p = sub.add_parser("demo", help="the README's main job: train two MLPs, align them, measure LMC")
     p.add_argument("--preset", default="mlp_mnist")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one model each")
     p.add_argument("--out", default="out/demo", help="where figures and tables go")
+    p.add_argument("--align", choices=("weight", "activation", "none"), default="weight")
+    p.add_argument("--points", type=int, default=25)
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
     return parser
@@ -77,10 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from lmclab.data import DataError
     from lmclab.models import ModelError
+    from lmclab.permutation import SpecError
     from lmclab.store import CheckpointError, RunNotFound
     from lmclab.training import TrainingDiverged, UnknownPreset
 
-    return (DataError, ModelError, CheckpointError, RunNotFound, UnknownPreset, TrainingDiverged, ValueError)
+    return (DataError, ModelError, CheckpointError, RunNotFound, UnknownPreset, TrainingDiverged, SpecError, ValueError)
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -142,6 +173,33 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.experiments.lmc import align_runs
+    from lmclab.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    alignment = align_runs(store.get(args.run_a), store.get(args.run_b), method=args.method, seed=args.seed,
+                           store=store, data_dir=args.data_dir, device=args.device,
+                           activation_examples=args.examples, progress=not args.no_progress)
+    info = alignment.info
+    _say(args, f"{args.method} matching: {info.get('sweeps')} sweep(s), distance {info.get('distance_before', float('nan')):.4f}"
+               f" → {info.get('distance_after', float('nan')):.4f}; verified f(π(θ)) = f(θ) "
+               f"(max |Δ| {info.get('invariance_max_abs_diff')})\npermutation: {alignment.path / 'perm.safetensors'}")
+    return {"path": str(alignment.path), "perm": str(alignment.path / "perm.safetensors"), **info}
+
+
+def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.experiments.lmc import lmc_pair
+    from lmclab.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    splits = ("train", "test") if args.split == "both" else (args.split,)
+    return lmc_pair(store.get(args.run_a), store.get(args.run_b), method=args.align, perm_file=args.perm,
+                    out=args.out, say=lambda t: _say(args, t), points=args.points, splits=splits,
+                    subset=args.subset, bn=args.bn, layers=args.layers, base=args.base, data_dir=args.data_dir,
+                    device=args.device, progress=not args.no_progress)
+
+
 def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
     from lmclab.training import PRESETS
 
@@ -176,10 +234,12 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     return run_pair_demo(args.preset, seeds=seeds, epochs=args.epochs, out=args.out,
-                         options=_options(args, preset=args.preset), say=lambda t: _say(args, t))
+                         options=_options(args, preset=args.preset), say=lambda t: _say(args, t),
+                         align=None if args.align == "none" else args.align, points=args.points)
 
 
-COMMANDS = {"train": cmd_train, "runs": cmd_runs, "eval": cmd_eval, "presets": cmd_presets,
+COMMANDS = {"train": cmd_train, "runs": cmd_runs, "eval": cmd_eval, "align": cmd_align,
+            "interpolate": cmd_interpolate, "presets": cmd_presets,
             "models": cmd_models, "datasets": cmd_datasets, "demo": cmd_demo}
 
 if __name__ == "__main__":

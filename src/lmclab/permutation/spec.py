@@ -9,7 +9,9 @@ A *permutation* maps group name -> index vector p (a permutation of range(size))
 point θ it gives π(θ) with  π(θ)[t] = θ[t].index_select(axis, p)  for each (t, axis) of the group;
 unit i of the new network is unit p[i] of the old one. When an axis holds `block` consecutive
 entries per unit (a conv's channels flattened with their H·W positions into a linear layer), unit i
-owns entries [i·block, (i+1)·block) and whole blocks move.
+owns entries [i·block, (i+1)·block) and whole blocks move. When an axis is shared by several groups
+(a layer reading a channel-wise concatenation), each AxisRef has an `offset`: the group occupies
+entries [offset, offset + size·block) of that axis and only that slice is permuted.
 """
 from __future__ import annotations
 
@@ -31,11 +33,16 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class AxisRef:
-    """Axis `axis` of tensor `tensor` (a state_dict key) carries the group's units, `block` entries each."""
+    """Axis `axis` of tensor `tensor` (a state_dict key) carries the group's units, `block` entries each.
+
+    The group occupies entries [offset, offset + size·block) of the axis. A lone ref with offset 0
+    covers the whole axis; refs at nonzero offsets (or several on one axis) cover slices of it.
+    """
 
     tensor: str
     axis: int
     block: int = 1
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,39 +89,56 @@ class PermutationSpec:
         return out
 
     def check(self, params: Mapping[str, torch.Tensor]) -> None:
-        """Every axis exists with size == group size × block; no axis is claimed twice."""
+        """Every axis exists; a lone ref at offset 0 has axis size == group size × block, refs that share
+        an axis or sit at an offset lie inside it; no entry of an axis is claimed twice."""
         problems: list[str] = []
-        seen: dict[tuple[str, int], str] = {}
+        on_axis: dict[tuple[str, int], list[tuple[str, AxisRef, int]]] = {}
         for g in self.groups:
             for ax in g.axes:
                 if ax.tensor not in params:
                     problems.append(f"group {g.name}: tensor {ax.tensor!r} not in parameters")
                     continue
-                shape = tuple(params[ax.tensor].shape)
-                if ax.axis >= len(shape) or shape[ax.axis] != g.size * ax.block:
-                    problems.append(f"group {g.name}: {ax.tensor} axis {ax.axis} of shape {shape} is not "
-                                    f"{g.size} units × {ax.block}")
-                key = (ax.tensor, ax.axis)
-                if key in seen:
-                    problems.append(f"{ax.tensor} axis {ax.axis} claimed by both {seen[key]} and {g.name}")
-                seen[key] = g.name
+                if ax.axis >= params[ax.tensor].ndim or ax.block < 1 or ax.offset < 0:
+                    problems.append(f"group {g.name}: {ax.tensor} of shape {tuple(params[ax.tensor].shape)} "
+                                    f"has no axis {ax.axis} (block {ax.block}, offset {ax.offset})")
+                    continue
+                on_axis.setdefault((ax.tensor, ax.axis), []).append((g.name, ax, g.size))
+        for (tensor, axis), refs in on_axis.items():
+            shape = tuple(params[tensor].shape)
+            if len(refs) == 1 and refs[0][1].offset == 0:
+                name, ax, size = refs[0]
+                if shape[axis] != size * ax.block:
+                    problems.append(f"group {name}: {tensor} axis {axis} of shape {shape} is not "
+                                    f"{size} units × {ax.block}")
+                continue
+            spans = sorted((ax.offset, ax.offset + size * ax.block, name) for name, ax, size in refs)
+            for start, end, name in spans:
+                if end > shape[axis]:
+                    problems.append(f"group {name}: {tensor} axis {axis} of shape {shape} has no entries "
+                                    f"[{start}, {end})")
+            for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+                if s1 < e0:
+                    problems.append(f"{tensor} axis {axis} claimed by both {n0} and {n1}"
+                                    + (f" (entries [{s0}, {e0}) and [{s1}, {e1}))" if (s0, e0) != (s1, e1) else ""))
         if problems:
             raise SpecError("spec does not fit the parameters:\n  " + "\n  ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return {"groups": [{"name": g.name, "size": g.size, "activations": list(g.activations),
-                            "axes": [[a.tensor, a.axis, a.block] for a in g.axes]} for g in self.groups]}
+                            "axes": [[a.tensor, a.axis, a.block] + ([a.offset] if a.offset else []) for a in g.axes]}
+                           for g in self.groups]}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "PermutationSpec":
         return PermutationSpec(tuple(
-            PermGroup(g["name"], int(g["size"]), tuple(AxisRef(t, int(a), int(b)) for t, a, b in g["axes"]),
+            PermGroup(g["name"], int(g["size"]), tuple(AxisRef(t, int(a), int(b), int(o[0]) if o else 0)
+                                                       for t, a, b, *o in g["axes"]),
                       tuple(g.get("activations", ())))
             for g in d["groups"]))
 
     def canonical(self) -> "PermutationSpec":
         """Axes sorted within groups, groups sorted by name: for comparing specs built differently."""
-        groups = (PermGroup(g.name, g.size, tuple(sorted(g.axes, key=lambda a: (a.tensor, a.axis))), g.activations)
+        groups = (PermGroup(g.name, g.size, tuple(sorted(g.axes, key=lambda a: (a.tensor, a.axis, a.offset))), g.activations)
                   for g in self.groups)
         return PermutationSpec(tuple(sorted(groups, key=lambda g: g.name)))
 
@@ -127,7 +151,13 @@ def expand_block(perm: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def permute_axis(tensor: torch.Tensor, ax: AxisRef, perm: torch.Tensor) -> torch.Tensor:
-    return tensor.index_select(ax.axis, expand_block(perm.to(tensor.device), ax.block))
+    """Permute the units of `ax` in `tensor`: entries [offset, offset + len(perm)·block) of the axis."""
+    idx = expand_block(perm.to(tensor.device), ax.block)
+    if ax.offset == 0 and len(idx) == tensor.shape[ax.axis]:
+        return tensor.index_select(ax.axis, idx)
+    full = torch.arange(tensor.shape[ax.axis], device=tensor.device)
+    full[ax.offset:ax.offset + len(idx)] = idx + ax.offset
+    return tensor.index_select(ax.axis, full)
 
 
 class Permutation:

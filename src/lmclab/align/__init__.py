@@ -1,0 +1,65 @@
+"""Aligning model B to model A by permuting B's hidden units: weight and activation matching.
+
+Every method returns a :class:`MatchResult`; ``result.perm.apply(θ_B, spec)`` is the aligned B.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from lmclab.align.activation_matching import STATISTICS, ActivationStats, activation_matching
+from lmclab.align.assignment import assignment_value, solve_assignment
+from lmclab.align.weight_matching import (
+    MatchResult,
+    default_weights,
+    match_distances,
+    spec_tensor_names,
+    weight_matching,
+)
+from lmclab.permutation.spec import Params, PermutationSpec
+
+__all__ = [
+    "METHODS", "ActivationStats", "MatchResult", "STATISTICS", "activation_matching", "align",
+    "assignment_value", "default_weights", "match_distances", "solve_assignment", "spec_tensor_names",
+    "weight_matching",
+]
+
+#: Methods accepted by :func:`align`.
+METHODS: tuple[str, ...] = ("weight", "activation")
+
+
+def _as_params(x: Params | nn.Module) -> Params:
+    return dict(x.state_dict()) if isinstance(x, nn.Module) else dict(x)
+
+
+def _as_model(x: Params | nn.Module, model: nn.Module | None, which: str) -> nn.Module:
+    if isinstance(x, nn.Module):
+        return x
+    if model is None:
+        raise ValueError(f"activation matching of parameter dicts needs model=<an instance of the architecture> "
+                         f"to load {which} into")
+    m = copy.deepcopy(model)
+    m.load_state_dict(x)
+    return m
+
+
+def align(params_a: Params | nn.Module, params_b: Params | nn.Module, spec: PermutationSpec,
+          method: str = "weight", **kw: Any) -> MatchResult:
+    """Align B to A with `method` ("weight": :func:`weight_matching`; "activation": :func:`activation_matching`).
+
+    Points may be parameter dicts or modules. "activation" needs ``batches=`` and, for dicts,
+    ``model=`` (an instance of the architecture, copied and loaded with each point); the other
+    keywords go to the method.
+    """
+    if method == "weight":
+        return weight_matching(_as_params(params_a), _as_params(params_b), spec, **kw)
+    if method == "activation":
+        model = kw.pop("model", None)
+        if "batches" not in kw:
+            raise ValueError("activation matching needs batches=<iterable of input batches>")
+        batches = kw.pop("batches")
+        return activation_matching(_as_model(params_a, model, "A"), _as_model(params_b, model, "B"), spec,
+                                   batches, **kw)
+    raise ValueError(f"unknown alignment method {method!r}; valid methods: {', '.join(METHODS)}")

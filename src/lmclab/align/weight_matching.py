@@ -1,0 +1,331 @@
+"""Weight matching (Ainsworth et al., Git Re-Basin): coordinate descent over permutation groups.
+
+Maximises the alignment objective  J(π) = Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩  over the spec's tensors t,
+which for unit weights is the same as minimising ‖θ_A − π(θ_B)‖² = ‖θ_A‖² + ‖θ_B‖² − 2J(π).
+
+With every group but P fixed, J is linear in P's permutation matrix:  J = ⟨S_P, P⟩ + const with
+
+    S_P = Σ_{(t, a) ∈ P}  w_t · A_t^(a) · (B̃_t^(a))ᵀ,
+
+A_t^(a) = θ_A[t] with axis a moved first, its entries [offset, offset + n·block) kept and
+flattened to (n, −1) (n units of `block` entries each → (n, block·rest)), B̃_t^(a) the same for θ_B[t]
+with the current permutations of all the *other* groups applied on its other axes. One step solves
+the linear assignment max_p Σ_i S_P[i, p[i]].
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmclab.align.assignment import assignment_value, solve_assignment
+from lmclab.permutation.spec import (
+    Params,
+    PermGroup,
+    Permutation,
+    PermutationSpec,
+    SpecError,
+    expand_block,
+)
+
+__all__ = ["MatchResult", "weight_matching", "spec_tensor_names", "default_weights", "match_distances"]
+
+#: An improvement must exceed this fraction of |⟨S_P, P_old⟩| to be accepted (guards against cycling on ties).
+REL_TOL = 1e-12
+
+
+@dataclass
+class MatchResult:
+    """An alignment of model B to model A: `perm.apply(θ_B, spec)` is the aligned B.
+
+    `objective[k]` is J(π) = Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩ after sweep k+1 (activation matching: the sum
+    of the matched statistics); distances are ‖θ_A − θ_B‖ and ‖θ_A − π(θ_B)‖ over all the spec's
+    floating-point tensors, unweighted. `converged` is False when `max_sweeps` ran out; `info` holds
+    method-specific details (seed, objective_init, changes_per_sweep, seconds, …).
+    """
+
+    perm: Permutation
+    spec: PermutationSpec
+    sweeps: int
+    objective: list[float]
+    distance_before: float
+    distance_after: float
+    method: str
+    converged: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the permutation tensors (plus, per group, how many units moved)."""
+        moved = {k: int((p != torch.arange(len(p))).sum()) for k, p in self.perm.perms.items()}
+        return {"method": self.method, "sweeps": self.sweeps, "converged": self.converged,
+                "objective": list(self.objective), "distance_before": self.distance_before,
+                "distance_after": self.distance_after, "units_moved": moved, "info": dict(self.info),
+                "spec": self.spec.to_dict()}
+
+
+def spec_tensor_names(spec: PermutationSpec, params: Mapping[str, torch.Tensor]) -> list[str]:
+    """The floating-point tensors of `params` that the spec permutes (parameters and buffers alike)."""
+    return [t for t in spec.axes_by_tensor() if t in params and params[t].is_floating_point()]
+
+
+def default_weights(name: str) -> float:
+    """Weight 1 for every tensor: parameters and buffers (e.g. BN running stats) count alike."""
+    return 1.0
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The tensors' dtype, promoted to at least float32 (half precision would spoil the cost matrices)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _WeightMatcher:
+    """Cost-matrix builder with per-(tensor, axis) caches of θ_B permuted on all its *other* axes.
+
+    For each tensor t and each of its permuted axes a, keeps
+      a_moved[t, a] = w_t · θ_A[t] with axis a moved first (contiguous), built once;
+      b_cache[t, a] = θ_B[t] with axis a moved first and the current permutations applied on every
+                      other permuted axis (contiguous), axis a itself unpermuted.
+    A group's ref (t, a, block, offset) reads rows [offset, offset + n·block) of both, reshaped to
+    (n, −1) for free. When group Q's permutation changes from p_old to p_new, every b_cache[t, c] with
+    c ≠ Q's axis b of t is updated by one index_select along b with q = p_old⁻¹[p_new] on Q's
+    entries (new[i] = orig[p_new[i]] = old[p_old⁻¹[p_new[i]]]), never by re-permuting θ_B.
+    """
+
+    def __init__(self, params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+                 spec: PermutationSpec, perm: dict[str, torch.Tensor], weights: Callable[[str], float],
+                 device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        self.size = {g.name: g.size for g in spec.groups}
+        self.perm = {k: v.to(device) for k, v in perm.items()}
+        by_tensor = spec.axes_by_tensor()
+        self.refs: dict[str, list[tuple[str, int, int, int]]] = {}   # t -> [(group, axis, block, offset)]
+        self.axes_of: dict[str, list[int]] = {}                       # t -> its distinct permuted axes
+        self.shape: dict[str, tuple[int, ...]] = {}
+        self.a_moved: dict[tuple[str, int], torch.Tensor] = {}
+        self.b_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.tensor_value: dict[str, torch.Tensor] = {}
+        self.group_refs: dict[str, list[tuple[str, int, int, int]]] = {g.name: [] for g in spec.groups}
+        for t in spec_tensor_names(spec, params_a):
+            w = float(weights(t))
+            if w == 0.0:
+                continue
+            dtype = _compute_dtype(params_a[t].dtype)
+            a = params_a[t].detach().to(device=device, dtype=dtype)
+            b = params_b[t].detach().to(device=device, dtype=dtype)
+            refs = [(g, ax.axis, ax.block, ax.offset) for g, ax in by_tensor[t]]
+            self.refs[t] = refs
+            self.shape[t] = tuple(a.shape)
+            self.axes_of[t] = list(dict.fromkeys(axis for _, axis, _, _ in refs))
+            for axis in self.axes_of[t]:
+                am = a.movedim(axis, 0).contiguous()
+                self.a_moved[t, axis] = am * w if w != 1.0 else am
+                bm = b.movedim(axis, 0)
+                for other in self.axes_of[t]:
+                    if other != axis:
+                        bm = bm.index_select(self._pos(other, axis), self.axis_index(t, other))
+                self.b_cache[t, axis] = bm.contiguous()
+            for ref in refs:
+                self.group_refs[ref[0]].append((t, *ref[1:]))
+        # Groups whose permutation enters S_g: those on the other axes of g's tensors (g itself too
+        # when it sits on two axes of one tensor, e.g. a residual linear map h -> h + W h).
+        self.neighbours: dict[str, set[str]] = {g.name: set() for g in spec.groups}
+        for refs in self.refs.values():
+            for g, axis, _, _ in refs:
+                self.neighbours[g].update(g2 for g2, axis2, _, _ in refs if axis2 != axis)
+
+    @staticmethod
+    def _pos(axis: int, first: int) -> int:
+        """Position of original axis `axis` once axis `first` has been moved to the front."""
+        return axis + 1 if axis < first else axis
+
+    def axis_index(self, t: str, axis: int, perms: Mapping[str, torch.Tensor] | None = None,
+                   only: str | None = None) -> torch.Tensor:
+        """Index vector along `axis` of t applying `perms` (default: the current ones) to each group's
+        entries there, identity elsewhere; with `only`, just that group's entries move."""
+        perms = self.perm if perms is None else perms
+        refs = [(g, block, off) for g, ax, block, off in self.refs[t] if ax == axis and (only is None or g == only)]
+        length = self.shape[t][axis]
+        if len(refs) == 1 and refs[0][2] == 0 and self.size[refs[0][0]] * refs[0][1] == length:
+            return expand_block(perms[refs[0][0]], refs[0][1])
+        idx = torch.arange(length, device=self.device)
+        for g, block, off in refs:
+            idx[off:off + self.size[g] * block] = expand_block(perms[g], block) + off
+        return idx
+
+    def cost(self, group: str) -> torch.Tensor:
+        """S_P = Σ_{(t, a) ∈ P} w_t A_t^(a) (B̃_t^(a))ᵀ, an (n, n) matrix on the device."""
+        n = self.size[group]
+        s = None
+        for t, axis, block, off in self.group_refs[group]:
+            a = self.a_moved[t, axis].narrow(0, off, n * block).reshape(n, -1)
+            b = self.b_cache[t, axis].narrow(0, off, n * block).reshape(n, -1)
+            s = a @ b.T if s is None else s.addmm_(a, b.T)
+        if s is None:
+            return torch.zeros(n, n, device=self.device)
+        return s
+
+    def set_perm(self, group: str, new: torch.Tensor) -> None:
+        """Switch `group` to permutation `new`, updating the caches of the tensors that touch it."""
+        new = new.to(self.device)
+        delta = {group: torch.argsort(self.perm[group])[new]}
+        for t in dict.fromkeys(t for t, _, _, _ in self.group_refs[group]):
+            for axis in dict.fromkeys(ax for g, ax, _, _ in self.refs[t] if g == group):
+                idx = self.axis_index(t, axis, delta, only=group)
+                for other in self.axes_of[t]:
+                    if other != axis:
+                        self.b_cache[t, other] = self.b_cache[t, other].index_select(self._pos(axis, other), idx)
+        self.perm[group] = new
+
+    def _tensor_value(self, t: str, group: str | None = None, p: torch.Tensor | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+        """w_t ⟨θ_A[t], π(θ_B)[t]⟩ (with `group` set to `p` if given), summed in `dtype` (default: compute)."""
+        a0 = self.axes_of[t][0]
+        b = self.b_cache[t, a0]
+        perms: Mapping[str, torch.Tensor] = self.perm
+        if group is not None and p is not None:
+            delta = {group: torch.argsort(self.perm[group])[p]}
+            for axis in self.axes_of[t][1:]:
+                if any(g == group and ax == axis for g, ax, _, _ in self.refs[t]):
+                    b = b.index_select(self._pos(axis, a0), self.axis_index(t, axis, delta, only=group))
+            perms = {**self.perm, group: p}
+        idx = self.axis_index(t, a0, perms)
+        if not torch.equal(idx, torch.arange(len(idx), device=idx.device)):
+            b = b.index_select(0, idx)
+        return torch.sum(self.a_moved[t, a0] * b, dtype=dtype)
+
+    def local_objective(self, group: str, p: torch.Tensor) -> float:
+        """Σ_{t touching group} w_t ⟨θ_A[t], π'(θ_B)[t]⟩ with π' = π but `group` set to p (on all its axes)."""
+        p = p.to(self.device)
+        return float(sum(float(self._tensor_value(t, group, p, torch.float64))
+                         for t in dict.fromkeys(t for t, _, _, _ in self.group_refs[group])))
+
+    def objective(self, changed: set[str] | None = None) -> float:
+        """J(π) = Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩: per-tensor sums in the compute dtype, their total in float64.
+
+        Per-tensor terms are cached; only those of tensors touching a group in `changed` (all when
+        None) are recomputed.
+        """
+        for t, refs in self.refs.items():
+            if changed is not None and t in self.tensor_value and not any(g in changed for g, _, _, _ in refs):
+                continue
+            self.tensor_value[t] = self._tensor_value(t)
+        values = list(self.tensor_value.values())
+        return float(torch.stack(values).double().sum()) if values else 0.0
+
+
+def _initial_perm(spec: PermutationSpec, init: Permutation | None) -> dict[str, torch.Tensor]:
+    if init is None:
+        return {g.name: torch.arange(g.size) for g in spec.groups}
+    out = {}
+    for g in spec.groups:
+        if g.name not in init.perms:
+            raise SpecError(f"init permutation lacks group {g.name!r}")
+        if len(init.perms[g.name]) != g.size:
+            raise SpecError(f"init permutation of group {g.name!r} has {len(init.perms[g.name])} entries, "
+                            f"the group has {g.size} units")
+        out[g.name] = init.perms[g.name].clone()
+    return out
+
+
+def weight_matching(params_a: Params, params_b: Params, spec: PermutationSpec, *, max_sweeps: int = 100,
+                    seed: int = 0, init: Permutation | None = None, device: torch.device | str | None = None,
+                    progress: bool = False, weights: Callable[[str], float] | None = None) -> MatchResult:
+    """Permutation π maximising Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩ by coordinate descent over the groups.
+
+    Starts at the identity (or `init`); each sweep visits the groups in an order drawn from a
+    ``torch.Generator`` seeded with `seed` (so the result is deterministic for a seed), solves the
+    assignment for S_P (see the module docstring) and takes the new permutation only when
+    ⟨S_P, P_new⟩ > ⟨S_P, P_old⟩ + 1e-12·|⟨S_P, P_old⟩|. Stops after a sweep that changes no group, or
+    after `max_sweeps` (then ``converged=False``). A group none of whose neighbours (groups on other
+    axes of its tensors) changed since it was last solved is skipped: its S_P, hence its step, would
+    be the same. A group on two axes of one tensor (h + W h) makes S_P depend on P itself; its step
+    solves the assignment for S_P at the current P and is accepted only if it raises the true
+    objective over P's tensors, which keeps J monotone.
+
+    All floating-point tensors the spec names take part, parameters and buffers (BN running
+    statistics) alike; `weights(name)` scales tensor `name`'s term (default 1 for all; 0 drops it).
+    Cost matrices are built with torch on `device` (default: the device of θ_A's tensors) in the
+    tensors' dtype promoted to at least float32. ``perm.apply(params_b, spec)`` is the aligned B.
+    """
+    if max_sweeps < 1:
+        raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
+    spec.check(params_a)
+    spec.check(params_b)
+    names = spec_tensor_names(spec, params_a)
+    if device is None:
+        device = params_a[names[0]].device if names else torch.device("cpu")
+    device = torch.device(device)
+    weights = weights or default_weights
+    start = time.perf_counter()
+
+    matcher = _WeightMatcher(params_a, params_b, spec, _initial_perm(spec, init), weights, device)
+    objective_init = matcher.objective()
+    gen = torch.Generator().manual_seed(seed)
+    objective: list[float] = []
+    changes: list[int] = []
+    solves = 0
+    converged = False
+    sweeps = 0
+    dirty = {g.name for g in spec.groups if g.size > 1 and matcher.group_refs[g.name]}
+    for sweeps in range(1, max_sweeps + 1):
+        changed: set[str] = set()
+        for i in torch.randperm(len(spec.groups), generator=gen).tolist():
+            g = spec.groups[i]
+            if g.name not in dirty:
+                continue
+            dirty.discard(g.name)
+            s = matcher.cost(g.name)
+            old = matcher.perm[g.name]
+            new = solve_assignment(s, maximize=True, warm_start=old)
+            solves += 1
+            if g.name in matcher.neighbours[g.name]:   # S_P depends on P itself: judge by the true objective
+                old_val, new_val = matcher.local_objective(g.name, old), matcher.local_objective(g.name, new)
+            else:
+                old_val, new_val = assignment_value(s, old), assignment_value(s, new)
+            if new_val > old_val + REL_TOL * abs(old_val):
+                matcher.set_perm(g.name, new)
+                dirty.update(n for n in matcher.neighbours[g.name] if spec.group(n).size > 1)
+                changed.add(g.name)
+        objective.append(matcher.objective(changed) if changed else (objective[-1] if objective else objective_init))
+        changes.append(len(changed))
+        if progress:
+            print(f"weight_matching: sweep {sweeps}: {len(changed)} group(s) changed, objective {objective[-1]:.6g}",
+                  file=sys.stderr)
+        if not changed:
+            converged = True
+            break
+
+    perm = Permutation({k: v.cpu() for k, v in matcher.perm.items()})
+    del matcher
+    before, after = match_distances(params_a, params_b, spec, perm)
+    return MatchResult(
+        perm=perm, spec=spec, sweeps=sweeps, objective=objective, distance_before=before,
+        distance_after=after, method="weight", converged=converged,
+        info={"seed": seed, "objective_init": objective_init, "changes_per_sweep": changes,
+              "assignments_solved": solves, "seconds": time.perf_counter() - start, "device": str(device)})
+
+
+def match_distances(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+                    spec: PermutationSpec, perm: Permutation) -> tuple[float, float]:
+    """(‖θ_A − θ_B‖, ‖θ_A − π(θ_B)‖) over the spec's floating-point tensors.
+
+    Per-tensor norms ‖a − b‖ in the tensors' dtype (≥ float32), summed as squares in float64.
+    """
+    names = spec_tensor_names(spec, params_a)
+    sub_a = {t: params_a[t].detach() for t in names}
+    sub_b = {t: params_b[t].detach().to(sub_a[t].device) for t in names}
+    keep = set(names)
+    restricted = PermutationSpec(tuple(PermGroup(g.name, g.size, tuple(a for a in g.axes if a.tensor in keep),
+                                                 g.activations) for g in spec.groups))
+
+    def dist(b: Mapping[str, torch.Tensor]) -> float:
+        norms = [torch.linalg.vector_norm(sub_a[t].to(_compute_dtype(sub_a[t].dtype))
+                                          - b[t].to(_compute_dtype(sub_a[t].dtype))) for t in names]
+        return float(torch.stack(norms).double().square().sum().sqrt()) if norms else 0.0
+
+    return dist(sub_b), dist(perm.apply(sub_b, restricted))

@@ -1,0 +1,229 @@
+"""Two-model LMC from stored runs: align (weight or activation matching), verify, interpolate, report.
+
+Alignments are cached in the run store as `align_<hash>/` (perm.safetensors + alignment.json),
+keyed by the two runs, the method and its settings; path results go to `lmc_<hash>/` (tidy
+paths.csv, barriers.csv, paths.png) or to a chosen output directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmclab.data import DeviceDataset
+from lmclab.paths import barrier_report, cumulative_layer_sets, default_bn_mode, default_lambdas, evaluate_path, layer_groups
+from lmclab.permutation import (
+    Permutation,
+    PermutationSpec,
+    SpecError,
+    check_invariance,
+    derive_spec,
+    verify_permutation,
+)
+from lmclab.report import plot_paths, write_csv
+from lmclab.store import Run, RunStore, atomic_write_json
+from lmclab.training import load_run_model, resolve_device
+
+ALIGN_METHODS = ("weight", "activation")
+
+
+@dataclass
+class Alignment:
+    """A verified permutation of run B's units onto run A's."""
+
+    perm: Permutation
+    spec: PermutationSpec
+    info: dict[str, Any]
+    path: Path | None = None
+
+
+def _key(**fields: Any) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def example_input(run: Run, n: int = 4, seed: int = 0) -> torch.Tensor:
+    shape = tuple(run.meta["data_info"]["input_shape"])
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def check_same_architecture(run_a: Run, run_b: Run) -> None:
+    a, b = run_a.config.normalised(), run_b.config.normalised()
+    ia, ib = run_a.meta.get("data_info", {}), run_b.meta.get("data_info", {})
+    if a.model != b.model or ia.get("input_shape") != ib.get("input_shape") or ia.get("num_classes") != ib.get("num_classes"):
+        raise SpecError(f"runs {run_a.path.name} ({a.model}, input {ia.get('input_shape')}) and {run_b.path.name} "
+                        f"({b.model}, input {ib.get('input_shape')}) have different architectures: nothing to align")
+    for run in (run_a, run_b):
+        if not run.complete:
+            raise SpecError(f"run {run.path} is not complete (status {run.meta.get('status')}); train it first")
+
+
+def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0, store: RunStore | None = None,
+               data_dir: str | None = None, device: str = "auto", activation_examples: int = 5000,
+               spec: PermutationSpec | None = None, progress: bool = True) -> Alignment:
+    """Align B to A (cached in the store), verify f(π(θ_B)) == f(θ_B) in eval and train mode, save."""
+    from lmclab.align import activation_matching, weight_matching
+
+    if method not in ALIGN_METHODS:
+        raise ValueError(f"unknown alignment method {method!r}; valid: {', '.join(ALIGN_METHODS)}")
+    check_same_architecture(run_a, run_b)
+    store = store or RunStore(run_a.path.parent)
+    settings: dict[str, Any] = {"a": run_a.path.name, "b": run_b.path.name, "method": method, "seed": seed,
+                                "spec_source": "derived" if spec is None else _key(**spec.to_dict())}
+    if method == "activation":
+        settings["examples"] = activation_examples
+    out = store.root / f"align_{_key(**settings)}"
+    if (out / "alignment.json").is_file() and (out / "perm.safetensors").is_file():
+        perm, saved_spec, _ = Permutation.load(out / "perm.safetensors")
+        return Alignment(perm, saved_spec or spec, json.loads((out / "alignment.json").read_text()), out)
+
+    dev = resolve_device(device)
+    model_a, model_b = load_run_model(run_a, device=dev), load_run_model(run_b, device=dev)
+    x = example_input(run_a).to(dev)
+    spec = spec or derive_spec(model_a, x)
+    theta_a, theta_b = model_a.state_dict(), model_b.state_dict()
+    if method == "weight":
+        result = weight_matching(theta_a, theta_b, spec, seed=seed, progress=progress)
+    else:
+        data = DeviceDataset.load(run_a.config.data.dataset, "train", data_dir=data_dir, device=dev,
+                                  subset=activation_examples, augment=False, progress=progress)
+        result = activation_matching(model_a, model_b, spec, (xb for xb, _ in data.batches(500)))
+    verify_permutation(model_b, result.perm, spec, example_input=x)  # raises SpecError if f(π(θ_B)) ≠ f(θ_B)
+    invariance = check_invariance(model_b, spec, result.perm, x)
+    info = {**settings, **result.to_json(), "invariance_max_abs_diff": invariance}
+    result.perm.save(out / "perm.safetensors", spec, **settings)
+    atomic_write_json(out / "alignment.json", info)
+    return Alignment(result.perm, spec, info, out)
+
+
+def load_alignment(path: str | Path) -> Alignment:
+    """A permutation file saved by `align_runs` (or `Permutation.save`) — directory or .safetensors."""
+    path = Path(path)
+    file = path / "perm.safetensors" if path.is_dir() else path
+    perm, spec, meta = Permutation.load(file)
+    if spec is None:
+        raise SpecError(f"{file} holds no spec; save permutations with their spec")
+    info_file = file.parent / "alignment.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else meta
+    return Alignment(perm, spec, info, file.parent)
+
+
+def layer_selection(model: torch.nn.Module, layers: Sequence[str] | None) -> list[tuple[str, list[str] | None]]:
+    """(label, tensor names) per evaluated path: the whole model, chosen layer groups, or cumulative sets.
+
+    `layers`: None (whole model); module names (each interpolated alone); or ["cumulative:ORDER"]
+    with ORDER shallow | deep | random (first k layer groups, k = 1 … all)."""
+    if not layers:
+        return [("all", None)]
+    groups = layer_groups(model)
+    if len(layers) == 1 and layers[0].startswith("cumulative:"):
+        order = layers[0].split(":", 1)[1]
+        return [(f"{order}:{len(s)}:{s[-1]}", [t for g in s for t in groups[g]]) for s in cumulative_layer_sets(list(groups), order)]
+    unknown = [name for name in layers if name not in groups]
+    if unknown:
+        raise ValueError(f"unknown layer group(s) {unknown}; layer groups: {', '.join(groups)}")
+    return [(name, groups[name]) for name in layers]
+
+
+def interpolate_runs(
+    run_a: Run,
+    run_b: Run,
+    *,
+    alignment: Alignment | None = None,
+    include_naive: bool = True,
+    points: int = 25,
+    splits: Sequence[str] = ("train", "test"),
+    subset: int | None = None,
+    bn: str | None = None,
+    bn_examples: int | None = None,
+    layers: Sequence[str] | None = None,
+    base: str = "a",
+    data_dir: str | None = None,
+    device: str = "auto",
+    pair: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Tidy rows for the naive path θ_A → θ_B and (given an alignment) the permuted path θ_A → π(θ_B)."""
+    check_same_architecture(run_a, run_b)
+    dev = resolve_device(device)
+    model = load_run_model(run_a, device=dev)
+    bn = bn or default_bn_mode(model)
+    dataset = run_a.config.data.dataset
+    data = {s: DeviceDataset.load(dataset, s, data_dir=data_dir, device=dev, subset=subset, augment=False,
+                                  progress=progress) for s in splits}
+    bn_data = None  # statistics for BN reset / REPAIR come from (the chosen subset of) the training split
+    if bn != "none":
+        bn_data = data["train"] if "train" in data else DeviceDataset.load(
+            dataset, "train", data_dir=data_dir, device=dev, subset=subset, augment=False, progress=progress)
+    theta_a = run_a.load_state(device=dev)
+    theta_b = run_b.load_state(device=dev)
+    endpoints = [("naive", theta_b)] if include_naive or alignment is None else []
+    if alignment is not None:
+        endpoints.append((f"{alignment.info.get('method', 'aligned')}-matched", alignment.perm.apply(theta_b, alignment.spec)))
+    lambdas = default_lambdas(points)
+    rows: list[dict[str, Any]] = []
+    for path_name, end in endpoints:
+        for label, only in layer_selection(model, layers):
+            for r in evaluate_path(model, theta_a, end, data, lambdas=lambdas, bn=bn, bn_data=bn_data,
+                                   bn_examples=bn_examples, only=only, base=base, progress=progress,
+                                   desc=f"{path_name} {label}"):
+                rows.append({"pair": pair, "path": path_name, "layers": label, "bn": bn, **r})
+    return rows
+
+
+def write_lmc_report(rows: list[dict[str, Any]], out: Path, title: str = "") -> dict[str, Path]:
+    """paths.csv (tidy), barriers.csv (every definition per curve) and paths.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ("path", "layers", "pair", "split", "metric")
+    report = _safe_barriers(rows, keys)
+    files = {"paths": write_csv(out / "paths.csv", rows), "barriers": write_csv(out / "barriers.csv", report)}
+    whole = [r for r in rows if r.get("layers", "all") == "all"]
+    if whole:
+        files["figure"] = plot_paths(out / "paths.png", whole, title=title)
+    return files
+
+
+def _safe_barriers(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Barrier rows; a curve with non-finite values is reported as such instead of failing the report."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    report: list[dict[str, Any]] = []
+    for key, group in groups.items():
+        try:
+            report += barrier_report(group, keys)
+        except ValueError as exc:
+            report.append({**dict(zip(keys, key)), "error": str(exc)})
+    return report
+
+
+def lmc_pair(run_a: Run, run_b: Run, *, method: str | None = "weight", perm_file: str | None = None,
+             out: str | Path | None = None, say: Callable[[str], None] = print, **kw: Any) -> dict[str, Any]:
+    """Align (or load a permutation), evaluate both paths, write tables and the figure; return a summary."""
+    progress = kw.get("progress", True)
+    alignment = None
+    if perm_file:
+        alignment = load_alignment(perm_file)
+    elif method:
+        alignment = align_runs(run_a, run_b, method=method, data_dir=kw.get("data_dir"),
+                               device=kw.get("device", "auto"), progress=progress)
+    rows = interpolate_runs(run_a, run_b, alignment=alignment, **kw)
+    key = _key(a=run_a.path.name, b=run_b.path.name, align=None if alignment is None else str(alignment.path),
+               **{k: v for k, v in kw.items() if k not in ("progress", "device", "data_dir")})
+    out_dir = Path(out) if out else run_a.path.parent / f"lmc_{key}"
+    files = write_lmc_report(rows, out_dir, title=f"{run_a.path.name} ↔ {run_b.path.name}")
+    summary = {"out": str(out_dir), **{k: str(v) for k, v in files.items()},
+               "alignment": None if alignment is None else {"path": str(alignment.path), **alignment.info},
+               "barriers": [r for r in _safe_barriers(rows, ("path", "layers", "pair", "split", "metric"))]}
+    for r in summary["barriers"]:
+        if "error" in r:
+            say(f"{r['path']:<18} {r['split']:<5} {r['metric']:<5} {r['error']}")
+        elif r.get("layers", "all") == "all":
+            say(f"{r['path']:<18} {r['split']:<5} {r['metric']:<5} barrier {r['barrier']:.4f}  "
+                f"(Git Re-Basin {r['rebasin']:.4f}, midpoint {r['midpoint']:.4f})")
+    say(f"tables: {files['paths']}, {files['barriers']}" + (f"\nfigure: {files['figure']}" if "figure" in files else ""))
+    return summary

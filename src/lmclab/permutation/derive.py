@@ -1,0 +1,1101 @@
+"""Derive a :class:`PermutationSpec` from a model's ``torch.fx`` graph.
+
+The graph is traced (``LayerNorm2d`` and any ``leaf_modules`` stay single ``call_module`` nodes) and
+run once on an example input with :class:`~torch.fx.passes.shape_prop.ShapeProp` to learn every
+tensor's shape. Then *unit sets* flow along the unit axis of each tensor (dim 1 of N×C×H×W and of
+N×F; another axis only after an explicit permute/transpose), merged with union-find:
+
+* a Linear / Conv (module or ``F.linear``/``F.convNd`` on a parameter) OPENS a set of
+  ``out_features`` units: weight axis 0 (axis 1 for ConvTranspose) and bias axis 0 join it; its
+  input axis joins whatever set flows in. Depthwise convs (groups == in_channels) keep the set
+  (weight/bias axis 0 join it, ``block`` × the channel multiplier); other grouped convs are errors.
+  A Linear over another axis than the units' (token mixing) lets them pass, its outputs unpermuted;
+* norms keep the set and add their per-unit tensors: BatchNorm/InstanceNorm (weight, bias,
+  running_mean, running_var), LayerNorm2d, GroupNorm with 1 or C groups, nn.LayerNorm / F.layer_norm
+  over any trailing dims (the axis of weight/bias aligned with the unit axis; none if the unit axis
+  is not normalised), PReLU with one weight per channel;
+* elementwise ops (activations, dropout, softmax/normalize, dtype/device casts, ``*_like``), pooling,
+  padding and interpolation over other axes, reductions over other axes keep the set; a reduction
+  over the unit axis is permutation-invariant and carries no set;
+* ``+``, ``*``, … of two tensors carrying sets UNITE them (a residual add ties both sides); a
+  parameter broadcast along the unit axis (a layer-scale ``gamma[:, None, None]``) joins the set;
+  a scalar or a tensor constant along the unit axis keeps it;
+* reshapes (flatten, view, reshape, squeeze, unflatten) move whole units: flattening N×C×H×W to
+  N×(C·H·W) gives ``block = H·W``; permute/transpose move the unit axis;
+* ``torch.cat`` along the unit axis concatenates sets: each part keeps its own set at an ``offset``
+  (:class:`AxisRef.offset`) of the consumer's input axis;
+* the network inputs and outputs are never permuted: tensors derived from the input by unit-free
+  ops are *fixed*, sets reaching the output are fixed, and so is every set united with a fixed one
+  (a residual add onto the raw input); fixed sets produce no group. A layer used once on a fixed or
+  constant tensor and once on hidden units (a shared layer) fixes those units too.
+
+Each group's ``activations`` are the nodes read by its Linear/Conv consumers, taken at the latest
+node that carries the group alone on dim 1 (block 1, offset 0): the 4-D tensor before a flatten, a
+branch before a concatenation. Groups whose units only ever live on another axis (tokens × features
+layouts) get none.
+
+Anything else that touches a non-fixed set (matmul, attention, indexing the unit axis, an unknown
+module, a grouped conv, GroupNorm with 1 < G < C, …) raises :class:`SpecError` naming the fx node,
+its target and its source line. Groups are named ``P_<module that opened the set>``; a union takes
+the name of its earliest opener (``P_stem.conv`` for ResNet-20's stage-1 residual stream).
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import inspect
+import math
+import operator
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from lmclab.models.norms import LayerNorm2d
+from lmclab.permutation.spec import AxisRef, PermGroup, PermutationSpec, SpecError
+
+__all__ = ["PermTracer", "trace_model", "example_input_for", "derive_spec", "spec_for"]
+
+ExampleInput = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+# ----------------------------------------------------------------------------------- tracing
+
+
+class PermTracer(fx.Tracer):
+    """fx tracer that keeps ``LayerNorm2d`` and ``leaf_modules`` (besides torch.nn's) as leaves."""
+
+    def __init__(self, leaf_modules: Sequence[type] = ()) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+        self.extra_leaves: tuple[type, ...] = (LayerNorm2d, *leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_model(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+    """Symbolic trace with :class:`PermTracer`; the GraphModule shares the model's submodules."""
+    tracer = PermTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # noqa: BLE001 - fx raises many types
+        raise SpecError(f"torch.fx cannot trace {type(model).__name__}: {err}. Mark the offending submodule "
+                        "as a leaf (leaf_modules=...) or pass an explicit spec.") from err
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def example_input_for(model: nn.Module, gm: fx.GraphModule | None = None) -> torch.Tensor:
+    """A random input guessed from the first Linear/Conv in graph order: (2, C, 32, 32) for a Conv2d,
+    (2, C, 32) / (2, C, 16, 16, 16) for Conv1d/3d, (2, in_features) for a Linear (an MLP whose first
+    op is a flatten accepts it too). Pass ``example_input`` explicitly for anything else."""
+    gm = gm if gm is not None else trace_model(model)
+    ref = next(iter(model.parameters()), None)
+    kw: dict[str, Any] = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        shape: tuple[int, ...] | None = None
+        if isinstance(m, nn.Conv2d):
+            shape = (2, m.in_channels, 32, 32)
+        elif isinstance(m, nn.Conv1d):
+            shape = (2, m.in_channels, 32)
+        elif isinstance(m, nn.Conv3d):
+            shape = (2, m.in_channels, 16, 16, 16)
+        elif isinstance(m, nn.Linear):
+            shape = (2, m.in_features)
+        if shape is not None:
+            g = torch.Generator().manual_seed(0)
+            return torch.randn(shape, generator=g).to(**kw)
+    raise SpecError(f"cannot guess an example input for {type(model).__name__}; pass example_input")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily put every submodule in eval mode (no BN statistics updates); restore flags after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+_SMALL = (int, float, bool, str, type(None), torch.dtype, torch.device, slice, type(Ellipsis))
+
+
+def _is_small(v: Any) -> bool:
+    if isinstance(v, (tuple, list)):
+        return all(_is_small(x) for x in v)
+    return isinstance(v, _SMALL)
+
+
+class _Prop(ShapeProp):
+    """ShapeProp that also keeps every tensor's shape and every small non-tensor result (sizes, dims)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            self.shapes[n] = tuple(result.shape)
+        elif _is_small(result):
+            self.values[n] = result
+        return result
+
+
+# ------------------------------------------------------------------------------- flow values
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One unit set laid along the unit axis: entries [offset, offset + size·block), `block` per unit.
+    `src` is the latest node whose dim 1 carries exactly this set (block 1, offset 0): its activation."""
+
+    set: int
+    block: int
+    offset: int
+    src: str | None
+
+
+@dataclass(frozen=True)
+class _Flow:
+    """A tensor whose axis `dim` carries the concatenation of `parts`."""
+
+    dim: int
+    parts: tuple[_Part, ...]
+
+
+@dataclass(frozen=True)
+class _Attr:
+    """A tensor read from the state_dict entry `target`; `axes` maps value axis -> parameter axis."""
+
+    target: str
+    axes: tuple[tuple[int, int], ...]
+
+    def axis_map(self) -> dict[int, int]:
+        return dict(self.axes)
+
+
+class _ConstT:
+    """A tensor without a unit axis: unchanged by any permutation (constants, invariant reductions)."""
+
+    def __repr__(self) -> str:
+        return "CONST"
+
+
+class _FixedT:
+    """A tensor derived from the network input by ops that move no units: never permuted along any
+    axis. Sets combined with it elementwise along the unit axis become fixed."""
+
+    def __repr__(self) -> str:
+        return "FIXED"
+
+
+_CONST = _ConstT()
+_FIXED = _FixedT()
+_UNKNOWN = object()
+Val = _Flow | _Attr | _ConstT | _FixedT | None
+
+
+def _plain(v: Val) -> Val:
+    """Result kind of a unit-free op on a tensor without units: fixed stays fixed, else constant."""
+    return _FIXED if v is _FIXED else _CONST
+
+
+class _Sets:
+    """Union-find over unit sets: size, opener (module name) and fixed flag per root."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.opener: list[str | None] = []
+        self.fixed: list[bool] = []
+
+    def new(self, size: int, opener: str | None = None, fixed: bool = False) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(int(size))
+        self.opener.append(opener)
+        self.fixed.append(fixed)
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int, where: str) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if self.size[ra] != self.size[rb]:
+            raise SpecError(f"{where}: cannot tie unit sets of {self.size[ra]} and {self.size[rb]} units")
+        lo, hi = min(ra, rb), max(ra, rb)  # the earliest set stays the root
+        self.parent[hi] = lo
+        self.fixed[lo] = self.fixed[lo] or self.fixed[hi]
+        return lo
+
+    def fix(self, i: int) -> None:
+        self.fixed[self.find(i)] = True
+
+    def is_fixed(self, i: int) -> bool:
+        return self.fixed[self.find(i)]
+
+
+# ------------------------------------------------------------------------------ op tables
+
+
+def _fns(*names: str, module: Any = F) -> list[Callable[..., Any]]:
+    return [getattr(module, n) for n in names if hasattr(module, n)]
+
+
+_ELEMENTWISE_FUNCS = set(
+    _fns("relu", "relu_", "relu6", "gelu", "silu", "elu", "selu", "celu", "leaky_relu", "softplus",
+         "hardswish", "hardsigmoid", "hardtanh", "mish", "logsigmoid", "softsign", "tanhshrink",
+         "softshrink", "hardshrink", "threshold", "tanh", "sigmoid", "dropout", "dropout1d", "dropout2d",
+         "dropout3d", "alpha_dropout", "feature_alpha_dropout", "softmax", "softmin", "log_softmax",
+         "normalize")
+    + _fns("relu", "relu_", "tanh", "sigmoid", "exp", "log", "abs", "neg", "sqrt", "rsqrt", "square",
+           "clamp", "clip", "erf", "sin", "cos", "softmax", "log_softmax", "zeros_like", "ones_like",
+           "full_like", "empty_like", "nan_to_num", "add", "sub", "subtract", "mul", "multiply", "div",
+           "divide", "true_divide", "maximum", "minimum", "pow", "where", module=torch)
+    + [operator.neg, operator.pos, operator.add, operator.sub, operator.mul, operator.truediv,
+       operator.floordiv, operator.pow, operator.iadd, operator.isub, operator.imul, operator.itruediv])
+_ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "abs", "abs_", "neg",
+    "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_", "erf", "sin", "cos", "add", "add_",
+    "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "pow_", "maximum", "minimum", "softmax",
+    "log_softmax", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16",
+    "requires_grad_", "expand", "expand_as"}
+_CAST_METHODS = {"to", "type", "type_as", "cpu", "cuda"}  # only `self` matters
+_SHAPE_ONLY_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous"}
+_RESHAPE_FUNCS = set(_fns("flatten", "reshape", "squeeze", "unsqueeze", "unflatten", module=torch))
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+                    "reshape_as", "squeeze_", "unsqueeze_"}
+_PERMUTE_FUNCS = {f: f.__name__ for f in _fns("permute", "transpose", "swapaxes", "swapdims", "movedim",
+                                              "moveaxis", "t", module=torch)}
+_PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
+_REDUCE_FUNCS = set(_fns("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean",
+                         module=torch))
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean"}
+_CAT_FUNCS = set(_fns("cat", "concat", "concatenate", module=torch))
+_SPATIAL_FUNCS: dict[Callable[..., Any], int] = {
+    **{f: 1 for f in _fns("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
+                          "lp_pool1d")},
+    **{f: 2 for f in _fns("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
+                          "lp_pool2d")},
+    **{f: 3 for f in _fns("max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
+                          "lp_pool3d")},
+    **{f: -2 for f in _fns("interpolate", "upsample", "upsample_nearest", "upsample_bilinear")},  # ndim-2
+}
+_CONV_FUNCS = set(_fns("conv1d", "conv2d", "conv3d"))
+
+_ELEMENTWISE_MODULES: tuple[type, ...] = tuple(getattr(nn, n) for n in (
+    "ReLU", "ReLU6", "GELU", "SiLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "SELU", "CELU", "Softplus",
+    "Softsign", "Hardswish", "Hardsigmoid", "Hardtanh", "Mish", "LogSigmoid", "Tanhshrink", "Softshrink",
+    "Hardshrink", "Threshold", "Softmax", "Softmax2d", "Softmin", "LogSoftmax", "Identity", "Dropout", "Dropout1d",
+    "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout") if hasattr(nn, n))
+_POOL_MODULES: tuple[type, ...] = (
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd)
+_PAD_MODULES: tuple[type, ...] = tuple(getattr(nn.modules.padding, n) for n in (
+    "_ConstantPadNd", "_ReflectionPadNd", "_ReplicationPadNd", "_CircularPadNd")
+    if hasattr(nn.modules.padding, n))
+
+
+def _is_in(fn: Any, table: Any) -> bool:
+    try:
+        return fn in table
+    except TypeError:  # unhashable target
+        return False
+
+
+def _prod(xs: Iterable[int]) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+def _spatial_rank(m: nn.Module) -> int:
+    match = re.search(r"(\d)d$", type(m).__name__)
+    return int(match.group(1)) if match else 2
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _target_str(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    t = node.target
+    mod = getattr(t, "__module__", None) or ""
+    name = getattr(t, "__name__", str(t))
+    return f"{mod}.{name}" if mod and mod not in ("_operator", "builtins") else name
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _source_line(node: fx.Node, model: nn.Module) -> str:
+    """'file:line' of the op: the innermost stack-trace frame outside torch, else the module's class."""
+    for path, line in reversed(re.findall(r'File "([^"]+)", line (\d+)', node.stack_trace or "")):
+        if not path.startswith(_TORCH_DIR) and not os.path.abspath(path).startswith(_HERE):
+            return f"{path}:{line}"
+    cls: type = type(model)
+    if node.op == "call_module":
+        with contextlib.suppress(AttributeError):
+            cls = type(model.get_submodule(str(node.target)))
+    try:
+        return f"{inspect.getsourcefile(cls)}:{inspect.getsourcelines(cls)[1]} (class {cls.__qualname__})"
+    except (OSError, TypeError):
+        return "<source unknown>"
+
+
+# ------------------------------------------------------------------------------- the deriver
+
+
+class _Deriver:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, prop: _Prop) -> None:
+        self.model, self.gm = model, gm
+        self.shapes, self.values = prop.shapes, prop.values
+        self.state = set(model.state_dict().keys())
+        self.sets = _Sets()
+        self.val: dict[fx.Node, Val] = {}
+        self.refs: list[tuple[int, AxisRef]] = []
+        self.acts: list[tuple[int, str]] = []
+        self.hazards: list[tuple[fx.Node, str, list[int]]] = []
+        self.opaque: list[tuple[fx.Node, str, str]] = []
+        self.pinned: set[tuple[str, int]] = set()
+        self.opened: dict[str, int] = {}
+        self.order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+
+    # ---- bookkeeping
+
+    def _ref(self, s: int, ref: AxisRef) -> None:
+        self.refs.append((s, ref))
+
+    def _pin(self, tensors: Iterable[tuple[str, int]]) -> None:
+        """These axes are used unpermuted (a layer applied to a constant, or along another axis): any
+        set that also claims them is fixed (a layer shared between both uses)."""
+        self.pinned.update((t, a) for t, a in tensors if t in self.state)
+
+    def _hazard(self, node: fx.Node, why: str, flow: _Flow) -> None:
+        self.hazards.append((node, why, [p.set for p in flow.parts]))
+
+    def _opaque_use(self, node: fx.Node, v: Val, why: str) -> None:
+        if isinstance(v, _Attr):
+            self.opaque.append((node, v.target, why))
+
+    def _concrete(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return self.values.get(a, _UNKNOWN)
+        if isinstance(a, (tuple, list)):
+            return type(a)(self._concrete(x) for x in a)
+        if isinstance(a, slice):
+            return slice(self._concrete(a.start), self._concrete(a.stop), self._concrete(a.step))
+        return a
+
+    def _tensor_args(self, node: fx.Node) -> list[fx.Node]:
+        seen: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: seen.append(n))  # type: ignore[arg-type,func-returns-value]
+        return [n for n in dict.fromkeys(seen) if n in self.shapes]
+
+    def _fresh(self, node: fx.Node, from_input: bool) -> Val:
+        """Value of an untracked result: fixed (never permuted) when it derives from the input or from
+        tensors that carry units, a constant otherwise."""
+        if node not in self.shapes:
+            return None
+        return _FIXED if from_input else _CONST
+
+    def _unknown(self, node: fx.Node, why: str) -> Val:
+        """An op the rules do not cover: an error if it touches a set that ends up permuted."""
+        from_input = False
+        for a in self._tensor_args(node):
+            v = self.val.get(a)
+            if isinstance(v, _Flow):
+                self._hazard(node, why, v)
+            from_input = from_input or isinstance(v, _Flow) or v is _FIXED
+            self._opaque_use(node, v, why)
+        return self._fresh(node, from_input)
+
+    def _keep(self, node: fx.Node, flow: _Flow) -> _Flow:
+        """The same sets on `flow.dim`; this node becomes the activation source of a lone plain set."""
+        if flow.dim == 1 and len(flow.parts) == 1 and flow.parts[0].block == 1 and flow.parts[0].offset == 0:
+            return _Flow(1, (replace(flow.parts[0], src=node.name),))
+        return flow
+
+    def _same_layout(self, a: _Flow, b: _Flow) -> bool:
+        return len(a.parts) == len(b.parts) and all(
+            p.offset == q.offset and p.block == q.block
+            and self.sets.size[self.sets.find(p.set)] == self.sets.size[self.sets.find(q.set)]
+            for p, q in zip(a.parts, b.parts))
+
+    # ---- generic rules
+
+    def elementwise(self, node: fx.Node, operands: list[fx.Node] | None = None) -> Val:
+        """Broadcasting elementwise op: sets of all operands united; parameters along the unit axis join."""
+        out = self.shapes.get(node)
+        if out is None:
+            return self._unknown(node, "elementwise op with a non-tensor result")
+        ops = self._tensor_args(node) if operands is None else [a for a in operands if a in self.shapes]
+        flows: list[tuple[int, _Flow]] = []
+        others: list[tuple[fx.Node, Val, tuple[int, ...], int]] = []
+        broadcast_flow = False
+        for a in ops:
+            v, shape = self.val.get(a), self.shapes[a]
+            lead = len(out) - len(shape)
+            if isinstance(v, _Flow):
+                if lead < 0:
+                    return self._unknown(node, "operand has more dims than the result")
+                if shape[v.dim] != out[v.dim + lead]:
+                    broadcast_flow = True  # a 1-unit set broadcast: only the identity permutes it
+                    continue
+                flows.append((v.dim + lead, v))
+            else:
+                others.append((a, v, shape, lead))
+        if not flows:
+            for _, v, _, _ in others:
+                self._opaque_use(node, v, "used in an elementwise op")
+            return self._fresh(node, broadcast_flow or any(v is _FIXED for _, v, _, _ in others))
+        if len({d for d, _ in flows}) > 1:
+            return self._unknown(node, "operands carry units on different axes")
+        d, first = flows[0]
+        for _, f in flows[1:]:
+            if not self._same_layout(first, f):
+                return self._unknown(node, "operands carry different unit layouts (e.g. a concatenation "
+                                           "combined with a single layer's output)")
+        where = f"node {node.name}"
+        for _, f in flows[1:]:
+            for p, q in zip(first.parts, f.parts):
+                self.sets.union(p.set, q.set, where)
+        for a, v, shape, lead in others:
+            ax = d - lead
+            if ax < 0 or shape[ax] == 1:
+                self._opaque_use(node, v, "used in an elementwise op, not along the unit axis")
+                continue
+            if v is _FIXED:  # varies along the unit axis and is never permuted: the sets are fixed
+                for p in first.parts:
+                    self.sets.fix(p.set)
+                continue
+            amap = v.axis_map() if isinstance(v, _Attr) else {}
+            if isinstance(v, _Attr) and ax in amap and shape[ax] == out[d]:
+                for p in first.parts:
+                    self._ref(p.set, AxisRef(v.target, amap[ax], p.block, p.offset))
+                continue
+            self._hazard(node, f"operand {a.name!r} varies along the unit axis but is not a parameter the "
+                               "spec can permute", first)
+            self._opaque_use(node, v, "used in an elementwise op")
+        return self._keep(node, _Flow(d, first.parts))
+
+    def reshape(self, node: fx.Node, x: fx.Node) -> Val:
+        """Reshape that keeps each unit's entries contiguous: dim d (P_in trailing entries) becomes dim d'
+        (P_out trailing entries) with block·P_in/P_out entries per unit."""
+        v, ins, out = self.val.get(x), self.shapes.get(x), self.shapes.get(node)
+        if ins is None or out is None:
+            return self._unknown(node, "reshape of a non-tensor")
+        if isinstance(v, _Attr):
+            return self._attr_reshape(node, v, ins, out)
+        if not isinstance(v, _Flow):
+            return _plain(v)
+        d = v.dim
+        outer, p_in = _prod(ins[:d]), _prod(ins[d + 1:])
+        for d2 in range(len(out)):
+            if _prod(out[:d2]) != outer:
+                continue
+            p_out = _prod(out[d2 + 1:])
+            if p_out == 0 or out[d2] * p_out != ins[d] * p_in:
+                continue
+            if all((p.block * p_in) % p_out == 0 and (p.offset * p_in) % p_out == 0 for p in v.parts):
+                return _Flow(d2, tuple(replace(p, block=p.block * p_in // p_out, offset=p.offset * p_in // p_out)
+                                       for p in v.parts))
+        return self._unknown(node, f"reshape {ins} -> {out} splits units or mixes them with other axes")
+
+    def _attr_reshape(self, node: fx.Node, v: _Attr, ins: tuple[int, ...], out: tuple[int, ...]) -> Val:
+        """A per-unit vector viewed with singleton dims (gamma.view(1, -1, 1, 1)) stays a parameter axis."""
+        big_in = [i for i, s in enumerate(ins) if s != 1]
+        big_out = [i for i, s in enumerate(out) if s != 1]
+        amap = v.axis_map()
+        if len(big_in) == 1 and len(big_out) == 1 and big_in[0] in amap and ins[big_in[0]] == out[big_out[0]]:
+            return _Attr(v.target, ((big_out[0], amap[big_in[0]]),))
+        self._opaque_use(node, v, "reshaped")
+        return _CONST
+
+    def permute(self, node: fx.Node, x: fx.Node, order: list[int] | None) -> Val:
+        """New axis i is old axis order[i]: the unit axis moves with it."""
+        v = self.val.get(x)
+        if order is None:
+            return self._unknown(node, "permutation of axes not understood")
+        if isinstance(v, _Flow):
+            return _Flow(order.index(v.dim), v.parts)
+        if isinstance(v, _Attr):
+            return _Attr(v.target, tuple((order.index(a), p) for a, p in v.axes))
+        return _plain(v) if node in self.shapes else None
+
+    def reduce(self, node: fx.Node, x: fx.Node, dims: Any) -> Val:
+        """Reductions over the unit axis are invariant; over other axes they keep the set."""
+        v, ins, out = self.val.get(x), self.shapes.get(x), self.shapes.get(node)
+        if out is None or ins is None:
+            return self._unknown(node, "reduction with a non-tensor result")
+        if not isinstance(v, _Flow):
+            self._opaque_use(node, v, "reduced")
+            return _plain(v)
+        if dims is None or dims is _UNKNOWN or len(out) == 0:
+            return _CONST if len(out) == 0 else self._unknown(node, "reduction over unknown dims")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not dims:
+            return _CONST
+        dims = [r % len(ins) for r in dims]
+        if v.dim in dims:
+            return _CONST
+        keepdim = len(out) == len(ins)
+        return self._keep(node, _Flow(v.dim if keepdim else v.dim - sum(r < v.dim for r in dims), v.parts))
+
+    def spatial(self, node: fx.Node, x: fx.Node, rank: int) -> Val:
+        """Pooling / padding / interpolation over the last `rank` axes (rank < 0: all but the first -rank)."""
+        v, ins = self.val.get(x), self.shapes.get(x)
+        if node not in self.shapes or ins is None:
+            return self._unknown(node, "pooling with a non-tensor result (return_indices?)")
+        if not isinstance(v, _Flow):
+            self._opaque_use(node, v, "pooled")
+            return _plain(v)
+        rank = len(ins) + rank if rank < 0 else rank
+        if v.dim >= len(ins) - rank or len(self.shapes[node]) != len(ins):
+            return self._unknown(node, "pools, pads or resizes the unit axis")
+        return self._keep(node, v)
+
+    def getitem(self, node: fx.Node) -> Val:
+        base, idx = node.args[0], self._concrete(node.args[1])
+        if node not in self.shapes:
+            return None
+        if not isinstance(base, fx.Node) or base not in self.shapes:
+            return _FIXED  # a tensor out of an untracked tuple: never permuted
+        v, ndim = self.val.get(base), len(self.shapes[base])
+        mapping = _index_map(idx, ndim, self.shapes[base])
+        if mapping is None:
+            return self._unknown(node, "advanced indexing")
+        if isinstance(v, _Flow):
+            new, full = mapping.get(v.dim, (None, False))
+            if new is None or not full:
+                return self._unknown(node, "indexes or slices the unit axis")
+            return _Flow(new, v.parts)
+        if isinstance(v, _Attr):
+            axes = []
+            for a, p in v.axes:
+                new, full = mapping.get(a, (None, False))
+                if new is None or not full:
+                    self._opaque_use(node, v, "indexed")
+                    return _CONST
+                axes.append((new, p))
+            return _Attr(v.target, tuple(axes))
+        return _plain(v)
+
+    def cat(self, node: fx.Node, tensors: Sequence[fx.Node], dim: int) -> Val:
+        """Concatenation along the unit axis lays the inputs' sets side by side (constant inputs become
+        fixed parts); along another axis it unites the sets like an elementwise op."""
+        out = self.shapes.get(node)
+        if out is None or not all(isinstance(t, fx.Node) and t in self.shapes for t in tensors):
+            return self._unknown(node, "concatenation of non-tensors")
+        d = dim % len(out)
+        vals = [self.val.get(t) for t in tensors]
+        flows = [v for v in vals if isinstance(v, _Flow)]
+        if not flows:
+            for v in vals:
+                self._opaque_use(node, v, "concatenated")
+            return _FIXED if any(v is _FIXED for v in vals) else _CONST
+        if all(f.dim == d for f in flows):
+            parts: list[_Part] = []
+            off = 0
+            for t, v in zip(tensors, vals):
+                if isinstance(v, _Flow):
+                    parts += [replace(p, offset=p.offset + off) for p in v.parts]
+                else:
+                    self._opaque_use(node, v, "concatenated")
+                    parts.append(_Part(self.sets.new(self.shapes[t][d], fixed=True), 1, off, None))
+                off += self.shapes[t][d]
+            return _Flow(d, tuple(parts))
+        if all(f.dim != d for f in flows):
+            return self.elementwise(node, list(tensors))
+        return self._unknown(node, "concatenation mixing the unit axis with another axis")
+
+    # ---- layers
+
+    def _consume(self, node: fx.Node, v: Val, weight: str, axis: int) -> None:
+        """The layer's input axis `axis` of `weight` joins the incoming sets (part by part)."""
+        if isinstance(v, _Flow):
+            for p in v.parts:
+                self._ref(p.set, AxisRef(weight, axis, p.block, p.offset))
+                if p.src is not None:
+                    self.acts.append((p.set, p.src))
+        else:  # a constant input: the layer's input axis stays as it is
+            self._opaque_use(node, v, "fed to a layer")
+            self._pin([(weight, axis)])
+
+    def _open(self, node: fx.Node, key: str, opener: str, size: int, refs: list[tuple[str, int]],
+              out_dim: int) -> _Flow:
+        s = self.opened.get(key)
+        if s is None:
+            s = self.opened[key] = self.sets.new(size, opener=opener)
+        for tensor, axis in refs:
+            if tensor in self.state:
+                self._ref(s, AxisRef(tensor, axis))
+        return _Flow(out_dim, (_Part(s, 1, 0, node.name if out_dim == 1 else None),))
+
+    def linear(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, out_features: int,
+               opener: str) -> Val:
+        """y = x Wᵀ + b over the last axis: opens a set (W axis 0, b); W axis 1 joins the input's sets."""
+        v, ins, out = self.val.get(x), self.shapes.get(x), self.shapes.get(node)
+        if ins is None or out is None or weight not in self.state:
+            return self._unknown(node, "linear layer on a non-tensor or with a weight outside the state_dict")
+        if isinstance(v, _Flow) and v.dim != len(ins) - 1:
+            # acts along another axis: units pass through; its own outputs are not permuted
+            self._pin([(weight, 0), (weight, 1)] + ([(bias, 0)] if bias else []))
+            return v
+        self._consume(node, v, weight, 1)
+        return self._open(node, weight, opener, out_features, [(weight, 0)] + ([(bias, 0)] if bias else []),
+                          len(out) - 1)
+
+    def conv(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, in_ch: int, out_ch: int,
+             groups: int, transposed: bool, opener: str) -> Val:
+        """Conv over dim 1: opens a set (W axis 0; axis 1 if transposed) and W's input axis joins the
+        input's sets. Depthwise (groups == in_channels): keeps the sets, W/b axis 0 join them with block
+        × out/in."""
+        v, ins = self.val.get(x), self.shapes.get(x)
+        if ins is None or node not in self.shapes or weight not in self.state:
+            return self._unknown(node, "convolution on a non-tensor or with a weight outside the state_dict")
+        if isinstance(v, _Flow) and v.dim != 1:
+            return self._unknown(node, "convolution whose channel axis is not the unit axis")
+        if groups == 1:
+            in_axis, out_axis = (0, 1) if transposed else (1, 0)
+            self._consume(node, v, weight, in_axis)
+            return self._open(node, weight, opener, out_ch, [(weight, out_axis)] + ([(bias, 0)] if bias else []), 1)
+        if not transposed and groups == in_ch and out_ch % in_ch == 0:
+            mult = out_ch // in_ch
+            if not isinstance(v, _Flow):
+                self._pin([(weight, 0)] + ([(bias, 0)] if bias else []))
+                return _plain(v)
+            parts = []
+            for p in v.parts:
+                for t in (weight, bias):
+                    if t and t in self.state:
+                        self._ref(p.set, AxisRef(t, 0, p.block * mult, p.offset * mult))
+                if p.src is not None:
+                    self.acts.append((p.set, p.src))
+                parts.append(replace(p, block=p.block * mult, offset=p.offset * mult))
+            return self._keep(node, _Flow(1, tuple(parts)))
+        return self._unknown(node, f"grouped convolution (groups={groups}, {in_ch}->{out_ch} channels) is "
+                                   "equivariant only under permutations that respect its groups")
+
+    def per_unit(self, node: fx.Node, x: fx.Node, tensors: Sequence[tuple[str, int]], dim: int | None,
+                 what: str) -> Val:
+        """Per-unit op (norm): keeps the sets; axis `a` of each (tensor, a) joins them."""
+        v = self.val.get(x)
+        if not isinstance(v, _Flow):
+            self._pin(tensors)
+            return _plain(v) if node in self.shapes else None
+        if dim is not None and v.dim != dim:
+            return self._unknown(node, f"{what} over an axis other than the unit axis")
+        for t, a in tensors:
+            if t in self.state:
+                for p in v.parts:
+                    self._ref(p.set, AxisRef(t, a, p.block, p.offset))
+        return self._keep(node, v)
+
+    def layer_norm(self, node: fx.Node, x: fx.Node, k: int, tensors: Sequence[str]) -> Val:
+        """LayerNorm over the last k axes: its statistics are invariant; weight/bias axis aligned with the
+        unit axis joins the set (none if the unit axis is not normalised)."""
+        v, ins = self.val.get(x), self.shapes.get(x)
+        if not isinstance(v, _Flow) or ins is None:
+            self._pin((t, a) for t in tensors for a in range(k))
+            return _plain(v) if node in self.shapes else None
+        if v.dim < len(ins) - k:
+            self._pin((t, a) for t in tensors for a in range(k))
+            return self._keep(node, v)
+        return self.per_unit(node, x, [(t, v.dim - (len(ins) - k)) for t in tensors], None, "layer norm")
+
+    def group_norm(self, node: fx.Node, x: fx.Node, groups: int, channels: int, tensors: Sequence[str]) -> Val:
+        if groups not in (1, channels):
+            v = self.val.get(x)
+            if isinstance(v, _Flow):
+                return self._unknown(node, f"GroupNorm with {groups} groups of {channels} channels mixes "
+                                           "statistics within groups (only 1 or C groups are equivariant)")
+        return self.per_unit(node, x, [(t, 0) for t in tensors], 1, "GroupNorm")
+
+    # ---- dispatch
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.val[node] = self.visit(node)
+
+    def visit(self, node: fx.Node) -> Val:
+        if node.op == "placeholder":
+            return self._fresh(node, True)  # the network input: never permuted
+        if node.op == "get_attr":
+            shape = self.shapes.get(node)
+            if shape is None:
+                return None
+            if node.target in self.state:
+                return _Attr(str(node.target), tuple((i, i) for i in range(len(shape))))
+            return _CONST
+        if node.op == "output":
+            for a in self._flat_nodes(node.args):
+                v = self.val.get(a)
+                if isinstance(v, _Flow):
+                    for p in v.parts:
+                        self.sets.fix(p.set)
+                self._opaque_use(node, v, "returned")
+            return None
+        if node.op == "call_module":
+            return self.visit_module(node, self.gm.get_submodule(str(node.target)))
+        if node.op == "call_method":
+            return self.visit_method(node, str(node.target))
+        return self.visit_function(node, node.target)
+
+    def _flat_nodes(self, args: Any) -> list[fx.Node]:
+        seen: list[fx.Node] = []
+        fx.node.map_arg(args, lambda n: seen.append(n))  # type: ignore[arg-type,func-returns-value]
+        return seen
+
+    def visit_module(self, node: fx.Node, m: nn.Module) -> Val:
+        name = str(node.target)
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node):
+            return self._unknown(node, "module called without a tensor input")
+        p = f"{name}."
+        if isinstance(m, nn.Linear):
+            return self.linear(node, x, p + "weight", p + "bias" if m.bias is not None else None,
+                               m.out_features, name)
+        if isinstance(m, nn.modules.conv._ConvNd):
+            transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+            return self.conv(node, x, p + "weight", p + "bias" if m.bias is not None else None,
+                             m.in_channels, m.out_channels, m.groups, transposed, name)
+        if isinstance(m, nn.Embedding):
+            v = self.val.get(x)
+            if isinstance(v, _Flow):
+                self._hazard(node, "embedding indices carry units", v)
+            out = self.shapes.get(node)
+            if out is None:
+                return self._unknown(node, "embedding with a non-tensor result")
+            return self._open(node, p + "weight", name, m.embedding_dim, [(p + "weight", 1)], len(out) - 1)
+        if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+            return self.per_unit(node, x, [(p + t, 0) for t in ("weight", "bias", "running_mean", "running_var")],
+                                 1, type(m).__name__)
+        if isinstance(m, LayerNorm2d):
+            if len(self.shapes.get(x, ())) != 4:
+                return self._unknown(node, "LayerNorm2d on a tensor that is not N×C×H×W")
+            return self.per_unit(node, x, [(p + "weight", 0), (p + "bias", 0)], 1, "LayerNorm2d")
+        if isinstance(m, nn.LayerNorm):
+            return self.layer_norm(node, x, len(m.normalized_shape), [p + "weight", p + "bias"])
+        if isinstance(m, nn.GroupNorm):
+            return self.group_norm(node, x, m.num_groups, m.num_channels, [p + "weight", p + "bias"])
+        if isinstance(m, nn.PReLU):
+            if m.num_parameters == 1:
+                return self.elementwise(node, [x])
+            return self.per_unit(node, x, [(p + "weight", 0)], 1, "PReLU")
+        if isinstance(m, _ELEMENTWISE_MODULES):
+            return self.elementwise(node, [x])
+        if isinstance(m, _POOL_MODULES):
+            if getattr(m, "return_indices", False):
+                return self._unknown(node, "pooling that returns indices")
+            return self.spatial(node, x, _spatial_rank(m))
+        if isinstance(m, _PAD_MODULES):
+            return self.spatial(node, x, len(m.padding) // 2)
+        if isinstance(m, nn.Upsample):
+            return self.spatial(node, x, -2)
+        if isinstance(m, (nn.Flatten, nn.Unflatten)):
+            return self.reshape(node, x)
+        return self._unknown(node, f"module {type(m).__name__} is not known to be permutation-equivariant "
+                                   "(pass an explicit spec)")
+
+    def visit_method(self, node: fx.Node, name: str) -> Val:
+        x = node.args[0]
+        if not isinstance(x, fx.Node) or x not in self.shapes:
+            return self._unknown(node, "method of a non-tensor") if node in self.shapes else None
+        if name in _SHAPE_ONLY_METHODS:
+            return None
+        if name in ("expand", "expand_as") and isinstance(self.val.get(x), _Attr) and node in self.shapes:
+            v, lead = self.val[x], len(self.shapes[node]) - len(self.shapes[x])
+            return _Attr(v.target, tuple((a + lead, p) for a, p in v.axes))  # type: ignore[union-attr]
+        if name in _ELEMENTWISE_METHODS:
+            return self.elementwise(node)
+        if name in _CAST_METHODS:
+            return self.elementwise(node, [x])
+        if name in _RESHAPE_METHODS:
+            return self.reshape(node, x)
+        if name in _PERMUTE_METHODS:
+            return self.permute(node, x, self._order(node, name, len(self.shapes[x])))
+        if name in _REDUCE_METHODS:
+            return self.reduce(node, x, self._concrete(_arg(node, 1, "dim")))
+        return self._unknown(node, f"method .{name}() is not known to be permutation-equivariant")
+
+    def visit_function(self, node: fx.Node, fn: Any) -> Val:
+        if fn is operator.getitem:
+            return self.getitem(node)
+        if fn is builtins.getattr:
+            attr = node.args[1]
+            if attr in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"):
+                return None
+            if attr in ("T", "mT") and isinstance(node.args[0], fx.Node) and node.args[0] in self.shapes:
+                n = len(self.shapes[node.args[0]])
+                order = list(range(n))[::-1] if attr == "T" else list(range(n - 2)) + [n - 1, n - 2]
+                return self.permute(node, node.args[0], order)
+            return self._unknown(node, f"attribute {attr!r}")
+        x = node.args[0] if node.args else None
+        if _is_in(fn, _CAT_FUNCS):
+            tensors = _arg(node, 0, "tensors")
+            dim = self._concrete(_arg(node, 1, "dim", 0))
+            if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int):
+                return self._unknown(node, "concatenation not understood")
+            return self.cat(node, tensors, dim)
+        if _is_in(fn, _ELEMENTWISE_FUNCS):  # may start with a scalar: 2 * x
+            return self.elementwise(node)
+        if not isinstance(x, fx.Node) or x not in self.shapes:
+            if self._tensor_args(node):
+                return self._unknown(node, f"{_target_str(node)} is not known to be permutation-equivariant")
+            return self._fresh(node, False)  # creation op: a constant
+        if _is_in(fn, _RESHAPE_FUNCS):
+            return self.reshape(node, x)
+        if _is_in(fn, _PERMUTE_FUNCS):
+            return self.permute(node, x, self._order(node, _PERMUTE_FUNCS[fn], len(self.shapes[x])))
+        if _is_in(fn, _REDUCE_FUNCS):
+            return self.reduce(node, x, self._concrete(_arg(node, 1, "dim")))
+        if _is_in(fn, _SPATIAL_FUNCS):
+            return self.spatial(node, x, _SPATIAL_FUNCS[fn])
+        if fn is F.pad:
+            pad = self._concrete(_arg(node, 1, "pad"))
+            if not isinstance(pad, (list, tuple)):
+                return self._unknown(node, "padding not understood")
+            return self.spatial(node, x, len(pad) // 2)
+        if fn is F.linear or _is_in(fn, _CONV_FUNCS):
+            return self._functional_layer(node, fn, x)
+        if fn is F.layer_norm:
+            shape = self._concrete(_arg(node, 1, "normalized_shape"))
+            k = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, (list, tuple)) else None
+            tensors = self._direct_attrs(node, [(2, "weight"), (3, "bias")])
+            if k is None or tensors is None:
+                return self._unknown(node, "layer_norm with untracked weight/bias or shape")
+            return self.layer_norm(node, x, k, tensors)
+        if fn in (F.batch_norm, F.instance_norm):
+            names = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]
+            tensors = self._direct_attrs(node, names)
+            if tensors is None:
+                return self._unknown(node, f"{fn.__name__} with untracked statistics or affine tensors")
+            return self.per_unit(node, x, [(t, 0) for t in tensors], 1, fn.__name__)
+        if fn is F.group_norm:
+            groups = self._concrete(_arg(node, 1, "num_groups"))
+            tensors = self._direct_attrs(node, [(2, "weight"), (3, "bias")])
+            if not isinstance(groups, int) or tensors is None:
+                return self._unknown(node, "group_norm with untracked weight/bias")
+            return self.group_norm(node, x, groups, self.shapes[x][1], tensors)
+        return self._unknown(node, f"{_target_str(node)} is not known to be permutation-equivariant")
+
+    def _direct_attrs(self, node: fx.Node, slots: Sequence[tuple[int, str]]) -> list[str] | None:
+        """State-dict names of 1-D parameter arguments (None arguments skipped); None if any is untracked."""
+        out = []
+        for i, name in slots:
+            a = _arg(node, i, name)
+            if a is None:
+                continue
+            v = self.val.get(a) if isinstance(a, fx.Node) else None
+            if not isinstance(v, _Attr) or v.axes != ((0, 0),):
+                return None
+            out.append(v.target)
+        return out
+
+    def _functional_layer(self, node: fx.Node, fn: Any, x: fx.Node) -> Val:
+        w_node, b_node = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        wv = self.val.get(w_node) if isinstance(w_node, fx.Node) else None
+        bv = self.val.get(b_node) if isinstance(b_node, fx.Node) else None
+        w_shape = self.shapes.get(w_node) if isinstance(w_node, fx.Node) else None
+        if (not isinstance(wv, _Attr) or w_shape is None or wv.axes != tuple((i, i) for i in range(len(w_shape)))
+                or (b_node is not None and (not isinstance(bv, _Attr) or bv.axes != ((0, 0),)))):
+            return self._unknown(node, f"{_target_str(node)} with a weight that is not a plain parameter")
+        opener = wv.target[: -len(".weight")] if wv.target.endswith(".weight") else wv.target
+        bias = bv.target if isinstance(bv, _Attr) else None
+        if fn is F.linear:
+            return self.linear(node, x, wv.target, bias, w_shape[0], opener)
+        groups = self._concrete(_arg(node, 6, "groups", 1))
+        if not isinstance(groups, int):
+            return self._unknown(node, "convolution with unknown groups")
+        return self.conv(node, x, wv.target, bias, w_shape[1] * groups, w_shape[0], groups, False, opener)
+
+    def _order(self, node: fx.Node, name: str, ndim: int) -> list[int] | None:
+        """New-axis -> old-axis list for permute/transpose/movedim/t."""
+        args = [self._concrete(a) for a in node.args[1:]]
+        try:
+            if name == "permute":
+                dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+                dims = dims or list(self._concrete(node.kwargs.get("dims", ())))
+                return [int(d) % ndim for d in dims]
+            if name in ("transpose", "swapaxes", "swapdims"):
+                a = args[0] if args else self._concrete(node.kwargs.get("dim0", node.kwargs.get("axis0")))
+                b = args[1] if len(args) > 1 else self._concrete(node.kwargs.get("dim1", node.kwargs.get("axis1")))
+                order = list(range(ndim))
+                a, b = int(a) % ndim, int(b) % ndim
+                order[a], order[b] = order[b], order[a]
+                return order
+            if name in ("movedim", "moveaxis"):
+                src = args[0] if args else self._concrete(node.kwargs.get("source"))
+                dst = args[1] if len(args) > 1 else self._concrete(node.kwargs.get("destination"))
+                src = [src] if isinstance(src, int) else list(src)
+                dst = [dst] if isinstance(dst, int) else list(dst)
+                src, dst = [s % ndim for s in src], [d % ndim for d in dst]
+                order = [i for i in range(ndim) if i not in src]
+                for d_, s_ in sorted(zip(dst, src)):
+                    order.insert(d_, s_)
+                return order
+            if name == "t":
+                return [1, 0] if ndim == 2 else list(range(ndim))
+        except (TypeError, ValueError, IndexError):
+            return None
+        return None
+
+    # ---- result
+
+    def spec(self, meta: dict[str, Any]) -> PermutationSpec:
+        sets = self.sets
+        # tensors claimed at the same (axis, offset) by two sets tie them (shared modules / parameters)
+        claims: dict[tuple[str, int, int], tuple[int, int]] = {}
+        for s, ref in self.refs:
+            key = (ref.tensor, ref.axis, ref.offset)
+            if key in claims:
+                s0, block0 = claims[key]
+                if block0 != ref.block:
+                    raise SpecError(f"{ref.tensor} axis {ref.axis} is used with {block0} and {ref.block} entries "
+                                    "per unit")
+                sets.union(s0, s, f"{ref.tensor} axis {ref.axis}")
+            else:
+                claims[key] = (s, ref.block)
+            if (ref.tensor, ref.axis) in self.pinned:
+                sets.fix(s)
+        permuted = {ref.tensor for s, ref in self.refs if not sets.is_fixed(s)}
+        errors = []
+        for node, why, ids in self.hazards:
+            if any(not sets.is_fixed(i) for i in ids):
+                errors.append(self._describe(node, why))
+        for node, target, why in self.opaque:
+            if target in permuted:
+                errors.append(self._describe(node, f"parameter {target!r} is permuted but also {why} in a way "
+                                                   "the rules do not cover"))
+        if errors:
+            errors = list(dict.fromkeys(errors))
+            raise SpecError("cannot derive a permutation spec: an op touches permuted hidden units and is not "
+                            "known to be permutation-equivariant (pass leaf_modules or an explicit spec):\n  "
+                            + "\n  ".join(errors))
+        roots: dict[int, list[AxisRef]] = {}
+        acts: dict[int, list[str]] = {}
+        for s, ref in self.refs:
+            r = sets.find(s)
+            if not sets.fixed[r] and ref not in roots.setdefault(r, []):
+                roots[r].append(ref)
+        for s, name in self.acts:
+            r = sets.find(s)
+            if r in roots and name not in acts.setdefault(r, []):
+                acts[r].append(name)
+        groups = []
+        for r in sorted(roots):  # roots are the earliest set of their class: graph order of openers
+            opener = sets.opener[r]
+            if opener is None:  # pragma: no cover - only openers create non-fixed sets
+                raise SpecError("internal error: a permuted unit set without an opening layer")
+            groups.append(PermGroup(f"P_{opener}", sets.size[r], tuple(roots[r]),
+                                    tuple(sorted(acts.get(r, []), key=self.order.__getitem__))))
+        return PermutationSpec(tuple(groups), meta=meta)
+
+    def _describe(self, node: fx.Node, why: str) -> str:
+        return f"node {node.name!r} ({node.op} {_target_str(node)}) at {_source_line(node, self.model)}: {why}"
+
+
+def _index_map(idx: Any, ndim: int, shape: tuple[int, ...]) -> dict[int, tuple[int | None, bool]] | None:
+    """Basic indexing: old axis -> (new axis or None if removed, whether the axis is taken whole)."""
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) or isinstance(it, bool)
+           for it in items):
+        return None
+    consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
+    expanded: list[Any] = []
+    for it in items:
+        if it is Ellipsis:
+            expanded += [slice(None)] * (ndim - consuming)
+        else:
+            expanded.append(it)
+    expanded += [slice(None)] * (ndim - sum(1 for it in expanded if it is not None))
+    mapping: dict[int, tuple[int | None, bool]] = {}
+    old = new = 0
+    for it in expanded:
+        if it is None:
+            new += 1
+            continue
+        if old >= ndim:
+            return None
+        if isinstance(it, int):
+            mapping[old] = (None, False)
+        else:
+            if any(v is _UNKNOWN for v in (it.start, it.stop, it.step)):
+                full = False
+            else:
+                full = it.indices(shape[old]) == (0, shape[old], 1)
+            mapping[old] = (new, full)
+            new += 1
+        old += 1
+    return mapping
+
+
+# ------------------------------------------------------------------------------------ API
+
+
+def derive_spec(model: nn.Module, example_input: ExampleInput | None = None, *,
+                leaf_modules: tuple[type, ...] = ()) -> PermutationSpec:
+    """The permutation spec of `model`, derived from its fx graph (see the module docstring).
+
+    `example_input` (a tensor, or a tuple for several inputs) fixes the shapes, e.g. H·W of a
+    conv→flatten→linear; by default :func:`example_input_for` guesses one (a 32×32 image for a first
+    Conv2d, a feature vector for a first Linear). The model's modules run once in eval mode under
+    no_grad; training flags and BN statistics are left as they were.
+    """
+    gm = trace_model(model, leaf_modules)
+    if example_input is None:
+        example_input = example_input_for(model, gm)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    prop = _Prop(gm)
+    try:
+        with _eval_mode(model), torch.no_grad():
+            prop.propagate(*inputs)
+    except Exception as err:  # noqa: BLE001
+        shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+        raise SpecError(f"running {type(model).__name__} on an example input of shape {shapes} failed: {err}; "
+                        "pass a fitting example_input") from err
+    d = _Deriver(model, gm, prop)
+    d.run()
+    spec = d.spec({"derived_from": type(model).__name__,
+                   "example_input_shape": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})
+    try:
+        spec.check(model.state_dict())
+    except SpecError as err:
+        raise SpecError(f"derived spec of {type(model).__name__} is inconsistent (a layer reading a "
+                        f"concatenation whose only permuted part is at offset 0 cannot be expressed): {err}") from err
+    return spec
+
+
+def spec_for(model: nn.Module, spec: PermutationSpec | None = None, example_input: ExampleInput | None = None,
+             *, leaf_modules: tuple[type, ...] = ()) -> PermutationSpec:
+    """`spec` after ``spec.check(model.state_dict())`` if given, else :func:`derive_spec` of `model`."""
+    if spec is not None:
+        spec.check(model.state_dict())
+        return spec
+    return derive_spec(model, example_input, leaf_modules=leaf_modules)

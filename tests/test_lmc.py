@@ -1,0 +1,111 @@
+"""Two-model LMC end to end on tiny real-MNIST runs: align, verify, interpolate, report, CLI."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmclab.align.weight_matching import spec_tensor_names
+from lmclab.cli import main
+from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
+from lmclab.experiments.lmc import align_runs, interpolate_runs, layer_selection, lmc_pair, load_alignment
+from lmclab.permutation import Permutation, parameter_distance
+from lmclab.store import RunStore
+from lmclab.training import RunOptions, load_run_model, train
+
+TINY = RunConfig(
+    data=DataConfig("mnist", train_per_class=30),
+    model=ModelConfig("mlp", hidden=(24, 24)),
+    train=TrainConfig(optimizer="adam", lr=3e-3, batch_size=50, epochs=2),
+)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("runs")
+    opts = RunOptions(runs_dir=str(root), data_dir=str(shared_data), device="cpu", progress=False, download=False)
+    runs = [train(dataclasses.replace(TINY, seeds=SeedConfig.from_seed(s)), opts) for s in (0, 1)]
+    return RunStore(root), runs
+
+
+def test_align_runs_is_verified_cached_and_reduces_distance(pair, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
+    store, (run_a, run_b) = pair
+    alignment = align_runs(run_a, run_b, store=store, device="cpu", progress=False)
+    info = alignment.info
+    assert info["distance_after"] < info["distance_before"]
+    assert all(v < 1e-4 for v in info["invariance_max_abs_diff"].values())
+    theta_a, theta_b = run_a.load_state(), run_b.load_state()
+    aligned = alignment.perm.apply(theta_b, alignment.spec)
+    permuted_tensors = spec_tensor_names(alignment.spec, theta_a)  # the distance is over the tensors π moves
+    assert parameter_distance(theta_a, aligned, permuted_tensors) == pytest.approx(info["distance_after"], rel=1e-5)
+    assert parameter_distance(theta_a, theta_b, permuted_tensors) == pytest.approx(info["distance_before"], rel=1e-5)
+    again = align_runs(run_a, run_b, store=store, device="cpu", progress=False)
+    assert again.perm == alignment.perm and again.path == alignment.path
+    loaded = load_alignment(alignment.path / "perm.safetensors")
+    assert loaded.perm == alignment.perm and loaded.spec.canonical() == alignment.spec.canonical()
+    # the permuted model computes B's function
+    model = load_run_model(run_b)
+    x = torch.randn(5, 1, 28, 28)
+    permuted = load_run_model(run_b)
+    permuted.load_state_dict(aligned)
+    torch.testing.assert_close(model(x), permuted(x), rtol=1e-5, atol=1e-5)
+
+
+def test_interpolate_rows_and_report(pair, shared_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, (run_a, run_b) = pair
+    summary = lmc_pair(run_a, run_b, method="weight", out=tmp_path / "lmc", say=lambda _: None, points=5,
+                       splits=("test",), subset=500, data_dir=str(shared_data), device="cpu", progress=False)
+    with open(summary["paths"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["path"] for r in rows} == {"naive", "weight-matched"}
+    assert len(rows) == 2 * 5 * 3  # paths × λ × (loss, accuracy, error)
+    naive0 = [r for r in rows if r["path"] == "naive" and r["lambda"] == "0.0" and r["metric"] == "loss"]
+    perm0 = [r for r in rows if r["path"] == "weight-matched" and r["lambda"] == "0.0" and r["metric"] == "loss"]
+    assert naive0[0]["value"] == perm0[0]["value"]  # both paths start at θ_A
+    naive1 = [r for r in rows if r["path"] == "naive" and r["lambda"] == "1.0" and r["metric"] == "loss"]
+    perm1 = [r for r in rows if r["path"] == "weight-matched" and r["lambda"] == "1.0" and r["metric"] == "loss"]
+    assert float(naive1[0]["value"]) == pytest.approx(float(perm1[0]["value"]), rel=1e-5)  # π(θ_B) ≡ θ_B
+    barriers = {(b["path"], b["metric"]): float(b["barrier"]) for b in summary["barriers"]}
+    assert set(barriers) == {("naive", "loss"), ("naive", "error"), ("weight-matched", "loss"), ("weight-matched", "error")}
+    assert Path(summary["figure"]).stat().st_size > 10_000
+
+
+def test_layerwise_selection(pair) -> None:  # type: ignore[no-untyped-def]
+    _, (run_a, _) = pair
+    model = load_run_model(run_a)
+    single = layer_selection(model, ["layers.1.linear"])
+    assert single == [("layers.1.linear", ["layers.1.linear.weight", "layers.1.linear.bias"])]
+    cumulative = layer_selection(model, ["cumulative:deep"])
+    assert [label for label, _ in cumulative] == ["deep:1:head", "deep:2:layers.1.linear", "deep:3:layers.0.linear"]
+    with pytest.raises(ValueError, match="layer groups: layers.0.linear, layers.1.linear, head"):
+        layer_selection(model, ["conv9"])
+
+
+def test_layerwise_path_only_moves_the_chosen_layer(pair, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
+    _, (run_a, run_b) = pair
+    rows = interpolate_runs(run_a, run_b, points=3, splits=("test",), subset=300, layers=["head"],
+                            data_dir=str(shared_data), device="cpu", progress=False)
+    assert {r["layers"] for r in rows} == {"head"}
+    full = interpolate_runs(run_a, run_b, points=3, splits=("test",), subset=300, data_dir=str(shared_data),
+                            device="cpu", progress=False)
+    at1 = lambda rs: [r["value"] for r in rs if r["lambda"] == 1.0 and r["metric"] == "loss"][0]  # noqa: E731
+    assert at1(rows) != at1(full)  # head from B on A's body is not model B
+
+
+def test_cli_align_and_interpolate(pair, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    store, (run_a, run_b) = pair
+    io = ["--runs-dir", str(store.root), "--data-dir", str(shared_data), "--offline", "--device", "cpu", "--no-progress"]
+    assert main(["align", run_a.hash[:8], run_b.hash[:8], *io, "--json"]) == 0
+    aligned = json.loads(capsys.readouterr().out)
+    perm, spec, _ = Permutation.load(aligned["perm"])
+    assert spec is not None and not perm.is_identity()
+    assert main(["interpolate", run_a.hash[:8], run_b.hash[:8], "--perm", aligned["perm"], "--points", "3",
+                 "--split", "test", "--subset", "200", "--out", str(tmp_path / "o"), *io, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "o" / "paths.png").is_file() and len(result["barriers"]) == 4
+    code = main(["interpolate", run_a.hash[:8], run_b.hash[:8], "--layers", "nope", *io])
+    assert code == 2 and "layer groups" in capsys.readouterr().err
