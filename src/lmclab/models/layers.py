@@ -30,7 +30,7 @@ class ConvNorm(nn.Module):
         return self.norm(self.conv(x))
 
 
-class ConvNormAct(nn.Module):
+class ConvNormAct(ConvNorm):
     """``conv`` (3×3 by default, 'same' padding) → ``norm`` → ``act`` (ReLU)."""
 
     def __init__(
@@ -42,20 +42,11 @@ class ConvNormAct(nn.Module):
         kernel_size: int = 3,
         stride: int = 1,
     ) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=kernel_size // 2,
-            bias=conv_bias(norm),
-        )
-        self.norm = make_norm(norm, out_channels)
+        super().__init__(in_channels, out_channels, kernel_size=kernel_size, stride=stride, norm=norm)
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        return self.act(super().forward(x))
 
 
 class BasicBlock(nn.Module):

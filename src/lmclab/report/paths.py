@@ -7,13 +7,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lmclab.store import atomic_write  # noqa: E402
+from lmclab.report.figures import save_figure
 
 SPLIT_STYLE = {"train": "-", "test": "--"}
 
@@ -55,9 +52,4 @@ def plot_paths(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metri
         ax.set_title(metric + (f" ({dropped} non-finite values omitted)" if dropped else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

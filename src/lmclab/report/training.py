@@ -6,13 +6,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from lmclab.store import atomic_write  # noqa: E402
+from lmclab.report.figures import save_figure
 
 
 def plot_histories(path: str | os.PathLike, histories: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> Path:
@@ -32,9 +29,4 @@ def plot_histories(path: str | os.PathLike, histories: Mapping[str, Sequence[Map
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
