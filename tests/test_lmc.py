@@ -12,7 +12,7 @@ import torch
 from lmclab.align.weight_matching import spec_tensor_names
 from lmclab.cli import main
 from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
-from lmclab.experiments.lmc import align_runs, interpolate_runs, layer_selection, lmc_pair, load_alignment
+from lmclab.experiments.lmc import align_runs, interpolate_runs, layer_selection, lmc_pairs, load_alignment
 from lmclab.permutation import Permutation, parameter_distance
 from lmclab.store import RunStore
 from lmclab.training import RunOptions, load_run_model, train
@@ -57,7 +57,7 @@ def test_align_runs_is_verified_cached_and_reduces_distance(pair, shared_data: P
 
 def test_interpolate_rows_and_report(pair, shared_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     store, (run_a, run_b) = pair
-    summary = lmc_pair(run_a, run_b, method="weight", out=tmp_path / "lmc", say=lambda _: None, points=5,
+    summary = lmc_pairs([(run_a, run_b)], method="weight", out=tmp_path / "lmc", say=lambda _: None, points=5,
                        splits=("test",), subset=500, data_dir=str(shared_data), device="cpu", progress=False)
     with open(summary["paths"]) as fh:
         rows = list(csv.DictReader(fh))
@@ -109,3 +109,17 @@ def test_cli_align_and_interpolate(pair, shared_data: Path, tmp_path: Path, caps
     assert (tmp_path / "o" / "paths.png").is_file() and len(result["barriers"]) == 4
     code = main(["interpolate", run_a.hash[:8], run_b.hash[:8], "--layers", "nope", *io])
     assert code == 2 and "layer groups" in capsys.readouterr().err
+
+
+def test_cli_several_pairs_give_mean_and_std(pair, shared_data: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    store, (run_a, run_b) = pair
+    io = ["--runs-dir", str(store.root), "--data-dir", str(shared_data), "--offline", "--device", "cpu", "--no-progress"]
+    assert main(["interpolate", run_a.hash, run_b.hash, run_b.hash, run_a.hash, "--align", "weight", "--points", "3",
+                 "--split", "test", "--subset", "200", "--out", str(tmp_path / "two"), *io]) == 0
+    printed = capsys.readouterr().out
+    assert "weight-matched     test  loss  barrier" in printed and " ± " in printed
+    with open(tmp_path / "two" / "paths.csv") as fh:
+        assert {r["pair"] for r in csv.DictReader(fh)} == {"0", "1"}
+    assert main(["interpolate", run_a.hash, run_b.hash, run_a.hash, *io]) == 2
+    assert "runs come in pairs" in capsys.readouterr().err

@@ -52,11 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common_io(p)
 
     p = sub.add_parser("interpolate", help="loss/accuracy on the straight path between two runs, with barriers")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
+    p.add_argument("runs", nargs="+", metavar="RUN_A RUN_B",
+                   help="one pair of runs, or several pairs (A1 B1 A2 B2 …: curves become mean ± std)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--align", choices=("weight", "activation"), default=None, help="align first (naive path too)")
-    how.add_argument("--perm", default=None, metavar="FILE", help="a saved permutation (from `lmclab align`)")
+    how.add_argument("--perm", nargs="+", default=None, metavar="FILE",
+                     help="saved permutation(s) from `lmclab align`, one per pair")
     p.add_argument("--points", type=int, default=25, help="evenly spaced λ, both ends included")
     p.add_argument("--split", choices=("train", "test", "both"), default="both")
     p.add_argument("--subset", type=int, default=None, help="stratified subset of each split (quick runs)")
@@ -189,15 +190,18 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.experiments.lmc import lmc_pair
+    from lmclab.experiments.lmc import lmc_pairs
     from lmclab.store import RunStore
 
+    if len(args.runs) % 2:
+        raise ValueError(f"runs come in pairs (A B [A B …]); got {len(args.runs)}")
     store = RunStore(args.runs_dir)
+    runs = [store.get(r) for r in args.runs]
     splits = ("train", "test") if args.split == "both" else (args.split,)
-    return lmc_pair(store.get(args.run_a), store.get(args.run_b), method=args.align, perm_file=args.perm,
-                    out=args.out, say=lambda t: _say(args, t), points=args.points, splits=splits,
-                    subset=args.subset, bn=args.bn, layers=args.layers, base=args.base, data_dir=args.data_dir,
-                    device=args.device, progress=not args.no_progress)
+    return lmc_pairs(list(zip(runs[::2], runs[1::2])), method=args.align, perm_files=args.perm, out=args.out,
+                     say=lambda t: _say(args, t), points=args.points, splits=splits, subset=args.subset, bn=args.bn,
+                     layers=args.layers, base=args.base, data_dir=args.data_dir, device=args.device,
+                     progress=not args.no_progress)
 
 
 def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:

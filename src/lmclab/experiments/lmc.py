@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmclab.data import DeviceDataset
@@ -201,29 +202,57 @@ def _safe_barriers(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict
     return report
 
 
-def lmc_pair(run_a: Run, run_b: Run, *, method: str | None = "weight", perm_file: str | None = None,
-             out: str | Path | None = None, say: Callable[[str], None] = print, **kw: Any) -> dict[str, Any]:
-    """Align (or load a permutation), evaluate both paths, write tables and the figure; return a summary."""
+def lmc_pairs(pairs: Sequence[tuple[Run, Run]], *, method: str | None = "weight",
+              perm_files: Sequence[str] | None = None, out: str | Path | None = None,
+              say: Callable[[str], None] = print, **kw: Any) -> dict[str, Any]:
+    """For each pair: align (or load its permutation), evaluate the naive and permuted paths. Then write
+    the tidy table (a `pair` column), per-curve barriers and the figure (mean ± std over pairs), and
+    print each barrier as mean ± std over pairs."""
+    if not pairs:
+        raise ValueError("give at least one pair of runs")
+    if perm_files is not None and len(perm_files) != len(pairs):
+        raise ValueError(f"{len(perm_files)} permutation file(s) for {len(pairs)} pair(s): give one per pair")
     progress = kw.get("progress", True)
-    alignment = None
-    if perm_file:
-        alignment = load_alignment(perm_file)
-    elif method:
-        alignment = align_runs(run_a, run_b, method=method, data_dir=kw.get("data_dir"),
-                               device=kw.get("device", "auto"), progress=progress)
-    rows = interpolate_runs(run_a, run_b, alignment=alignment, **kw)
-    key = _key(a=run_a.path.name, b=run_b.path.name, align=None if alignment is None else str(alignment.path),
+    rows: list[dict[str, Any]] = []
+    alignments: list[Alignment | None] = []
+    for i, (run_a, run_b) in enumerate(pairs):
+        alignment = None
+        if perm_files is not None:
+            alignment = load_alignment(perm_files[i])
+        elif method:
+            alignment = align_runs(run_a, run_b, method=method, data_dir=kw.get("data_dir"),
+                                   device=kw.get("device", "auto"), progress=progress)
+        alignments.append(alignment)
+        rows += interpolate_runs(run_a, run_b, alignment=alignment, pair=i, **kw)
+    key = _key(pairs=[[a.path.name, b.path.name] for a, b in pairs],
+               align=[None if al is None else str(al.path) for al in alignments],
                **{k: v for k, v in kw.items() if k not in ("progress", "device", "data_dir")})
-    out_dir = Path(out) if out else run_a.path.parent / f"lmc_{key}"
-    files = write_lmc_report(rows, out_dir, title=f"{run_a.path.name} ↔ {run_b.path.name}")
+    out_dir = Path(out) if out else pairs[0][0].path.parent / f"lmc_{key}"
+    title = (f"{pairs[0][0].path.name} ↔ {pairs[0][1].path.name}" if len(pairs) == 1
+             else f"{len(pairs)} pairs ({pairs[0][0].config.model.model} on {pairs[0][0].config.data.dataset})")
+    files = write_lmc_report(rows, out_dir, title=title)
+    per_curve = _safe_barriers(rows, ("path", "layers", "pair", "split", "metric"))
     summary = {"out": str(out_dir), **{k: str(v) for k, v in files.items()},
-               "alignment": None if alignment is None else {"path": str(alignment.path), **alignment.info},
-               "barriers": [r for r in _safe_barriers(rows, ("path", "layers", "pair", "split", "metric"))]}
-    for r in summary["barriers"]:
-        if "error" in r:
-            say(f"{r['path']:<18} {r['split']:<5} {r['metric']:<5} {r['error']}")
-        elif r.get("layers", "all") == "all":
-            say(f"{r['path']:<18} {r['split']:<5} {r['metric']:<5} barrier {r['barrier']:.4f}  "
-                f"(Git Re-Basin {r['rebasin']:.4f}, midpoint {r['midpoint']:.4f})")
+               "alignments": [None if al is None else {"path": str(al.path), **al.info} for al in alignments],
+               "barriers": per_curve}
+    _say_barriers(per_curve, len(pairs), say)
     say(f"tables: {files['paths']}, {files['barriers']}" + (f"\nfigure: {files['figure']}" if "figure" in files else ""))
     return summary
+
+
+def _say_barriers(per_curve: list[dict[str, Any]], n_pairs: int, say: Callable[[str], None]) -> None:
+    """One line per (path, split, metric) of the whole-model curves: mean ± std over pairs."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in per_curve:
+        if r.get("layers", "all") == "all":
+            groups.setdefault((r["path"], r["split"], r["metric"]), []).append(r)
+    for (path, split, metric), rs in groups.items():
+        failed = [r["error"] for r in rs if "error" in r]
+        if failed:
+            say(f"{path:<18} {split:<5} {metric:<5} {failed[0]}")
+            continue
+        parts = []
+        for name, label in (("barrier", "barrier"), ("rebasin", "Git Re-Basin"), ("midpoint", "midpoint")):
+            v = np.array([r[name] for r in rs])
+            parts.append(f"{label} {v.mean():.4f}" + (f" ± {v.std():.4f}" if n_pairs > 1 else ""))
+        say(f"{path:<18} {split:<5} {metric:<5} {parts[0]}  ({', '.join(parts[1:])})")

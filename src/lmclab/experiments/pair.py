@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmclab.config import SeedConfig
-from lmclab.experiments.lmc import lmc_pair
+from lmclab.experiments.lmc import lmc_pairs
 from lmclab.report import plot_histories, write_csv
 from lmclab.training import RunOptions, get_preset, train
 
@@ -47,6 +47,6 @@ def run_pair_demo(
     summary: dict[str, Any] = {"runs": rows, "figure": str(figure), "tables": [str(table), str(history_table)]}
     if len(runs) >= 2 and align:
         say(f"linear mode connectivity between seed {seeds[0]} and seed {seeds[1]} ({align} matching, {points} points):")
-        summary["lmc"] = lmc_pair(runs[0], runs[1], method=align, out=out_dir / "lmc", say=say, points=points,
+        summary["lmc"] = lmc_pairs([(runs[0], runs[1])], method=align, out=out_dir / "lmc", say=say, points=points,
                                   data_dir=options.data_dir, device=options.device, progress=options.progress)
     return summary
