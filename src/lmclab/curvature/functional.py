@@ -1,0 +1,76 @@
+"""Models as functions of their parameters: f(θ, x) = logits, with buffers held fixed.
+
+Curvature is taken in eval mode on fixed data in fp32: a point θ (a state dict) splits into the
+trainable parameters (the coordinates that directions and Hessians live in) and the buffers (BN
+running statistics), which stay at the point's own values. Directions d = θ_B − θ_A are over the
+parameters only.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from lmclab.data import DeviceDataset
+
+Params = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> summed loss over the batch
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ_i CE(z_i, y_i): batches add up to N · mean loss, so uneven last batches are weighted exactly."""
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+@dataclass
+class FunctionalModel:
+    """f(params, x) over a private eval-mode copy of the architecture, buffers fixed."""
+
+    module: nn.Module
+    params: Params  # trainable parameters of the point (detached, fp32)
+    buffers: Params  # buffers of the point (BN statistics), held fixed
+
+    def logits(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, {**self.buffers, **params}, (x,))
+
+    def zeros_like_params(self) -> Params:
+        return {k: torch.zeros_like(v) for k, v in self.params.items()}
+
+
+def functional_model(model: nn.Module, theta: Mapping[str, torch.Tensor] | None = None) -> FunctionalModel:
+    """Split θ (default: the model's state dict) into parameters and buffers; the copy is in eval mode."""
+    module = copy.deepcopy(model).eval()
+    state = dict(theta) if theta is not None else module.state_dict()
+    param_names = {n for n, _ in module.named_parameters()}
+    missing = param_names - set(state)
+    if missing:
+        raise KeyError(f"θ lacks parameters {sorted(missing)}")
+    params = {k: state[k].detach().float() for k in param_names}
+    buffers = {k: v.detach() for k, v in state.items() if k not in param_names}
+    return FunctionalModel(module, params, buffers)
+
+
+def parameter_direction(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor],
+                        model: nn.Module) -> Params:
+    """d = θ_B − θ_A over the model's trainable parameters (buffers are not directions)."""
+    return {n: (theta_b[n].float() - theta_a[n].float()) for n, _ in model.named_parameters()}
+
+
+def iterate_batches(data: DeviceDataset | Iterable[Batch], batch_size: int = 50,
+                    max_examples: int | None = None) -> Iterator[Batch]:
+    """(x, y) batches in a fixed order (un-augmented); at most `max_examples` examples in all."""
+    source = data.batches(batch_size) if isinstance(data, DeviceDataset) else iter(data)
+    seen = 0
+    for x, y in source:
+        if max_examples is not None:
+            if seen >= max_examples:
+                return
+            x, y = x[: max_examples - seen], y[: max_examples - seen]
+        seen += len(y)
+        yield x, y
