@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
 
+    p = sub.add_parser("run", help="reproduce a paper's figures in one command (benko)")
+    p.add_argument("experiment", choices=("benko",), help="benko: Benkő, a second-order perspective on LMC")
+    p.add_argument("--preset", default="smoke", help="smoke (CPU, minutes) or paper (the paper's settings, GPU)")
+    p.add_argument("--out", default=None, help="figures and tables (default: out/EXPERIMENT-PRESET)")
+    p.add_argument("--no-progress", action="store_true")
+    _common_io(p)
+
     for name, text in (("presets", "list training presets"), ("models", "list models and their options"),
                        ("datasets", "list dataset names")):
         p = sub.add_parser(name, help=text)
@@ -204,6 +211,14 @@ def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
                      progress=not args.no_progress)
 
 
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.experiments.benko import run_benko
+
+    out = args.out or f"out/{args.experiment}-{args.preset}"
+    return run_benko(args.preset, out=out, runs_dir=args.runs_dir, data_dir=args.data_dir, device=args.device,
+                     progress=not args.no_progress, say=lambda t: _say(args, t))
+
+
 def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
     from lmclab.training import PRESETS
 
@@ -243,7 +258,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"train": cmd_train, "runs": cmd_runs, "eval": cmd_eval, "align": cmd_align,
-            "interpolate": cmd_interpolate, "presets": cmd_presets,
+            "interpolate": cmd_interpolate, "run": cmd_run, "presets": cmd_presets,
             "models": cmd_models, "datasets": cmd_datasets, "demo": cmd_demo}
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Experiments as graphs of cacheable steps, run by an executor.
+
+A `Step` is data: a kind (the name of a registered step function), a JSON config, and named input
+steps. Its key is a content hash of (kind, config, input keys), so a step's identity does not depend
+on which process, machine or executor runs it. Results are JSON documents (plus any files the step
+writes into its own directory) stored under `<runs_dir>/steps/<kind>_<key>/`; a step whose result
+is stored is never run again. `LocalExecutor` runs a graph in dependency order in this process; a
+cluster executor only has to ship (kind, config, input results) to a worker and store what comes
+back — the experiment code does not change.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lmclab.store import atomic_write_json, runs_root
+
+StepFn = Callable[["StepContext", dict[str, Any], dict[str, Any]], dict[str, Any]]
+STEP_KINDS: dict[str, StepFn] = {}
+SELF_CACHING: set[str] = set()  # kinds whose function keeps its own store (training runs, alignments)
+
+
+def step_kind(name: str, self_caching: bool = False) -> Callable[[StepFn], StepFn]:
+    """Register `fn(ctx, config, inputs) -> JSON result` as step kind `name`.
+
+    `self_caching`: the function finds its own stored output cheaply (the run store does this for
+    training and alignment), so the executor calls it every time instead of trusting a copy that
+    could point at deleted files."""
+
+    def register(fn: StepFn) -> StepFn:
+        if name in STEP_KINDS and STEP_KINDS[name] is not fn:
+            raise ValueError(f"step kind {name!r} is registered twice")
+        STEP_KINDS[name] = fn
+        if self_caching:
+            SELF_CACHING.add(name)
+        return fn
+
+    return register
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    config: Mapping[str, Any]
+    inputs: Mapping[str, "Step"] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        ident = {"kind": self.kind, "config": self.config, "inputs": {k: s.key for k, s in sorted(self.inputs.items())}}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.key}"
+
+
+@dataclass
+class StepContext:
+    """What a step function may use besides its config and inputs: its own directory and run options."""
+
+    directory: Path
+    options: Mapping[str, Any]
+    say: Callable[[str], None] = print
+
+
+def topological_order(targets: Iterable[Step]) -> list[Step]:
+    """Every step the targets need, each once, inputs before the steps that use them."""
+    order: list[Step] = []
+    seen: set[str] = set()
+
+    def visit(step: Step, stack: tuple[str, ...]) -> None:
+        if step.key in stack:
+            raise ValueError(f"cycle in experiment graph at {step.name}")
+        if step.key in seen:
+            return
+        for dep in step.inputs.values():
+            visit(dep, stack + (step.key,))
+        seen.add(step.key)
+        order.append(step)
+
+    for t in targets:
+        visit(t, ())
+    return order
+
+
+class LocalExecutor:
+    """Runs steps in this process, in dependency order, reusing every stored result."""
+
+    def __init__(self, runs_dir: str | Path | None = None, options: Mapping[str, Any] | None = None,
+                 progress: bool = True, say: Callable[[str], None] = print) -> None:
+        self.root = runs_root(runs_dir) / "steps"
+        self.options = dict(options or {})
+        self.progress = progress
+        self.say = say
+        self.ran: list[str] = []  # names of the steps this executor actually ran (not reused)
+
+    def directory(self, step: Step) -> Path:
+        return self.root / step.name
+
+    def stored(self, step: Step) -> dict[str, Any] | None:
+        if step.kind in SELF_CACHING:
+            return None
+        path = self.directory(step) / "result.json"
+        return json.loads(path.read_text())["result"] if path.is_file() else None
+
+    def run(self, targets: Iterable[Step]) -> dict[str, dict[str, Any]]:
+        """Results of all steps the targets need, keyed by step key."""
+        order = topological_order(targets)
+        results: dict[str, dict[str, Any]] = {}
+        todo = [s for s in order if self.stored(s) is None]
+        bar = tqdm(total=len(todo), desc="steps", unit="step", disable=not self.progress or not todo, leave=False)
+        for step in order:
+            cached = self.stored(step)
+            if cached is not None:
+                results[step.key] = cached
+                continue
+            if step.kind not in STEP_KINDS:
+                raise KeyError(f"no step kind {step.kind!r}; registered: {', '.join(sorted(STEP_KINDS))}")
+            bar.set_postfix_str(step.kind)
+            directory = self.directory(step)
+            directory.mkdir(parents=True, exist_ok=True)
+            inputs = {name: results[dep.key] for name, dep in step.inputs.items()}
+            start = time.perf_counter()
+            result = STEP_KINDS[step.kind](StepContext(directory, self.options, self.say), dict(step.config), inputs)
+            result = finite_or_none(result)
+            atomic_write_json(directory / "result.json", {
+                "kind": step.kind, "config": step.config, "inputs": {k: d.name for k, d in step.inputs.items()},
+                "seconds": time.perf_counter() - start, "result": result})
+            results[step.key] = result
+            self.ran.append(step.name)
+            bar.update(1)
+        bar.close()
+        return results
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON-safe copy: NaN and ±inf become None (reported as missing, never drawn as numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value

@@ -1,0 +1,131 @@
+"""The step kinds experiments are built from: train a member, align a pair, evaluate a path,
+directional derivatives of the loss at an endpoint, logit trajectories and their approximations.
+
+Every step takes its runs from its inputs (`train` results) and its options (runs_dir, data_dir,
+device, progress) from the executor, so the same graph runs anywhere.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmclab.config import RunConfig
+from lmclab.data import DeviceDataset
+from lmclab.experiments.graph import Step, StepContext, step_kind
+from lmclab.experiments.lmc import align_runs, load_alignment
+from lmclab.paths import evaluate_path
+from lmclab.store import Run
+from lmclab.training import RunOptions, load_run_model, resolve_device, train
+
+
+@lru_cache(maxsize=8)
+def _dataset(name: str, split: str, examples: int | None, data_dir: str | None, device: str) -> DeviceDataset:
+    return DeviceDataset.load(name, split, data_dir=data_dir, device=device, subset=examples, augment=False,
+                              progress=False)
+
+
+def dataset_for(ctx: StepContext, run: Run, split: str, examples: int | None) -> DeviceDataset:
+    """A (stratified subset of a) split of the run's dataset, kept in memory across steps."""
+    device = str(resolve_device(ctx.options.get("device", "auto")))
+    return _dataset(run.config.data.dataset, split, examples, ctx.options.get("data_dir"), device)
+
+
+def train_step(name: str, config: RunConfig, preset: str | None = None) -> Step:
+    return Step("train", {"run": config.normalised().to_dict(), "preset": preset, "label": name})
+
+
+@step_kind("train", self_caching=True)
+def _train(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    o = ctx.options
+    run = train(RunConfig.from_dict(config["run"]),
+                RunOptions(runs_dir=o.get("runs_dir"), data_dir=o.get("data_dir"), device=o.get("device", "auto"),
+                           progress=o.get("progress", True), preset=config.get("preset"), eval_every=0))
+    return {"run": str(run.path), "final_metrics": run.meta["final_metrics"]}
+
+
+@step_kind("align", self_caching=True)
+def _align(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    alignment = align_runs(Run(Path(inputs["a"]["run"])), Run(Path(inputs["b"]["run"])), method=config["method"],
+                           seed=config.get("seed", 0), data_dir=ctx.options.get("data_dir"),
+                           device=ctx.options.get("device", "auto"), progress=ctx.options.get("progress", True))
+    return {"alignment": str(alignment.path), "distance_before": alignment.info.get("distance_before"),
+            "distance_after": alignment.info.get("distance_after")}
+
+
+def endpoints(ctx: StepContext, inputs: dict[str, Any]) -> tuple[Run, torch.nn.Module, dict, dict]:
+    """(run A, model, θ_A, θ_B or π(θ_B) when an `align` input is present), on the step's device."""
+    device = resolve_device(ctx.options.get("device", "auto"))
+    run_a, run_b = Run(Path(inputs["a"]["run"])), Run(Path(inputs["b"]["run"]))
+    model = load_run_model(run_a, device=device)
+    theta_a, theta_b = run_a.load_state(device=device), run_b.load_state(device=device)
+    if "align" in inputs:
+        alignment = load_alignment(inputs["align"]["alignment"])
+        theta_b = alignment.perm.apply(theta_b, alignment.spec)
+    return run_a, model, theta_a, theta_b
+
+
+@step_kind("path")
+def _path(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """Loss, accuracy and error at `points` evenly spaced λ on one split."""
+    run_a, model, theta_a, theta_b = endpoints(ctx, inputs)
+    data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
+    bn_data = dataset_for(ctx, run_a, "train", config.get("examples")) if config.get("bn", "none") != "none" else None
+    lambdas = [i / (config["points"] - 1) for i in range(config["points"])]
+    rows = evaluate_path(model, theta_a, theta_b, {config["split"]: data}, lambdas=lambdas, bn=config.get("bn"),
+                         bn_data=bn_data, progress=False)
+    out: dict[str, Any] = {"lambdas": lambdas, "n_examples": len(data)}
+    for metric in ("loss", "accuracy", "error"):
+        out[metric] = [r["value"] for r in rows if r["metric"] == metric]
+    return out
+
+
+@step_kind("loss_derivatives")
+def _loss_derivatives(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """f^(k)(0), k = 0…order, of f(t) = L(θ_A + t d) (center "a") or L(θ_B − t d) (center "b"), d = θ_B − θ_A."""
+    from lmclab.curvature.derivatives import loss_derivatives
+    from lmclab.curvature.functional import parameter_direction
+
+    run_a, model, theta_a, theta_b = endpoints(ctx, inputs)
+    data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
+    d = parameter_direction(theta_a, theta_b, model)
+    center, direction = (theta_a, d) if config["center"] == "a" else (theta_b, {k: -v for k, v in d.items()})
+    result = loss_derivatives(model, center, direction, data, order=config["order"],
+                              method=config.get("method", "auto"), batch_size=config.get("batch_size", 50))
+    return {"coefficients": result.coefficients.tolist(), "n_examples": result.n_examples, "method": result.method}
+
+
+@step_kind("logits")
+def _logits(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """Benkő Figs 7–8: true logits z(θ_λ) of every input along the path, their Taylor approximations
+    (orders 1…order, centred at A and at B), the RMSE of the argmax-z(θ_A) component per λ, and the
+    trajectories of one input's three largest components next to the direct interpolation."""
+    from lmclab.curvature.derivatives import logit_derivatives
+    from lmclab.curvature.functional import parameter_direction
+    from lmclab.curvature.taylor import interpolated_logits, logit_rmse, taylor_polynomial
+
+    run_a, model, theta_a, theta_b = endpoints(ctx, inputs)
+    data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
+    lambdas = [i / (config["points"] - 1) for i in range(config["points"])]
+    lam = torch.tensor(lambdas, dtype=torch.float64)
+    d = parameter_direction(theta_a, theta_b, model)
+    order = config["order"]
+    coeff_a = logit_derivatives(model, theta_a, d, data, order=order).double()
+    coeff_b = logit_derivatives(model, theta_b, {k: -v for k, v in d.items()}, data, order=order).double()
+    true = interpolated_logits(model, theta_a, theta_b, data, lambdas).double()  # (L, N, C)
+    z_a = true[0]
+    approx = {}
+    for k in range(1, order + 1):
+        approx[f"a{k}"] = taylor_polynomial(coeff_a, lam, k).permute(2, 0, 1)  # (L, N, C)
+        approx[f"b{k}"] = taylor_polynomial(coeff_b, 1 - lam, k).permute(2, 0, 1)
+    direct = (1 - lam)[:, None, None] * true[0] + lam[:, None, None] * true[-1]
+    rmse = {name: logit_rmse(true, a, z_a).tolist() for name, a in approx.items()}
+    rmse["direct"] = logit_rmse(true, direct, z_a).tolist()
+    n = int(config.get("example_index", 0))
+    top = torch.topk(true[:, n, :].abs().amax(0), k=min(3, true.shape[-1])).indices.tolist()
+    example = {"index": n, "label": int(data.labels[n]), "classes": top,
+               "true": true[:, n, top].tolist(), "direct": direct[:, n, top].tolist(),
+               **{name: a[:, n, top].tolist() for name, a in approx.items()}}
+    return {"lambdas": lambdas, "n_examples": len(data), "rmse": rmse, "example": example}

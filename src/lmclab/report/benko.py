@@ -1,0 +1,129 @@
+"""Figures of Benkő's paper: loss and its Taylor approximations along paths (Figs 1–6), one input's
+logits (Fig. 7), logit RMSE over the test set (Fig. 8). Approximations centred at A are drawn solid
+up to the midpoint and faded beyond it; centred at B the other way round."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+
+from lmclab.report.figures import save_figure
+
+ORDER_STYLE = {1: ":", 2: "--", 3: "-.", 4: (0, (5, 1, 1, 1, 1, 1))}
+CENTER_COLOURS = {"a": ("#1f77b4", "#6baed6", "#08306b", "#9ecae1"), "b": ("#d95f02", "#fdae6b", "#7f2704", "#fdd0a2")}
+PATH_TITLES = {"naive": "naive: θ_A → θ_B", "aligned": "weight-matched: θ_A → π(θ_B)"}
+
+
+def _mean_std(rows: list[Mapping[str, Any]], key: str = "value") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    by_pair: dict[Any, dict[float, float]] = {}
+    for r in rows:
+        v = r[key]
+        by_pair.setdefault(r.get("pair", 0), {})[r["lambda"]] = np.nan if v is None else float(v)
+    lam = np.array(sorted(set().union(*by_pair.values())))
+    values = np.array([[c.get(x, np.nan) for x in lam] for c in by_pair.values()], dtype=float)
+    with np.errstate(all="ignore"):
+        return lam, np.nanmean(values, 0), np.nanstd(values, 0)
+
+
+def _faded_halves(ax: plt.Axes, lam: np.ndarray, y: np.ndarray, center: str, **style: Any) -> None:
+    near = lam <= 0.5 if center == "a" else lam >= 0.5
+    ax.plot(lam[near], y[near], **style)
+    style.pop("label", None)
+    ax.plot(lam[~near | (lam == 0.5)], y[~near | (lam == 0.5)], alpha=0.3, **style)
+
+
+def plot_loss_approximations(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
+    """Rows of one setting: {pair, path, split, lambda, curve (true|taylor), center, order, value}."""
+    rows = list(rows)
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    paths = [p for p in PATH_TITLES if any(r["path"] == p for r in rows)]
+    orders = sorted({int(r["order"]) for r in rows if r["curve"] == "taylor"})
+    fig, axes = plt.subplots(len(splits), len(paths), figsize=(5.6 * len(paths), 3.9 * len(splits)),
+                             constrained_layout=True, squeeze=False)
+    for i, split in enumerate(splits):
+        for j, name in enumerate(paths):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["split"] == split and r["path"] == name]
+            lam, mean, std = _mean_std([r for r in sel if r["curve"] == "true"])
+            ax.plot(lam, mean, color="black", lw=2.2, label="true loss", zorder=5)
+            ax.fill_between(lam, mean - std, mean + std, color="black", alpha=0.15, lw=0)
+            for center in ("a", "b"):
+                for k in orders:
+                    l2, m2, _ = _mean_std([r for r in sel if r["curve"] == "taylor" and r["center"] == center
+                                           and int(r["order"]) == k])
+                    _faded_halves(ax, l2, m2, center, color=CENTER_COLOURS[center][k - 1 if k <= 4 else 3],
+                                  ls=ORDER_STYLE.get(k, "-"), lw=1.6, label=f"order {k}, centred at {center.upper()}")
+            finite = mean[np.isfinite(mean)]
+            if finite.size:
+                span = max(finite.max() - finite.min(), 1e-3)
+                ax.set_ylim(finite.min() - 0.3 * span, finite.max() + 0.6 * span)
+            ax.set_xlim(0, 1)
+            ax.set(xlabel="λ", ylabel=f"{split} loss", title=f"{PATH_TITLES[name]} ({split})")
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    return save_figure(fig, path, title)
+
+
+def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
+    """Fig. 7: rows {path, input, label, class, curve (true|direct|a1|a2|b1|b2…), lambda, value}."""
+    rows = list(rows)
+    paths = [p for p in PATH_TITLES if any(r["path"] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(paths), figsize=(6 * len(paths), 4.2), constrained_layout=True, squeeze=False)
+    for ax, name in zip(axes[0], paths):
+        sel = [r for r in rows if r["path"] == name]
+        classes = list(dict.fromkeys(r["class"] for r in sel))
+        for ci, c in enumerate(classes):
+            colour = f"C{ci}"
+            for curve in dict.fromkeys(r["curve"] for r in sel):
+                pts = sorted((r["lambda"], r["value"]) for r in sel if r["class"] == c and r["curve"] == curve)
+                lam, y = np.array([p[0] for p in pts]), np.array([np.nan if p[1] is None else p[1] for p in pts])
+                if curve == "true":
+                    ax.plot(lam, y, color=colour, lw=2.4)
+                elif curve == "direct":
+                    ax.plot(lam, y, color=colour, lw=1.0, ls=(0, (1, 2)))
+                elif curve[1:] in ("1", "2"):
+                    _faded_halves(ax, lam, y, curve[0], color=colour, lw=1.3, ls=ORDER_STYLE[int(curve[1:])],
+                                  marker="o" if curve[0] == "b" else None, ms=2.5)
+        label = sel[0]["label"] if sel else "?"
+        ax.set(xlabel="λ", ylabel="logit", title=f"{PATH_TITLES[name]}\ninput {sel[0]['input'] if sel else '?'} "
+                                                   f"(label {label}); classes {classes}")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color="k", lw=2.4, label="z_k(θ_λ)"),
+               Line2D([], [], color="k", lw=1.0, ls=(0, (1, 2)), label="(1−λ)z(θ_A) + λz(θ_B)"),
+               Line2D([], [], color="k", ls=":", label="linear, centred at A"),
+               Line2D([], [], color="k", ls="--", label="quadratic, centred at A"),
+               Line2D([], [], color="k", ls=":", marker="o", ms=2.5, label="linear, centred at B"),
+               Line2D([], [], color="k", ls="--", marker="o", ms=2.5, label="quadratic, centred at B")]
+    axes[0][-1].legend(handles=handles, fontsize=7)
+    return save_figure(fig, path, title)
+
+
+def plot_logit_rmse(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
+    """Fig. 8: rows {pair, path, approximation, lambda, rmse}; mean ± SD over pairs, log scale."""
+    rows = list(rows)
+    paths = [p for p in PATH_TITLES if any(r["path"] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(paths), figsize=(6 * len(paths), 4.2), constrained_layout=True, squeeze=False)
+    for ax, name in zip(axes[0], paths):
+        sel = [r for r in rows if r["path"] == name]
+        for approx in dict.fromkeys(r["approximation"] for r in sel):
+            lam, mean, std = _mean_std([r for r in sel if r["approximation"] == approx], key="rmse")
+            if approx == "direct":
+                style: dict[str, Any] = {"color": "grey", "ls": "-", "label": "direct interpolation"}
+            else:
+                k, center = int(approx[1:]), approx[0]
+                style = {"color": CENTER_COLOURS[center][k - 1 if k <= 4 else 3], "ls": ORDER_STYLE.get(k, "-"),
+                         "label": f"order {k}, centred at {center.upper()}"}
+            ax.plot(lam, mean, lw=1.6, **style)
+            ax.fill_between(lam, np.maximum(mean - std, 1e-12), mean + std, color=style["color"], alpha=0.12, lw=0)
+        ax.set_yscale("log")
+        ax.set(xlabel="λ", ylabel="RMSE of z_k, k = argmax z(θ_A)", title=PATH_TITLES[name])
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7)
+    return save_figure(fig, path, title)
