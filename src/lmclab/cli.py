@@ -71,6 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
 
+    p = sub.add_parser("predict", help="Hessian-predicted vs measured barriers (Singh Prop. 1, Prop. 2, eq. 20–21)")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--align", choices=("weight", "activation"), default=None, help="align B to A first")
+    how.add_argument("--perm", default=None, metavar="FILE", help="a saved permutation (from `lmclab align`)")
+    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("--subset", type=int, default=1000, help="examples used (0: the whole split)")
+    p.add_argument("--points", type=int, default=25)
+    p.add_argument("--orders", nargs="+", default=["shallow", "deep"], choices=("shallow", "deep", "random"))
+    p.add_argument("--out", default="out/predict")
+    _common_io(p)
+
+    p = sub.add_parser("sharpness", help="Hessian trace (95% CI), scale-aware trace and top eigenvalue of a run")
+    p.add_argument("run")
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--subset", type=int, default=1000, help="examples used (0: the whole split)")
+    p.add_argument("--probes", type=int, default=100)
+    p.add_argument("--method", choices=("hutchinson", "hutchpp"), default="hutchinson")
+    p.add_argument("--no-eigenvalue", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    _common_io(p)
+
     p = sub.add_parser("run", help="reproduce a paper's figures in one command (benko)")
     p.add_argument("experiment", choices=("benko",), help="benko: Benkő, a second-order perspective on LMC")
     p.add_argument("--preset", default="smoke", help="smoke (CPU, minutes) or paper (the paper's settings, GPU)")
@@ -211,6 +234,37 @@ def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
                      progress=not args.no_progress)
 
 
+def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.experiments.lmc import align_runs, load_alignment
+    from lmclab.experiments.predict import predict_vs_measure
+    from lmclab.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    run_a, run_b = store.get(args.run_a), store.get(args.run_b)
+    alignment = (load_alignment(args.perm) if args.perm else
+                 align_runs(run_a, run_b, method=args.align, store=store, data_dir=args.data_dir, device=args.device,
+                            progress=False) if args.align else None)
+    return predict_vs_measure(run_a, run_b, alignment=alignment, split=args.split, examples=args.subset or None,
+                              points=args.points, orders=args.orders, out=args.out, data_dir=args.data_dir,
+                              device=args.device, say=lambda t: _say(args, t))
+
+
+def cmd_sharpness(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.experiments.predict import sharpness
+    from lmclab.store import RunStore
+
+    result = sharpness(RunStore(args.runs_dir).get(args.run), split=args.split, examples=args.subset or None,
+                       probes=args.probes, method=args.method, eigenvalue=not args.no_eigenvalue,
+                       data_dir=args.data_dir, device=args.device, seed=args.seed)
+    for key in ("trace", "scale_aware_trace"):
+        t = result[key]
+        _say(args, f"{key.replace('_', ' ')}: {t['estimate']:.6g}  ({t['confidence']:.0%} CI {t['ci_low']:.6g} … "
+                   f"{t['ci_high']:.6g}, {t['probes']} probes, {t['method']})")
+    if "top_eigenvalue" in result:
+        _say(args, f"top eigenvalue: {result['top_eigenvalue']:.6g}")
+    return result
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     from lmclab.experiments.benko import run_benko
 
@@ -258,7 +312,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"train": cmd_train, "runs": cmd_runs, "eval": cmd_eval, "align": cmd_align,
-            "interpolate": cmd_interpolate, "run": cmd_run, "presets": cmd_presets,
+            "interpolate": cmd_interpolate, "predict": cmd_predict, "sharpness": cmd_sharpness, "run": cmd_run,
+            "presets": cmd_presets,
             "models": cmd_models, "datasets": cmd_datasets, "demo": cmd_demo}
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
                 if curve == "true":
                     ax.plot(lam, y, color=colour, lw=2.4)
                 elif curve == "direct":
-                    ax.plot(lam, y, color=colour, lw=1.0, ls=(0, (1, 2)))
+                    ax.plot(lam, y, color=colour, lw=0.9, alpha=0.7)
                 elif curve[1:] in ("1", "2"):
                     _faded_halves(ax, lam, y, curve[0], color=colour, lw=1.3, ls=ORDER_STYLE[int(curve[1:])],
                                   marker="o" if curve[0] == "b" else None, ms=2.5)
@@ -95,7 +95,7 @@ def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
         ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color="k", lw=2.4, label="z_k(θ_λ)"),
-               Line2D([], [], color="k", lw=1.0, ls=(0, (1, 2)), label="(1−λ)z(θ_A) + λz(θ_B)"),
+               Line2D([], [], color="k", lw=0.9, alpha=0.7, label="(1−λ)z(θ_A) + λz(θ_B)"),
                Line2D([], [], color="k", ls=":", label="linear, centred at A"),
                Line2D([], [], color="k", ls="--", label="quadratic, centred at A"),
                Line2D([], [], color="k", ls=":", marker="o", ms=2.5, label="linear, centred at B"),
@@ -105,7 +105,7 @@ def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
 
 
 def plot_logit_rmse(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
-    """Fig. 8: rows {pair, path, approximation, lambda, rmse}; mean ± SD over pairs, log scale."""
+    """Fig. 8: rows {pair, path, approximation, lambda, rmse}; mean ± SD over pairs."""
     rows = list(rows)
     paths = [p for p in PATH_TITLES if any(r["path"] == p for r in rows)]
     fig, axes = plt.subplots(1, len(paths), figsize=(6 * len(paths), 4.2), constrained_layout=True, squeeze=False)
@@ -120,10 +120,10 @@ def plot_logit_rmse(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], 
                 style = {"color": CENTER_COLOURS[center][k - 1 if k <= 4 else 3], "ls": ORDER_STYLE.get(k, "-"),
                          "label": f"order {k}, centred at {center.upper()}"}
             ax.plot(lam, mean, lw=1.6, **style)
-            ax.fill_between(lam, np.maximum(mean - std, 1e-12), mean + std, color=style["color"], alpha=0.12, lw=0)
-        ax.set_yscale("log")
+            ax.fill_between(lam, np.maximum(mean - std, 0), mean + std, color=style["color"], alpha=0.12, lw=0)
+        ax.set_ylim(bottom=0)
         ax.set(xlabel="λ", ylabel="RMSE of z_k, k = argmax z(θ_A)", title=PATH_TITLES[name])
         ax.set_xlim(0, 1)
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     return save_figure(fig, path, title)

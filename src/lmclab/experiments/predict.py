@@ -1,0 +1,129 @@
+"""Hessian-based barrier predictions next to measured barriers, and sharpness, for stored runs.
+
+Whole model: Singh Prop. 1's predicted curve B(α) ≈ α(1−α)/2 · dᵀ(αH_1 + (1−α)H_2)d next to the
+measured B(α) = L(θ_α) − [(1−α)L_1 + αL_2]. Per layer ℓ (one block per module with parameters):
+Prop. 2's prediction next to Singh's measured layer barrier
+  B_ℓ(α) = (1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2],
+θ_{2→1} = model 1 with only layer ℓ interpolated, θ_{1→2} = model 2 with only ℓ interpolated.
+Sets of layers: eq. 21's B*_P = Σ_{ℓ,ℓ'∈P} B*_{ℓ,ℓ'} (eq. 20, Hessian at θ_1) next to the measured
+set barrier at α = ½ (the same definition with all layers of P interpolated), for cumulative sets in
+shallow / deep / random order.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmclab.curvature.functional import parameter_direction
+from lmclab.curvature.predictions import barrier_prediction, predicted_set_barrier
+from lmclab.curvature.trace import hessian_trace, top_eigenvalue
+from lmclab.data import DeviceDataset
+from lmclab.experiments.lmc import Alignment, check_same_architecture
+from lmclab.paths import barrier_curve, cumulative_layer_sets, default_lambdas, evaluate_path, layer_groups
+from lmclab.report import write_csv
+from lmclab.report.predict import plot_predictions
+from lmclab.store import Run
+from lmclab.training import load_run_model, resolve_device
+
+
+def _loss_curve(model, theta_1, theta_2, data, lambdas, only=None, base="a") -> np.ndarray:  # type: ignore[no-untyped-def]
+    rows = evaluate_path(model, theta_1, theta_2, {"x": data}, lambdas=lambdas, only=only, base=base, bn="none",
+                         progress=False)
+    return np.array([r["value"] for r in rows if r["metric"] == "loss"])
+
+
+def singh_set_barrier(model, theta_1, theta_2, data, lambdas, tensors) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """(1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2] with only `tensors` interpolated."""
+    lam = np.asarray(lambdas)
+    from_1 = _loss_curve(model, theta_1, theta_2, data, lambdas, only=tensors, base="a")
+    from_2 = _loss_curve(model, theta_1, theta_2, data, lambdas, only=tensors, base="b")
+    return (1 - lam) * from_1 + lam * from_2 - ((1 - lam) * from_1[0] + lam * from_2[-1])
+
+
+def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = None, split: str = "test",
+                       examples: int | None = 1000, points: int = 25, orders: Sequence[str] = ("shallow", "deep"),
+                       out: str | Path = "out/predict", data_dir: str | None = None, device: str = "auto",
+                       say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measured vs predicted barriers (whole model, per layer, cumulative sets); tables and one figure.
+
+    BN models are evaluated in eval mode with interpolated statistics on both sides (the Hessian is
+    taken in eval mode too), so measured and predicted quantities refer to the same function."""
+    check_same_architecture(run_1, run_2)
+    dev = resolve_device(device)
+    model = load_run_model(run_1, device=dev)
+    data = DeviceDataset.load(run_1.config.data.dataset, split, data_dir=data_dir, device=dev, subset=examples,
+                              augment=False, progress=False)
+    theta_1, theta_2 = run_1.load_state(device=dev), run_2.load_state(device=dev)
+    if alignment is not None:
+        theta_2 = alignment.perm.apply(theta_2, alignment.spec)
+    params = {n for n, _ in model.named_parameters()}
+    blocks = {name: [t for t in tensors if t in params] for name, tensors in layer_groups(model).items()}
+    lambdas = default_lambdas(points)
+
+    pred = barrier_prediction(model, theta_1, theta_2, data, alphas=lambdas, layers=blocks)
+    measured = barrier_curve(lambdas, _loss_curve(model, theta_1, theta_2, data, lambdas))
+    curve_rows = [{"alpha": a, "measured": m, "predicted": p} for a, m, p in zip(lambdas, measured, pred["curve"])]
+
+    half = [0.0, 0.5, 1.0]
+    layer_rows = []
+    for name, tensors in blocks.items():
+        b = singh_set_barrier(model, theta_1, theta_2, data, half, tensors)[1]
+        layer_rows.append({"layer": name, "measured_half": float(b),
+                           "predicted_half": float(predict_at(pred["layers"][name], 0.5)),
+                           "predicted_max": pred["layers"][name]["max"]})
+    names, matrix = pred["cross_blocks"]["names"], pred["cross_blocks"]["theta_1"]
+    cumulative_rows = []
+    for order in orders:
+        for layer_set in cumulative_layer_sets(list(blocks), order):
+            tensors = [t for layer in layer_set for t in blocks[layer]]
+            b = singh_set_barrier(model, theta_1, theta_2, data, half, tensors)[1]
+            cumulative_rows.append({"order": order, "k": len(layer_set), "last_layer": layer_set[-1],
+                                    "measured_half": float(b),
+                                    "predicted_eq21": predicted_set_barrier(matrix, names, layer_set)})
+    out = Path(out)
+    files = {
+        "curve": write_csv(out / "barrier_curve.csv", curve_rows),
+        "layers": write_csv(out / "layer_barriers.csv", layer_rows),
+        "cumulative": write_csv(out / "cumulative_barriers.csv", cumulative_rows),
+        "cross_blocks": write_csv(out / "cross_blocks.csv", [{"row": names[i], "col": names[j], "value": matrix[i, j]}
+                                                             for i in range(len(names)) for j in range(len(names))]),
+    }
+    files["figure"] = plot_predictions(out / "predictions.png", curve_rows, layer_rows, cumulative_rows, names, matrix,
+                                       title=f"{run_1.path.name} ↔ {run_2.path.name}"
+                                             + (" (aligned)" if alignment is not None else ""))
+    d = parameter_direction(theta_1, theta_2, model)
+    summary = {"q1": pred["q1"], "q2": pred["q2"], "predicted_max": pred["max"],
+               "measured_max": float(np.max(measured)), "distance": float(sum((v.double() ** 2).sum() for v in d.values()) ** 0.5),
+               "files": {k: str(v) for k, v in files.items()}}
+    say(f"whole model: measured barrier {summary['measured_max']:.4f}, Prop. 1 predicts {summary['predicted_max']:.4f} "
+        f"(dᵀH₁d = {pred['q1']:.4g}, dᵀH₂d = {pred['q2']:.4g}, ‖d‖ = {summary['distance']:.4g})")
+    say(f"figure: {files['figure']}\ntables: {', '.join(str(v) for k, v in files.items() if k != 'figure')}")
+    return summary
+
+
+def predict_at(block: dict[str, Any], alpha: float) -> float:
+    """Prop. 1/2 at one α from a block's q1, q2 (and g1, g2)."""
+    a = alpha
+    return a * (1 - a) * (block["g1"] - block["g2"]) + a * (1 - a) / 2 * (a * block["q1"] + (1 - a) * block["q2"])
+
+
+def sharpness(run: Run, *, split: str = "train", examples: int | None = 1000, probes: int = 100,
+              method: str = "hutchinson", eigenvalue: bool = True, data_dir: str | None = None, device: str = "auto",
+              seed: int = 0) -> dict[str, Any]:
+    """tr ∇²L with a 95% interval, STE-MM's scale-aware tr(D∇²L D), and the top eigenvalue, at a run's final θ."""
+    dev = resolve_device(device)
+    model = load_run_model(run, device=dev)
+    data = DeviceDataset.load(run.config.data.dataset, split, data_dir=data_dir, device=dev, subset=examples,
+                              augment=False, progress=False)
+    theta = run.load_state(device=dev)
+    result: dict[str, Any] = {"run": run.path.name, "split": split, "examples": len(data)}
+    for key, scaled in (("trace", False), ("scale_aware_trace", True)):
+        est = hessian_trace(model, theta, data, method=method, scale_aware=scaled, probes=probes, seed=seed)
+        result[key] = {"estimate": est.estimate, "ci_low": est.ci_low, "ci_high": est.ci_high,
+                       "confidence": est.confidence, "probes": est.n_probes, "method": est.method}
+    if eigenvalue:
+        result["top_eigenvalue"] = top_eigenvalue(model, theta, data, seed=seed)
+    return result
