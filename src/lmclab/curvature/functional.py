@@ -33,7 +33,7 @@ class FunctionalModel:
     """f(params, x) over a private eval-mode copy of the architecture, buffers fixed."""
 
     module: nn.Module
-    params: Params  # trainable parameters of the point (detached, fp32)
+    params: Params  # trainable parameters of the point (detached, in the point's dtype, model order)
     buffers: Params  # buffers of the point (BN statistics), held fixed
 
     def logits(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -47,12 +47,12 @@ def functional_model(model: nn.Module, theta: Mapping[str, torch.Tensor] | None 
     """Split θ (default: the model's state dict) into parameters and buffers; the copy is in eval mode."""
     module = copy.deepcopy(model).eval()
     state = dict(theta) if theta is not None else module.state_dict()
-    param_names = {n for n, _ in module.named_parameters()}
-    missing = param_names - set(state)
+    param_names = [n for n, _ in module.named_parameters()]  # the model's order, stable across processes
+    missing = set(param_names) - set(state)
     if missing:
         raise KeyError(f"θ lacks parameters {sorted(missing)}")
-    params = {k: state[k].detach().float() for k in param_names}
-    buffers = {k: v.detach() for k, v in state.items() if k not in param_names}
+    params = {k: state[k].detach() for k in param_names}  # dtype kept (fp64 points stay fp64)
+    buffers = {k: v.detach() for k, v in state.items() if k not in set(param_names)}
     return FunctionalModel(module, params, buffers)
 
 

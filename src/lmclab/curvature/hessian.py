@@ -1,0 +1,265 @@
+"""Hessian-vector products of the mean loss over fixed data.
+
+L(θ) = (1/N) Σ_{i≤N} ℓ(f(θ, x_i), y_i) over the examples of `data` (eval mode, buffers fixed, see
+`functional.py`); H = ∇²L(θ) over the trainable parameters only. A product H v is accumulated batch
+by batch from the *summed* loss of each batch and divided by N once, so an uneven last batch is
+weighted exactly. Each call of `hvp` / `hvp_many` / `HessianOperator.matmat` is one pass over the data.
+
+Two ways to form H v from one batch (Pearlmutter's identity H v = ∇_θ(∇_θL · v)):
+
+- ``"double_backward"``: g = autograd.grad(L, θ, create_graph=True), then autograd.grad(g, θ, v).
+  Several vectors reuse one forward and one first backward per batch (one extra backward each).
+- ``"forward_over_reverse"``: torch.func.jvp(torch.func.grad(L), (θ,), (v,)) — a forward-mode
+  derivative of the gradient; several vectors go through one jvp under ``vmap``.
+
+``vectorize=True`` pushes a chunk of vectors through at once (``is_grads_batched`` for double
+backward, ``vmap`` over tangents for forward-over-reverse); otherwise vectors are looped over within
+each batch (double backward reuses the graph; forward-over-reverse recomputes it per vector).
+
+Precision: fp32, or fp64 when the point's parameters are fp64 (tests and checks); inputs are cast to
+the parameters' dtype.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lmclab.curvature.functional import (
+    Batch,
+    FunctionalModel,
+    LossFn,
+    Params,
+    functional_model,
+    iterate_batches,
+    summed_cross_entropy,
+)
+from lmclab.data import DeviceDataset
+
+__all__ = [
+    "HVP_METHODS", "HessianOperator", "dense_hessian", "flatten_params", "hvp", "hvp_many", "quadratic_form",
+    "unflatten_params", "vdot",
+]
+
+HVP_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
+
+Data = DeviceDataset | Iterable[Batch]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def vdot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """⟨a, b⟩ = Σ_tensors Σ_entries a·b over the keys of `a`, accumulated in float64."""
+    return float(sum(torch.sum(a[k].double() * b[k].double()) for k in a))
+
+
+def flatten_params(params: Mapping[str, torch.Tensor], names: Sequence[str] | None = None) -> torch.Tensor:
+    """One vector: the tensors in `names` order (default: the mapping's order), each flattened row-major."""
+    keys = list(params) if names is None else list(names)
+    return torch.cat([params[k].reshape(-1) for k in keys])
+
+
+def unflatten_params(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Params:
+    """Inverse of `flatten_params` in `like`'s key order, with `like`'s shapes, dtypes and devices."""
+    out: Params = {}
+    offset = 0
+    for k, t in like.items():
+        n = t.numel()
+        out[k] = vector[offset:offset + n].reshape(t.shape).to(t.device, t.dtype)
+        offset += n
+    if offset != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} entries, the parameters {offset}")
+    return out
+
+
+def _prepare(model: nn.Module, theta: Mapping[str, torch.Tensor] | None) -> FunctionalModel:
+    """`functional_model` with parameters in `model.named_parameters()` order; fp64 if θ's parameters are fp64."""
+    fm = functional_model(model, theta)
+    order = [n for n, _ in model.named_parameters()]
+    source = dict(theta) if theta is not None else dict(model.named_parameters())
+    dtype = torch.float64 if any(source[n].dtype == torch.float64 for n in order) else torch.float32
+    # functional_model rounds θ to fp32; re-take fp64 points from the source at full precision
+    fm.params = {n: source[n].detach().to(fm.params[n].device, dtype) for n in order}
+    if dtype == torch.float64:
+        fm.buffers = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in fm.buffers.items()}
+        fm.module = fm.module.to(dtype)
+    return fm
+
+
+class HessianOperator:
+    """v ↦ ∇²L(θ) v for the mean loss over fixed data; each `matmat` call is one data pass.
+
+    `data` must be re-iterable (a `DeviceDataset`, a list of batches) when more than one product is
+    taken. `passes` counts data passes, `products` Hessian-vector products.
+    """
+
+    def __init__(self, model: nn.Module, theta: Mapping[str, torch.Tensor] | None, data: Data, *,
+                 batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
+                 method: str = "double_backward", vectorize: bool = False, chunk_size: int | None = None) -> None:
+        if method not in HVP_METHODS:
+            raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")
+        self.fm = _prepare(model, theta)
+        self.data, self.batch_size, self.max_examples = data, batch_size, max_examples
+        self.loss_fn, self.method, self.vectorize, self.chunk_size = loss_fn, method, vectorize, chunk_size
+        self.passes = 0
+        self.products = 0
+
+    @property
+    def params(self) -> Params:
+        """The point's parameters (detached), in `model.named_parameters()` order."""
+        return self.fm.params
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.fm.params.values())
+
+    def _batches(self) -> Iterator[Batch]:
+        p = next(iter(self.fm.params.values()))
+        for x, y in iterate_batches(self.data, self.batch_size, self.max_examples):
+            if x.is_floating_point():
+                x = x.to(p.device, p.dtype)
+            yield x, y.to(p.device)
+
+    def _cast(self, v: Mapping[str, torch.Tensor]) -> Params:
+        missing = set(self.fm.params) - set(v)
+        if missing:
+            raise KeyError(f"vector lacks parameters {sorted(missing)}")
+        return {n: v[n].detach().to(p.device, p.dtype) for n, p in self.fm.params.items()}
+
+    def matvec(self, v: Mapping[str, torch.Tensor]) -> Params:
+        """H v (one data pass)."""
+        return self.matmat([v])[0]
+
+    def matmat(self, vectors: Sequence[Mapping[str, torch.Tensor]]) -> list[Params]:
+        """[H v_1, …, H v_K] in one data pass."""
+        vs = [self._cast(v) for v in vectors]
+        if not vs:
+            return []
+        names = list(self.fm.params)
+        acc = [{n: torch.zeros_like(p) for n, p in self.fm.params.items()} for _ in vs]
+        total = 0
+        chunk = len(vs) if self.chunk_size is None else max(1, self.chunk_size)
+        for x, y in self._batches():
+            total += len(y)
+            for start in range(0, len(vs), chunk):
+                part = vs[start:start + chunk]
+                if self.method == "double_backward":
+                    outs = self._double_backward(names, part, x, y)
+                else:
+                    outs = self._forward_over_reverse(names, part, x, y)
+                for a, hv in zip(acc[start:start + chunk], outs):
+                    for n in names:
+                        a[n].add_(hv[n])
+        if total == 0:
+            raise ValueError("the data yielded no examples")
+        self.passes += 1
+        self.products += len(vs)
+        for a in acc:
+            for n in names:
+                a[n].div_(total)
+        return acc
+
+    def _double_backward(self, names: list[str], vs: list[Params], x: torch.Tensor, y: torch.Tensor) -> list[Params]:
+        leaves = [self.fm.params[n].detach().requires_grad_(True) for n in names]
+        with torch.enable_grad():
+            loss = self.loss_fn(self.fm.logits(dict(zip(names, leaves)), x), y)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
+            # entries of the gradient that do not depend on θ (loss linear in that tensor) add nothing to H v
+            used = [i for i, g in enumerate(grads) if g.requires_grad]
+            if not used:
+                return [{n: torch.zeros_like(self.fm.params[n]) for n in names} for _ in vs]
+            outputs = [grads[i] for i in used]
+            if self.vectorize and len(vs) > 1:
+                stacked = [torch.stack([v[names[i]] for v in vs]) for i in used]
+                hvs = torch.autograd.grad(outputs, leaves, grad_outputs=stacked, is_grads_batched=True,
+                                          allow_unused=True, materialize_grads=True)
+                return [{n: hvs[j][k].detach() for j, n in enumerate(names)} for k in range(len(vs))]
+            out = []
+            for k, v in enumerate(vs):
+                hv = torch.autograd.grad(outputs, leaves, grad_outputs=[v[names[i]] for i in used],
+                                         retain_graph=k < len(vs) - 1, allow_unused=True, materialize_grads=True)
+                out.append({n: t.detach() for n, t in zip(names, hv)})
+            return out
+
+    def _forward_over_reverse(self, names: list[str], vs: list[Params], x: torch.Tensor,
+                              y: torch.Tensor) -> list[Params]:
+        params = self.fm.params
+
+        def loss(p: Params) -> torch.Tensor:
+            return self.loss_fn(self.fm.logits(p, x), y)
+
+        grad_fn = torch.func.grad(loss)
+
+        def one(tangent: Params) -> Params:
+            return torch.func.jvp(grad_fn, (params,), (tangent,))[1]
+
+        if self.vectorize and len(vs) > 1:
+            stacked = {n: torch.stack([v[n] for v in vs]) for n in names}
+            hvs = torch.func.vmap(one)(stacked)
+            return [{n: hvs[n][k] for n in names} for k in range(len(vs))]
+        return [one(v) for v in vs]
+
+
+# ------------------------------------------------------------------------------------- public calls
+
+
+def hvp_many(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, vectors: Sequence[Mapping[str, torch.Tensor]],
+             data: Data, *, batch_size: int = 50, max_examples: int | None = None,
+             loss_fn: LossFn = summed_cross_entropy, method: str = "double_backward", vectorize: bool = False,
+             chunk_size: int | None = None) -> list[Params]:
+    """[∇²L(θ) v_k]_k for the mean loss over the data, all vectors in one data pass (parameters only)."""
+    op = HessianOperator(model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn,
+                         method=method, vectorize=vectorize, chunk_size=chunk_size)
+    return op.matmat(vectors)
+
+
+def hvp(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, vector: Mapping[str, torch.Tensor], data: Data,
+        *, batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
+        method: str = "double_backward") -> Params:
+    """∇²L(θ) v for the mean loss over the data (one data pass; parameters only)."""
+    return hvp_many(model, theta, [vector], data, batch_size=batch_size, max_examples=max_examples,
+                    loss_fn=loss_fn, method=method)[0]
+
+
+def quadratic_form(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, d: Mapping[str, torch.Tensor],
+                   data: Data, *, batch_size: int = 50, max_examples: int | None = None,
+                   loss_fn: LossFn = summed_cross_entropy, method: str = "double_backward") -> float:
+    """dᵀ ∇²L(θ) d (one HVP; the second derivative of t ↦ L(θ + t d) at 0)."""
+    hd = hvp(model, theta, d, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn, method=method)
+    return vdot(hd, {n: d[n].to(hd[n].device, hd[n].dtype) for n in hd})
+
+
+def dense_hessian(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, data: Data, *, batch_size: int = 50,
+                  max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
+                  max_parameters: int = 5_000) -> torch.Tensor:
+    """The full P×P Hessian of the mean loss (tiny models only: tests and checks).
+
+    Rows/columns follow `model.named_parameters()` order, each tensor flattened row-major (the order of
+    `flatten_params(HessianOperator(...).params)`). Computed with torch.func.hessian of the loss as a
+    function of the flat parameter vector, independently of the HVP code.
+    """
+    fm = _prepare(model, theta)
+    like = fm.params
+    flat0 = flatten_params(like)
+    if flat0.numel() > max_parameters:
+        raise ValueError(f"{flat0.numel()} parameters > max_parameters={max_parameters}: use HVPs instead")
+
+    def loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        offset, p = 0, {}
+        for k, t in like.items():
+            p[k] = flat[offset:offset + t.numel()].reshape(t.shape)
+            offset += t.numel()
+        return loss_fn(fm.logits(p, x), y)
+
+    hess = torch.func.hessian(loss)
+    total, acc = 0, torch.zeros(flat0.numel(), flat0.numel(), dtype=flat0.dtype, device=flat0.device)
+    for x, y in iterate_batches(data, batch_size, max_examples):
+        if x.is_floating_point():
+            x = x.to(flat0.device, flat0.dtype)
+        acc += hess(flat0, x, y.to(flat0.device))
+        total += len(y)
+    if total == 0:
+        raise ValueError("the data yielded no examples")
+    return acc / total

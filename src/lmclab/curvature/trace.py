@@ -1,0 +1,265 @@
+"""Stochastic trace estimators with confidence intervals, and the top Hessian eigenvalue.
+
+- **Hutchinson** (1989): tr(A) = E[vᵀAv] for probes with E[vvᵀ] = I (Rademacher ±1 or standard
+  normal); estimate = mean of n samples vᵢᵀAvᵢ; CI = mean ± t_{(1+c)/2, n−1} · s/√n (Student t, s the
+  sample standard deviation). The samples are i.i.d., so the CI is the usual t-interval (approximate:
+  the samples are not normal, but their mean is close to normal for n ≳ 10).
+- **Adaptive stopping**: with `target_ci_width` = w, probes are added until the *relative* half-width
+  (t · s/√n) / |mean| ≤ w (or `max_probes`). Relative, because traces span orders of magnitude across
+  models. `probes` is then the minimum sample size before the first check. Each step adds the predicted
+  shortfall n·(half/(w·|mean|))² − n probes, at least 1 and at most `block` (one data pass), so batching
+  probes does not overshoot the stopping point by a whole block.
+  (Stopping on the observed width biases coverage slightly below nominal.)
+- **Hutch++** (Meyer, Musco, Musco, Woodruff 2021): with m matvecs, k = ⌊m/3⌋, l = m − 2k: sketch
+  Y = A S (S: k Rademacher columns), Q = orth(Y); tr(A) = tr(QᵀAQ) + tr((I−QQᵀ)A(I−QQᵀ)), the first
+  exact (k matvecs), the second by Hutchinson with l probes (I−QQᵀ)g. CI: tr(QᵀAQ) ± the t-interval of
+  the l remainder samples — valid conditionally on the sketch, approximate like Hutchinson's. With a
+  target width the sketch is fixed and remainder probes are added until the relative half-width is met
+  (deflating the top of the spectrum shrinks the per-probe variance 2‖A‖_F² − 2Σ A_ii²).
+- **Scale-aware trace** (STE-MM): tr(D A D) with D = diag|θ|, i.e. Hutchinson with probes v = z ⊙ |θ|
+  (vᵀAv = zᵀDADz); both estimators take `scale` = θ and work on the operator v ↦ D A (D v).
+
+Vectors are parameter dicts (`like` gives names, shapes, dtype and device). A `matmat` (list of
+vectors -> list of products) lets several probes share one pass over the data (`hvp_many`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from lmclab.curvature.functional import LossFn, Params, summed_cross_entropy
+from lmclab.curvature.hessian import Data, HessianOperator, flatten_params, unflatten_params, vdot
+
+__all__ = ["TraceEstimate", "hessian_trace", "hutchinson_trace", "hutchpp_trace", "top_eigenvalue"]
+
+Matvec = Callable[[Params], Params]
+Matmat = Callable[[list[Params]], list[Params]]
+
+
+@dataclass
+class TraceEstimate:
+    """A trace estimate with its `confidence`-level interval [ci_low, ci_high]."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    n_probes: int  # Hutchinson: probes (= matvecs); Hutch++: remainder probes l
+    method: str
+    samples: list[float] = field(repr=False)  # Hutchinson: vᵢᵀAvᵢ; Hutch++: remainder samples
+    n_matvecs: int = 0  # products with A in all
+
+    @property
+    def half_width(self) -> float:
+        return (self.ci_high - self.ci_low) / 2
+
+    @property
+    def relative_half_width(self) -> float:
+        return self.half_width / abs(self.estimate) if self.estimate != 0 else math.inf
+
+
+def _t_interval(samples: Sequence[float], confidence: float) -> tuple[float, float]:
+    """(mean, half-width) of the Student-t interval; half-width inf for fewer than 2 samples."""
+    x = np.asarray(samples, dtype=np.float64)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, math.inf
+    half = float(stats.t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return mean, half
+
+
+def _next_block(samples: Sequence[float], half: float, target: float, block: int) -> int:
+    """Probes to add next: the predicted shortfall n·(half/(target·|mean|))² − n, at least 1, at most `block`."""
+    n, mean = len(samples), abs(float(np.mean(samples)))
+    if mean == 0 or not math.isfinite(half):
+        return block
+    need = math.ceil(n * (half / (target * mean)) ** 2) - n
+    return max(1, min(block, need))
+
+
+def _probe(like: Mapping[str, torch.Tensor], generator: torch.Generator, distribution: str) -> Params:
+    """One probe drawn on the CPU from `generator` (reproducible across devices), cast like `like`."""
+    out: Params = {}
+    for k, t in like.items():
+        if distribution == "rademacher":
+            z = torch.randint(0, 2, t.shape, generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
+        elif distribution == "gaussian":
+            z = torch.randn(t.shape, generator=generator, dtype=torch.float64)
+        else:
+            raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+        out[k] = z.to(t.device, t.dtype)
+    return out
+
+
+def _operator(matvec: Matvec | None, matmat: Matmat | None, like: Mapping[str, torch.Tensor],
+              scale: Mapping[str, torch.Tensor] | None) -> Matmat:
+    """The list-of-vectors operator of A, or of D A D with D = diag|scale|."""
+    if matvec is None and matmat is None:
+        raise ValueError("give matvec or matmat")
+
+    def apply(vs: list[Params]) -> list[Params]:
+        return matmat(vs) if matmat is not None else [matvec(v) for v in vs]  # type: ignore[misc]
+
+    if scale is None:
+        return apply
+    d = {k: scale[k].detach().abs().to(t.device, t.dtype) for k, t in like.items()}
+
+    def scaled(vs: list[Params]) -> list[Params]:
+        out = apply([{k: v[k] * d[k] for k in d} for v in vs])
+        return [{k: w[k] * d[k] for k in d} for w in out]
+
+    return scaled
+
+
+def hutchinson_trace(matvec: Matvec | None, like: Mapping[str, torch.Tensor], *, probes: int = 100,
+                     confidence: float = 0.95, seed: int = 0, scale: Mapping[str, torch.Tensor] | None = None,
+                     distribution: str = "rademacher", target_ci_width: float | None = None,
+                     max_probes: int = 10_000, matmat: Matmat | None = None, block: int = 1) -> TraceEstimate:
+    """Hutchinson: tr(A) ≈ (1/n) Σᵢ vᵢᵀAvᵢ with a Student-t CI (tr(DAD), D = diag|scale|, if `scale`).
+
+    `target_ci_width`: stop once the relative CI half-width ≤ target (`probes` = minimum, `max_probes`
+    = cap). `matmat` + `block`: apply A to `block` probes at a time (e.g. one data pass each). Probes
+    come from one seeded generator in sequence, so the samples do not depend on `block`.
+    """
+    if probes < 2:
+        raise ValueError(f"probes must be ≥ 2 for a confidence interval, got {probes}")
+    op = _operator(matvec, matmat, like, scale)
+    gen = torch.Generator().manual_seed(seed)
+    block = max(1, int(block))
+    samples: list[float] = []
+    goal = probes if target_ci_width is None else min(probes, max_probes)
+    while True:
+        while len(samples) < goal:
+            vs = [_probe(like, gen, distribution) for _ in range(min(block, goal - len(samples)))]
+            samples += [vdot(v, av) for v, av in zip(vs, op(vs))]
+        mean, half = _t_interval(samples, confidence)
+        if target_ci_width is None or len(samples) >= max_probes:
+            break
+        if half <= target_ci_width * abs(mean):
+            break
+        goal = min(max_probes, len(samples) + _next_block(samples, half, target_ci_width, block))
+    name = "hutchinson" + ("-scaled" if scale is not None else "")
+    return TraceEstimate(mean, mean - half, mean + half, confidence, len(samples), name, samples, len(samples))
+
+
+def hutchpp_trace(matvec: Matvec | None, like: Mapping[str, torch.Tensor], *, matvecs: int = 99, seed: int = 0,
+                  scale: Mapping[str, torch.Tensor] | None = None, confidence: float = 0.95,
+                  matmat: Matmat | None = None, block: int | None = None, sketch: int | None = None,
+                  target_ci_width: float | None = None, max_matvecs: int = 10_000) -> TraceEstimate:
+    """Hutch++: tr(QᵀAQ) (Q = orth(A S), k = ⌊m/3⌋ columns) + Hutchinson on (I−QQᵀ)A(I−QQᵀ) with l = m − 2k.
+
+    CI from the l remainder samples (t-interval, conditional on the sketch; approximate). `sketch` sets k
+    explicitly (l = m − 2k). `target_ci_width`: after the first l remainder probes, add remainder probes
+    (`block` at a time) until the relative half-width ≤ target or `max_matvecs` products in all (the
+    sketch is kept: adaptive in the remainder only). Keeps k vectors of the parameters' size in memory
+    (float64 for the QR). `block`: products per `matmat` call (default: all of a stage at once).
+    """
+    k = matvecs // 3 if sketch is None else int(sketch)
+    l = matvecs - 2 * k
+    if k < 1 or l < 2:
+        raise ValueError(f"Hutch++ needs a sketch k ≥ 1 and ≥ 2 remainder probes; got k={k}, l={l}")
+    op = _operator(matvec, matmat, like, scale)
+    gen = torch.Generator().manual_seed(seed)
+    ref = next(iter(like.values()))
+    chunk = max(1, int(block)) if block else None
+    names = list(like)
+
+    def apply(cols: torch.Tensor) -> torch.Tensor:
+        """A applied to the columns of a float64 (P, c) matrix, returned as float64 (P, c)."""
+        vs = [unflatten_params(cols[:, j], like) for j in range(cols.shape[1])]
+        step = chunk or len(vs)
+        out: list[Params] = []
+        for s in range(0, len(vs), step):
+            out += op(vs[s:s + step])
+        return torch.stack([flatten_params(w, names).to(torch.float64) for w in out], dim=1)
+
+    def rademacher(cols: int) -> torch.Tensor:
+        return torch.stack([flatten_params(_probe(like, gen, "rademacher"), names).to(torch.float64)
+                            for _ in range(cols)], dim=1).to(ref.device)
+
+    q, _ = torch.linalg.qr(apply(rademacher(k)))
+    exact = float(torch.sum(q * apply(q)))
+
+    def remainder(cols: int) -> list[float]:
+        g = rademacher(cols)
+        g = g - q @ (q.T @ g)
+        return torch.sum(g * apply(g), dim=0).tolist()
+
+    samples = remainder(l)
+    step = chunk or l
+    while True:
+        mean, half = _t_interval(samples, confidence)
+        if target_ci_width is None or 2 * k + len(samples) >= max_matvecs:
+            break
+        if half <= target_ci_width * abs(exact + mean):
+            break
+        shifted = [exact + x for x in samples]  # same spread, relative to the whole estimate
+        more = _next_block(shifted, half, target_ci_width, step)
+        samples += remainder(min(more, max_matvecs - 2 * k - len(samples)))
+    name = "hutchpp" + ("-scaled" if scale is not None else "")
+    est = exact + mean
+    return TraceEstimate(est, est - half, est + half, confidence, len(samples), name, samples, 2 * k + len(samples))
+
+
+def hessian_trace(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, data: Data, *,
+                  method: str = "hutchinson", scale_aware: bool = False, probes: int = 100,
+                  confidence: float = 0.95, target_ci_width: float | None = None, max_probes: int = 10_000,
+                  probes_per_pass: int = 10, batch_size: int = 50, max_examples: int | None = None,
+                  loss_fn: LossFn = summed_cross_entropy, hvp_method: str = "double_backward",
+                  vectorize: bool = False, seed: int = 0, distribution: str = "rademacher",
+                  sketch: int | None = None) -> TraceEstimate:
+    """tr ∇²L(θ) (or STE-MM's tr(D ∇²L D), D = diag|θ|, with `scale_aware`) over fixed data, eval mode.
+
+    `method` "hutchinson" (`probes` probes; with `target_ci_width` the minimum, `max_probes` the cap) or
+    "hutchpp" (`probes` matvecs, `sketch` columns, adaptive in the remainder with `target_ci_width`, at
+    most `max_probes` matvecs). `probes_per_pass` products share each data pass (`HessianOperator.matmat`);
+    `hvp_method`/`vectorize` choose how (see `hessian.py`; measure per model and device).
+    """
+    op = HessianOperator(model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn,
+                         method=hvp_method, vectorize=vectorize)
+    like = op.params
+    scale = like if scale_aware else None
+    if method == "hutchinson":
+        return hutchinson_trace(None, like, probes=probes, confidence=confidence, seed=seed, scale=scale,
+                                distribution=distribution, target_ci_width=target_ci_width, max_probes=max_probes,
+                                matmat=op.matmat, block=probes_per_pass)
+    if method == "hutchpp":
+        return hutchpp_trace(None, like, matvecs=probes, seed=seed, scale=scale, confidence=confidence,
+                             matmat=op.matmat, block=probes_per_pass, sketch=sketch,
+                             target_ci_width=target_ci_width, max_matvecs=max_probes)
+    raise ValueError(f"method must be 'hutchinson' or 'hutchpp', got {method!r}")
+
+
+def top_eigenvalue(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, data: Data, *,
+                   iterations: int | None = None, tol: float = 1e-6, seed: int = 0, batch_size: int = 50,
+                   max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
+                   hvp_method: str = "double_backward") -> float:
+    """The largest *algebraic* eigenvalue of ∇²L(θ): Lanczos (scipy `eigsh`, which="LA") on the HVP operator.
+
+    One data pass per Lanczos step; `iterations` caps the restarts (eigsh's maxiter), `tol` is eigsh's
+    relative accuracy. Power iteration would find the largest |λ| instead, which can be a negative one.
+    """
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    op = HessianOperator(model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn,
+                         method=hvp_method)
+    like = op.params
+    n = op.num_parameters
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        v = unflatten_params(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)), like)
+        return flatten_params(op.matvec(v)).detach().cpu().double().numpy()
+
+    if n <= 2:  # eigsh needs k < n; form the tiny matrix instead
+        dense = np.stack([mv(e) for e in np.eye(n)], axis=1)
+        return float(np.linalg.eigvalsh((dense + dense.T) / 2)[-1])
+    v0 = np.random.default_rng(seed).standard_normal(n)
+    lin = LinearOperator((n, n), matvec=mv, dtype=np.float64)
+    values = eigsh(lin, k=1, which="LA", v0=v0, tol=tol, maxiter=iterations, return_eigenvectors=False)
+    return float(values[0])
