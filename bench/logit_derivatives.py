@@ -10,7 +10,8 @@
     ``--pass-inputs``; both are extrapolated linearly to ``--full`` inputs (the 10,000-image test set).
     Both are checked to agree on the common inputs (max |difference| relative to max |coefficient|).
 (2) Loss derivatives of order 2, ``method="jvp"`` vs ``"hvp"`` (batches of 50): the measurement behind
-    ``derivatives.AUTO_ORDER2``.
+    ``derivatives.AUTO_ORDER2``; the two alternate ``--repeat`` times after a warm-up, fastest run reported
+    (robust to other processes on a shared CPU).
 
 Models (random init; a direction d = θ_B − θ_A between two random inits, scaled by 0.1 so the
 logits move but do not explode): MLP 784-512-512-512-10 on real MNIST test images
@@ -25,7 +26,6 @@ Not a test: no thresholds; prints ratios measured in this one run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmclab.curvature.derivatives import logit_derivatives, loss_derivatives
+from lmclab.curvature.derivatives import ieee_fp32, logit_derivatives, loss_derivatives
 from lmclab.curvature.functional import functional_model, parameter_direction
 from lmclab.data import DatasetInfo, DeviceDataset
 from lmclab.models import build_model, count_parameters
@@ -46,19 +46,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeat: int = 1) -> tuple[float, object]:
-    """Median wall seconds of ``repeat`` calls (after one warm-up call when repeat > 1) and the last result."""
-    out = None
-    if repeat > 1:
-        out = fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Wall seconds of one call of ``fn`` and its result."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - t0, out
 
 
 def per_input_class_hvp(model: nn.Module, theta: dict[str, torch.Tensor], d: dict[str, torch.Tensor],
@@ -91,10 +85,15 @@ def random_dataset(n: int, shape: tuple[int, int, int], classes: int, device: to
     return DeviceDataset(images.to(device), labels.to(device), info)
 
 
-def setup(name: str, device: torch.device, n_data: int) -> tuple[str, nn.Module, dict, dict, DeviceDataset]:
+def setup(name: str, device: torch.device, n_data: int, data_dir: Path = DATA
+          ) -> tuple[str, nn.Module, dict, dict, DeviceDataset]:
     if name == "mlp":
-        data = DeviceDataset.load("mnist", "test", data_dir=DATA, device=device, download=False, progress=False)
         shape, kw, label = (1, 28, 28), {}, "MLP 784-512-512-512-10, MNIST test"
+        try:
+            data = DeviceDataset.load("mnist", "test", data_dir=data_dir, device=device, download=False, progress=False)
+        except Exception as err:  # e.g. a machine without ../shared/data
+            print(f"(MNIST not found in {data_dir}: {type(err).__name__}; using random 1x28x28 images)")
+            data, label = random_dataset(10_000, shape, 10, device), "MLP 784-512-512-512-10, random 1x28x28"
     else:
         norm = name.split("-")[1]
         data = random_dataset(n_data, (3, 32, 32), 10, device)
@@ -111,15 +110,17 @@ def setup(name: str, device: torch.device, n_data: int) -> tuple[str, nn.Module,
 
 def bench_logits(name: str, args: argparse.Namespace, device: torch.device) -> None:
     pass_inputs = args.pass_inputs if name == "mlp" else args.resnet_pass_inputs
-    label, model, theta, d, data = setup(name, device, max(pass_inputs, args.pair_inputs))
+    label, model, theta, d, data = setup(name, device, max(pass_inputs, args.pair_inputs), args.data_dir)
     classes = data.info.num_classes
     x_pair = data.normalize(data.images[: args.pair_inputs])
     logit_derivatives(model, theta, d, data, order=2, max_examples=args.batch_size)  # warm-up
     t_pass, coeffs = timed(lambda: logit_derivatives(model, theta, d, data, order=2, batch_size=args.batch_size,
                                                      max_examples=pass_inputs), device)
-    t_pair, ref = timed(lambda: per_input_class_hvp(model, theta, d, x_pair), device)
-    common = coeffs[: args.pair_inputs]  # type: ignore[index]
-    err = ((common - ref).abs().amax(dim=(0, 1)) / ref.abs().amax(dim=(0, 1)).clamp_min(1e-30)).tolist()  # type: ignore[operator]
+    with ieee_fp32(device):  # as logit_derivatives does: no TF32 on CUDA
+        t_pair, ref = timed(lambda: per_input_class_hvp(model, theta, d, x_pair), device)
+    common: torch.Tensor = coeffs[: args.pair_inputs]  # type: ignore[index]
+    scale = ref.abs().amax(dim=(0, 1)).clamp_min(1e-30)  # type: ignore[union-attr]
+    err = ((common - ref).abs().amax(dim=(0, 1)) / scale).tolist()
     full_pass = t_pass / pass_inputs * args.full
     full_pair = t_pair / (args.pair_inputs * classes) * args.full * classes
     print(f"\n[logits, orders 0-2] {label}")
@@ -133,23 +134,27 @@ def bench_logits(name: str, args: argparse.Namespace, device: torch.device) -> N
 
 def bench_loss(name: str, args: argparse.Namespace, device: torch.device) -> None:
     n = args.loss_batches * args.batch_size
-    label, model, theta, d, data = setup(name, device, n)
-    times = {}
+    label, model, theta, d, data = setup(name, device, n, args.data_dir)
+    runs: dict[str, list[float]] = {"jvp": [], "hvp": []}
     values = {}
-    for method in ("jvp", "hvp"):
-        t, r = timed(lambda m=method: loss_derivatives(model, theta, d, data, order=2, method=m,
-                                                       batch_size=args.batch_size, max_examples=n),
-                     device, repeat=args.repeat)
-        times[method], values[method] = t / args.loss_batches, r.coefficients  # type: ignore[union-attr]
+    for i in range(args.repeat + 1):  # interleaved, so both see the same machine load; call 0 is a warm-up
+        for method in runs:
+            t, r = timed(lambda m=method: loss_derivatives(model, theta, d, data, order=2, method=m,
+                                                           batch_size=args.batch_size, max_examples=n), device)
+            values[method] = r.coefficients  # type: ignore[union-attr]
+            if i:
+                runs[method].append(t / args.loss_batches)
+    times = {m: min(ts) for m, ts in runs.items()}
     agree = (values["jvp"] - values["hvp"]).abs().max().item()
-    print(f"[loss, order 2] {label}: per batch of {args.batch_size}: jvp {1e3 * times['jvp']:7.1f} ms, "
-          f"hvp {1e3 * times['hvp']:7.1f} ms (hvp/jvp = {times['hvp'] / times['jvp']:.2f}; "
-          f"max |coef diff| {agree:.1e})")
+    print(f"[loss, order 2] {label}: per batch of {args.batch_size} (fastest of {args.repeat}): "
+          f"jvp {1e3 * times['jvp']:7.1f} ms, hvp {1e3 * times['hvp']:7.1f} ms "
+          f"(hvp/jvp = {times['hvp'] / times['jvp']:.2f}; max |coef diff| {agree:.1e})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", type=Path, default=DATA, help="where MNIST lives (random images if absent)")
     p.add_argument("--models", nargs="+", default=["mlp", "resnet20-layernorm"],
                    help="mlp, resnet20-layernorm, resnet20-batchnorm")
     p.add_argument("--batch-size", type=int, default=50)
@@ -159,10 +164,13 @@ def main() -> None:
     p.add_argument("--full", type=int, default=10_000, help="extrapolate to this many inputs")
     p.add_argument("--loss-batches", type=int, default=4, help="batches per timed loss_derivatives call")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--only-loss", action="store_true")
     p.add_argument("--only-logits", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     if not args.only_logits:
         models = args.models if args.only_loss else [*args.models, "resnet20-batchnorm"]

@@ -26,17 +26,26 @@ for BatchNorm models that means the point's OWN running statistics, so the line 
 weights only, not the BN statistics (d is over parameters). The mean over the data is exact for an
 uneven last batch: per-batch sums (``loss_fn`` sums over the batch) accumulate in float64 and are
 divided by N at the end.
+
+Two traps handled here: torch's nested forward mode differentiates fused ``layer_norm`` (and
+instance / train-mode batch norm) wrongly at order ≥ 2, so those run as elementary ops inside the
+nested jvp (:class:`_ComposedNorms`); and cuDNN convolutions default to TF32 on CUDA, which is
+switched off while derivatives are taken (:func:`ieee_fp32`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from lmclab.curvature.functional import (
@@ -50,21 +59,26 @@ from lmclab.curvature.functional import (
 )
 from lmclab.data import DeviceDataset
 
-__all__ = ["AUTO_ORDER2", "METHODS", "LossDerivatives", "directional_taylor", "logit_derivatives",
+__all__ = ["AUTO_ORDER2", "METHODS", "LossDerivatives", "directional_taylor", "ieee_fp32", "logit_derivatives",
            "loss_derivatives", "resolve_method"]
 
 METHODS = ("jvp", "hvp", "auto")
 
-#: The method ``"auto"`` uses for loss orders ≤ 2. Measured on this project's 2-core CPU (torch 2.13,
-#: fp32, batch 50, random init, one batch, median of 5 after a warm-up), order-2 loss derivatives:
+#: The method ``"auto"`` uses for loss orders ≤ 2: "hvp" (double backward), faster than the nested jvp
+#: in every measurement. ``python bench/logit_derivatives.py --only-loss [--threads 1]`` times
+#: ``loss_derivatives(order=2)`` on 4 batches of 50 (random init, d = 0.1·(θ_B − θ_A), jvp and hvp
+#: interleaved, fastest of 5, per batch); jvp / hvp in ms (hvp/jvp):
 #:
-#:   MLP 784-512-512-512-10 (MNIST shape):  jvp 13.7 ms, hvp 11.7 ms  (hvp/jvp = 0.85)
-#:   ResNet-20 ×1 LayerNorm (3×32×32):      jvp 342 ms,  hvp 223 ms   (hvp/jvp = 0.65)
-#:   ResNet-20 ×1 BatchNorm, eval:          jvp 263 ms,  hvp 172 ms   (hvp/jvp = 0.65)
+#:   machine (shared with other jobs)     MLP 784-512³-10 (MNIST)   ResNet-20 ×1 LN       ResNet-20 ×1 BN (eval)
+#:   2-core CPU, torch 2.13, 2 threads    80 / 18   (0.23)          1247 / 371  (0.30)    426 / 375  (0.88)
+#:   same, a later, busier run            228 / 147 (0.65)          570 / 428   (0.75)    435 / 329  (0.76)
+#:   same, 1 thread                       49 / 21   (0.42)          1363 / 1247 (0.91)    850 / 687  (0.81)
+#:   H100, torch 2.11, IEEE fp32 (¹)      19.8 / 4.8 (0.24)         234 / 66    (0.28)    176 / 41   (0.23)
 #:
-#: command: ``python bench/logit_derivatives.py --only-loss`` (prints these lines). The double
-#: backward wins on CPU; DESIGN.md's H100 numbers (double backward 2.2× a gradient vs 5.5× for
-#: the nested forward mode at ×1) agree. For orders > 2 only ``"jvp"`` exists.
+#: (¹) MLP on random 1×28×28 images there. The CPU timings vary with the other processes on the
+#: machine; the ordering never changed.
+#: DESIGN.md's H100 costs agree (double backward 2.2× a gradient vs 5.5× for nested forward at ×1).
+#: For orders > 2 only "jvp" exists.
 AUTO_ORDER2 = "hvp"
 
 
@@ -104,12 +118,103 @@ def _check_order(order: int) -> int:
     return order
 
 
+def _norm(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
+    """(x − mean) / sqrt(biased var + eps) over ``dims``, from elementary (correctly nested-differentiable) ops."""
+    centred = x - x.mean(dim=dims, keepdim=True)
+    return centred * torch.rsqrt(centred.square().mean(dim=dims, keepdim=True) + eps)
+
+
+def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shape: tuple[int, ...]
+            ) -> torch.Tensor:
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
+
+
+class _ComposedNorms(TorchFunctionMode):
+    """Normalisations with batch statistics as elementary ops while nesting forward mode.
+
+    torch's fused kernels have a first-order JVP rule that is not itself differentiated
+    correctly: nested ``jvp`` (forward over forward) of ``layer_norm``, ``instance_norm`` and
+    training-mode ``batch_norm`` gives WRONG second and higher derivatives, silently (measured on
+    torch 2.13: e.g. d²/dt² of a layer norm −9.13 by nested jvp vs −9.34 by double backward and
+    finite differences; pytorch/pytorch#196700, #196699, umbrella #198017). Under this mode those
+    calls are replaced by mean/var/rsqrt compositions, whose nested derivatives are exact.
+    ``group_norm``, ``rms_norm`` and eval-mode ``batch_norm`` (fixed statistics) are correct as they
+    are. Calls that would update running statistics fall through unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        if func is F.instance_norm:
+            return _instance_norm(func, *args, **kwargs)
+        if func is F.batch_norm:
+            return _batch_norm(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layer_norm(input: torch.Tensor, normalized_shape: Iterable[int], weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    k = len(tuple(normalized_shape))
+    shape = tuple(input.shape[input.ndim - k:])
+    return _affine(_norm(input, tuple(range(input.ndim - k, input.ndim)), eps), weight, bias, shape)
+
+
+def _instance_norm(func: Callable[..., torch.Tensor], input: torch.Tensor, running_mean: torch.Tensor | None = None,
+                   running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, use_input_stats: bool = True, momentum: float = 0.1,
+                   eps: float = 1e-5) -> torch.Tensor:
+    if not use_input_stats or running_mean is not None or running_var is not None:
+        return func(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    shape = (1, -1) + (1,) * (input.ndim - 2)
+    return _affine(_norm(input, tuple(range(2, input.ndim)), eps), weight, bias, shape)
+
+
+def _batch_norm(func: Callable[..., torch.Tensor], input: torch.Tensor, running_mean: torch.Tensor | None,
+                running_var: torch.Tensor | None, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    if not training or running_mean is not None or running_var is not None:
+        return func(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    shape = (1, -1) + (1,) * (input.ndim - 2)
+    return _affine(_norm(input, (0, *range(2, input.ndim)), eps), weight, bias, shape)
+
+
+@contextlib.contextmanager
+def ieee_fp32(device: torch.device | str, allow_tf32: bool = False) -> Iterator[None]:
+    """Within: CUDA matmuls and convolutions in IEEE fp32, not TF32 (restored after; a no-op off CUDA).
+
+    cuDNN convolutions default to TF32 (10-bit mantissa): on an H100 it left ResNet-20's order-1/2
+    logit coefficients 1e-2 (relative) off the double-backward values, which are exact to 1e-6 on CPU.
+    """
+    if allow_tf32 or torch.device(device).type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
+        settings = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    else:  # torch < 2.9
+        settings = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in settings]
+    try:
+        for obj, name, value in settings:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
 def directional_taylor(fn: Callable[[torch.Tensor], Any], order: int, t0: torch.Tensor) -> list[Any]:
     """[fn(t0), fn'(t0), …, fn⁽ᴷ⁾(t0)] of ``fn``: scalar tensor t -> pytree of tensors, K = ``order``.
 
     Nested forward mode, one pass: h_0(t) = (fn(t), ()) and h_k(t) = (∂_t p, (*aux, p)) where
     (p, ∂_t p, aux) = jvp(h_{k−1}, (t,), (1,), has_aux=True); the top level returns fn⁽ᴷ⁾ and the
-    auxiliary tuple (fn, fn', …, fn⁽ᴷ⁻¹⁾), so every order comes out of the same evaluation.
+    auxiliary tuple (fn, fn', …, fn⁽ᴷ⁻¹⁾), so every order comes out of the same evaluation. For
+    K ≥ 2 the batch-statistics normalisations run as elementary ops (see :class:`_ComposedNorms`).
     """
     def level(k: int) -> Callable[[torch.Tensor], tuple[Any, tuple[Any, ...]]]:
         if k == 0:
@@ -122,7 +227,11 @@ def directional_taylor(fn: Callable[[torch.Tensor], Any], order: int, t0: torch.
 
         return h
 
-    top, lower = level(_check_order(order))(t0)
+    order = _check_order(order)
+    with warnings.catch_warnings(), (_ComposedNorms() if order >= 2 else contextlib.nullcontext()):
+        # torch's first forward-AD call scripts its jvp decompositions and warns that jit.script is deprecated
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+        top, lower = level(order)(t0)
     return [*lower, top]
 
 
@@ -135,7 +244,7 @@ def _prepare(model: nn.Module, theta: Mapping[str, torch.Tensor], direction: Map
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be floating point, got {dtype}")
     fm = functional_model(model, theta)
-    params = {k: v.to(dtype) for k, v in fm.params.items()}
+    params = {k: theta[k].detach().to(device=v.device, dtype=dtype) for k, v in fm.params.items()}  # no fp32 round trip
     buffers = {k: v.to(dtype) if v.is_floating_point() else v for k, v in fm.buffers.items()}
     missing = set(params) - set(direction)
     if missing:
@@ -214,7 +323,8 @@ def _loss_hvp(fm: FunctionalModel, d: Params, x: torch.Tensor, y: torch.Tensor, 
 def loss_derivatives(model: nn.Module, theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor],
                      data: DeviceDataset | Iterable[Batch], *, order: int = 2, method: str = "auto",
                      batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
-                     progress: bool = False, dtype: torch.dtype = torch.float32) -> LossDerivatives:
+                     progress: bool = False, dtype: torch.dtype = torch.float32,
+                     allow_tf32: bool = False) -> LossDerivatives:
     """f⁽ᵏ⁾(0), k = 0..``order``, of f(t) = L(θ + t d) = (1/N) Σ_n ℓ(z(θ + t d; x_n), y_n).
 
     f(0) = L(θ), f'(0) = ∇L(θ)·d, f''(0) = dᵀ∇²L(θ)d, f⁽ᵏ⁾(0) = ∇ᵏL(θ)[d, …, d]. ``method``: "jvp"
@@ -223,7 +333,8 @@ def loss_derivatives(model: nn.Module, theta: Mapping[str, torch.Tensor], direct
     ``loss_fn(logits, y)`` must SUM over the batch; batch sums accumulate in float64 and are divided
     by N. ``data``: a DeviceDataset (``batch_size`` at a time, in order) or any iterable of (x, y)
     batches (used as given). Eval mode, buffers (BN statistics) fixed at θ's own; computed in
-    ``dtype`` (float32 by default; float64 for checks). ``model`` is a template, never modified.
+    ``dtype`` (float32 by default; float64 for checks), on CUDA in IEEE fp32 unless ``allow_tf32``.
+    ``model`` is a template, never modified.
     """
     order = _check_order(order)
     route = resolve_method(method, order)
@@ -234,7 +345,7 @@ def loss_derivatives(model: nn.Module, theta: Mapping[str, torch.Tensor], direct
     n = 0
     for x, y in _batches(data, batch_size, max_examples, progress, f"loss derivatives ({route})"):
         x, y = _to(x, like), y.to(like.device)
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32(like.device, allow_tf32):
             coeffs = per_batch(fm, d, x, y, loss_fn, order)
         total += torch.stack([c.detach().reshape(()).to("cpu", torch.float64) for c in coeffs])
         n += len(y)
@@ -246,13 +357,14 @@ def loss_derivatives(model: nn.Module, theta: Mapping[str, torch.Tensor], direct
 def logit_derivatives(model: nn.Module, theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor],
                       data: DeviceDataset | Iterable[Batch], *, order: int = 2, batch_size: int = 50,
                       max_examples: int | None = None, progress: bool = False,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                      dtype: torch.dtype = torch.float32, allow_tf32: bool = False) -> torch.Tensor:
     """(N, C, K+1): d^k/dt^k z_c(θ + t d; x_n) at t = 0 for every input n, class c and k = 0..K.
 
     The coefficients of Benkő et al.'s [z(θ_λ)]_k ≈ [z(θ_A)]_k + (θ_λ−θ_A)ᵀ∇[z(θ_A)]_k +
     ½(θ_λ−θ_A)ᵀ∇²[z(θ_A)]_k(θ_λ−θ_A) with θ_λ − θ_A = λd: k=1 is the Jacobian row times d, k=2 the
     logit's dᵀ∇²z d. One nested forward-mode pass per batch gives all inputs, classes and orders
-    (no loop over either). Eval mode, buffers fixed; returned in ``dtype`` on θ's device.
+    (no loop over either). Eval mode, buffers fixed; returned in ``dtype`` on θ's device (on CUDA
+    computed in IEEE fp32 unless ``allow_tf32``).
     """
     order = _check_order(order)
     fm, d = _prepare(model, theta, direction, dtype)
@@ -261,7 +373,7 @@ def logit_derivatives(model: nn.Module, theta: Mapping[str, torch.Tensor], direc
     chunks = []
     for x, _ in _batches(data, batch_size, max_examples, progress, "logit derivatives"):
         x = _to(x, like)
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32(like.device, allow_tf32):
             coeffs = directional_taylor(_line(fm, d, x), order, t0)
         chunks.append(torch.stack([c.detach() for c in coeffs], dim=-1))
     if not chunks:

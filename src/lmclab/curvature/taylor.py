@@ -1,0 +1,192 @@
+"""Taylor approximations of the loss and of the logits along a straight path (Benkő et al., §3.1–3.2).
+
+Path θ_λ = (1−λ)θ_A + λθ_B, d = θ_B − θ_A. Centred at A, with f_A(t) = L(θ_A + t d) and t = λ:
+
+    L(θ_λ) ≈ L(θ_A) + λ ∇L(θ_A)·d + ½ λ² dᵀ∇²L(θ_A)d [+ Σ_{k≥3} f_A⁽ᵏ⁾(0) λᵏ/k!]     (Benkő eq. 1)
+
+Centred at B, with f_B(s) = L(θ_B − s d) (direction −d) and s = 1 − λ:
+
+    L(θ_λ) ≈ L(θ_B) − (1−λ) ∇L(θ_B)·d + ½ (1−λ)² dᵀ∇²L(θ_B)d + …
+
+The same for every logit (Benkő eq. for [z(θ_λ)]_k):
+
+    [z(θ_λ)]_k ≈ [z(θ_A)]_k + λ dᵀ∇[z(θ_A)]_k + ½ λ² dᵀ∇²[z(θ_A)]_k d
+
+with coefficients from :func:`lmclab.curvature.derivatives.logit_derivatives`, shape (N, C, K+1).
+Order 1 is the linear, order 2 the quadratic approximation.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from lmclab.curvature.derivatives import ieee_fp32, logit_derivatives, loss_derivatives
+from lmclab.curvature.functional import Batch, functional_model, iterate_batches
+from lmclab.data import DeviceDataset
+from lmclab.paths.interpolate import lerp
+
+__all__ = ["interpolated_logits", "logit_errors", "logit_rmse", "logits_at", "path_approximations",
+           "path_coefficients", "taylor_polynomial", "taylor_rows"]
+
+
+def _as_tensor(values: Sequence[float] | torch.Tensor | float) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(torch.float64)
+    return torch.as_tensor(values, dtype=torch.float64)
+
+
+def taylor_polynomial(coefficients: Sequence[float] | torch.Tensor, t: torch.Tensor | Sequence[float] | float,
+                      order: int) -> torch.Tensor:
+    """Σ_{k ≤ order} c_k tᵏ / k! in float64.
+
+    ``coefficients`` (..., K+1) holds c_k = f⁽ᵏ⁾(0) on its trailing axis; ``t`` is a scalar or 1-D (L,).
+    Returns (..., L) for 1-D t (e.g. (N, C, K+1) -> (N, C, L)) and (...) for a scalar t.
+    """
+    c = _as_tensor(coefficients)
+    if c.ndim == 0:
+        raise ValueError("coefficients need a trailing axis of K+1 derivatives")
+    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order < c.shape[-1]:
+        raise ValueError(f"order must be an int in 0..{c.shape[-1] - 1} (K = {c.shape[-1] - 1}), got {order!r}")
+    tt = _as_tensor(t).to(c.device)
+    if tt.ndim > 1:
+        raise ValueError(f"t must be a scalar or 1-D, got shape {tuple(tt.shape)}")
+    k = torch.arange(order + 1, dtype=torch.float64, device=c.device)
+    factorials = torch.tensor([math.factorial(i) for i in range(order + 1)], dtype=torch.float64, device=c.device)
+    powers = tt.reshape(-1, 1) ** k / factorials  # (L, order+1)
+    out = c[..., : order + 1] @ powers.T  # (..., L)
+    return out[..., 0] if tt.ndim == 0 else out
+
+
+def path_approximations(coeffs_a: torch.Tensor, coeffs_b: torch.Tensor, lambdas: Sequence[float] | torch.Tensor,
+                        orders: Iterable[int] = (1, 2)) -> dict[tuple[str, int], torch.Tensor]:
+    """{("a", k): Σ_{j≤k} f_A⁽ʲ⁾(0) λʲ/j!, ("b", k): Σ_{j≤k} f_B⁽ʲ⁾(0) (1−λ)ʲ/j!} at every λ.
+
+    ``coeffs_a``: derivatives of f_A(t) = L(θ_A + t d); ``coeffs_b``: of f_B(s) = L(θ_B − s d), i.e.
+    computed at θ_B with direction −d. Both (..., K+1); values (..., L), float64.
+    """
+    lam = _as_tensor(lambdas)
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    for k in orders:
+        out[("a", k)] = taylor_polynomial(coeffs_a, lam, k)
+        out[("b", k)] = taylor_polynomial(coeffs_b, 1.0 - lam, k)
+    return out
+
+
+def taylor_rows(lambdas: Sequence[float], coeffs_a: torch.Tensor | Sequence[float],
+                coeffs_b: torch.Tensor | Sequence[float], orders: Iterable[int] = (1, 2),
+                true_values: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """Tidy rows {lambda, center ("a"/"b"), order, value} of the loss approximations (1-D coefficients).
+
+    With ``true_values`` (L(θ_λ) at the same λ) also rows with center "true" (order None), and every
+    approximation row gets ``error`` = value − true.
+    """
+    a, b = _as_tensor(coeffs_a), _as_tensor(coeffs_b)
+    if a.ndim != 1 or b.ndim != 1:
+        raise ValueError("taylor_rows takes the 1-D loss coefficients (K+1,); use path_approximations for logits")
+    lam = [float(x) for x in lambdas]
+    if true_values is not None and len(true_values) != len(lam):
+        raise ValueError(f"{len(true_values)} true values for {len(lam)} lambdas")
+    approx = path_approximations(a, b, lam, orders)
+    rows: list[dict[str, Any]] = []
+    if true_values is not None:
+        rows += [{"lambda": x, "center": "true", "order": None, "value": float(v)} for x, v in zip(lam, true_values)]
+    for (center, k), values in approx.items():
+        for i, x in enumerate(lam):
+            row: dict[str, Any] = {"lambda": x, "center": center, "order": k, "value": float(values[i])}
+            if true_values is not None:
+                row["error"] = row["value"] - float(true_values[i])
+            rows.append(row)
+    return rows
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """b − a in the wider of the two dtypes (float64 endpoints keep a float64 direction)."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return b.detach().to(dtype) - a.detach().to(device=b.device, dtype=dtype)
+
+
+def path_coefficients(model: nn.Module, theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor],
+                      data: DeviceDataset | Iterable[Batch], *, order: int = 2, kind: str = "loss",
+                      **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coeffs_a, coeffs_b): derivatives of f_A(t) = g(θ_A + t d) and f_B(s) = g(θ_B − s d), d = θ_B − θ_A.
+
+    ``kind="loss"``: g = mean loss, each (K+1,) float64 (:func:`loss_derivatives`; ``options`` e.g.
+    method, batch_size, max_examples, loss_fn, dtype). ``kind="logits"``: g = every logit, each
+    (N, C, K+1) (:func:`logit_derivatives`). Feed them to :func:`path_approximations`. ``data`` must
+    be re-iterable (a DeviceDataset or a list of batches): it is read once per endpoint.
+    """
+    d = {n: _difference(theta_a[n], theta_b[n]) for n, _ in model.named_parameters()}
+    minus_d = {k: -v for k, v in d.items()}
+    if kind == "loss":
+        return (loss_derivatives(model, theta_a, d, data, order=order, **options).coefficients,
+                loss_derivatives(model, theta_b, minus_d, data, order=order, **options).coefficients)
+    if kind == "logits":
+        return (logit_derivatives(model, theta_a, d, data, order=order, **options),
+                logit_derivatives(model, theta_b, minus_d, data, order=order, **options))
+    raise ValueError(f"kind must be 'loss' or 'logits', got {kind!r}")
+
+
+def logit_errors(true_logits: torch.Tensor, approx: torch.Tensor, reference_logits_a: torch.Tensor) -> torch.Tensor:
+    """(L, N): z_k(θ_λ) − approx_k(λ) per λ and input n, with k = argmax_c z_c(θ_A; x_n) (Benkő Fig. 8).
+
+    ``true_logits`` and ``approx`` are (L, N, C) (``approx`` may be (N, C, L) as returned by
+    :func:`path_approximations` on logit coefficients: pass ``approx.permute(2, 0, 1)``).
+    """
+    if true_logits.shape != approx.shape or true_logits.ndim != 3:
+        raise ValueError(f"true_logits {tuple(true_logits.shape)} and approx {tuple(approx.shape)} "
+                         "must both be (L, N, C)")
+    if tuple(reference_logits_a.shape) != tuple(true_logits.shape[1:]):
+        raise ValueError(f"reference_logits_a must be (N, C) = {tuple(true_logits.shape[1:])}, "
+                         f"got {tuple(reference_logits_a.shape)}")
+    k = reference_logits_a.argmax(dim=-1).to(true_logits.device)  # (N,)
+    idx = k.view(1, -1, 1).expand(true_logits.shape[0], -1, 1)
+    diff = true_logits.double().gather(2, idx) - approx.to(true_logits.device).double().gather(2, idx)
+    return diff[..., 0]
+
+
+def logit_rmse(true_logits: torch.Tensor, approx: torch.Tensor, reference_logits_a: torch.Tensor) -> torch.Tensor:
+    """(L,): sqrt(mean_n (z_{k_n}(θ_λ) − approx_{k_n}(λ))²), k_n = argmax z(θ_A; x_n) (Benkő Fig. 8), float64."""
+    return logit_errors(true_logits, approx, reference_logits_a).square().mean(dim=1).sqrt()
+
+
+@torch.no_grad()
+def logits_at(model: nn.Module, theta: Mapping[str, torch.Tensor], data: DeviceDataset | Iterable[Batch], *,
+              batch_size: int = 50, max_examples: int | None = None) -> torch.Tensor:
+    """(N, C) logits z(θ; x_n) in eval mode with θ's own buffers (float32; IEEE, not TF32, on CUDA)."""
+    fm = functional_model(model, theta)
+    state = {**fm.buffers, **fm.params}
+    like = next(iter(fm.params.values()))
+    with ieee_fp32(like.device):
+        out = [functional_call(fm.module, state, (x.to(like.device, like.dtype),))
+               for x, _ in iterate_batches(data, batch_size, max_examples)]
+    if not out:
+        raise ValueError("no examples in data")
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def interpolated_logits(model: nn.Module, theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor],
+                        data: DeviceDataset | Iterable[Batch], lambdas: Sequence[float], *, batch_size: int = 50,
+                        max_examples: int | None = None, progress: bool = False) -> torch.Tensor:
+    """(L, N, C): the true z(θ_λ; x_n), θ_λ = (1−λ)θ_A + λθ_B, for every λ (Benkő Figs. 7–8).
+
+    Eval mode. Every floating tensor is interpolated, BN running statistics included (integer
+    buffers from θ_A), as in :func:`lmclab.paths.lerp`: for BatchNorm models these are the
+    interpolated statistics, NOT recomputed ones (for a BN reset, reset each point and call
+    :func:`logits_at` on it). Note the Taylor coefficients are taken with each endpoint's own
+    statistics held fixed, so for BN models the two differ by the statistics' change along the path.
+    ``data`` must be re-iterable (read once per λ).
+    """
+    rows = []
+    for lam in tqdm(list(lambdas), desc="logits", unit="λ", disable=not progress, leave=False):
+        rows.append(logits_at(model, lerp(theta_a, theta_b, float(lam)), data, batch_size=batch_size,
+                              max_examples=max_examples))
+    if not rows:
+        raise ValueError("no lambdas")
+    return torch.stack(rows)
