@@ -28,9 +28,10 @@ PATHS = ("naive", "aligned")
 def build_graph(preset: ExperimentPreset) -> dict[str, Any]:
     """Steps by role: graph[setting][pair] = {"align", ("path"|"deriv", path, split[, center])...}."""
     o = preset.options
-    order = max(o["orders"])
     graph: dict[str, Any] = {}
     for s in preset.settings:
+        order = max(s.option(preset, "orders"))
+        batch_size = s.option(preset, "derivative_batch_size", 50)
         graph[s.name] = []
         for i in range(s.pairs):
             a = train_step(f"{s.name}/pair{i}/a", s.member_config(i, 0), s.preset)
@@ -44,7 +45,8 @@ def build_graph(preset: ExperimentPreset) -> dict[str, Any]:
                     steps[("path", path, split)] = Step("path", {**common, "points": o["points"]}, ins)
                     for center in ("a", "b"):
                         steps[("deriv", path, split, center)] = Step(
-                            "loss_derivatives", {**common, "order": order, "center": center}, ins)
+                            "loss_derivatives", {**common, "order": order, "center": center, "batch_size": batch_size},
+                            ins)
                 if s.name == o.get("logit_setting"):
                     steps[("logits", path)] = Step("logits", {"split": "test", "examples": o.get("logit_examples"),
                                                               "points": o["points"], "order": 2}, ins)
@@ -99,7 +101,7 @@ def tidy_tables(preset: ExperimentPreset, graph: dict[str, Any], results: dict[s
                     for center in ("a", "b"):
                         coeffs = results[steps[("deriv", path, split, center)].key]["coefficients"]
                         t = [x if center == "a" else 1 - x for x in lambdas]
-                        for k in preset.options["orders"]:
+                        for k in s.option(preset, "orders"):
                             values = taylor_polynomial(coeffs, t, k).tolist()
                             loss_rows += [{**base, "lambda": x, "curve": "taylor", "center": center, "order": k,
                                            "value": v} for x, v in zip(lambdas, values)]

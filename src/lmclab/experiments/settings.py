@@ -29,6 +29,11 @@ class Setting:
     pairs: int
     eval_examples: int | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # per-setting values of experiment options
+
+    def option(self, preset: "ExperimentPreset", key: str, default: Any = None) -> Any:
+        """This setting's value of an experiment option, else the preset's."""
+        return self.options.get(key, preset.options.get(key, default))
 
     def base_config(self) -> RunConfig:
         config = get_preset(self.preset).config
