@@ -59,7 +59,7 @@ def functional_model(model: nn.Module, theta: Mapping[str, torch.Tensor] | None 
 def parameter_direction(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor],
                         model: nn.Module) -> Params:
     """d = θ_B − θ_A over the model's trainable parameters (buffers are not directions)."""
-    return {n: (theta_b[n].float() - theta_a[n].float()) for n, _ in model.named_parameters()}
+    return {n: theta_b[n].detach() - theta_a[n].detach() for n, _ in model.named_parameters()}  # dtype kept
 
 
 def iterate_batches(data: DeviceDataset | Iterable[Batch], batch_size: int = 50,
