@@ -42,6 +42,7 @@ from lmclab.curvature.hessian import HessianOperator, vdot
 from lmclab.curvature.trace import _probe, _t_interval, hessian_trace, hutchinson_trace
 from lmclab.data import DeviceDataset
 from lmclab.models import build_model, count_parameters
+from lmclab.training import train_step
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # ../shared/data beside the checkout
 CANDIDATES = [("double_backward", False), ("double_backward", True), ("forward_over_reverse", True),
@@ -164,26 +165,22 @@ def lockstep(model: nn.Module, data: DeviceDataset, args: argparse.Namespace, ta
     return {"lmclab": lm, "pyhessian": py}
 
 
+def _fit(model: nn.Module, data: DeviceDataset, optimizer: torch.optim.Optimizer) -> None:
+    """One pass over `data` in batches of 128 with the trainer's own step."""
+    model.train()
+    for x, y in data.batches(128):
+        train_step(model, optimizer, x, y)
+    model.eval()
+
+
 def train_mlp(model: nn.Module, device: torch.device, examples: int, data_dir: str) -> None:
     train = DeviceDataset.load("mnist", "train", data_dir=data_dir, device=device, subset=examples, progress=False)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    model.train()
-    for x, y in train.batches(128):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    _fit(model, train, torch.optim.Adam(model.parameters(), 1e-3))
 
 
 def train_resnet(model: nn.Module, device: torch.device, steps: int, data_dir: str) -> None:
     train = DeviceDataset.load("cifar10", "train", data_dir=data_dir, device=device, subset=steps * 128, progress=False)
-    opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
-    model.train()
-    for x, y in train.batches(128):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    _fit(model, train, torch.optim.SGD(model.parameters(), 0.05, momentum=0.9))
 
 
 def main() -> None:

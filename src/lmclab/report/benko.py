@@ -69,11 +69,17 @@ def plot_loss_approximations(path: str | os.PathLike, rows: Iterable[Mapping[str
     return save_figure(fig, path, title)
 
 
+def _path_panels(rows: list[Mapping[str, Any]]) -> tuple[list[str], Any, Any]:
+    """The paths present in `rows` (naive, aligned) and one panel for each, side by side."""
+    paths = [p for p in PATH_TITLES if any(r["path"] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(paths), figsize=(6 * len(paths), 4.2), constrained_layout=True, squeeze=False)
+    return paths, fig, axes
+
+
 def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
     """Fig. 7: rows {path, input, label, class, curve (true|direct|a1|a2|b1|b2…), lambda, value}."""
     rows = list(rows)
-    paths = [p for p in PATH_TITLES if any(r["path"] == p for r in rows)]
-    fig, axes = plt.subplots(1, len(paths), figsize=(6 * len(paths), 4.2), constrained_layout=True, squeeze=False)
+    paths, fig, axes = _path_panels(rows)
     for ax, name in zip(axes[0], paths):
         sel = [r for r in rows if r["path"] == name]
         classes = list(dict.fromkeys(r["class"] for r in sel))
@@ -107,8 +113,7 @@ def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
 def plot_logit_rmse(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
     """Fig. 8: rows {pair, path, approximation, lambda, rmse}; mean ± SD over pairs."""
     rows = list(rows)
-    paths = [p for p in PATH_TITLES if any(r["path"] == p for r in rows)]
-    fig, axes = plt.subplots(1, len(paths), figsize=(6 * len(paths), 4.2), constrained_layout=True, squeeze=False)
+    paths, fig, axes = _path_panels(rows)
     for ax, name in zip(axes[0], paths):
         sel = [r for r in rows if r["path"] == name]
         for approx in dict.fromkeys(r["approximation"] for r in sel):
