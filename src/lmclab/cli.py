@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common_io(p)
 
-    p = sub.add_parser("run", help="reproduce a paper's figures in one command (benko)")
-    p.add_argument("experiment", choices=("benko",), help="benko: Benkő, a second-order perspective on LMC")
+    p = sub.add_parser("run", help="reproduce a paper's figures in one command (" + ", ".join(EXPERIMENTS) + ")")
+    p.add_argument("experiment", choices=tuple(EXPERIMENTS),
+                   help="; ".join(f"{name}: {text}" for name, (_, text) in EXPERIMENTS.items()))
     p.add_argument("--preset", default="smoke", help="smoke (CPU, minutes) or paper (the paper's settings, GPU)")
     p.add_argument("--out", default=None, help="figures and tables (default: out/EXPERIMENT-PRESET)")
     p.add_argument("--no-progress", action="store_true")
@@ -265,12 +266,23 @@ def cmd_sharpness(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.experiments.benko import run_benko
+#: `lmclab run NAME`: module `lmclab.experiments.NAME` with a function `run_NAME(preset, *, out, runs_dir,
+#: data_dir, device, progress, say)`, and a one-line description.
+EXPERIMENTS: dict[str, tuple[str, str]] = {
+    "benko": ("lmclab.experiments.benko", "Benkő, a second-order perspective on LMC"),
+    "ito": ("lmclab.experiments.ito", "Ito et al., analysis of LMC among many models (STE-MM)"),
+    "singh": ("lmclab.experiments.singh", "Singh et al., landscaping LMC (forks over training)"),
+}
 
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib
+
+    module = importlib.import_module(EXPERIMENTS[args.experiment][0])
+    run_experiment = getattr(module, f"run_{args.experiment}")
     out = args.out or f"out/{args.experiment}-{args.preset}"
-    return run_benko(args.preset, out=out, runs_dir=args.runs_dir, data_dir=args.data_dir, device=args.device,
-                     progress=not args.no_progress, say=lambda t: _say(args, t))
+    return run_experiment(args.preset, out=out, runs_dir=args.runs_dir, data_dir=args.data_dir, device=args.device,
+                          progress=not args.no_progress, say=lambda t: _say(args, t))
 
 
 def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
