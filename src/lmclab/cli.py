@@ -33,6 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: only at the end)")
     _common_io(p)
 
+    p = sub.add_parser("fork", help="fork a run at chosen epochs into children with their own data order (Singh et al.)")
+    p.add_argument("parent", help="a stored run (directory, name, or hash prefix), or a training preset (trained "
+                                  "first; config flags apply to it)")
+    p.add_argument("--at", required=True, type=_epoch_list, metavar="E,E,…",
+                   help="parent epochs to fork at, e.g. 0,1,2,15 (0: the initialisation)")
+    p.add_argument("--children", type=int, default=2, help="children per fork epoch (default: 2)")
+    p.add_argument("--vary-augment", action="store_true", help="children also get their own augmentation seed")
+    p.add_argument("--checkpoints", default="", metavar="SPEC",
+                   help="children's kept checkpoints (default: every epoch): epochs:… | every:N | log:K | steps:…")
+    add_config_flags(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: only at the end)")
+    _common_io(p)
+
     p = sub.add_parser("runs", help="list stored runs with their key config and final metrics")
     _common_io(p, data=False, device=False)
 
@@ -168,6 +182,59 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     final = run.meta.get("final_metrics", {})
     _say(args, f"run: {run.path}\n" + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
     return {"run": run.path.name, "path": str(run.path), "hash": run.hash, "final_metrics": final}
+
+
+def _epoch_list(text: str) -> list[int]:
+    try:
+        epochs = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        epochs = []
+    if not epochs or min(epochs) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs >= 0 like 0,1,2,15; got {text!r}")
+    return epochs
+
+
+def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    from lmclab.store import Run, RunNotFound, RunStore
+    from lmclab.training import PRESETS, CheckpointSchedule, fork, get_preset
+
+    flags = args.seed is not None or any(v is not None for k, v in vars(args).items() if k.startswith("cfg_"))
+    store = RunStore(args.runs_dir)
+    if args.parent in PRESETS:
+        preset = get_preset(args.parent)
+        parent: Any = config_from_args(preset.config, args).normalised()
+        preset_name: str | None = preset.name
+    else:
+        if flags:
+            raise ValueError(f"config flags apply only when PARENT is a training preset; {args.parent!r} is not one "
+                             "(a stored run's config is fixed)")
+        try:
+            parent = store.get(args.parent)
+        except RunNotFound as exc:
+            raise RunNotFound(f"{exc}; nor is {args.parent!r} a training preset ({', '.join(PRESETS)})") from None
+        preset_name = None
+    options = dataclasses.replace(_options(args, preset=preset_name, eval_every=args.eval_every),
+                                  checkpoints=CheckpointSchedule())
+    children = fork(parent, args.at, args.children, options, vary_augment=args.vary_augment,
+                    child_checkpoints=CheckpointSchedule.parse(args.checkpoints) if args.checkpoints else None)
+    first = next(iter(children.values()))[0]
+    parent_run = Run(first.path.parent / first.meta["fork"]["parent_run"])  # children are stored beside their parent
+    _say(args, f"parent: {parent_run.path}")
+    out: dict[str, Any] = {"parent": {"run": parent_run.path.name, "path": str(parent_run.path), "hash": parent_run.hash,
+                                      "final_metrics": parent_run.meta.get("final_metrics", {})}, "forks": {}}
+    for epoch, runs in children.items():
+        _say(args, f"fork at epoch {epoch} (step {runs[0].meta['fork']['step']}):")
+        rows = []
+        for i, run in enumerate(runs):
+            final = run.meta.get("final_metrics", {})
+            _say(args, f"  child {i}: {run.path.name}  " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            seeds = run.config.seeds
+            rows.append({"child": i, "run": run.path.name, "path": str(run.path), "hash": run.hash,
+                         "seed_data": seeds.seed_data, "seed_augment": seeds.seed_augment, "final_metrics": final})
+        out["forks"][str(epoch)] = rows
+    return out
 
 
 def cmd_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -323,7 +390,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
                          align=None if args.align == "none" else args.align, points=args.points)
 
 
-COMMANDS = {"train": cmd_train, "runs": cmd_runs, "eval": cmd_eval, "align": cmd_align,
+COMMANDS = {"train": cmd_train, "fork": cmd_fork, "runs": cmd_runs, "eval": cmd_eval, "align": cmd_align,
             "interpolate": cmd_interpolate, "predict": cmd_predict, "sharpness": cmd_sharpness, "run": cmd_run,
             "presets": cmd_presets,
             "models": cmd_models, "datasets": cmd_datasets, "demo": cmd_demo}

@@ -1,7 +1,8 @@
 """Typed hyperparameters (OpenLTH-style): each field is a CLI flag and part of a run's content hash.
 
 A run is identified by `RunConfig.run_hash()`: sha256 of the canonical JSON of its *normalised*
-config (model defaults filled in, tuples as lists, keys sorted, None fields left out). Fields that cannot change the
+config (model defaults filled in, tuples as lists, keys sorted, None fields and unset sections left out; a
+forked child's `fork` section names its parent's hash and the fork point). Fields that cannot change the
 trained weights (where to store, which device, progress bars, checkpoint schedule) are not part of
 it; they live in `RunOptions`.
 """
@@ -77,6 +78,36 @@ def derive_seed(seed: int, stream: str) -> int:
 
 
 @dataclass(frozen=True)
+class ForkConfig:
+    """A child run: starts from the full training state of run `parent` (a run hash) at one point.
+
+    Exactly one of `epoch` (= step epoch·steps_per_epoch) or `step`. Unset (all None) for a run
+    trained from its initialisation; an unset section is left out of the hash and of config.json.
+    """
+
+    parent: str | None = None  # the parent run's hash
+    epoch: int | None = None  # fork at the end of this parent epoch (0: the initialisation)
+    step: int | None = None  # or at this parent optimiser step
+
+    @property
+    def is_set(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    def validate(self) -> None:
+        """ValueError unless unset, or a parent with exactly one non-negative fork point."""
+        if not self.is_set:
+            return
+        if not self.parent:
+            raise ValueError(f"fork {self} names no parent run; give the parent's run hash (fork.parent)")
+        points = [p for p in (self.epoch, self.step) if p is not None]
+        if len(points) != 1:
+            raise ValueError(f"fork of {self.parent} needs exactly one of epoch or step; got epoch={self.epoch}, "
+                             f"step={self.step}")
+        if points[0] < 0:
+            raise ValueError(f"fork point must be >= 0; got epoch={self.epoch}, step={self.step}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a trained run's weights (on a given device type)."""
 
@@ -84,10 +115,13 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seeds: SeedConfig = field(default_factory=SeedConfig)
+    fork: ForkConfig = field(default_factory=ForkConfig)
 
     def normalised(self) -> "RunConfig":
-        """Fill model defaults so that equal runs spelled differently hash equally."""
+        """Fill model defaults so that equal runs spelled differently hash equally (and check the fork)."""
         from lmclab.models import model_defaults
+
+        self.fork.validate()
 
         defaults = model_defaults(self.model.model)
         filled = {
@@ -104,19 +138,23 @@ class RunConfig:
         return dataclasses.replace(self, model=ModelConfig(model=self.model.model, **filled))
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON-able dict; optional sections (`fork`) are left out while unset."""
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        return {k: v for k, v in d.items() if not (k in OPTIONAL_SECTIONS and all(x is None for x in v.values()))}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "RunConfig":
         return RunConfig(**{name: _section_from_dict(cls, d.get(name, {})) for name, cls in SECTIONS.items()})
 
     def run_hash(self) -> str:
-        """sha256 of the normalised config as canonical JSON, fields that are None left out (so a new
-        optional field, None by default, keeps every earlier run's hash)."""
+        """sha256 of the normalised config as canonical JSON, fields that are None left out and sections
+        left empty by that dropped (so a new optional field or section, None by default, keeps every
+        earlier run's hash)."""
         unset_dropped = {
             section: {k: v for k, v in values.items() if v is not None}
             for section, values in self.normalised().to_dict().items()
         }
+        unset_dropped = {section: values for section, values in unset_dropped.items() if values}
         canonical = json.dumps(unset_dropped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_LENGTH]
 
@@ -126,7 +164,10 @@ class RunConfig:
         return {k: getattr(m, k) for k in ("width", "hidden", "norm") if getattr(m, k) is not None}
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "seeds": SeedConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "seeds": SeedConfig,
+                             "fork": ForkConfig}
+OPTIONAL_SECTIONS = frozenset({"fork"})  # left out of to_dict() and the hash while all their fields are None
+FLAG_PREFIX = {"fork": "fork-"}  # `--fork-parent`, `--fork-epoch`, `--fork-step` (not to be confused with --epochs)
 
 
 def _section_from_dict(cls: type, values: dict[str, Any]) -> Any:
@@ -181,14 +222,14 @@ def _parser_for(hint: Any) -> typing.Callable[[str], Any]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per config field (`--batch-size`, `--seed-init`, …), default None = keep preset."""
+    """One `--flag` per config field (`--batch-size`, `--seed-init`, `--fork-epoch`, …), default None = keep preset."""
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} ({cls.__doc__.splitlines()[0] if cls.__doc__ else ''})")
         hints = get_type_hints(cls)
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
             group.add_argument(
-                "--" + f.name.replace("_", "-"),
+                "--" + FLAG_PREFIX.get(section, "") + f.name.replace("_", "-"),
                 dest=f"cfg_{section}_{f.name}",
                 type=_parser_for(hints[f.name]),
                 default=None,

@@ -1,5 +1,6 @@
-"""The step kinds experiments are built from: train a member, align a pair, evaluate a path,
-directional derivatives of the loss at an endpoint, logit trajectories and their approximations.
+"""The step kinds experiments are built from: train a member (or a forked child), align a pair,
+evaluate a path, directional derivatives of the loss at an endpoint, logit trajectories and their
+approximations.
 
 Every step takes its runs from its inputs (`train` results) and its options (runs_dir, data_dir,
 device, progress) from the executor, so the same graph runs anywhere.
@@ -18,7 +19,8 @@ from lmclab.experiments.graph import Step, StepContext, step_kind
 from lmclab.experiments.lmc import align_runs, load_alignment
 from lmclab.paths import evaluate_path
 from lmclab.store import Run
-from lmclab.training import RunOptions, load_run_model, resolve_device, train
+from lmclab.training import CheckpointSchedule, RunOptions, load_run_model, resolve_device, train
+from lmclab.training.forks import child_config
 
 
 @lru_cache(maxsize=8)
@@ -33,8 +35,27 @@ def dataset_for(ctx: StepContext, run: Run, split: str, examples: int | None) ->
     return _dataset(run.config.data.dataset, split, examples, ctx.options.get("data_dir"), device)
 
 
-def train_step(name: str, config: RunConfig, preset: str | None = None) -> Step:
-    return Step("train", {"run": config.normalised().to_dict(), "preset": preset, "label": name})
+def train_step(name: str, config: RunConfig, preset: str | None = None, checkpoints: str | None = None) -> Step:
+    """Train `config`; `checkpoints`: a CheckpointSchedule spec (`epochs:0,1,2+every:5`, …), not part of the run hash."""
+    if checkpoints:
+        CheckpointSchedule.parse(checkpoints)  # fail while building the graph, not while running it
+    step_config = {"run": config.normalised().to_dict(), "preset": preset, "label": name}
+    if checkpoints:  # only when given, so that the keys of existing train steps stay the same
+        step_config["checkpoints"] = checkpoints
+    return Step("train", step_config)
+
+
+def fork_step(parent: Step, parent_config: RunConfig, *, epoch: int, child: int, vary_augment: bool = False,
+              checkpoints: str = "every:1", preset: str | None = None) -> Step:
+    """A `train` step for child `child` of `parent_config` forked at `epoch` (`forks.child_config`), with
+    the parent's train step as input, so that an executor trains the parent first."""
+    if parent.kind != "train" or parent.config.get("run") != parent_config.normalised().to_dict():
+        raise ValueError(f"fork_step: parent step {parent.name} does not train parent_config "
+                         f"(run {parent_config.run_hash()}); pass the train step of that config")
+    config = child_config(parent_config, epoch=epoch, child=child, vary_augment=vary_augment)
+    step = train_step(f"{parent.config.get('label')}/fork{epoch}/child{child}", config,
+                      preset if preset is not None else parent.config.get("preset"), checkpoints=checkpoints)
+    return Step("train", step.config, inputs={"parent": parent})
 
 
 @step_kind("train", self_caching=True)
@@ -42,7 +63,8 @@ def _train(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> 
     o = ctx.options
     run = train(RunConfig.from_dict(config["run"]),
                 RunOptions(runs_dir=o.get("runs_dir"), data_dir=o.get("data_dir"), device=o.get("device", "auto"),
-                           progress=o.get("progress", True), preset=config.get("preset"), eval_every=0))
+                           progress=o.get("progress", True), preset=config.get("preset"), eval_every=0,
+                           checkpoints=CheckpointSchedule.parse(config.get("checkpoints") or "")))
     return {"run": str(run.path), "final_metrics": run.meta["final_metrics"]}
 
 

@@ -5,9 +5,13 @@ order from a CPU generator seeded with `seed_data` (one `randperm` per epoch), a
 generator on the training device seeded with `seed_augment`. A checkpoint holds the model, the
 optimizer state, the step, both generators' states and the current epoch's order, so a run resumes
 from any checkpoint and ends bit-identical (on CPU) to one that was never interrupted.
+
+A forked child (`config.fork` set, see `lmclab.training.forks`) starts from its parent's full state
+at the fork step, written as the child's own first checkpoint; from there it is resumed like any run.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -32,6 +36,7 @@ from lmclab.store import (
 )
 from lmclab.store.checkpoint import MODEL_PREFIX, optimizer_from_flat, optimizer_to_flat, split_prefix, with_prefix
 from lmclab.training.evaluate import autocast_for, evaluate
+from lmclab.training.forks import check_parent, child_start_state, find_parent, parent_run
 from lmclab.training.schedules import CheckpointSchedule, learning_rate
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -43,7 +48,11 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to run, not what: none of these fields changes the trained weights or the run hash."""
+    """How to run, not what: none of these fields changes the trained weights or the run hash.
+
+    `checkpoints`: the kept checkpoints; the final state is always kept. A forked child also keeps its
+    fork step, and its default (empty) schedule means every epoch from the fork on.
+    """
 
     runs_dir: str | None = None
     data_dir: str | None = None
@@ -127,7 +136,10 @@ def train(
     """Train `config` into the run store, or reuse/resume the stored run. Returns the run.
 
     A complete run with every requested checkpoint is returned as it is. Otherwise training
-    restarts from the latest stored state that precedes the first missing checkpoint.
+    restarts from the latest stored state that precedes the first missing checkpoint; a complete run
+    that only lacks checkpoints is trained up to the last missing one and no further (its final state
+    and meta.json stay as they are). A forked child (`config.fork`) first takes its parent's state at
+    the fork step, resuming the parent to write that checkpoint if it lacks it.
     """
     if config.train.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.train.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
@@ -139,12 +151,20 @@ def train(
     n, bs = len(train_ds), config.train.batch_size
     steps_per_epoch = math.ceil(n / bs)
     total_steps = config.train.steps if config.train.steps is not None else config.train.epochs * steps_per_epoch
-    wanted = options.checkpoints.steps_to_save(steps_per_epoch, total_steps)
+    fork_step = _fork_step(config, steps_per_epoch, total_steps)
+    wanted = _checkpoint_steps(options.checkpoints, steps_per_epoch, total_steps, fork_step)
+
+    found = store.find(config)
+    if found is not None and found.complete and all(found.checkpoint_path(s).is_file() for s in wanted):
+        return found
+    fork_record: dict[str, Any] | None = None
+    if fork_step is not None:
+        fork_record = _start_child(config, fork_step, steps_per_epoch, total_steps, store, options, device)
 
     run = store.open(config, preset=options.preset)
     missing = [s for s in wanted if not run.checkpoint_path(s).is_file()]
-    if run.complete and not missing:
-        return run
+    # a complete run that only lacks checkpoints is not retrained to the end: it stops at the last one missing
+    filling = run.complete
 
     model = init_model(config, train_ds.info).to(device)
     if device.type == "cuda" and is_cnn(model):
@@ -184,21 +204,25 @@ def train(
         tensors, header = state_tensors()
         save_checkpoint(path, tensors, header)
 
-    run.update_meta(
-        status="running",
-        preset=options.preset,
-        hash=config.run_hash(),
-        environment=environment_record(),
-        device=str(device),
-        precision="bf16-autocast" if device.type == "cuda" else "fp32",
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        data_info=_info_record(train_ds, test_ds),
-        parameters=sum(p.numel() for p in model.parameters()),
-        resumed_from=None if source is None else {"path": str(source), "step": step},
-    )
+    if not filling:
+        started_at_fork = fork_record is not None and step == fork_step and run.meta.get("status") == "created"
+        run.update_meta(
+            status="running",
+            preset=options.preset,
+            hash=config.run_hash(),
+            environment=environment_record(),
+            device=str(device),
+            precision="bf16-autocast" if device.type == "cuda" else "fp32",
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            data_info=_info_record(train_ds, test_ds),
+            parameters=sum(p.numel() for p in model.parameters()),
+            resumed_from=None if source is None or started_at_fork else {"path": str(source), "step": step},
+            **({"fork": fork_record} if fork_record is not None else {}),
+        )
     if step in wanted and not run.checkpoint_path(step).is_file():
         save(run.checkpoint_path(step))
+    stop = max(missing) if filling else total_steps
 
     check_every = 1 if device.type == "cpu" else 25
     epoch_start = time.perf_counter()
@@ -207,7 +231,7 @@ def train(
     status = "interrupted"
     try:
         model.train()
-        while step < total_steps:
+        while step < stop:
             pos = step % steps_per_epoch
             if pos == 0 or order is None:
                 order = torch.randperm(n, generator=data_gen).to(device)
@@ -229,7 +253,7 @@ def train(
                     raise TrainingDiverged(_diverged_message(run, step, steps_per_epoch, value))
             if callback is not None:
                 callback(TrainState(step=step, epoch=math.ceil(step / steps_per_epoch), loss=loss.item()))
-            if epoch_end:
+            if epoch_end and not filling:  # (filling a complete run leaves its history and meta as they are)
                 epoch = math.ceil(step / steps_per_epoch)
                 entry: dict[str, Any] = {
                     "epoch": epoch, "step": step, "lr": lr,
@@ -244,21 +268,25 @@ def train(
                 history.append(entry)
                 bar.set_postfix({k: round(v, 4) for k, v in entry.items() if k in ("train_loss", "test_accuracy")})
                 run.update_meta(history=history)
+            if epoch_end:
                 epoch_sums.zero_()
                 epoch_start = time.perf_counter()
-                if step < total_steps:
+                if step < total_steps and not filling:
                     save(run.resume_path)
             if step in wanted:
                 save(run.checkpoint_path(step))
         status = "complete"
     except TrainingDiverged as exc:
         status = "diverged"
-        run.update_meta(status=status, error=str(exc))
+        if not filling:
+            run.update_meta(status=status, error=str(exc))
         raise
     finally:
         bar.close()
-        if status == "interrupted":
+        if status == "interrupted" and not filling:
             run.update_meta(status=status)
+    if filling:
+        return run
 
     final = {f"train_{k}": v for k, v in evaluate(model, train_ds, options.eval_batch_size).items()}
     final.update({f"test_{k}": v for k, v in evaluate(model, test_ds, options.eval_batch_size).items()})
@@ -312,3 +340,59 @@ def load_run_model(run: Run, step: int | None = None, device: str | torch.device
                         num_classes=info["num_classes"], **config.model_options())
     load_model_state(model, run.load_state(step), str(run.path))
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------- forks
+
+
+def _fork_step(config: RunConfig, steps_per_epoch: int, total_steps: int) -> int | None:
+    """The parent step a forked child starts from (epoch·steps_per_epoch, or the step); None if not a fork."""
+    fork = config.fork
+    if not fork.is_set:
+        return None
+    step = fork.step if fork.step is not None else fork.epoch * steps_per_epoch  # type: ignore[operator]
+    if step >= total_steps:
+        raise ValueError(f"fork point epoch={fork.epoch}, step={fork.step} is step {step}, not before the end of "
+                         f"training (step {total_steps} = {total_steps / steps_per_epoch:g} epochs of "
+                         f"{steps_per_epoch} steps); fork at a step in [0, {total_steps})")
+    return step
+
+
+def _checkpoint_steps(schedule: CheckpointSchedule, steps_per_epoch: int, total_steps: int,
+                      fork_step: int | None) -> list[int]:
+    """The kept steps; a child keeps its fork step and, by default (empty schedule), every epoch after it."""
+    if fork_step is None:
+        return schedule.steps_to_save(steps_per_epoch, total_steps)
+    if schedule == CheckpointSchedule():
+        schedule = CheckpointSchedule(every=1)
+    return sorted({s for s in schedule.steps_to_save(steps_per_epoch, total_steps) if s >= fork_step} | {fork_step})
+
+
+def _start_child(config: RunConfig, fork_step: int, steps_per_epoch: int, total_steps: int, store: RunStore,
+                 options: RunOptions, device: torch.device) -> dict[str, Any]:
+    """Make sure the child's run holds its first checkpoint: the parent's state at `fork_step` with the
+    child's generators (`child_start_state`), and its history up to the fork. The parent is
+    resumed to write that checkpoint if it lacks it. Returns the fork record kept in meta.json."""
+    parent_path = parent_run(store, config).path
+    record = {"parent": config.fork.parent, "parent_run": parent_path.name, "parent_path": str(parent_path),
+              "step": fork_step, "epoch": fork_step / steps_per_epoch}
+    found = store.find(config)
+    if found is not None and found.checkpoint_path(fork_step).is_file():
+        return record
+    parent = find_parent(store, config)
+    check_parent(parent.config, config)
+    parent_fork = _fork_step(parent.config, steps_per_epoch, total_steps)
+    if parent_fork is not None and fork_step < parent_fork:
+        raise ValueError(f"cannot fork {parent.path.name} at step {fork_step}: it is itself a child forked at step "
+                         f"{parent_fork} and holds no state before that; fork its parent {parent.config.fork.parent}")
+    source = parent.checkpoint_path(fork_step)
+    if not source.is_file():
+        train(parent.config, dataclasses.replace(options, checkpoints=CheckpointSchedule(steps=(fork_step,)),
+                                                 preset=parent.meta.get("preset")))
+    tensors, header = load_checkpoint(source)
+    tensors = child_start_state(tensors, parent.config, config, fork_step=fork_step, steps_per_epoch=steps_per_epoch,
+                                device=device)
+    run = store.open(config, preset=options.preset)
+    run.update_meta(history=[h for h in parent.meta.get("history", []) if h["step"] <= fork_step], fork=record)
+    save_checkpoint(run.checkpoint_path(fork_step), tensors, {**header, "run": run.path.name, "fork": record})
+    return record
