@@ -241,6 +241,13 @@ def test_cli_fork(tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixtu
     assert main(["fork", parent.hash[:8], "--at", "1", "--children", "2", *io]) == 0
     text = capsys.readouterr().out
     assert "fork at epoch 1" in text and all(row["run"] in text for row in out["forks"]["1"])
+    # `lmclab train … --fork-parent PREFIX` names the same child (reused, not retrained); `runs` marks children
+    child0 = out["forks"]["1"][0]
+    assert main(["train", "mlp_mnist", *tiny, "--fork-parent", parent.hash[:8], "--fork-epoch", "1",
+                 "--seed-data", str(child0["seed_data"]), *io, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == child0["path"]
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    assert f"fork of {parent.path.name} at epoch 1" in capsys.readouterr().out
     code = main(["fork", parent.hash[:8], "--at", "1", "--lr", "0.1", *io])
     assert code == 2 and "config flags apply only" in capsys.readouterr().err
     code = main(["fork", "no_such_parent", "--at", "1", *io])

@@ -177,7 +177,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from lmclab.training import get_preset, train
 
     preset = get_preset(args.preset)
-    config = config_from_args(preset.config, args).normalised()
+    config = config_from_args(preset.config, args)
+    if config.fork.parent is not None:  # --fork-parent takes any run reference (name, path, hash prefix)
+        import dataclasses
+
+        from lmclab.store import RunStore
+
+        parent = RunStore(args.runs_dir).get(config.fork.parent)
+        config = dataclasses.replace(config, fork=dataclasses.replace(config.fork, parent=parent.hash))
+    config = config.normalised()
     run = train(config, _options(args, preset=preset.name, eval_every=args.eval_every))
     final = run.meta.get("final_metrics", {})
     _say(args, f"run: {run.path}\n" + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
@@ -248,6 +256,8 @@ def cmd_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         for r in rows:
             f = r["final"] or {}
             acc = f"test acc {f['test_accuracy']:.4f}  test loss {f['test_loss']:.4f}" if f else ""
+            if r.get("fork"):
+                acc += f"  fork of {r['fork']['parent']} at epoch {r['fork']['epoch']} (step {r['fork']['step']})"
             print(f"{r['run']}  {r['status'] or '?':<11} {r['preset'] or '-':<20} {r['model']}×{r['width']} "
                   f"{r['norm'] or ''} on {r['dataset']}  seeds {r['seeds']}  epochs {r['epochs_done']}  {acc}")
     return rows

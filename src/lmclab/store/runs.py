@@ -110,6 +110,8 @@ class Run:
             "status": meta.get("status"),
             "epochs_done": len(meta.get("history", [])),
             "final": meta.get("final_metrics"),
+            "fork": ({"parent": meta["fork"].get("parent_run"), "epoch": meta["fork"].get("epoch"),
+                      "step": meta["fork"].get("step")} if meta.get("fork") else None),
         }
 
 
