@@ -1,6 +1,8 @@
-"""Aligning model B to model A by permuting B's hidden units: weight and activation matching.
+"""Aligning models by permuting hidden units: two models (weight, activation, STE matching) and K models
+(pairwise, MergeMany, STE-MM).
 
-Every method returns a :class:`MatchResult`; ``result.perm.apply(θ_B, spec)`` is the aligned B.
+Every two-model method returns a :class:`MatchResult`; ``result.perm.apply(θ_B, spec)`` is the aligned
+B. Every K-model method returns a :class:`PopulationAlignment` (``align_population(points, spec, method)``).
 """
 from __future__ import annotations
 
@@ -10,9 +12,20 @@ from typing import Any
 from torch import nn
 
 from lmclab.align.activation_matching import STATISTICS, ActivationStats, activation_matching
-from lmclab.align.assignment import assignment_value, solve_assignment
+from lmclab.align.assignment import WarmAssignment, assignment_value, solve_assignment
+from lmclab.align.merge_many import merge_many
+from lmclab.align.population import (
+    POPULATION_METHODS,
+    PopulationAlignment,
+    align_population,
+    mean_point,
+    population_method,
+)
+from lmclab.align.ste import LAMBDAS, straight_through, ste_matching
+from lmclab.align.ste_mm import MIXINGS, ste_mm
 from lmclab.align.weight_matching import (
     MatchResult,
+    WeightMatchingState,
     default_weights,
     match_distances,
     spec_tensor_names,
@@ -21,8 +34,10 @@ from lmclab.align.weight_matching import (
 from lmclab.permutation.spec import Params, PermutationSpec
 
 __all__ = [
-    "METHODS", "ActivationStats", "MatchResult", "STATISTICS", "activation_matching", "align",
-    "assignment_value", "default_weights", "match_distances", "solve_assignment", "spec_tensor_names",
+    "LAMBDAS", "METHODS", "MIXINGS", "POPULATION_METHODS", "STATISTICS", "ActivationStats", "MatchResult",
+    "PopulationAlignment", "WarmAssignment", "WeightMatchingState", "activation_matching", "align",
+    "align_population", "assignment_value", "default_weights", "match_distances", "mean_point", "merge_many",
+    "population_method", "solve_assignment", "spec_tensor_names", "ste_matching", "ste_mm", "straight_through",
     "weight_matching",
 ]
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from lmclab.align.merge_many import merge_many
 from lmclab.align.population import PopulationAlignment, population_method
+from lmclab.align.ste_mm import ste_mm
 from lmclab.align.weight_matching import weight_matching
 from lmclab.permutation.spec import Params, Permutation, PermutationSpec
 
@@ -29,3 +31,7 @@ def pairwise(points: Sequence[Params], spec: PermutationSpec, *, seed: int = 0, 
                                info={"sweeps": [r.sweeps for r in results],
                                      "distance_before": [r.distance_before for r in results],
                                      "distance_after": [r.distance_after for r in results]})
+
+
+population_method("merge_many")(merge_many)
+population_method("ste_mm")(ste_mm)

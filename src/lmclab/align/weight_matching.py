@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lmclab.align.assignment import assignment_value, solve_assignment
+from lmclab.align.assignment import WarmAssignment, assignment_value, solve_assignment
 from lmclab.permutation.spec import (
     Params,
     PermGroup,
@@ -32,7 +32,8 @@ from lmclab.permutation.spec import (
     expand_block,
 )
 
-__all__ = ["MatchResult", "weight_matching", "spec_tensor_names", "default_weights", "match_distances"]
+__all__ = ["MatchResult", "WeightMatchingState", "weight_matching", "spec_tensor_names", "default_weights",
+           "match_distances"]
 
 #: An improvement must exceed this fraction of |⟨S_P, P_old⟩| to be accepted (guards against cycling on ties).
 REL_TOL = 1e-12
@@ -65,6 +66,38 @@ class MatchResult:
                 "objective": list(self.objective), "distance_before": self.distance_before,
                 "distance_after": self.distance_after, "units_moved": moved, "info": dict(self.info),
                 "spec": self.spec.to_dict()}
+
+
+@dataclass
+class WeightMatchingState:
+    """Warm state for a sequence of similar weight matchings (STE, STE-MM, MergeMany re-matches).
+
+    Holds the last permutation found (the next call starts its coordinate descent there unless
+    given `init`) and one :class:`WarmAssignment` per group, which keeps that group's LAP dual
+    potentials between solves, so re-solving a slightly changed cost matrix costs O(n²) plus a few
+    augmenting paths instead of a cold solve. `max_free_fraction` and `center_sweeps` configure the
+    per-group solvers (see :class:`WarmAssignment`).
+    """
+
+    perm: Permutation | None = None
+    solvers: dict[str, WarmAssignment] = field(default_factory=dict)
+    max_free_fraction: float = 0.2
+    center_sweeps: int = 3
+
+    def solver(self, group: str) -> WarmAssignment:
+        """The warm solver of `group` (created on first use)."""
+        if group not in self.solvers:
+            self.solvers[group] = WarmAssignment(maximize=True, max_free_fraction=self.max_free_fraction,
+                                                 center_sweeps=self.center_sweeps)
+        return self.solvers[group]
+
+    def stats(self) -> dict[str, int]:
+        """The solvers' counters (cold, warm, fallback solves; rows freed; columns scanned), summed over groups."""
+        out: dict[str, int] = {}
+        for solver in self.solvers.values():
+            for k, n in solver.stats.items():
+                out[k] = out.get(k, 0) + n
+        return out
 
 
 def spec_tensor_names(spec: PermutationSpec, params: Mapping[str, torch.Tensor]) -> list[str]:
@@ -234,7 +267,8 @@ def _initial_perm(spec: PermutationSpec, init: Permutation | None) -> dict[str, 
 
 def weight_matching(params_a: Params, params_b: Params, spec: PermutationSpec, *, max_sweeps: int = 100,
                     seed: int = 0, init: Permutation | None = None, device: torch.device | str | None = None,
-                    progress: bool = False, weights: Callable[[str], float] | None = None) -> MatchResult:
+                    progress: bool = False, weights: Callable[[str], float] | None = None,
+                    warm: WeightMatchingState | None = None) -> MatchResult:
     """Permutation π maximising Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩ by coordinate descent over the groups.
 
     Starts at the identity (or `init`); each sweep visits the groups in an order drawn from a
@@ -251,6 +285,11 @@ def weight_matching(params_a: Params, params_b: Params, spec: PermutationSpec, *
     statistics) alike; `weights(name)` scales tensor `name`'s term (default 1 for all; 0 drops it).
     Cost matrices are built with torch on `device` (default: the device of θ_A's tensors) in the
     tensors' dtype promoted to at least float32. ``perm.apply(params_b, spec)`` is the aligned B.
+
+    `warm` (a :class:`WeightMatchingState`, updated in place): start from its last permutation
+    (unless `init` is given) and solve each group's assignment with its warm solver, which keeps the
+    LAP dual potentials across calls. Each solve is still exact, so results differ from a cold run
+    only where a tie or a different local optimum of the coordinate descent allows.
     """
     if max_sweeps < 1:
         raise ValueError(f"max_sweeps must be >= 1, got {max_sweeps}")
@@ -263,6 +302,8 @@ def weight_matching(params_a: Params, params_b: Params, spec: PermutationSpec, *
     weights = weights or default_weights
     start = time.perf_counter()
 
+    if init is None and warm is not None:
+        init = warm.perm
     matcher = _WeightMatcher(params_a, params_b, spec, _initial_perm(spec, init), weights, device)
     objective_init = matcher.objective()
     gen = torch.Generator().manual_seed(seed)
@@ -281,7 +322,8 @@ def weight_matching(params_a: Params, params_b: Params, spec: PermutationSpec, *
             dirty.discard(g.name)
             s = matcher.cost(g.name)
             old = matcher.perm[g.name]
-            new = solve_assignment(s, maximize=True, warm_start=old)
+            new = (warm.solver(g.name).solve(s) if warm is not None
+                   else solve_assignment(s, maximize=True, warm_start=old))
             solves += 1
             if g.name in matcher.neighbours[g.name]:   # S_P depends on P itself: judge by the true objective
                 old_val, new_val = matcher.local_objective(g.name, old), matcher.local_objective(g.name, new)
@@ -302,12 +344,15 @@ def weight_matching(params_a: Params, params_b: Params, spec: PermutationSpec, *
 
     perm = Permutation({k: v.cpu() for k, v in matcher.perm.items()})
     del matcher
+    if warm is not None:
+        warm.perm = perm
     before, after = match_distances(params_a, params_b, spec, perm)
     return MatchResult(
         perm=perm, spec=spec, sweeps=sweeps, objective=objective, distance_before=before,
         distance_after=after, method="weight", converged=converged,
         info={"seed": seed, "objective_init": objective_init, "changes_per_sweep": changes,
-              "assignments_solved": solves, "seconds": time.perf_counter() - start, "device": str(device)})
+              "assignments_solved": solves, "seconds": time.perf_counter() - start, "device": str(device),
+              "warm": warm is not None})
 
 
 def match_distances(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
