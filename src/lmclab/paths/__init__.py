@@ -10,9 +10,19 @@ from lmclab.paths.normalization import (
     repair_points,
     reset_bn_stats,
 )
+from lmclab.paths.population import (
+    PopulationBarriers,
+    all_pairs_barriers,
+    barrier_matrix,
+    merged_metrics,
+    merged_point,
+    summarize_barriers,
+)
 
 __all__ = [
     "BN_MODES", "DEFINITIONS", "ChannelStats", "barrier_curve", "barrier_report", "barriers", "channel_stats",
     "cumulative_layer_sets", "default_bn_mode", "default_lambdas", "evaluate_path", "has_batchnorm",
     "layer_groups", "lerp", "repair", "repair_points", "reset_bn_stats",
+    "PopulationBarriers", "all_pairs_barriers", "barrier_matrix", "merged_metrics", "merged_point",
+    "summarize_barriers",
 ]
