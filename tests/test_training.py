@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
+from lmclab.data import DeviceDataset
 from lmclab.store import RunStore, load_checkpoint
 from lmclab.training import CheckpointSchedule, RunOptions, TrainingDiverged, load_run_model, train
 
@@ -129,3 +131,17 @@ def test_load_run_model_reproduces_final_metrics(tmp_path: Path, shared_data: Pa
     metrics = evaluate(model, test)
     assert metrics["accuracy"] == run.meta["final_metrics"]["test_accuracy"]
     assert metrics["loss"] == pytest.approx(run.meta["final_metrics"]["test_loss"], rel=1e-6)
+
+
+def test_evaluate_reports_nan_for_non_finite_logits(shared_data: Path) -> None:
+    from lmclab.models import build_model
+    from lmclab.training import evaluate
+
+    data = DeviceDataset.load("mnist", "test", data_dir=shared_data, subset=100, progress=False)
+    model = build_model("mlp", input_shape=(1, 28, 28), num_classes=10, hidden=[8])
+    ok = evaluate(model, data)
+    assert math.isfinite(ok["loss"]) and 0 <= ok["accuracy"] <= 1
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    bad = evaluate(model, data)
+    assert math.isnan(bad["loss"]) and math.isnan(bad["accuracy"])  # not an argmax over NaN logits

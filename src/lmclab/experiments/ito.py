@@ -32,7 +32,7 @@ import lmclab.experiments.steps  # noqa: F401  (registers the train step)
 from lmclab.config import RunConfig, SeedConfig
 from lmclab.experiments.graph import LocalExecutor, Step, StepContext, step_kind
 from lmclab.experiments.lmc import check_same_architecture, example_input
-from lmclab.experiments.settings import ExperimentPreset, Setting, _read
+from lmclab.experiments.settings import ExperimentPreset, Setting, load_preset
 from lmclab.experiments.steps import dataset_for, train_step
 from lmclab.paths import default_bn_mode, default_lambdas
 from lmclab.paths.population import all_pairs_barriers, merged_metrics, merged_point
@@ -61,19 +61,15 @@ class PopulationSetting(Setting):
         """Member i of the population: the setting's config with seeds `SeedConfig.from_seed(i)`."""
         return dataclasses.replace(self.base_config(), seeds=SeedConfig.from_seed(i))
 
+    def check(self) -> None:
+        super().check()
+        if self.models < 2:
+            raise ValueError(f"setting {self.name}: models (K_max) must be ≥ 2, got {self.models}")
+
 
 def load_ito_preset(name: str) -> ExperimentPreset:
     """The preset `name` of presets/ito.toml, settings as :class:`PopulationSetting`."""
-    table = _read("ito")
-    if name not in table:
-        raise ValueError(f"experiment 'ito' has no preset {name!r}; presets: {', '.join(table)}")
-    body = dict(table[name])
-    settings = tuple(PopulationSetting(**s) for s in body.pop("settings"))
-    for s in settings:
-        if s.models < 2:
-            raise ValueError(f"setting {s.name}: models (K_max) must be ≥ 2, got {s.models}")
-        s.base_config()  # fail early on a bad override
-    return ExperimentPreset("ito", name, body.pop("description", ""), settings, body)
+    return load_preset("ito", name, PopulationSetting)
 
 
 def available_methods() -> list[str]:

@@ -35,6 +35,11 @@ class Setting:
         """This setting's value of an experiment option, else the preset's."""
         return self.options.get(key, preset.options.get(key, default))
 
+    def check(self) -> None:
+        """Raise ValueError for values a setting cannot have (subclasses add their own fields' checks)."""
+        if self.pairs < 0:
+            raise ValueError(f"setting {self.name}: pairs must be ≥ 0, got {self.pairs}")
+
     def base_config(self) -> RunConfig:
         config = get_preset(self.preset).config
         for section, values in self.overrides.items():
@@ -68,14 +73,17 @@ def preset_names(experiment: str) -> list[str]:
     return list(_read(experiment))
 
 
-def load_preset(experiment: str, name: str) -> ExperimentPreset:
+def load_preset(experiment: str, name: str, setting_type: type[Setting] = Setting) -> ExperimentPreset:
+    """Preset `name` of presets/<experiment>.toml; each settings table becomes a `setting_type` (a
+    :class:`Setting` or a subclass with more fields), checked early (overrides, ``check()`` if defined)."""
     table = _read(experiment)
     if name not in table:
         raise ValueError(f"experiment {experiment!r} has no preset {name!r}; presets: {', '.join(table)}")
     body = dict(table[name])
-    settings = tuple(Setting(**s) for s in body.pop("settings"))
+    settings = tuple(setting_type(**s) for s in body.pop("settings"))
     for s in settings:
         s.base_config()  # fail early on a bad override
+        s.check()
     description = body.pop("description", "")
     return ExperimentPreset(experiment, name, description, settings, body)
 
