@@ -335,9 +335,11 @@ def test_align_dispatch() -> None:
     res = align(params_of(model_a), params_of(model_b), spec, method="activation", model=mlp(hidden, seed=9),
                 batches=batches, capture=hook_capture)
     assert res.perm == pi.inverse()
-    with pytest.raises(ValueError, match="valid methods: weight, activation"):
+    with pytest.raises(ValueError, match="valid methods: weight, activation, ste"):
         align(model_a, model_b, spec, method="sinkhorn")
-    assert METHODS == ("weight", "activation")
+    with pytest.raises(ValueError, match="STE needs model="):
+        align(model_a, model_b, spec, method="ste")
+    assert METHODS == ("weight", "activation", "ste")
 
 
 # ------------------------------------------------------------------------ derived specs (torch.fx)

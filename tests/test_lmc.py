@@ -123,3 +123,30 @@ def test_cli_several_pairs_give_mean_and_std(pair, shared_data: Path, tmp_path: 
         assert {r["pair"] for r in csv.DictReader(fh)} == {"0", "1"}
     assert main(["interpolate", run_a.hash, run_b.hash, run_a.hash, *io]) == 2
     assert "runs come in pairs" in capsys.readouterr().err
+
+
+def test_cli_align_ste_is_verified_cached_and_lowers_the_midpoint(pair, shared_data: Path,  # type: ignore[no-untyped-def]
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from lmclab.data import DeviceDataset
+    from lmclab.paths import evaluate_path
+
+    store, (run_a, run_b) = pair
+    io = ["--runs-dir", str(store.root), "--data-dir", str(shared_data), "--offline", "--device", "cpu", "--no-progress"]
+    args = ["align", run_a.hash[:8], run_b.hash[:8], "--method", "ste", "--ste-epochs", "1", "--examples", "300", *io]
+    assert main([*args, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "ste" and info["epochs"] == 1
+    alignment = load_alignment(info["perm"])
+    weight = align_runs(run_a, run_b, store=store, device="cpu", progress=False)
+    assert alignment.path != weight.path  # cached separately per method and settings
+    model = load_run_model(run_a)
+    data = DeviceDataset.load("mnist", "train", data_dir=shared_data, subset=300, progress=False)
+    theta_a, theta_b = run_a.load_state(), run_b.load_state()
+
+    def midpoint_loss(end: dict) -> float:
+        rows = evaluate_path(model, theta_a, end, {"train": data}, lambdas=[0.5], progress=False)
+        return next(r["value"] for r in rows if r["metric"] == "loss")
+
+    assert midpoint_loss(alignment.perm.apply(theta_b, alignment.spec)) < midpoint_loss(theta_b)
+    assert main([*args, "--json"]) == 0  # the stored alignment is reused
+    assert json.loads(capsys.readouterr().out)["perm"] == info["perm"]

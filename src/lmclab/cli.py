@@ -10,6 +10,10 @@ from typing import Any
 from lmclab.config import add_config_flags, config_from_args
 
 
+#: Two-model alignment methods (lmclab.experiments.lmc.ALIGN_METHODS; spelled out so the parser loads no torch).
+ALIGN_CHOICES = ("weight", "activation", "ste")
+
+
 def _common_io(p: argparse.ArgumentParser, data: bool = True, device: bool = True) -> None:
     p.add_argument("--runs-dir", default=None, help="run store (default: $LMCLAB_RUNS_DIR or ./runs)")
     if data:
@@ -59,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("align", help="align run B's hidden units to run A's (verified, cached in the store)")
     p.add_argument("run_a")
     p.add_argument("run_b")
-    p.add_argument("--method", choices=("weight", "activation"), default="weight")
+    p.add_argument("--method", choices=ALIGN_CHOICES, default="weight",
+                   help="weight matching, activation matching, or STE (learned, straight-through; needs training data)")
+    p.add_argument("--ste-epochs", type=int, default=10, help="epochs of STE over the training split")
     p.add_argument("--seed", type=int, default=0, help="group order of weight matching")
-    p.add_argument("--examples", type=int, default=5000, help="training examples for activation matching")
+    p.add_argument("--examples", type=int, default=5000,
+                   help="training examples for activation matching (STE: for choosing the best permutation)")
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
 
@@ -69,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_A RUN_B",
                    help="one pair of runs, or several pairs (A1 B1 A2 B2 …: curves become mean ± std)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--align", choices=("weight", "activation"), default=None, help="align first (naive path too)")
+    how.add_argument("--align", choices=ALIGN_CHOICES, default=None, help="align first (naive path too)")
     how.add_argument("--perm", nargs="+", default=None, metavar="FILE",
                      help="saved permutation(s) from `lmclab align`, one per pair")
     p.add_argument("--points", type=int, default=25, help="evenly spaced λ, both ends included")
@@ -89,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a")
     p.add_argument("run_b")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--align", choices=("weight", "activation"), default=None, help="align B to A first")
+    how.add_argument("--align", choices=ALIGN_CHOICES, default=None, help="align B to A first")
     how.add_argument("--perm", default=None, metavar="FILE", help="a saved permutation (from `lmclab align`)")
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--subset", type=int, default=1000, help="examples used (0: the whole split)")
@@ -126,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one model each")
     p.add_argument("--out", default="out/demo", help="where figures and tables go")
-    p.add_argument("--align", choices=("weight", "activation", "none"), default="weight")
+    p.add_argument("--align", choices=(*ALIGN_CHOICES, "none"), default="weight")
     p.add_argument("--points", type=int, default=25)
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
@@ -289,7 +296,8 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     store = RunStore(args.runs_dir)
     alignment = align_runs(store.get(args.run_a), store.get(args.run_b), method=args.method, seed=args.seed,
                            store=store, data_dir=args.data_dir, device=args.device,
-                           activation_examples=args.examples, progress=not args.no_progress)
+                           activation_examples=args.examples, ste_epochs=args.ste_epochs,
+                           progress=not args.no_progress)
     info = alignment.info
     _say(args, f"{args.method} matching: {info.get('sweeps')} sweep(s), distance {info.get('distance_before', float('nan')):.4f}"
                f" → {info.get('distance_after', float('nan')):.4f}; verified f(π(θ)) = f(θ) "

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: Methods accepted by :func:`align`.
-METHODS: tuple[str, ...] = ("weight", "activation")
+METHODS: tuple[str, ...] = ("weight", "activation", "ste")
 
 
 def _as_params(x: Params | nn.Module) -> Params:
@@ -62,7 +62,8 @@ def _as_model(x: Params | nn.Module, model: nn.Module | None, which: str) -> nn.
 
 def align(params_a: Params | nn.Module, params_b: Params | nn.Module, spec: PermutationSpec,
           method: str = "weight", **kw: Any) -> MatchResult:
-    """Align B to A with `method` ("weight": :func:`weight_matching`; "activation": :func:`activation_matching`).
+    """Align B to A with `method` ("weight": :func:`weight_matching`; "activation": :func:`activation_matching`;
+    "ste": :func:`ste_matching`, which needs ``model=`` and ``data=``).
 
     Points may be parameter dicts or modules. "activation" needs ``batches=`` and, for dicts,
     ``model=`` (an instance of the architecture, copied and loaded with each point); the other
@@ -77,4 +78,8 @@ def align(params_a: Params | nn.Module, params_b: Params | nn.Module, spec: Perm
         batches = kw.pop("batches")
         return activation_matching(_as_model(params_a, model, "A"), _as_model(params_b, model, "B"), spec,
                                    batches, **kw)
+    if method == "ste":
+        if "model" not in kw or "data" not in kw:
+            raise ValueError("STE needs model=<an instance of the architecture> and data=<a DeviceDataset>")
+        return ste_matching(_as_params(params_a), _as_params(params_b), spec, **kw)
     raise ValueError(f"unknown alignment method {method!r}; valid methods: {', '.join(METHODS)}")

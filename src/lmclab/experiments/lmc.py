@@ -30,7 +30,7 @@ from lmclab.report import plot_paths, write_csv
 from lmclab.store import Run, RunStore, atomic_write_json
 from lmclab.training import load_run_model, resolve_device
 
-ALIGN_METHODS = ("weight", "activation")
+ALIGN_METHODS = ("weight", "activation", "ste")
 
 
 @dataclass
@@ -65,9 +65,15 @@ def check_same_architecture(run_a: Run, run_b: Run) -> None:
 
 def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0, store: RunStore | None = None,
                data_dir: str | None = None, device: str = "auto", activation_examples: int = 5000,
-               spec: PermutationSpec | None = None, progress: bool = True) -> Alignment:
-    """Align B to A (cached in the store), verify f(π(θ_B)) == f(θ_B) in eval and train mode, save."""
-    from lmclab.align import activation_matching, weight_matching
+               spec: PermutationSpec | None = None, progress: bool = True, ste_epochs: int = 10) -> Alignment:
+    """Align B to A (cached in the store), verify f(π(θ_B)) == f(θ_B) in eval and train mode, save.
+
+    "weight": weight matching; "activation": activation matching on `activation_examples` training
+    examples; "ste": Git Re-Basin's straight-through estimator for `ste_epochs` epochs over the training
+    split (λ = ½, seeded by `seed`), keeping the permutation with the lowest midpoint loss on a fixed
+    stratified subset of `activation_examples` training examples (the test split is never used to choose).
+    """
+    from lmclab.align import activation_matching, ste_matching, weight_matching
 
     if method not in ALIGN_METHODS:
         raise ValueError(f"unknown alignment method {method!r}; valid: {', '.join(ALIGN_METHODS)}")
@@ -75,8 +81,10 @@ def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0,
     store = store or RunStore(run_a.path.parent)
     settings: dict[str, Any] = {"a": run_a.path.name, "b": run_b.path.name, "method": method, "seed": seed,
                                 "spec_source": "derived" if spec is None else _key(**spec.to_dict())}
-    if method == "activation":
+    if method in ("activation", "ste"):
         settings["examples"] = activation_examples
+    if method == "ste":
+        settings["epochs"] = ste_epochs
     out = store.root / f"align_{_key(**settings)}"
     if (out / "alignment.json").is_file() and (out / "perm.safetensors").is_file():
         perm, saved_spec, _ = Permutation.load(out / "perm.safetensors")
@@ -92,7 +100,13 @@ def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0,
     else:
         data = DeviceDataset.load(run_a.config.data.dataset, "train", data_dir=data_dir, device=dev,
                                   subset=activation_examples, augment=False, progress=progress)
-        result = activation_matching(model_a, model_b, spec, (xb for xb, _ in data.batches(500)))
+        if method == "activation":
+            result = activation_matching(model_a, model_b, spec, (xb for xb, _ in data.batches(500)))
+        else:
+            train_data = DeviceDataset.load(run_a.config.data.dataset, "train", data_dir=data_dir, device=dev,
+                                            augment=False, progress=progress)
+            result = ste_matching(theta_a, theta_b, spec, model=model_a, data=train_data, epochs=ste_epochs,
+                                  seed=seed, val_data=data, device=dev, progress=progress)
     verify_permutation(model_b, result.perm, spec, example_input=x)  # raises SpecError if f(π(θ_B)) ≠ f(θ_B)
     invariance = check_invariance(model_b, spec, result.perm, x)
     info = {**settings, **result.to_json(), "invariance_max_abs_diff": invariance}
