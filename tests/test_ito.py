@@ -275,6 +275,30 @@ def test_ito_rerun_reuses_every_step(tiny, shared_data: Path, capsys: pytest.Cap
         assert read(second["files"][table]) == read(first["files"][table])
 
 
+def test_cli_merge_stored_runs(tiny, shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from lmclab.cli import main
+    from lmclab.store import RunStore
+
+    root, _ = tiny
+    runs = RunStore(root / "runs").runs()[:3]
+    io = ["--runs-dir", str(root / "runs"), "--data-dir", str(shared_data), "--offline", "--device", "cpu",
+          "--no-progress"]
+    args = ["merge", *(r.hash[:8] for r in runs), "--method", "naive", "merge_many", "--points", "3", "--subset", "200",
+            "--out", str(root / "merge"), *io]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    pairs = read(out["files"]["pair_barriers_table"])
+    assert len(pairs) == 2 * 3 * 2 * 2  # methods × pairs × splits × (loss, error)
+    assert {(r["i"], r["j"]) for r in pairs} == {("0", "1"), ("0", "2"), ("1", "2")}
+    assert out["merged"]["merge_many"]["test"]["loss"] < out["merged"]["naive"]["test"]["loss"]
+    assert all(Path(out["files"][f"heatmap_{split}"]).stat().st_size > 10_000 for split in ("train", "test"))
+    assert main([*args, "--json"]) == 0  # every step reused (training is looked up in the run store)
+    again = json.loads(capsys.readouterr().out)
+    assert {name.split("_")[0] for name in again["steps_run"]} <= {"train"} and again["merged"] == out["merged"]
+    assert main(["merge", runs[0].hash[:8], *io]) == 2
+    assert "at least 2 runs" in capsys.readouterr().err
+
+
 def test_ito_presets_load_and_bad_names_are_refused() -> None:
     from lmclab.experiments.ito import load_ito_preset
 
@@ -293,9 +317,8 @@ def test_a_diverged_member_gives_missing_barriers_not_numbers(population, tmp_pa
     broken["layers.0.linear.weight"] = torch.full_like(broken["layers.0.linear.weight"], float("nan"))
     result = all_pairs_barriers(model, [*points[:3], broken], {"train": datasets["train"]}, lambdas=[0, 0.5, 1],
                                 to_merged=False, progress=False)
-    for r in result.pairs:
-        if r["metric"] == "loss":  # (the error of NaN logits is whatever argmax makes of them)
-            assert np.isnan(r["barrier"]) == (r["j"] == 3)
+    for r in result.pairs:  # loss and error: NaN logits give NaN metrics, never an argmax of NaNs
+        assert np.isnan(r["barrier"]) == (r["j"] == 3)
     s = next(r for r in result.summary() if (r["metric"], r["definition"]) == ("loss", "barrier"))
     assert (s["n"], s["n_missing"]) == (6, 3) and np.isfinite(s["max"])
     rows = [{"method": "naive", "k": 4, **r} for r in result.summary() if r["kind"] == "pairs"]

@@ -12,6 +12,8 @@ from lmclab.config import add_config_flags, config_from_args
 
 #: Two-model alignment methods (lmclab.experiments.lmc.ALIGN_METHODS; spelled out so the parser loads no torch).
 ALIGN_CHOICES = ("weight", "activation", "ste")
+#: K-model methods (lmclab.align.population.POPULATION_METHODS).
+POPULATION_CHOICES = ("naive", "pairwise", "merge_many", "ste_mm")
 
 
 def _common_io(p: argparse.ArgumentParser, data: bool = True, device: bool = True) -> None:
@@ -69,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="group order of weight matching")
     p.add_argument("--examples", type=int, default=5000,
                    help="training examples for activation matching (STE: for choosing the best permutation)")
+    p.add_argument("--no-progress", action="store_true")
+    _common_io(p)
+
+    p = sub.add_parser("merge", help="align K stored runs jointly, merge them, barriers between all pairs (Ito et al.)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="two or more runs of one architecture; the first is the reference")
+    p.add_argument("--method", nargs="+", default=["merge_many"], choices=POPULATION_CHOICES,
+                   help="one or more: naive, pairwise (each to the first run), merge_many, ste_mm")
+    p.add_argument("--ste-epochs", type=int, default=10, help="STE-MM epochs (the paper: 10, lr 1e-3, batch 256)")
+    p.add_argument("--ste-examples", type=int, default=None, help="STE-MM on a stratified training subset")
+    p.add_argument("--points", type=int, default=25, help="evenly spaced λ per pair, both ends included")
+    p.add_argument("--subset", type=int, default=None, help="stratified subset of each split for evaluation")
+    p.add_argument("--trace", action="store_true", help="also the merged model's Hessian trace (plain, scale-aware)")
+    p.add_argument("--out", default="out/merge", help="tables and heat maps")
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
 
@@ -305,6 +320,19 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     return {"path": str(alignment.path), "perm": str(alignment.path / "perm.safetensors"), **info}
 
 
+def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    from lmclab.experiments.ito import merge_runs
+    from lmclab.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    runs = [store.get(r) for r in args.runs]
+    ste = {"epochs": args.ste_epochs, **({"train_examples": args.ste_examples} if args.ste_examples else {})}
+    return merge_runs(runs, args.method, out=args.out, options={"ste_mm": ste}, points=args.points,
+                      examples=args.subset, trace={} if args.trace else None, runs_dir=args.runs_dir,
+                      data_dir=args.data_dir, device=args.device, progress=not args.no_progress,
+                      say=lambda t: _say(args, t))
+
+
 def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
     from lmclab.experiments.lmc import lmc_pairs
     from lmclab.store import RunStore
@@ -409,7 +437,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS = {"train": cmd_train, "fork": cmd_fork, "runs": cmd_runs, "eval": cmd_eval, "align": cmd_align,
-            "interpolate": cmd_interpolate, "predict": cmd_predict, "sharpness": cmd_sharpness, "run": cmd_run,
+            "interpolate": cmd_interpolate, "merge": cmd_merge, "predict": cmd_predict, "sharpness": cmd_sharpness, "run": cmd_run,
             "presets": cmd_presets,
             "models": cmd_models, "datasets": cmd_datasets, "demo": cmd_demo}
 

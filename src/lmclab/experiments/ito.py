@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,18 +267,17 @@ def _merged_trace(ctx: StepContext, config: dict[str, Any], inputs: dict[str, An
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def tidy_tables(preset: ExperimentPreset, graph: dict[str, dict[Any, Step]],
-                results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Tidy rows: merged (merged model and members), barrier_summary, pair_barriers, merged_barriers,
-    trace, alignment."""
+def tidy_tables(graph: dict[str, dict[Any, Step]], results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Tidy rows of every setting's steps: merged (merged model and members), barrier_summary,
+    pair_barriers, merged_barriers, trace, alignment."""
     tables: dict[str, list[dict[str, Any]]] = {n: [] for n in ("merged", "barrier_summary", "pair_barriers",
                                                                 "merged_barriers", "trace", "alignment")}
-    for s in preset.settings:
-        for key, step in graph[s.name].items():
+    for setting, steps in graph.items():
+        for key, step in steps.items():
             if key[0] == "member":
                 continue
             _, method, k = key
-            res, base = results[step.key], {"setting": s.name, "method": method, "k": k}
+            res, base = results[step.key], {"setting": setting, "method": method, "k": k}
             if key[0] == "align":
                 for i, (d, inv) in enumerate(zip(res["distance_to_merged"], res["invariance_max_abs_diff"])):
                     tables["alignment"].append({**base, "member": i, "run": res["runs"][i],
@@ -314,7 +314,7 @@ def run_ito(preset_name: str = "smoke", *, out: str | Path = "out/ito", runs_dir
     say(f"ito --preset {preset_name}: {preset.description}")
     results = executor.run([step for steps in graph.values() for step in steps.values()])
     out = Path(out)
-    tables = tidy_tables(preset, graph, results)
+    tables = tidy_tables(graph, results)
     files: dict[str, str] = {f"{name}_table": str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items()}
     heat = {"split": "test", "metric": "loss", "definition": "barrier", **preset.options.get("heatmap", {})}
     for s in preset.settings:
@@ -336,3 +336,66 @@ def run_ito(preset_name: str = "smoke", *, out: str | Path = "out/ito", runs_dir
         say(f"  {name}: {path}")
     return {"out": str(out), "files": files, "steps_run": executor.ran}
 
+
+
+def merge_runs(runs: Sequence[Run], methods: Sequence[str] = ("merge_many",), *, out: str | Path,
+               options: Mapping[str, Mapping[str, Any]] | None = None, points: int = 25,
+               examples: int | None = None, splits: Sequence[str] = ("train", "test"), bn: str | None = None,
+               trace: Mapping[str, Any] | None = None, runs_dir: str | None = None, data_dir: str | None = None,
+               device: str = "auto", progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Align K stored runs (run 0 is the reference) with each method, merge, and measure: the same cached
+    steps as :func:`run_ito` for one K (merged metrics, all-pairs and model → merged barriers, and with
+    `trace` (keywords of the trace step, {} for the defaults) the merged model's Hessian trace). Tables
+    and one K × K heat map per split go to `out`. `options[method]`: keywords of that method."""
+    from lmclab.report.ito import plot_heatmaps
+
+    if len(runs) < 2:
+        raise ValueError(f"merging needs at least 2 runs, got {len(runs)}")
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(available_methods())}")
+    for run in runs[1:]:
+        check_same_architecture(runs[0], run)
+    members = [train_step(f"member{i}", run.config) for i, run in enumerate(runs)]
+    ins = {f"m{i}": m for i, m in enumerate(members)}
+    k = len(runs)
+    evaluation = {"splits": list(splits), "examples": examples, "points": points, "bn": bn, "bn_examples": None}
+    steps: dict[Any, Step] = {("member", i): m for i, m in enumerate(members)}
+    for method in methods:
+        align = Step("population_align", {"method": method, "k": k, "options": dict((options or {}).get(method, {}))},
+                     ins)
+        steps[("align", method, k)] = align
+        steps[("eval", method, k)] = Step("population_eval", evaluation, {"align": align, **ins})
+        if trace is not None:
+            steps[("trace", method, k)] = Step("merged_trace", {**TRACE_DEFAULTS, **trace, "bn": bn,
+                                                                "bn_examples": None}, {"align": align, **ins})
+    executor = LocalExecutor(runs_dir, {"runs_dir": runs_dir, "data_dir": data_dir, "device": device,
+                                        "progress": progress}, progress=progress, say=say)
+    results = executor.run(list(steps.values()))
+    out = Path(out)
+    tables = tidy_tables({"runs": steps}, results)
+    files = {f"{name}_table": str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items() if rows}
+    for split in splits:
+        files[f"heatmap_{split}"] = str(plot_heatmaps(out / f"heatmap_{split}.png", tables["pair_barriers"], k,
+                                                      split=split, title=f"{k} runs: pair barriers ({split})"))
+    merged = {m: {r["split"]: {} for r in tables["merged"]} for m in methods}
+    for r in tables["merged"]:
+        if r["model"] == "merged":
+            merged[r["method"]][r["split"]][r["metric"]] = r["value"]
+    summary = {(r["method"], r["kind"], r["split"], r["metric"]): r for r in tables["barrier_summary"]
+               if r["definition"] == "barrier"}
+    for m in methods:
+        say(f"{m}: merged " + "  ".join(f"{split} loss {merged[m][split].get('loss', float('nan')):.4f} "
+                                        f"acc {merged[m][split].get('accuracy', float('nan')):.4f}" for split in splits))
+        for split in splits:
+            r = summary.get((m, "pairs", split, "loss"))
+            if r:
+                say(f"  {split} loss barrier over {r['n']} pairs: mean {_fmt(r['mean'])} ± {_fmt(r['std'])}, "
+                    f"max {_fmt(r['max'])}")
+    say(f"tables and figures in {out}")
+    return {"out": str(out), "files": files, "merged": merged, "steps_run": executor.ran,
+            "barrier_summary": [r for r in tables["barrier_summary"] if r["definition"] == "barrier"]}
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.4f}"
