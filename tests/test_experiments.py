@@ -85,3 +85,38 @@ def test_cli_run_and_sharpness(tiny, shared_data: Path, capsys: pytest.CaptureFi
     assert "trace" in capsys.readouterr().out
     assert main(["run", "benko", "--preset", "nope", *io]) == 2
     assert "presets: smoke, paper, tiny" in capsys.readouterr().err
+
+
+def test_singh_set_barrier_against_hand_made_layer_interpolation(shared_data: Path) -> None:
+    """(1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2], θ_{2→1} = θ_1 with only the set interpolated."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from lmclab.data import DeviceDataset
+    from lmclab.experiments.predict import endpoint_losses, singh_set_barrier
+    from lmclab.models import build_model
+
+    data = DeviceDataset.load("mnist", "test", data_dir=shared_data, subset=200, progress=False)
+    model = build_model("mlp", input_shape=(1, 28, 28), num_classes=10, hidden=[16, 16]).eval()
+    torch.manual_seed(1)
+    theta_1 = dict(model.state_dict())
+    theta_2 = {k: v + 0.3 * torch.randn_like(v) for k, v in theta_1.items()}
+    tensors = ["layers.1.linear.weight", "layers.1.linear.bias"]
+    x, y = next(iter(data.batches(1000)))
+
+    def loss(theta: dict) -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(functional_call(model, theta, (x,)), y))
+
+    def only(base: dict, a: float) -> dict:
+        return {k: ((1 - a) * theta_1[k] + a * theta_2[k]) if k in tensors else base[k] for k in base}
+
+    lambdas = [0.0, 0.25, 0.5, 1.0]
+    expected = [(1 - a) * loss(only(theta_1, a)) + a * loss(only(theta_2, a)) - ((1 - a) * loss(theta_1) + a * loss(theta_2))
+                for a in lambdas]
+    got = singh_set_barrier(model, theta_1, theta_2, data, lambdas, tensors)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    ends = endpoint_losses(model, theta_1, theta_2, data)
+    np.testing.assert_allclose(ends, (loss(theta_1), loss(theta_2)), rtol=1e-6)
+    np.testing.assert_allclose(singh_set_barrier(model, theta_1, theta_2, data, lambdas, tensors, ends), got)

@@ -35,12 +35,28 @@ def _loss_curve(model, theta_1, theta_2, data, lambdas, only=None, base="a") -> 
     return np.array([r["value"] for r in rows if r["metric"] == "loss"])
 
 
-def singh_set_barrier(model, theta_1, theta_2, data, lambdas, tensors) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """(1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2] with only `tensors` interpolated."""
-    lam = np.asarray(lambdas)
-    from_1 = _loss_curve(model, theta_1, theta_2, data, lambdas, only=tensors, base="a")
-    from_2 = _loss_curve(model, theta_1, theta_2, data, lambdas, only=tensors, base="b")
-    return (1 - lam) * from_1 + lam * from_2 - ((1 - lam) * from_1[0] + lam * from_2[-1])
+def endpoint_losses(model, theta_1, theta_2, data) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(L(θ_1), L(θ_2)) with the same evaluation as the paths (eval mode, stored statistics)."""
+    ends = _loss_curve(model, theta_1, theta_2, data, [0.0, 1.0])
+    return float(ends[0]), float(ends[1])
+
+
+def singh_set_barrier(model, theta_1, theta_2, data, lambdas, tensors,  # type: ignore[no-untyped-def]
+                      endpoints: tuple[float, float] | None = None) -> np.ndarray:
+    """(1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2] with only `tensors` interpolated (0 at α ∈ {0, 1}).
+
+    Only the interior α are evaluated; `endpoints` = (L_1, L_2) from :func:`endpoint_losses` saves
+    recomputing them for every layer set."""
+    lam = np.asarray(lambdas, dtype=np.float64)
+    loss_1, loss_2 = endpoints if endpoints is not None else endpoint_losses(model, theta_1, theta_2, data)
+    out = np.zeros_like(lam)
+    inner = (lam > 0) & (lam < 1)
+    if inner.any():
+        a = lam[inner]
+        from_1 = _loss_curve(model, theta_1, theta_2, data, a.tolist(), only=tensors, base="a")
+        from_2 = _loss_curve(model, theta_1, theta_2, data, a.tolist(), only=tensors, base="b")
+        out[inner] = (1 - a) * from_1 + a * from_2 - ((1 - a) * loss_1 + a * loss_2)
+    return out
 
 
 def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = None, split: str = "test",
@@ -68,9 +84,10 @@ def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = 
     curve_rows = [{"alpha": a, "measured": m, "predicted": p} for a, m, p in zip(lambdas, measured, pred["curve"])]
 
     half = [0.0, 0.5, 1.0]
+    ends = endpoint_losses(model, theta_1, theta_2, data)
     layer_rows = []
     for name, tensors in blocks.items():
-        b = singh_set_barrier(model, theta_1, theta_2, data, half, tensors)[1]
+        b = singh_set_barrier(model, theta_1, theta_2, data, half, tensors, ends)[1]
         layer_rows.append({"layer": name, "measured_half": float(b),
                            "predicted_half": float(predict_at(pred["layers"][name], 0.5)),
                            "predicted_max": pred["layers"][name]["max"]})
@@ -79,7 +96,7 @@ def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = 
     for order in orders:
         for layer_set in cumulative_layer_sets(list(blocks), order):
             tensors = [t for layer in layer_set for t in blocks[layer]]
-            b = singh_set_barrier(model, theta_1, theta_2, data, half, tensors)[1]
+            b = singh_set_barrier(model, theta_1, theta_2, data, half, tensors, ends)[1]
             cumulative_rows.append({"order": order, "k": len(layer_set), "last_layer": layer_set[-1],
                                     "measured_half": float(b),
                                     "predicted_eq21": predicted_set_barrier(matrix, names, layer_set)})

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from lmclab.curvature.predictions import barrier_prediction
 from lmclab.data import DeviceDataset
 from lmclab.experiments.graph import LocalExecutor, Step, StepContext, step_kind
-from lmclab.experiments.predict import predict_at, singh_set_barrier
+from lmclab.experiments.predict import endpoint_losses, predict_at, singh_set_barrier
 from lmclab.experiments.settings import ExperimentPreset, Setting, load_preset
 from lmclab.experiments.steps import dataset_for, fork_step, train_step
 from lmclab.geometry import ToyLandscape, cosine, difference, distance, norm, sibling_angle
@@ -301,11 +301,13 @@ def _layerwise(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any])
         pred = barrier_prediction(model, theta_1, theta_2, data, alphas=half, layers=blocks,
                                   gradient_terms=config.get("gradient_terms", False),
                                   batch_size=config.get("batch_size", 100))
-        rows["measured"].append([float(singh_set_barrier(model, theta_1, theta_2, data, half, t)[1])
+        ends = endpoint_losses(model, theta_1, theta_2, data)
+        rows["measured"].append([float(singh_set_barrier(model, theta_1, theta_2, data, half, t, ends)[1])
                                  for t in blocks.values()])
         rows["predicted"].append([predict_at(pred["layers"][name], 0.5) for name in blocks])
         rows["layer_distance"].append([distance(theta_1, theta_2, t) for t in blocks.values()])
-        rows["measured_all"].append(float(singh_set_barrier(model, theta_1, theta_2, data, half, list(params))[1]))
+        rows["measured_all"].append(float(singh_set_barrier(model, theta_1, theta_2, data, half, list(params),
+                                                            ends)[1]))
         rows["cross_blocks_theta_1"].append(pred["cross_blocks"]["theta_1"].tolist())
         rows["cross_blocks_theta_2"].append(pred["cross_blocks"]["theta_2"].tolist())
     return {"fork_step": fork, "steps_per_epoch": spe, "steps": steps, "layers": list(blocks),
