@@ -145,3 +145,19 @@ def test_evaluate_reports_nan_for_non_finite_logits(shared_data: Path) -> None:
         model.head.weight[0, 0] = float("nan")
     bad = evaluate(model, data)
     assert math.isnan(bad["loss"]) and math.isnan(bad["accuracy"])  # not an argmax over NaN logits
+
+
+def test_a_stored_complete_run_is_returned_without_loading_data(tmp_path: Path, shared_data: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmclab.training.trainer as trainer
+
+    opts = options(tmp_path, shared_data)
+    run = train(SMALL, opts)
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("datasets loaded for a stored complete run")
+
+    monkeypatch.setattr(trainer, "load_datasets", no_data)
+    assert train(SMALL, opts) == run
+    with pytest.raises(AssertionError, match="datasets loaded"):  # a missing checkpoint still needs the data
+        train(SMALL, dataclasses.replace(opts, checkpoints=CheckpointSchedule(epochs=(1,))))

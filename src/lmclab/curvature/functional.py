@@ -56,6 +56,19 @@ def functional_model(model: nn.Module, theta: Mapping[str, torch.Tensor] | None 
     return FunctionalModel(module, params, buffers)
 
 
+def parameter_names(model: nn.Module) -> list[str]:
+    """The model's parameter names (the coordinates curvature is taken in; buffers excluded)."""
+    return [n for n, _ in model.named_parameters()]
+
+
+def parameter_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """Layer groups (:func:`lmclab.paths.layer_groups`) restricted to parameters: the blocks of Prop. 2 / eq. 20."""
+    from lmclab.paths import layer_groups
+
+    params = set(parameter_names(model))
+    return {name: [t for t in tensors if t in params] for name, tensors in layer_groups(model).items()}
+
+
 def parameter_direction(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor],
                         model: nn.Module) -> Params:
     """d = θ_B − θ_A over the model's trainable parameters (buffers are not directions)."""

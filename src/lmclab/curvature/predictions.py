@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmclab.curvature.functional import LossFn, Params, summed_cross_entropy
+from lmclab.curvature.functional import LossFn, Params, parameter_names, summed_cross_entropy
 from lmclab.curvature.hessian import Data, HessianOperator, vdot
 from lmclab.paths import default_lambdas
 
@@ -53,13 +53,9 @@ def predicted_barrier_curve(q1: float, q2: float, alphas: Sequence[float], *, g1
     return a * (1 - a) * (g1 - g2) + a * (1 - a) / 2 * (a * q1 + (1 - a) * q2)
 
 
-def _parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters()]
-
-
 def _blocks(model: nn.Module, layer_blocks: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
     """Parameter names of each block (buffer names dropped); unknown names and overlaps are errors."""
-    params = set(_parameter_names(model))
+    params = set(parameter_names(model))
     known = params | {n for n, _ in model.named_buffers()}
     out: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
@@ -108,7 +104,7 @@ def gradient_dot(model: nn.Module, theta: Mapping[str, torch.Tensor], directions
 
 def _direction(model: nn.Module, theta_1: Mapping[str, torch.Tensor], theta_2: Mapping[str, torch.Tensor]) -> Params:
     """d = θ_2 − θ_1 over the parameters, in the dtype the HVPs use (fp64 if θ_1 is fp64, else fp32)."""
-    names = _parameter_names(model)
+    names = parameter_names(model)
     dtype = torch.float64 if any(theta_1[n].dtype == torch.float64 for n in names) else torch.float32
     return {n: theta_2[n].detach().to(dtype) - theta_1[n].detach().to(dtype) for n in names}
 
@@ -187,10 +183,10 @@ def cross_block_matrix(model: nn.Module,
         raise ValueError("theta: give a point or a non-empty sequence of points")
     blocks = _blocks(model, layer_blocks)
     names = list(blocks)
-    missing = set(_parameter_names(model)) - set(d)
+    missing = set(parameter_names(model)) - set(d)
     if missing:
         raise KeyError(f"d lacks parameters {sorted(missing)}")
-    direction = {n: d[n] for n in _parameter_names(model)}
+    direction = {n: d[n] for n in parameter_names(model)}
     masked = list(masked_directions(direction, blocks).values())
     total = np.zeros((len(names), len(names)))
     for th in points:

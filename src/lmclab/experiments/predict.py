@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from lmclab.curvature.functional import parameter_direction
+from lmclab.curvature.functional import parameter_blocks, parameter_direction
 from lmclab.curvature.predictions import barrier_prediction, predicted_set_barrier
 from lmclab.curvature.trace import hessian_trace, top_eigenvalue
 from lmclab.data import DeviceDataset
 from lmclab.experiments.lmc import Alignment, check_same_architecture
-from lmclab.paths import barrier_curve, cumulative_layer_sets, default_lambdas, evaluate_path, layer_groups
+from lmclab.paths import barrier_curve, cumulative_layer_sets, default_lambdas, evaluate_path, path_values
 from lmclab.report import write_csv
 from lmclab.report.predict import plot_predictions
 from lmclab.store import Run
@@ -32,7 +32,7 @@ from lmclab.training import load_run_model, resolve_device
 def _loss_curve(model, theta_1, theta_2, data, lambdas, only=None, base="a") -> np.ndarray:  # type: ignore[no-untyped-def]
     rows = evaluate_path(model, theta_1, theta_2, {"x": data}, lambdas=lambdas, only=only, base=base, bn="none",
                          progress=False)
-    return np.array([r["value"] for r in rows if r["metric"] == "loss"])
+    return np.array(path_values(rows, "loss"))
 
 
 def endpoint_losses(model, theta_1, theta_2, data) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -75,8 +75,7 @@ def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = 
     theta_1, theta_2 = run_1.load_state(device=dev), run_2.load_state(device=dev)
     if alignment is not None:
         theta_2 = alignment.perm.apply(theta_2, alignment.spec)
-    params = {n for n, _ in model.named_parameters()}
-    blocks = {name: [t for t in tensors if t in params] for name, tensors in layer_groups(model).items()}
+    blocks = parameter_blocks(model)
     lambdas = default_lambdas(points)
 
     pred = barrier_prediction(model, theta_1, theta_2, data, alphas=lambdas, layers=blocks)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lmclab.curvature.functional import parameter_blocks, parameter_names
 from lmclab.curvature.predictions import barrier_prediction
 from lmclab.data import DeviceDataset
 from lmclab.experiments.graph import LocalExecutor, Step, StepContext, step_kind
@@ -47,7 +48,7 @@ from lmclab.experiments.settings import ExperimentPreset, Setting, load_preset
 from lmclab.experiments.steps import dataset_for, fork_step, train_step
 from lmclab.geometry import ToyLandscape, cosine, difference, distance, norm, sibling_angle
 from lmclab.geometry.toy import FOUR_MINIMA, TWO_MINIMA
-from lmclab.paths import BN_MODES, barrier_curve, default_lambdas, evaluate_path, has_batchnorm, layer_groups
+from lmclab.paths import BN_MODES, barrier_curve, default_lambdas, evaluate_path, has_batchnorm, path_values
 from lmclab.report import write_csv
 from lmclab.report.singh import (
     plot_barrier_predictions,
@@ -190,10 +191,6 @@ def common_steps(run_a: Run, run_b: Run, fork: int, every: int = 1, spe: int = 1
     return [s for s in steps if s in (fork, final) or ((s - fork) / spe) % every == 0]
 
 
-def parameter_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters()]
-
-
 def eval_data(ctx: StepContext, run: Run, examples: int | None) -> DeviceDataset:
     """The first `examples` (stratified) training images, un-augmented; capped at the run's own training
     subset so that "train" loss is measured on images the children trained on."""
@@ -208,7 +205,15 @@ def loss_curve(model: torch.nn.Module, theta_1: dict, theta_2: dict, data: Devic
     """Loss and error at each α on the segment θ_1 → θ_2."""
     rows = evaluate_path(model, theta_1, theta_2, {"train": data}, lambdas=lambdas, bn=bn,
                          bn_data=data if bn != "none" else None, bn_examples=bn_examples, progress=False)
-    return {m: [r["value"] for r in rows if r["metric"] == m] for m in ("loss", "error")}
+    return {m: path_values(rows, m) for m in ("loss", "error")}
+
+
+def sibling_model_and_data(ctx: StepContext, inputs: dict[str, Any], examples: int | None
+                           ) -> tuple[Run, Run, int, int, torch.nn.Module, DeviceDataset]:
+    """(child 1, child 2, fork step, steps per epoch, the model on the step's device, the evaluation data)."""
+    run_a, run_b, fork, spe = sibling_runs(inputs)
+    model = load_run_model(run_a, device=resolve_device(ctx.options.get("device", "auto")))
+    return run_a, run_b, fork, spe, model, eval_data(ctx, run_a, examples)
 
 
 def child_epoch(step: int, fork: int, spe: int) -> float:
@@ -221,10 +226,8 @@ def child_epoch(step: int, fork: int, spe: int) -> float:
 @step_kind("singh_segments")
 def _segments(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """Loss and error on the segment θ_1^t → θ_2^t at every (every-th) common child checkpoint t."""
-    run_a, run_b, fork, spe = sibling_runs(inputs)
-    device = resolve_device(ctx.options.get("device", "auto"))
-    model = load_run_model(run_a, device=device)
-    data = eval_data(ctx, run_a, config.get("examples"))
+    run_a, run_b, fork, spe, model, data = sibling_model_and_data(ctx, inputs, config.get("examples"))
+    device = next(model.parameters()).device
     bn = config.get("bn", "reset") if has_batchnorm(model) else "none"
     lambdas = default_lambdas(config["points"])
     steps = common_steps(run_a, run_b, fork, config.get("every", 1), spe)
@@ -262,10 +265,8 @@ def _geometry(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) 
 @step_kind("singh_prediction")
 def _prediction(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """Prop. 1 (Hessians at both final siblings) against the measured barrier curve, on a training subset."""
-    run_a, run_b, _, _ = sibling_runs(inputs)
-    device = resolve_device(ctx.options.get("device", "auto"))
-    model = load_run_model(run_a, device=device)
-    data = eval_data(ctx, run_a, config.get("examples"))
+    run_a, run_b, _, _, model, data = sibling_model_and_data(ctx, inputs, config.get("examples"))
+    device = next(model.parameters()).device
     theta_1, theta_2 = run_a.load_state(device=device), run_b.load_state(device=device)
     lambdas = default_lambdas(config["points"])
     pred = barrier_prediction(model, theta_1, theta_2, data, alphas=lambdas, batch_size=config.get("batch_size", 100))
@@ -285,12 +286,10 @@ def _layerwise(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any])
     """Over child epochs (the fork itself, where d = 0, left out): per layer ℓ the measured B_ℓ(½), Prop. 2
     at α = ½ and ‖d[ℓ]‖; the measured barrier with all layers interpolated; eq. 20's cross-block
     matrices at θ_1^t and θ_2^t (one HVP pass per endpoint gives all of them)."""
-    run_a, run_b, fork, spe = sibling_runs(inputs)
-    device = resolve_device(ctx.options.get("device", "auto"))
-    model = load_run_model(run_a, device=device)
-    data = eval_data(ctx, run_a, config.get("examples"))
-    params = set(parameter_names(model))
-    blocks = {name: [t for t in tensors if t in params] for name, tensors in layer_groups(model).items()}
+    run_a, run_b, fork, spe, model, data = sibling_model_and_data(ctx, inputs, config.get("examples"))
+    device = next(model.parameters()).device
+    blocks = parameter_blocks(model)
+    params = parameter_names(model)
     steps = [s for s in common_steps(run_a, run_b, fork, config.get("every", 1), spe) if s != fork]
     half = [0.0, 0.5, 1.0]
     rows: dict[str, list] = {"measured": [], "predicted": [], "layer_distance": [], "measured_all": [],
@@ -306,7 +305,7 @@ def _layerwise(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any])
                                  for t in blocks.values()])
         rows["predicted"].append([predict_at(pred["layers"][name], 0.5) for name in blocks])
         rows["layer_distance"].append([distance(theta_1, theta_2, t) for t in blocks.values()])
-        rows["measured_all"].append(float(singh_set_barrier(model, theta_1, theta_2, data, half, list(params),
+        rows["measured_all"].append(float(singh_set_barrier(model, theta_1, theta_2, data, half, params,
                                                             ends)[1]))
         rows["cross_blocks_theta_1"].append(pred["cross_blocks"]["theta_1"].tolist())
         rows["cross_blocks_theta_2"].append(pred["cross_blocks"]["theta_2"].tolist())

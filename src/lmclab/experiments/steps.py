@@ -17,7 +17,7 @@ from lmclab.config import RunConfig
 from lmclab.data import DeviceDataset
 from lmclab.experiments.graph import Step, StepContext, step_kind
 from lmclab.experiments.lmc import align_runs, load_alignment
-from lmclab.paths import evaluate_path
+from lmclab.paths import default_lambdas, evaluate_path, path_values
 from lmclab.store import Run
 from lmclab.training import CheckpointSchedule, RunOptions, load_run_model, resolve_device, train
 from lmclab.training.forks import child_config
@@ -95,12 +95,12 @@ def _path(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> d
     run_a, model, theta_a, theta_b = endpoints(ctx, inputs)
     data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
     bn_data = dataset_for(ctx, run_a, "train", config.get("examples")) if config.get("bn", "none") != "none" else None
-    lambdas = [i / (config["points"] - 1) for i in range(config["points"])]
+    lambdas = default_lambdas(config["points"])
     rows = evaluate_path(model, theta_a, theta_b, {config["split"]: data}, lambdas=lambdas, bn=config.get("bn"),
                          bn_data=bn_data, progress=False)
     out: dict[str, Any] = {"lambdas": lambdas, "n_examples": len(data)}
     for metric in ("loss", "accuracy", "error"):
-        out[metric] = [r["value"] for r in rows if r["metric"] == metric]
+        out[metric] = path_values(rows, metric)
     return out
 
 
@@ -130,7 +130,7 @@ def _logits(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) ->
 
     run_a, model, theta_a, theta_b = endpoints(ctx, inputs)
     data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
-    lambdas = [i / (config["points"] - 1) for i in range(config["points"])]
+    lambdas = default_lambdas(config["points"])
     lam = torch.tensor(lambdas, dtype=torch.float64)
     d = parameter_direction(theta_a, theta_b, model)
     order = config["order"]

@@ -16,6 +16,11 @@ from lmclab.training.evaluate import evaluate
 BN_MODES = ("none", "reset", "repair")
 
 
+def path_values(rows: Iterable[Mapping[str, Any]], metric: str, split: str | None = None) -> list[float]:
+    """The values of `metric` (on `split`, default: any) in λ order, from :func:`evaluate_path`'s tidy rows."""
+    return [r["value"] for r in rows if r["metric"] == metric and (split is None or r["split"] == split)]
+
+
 def default_bn_mode(model: torch.nn.Module) -> str:
     """"reset" for models with BatchNorm, "none" otherwise (LayerNorm models need nothing)."""
     return "reset" if has_batchnorm(model) else "none"

@@ -46,6 +46,15 @@ def _no_data(ax: plt.Axes, text: str = "no data") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
+def _finish(ax: plt.Axes, has_data: bool, **legend: Any) -> None:
+    """Grid, and the legend (keywords to ``ax.legend``, default fontsize 8) or a "no data" note."""
+    ax.grid(alpha=0.3)
+    if has_data:
+        ax.legend(**{"fontsize": 8, **legend})
+    else:
+        _no_data(ax)
+
+
 def plot_segments(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metric: str = "error",
                   title: str = "") -> Path:
     """Figs 1 / 10 (and 8–9, 11–12 for other settings): one 3-D panel per fork epoch with the curve of
@@ -105,11 +114,7 @@ def plot_geometry(path: str | os.PathLike, angles: Iterable[Mapping[str, Any]], 
         ax.plot(t, cos, "-o", ms=2.5, color=f"C{i}", label=f"fork {epoch}")
     ax.set(xlabel="child epoch t", ylabel="cos(θ₁ᵗ − θ₂ᵗ, θ₁* − θ₂*)", title="solution-plane determination",
            ylim=(min(0.0, ax.get_ylim()[0]), 1.02))
-    ax.grid(alpha=0.3)
-    if geometry:
-        ax.legend(fontsize=8)
-    else:
-        _no_data(ax)
+    _finish(ax, bool(geometry))
     return save_figure(fig, path, title)
 
 
@@ -136,11 +141,7 @@ def plot_barrier_predictions(path: str | os.PathLike, predictions: Iterable[Mapp
                     label=label)
     ax.set_xticks(pos, [str(f) for f in forks])
     ax.set(xlabel="fork epoch", ylabel="loss barrier max_α B(α)", title="predicted vs actual barrier (final siblings)")
-    ax.grid(alpha=0.3)
-    if predictions:
-        ax.legend(fontsize=8)
-    else:
-        _no_data(ax)
+    _finish(ax, bool(predictions))
 
     ax = axes[1]
     for i, epoch in enumerate(forks):
@@ -159,11 +160,7 @@ def plot_barrier_predictions(path: str | os.PathLike, predictions: Iterable[Mapp
         t, d = _mean_by([r for r in geometry if int(r["fork_epoch"]) == epoch], "child_epoch", "distance")
         ax.plot(t, d, "-", color=f"C{i}", label=f"fork {epoch}")
     ax.set(xlabel="child epoch t", ylabel="‖θ₁ᵗ − θ₂ᵗ‖", title="sibling distance")
-    ax.grid(alpha=0.3)
-    if geometry:
-        ax.legend(fontsize=8)
-    else:
-        _no_data(ax)
+    _finish(ax, bool(geometry))
     return save_figure(fig, path, title)
 
 
@@ -210,11 +207,7 @@ def plot_layerwise(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], s
     ax.axhline(0.0, color="0.6", lw=0.8)
     ax.set(xlabel="child epoch t", ylabel="barrier at α = ½ (loss)",
            title="cross-block sums (eq. 20) and measured barriers")
-    ax.grid(alpha=0.3)
-    if sums:
-        ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    else:
-        _no_data(ax)
+    _finish(ax, bool(sums), ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     return save_figure(fig, path, title)
 
 

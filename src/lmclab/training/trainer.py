@@ -146,15 +146,22 @@ def train(
     config = config.normalised()
     store = RunStore(options.runs_dir)
     device = resolve_device(options.device)
-    train_ds, test_ds = load_datasets(config, options, device)
 
-    n, bs = len(train_ds), config.train.batch_size
-    steps_per_epoch = math.ceil(n / bs)
-    total_steps = config.train.steps if config.train.steps is not None else config.train.epochs * steps_per_epoch
-    fork_step = _fork_step(config, steps_per_epoch, total_steps)
-    wanted = _checkpoint_steps(options.checkpoints, steps_per_epoch, total_steps, fork_step)
+    def schedule(n: int) -> tuple[int, int, int | None, list[int]]:
+        """(steps per epoch, total steps, fork step, checkpoint steps to keep) for n training examples."""
+        spe = math.ceil(n / config.train.batch_size)
+        total = config.train.steps if config.train.steps is not None else config.train.epochs * spe
+        fork = _fork_step(config, spe, total)
+        return spe, total, fork, _checkpoint_steps(options.checkpoints, spe, total, fork)
 
     found = store.find(config)
+    stored_n = found.meta.get("data_info", {}).get("train_size") if found is not None and found.complete else None
+    if found is not None and stored_n is not None:  # a stored complete run: decided without loading any data
+        if all(found.checkpoint_path(s).is_file() for s in schedule(int(stored_n))[3]):
+            return found
+    train_ds, test_ds = load_datasets(config, options, device)
+    n, bs = len(train_ds), config.train.batch_size
+    steps_per_epoch, total_steps, fork_step, wanted = schedule(n)
     if found is not None and found.complete and all(found.checkpoint_path(s).is_file() for s in wanted):
         return found
     fork_record: dict[str, Any] | None = None
