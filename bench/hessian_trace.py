@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmclab.curvature.hessian import HessianOperator, vdot
+from lmclab.curvature.hessian import HessianOperator
 from lmclab.curvature.trace import _probe, _t_interval, hessian_trace, hutchinson_trace
 from lmclab.data import DeviceDataset
 from lmclab.models import build_model, count_parameters
+from lmclab.points import inner
 from lmclab.training import train_step
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # ../shared/data beside the checkout
@@ -77,7 +78,7 @@ def pyhessian_probe(model: nn.Module, params: list[nn.Parameter], names: list[st
         for acc, h in zip(thv, hv):
             acc.add_(h.detach(), alpha=len(y))
         n += len(y)
-    return vdot({k: h / n for k, h in zip(names, thv)}, v)
+    return inner({k: h / n for k, h in zip(names, thv)}, v)
 
 
 def calibrate(model: nn.Module, data: DeviceDataset, block: int, batch_size: int, device: torch.device,

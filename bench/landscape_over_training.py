@@ -29,8 +29,7 @@ import torch
 from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
 from lmclab.experiments.graph import STEP_KINDS, StepContext
 from lmclab.experiments.singh import common_steps, sibling_runs
-from lmclab.training import CheckpointSchedule, RunOptions, train
-from lmclab.training.forks import fork
+from lmclab.training import CheckpointSchedule, RunOptions, fork, train
 
 SETUPS = {
     # the smoke preset's MLP: 10,000 Fashion-MNIST images, SGD, 8 epochs, forked at epoch 2 (6 child epochs)

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from lmclab.curvature.derivatives import ieee_fp32, logit_derivatives, loss_derivatives
-from lmclab.curvature.functional import functional_model, parameter_direction
+from lmclab.curvature.functional import functional_model
 from lmclab.data import DatasetInfo, DeviceDataset
 from lmclab.models import build_model, count_parameters
+from lmclab.points import direction, parameter_names
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -104,7 +105,7 @@ def setup(name: str, device: torch.device, n_data: int, data_dir: Path = DATA
     torch.manual_seed(1)
     model_b = build_model(name, input_shape=shape, num_classes=10, **kw).to(device).eval()
     theta_a = model_a.state_dict()
-    d = {k: 0.1 * v for k, v in parameter_direction(theta_a, model_b.state_dict(), model_a).items()}
+    d = {k: 0.1 * v for k, v in direction(theta_a, model_b.state_dict(), parameter_names(model_a)).items()}
     return f"{label} ({count_parameters(model_a):,} params)", model_a, theta_a, d, data
 
 

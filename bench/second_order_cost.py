@@ -15,10 +15,10 @@ import time
 import torch
 
 from lmclab.curvature.derivatives import loss_derivatives
-from lmclab.curvature.functional import parameter_direction
 from lmclab.data import DeviceDataset
 from lmclab.models import build_model
 from lmclab.paths import default_lambdas, evaluate_path
+from lmclab.points import direction, parameter_names
 
 
 def timed(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
@@ -40,7 +40,7 @@ def case(name: str, dataset: str, model_name: str, options: dict, examples: int 
         models.append(build_model(model_name, input_shape=data.info.input_shape, num_classes=data.info.num_classes,
                                   **options).to(device).eval())
     theta_a, theta_b = models[0].state_dict(), models[1].state_dict()
-    d = parameter_direction(theta_a, theta_b, models[0])
+    d = direction(theta_a, theta_b, parameter_names(models[0]))
     minus_d = {k: -v for k, v in d.items()}
     lambdas = default_lambdas(25)
     path = lambda: evaluate_path(models[0], theta_a, theta_b, {"test": data}, lambdas=lambdas, progress=False)  # noqa: E731

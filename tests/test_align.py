@@ -20,7 +20,8 @@ from lmclab.align import (
 )
 from lmclab.align.weight_matching import _WeightMatcher
 from lmclab.models import build_model
-from lmclab.permutation import AxisRef, PermGroup, Permutation, PermutationSpec, parameter_distance
+from lmclab.permutation import AxisRef, PermGroup, Permutation, PermutationSpec
+from lmclab.points import distance
 
 # ----------------------------------------------------------------------------------------- helpers
 
@@ -129,13 +130,6 @@ def load(model: nn.Module, params: Mapping[str, torch.Tensor]) -> nn.Module:
     return m
 
 
-def has_derive_spec() -> bool:
-    return hasattr(lp, "derive_spec") and hasattr(lp, "capture_activations")
-
-
-needs_derive = pytest.mark.skipif(not has_derive_spec(),
-                                  reason="lmclab.permutation.derive_spec / capture_activations not available")
-
 # ------------------------------------------------------------------------------------- assignment
 
 
@@ -175,7 +169,7 @@ def test_solve_assignment_warm_start() -> None:
 def _check_recovers(params_a: dict[str, torch.Tensor], spec: PermutationSpec, seed: int = 0) -> MatchResult:
     pi = Permutation.random(spec, torch.Generator().manual_seed(100 + seed))
     params_b = pi.apply(params_a, spec)
-    assert parameter_distance(params_a, params_b) > 0
+    assert distance(params_a, params_b) > 0
     res = weight_matching(params_a, params_b, spec, seed=seed)
     assert res.converged
     assert res.perm == pi.inverse()
@@ -364,7 +358,6 @@ def _zoo_model(name: str, opts: dict, shape: tuple[int, int, int], seed: int) ->
     return m
 
 
-@needs_derive
 @pytest.mark.parametrize("name,opts,shape", ZOO, ids=[f"{n}-{o['norm']}" for n, o, _ in ZOO])
 def test_weight_matching_recovers_known_permutation_zoo(name: str, opts: dict, shape: tuple[int, int, int]) -> None:
     model = _zoo_model(name, opts, shape, 0)
@@ -372,7 +365,6 @@ def test_weight_matching_recovers_known_permutation_zoo(name: str, opts: dict, s
     _check_recovers(params_of(model), spec)
 
 
-@needs_derive
 def test_weight_matching_resnet20_function_and_distance() -> None:
     shape = (3, 16, 16)
     model_a = _zoo_model("resnet20", {"width": 1, "norm": "batchnorm"}, shape, 0)
@@ -391,7 +383,6 @@ def test_weight_matching_resnet20_function_and_distance() -> None:
             torch.testing.assert_close(aligned(x), model_b(x), atol=1e-4, rtol=1e-4)
 
 
-@needs_derive
 def test_activation_matching_recovers_functional_copy_resnet20() -> None:
     shape = (3, 16, 16)      # enough rows (N·H·W) that no channel is dead on all of them: dead units tie
     model_a = _zoo_model("resnet20", {"width": 1, "norm": "layernorm"}, shape, 0)
@@ -449,10 +440,6 @@ def cat_forward(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.cat([h3.repeat_interleave(2, 1), h1], 1) @ p["w4"].T
 
 
-needs_offsets = pytest.mark.skipif("offset" not in AxisRef.__dataclass_fields__, reason="AxisRef has no offset")
-
-
-@needs_offsets
 def test_weight_matching_concatenated_axes() -> None:
     CAT_SPEC.check(cat_params(0))
     _check_recovers(cat_params(0), CAT_SPEC)
@@ -480,8 +467,6 @@ def test_weight_matching_concatenated_axes() -> None:
 @pytest.mark.parametrize("case", ["tiny", "cat"])
 def test_incremental_caches_match_full_permutation(case: str) -> None:
     """After any sequence of group changes, every cached B̃ and J equal those of a fresh full apply."""
-    if case == "cat" and "offset" not in AxisRef.__dataclass_fields__:
-        pytest.skip("AxisRef has no offset")
     spec = TINY_SPEC if case == "tiny" else CAT_SPEC
     a, b = (params_of(tiny_convnet(0)), params_of(tiny_convnet(1))) if case == "tiny" else (cat_params(0), cat_params(1))
     gen = torch.Generator().manual_seed(0)

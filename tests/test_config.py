@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +16,12 @@ from lmclab.config import (
     SeedConfig,
     TrainConfig,
     add_config_flags,
+    canonical_json,
     config_from_args,
+    content_hash,
     derive_seed,
 )
+from lmclab.store import content_hash as store_content_hash
 from lmclab.training import PRESETS
 
 # Regression pins: a change here changes every stored run's identity. Update only on purpose.
@@ -102,3 +107,17 @@ def test_cli_flags_override_a_preset() -> None:
     assert cfg.seeds.seed_init == SeedConfig.from_seed(3).seed_init and cfg.seeds.seed_data == 9
     untouched = config_from_args(PRESETS["mlp_mnist"].config, parser.parse_args([]))
     assert untouched == PRESETS["mlp_mnist"].config
+
+
+def test_content_hash_is_the_one_hash() -> None:
+    """Run hashes use the compact canonical JSON; step keys and store directories the spaced one."""
+    obj = {"b": [1, 2.5, None], "a": {"y": True, "x": "s"}}
+    compact, spaced = '{"a":{"x":"s","y":true},"b":[1,2.5,null]}', json.dumps(obj, sort_keys=True)
+    assert canonical_json(obj) == compact and canonical_json(obj, spaced=True) == spaced
+    assert content_hash(obj) == hashlib.sha256(compact.encode()).hexdigest()[:16]
+    assert content_hash(obj, spaced=True) == hashlib.sha256(spaced.encode()).hexdigest()[:16]
+    assert content_hash(obj, length=8) == content_hash(obj)[:8]
+    with pytest.raises(TypeError):
+        content_hash({"p": Path("x")})
+    assert content_hash({"p": Path("x")}, spaced=True, default=str) == content_hash({"p": "x"}, spaced=True)
+    assert store_content_hash is content_hash

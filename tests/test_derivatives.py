@@ -17,19 +17,21 @@ from lmclab.curvature.derivatives import (
     loss_derivatives,
     resolve_method,
 )
-from lmclab.curvature.functional import parameter_direction
 from lmclab.curvature.taylor import (
+    centred_at,
     interpolated_logits,
     logit_errors,
     logit_rmse,
     logits_at,
     path_approximations,
     path_coefficients,
+    path_direction,
     taylor_polynomial,
     taylor_rows,
 )
 from lmclab.data import DatasetInfo, DeviceDataset
 from lmclab.models import build_model
+from lmclab.points import direction, parameter_names
 
 F64 = torch.float64
 C = 3
@@ -130,11 +132,11 @@ def test_deep_linear_loss_is_an_exact_polynomial() -> None:
     assert abs(r.coefficients[2 * depth].item()) > 1e-3 * scale  # the degree is really 2·depth
     assert abs(r.coefficients[-1].item()) < 1e-10 * scale  # nothing beyond it
     ts = [0.3, 1.0, -0.7, 2.0]
-    approx = r.polynomial(ts, order=2 * depth)
+    approx = taylor_polynomial(r.coefficients, ts, 2 * depth)
     truth = torch.tensor([mean_loss(model, moved(theta, d, t), data, squared_error) for t in ts], dtype=F64)
     torch.testing.assert_close(approx, truth, rtol=1e-10, atol=0.0)
     # a lower order does not reproduce it (the test has teeth)
-    assert not torch.allclose(r.polynomial(ts, order=2), truth, rtol=1e-3)
+    assert not torch.allclose(taylor_polynomial(r.coefficients, ts, 2), truth, rtol=1e-3)
 
 
 def test_deep_linear_logits_are_exact_polynomials() -> None:
@@ -297,7 +299,7 @@ def test_layernorm_resnet_jvp_equals_hvp() -> None:
     torch.manual_seed(1)
     other = build_model("resnet20", input_shape=(3, 6, 6), num_classes=C, norm="layernorm")
     data = toy_dataset(8, (3, 6, 6))
-    d = {k: 0.2 * v for k, v in parameter_direction(model.state_dict(), other.state_dict(), model).items()}
+    d = {k: 0.2 * v for k, v in direction(model.state_dict(), other.state_dict(), parameter_names(model)).items()}
     jv, hv = (loss_derivatives(model, model.state_dict(), d, data, order=2, method=m, dtype=F64).coefficients
               for m in ("jvp", "hvp"))
     torch.testing.assert_close(jv, hv, rtol=1e-9, atol=1e-12)
@@ -424,7 +426,7 @@ def test_path_approximations_centred_at_b_use_minus_d() -> None:
     assert approx[("a", 1)][0].item() == pytest.approx(truth[0].item())
     assert approx[("b", 2)][-1].item() == pytest.approx(truth[-1].item())
     # with +d at B the odd orders flip sign and the reconstruction fails
-    d = parameter_direction(theta_a, theta_b, model_a)
+    d = direction(theta_a, theta_b, parameter_names(model_a))
     wrong = loss_derivatives(model_a, theta_b, d, data, order=2 * depth, loss_fn=squared_error, dtype=F64).coefficients
     assert not torch.allclose(path_approximations(ca, wrong, lambdas, (2 * depth,))[("b", 2 * depth)], truth, rtol=1e-3)
     rows = taylor_rows(lambdas, ca, cb, orders=(1, 2), true_values=truth.tolist())
@@ -433,6 +435,17 @@ def test_path_approximations_centred_at_b_use_minus_d() -> None:
     r = next(r for r in rows if r["center"] == "a" and r["order"] == 2 and r["lambda"] == 0.5)
     assert r["value"] == pytest.approx(approx[("a", 2)][4].item()) and r["error"] == pytest.approx(
         r["value"] - truth[4].item())
+    assert [(r["center"], r["order"]) for r in rows[::9]] == [("true", None), ("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    # the expansion points: (θ_A, d) and (θ_B, −d), d over the parameters only
+    pd = path_direction(model_a, theta_a, theta_b)
+    assert list(pd) == parameter_names(model_a)
+    for center, (theta, v) in zip("ab", (centred_at(c, theta_a, theta_b, pd) for c in "ab")):
+        assert theta is (theta_a if center == "a" else theta_b)
+        for k in pd:
+            expected = theta_b[k] - theta_a[k]
+            assert torch.equal(v[k], expected if center == "a" else -expected)
+    with pytest.raises(ValueError, match="center"):
+        centred_at("c", theta_a, theta_b, pd)
 
 
 def test_logit_rmse_hand_computation() -> None:

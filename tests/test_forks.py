@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lmclab.training.trainer as trainer_module
+import lmclab.training.loop as loop_module
 from lmclab.cli import main
 from lmclab.config import (
     DataConfig,
@@ -24,7 +24,7 @@ from lmclab.config import (
     config_from_args,
 )
 from lmclab.data import DeviceDataset
-from lmclab.store import Run, RunNotFound, RunStore, load_checkpoint
+from lmclab.store import ForkRecord, Run, RunNotFound, RunStore, load_checkpoint
 from lmclab.training import CheckpointSchedule, RunOptions, child_config, fork, init_model, train
 
 # 30 images per class (300), batch 50 -> 6 steps per epoch, 3 epochs; crop+flip augmentation so that the
@@ -80,11 +80,12 @@ def test_child_with_the_parents_seeds_reproduces_the_parent(tmp_path: Path, shar
         assert child.checkpoint_steps() == sorted({fork_step, 12, 18})  # fork step + every epoch by default
         for s in child.checkpoint_steps():
             assert_identical(state(child, s), state(reference, s))
-        assert strip_time(child.meta["history"]) == strip_time(reference.meta["history"])
-        assert child.meta["fork"] == {"parent": PARENT.run_hash(), "parent_run": parent.path.name,
-                                      "parent_path": str(parent.path), "step": fork_step,
-                                      "epoch": fork_step / STEPS_PER_EPOCH}
-        assert child.meta["resumed_from"] is None and child.meta["status"] == "complete"
+        assert strip_time(child.meta.history) == strip_time(reference.meta.history)
+        assert child.meta.fork == ForkRecord(parent=PARENT.run_hash(), parent_run=parent.path.name,
+                                             parent_path=str(parent.path), step=fork_step,
+                                             epoch=fork_step / STEPS_PER_EPOCH)
+        assert child.parent == parent
+        assert child.meta.resumed_from is None and child.meta.status == "complete"
     # filling the parent's checkpoints stopped at the fork steps: its final state and metadata are untouched
     assert parent.checkpoint_steps() == [6, MID, TOTAL]
     for s in (6, MID):
@@ -116,7 +117,7 @@ def test_children_with_their_own_seeds_start_at_the_fork_and_diverge(tmp_path: P
         assert torch.equal(start["data.order"][:seen], at_fork["data.order"][:seen])
         assert not torch.equal(start["data.order"][seen:], at_fork["data.order"][seen:])
         assert torch.equal(start["data.order"].sort().values, torch.arange(len(at_fork["data.order"])))
-        assert child.meta["history"][:1] == parent.meta["history"][:1]  # the parent's history up to the fork
+        assert child.meta.history[:1] == parent.meta.history[:1]  # the parent's history up to the fork
     finals = [c.load_state() for c in (parent, *children)]
     for i in range(3):
         for j in range(i + 1, 3):
@@ -142,8 +143,8 @@ def test_fork_at_epoch_0_shares_the_initialisation_and_is_cached(
     assert not torch.equal(a["head.weight"], b["head.weight"])
 
     calls: list[int] = []
-    real_step = trainer_module.train_step
-    monkeypatch.setattr(trainer_module, "train_step", lambda *a: (calls.append(1), real_step(*a))[1])
+    real_step = loop_module.train_step
+    monkeypatch.setattr(loop_module, "train_step", lambda *a: (calls.append(1), real_step(*a))[1])
     again = fork(RunStore(tmp_path).get(parent.hash), [0, 1], 2, opts)  # a stored Run as parent this time
     assert calls == [] and {e: [r.path for r in rs] for e, rs in again.items()} == {
         e: [r.path for r in rs] for e, rs in forks.items()}
@@ -157,7 +158,7 @@ class Interrupt(Exception):
 def test_interrupted_child_resumes_bit_identically(tmp_path: Path, shared_data: Path, interrupt: int) -> None:
     config = child_config(PARENT, epoch=1, child=0, vary_augment=True)
 
-    def stop(s: trainer_module.TrainState) -> None:
+    def stop(s: loop_module.TrainState) -> None:
         if s.step == interrupt:
             raise Interrupt
 
@@ -166,9 +167,9 @@ def test_interrupted_child_resumes_bit_identically(tmp_path: Path, shared_data: 
     with pytest.raises(Interrupt):
         train(config, resumed_opts, callback=stop)
     child = RunStore(resumed_opts.runs_dir).find(config)
-    assert child is not None and child.meta["status"] == "interrupted"
+    assert child is not None and child.meta.status == "interrupted"
     resumed = train(config, resumed_opts)
-    assert resumed.meta["resumed_from"]["step"] == (6 if interrupt < 12 else 12)
+    assert resumed.meta.resumed_from is not None and resumed.meta.resumed_from.step == (6 if interrupt < 12 else 12)
 
     straight_opts = options(tmp_path / "straight", shared_data)
     train(PARENT, straight_opts)
@@ -176,7 +177,7 @@ def test_interrupted_child_resumes_bit_identically(tmp_path: Path, shared_data: 
     assert resumed.checkpoint_steps() == straight.checkpoint_steps() == [6, 12, 18]
     for s in straight.checkpoint_steps():
         assert_identical(state(resumed, s), state(straight, s))
-    assert strip_time(resumed.meta["history"]) == strip_time(straight.meta["history"])
+    assert strip_time(resumed.meta.history) == strip_time(straight.meta.history)
 
 
 def test_bad_forks_are_clear_errors(tmp_path: Path, shared_data: Path) -> None:
@@ -229,12 +230,12 @@ def test_cli_fork(tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixtu
     out = json.loads(capsys.readouterr().out)
     assert sorted(out["forks"]) == ["0", "1"] and all(len(rows) == 2 for rows in out["forks"].values())
     parent = Run(Path(out["parent"]["path"]))
-    assert parent.config.data.train_per_class == 20 and parent.meta["status"] == "complete"
+    assert parent.config.data.train_per_class == 20 and parent.meta.status == "complete"
     for epoch, rows in out["forks"].items():
         for row in rows:
             child = Run(Path(row["path"]))
             assert child.config.fork == ForkConfig(parent=parent.hash, epoch=int(epoch))
-            assert child.meta["final_metrics"] == row["final_metrics"]
+            assert child.meta.final_metrics == row["final_metrics"]
             assert 0 < row["final_metrics"]["test_accuracy"] <= 1
 
     # the stored parent by hash prefix: the same children, nothing retrained; text output names them

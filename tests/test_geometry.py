@@ -13,12 +13,11 @@ from lmclab.geometry import (
     ToyLandscape,
     angle,
     cosine,
-    distance,
     distances,
-    norm,
     plane_determination,
     sibling_angle,
 )
+from lmclab.points import distance, norm
 
 
 def point(w: list[float], b: list[float] | None = None) -> dict[str, torch.Tensor]:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from lmclab.experiments.benko import BenkoOptions
 from lmclab.experiments.graph import LocalExecutor, Step, finite_or_none, step_kind, topological_order
 from lmclab.experiments.settings import load_preset, preset_names
+from lmclab.store import Store
 
 CALLS: list[str] = []
 
@@ -60,16 +62,26 @@ def test_finite_or_none() -> None:
 
 def test_benko_presets_load() -> None:
     assert {"smoke", "paper"} <= set(preset_names("benko"))
-    smoke = load_preset("benko", "smoke")
+    smoke = load_preset("benko", "smoke", BenkoOptions)
     assert [s.name for s in smoke.settings] == ["mlp_mnist", "resnet20x1_cifar10"]
     r20 = smoke.setting("resnet20x1_cifar10")
     a, b = r20.member_config(0, 0), r20.member_config(0, 1)
     assert a.train.epochs == 4 and a.data.train_subset == 5000 and a.model.norm == "layernorm"
     assert a.seeds != b.seeds and a.run_hash() != b.run_hash()
-    paper = load_preset("benko", "paper")
+    paper = load_preset("benko", "paper", BenkoOptions)
     assert len(paper.settings) == 9 and all(s.pairs == 10 for s in paper.settings)
     assert paper.setting("resnet20x32_cifar10").base_config().train.epochs == 250
     with pytest.raises(ValueError, match="presets: smoke, paper"):
-        load_preset("benko", "huge")
+        load_preset("benko", "huge", BenkoOptions)
     with pytest.raises(ValueError, match="experiments: benko"):
-        load_preset("nope", "smoke")
+        load_preset("nope", "smoke", BenkoOptions)
+
+
+def test_step_keys_are_pinned_and_results_live_in_the_stores_step_directory(tmp_path: Path) -> None:
+    """Regression pins: a change here renames every stored step result. Update only on purpose."""
+    simple = Step("x", {"a": 1, "b": [1, 2.5, None], "c": (1, 2)})
+    assert simple.key == "bc8b1ca06a336e51" and simple.name == f"x_{simple.key}"
+    assert Step("y", {"p": "q"}, {"z": Step("x", {"a": 1}), "a": Step("x", {"a": 2})}).key == "da3485de417c9d0c"
+    assert Step("x", {"p": Path("/a")}).key == Step("x", {"p": "/a"}).key  # values JSON cannot hold: str()
+    assert LocalExecutor(tmp_path, progress=False).directory(simple) == Store(tmp_path).step_dir("x", simple.key) \
+        == tmp_path / "steps" / simple.name

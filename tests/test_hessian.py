@@ -12,7 +12,6 @@ from lmclab.curvature.hessian import (
     HVP_METHODS,
     HessianOperator,
     dense_hessian,
-    flatten_params,
     hvp,
     hvp_many,
     quadratic_form,
@@ -26,7 +25,8 @@ from lmclab.curvature.predictions import (
 )
 from lmclab.curvature.trace import hessian_trace, hutchinson_trace, hutchpp_trace, top_eigenvalue
 from lmclab.data import DatasetInfo, DeviceDataset
-from lmclab.paths import layer_groups, lerp
+from lmclab.paths import layer_groups
+from lmclab.points import flatten, lerp, parameter_names
 
 # ---------------------------------------------------------------------------------------- fixtures
 
@@ -58,7 +58,7 @@ def random_vector(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 
 def flat(model: nn.Module, v: dict[str, torch.Tensor]) -> torch.Tensor:
-    return flatten_params(v, [n for n, _ in model.named_parameters()])
+    return flatten(v, parameter_names(model))
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -177,14 +177,19 @@ def test_cross_block_matrix_sums_symmetry_and_diagonal() -> None:
     h = dense_hessian(model, t1, data)
     b0, b1 = flat(model, blocks[names[0]]), flat(model, blocks[names[1]])
     assert m[0, 1] == pytest.approx(float(b0 @ h @ b1) / 8, rel=1e-10)
-    # eq. 20 at θ_1 is what barrier_prediction reports as cross_blocks["theta_1"]; the (θ_1, θ_2) average
+    # eq. 20 at θ_1 is what barrier_prediction reports as cross_blocks.theta_1; the (θ_1, θ_2) average
     # has the per-layer Prop. 2 predictions at α = ½ on its diagonal
     pred = barrier_prediction(model, t1, t2, data, layers=groups, alphas=[0.0, 0.5, 1.0])
-    np.testing.assert_allclose(pred["cross_blocks"]["theta_1"], m, rtol=1e-10)
+    np.testing.assert_allclose(pred.cross_blocks.theta_1, m, rtol=1e-10)
     _, avg = cross_block_matrix(model, [t1, t2], d, groups, data)
     for i, name in enumerate(names):
-        assert avg[i, i] == pytest.approx(pred["layers"][name]["curve"][1], rel=1e-10)
-    assert avg.sum() == pytest.approx(pred["curve"][1], rel=1e-10)
+        assert avg[i, i] == pytest.approx(pred.layers[name].curve[1], rel=1e-10)
+        assert pred.layers[name].at(0.5) == pred.layers[name].curve[1]  # off-grid evaluation, same formula
+    assert avg.sum() == pytest.approx(pred.curve[1], rel=1e-10)
+    whole = barrier_prediction(model, t1, t2, data, alphas=[0.0, 0.5, 1.0])  # no blocks: no layers, 0 × 0 matrices
+    assert whole.layers == {} and whole.cross_blocks.names == [] and whole.cross_blocks.theta_1.shape == (0, 0)
+    assert whole.q1 == pred.q1
+    assert whole.at(0.25) == pytest.approx(float(predicted_barrier_curve(pred.q1, pred.q2, [0.25])[0]))
     with pytest.raises(KeyError):
         predicted_set_barrier(m, names, ["nope"])
 
@@ -251,20 +256,20 @@ def test_prop1_and_prop2_on_an_exact_quadratic() -> None:
 
     layers = {"w": ["w"], "u": ["u"]}
     paper = barrier_prediction(model, t1, t2, data, alphas=alphas, layers=layers, loss_fn=loss_fn)
-    assert paper["q1"] == pytest.approx(q, rel=1e-12) and paper["q2"] == pytest.approx(q, rel=1e-12)
-    np.testing.assert_allclose(paper["curve"], alphas * (1 - alphas) / 2 * q, atol=1e-12)
+    assert paper.q1 == pytest.approx(q, rel=1e-12) and paper.q2 == pytest.approx(q, rel=1e-12)
+    np.testing.assert_allclose(paper.curve, alphas * (1 - alphas) / 2 * q, atol=1e-12)
     full = barrier_prediction(model, t1, t2, data, alphas=alphas, layers=layers, loss_fn=loss_fn, gradient_terms=True)
-    assert full["g2"] - full["g1"] == pytest.approx(q, rel=1e-10)
-    np.testing.assert_allclose(full["curve"], true, atol=1e-12)
+    assert full.g2 - full.g1 == pytest.approx(q, rel=1e-10)
+    np.testing.assert_allclose(full.curve, true, atol=1e-12)
 
     for name in ("w", "u"):  # Singh's layer barrier (1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2]
         layer_true = np.array([(1 - x) * big_l(lerp(t1, t2, x, only=[name], base="a"))
                                + x * big_l(lerp(t1, t2, x, only=[name], base="b")) - ((1 - x) * l1 + x * l2)
                                for x in alphas])
-        np.testing.assert_allclose(full["layers"][name]["curve"], layer_true, atol=1e-12)
+        np.testing.assert_allclose(full.layers[name].curve, layer_true, atol=1e-12)
         dl = torch.cat([dvec[:3] * (name == "w"), dvec[3:] * (name == "u")])
         ql = float(dl @ a @ dl)
-        np.testing.assert_allclose(paper["layers"][name]["curve"], alphas * (1 - alphas) / 2 * ql, atol=1e-12)
+        np.testing.assert_allclose(paper.layers[name].curve, alphas * (1 - alphas) / 2 * ql, atol=1e-12)
 
 
 class Toy1D(nn.Module):
@@ -303,9 +308,9 @@ def test_singh_fig6_toy_landscapes(minima, pair, q, closed_form, true_form) -> N
     t2 = {"theta": torch.tensor([pair[1]], dtype=torch.float64)}
     alphas = np.linspace(0, 1, 101)
     pred = barrier_prediction(model, t1, t2, data, alphas=alphas, loss_fn=toy_loss(minima))
-    assert (pred["q1"], pred["q2"]) == pytest.approx(q, rel=1e-12)
-    np.testing.assert_allclose(pred["curve"], closed_form(alphas), atol=1e-10)
-    np.testing.assert_allclose(pred["curve"], predicted_barrier_curve(*q, alphas), atol=1e-10)
+    assert (pred.q1, pred.q2) == pytest.approx(q, rel=1e-12)
+    np.testing.assert_allclose(pred.curve, closed_form(alphas), atol=1e-10)
+    np.testing.assert_allclose(pred.curve, predicted_barrier_curve(*q, alphas), atol=1e-10)
 
     def true_loss(th: np.ndarray) -> np.ndarray:
         return np.prod([(th - m) ** 2 for m in minima], axis=0)
@@ -313,13 +318,13 @@ def test_singh_fig6_toy_landscapes(minima, pair, q, closed_form, true_form) -> N
     true = true_loss((1 - alphas) * pair[0] + alphas * pair[1])  # both ends are minima with L = 0
     if true_form is not None:
         np.testing.assert_allclose(true, true_form(alphas), atol=1e-12)
-    assert np.all(pred["curve"] >= true - 1e-12)  # second-order model overshoots on these toys
+    assert np.all(pred.curve >= true - 1e-12)  # second-order model overshoots on these toys
     if pair == (1.0, 1.5):
         # asymmetric curvature: the prediction peaks nearer the flatter end θ_1 = 1 (f'(α) = 0 of the
         # cubic: 5.859375α² − 10.9375α + 3.515625 = 0, α ≈ 0.4127), the true barrier nearer the sharper
         # θ_2 = 1.5 (|p| peaks at θ² = 1.625, α = 2(√1.625 − 1) ≈ 0.5495)
         a_pred = (10.9375 - math.sqrt(10.9375**2 - 4 * 5.859375 * 3.515625)) / (2 * 5.859375)
-        assert pred["argmax_alpha"] == pytest.approx(a_pred, abs=0.006)
+        assert pred.argmax_alpha == pytest.approx(a_pred, abs=0.006)
         assert alphas[np.argmax(true)] == pytest.approx(2 * (math.sqrt(1.625) - 1), abs=0.006)
 
 

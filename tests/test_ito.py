@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from figures import check_barriers_vs_k, check_heatmaps, check_merged_vs_k, check_trace_vs_k, drawn
 from torch import nn
 
 from lmclab.align.population import align_population
@@ -216,10 +217,16 @@ def test_ito_tiny_tables_and_figures(tiny) -> None:  # type: ignore[no-untyped-d
     root, summary = tiny
     files = summary["files"]
     preset = load_ito_preset("tiny")
-    methods, ks = preset.options["methods"], [2, 3]
-    for key in ("merged_mlp_tiny", "barriers_pairs_mlp_tiny", "barriers_to_merged_mlp_tiny", "trace_mlp_tiny",
-                "heatmap_mlp_tiny"):
-        assert Path(files[key]).stat().st_size > 20_000
+    methods, ks = preset.methods, [2, 3]
+    table = {name: [r for r in read(files[f"{name}_table"]) if r["setting"] == "mlp_tiny"]
+             for name in ("merged", "barrier_summary", "trace", "pair_barriers")}
+    check_merged_vs_k(drawn(files["merged_mlp_tiny"]), table["merged"])
+    for kind in ("pairs", "to_merged"):
+        check_barriers_vs_k(drawn(files[f"barriers_{kind}_mlp_tiny"]),
+                            [r for r in table["barrier_summary"] if r["kind"] == kind])
+    check_trace_vs_k(drawn(files["trace_mlp_tiny"]), table["trace"])
+    check_heatmaps(drawn(files["heatmap_mlp_tiny"]), [r for r in table["pair_barriers"] if r["k"] == "3"], 3,
+                   split="test", metric="loss", definition="barrier")  # the tiny preset's heat map, K = 3
     n_pairs, n_models = sum(k * (k - 1) // 2 for k in ks), sum(ks)
     assert len(read(files["pair_barriers_table"])) == len(methods) * n_pairs * 2 * 2  # splits × (loss, error)
     assert len(read(files["merged_barriers_table"])) == len(methods) * n_models * 2 * 2
@@ -291,7 +298,8 @@ def test_cli_merge_stored_runs(tiny, shared_data: Path, capsys: pytest.CaptureFi
     assert len(pairs) == 2 * 3 * 2 * 2  # methods × pairs × splits × (loss, error)
     assert {(r["i"], r["j"]) for r in pairs} == {("0", "1"), ("0", "2"), ("1", "2")}
     assert out["merged"]["merge_many"]["test"]["loss"] < out["merged"]["naive"]["test"]["loss"]
-    assert all(Path(out["files"][f"heatmap_{split}"]).stat().st_size > 10_000 for split in ("train", "test"))
+    for split in ("train", "test"):
+        check_heatmaps(drawn(out["files"][f"heatmap_{split}"]), pairs, 3, split=split)
     assert main([*args, "--json"]) == 0  # every step reused (training is looked up in the run store)
     again = json.loads(capsys.readouterr().out)
     assert {name.split("_")[0] for name in again["steps_run"]} <= {"train"} and again["merged"] == out["merged"]
@@ -322,6 +330,6 @@ def test_a_diverged_member_gives_missing_barriers_not_numbers(population, tmp_pa
     s = next(r for r in result.summary() if (r["metric"], r["definition"]) == ("loss", "barrier"))
     assert (s["n"], s["n_missing"]) == (6, 3) and np.isfinite(s["max"])
     rows = [{"method": "naive", "k": 4, **r} for r in result.summary() if r["kind"] == "pairs"]
-    assert plot_barriers_vs_k(tmp_path / "b.png", rows).stat().st_size > 10_000
+    check_barriers_vs_k(plot_barriers_vs_k(tmp_path / "b.png", rows), rows)
     pairs = [{"method": "naive", **r} for r in result.pairs]
-    assert plot_heatmaps(tmp_path / "h.png", pairs, 4, split="train").stat().st_size > 10_000
+    check_heatmaps(plot_heatmaps(tmp_path / "h.png", pairs, 4, split="train"), pairs, 4, split="train")  # n/a cells

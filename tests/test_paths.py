@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from figures import check_paths
 from torch import nn
 
 from lmclab.data import DatasetInfo, DeviceDataset
@@ -17,14 +18,17 @@ from lmclab.paths import (
     channel_stats,
     cumulative_layer_sets,
     default_lambdas,
+    endpoint_losses,
     evaluate_path,
     layer_groups,
-    lerp,
+    layer_set_barrier,
+    path_losses,
     repair,
     repair_points,
     reset_bn_stats,
 )
 from lmclab.paths.normalization import endpoint_stats
+from lmclab.points import lerp
 from lmclab.report import plot_paths
 from lmclab.training import evaluate
 
@@ -80,14 +84,19 @@ def test_barrier_report_groups_curves() -> None:
 # ---------------------------------------------------------------------------------------- interpolation
 
 
-def test_lerp_is_exact_at_ends_and_respects_layer_choice() -> None:
-    a, b = make("mlp", 0, hidden=(8,)).state_dict(), make("mlp", 1, hidden=(8,)).state_dict()
-    assert all(torch.equal(lerp(a, b, 0.0)[k], a[k]) and torch.equal(lerp(a, b, 1.0)[k], b[k]) for k in a)
-    mid = lerp(a, b, 0.5, only=["head.weight"], base="b")
-    assert torch.allclose(mid["head.weight"], (a["head.weight"] + b["head.weight"]) / 2)
-    assert torch.equal(mid["head.bias"], b["head.bias"]) and torch.equal(mid["layers.0.linear.weight"], b["layers.0.linear.weight"])
-    with pytest.raises(KeyError, match="no such tensors"):
-        lerp(a, b, 0.5, only=["nope"])
+def test_layer_set_barrier_of_all_tensors_is_the_barrier_curve() -> None:
+    """With every tensor in the set both one-layer points are θ_α, so B_P(α) = L(θ_α) − [(1−α)L_1 + αL_2]."""
+    data = toy_dataset(n=48)
+    ma, mb = make("resnet20", 0, norm="batchnorm"), make("resnet20", 1, norm="batchnorm")
+    a, b = ma.state_dict(), mb.state_dict()
+    lambdas = [0.0, 0.25, 0.5, 1.0]
+    losses = path_losses(ma, a, b, data, lambdas)
+    ends = endpoint_losses(ma, a, b, data)
+    assert ends == (losses[0], losses[-1])
+    np.testing.assert_allclose(layer_set_barrier(ma, a, b, data, lambdas, list(a), ends),
+                               barrier_curve(lambdas, losses), rtol=1e-6, atol=1e-7)
+    # no tensor interpolated: (1−α)L_1 + αL_2 minus itself
+    np.testing.assert_allclose(layer_set_barrier(ma, a, b, data, lambdas, []), 0.0, atol=1e-7)
 
 
 def test_layer_groups_and_cumulative_orders() -> None:
@@ -111,8 +120,8 @@ def test_path_endpoints_equal_the_models(tmp_path: Path) -> None:
     err = {r["lambda"]: r["value"] for r in rows if r["metric"] == "error"}
     acc = {r["lambda"]: r["value"] for r in rows if r["metric"] == "accuracy"}
     assert all(err[x] == pytest.approx(1 - acc[x]) for x in acc)
-    figure = plot_paths(tmp_path / "p.png", [{**r, "path": "naive"} for r in rows])
-    assert figure.stat().st_size > 10_000
+    named = [{**r, "path": "naive"} for r in rows]
+    check_paths(plot_paths(tmp_path / "p.png", named), named)  # the loss and accuracy drawn at each λ
 
 
 # ---------------------------------------------------------------------------------------- BN reset / REPAIR

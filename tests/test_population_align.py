@@ -28,7 +28,8 @@ from lmclab.align.ste_mm import mixing_draw
 from lmclab.data import DatasetInfo, DeviceDataset
 from lmclab.models import build_model
 from lmclab.paths import all_pairs_barriers
-from lmclab.permutation import Permutation, derive_spec, parameter_distance
+from lmclab.permutation import Permutation, derive_spec
+from lmclab.points import distance
 
 K = 4
 NOISE = 1e-4
@@ -65,7 +66,7 @@ def expected_perms(sigmas: list[Permutation]) -> list[Permutation]:
 
 
 def max_pair_distance(points: list[dict[str, torch.Tensor]]) -> float:
-    return max(parameter_distance(points[i], points[j]) for i in range(len(points)) for j in range(i + 1, len(points)))
+    return max(distance(points[i], points[j]) for i in range(len(points)) for j in range(i + 1, len(points)))
 
 
 def noise_scale(base: dict[str, torch.Tensor]) -> float:
@@ -152,7 +153,7 @@ def test_merge_many_info_frame_and_determinism(mlp_setup) -> None:
     # the reported objective is the spread Σ_i ‖π_i(θ_i) − θ̄‖², here only noise (≈ (K−1)·σ²·n)
     aligned = a.aligned(points)
     merged = a.merged(points)
-    spread = sum(parameter_distance(p, merged, names=spec.axes_by_tensor()) ** 2 for p in aligned)
+    spread = sum(distance(p, merged, keys=spec.axes_by_tensor()) ** 2 for p in aligned)
     assert a.info["objective"][-1] == pytest.approx(spread, rel=1e-6)
     one = merge_many(points, spec, seed=3, max_rounds=1)
     assert one.info["rounds"] == 1 and not one.info["converged"]

@@ -11,14 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from figures import (
+    check_barrier_predictions,
+    check_geometry,
+    check_layerwise,
+    check_segments,
+    check_toy_landscapes,
+    drawn,
+)
 from torch.func import functional_call
 
 from lmclab.cli import main
 from lmclab.config import RunConfig
 from lmclab.data import DeviceDataset
-from lmclab.experiments.graph import STEP_KINDS, LocalExecutor, StepContext, finite_or_none
-from lmclab.experiments.settings import load_preset
-from lmclab.experiments.singh import build_graph, run_singh, sibling_runs
+from lmclab.experiments import registry
+from lmclab.experiments.context import ExperimentContext
+from lmclab.experiments.graph import STEP_KINDS, StepContext, finite_or_none
+from lmclab.experiments.settings import PresetError, load_preset, parse_preset, read_presets
+from lmclab.experiments.singh import EXPERIMENT, SinghOptions, build_graph, run_singh, sibling_runs
 from lmclab.store import Run, RunStore
 from lmclab.training import evaluate, load_run_model
 
@@ -30,7 +40,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: 
     root = tmp_path_factory.mktemp("singh")
     summary = run_singh("tiny", out=root / "out", runs_dir=str(root / "runs"), data_dir=str(shared_data),
                         device="cpu", **QUIET)
-    graph = build_graph(load_preset("singh", "tiny"))["mlp_tiny"]
+    graph = build_graph(load_preset("singh", "tiny", SinghOptions))["mlp_tiny"]
     return root, summary, graph
 
 
@@ -42,7 +52,7 @@ def read(path: str | Path) -> list[dict[str, str]]:
 def children(root: Path, graph, fork: int) -> tuple[Run, Run]:  # type: ignore[no-untyped-def]
     """The two stored sibling runs of a fork."""
     store = RunStore(root / "runs")
-    runs = tuple(store.find(RunConfig.from_dict(graph[fork][0][m].config["run"])) for m in ("a", "b"))
+    runs = tuple(store.find(RunConfig.from_dict(getattr(graph[fork][0], m).config["run"])) for m in ("a", "b"))
     assert all(r is not None and r.complete for r in runs)
     return runs  # type: ignore[return-value]
 
@@ -54,9 +64,17 @@ def eval_subset(shared_data: Path) -> DeviceDataset:
 def test_figures_and_tables_are_written(tiny) -> None:  # type: ignore[no-untyped-def]
     _, summary, _ = tiny
     files = summary["files"]
-    for key in ("segments_error_mlp_tiny", "segments_loss_mlp_tiny", "geometry_mlp_tiny", "barriers_mlp_tiny",
-                "layerwise_mlp_tiny_fork0", "fig6_toy"):
-        assert Path(files[key]).stat().st_size > 20_000, key
+    t = {name: [r for r in read(files[name]) if r.get("setting") == "mlp_tiny"] for name in (
+        "segments", "angles", "geometry", "predictions", "prediction_curves", "layerwise", "cross_block_sums")}
+    for metric in ("error", "loss"):
+        check_segments(drawn(files[f"segments_{metric}_mlp_tiny"]), t["segments"], metric=metric)
+    check_geometry(drawn(files["geometry_mlp_tiny"]), t["angles"], t["geometry"])
+    check_barrier_predictions(drawn(files["barriers_mlp_tiny"]), t["predictions"], t["prediction_curves"],
+                              t["geometry"])
+    fork0 = [[r for r in t[name] if r["fork_epoch"] == "0" and r["pair"] == "0"]
+             for name in ("layerwise", "cross_block_sums")]
+    check_layerwise(drawn(files["layerwise_mlp_tiny_fork0"]), *fork0)
+    check_toy_landscapes(drawn(files["fig6_toy"]), read(files["toy"]))
     segments = read(files["segments"])
     # forks 0 and 1 of a 3-epoch run: 4 + 3 child checkpoints, 2 metrics, 5 α
     assert len(segments) == (4 + 3) * 2 * 5
@@ -161,42 +179,48 @@ def test_steps_are_deterministic(tiny, shared_data: Path) -> None:  # type: igno
     inputs = {m: {"run": str(r.path)} for m, r in zip(("a", "b"), children(root, graph, 1))}
     ctx = StepContext(root / "scratch", {"data_dir": str(shared_data), "device": "cpu", "progress": False})
     for kind in ("segments", "geometry"):
-        stored = json.loads((root / "runs" / "steps" / steps[kind].name / "result.json").read_text())["result"]
-        assert finite_or_none(STEP_KINDS[f"singh_{kind}"](ctx, dict(steps[kind].config), inputs)) == stored
+        step = getattr(steps, kind)
+        stored = json.loads((root / "runs" / "steps" / step.name / "result.json").read_text())["result"]
+        assert finite_or_none(STEP_KINDS[f"singh_{kind}"](ctx, dict(step.config), inputs)) == stored
 
 
 def test_rerun_recomputes_nothing(tiny, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
     root, _, graph = tiny
-    executor = LocalExecutor(str(root / "runs"), {"runs_dir": str(root / "runs"), "data_dir": str(shared_data),
-                                                   "device": "cpu", "progress": False}, progress=False)
-    executor.run([step for pairs in graph.values() for steps in pairs for step in steps.values()])
-    assert executor.ran and {name.split("_")[0] for name in executor.ran} == {"train"}  # self-caching run store
+    ctx = ExperimentContext(out=root / "unused", runs_dir=str(root / "runs"), data_dir=str(shared_data), device="cpu",
+                            progress=False)
+    _, ran = ctx.run_steps(step for pairs in graph.values() for siblings in pairs for step in siblings.steps())
+    assert ran and {name.split("_")[0] for name in ran} == {"train"}  # self-caching run store
 
 
-def test_cli_dispatches_to_run_singh(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import lmclab.experiments.singh as singh
-
+def test_cli_dispatches_to_the_registered_singh(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     calls = []
-    monkeypatch.setattr(singh, "run_singh", lambda preset, **kw: calls.append((preset, kw)) or {"files": {}})
+    fake = dataclasses.replace(EXPERIMENT, run=lambda options, ctx: calls.append((options, ctx)) or {"files": {}})
+    monkeypatch.setitem(registry.EXPERIMENTS, "singh", fake)
     assert main(["run", "singh", "--preset", "tiny", "--out", "o", "--runs-dir", "r", "--data-dir", "d",
                  "--device", "cpu", "--no-progress", "--offline", "--json"]) == 0
-    preset, kw = calls[0]
-    assert preset == "tiny" and (kw["out"], kw["runs_dir"], kw["data_dir"], kw["device"], kw["progress"]) == (
-        "o", "r", "d", "cpu", False)
+    options, ctx = calls[0]
+    assert isinstance(options, SinghOptions) and options == load_preset("singh", "tiny", SinghOptions)
+    assert (ctx.out, ctx.runs_dir, ctx.data_dir, ctx.device, ctx.progress) == (Path("o"), "r", "d", "cpu", False)
+    assert (ctx.experiment, ctx.preset) == ("singh", "tiny")
+    assert main(["run", "singh", "--preset", "tiny", "--json"]) == 0
+    assert calls[1][1].out == Path("out/singh-tiny")  # the default output directory: out/EXPERIMENT-PRESET
     capsys.readouterr()
-    monkeypatch.undo()  # the real run_singh: an unknown preset fails before anything runs
+    monkeypatch.undo()  # the real experiment: an unknown preset fails before anything runs
     assert main(["run", "singh", "--preset", "nope", "--offline"]) == 2
     assert "presets: smoke, paper, tiny" in capsys.readouterr().err
 
 
 def test_bad_presets_and_non_siblings_are_clear_errors(tiny) -> None:  # type: ignore[no-untyped-def]
     root, _, graph = tiny
-    preset = load_preset("singh", "tiny")
-    for options, match in (({"layerwise_forks": [2]}, "not fork epochs"), ({"fork_epochs": [3]}, "no child training"),
-                           ({"fork_epochs": []}, "distinct non-negative"), ({"bn": "average"}, "bn must be")):
-        bad = dataclasses.replace(preset, options={**preset.options, **options})
+    preset = load_preset("singh", "tiny", SinghOptions)
+    table = read_presets("singh")["tiny"]
+    for options, match in (({"layerwise_forks": (2,)}, "not fork epochs"), ({"fork_epochs": (3,)}, "no child training"),
+                           ({"fork_epochs": ()}, "distinct non-negative"), ({"bn": "average"}, "bn must be")):
         with pytest.raises(ValueError, match=match):
-            build_graph(bad)
+            build_graph(dataclasses.replace(preset, **options))
+        with pytest.raises(PresetError, match=match):  # the loader runs the same checks
+            parse_preset(SinghOptions, {**table, **options}, name="tiny")
     run_a, _ = children(root, graph, 0)
     _, run_c = children(root, graph, 1)
     with pytest.raises(ValueError, match="not siblings"):

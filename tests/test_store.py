@@ -1,6 +1,8 @@
 """Run store: atomic writes, safetensors checkpoints, architecture checks, no pickle."""
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 from pathlib import Path
 
@@ -11,8 +13,14 @@ from lmclab.config import ModelConfig, RunConfig
 from lmclab.models import build_model
 from lmclab.store import (
     CheckpointError,
+    DataInfo,
+    ForkRecord,
+    ResumedFrom,
+    Run,
+    RunMeta,
     RunNotFound,
     RunStore,
+    Store,
     atomic_write,
     load_checkpoint,
     load_model_state,
@@ -109,3 +117,58 @@ def test_store_open_find_get(tmp_path: Path) -> None:
 def test_runs_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LMCLAB_RUNS_DIR", str(tmp_path / "elsewhere"))
     assert RunStore().root == tmp_path / "elsewhere"
+
+
+def test_run_meta_round_trips_meta_json_exactly(tmp_path: Path) -> None:
+    """Known keys become typed fields, unknown ones are kept, absent keys stay absent, nulls stay null."""
+    stored = {
+        "status": "running", "hash": "abc", "preset": None, "resumed_from": None, "history": [{"epoch": 1, "step": 6}],
+        "data_info": {"name": "mnist", "input_shape": [1, 28, 28], "num_classes": 10, "classes": list("0123456789"),
+                      "source": "x", "train_size": 300, "test_size": 10000, "augment": True, "later": 1},
+        "fork": {"parent": "p", "parent_run": "train_p", "parent_path": "/r/train_p", "step": 6, "epoch": 1.0},
+        "written_by_a_later_lmclab": {"a": [1, 2]},
+    }
+    meta = RunMeta.from_json(stored)
+    assert meta.to_json() == stored
+    assert meta.status == "running" and meta.preset is None and meta.final_metrics is None and meta.total_steps is None
+    assert isinstance(meta.data_info, DataInfo) and meta.data_info.input_shape == [1, 28, 28]
+    assert meta.data_info.extra == {"later": 1} and meta.extra == {"written_by_a_later_lmclab": {"a": [1, 2]}}
+    assert meta.fork == ForkRecord(parent="p", parent_run="train_p", parent_path="/r/train_p", step=6, epoch=1.0)
+    assert meta["fork"]["step"] == 6 and "final_metrics" not in meta  # the JSON view, for scripts
+    assert meta.history_until(5) == [] and meta.history_until(6) == stored["history"]
+
+    changed = meta.updated(status="complete", final_metrics={"test_loss": 0.5}, error=None,
+                           resumed_from=ResumedFrom(path="/r/x", step=3))
+    assert changed.to_json() == {**stored, "status": "complete", "final_metrics": {"test_loss": 0.5}, "error": None,
+                                 "resumed_from": {"path": "/r/x", "step": 3}}
+    assert meta.to_json() == stored  # records are immutable
+    with pytest.raises(ValueError, match="needs key"):
+        RunMeta.from_json({"fork": {"parent": "p"}})
+
+    store = RunStore(tmp_path)
+    run = store.open(RunConfig(model=ModelConfig("mlp", hidden=(8,))), preset=None)
+    assert json.loads((run.path / "meta.json").read_text()) == {"status": "created", "hash": run.hash, "preset": None}
+    run.update_meta(history=[], fork=meta.fork)
+    on_disk = json.loads((run.path / "meta.json").read_text())
+    assert on_disk == {"status": "created", "hash": run.hash, "preset": None, "history": [], "fork": stored["fork"]}
+    assert run.meta.fork == meta.fork and run.parent == Run(tmp_path / "train_p") and not run.complete
+    with pytest.raises(CheckpointError, match="has not started training"):
+        run.data_info  # noqa: B018
+    assert Run(tmp_path / "nowhere").meta == RunMeta.from_json({})
+
+
+def test_the_store_names_every_artifact_directory(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    cfg = RunConfig(model=ModelConfig("mlp", hidden=(8,)))
+    assert store.runs.root == tmp_path and store.runs.path_for(cfg) == store.run(cfg.run_hash()).path
+    assert store.run(cfg.run_hash()).path == tmp_path / f"train_{cfg.run_hash()}"
+    identity = {"a": "train_x", "b": "train_y", "method": "weight", "seed": 0, "spec_source": "derived"}
+    # the names alignments and LMC results have had since they were first stored (json.dumps' spacing)
+    spaced = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    assert store.alignment_dir(identity) == tmp_path / f"align_{spaced}" == tmp_path / "align_af18d3a5e91f094b"
+    assert store.result_dir("lmc", identity) == tmp_path / f"lmc_{spaced}"
+    assert store.step_dir("path", "0123456789abcdef") == tmp_path / "steps" / "path_0123456789abcdef"
+    for bad in ("train", "steps", "", "a/b"):
+        with pytest.raises(ValueError, match="cannot name a result directory"):
+            store.result_dir(bad, identity)
+    assert not any(tmp_path.iterdir())  # naming creates nothing

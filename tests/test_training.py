@@ -11,7 +11,16 @@ import torch
 from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
 from lmclab.data import DeviceDataset
 from lmclab.store import RunStore, load_checkpoint
-from lmclab.training import CheckpointSchedule, RunOptions, TrainingDiverged, load_run_model, train
+from lmclab.training import (
+    CheckpointSchedule,
+    RunOptions,
+    TrainingDiverged,
+    TrainingState,
+    child_config,
+    load_run_model,
+    train,
+)
+from lmclab.training.plan import FillParent, Reuse, Schedule, StartChild, Train, plan_training, stored_complete
 
 # 50 images per class (500), batch 50 -> 10 steps per epoch, 3 epochs.
 SMALL = RunConfig(
@@ -45,11 +54,15 @@ def test_same_config_same_weights_and_a_real_improvement(tmp_path: Path, shared_
     run_a = train(SMALL, options(tmp_path / "a", shared_data))
     run_b = train(SMALL, options(tmp_path / "b", shared_data))
     assert_identical(final_state(run_a), final_state(run_b))
-    history = run_a.meta["history"]
+    meta = run_a.meta
+    history = meta.history
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert run_a.meta["final_metrics"]["test_accuracy"] > 0.6  # 500 MNIST images, 3 epochs
-    assert run_a.meta["status"] == "complete" and run_a.meta["environment"]["torch"] == torch.__version__
+    assert meta.final_metrics is not None and meta.final_metrics["test_accuracy"] > 0.6  # 500 MNIST images, 3 epochs
+    assert meta.status == "complete" and meta.environment is not None and meta.environment["torch"] == torch.__version__
+    assert meta.steps_per_epoch == 10 and meta.total_steps == 30 and meta.hash == SMALL.run_hash() == run_a.hash
+    assert meta.data_info is not None and meta.data_info.train_size == 500 and meta.data_info.input_shape == [1, 28, 28]
+    assert meta.fork is None and meta.resumed_from is None and meta.precision == "fp32"
 
 
 def test_seed_streams_are_independent(tmp_path: Path, shared_data: Path) -> None:
@@ -81,13 +94,13 @@ def test_resume_is_bit_identical(tmp_path: Path, shared_data: Path, schedule: st
     with pytest.raises(Interrupt):
         train(SMALL, opts, callback=interrupt_at(17))
     run = RunStore(opts.runs_dir).find(SMALL)
-    assert run is not None and run.meta["status"] == "interrupted" and not run.complete
+    assert run is not None and run.meta.status == "interrupted" and not run.complete
     resumed = train(SMALL, opts)
     expected_step = 15 if schedule else 10
-    assert resumed.meta["resumed_from"]["step"] == expected_step
+    assert resumed.meta.resumed_from is not None and resumed.meta.resumed_from.step == expected_step
     straight = train(SMALL, options(tmp_path / "s", shared_data))
     assert_identical(final_state(resumed), final_state(straight))
-    assert strip_time(resumed.meta["history"]) == strip_time(straight.meta["history"])
+    assert strip_time(resumed.meta.history) == strip_time(straight.meta.history)
     assert not resumed.resume_path.exists()
 
 
@@ -114,7 +127,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path: Path, shared_data: P
     with pytest.raises(TrainingDiverged) as err:
         train(exploding, opts)
     run = RunStore(opts.runs_dir).find(exploding)
-    assert run is not None and run.meta["status"] == "diverged"
+    assert run is not None and run.meta.status == "diverged" and str(err.value) == run.meta.error
     assert str(run.resume_path) in str(err.value) and "epoch 2" in str(err.value)
     tensors, header = load_checkpoint(run.resume_path)
     assert header["step"] == 10
@@ -129,8 +142,9 @@ def test_load_run_model_reproduces_final_metrics(tmp_path: Path, shared_data: Pa
     model = load_run_model(run)
     test = DeviceDataset.load("mnist", "test", data_dir=shared_data, download=False, progress=False)
     metrics = evaluate(model, test)
-    assert metrics["accuracy"] == run.meta["final_metrics"]["test_accuracy"]
-    assert metrics["loss"] == pytest.approx(run.meta["final_metrics"]["test_loss"], rel=1e-6)
+    final = run.meta.final_metrics
+    assert final is not None and metrics["accuracy"] == final["test_accuracy"]
+    assert metrics["loss"] == pytest.approx(final["test_loss"], rel=1e-6)
 
 
 def test_evaluate_reports_nan_for_non_finite_logits(shared_data: Path) -> None:
@@ -161,3 +175,45 @@ def test_a_stored_complete_run_is_returned_without_loading_data(tmp_path: Path, 
     assert train(SMALL, opts) == run
     with pytest.raises(AssertionError, match="datasets loaded"):  # a missing checkpoint still needs the data
         train(SMALL, dataclasses.replace(opts, checkpoints=CheckpointSchedule(epochs=(1,))))
+
+
+def test_the_plan_reuses_fills_forks_and_resumes(tmp_path: Path, shared_data: Path) -> None:
+    """`plan_training` decides from the store alone; `train` carries each plan out."""
+    config, store = SMALL.normalised(), RunStore(tmp_path)
+    every_epoch = CheckpointSchedule(epochs=(1,))
+    schedule = Schedule.of(config, CheckpointSchedule(), 500)
+    assert schedule == Schedule(steps_per_epoch=10, total_steps=30, fork_step=None, checkpoints=(30,))
+    fresh = plan_training(store, config, schedule)
+    assert isinstance(fresh, Train) and (fresh.source, fresh.stop, fresh.filling, fresh.fork) == (None, 30, False, None)
+    assert list(tmp_path.iterdir()) == []  # planning writes nothing
+
+    run = train(SMALL, options(tmp_path, shared_data))
+    assert plan_training(store, config, schedule) == Reuse(run)
+    assert stored_complete(store, config, CheckpointSchedule()) == run
+    assert stored_complete(store, config, every_epoch) is None  # the epoch-1 checkpoint is missing
+    fill = plan_training(store, config, Schedule.of(config, every_epoch, 500))
+    assert isinstance(fill, Train) and (fill.source, fill.stop, fill.filling) == (None, 10, True)
+
+    child = child_config(SMALL, epoch=1, child=0).normalised()
+    child_schedule = Schedule.of(child, CheckpointSchedule(), 500)
+    assert child_schedule.fork_step == 10 and child_schedule.checkpoints == (10, 20, 30)
+    assert plan_training(store, child, child_schedule) == FillParent(run, 10)
+    train(SMALL, options(tmp_path, shared_data, checkpoints=every_epoch))
+    start = plan_training(store, child, child_schedule)
+    assert isinstance(start, StartChild) and start.parent == run and start.fork.step == 10
+    assert start.fork.parent_run == run.path.name and start.fork.epoch == 1.0
+
+
+def test_training_state_round_trips_through_a_checkpoint(tmp_path: Path, shared_data: Path) -> None:
+    run = train(SMALL, options(tmp_path, shared_data, checkpoints=CheckpointSchedule(steps=(15,))))
+    info = DeviceDataset.load("mnist", "train", data_dir=shared_data, per_class=50, download=False,
+                              progress=False).info
+    path = run.checkpoint_path(15)
+    state = TrainingState.from_checkpoint(SMALL.normalised(), info, torch.device("cpu"), path)
+    assert state.step == 15 and state.order is not None  # mid-epoch: the epoch's order is kept
+    tensors, header = state.to_checkpoint(10, run.path.name)
+    stored, stored_header = load_checkpoint(path)
+    assert_identical(tensors, stored)
+    assert {**header, "format": 1} == stored_header
+    initial = TrainingState.initial(SMALL.normalised(), info, torch.device("cpu"))
+    assert initial.step == 0 and initial.order is None and not initial.epoch_sums.any()

@@ -2,18 +2,41 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lmclab.align import PAIR_METHODS, POPULATION_METHODS, MethodEntry
 from lmclab.config import add_config_flags, config_from_args
+from lmclab.data import DATASET_NAMES, DataError, DeviceDataset
+from lmclab.experiments.ito import merge_runs
+from lmclab.experiments.lmc import align_runs, lmc_pairs, load_alignment
+from lmclab.experiments.pair import run_pair_demo
+from lmclab.experiments.predict import predict_vs_measure, sharpness
+from lmclab.experiments.registry import EXPERIMENTS, catalogue, get_experiment
+from lmclab.models import MODEL_NAMES, ModelError, model_defaults
+from lmclab.permutation import SpecError
+from lmclab.store import CheckpointError, RunNotFound, RunStore
+from lmclab.training import (
+    PRESETS,
+    CheckpointSchedule,
+    RunOptions,
+    TrainingDiverged,
+    UnknownPreset,
+    evaluate,
+    fork,
+    get_preset,
+    load_run_model,
+    resolve_device,
+    train,
+)
 
 
-#: Two-model alignment methods (lmclab.experiments.lmc.ALIGN_METHODS; spelled out so the parser loads no torch).
-ALIGN_CHOICES = ("weight", "activation", "ste")
-#: K-model methods (lmclab.align.population.POPULATION_METHODS).
-POPULATION_CHOICES = ("naive", "pairwise", "merge_many", "ste_mm")
+def _methods_help(methods: Mapping[str, MethodEntry]) -> str:
+    """The registered alignment methods, one "name (title): description" each, for ``--help``."""
+    return "; ".join(e.summary() for e in methods.values()).replace("%", "%%")
 
 
 def _common_io(p: argparse.ArgumentParser, data: bool = True, device: bool = True) -> None:
@@ -65,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("align", help="align run B's hidden units to run A's (verified, cached in the store)")
     p.add_argument("run_a")
     p.add_argument("run_b")
-    p.add_argument("--method", choices=ALIGN_CHOICES, default="weight",
-                   help="weight matching, activation matching, or STE (learned, straight-through; needs training data)")
+    p.add_argument("--method", choices=tuple(PAIR_METHODS), default="weight", help=_methods_help(PAIR_METHODS))
     p.add_argument("--ste-epochs", type=int, default=10, help="epochs of STE over the training split")
     p.add_argument("--seed", type=int, default=0, help="group order of weight matching")
     p.add_argument("--examples", type=int, default=5000,
@@ -76,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="align K stored runs jointly, merge them, barriers between all pairs (Ito et al.)")
     p.add_argument("runs", nargs="+", metavar="RUN", help="two or more runs of one architecture; the first is the reference")
-    p.add_argument("--method", nargs="+", default=["merge_many"], choices=POPULATION_CHOICES,
-                   help="one or more: naive, pairwise (each to the first run), merge_many, ste_mm")
+    p.add_argument("--method", nargs="+", default=["merge_many"], choices=tuple(POPULATION_METHODS),
+                   help="one or more: " + _methods_help(POPULATION_METHODS))
     p.add_argument("--ste-epochs", type=int, default=10, help="STE-MM epochs (the paper: 10, lr 1e-3, batch 256)")
     p.add_argument("--ste-examples", type=int, default=None, help="STE-MM on a stratified training subset")
     p.add_argument("--points", type=int, default=25, help="evenly spaced λ per pair, both ends included")
@@ -91,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_A RUN_B",
                    help="one pair of runs, or several pairs (A1 B1 A2 B2 …: curves become mean ± std)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--align", choices=ALIGN_CHOICES, default=None, help="align first (naive path too)")
+    how.add_argument("--align", choices=tuple(PAIR_METHODS), default=None,
+                     help="align first (naive path too), by a method of `lmclab align --help`")
     how.add_argument("--perm", nargs="+", default=None, metavar="FILE",
                      help="saved permutation(s) from `lmclab align`, one per pair")
     p.add_argument("--points", type=int, default=25, help="evenly spaced λ, both ends included")
@@ -111,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a")
     p.add_argument("run_b")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--align", choices=ALIGN_CHOICES, default=None, help="align B to A first")
+    how.add_argument("--align", choices=tuple(PAIR_METHODS), default=None,
+                     help="align B to A first, by a method of `lmclab align --help`")
     how.add_argument("--perm", default=None, metavar="FILE", help="a saved permutation (from `lmclab align`)")
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--subset", type=int, default=1000, help="examples used (0: the whole split)")
@@ -120,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/predict")
     _common_io(p)
 
-    p = sub.add_parser("sharpness", help="Hessian trace (95% CI), scale-aware trace and top eigenvalue of a run")
+    p = sub.add_parser("sharpness", help="Hessian trace (95%% CI), scale-aware trace and top eigenvalue of a run")
     p.add_argument("run")
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--subset", type=int, default=1000, help="examples used (0: the whole split)")
@@ -130,10 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common_io(p)
 
-    p = sub.add_parser("run", help="reproduce a paper's figures in one command (" + ", ".join(EXPERIMENTS) + ")")
-    p.add_argument("experiment", choices=tuple(EXPERIMENTS),
-                   help="; ".join(f"{name}: {text}" for name, (_, text) in EXPERIMENTS.items()))
-    p.add_argument("--preset", default="smoke", help="smoke (CPU, minutes) or paper (the paper's settings, GPU)")
+    p = sub.add_parser("run", help="reproduce a paper's figures in one command (" + ", ".join(EXPERIMENTS)
+                       + "; `lmclab run` lists them and their presets)")
+    p.add_argument("experiment", nargs="?", choices=tuple(EXPERIMENTS), metavar="EXPERIMENT",
+                   help=("; ".join(f"{name}: {e.description}" for name, e in EXPERIMENTS.items())
+                         + " (leave out: list the experiments and their presets)").replace("%", "%%"))
+    p.add_argument("--preset", default="smoke", help="smoke (CPU, minutes) or paper (the paper's settings, GPU); "
+                                                     "`lmclab run` lists every preset")
     p.add_argument("--out", default=None, help="figures and tables (default: out/EXPERIMENT-PRESET)")
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
@@ -148,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one model each")
     p.add_argument("--out", default="out/demo", help="where figures and tables go")
-    p.add_argument("--align", choices=(*ALIGN_CHOICES, "none"), default="weight")
+    p.add_argument("--align", choices=(*PAIR_METHODS, "none"), default="weight")
     p.add_argument("--points", type=int, default=25)
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
@@ -173,11 +200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from lmclab.data import DataError
-    from lmclab.models import ModelError
-    from lmclab.permutation import SpecError
-    from lmclab.store import CheckpointError, RunNotFound
-    from lmclab.training import TrainingDiverged, UnknownPreset
 
     return (DataError, ModelError, CheckpointError, RunNotFound, UnknownPreset, TrainingDiverged, SpecError, ValueError)
 
@@ -188,7 +210,6 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def _options(args: argparse.Namespace, **extra: Any) -> Any:
-    from lmclab.training import CheckpointSchedule, RunOptions
 
     return RunOptions(runs_dir=args.runs_dir, data_dir=args.data_dir, device=args.device,
                       checkpoints=CheckpointSchedule.parse(getattr(args, "checkpoints", "")),
@@ -196,20 +217,17 @@ def _options(args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.training import get_preset, train
 
     preset = get_preset(args.preset)
     config = config_from_args(preset.config, args)
     if config.fork.parent is not None:  # --fork-parent takes any run reference (name, path, hash prefix)
-        import dataclasses
 
-        from lmclab.store import RunStore
 
         parent = RunStore(args.runs_dir).get(config.fork.parent)
         config = dataclasses.replace(config, fork=dataclasses.replace(config.fork, parent=parent.hash))
     config = config.normalised()
     run = train(config, _options(args, preset=preset.name, eval_every=args.eval_every))
-    final = run.meta.get("final_metrics", {})
+    final = run.meta.final_metrics or {}
     _say(args, f"run: {run.path}\n" + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
     return {"run": run.path.name, "path": str(run.path), "hash": run.hash, "final_metrics": final}
 
@@ -225,10 +243,7 @@ def _epoch_list(text: str) -> list[int]:
 
 
 def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
-    import dataclasses
 
-    from lmclab.store import Run, RunNotFound, RunStore
-    from lmclab.training import PRESETS, CheckpointSchedule, fork, get_preset
 
     flags = args.seed is not None or any(v is not None for k, v in vars(args).items() if k.startswith("cfg_"))
     store = RunStore(args.runs_dir)
@@ -250,15 +265,16 @@ def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
     children = fork(parent, args.at, args.children, options, vary_augment=args.vary_augment,
                     child_checkpoints=CheckpointSchedule.parse(args.checkpoints) if args.checkpoints else None)
     first = next(iter(children.values()))[0]
-    parent_run = Run(first.path.parent / first.meta["fork"]["parent_run"])  # children are stored beside their parent
+    parent_run = first.parent  # children are stored beside their parent
+    assert parent_run is not None
     _say(args, f"parent: {parent_run.path}")
     out: dict[str, Any] = {"parent": {"run": parent_run.path.name, "path": str(parent_run.path), "hash": parent_run.hash,
-                                      "final_metrics": parent_run.meta.get("final_metrics", {})}, "forks": {}}
+                                      "final_metrics": parent_run.meta.final_metrics or {}}, "forks": {}}
     for epoch, runs in children.items():
-        _say(args, f"fork at epoch {epoch} (step {runs[0].meta['fork']['step']}):")
+        _say(args, f"fork at epoch {epoch} (step {runs[0].meta.fork.step if runs[0].meta.fork else None}):")
         rows = []
         for i, run in enumerate(runs):
-            final = run.meta.get("final_metrics", {})
+            final = run.meta.final_metrics or {}
             _say(args, f"  child {i}: {run.path.name}  " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
             seeds = run.config.seeds
             rows.append({"child": i, "run": run.path.name, "path": str(run.path), "hash": run.hash,
@@ -268,7 +284,6 @@ def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from lmclab.store import RunStore
 
     store = RunStore(args.runs_dir)
     rows = [r.summary() for r in store.runs()]
@@ -286,14 +301,11 @@ def cmd_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.data import DeviceDataset
-    from lmclab.store import RunStore
-    from lmclab.training import evaluate, load_run_model, resolve_device
 
     run = RunStore(args.runs_dir).get(args.run)
     device = resolve_device(args.device)
     model = load_run_model(run, args.step, device)
-    result: dict[str, Any] = {"run": run.path.name, "step": args.step if args.step is not None else run.meta["total_steps"]}
+    result: dict[str, Any] = {"run": run.path.name, "step": args.step if args.step is not None else run.meta.total_steps}
     for split in ("train", "test") if args.split == "both" else (args.split,):
         data = DeviceDataset.load(run.config.data.dataset, split, data_dir=args.data_dir, device=device,
                                   augment=False, download=not args.offline, progress=not args.json)
@@ -305,8 +317,6 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.experiments.lmc import align_runs
-    from lmclab.store import RunStore
 
     store = RunStore(args.runs_dir)
     alignment = align_runs(store.get(args.run_a), store.get(args.run_b), method=args.method, seed=args.seed,
@@ -321,21 +331,22 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.experiments.ito import merge_runs
-    from lmclab.store import RunStore
 
     store = RunStore(args.runs_dir)
     runs = [store.get(r) for r in args.runs]
-    ste = {"epochs": args.ste_epochs, **({"train_examples": args.ste_examples} if args.ste_examples else {})}
-    return merge_runs(runs, args.method, out=args.out, options={"ste_mm": ste}, points=args.points,
+    options: dict[str, dict[str, Any]] = {}   # --ste-*: methods that need training data
+    for method in args.method:
+        entry = POPULATION_METHODS[method]
+        if "data" in entry.needs:
+            options[method] = {**entry.settings(epochs=args.ste_epochs),
+                               **({"train_examples": args.ste_examples} if args.ste_examples else {})}
+    return merge_runs(runs, args.method, out=args.out, options=options, points=args.points,
                       examples=args.subset, trace={} if args.trace else None, runs_dir=args.runs_dir,
                       data_dir=args.data_dir, device=args.device, progress=not args.no_progress,
                       say=lambda t: _say(args, t))
 
 
 def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.experiments.lmc import lmc_pairs
-    from lmclab.store import RunStore
 
     if len(args.runs) % 2:
         raise ValueError(f"runs come in pairs (A B [A B …]); got {len(args.runs)}")
@@ -349,9 +360,6 @@ def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.experiments.lmc import align_runs, load_alignment
-    from lmclab.experiments.predict import predict_vs_measure
-    from lmclab.store import RunStore
 
     store = RunStore(args.runs_dir)
     run_a, run_b = store.get(args.run_a), store.get(args.run_b)
@@ -364,8 +372,6 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_sharpness(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.experiments.predict import sharpness
-    from lmclab.store import RunStore
 
     result = sharpness(RunStore(args.runs_dir).get(args.run), split=args.split, examples=args.subset or None,
                        probes=args.probes, method=args.method, eigenvalue=not args.no_eigenvalue,
@@ -379,27 +385,26 @@ def cmd_sharpness(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-#: `lmclab run NAME`: module `lmclab.experiments.NAME` with a function `run_NAME(preset, *, out, runs_dir,
-#: data_dir, device, progress, say)`, and a one-line description.
-EXPERIMENTS: dict[str, tuple[str, str]] = {
-    "benko": ("lmclab.experiments.benko", "Benkő, a second-order perspective on LMC"),
-    "ito": ("lmclab.experiments.ito", "Ito et al., analysis of LMC among many models (STE-MM)"),
-    "singh": ("lmclab.experiments.singh", "Singh et al., landscaping LMC (forks over training)"),
-}
-
-
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    import importlib
-
-    module = importlib.import_module(EXPERIMENTS[args.experiment][0])
-    run_experiment = getattr(module, f"run_{args.experiment}")
-    out = args.out or f"out/{args.experiment}-{args.preset}"
-    return run_experiment(args.preset, out=out, runs_dir=args.runs_dir, data_dir=args.data_dir, device=args.device,
-                          progress=not args.no_progress, say=lambda t: _say(args, t))
+    """`lmclab run EXPERIMENT --preset P` (the registry's experiments); without EXPERIMENT, the list of
+    experiments and their presets."""
+    if args.experiment is None:
+        listing = catalogue()
+        if not args.json:
+            for name, entry in listing.items():
+                print(f"{name}: {entry['description']}")
+                width = max(map(len, entry["presets"]), default=0)
+                for preset, text in entry["presets"].items():
+                    print(f"  --preset {preset:<{width}}  {text}")
+            print("run one: lmclab run EXPERIMENT --preset PRESET (default preset: smoke; figures and tables in "
+                  "out/EXPERIMENT-PRESET)")
+        return listing
+    return get_experiment(args.experiment)(args.preset, out=args.out, runs_dir=args.runs_dir, data_dir=args.data_dir,
+                                           device=args.device, progress=not args.no_progress,
+                                           say=lambda t: _say(args, t))
 
 
 def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.training import PRESETS
 
     out = {name: {"source": p.source, "config": p.config.normalised().to_dict()} for name, p in PRESETS.items()}
     if not args.json:
@@ -409,7 +414,6 @@ def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.models import MODEL_NAMES, model_defaults
 
     out = {name: model_defaults(name) for name in MODEL_NAMES}
     if not args.json:
@@ -419,7 +423,6 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_datasets(args: argparse.Namespace) -> list[str]:
-    from lmclab.data import DATASET_NAMES
 
     names = [*DATASET_NAMES, "imagefolder:<dir or zip with train/<class>/* and test/<class>/*>"]
     if not args.json:
@@ -428,7 +431,6 @@ def cmd_datasets(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from lmclab.experiments.pair import run_pair_demo
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     return run_pair_demo(args.preset, seeds=seeds, epochs=args.epochs, out=args.out,

@@ -5,6 +5,10 @@ config (model defaults filled in, tuples as lists, keys sorted, None fields and 
 forked child's `fork` section names its parent's hash and the fork point). Fields that cannot change the
 trained weights (where to store, which device, progress bars, checkpoint schedule) are not part of
 it; they live in `RunOptions`.
+
+`content_hash` is the one content hash of lmclab: run hashes, experiment step keys and the names of
+the store's alignment and result directories are all computed with it (the store re-exports it; it
+lives here, the lowest layer that needs it, so that config does not import the store above it).
 """
 from __future__ import annotations
 
@@ -17,7 +21,25 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from lmclab.models import model_defaults
+
 HASH_LENGTH = 16
+
+
+def canonical_json(obj: Any, *, spaced: bool = False, default: typing.Callable[[Any], Any] | None = None) -> str:
+    """`obj` as JSON with sorted keys: compact (`,` and `:`) or, with `spaced`, json.dumps' default
+    separators (`, ` and `: `). `default` converts values JSON cannot hold (as in json.dumps)."""
+    separators = (", ", ": ") if spaced else (",", ":")
+    return json.dumps(obj, sort_keys=True, separators=separators, default=default)
+
+
+def content_hash(obj: Any, length: int = HASH_LENGTH, *, spaced: bool = False,
+                 default: typing.Callable[[Any], Any] | None = None) -> str:
+    """The first `length` hex digits of sha256 of `canonical_json(obj, spaced=…, default=…)`.
+
+    Run hashes use the compact form; step keys and the store's alignment and LMC result directories
+    were first named with the spaced form and keep it, so that every stored name stays valid."""
+    return hashlib.sha256(canonical_json(obj, spaced=spaced, default=default).encode()).hexdigest()[:length]
 
 
 @dataclass(frozen=True)
@@ -119,8 +141,6 @@ class RunConfig:
 
     def normalised(self) -> "RunConfig":
         """Fill model defaults so that equal runs spelled differently hash equally (and check the fork)."""
-        from lmclab.models import model_defaults
-
         self.fork.validate()
 
         defaults = model_defaults(self.model.model)
@@ -155,8 +175,7 @@ class RunConfig:
             for section, values in self.normalised().to_dict().items()
         }
         unset_dropped = {section: values for section, values in unset_dropped.items() if values}
-        canonical = json.dumps(unset_dropped, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:HASH_LENGTH]
+        return content_hash(unset_dropped)
 
     def model_options(self) -> dict[str, Any]:
         """Keyword options for `lmclab.models.build_model` (only those the model takes)."""

@@ -13,6 +13,7 @@ matched arbitrarily among themselves, so use enough data that live units are not
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -20,8 +21,12 @@ import torch
 from torch import nn
 
 from lmclab.align.assignment import solve_assignment
-from lmclab.align.weight_matching import MatchResult, match_distances
+from lmclab.align.registry import register_pair_method
+from lmclab.align.results import MatchResult
+from lmclab.align.weight_matching import match_distances
+from lmclab.permutation import capture_activations
 from lmclab.permutation.spec import Permutation, PermutationSpec
+from lmclab.points import Point
 
 __all__ = ["activation_matching", "ActivationStats", "STATISTICS"]
 
@@ -78,14 +83,6 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _default_capture() -> Capture:
-    try:
-        from lmclab.permutation import capture_activations
-    except ImportError as err:  # pragma: no cover - depends on the permutation package's version
-        raise ImportError("activation matching needs lmclab.permutation.capture_activations") from err
-    return capture_activations  # type: ignore[no-any-return]
-
-
 def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
                         batches: Iterable[Any], *, statistic: str = "correlation",
                         max_batches: int | None = None, eps: float = 1e-8,
@@ -103,7 +100,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     missing = [g.name for g in spec.groups if not g.activations]
     if missing:
         raise ValueError(f"groups without activation nodes cannot be activation-matched: {missing}")
-    capture = capture or _default_capture()
+    capture = capture or capture_activations
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     spec.check(sd_a)
     spec.check(sd_b)
@@ -146,3 +143,17 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
         distance_before=before, distance_after=after, method="activation",
         info={"statistic": statistic, "batches": used, "rows": {g.name: stats[g.name].n for g in spec.groups},
               "mean_matched": {k: v / spec.group(k).size for k, v in matched.items()}})
+
+
+@register_pair_method("activation", "pair the units whose activations on training examples correlate best",
+                      needs=("model", "batches"), title="activation matching")
+def _activation(theta_a: Point, theta_b: Point, spec: PermutationSpec, *, model: nn.Module, batches: Iterable[Any],
+                **kw: Any) -> MatchResult:
+    """Method "activation": :func:`activation_matching` of copies of `model` loaded with θ_A and θ_B."""
+    return activation_matching(_loaded(model, theta_a), _loaded(model, theta_b), spec, batches, **kw)
+
+
+def _loaded(model: nn.Module, theta: Point) -> nn.Module:
+    m = copy.deepcopy(model)
+    m.load_state_dict(theta)
+    return m

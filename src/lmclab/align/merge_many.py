@@ -17,14 +17,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lmclab.align.population import PopulationAlignment, mean_point
+from lmclab import points as pts
+from lmclab.align.registry import register_population_method
+from lmclab.align.results import PopulationAlignment
 from lmclab.align.weight_matching import WeightMatchingState, spec_tensor_names, weight_matching
-from lmclab.permutation.spec import Params, Permutation, PermutationSpec
+from lmclab.permutation.spec import Permutation, PermutationSpec
+from lmclab.points import PointLike
 
 __all__ = ["merge_many", "spread"]
 
 
-def spread(points: Sequence[Params], spec: PermutationSpec) -> float:
+def spread(points: Sequence[PointLike], spec: PermutationSpec) -> float:
     """Σ_i ‖θ_i − θ̄‖² over the spec's floating tensors, θ̄ the mean (float64): MergeMany's objective."""
     names = spec_tensor_names(spec, points[0])
     total = 0.0
@@ -34,7 +37,9 @@ def spread(points: Sequence[Params], spec: PermutationSpec) -> float:
     return total
 
 
-def merge_many(points: Sequence[Params], spec: PermutationSpec, *, seed: int = 0, max_rounds: int = 100,
+@register_population_method("merge_many", "match each model to the mean of the others until none changes "
+                            "(Git Re-Basin)", accepts=("seed", "progress"), title="MergeMany")
+def merge_many(points: Sequence[PointLike], spec: PermutationSpec, *, seed: int = 0, max_rounds: int = 100,
                progress: bool = False, **wm_kw: Any) -> PopulationAlignment:
     """Joint alignment of K points by MergeMany (method "merge_many"); perms[0] = identity.
 
@@ -67,7 +72,7 @@ def merge_many(points: Sequence[Params], spec: PermutationSpec, *, seed: int = 0
         for rounds in range(1, max_rounds + 1):
             changed = 0
             for i in torch.randperm(k, generator=gen).tolist():
-                target = mean_point([aligned[j] for j in range(k) if j != i])
+                target = pts.mean([aligned[j] for j in range(k) if j != i])
                 res = weight_matching(target, points[i], spec, seed=seed, init=perms[i], warm=states[i], **wm_kw)
                 if res.perm != perms[i]:
                     perms[i] = res.perm

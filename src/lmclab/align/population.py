@@ -1,80 +1,39 @@
-"""Aligning K models at once: the shared result type and the methods' registry.
+"""Aligning K models at once: the two baseline methods, registered with :mod:`lmclab.align.registry`.
 
-Model 0 is the reference (never permuted); ``perms[i]`` maps model i's hidden units onto the joint
-frame, so ``perms[i].apply(θ_i, spec)`` is model i aligned; ``perms[0]`` is the identity. The merged
-model is the uniform mean of the aligned points, θ̄ = (1/K) Σ_i π_i(θ_i) (BN models then need a
-statistics reset, :func:`lmclab.paths.reset_bn_stats`).
+- ``naive``: no permutation (the baselines' plain average).
+- ``pairwise``: weight-match every model i ≥ 1 to the reference model 0 independently (two-model
+  matching applied K − 1 times; Ito et al.'s baseline that need not give one joint basin).
+
+The joint methods are :mod:`lmclab.align.merge_many` and :mod:`lmclab.align.ste_mm`; the result type and
+its frame convention :class:`lmclab.align.results.PopulationAlignment`; dispatch by name
+:func:`lmclab.align.align_population`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-import torch
+from lmclab.align.registry import align_population, register_population_method
+from lmclab.align.results import PopulationAlignment
+from lmclab.align.weight_matching import weight_matching
+from lmclab.permutation.spec import Permutation, PermutationSpec
+from lmclab.points import PointLike
 
-from lmclab.permutation.spec import Params, Permutation, PermutationSpec
-
-__all__ = ["PopulationAlignment", "POPULATION_METHODS", "align_population", "mean_point", "population_method"]
-
-
-@dataclass
-class PopulationAlignment:
-    """K permutations into one frame (``perms[0]`` = identity for the reference model 0)."""
-
-    perms: list[Permutation]
-    spec: PermutationSpec
-    method: str
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def k(self) -> int:
-        return len(self.perms)
-
-    def aligned(self, points: Sequence[Params]) -> list[Params]:
-        """[π_i(θ_i)] for the K points, in order."""
-        if len(points) != len(self.perms):
-            raise ValueError(f"{len(points)} points for an alignment of {len(self.perms)} models")
-        return [p.apply(theta, self.spec) for p, theta in zip(self.perms, points)]
-
-    def merged(self, points: Sequence[Params]) -> Params:
-        """θ̄ = (1/K) Σ_i π_i(θ_i): the uniform mean of the aligned points."""
-        return mean_point(self.aligned(points))
+__all__ = ["PopulationAlignment", "align_population", "naive", "pairwise"]
 
 
-def mean_point(points: Sequence[Params]) -> Params:
-    """Entrywise mean of K points; floating tensors averaged in float64 then cast back, integer
-    buffers (e.g. BN's num_batches_tracked) taken from the first point."""
-    if not points:
-        raise ValueError("mean of no points")
-    out: Params = {}
-    for name, first in points[0].items():
-        if first.is_floating_point():
-            acc = torch.stack([p[name].to(torch.float64) for p in points]).mean(0)
-            out[name] = acc.to(first.dtype)
-        else:
-            out[name] = first.clone()
-    return out
+@register_population_method("naive", "no permutation (the plain average)")
+def naive(points: Sequence[PointLike], spec: PermutationSpec, **_: Any) -> PopulationAlignment:
+    """Identity permutations for every model."""
+    return PopulationAlignment([Permutation.identity(spec) for _ in points], spec, "naive")
 
 
-#: name -> fn(points, spec, **kw) -> PopulationAlignment
-POPULATION_METHODS: dict[str, Callable[..., PopulationAlignment]] = {}
-
-
-def population_method(name: str) -> Callable[[Callable[..., PopulationAlignment]], Callable[..., PopulationAlignment]]:
-    """Register a K-model alignment method under `name` (used by :func:`align_population`)."""
-
-    def register(fn: Callable[..., PopulationAlignment]) -> Callable[..., PopulationAlignment]:
-        POPULATION_METHODS[name] = fn
-        return fn
-
-    return register
-
-
-def align_population(points: Sequence[Params], spec: PermutationSpec, method: str, **kw: Any) -> PopulationAlignment:
-    """Align K points with `method` (one of :data:`POPULATION_METHODS`); keywords go to the method."""
-    import lmclab.align.population_methods  # noqa: F401  (registers the methods)
-
-    if method not in POPULATION_METHODS:
-        raise ValueError(f"unknown population method {method!r}; valid: {', '.join(sorted(POPULATION_METHODS))}")
-    return POPULATION_METHODS[method](list(points), spec, **kw)
+@register_population_method("pairwise", "weight-match each model to the first one, independently",
+                            accepts=("seed",))
+def pairwise(points: Sequence[PointLike], spec: PermutationSpec, *, seed: int = 0, **kw: Any) -> PopulationAlignment:
+    """π_i = weight_matching(θ_0, θ_i) for i ≥ 1; π_0 = identity."""
+    results = [weight_matching(points[0], p, spec, seed=seed, **kw) for p in points[1:]]
+    return PopulationAlignment([Permutation.identity(spec), *(r.perm for r in results)], spec, "pairwise",
+                               info={"sweeps": [r.sweeps for r in results],
+                                     "distance_before": [r.distance_before for r in results],
+                                     "distance_after": [r.distance_after for r in results]})

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,12 +43,17 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from lmclab.align.population import mean_point
-from lmclab.align.weight_matching import MatchResult, WeightMatchingState, match_distances, weight_matching
-from lmclab.permutation.spec import Params, Permutation, PermutationSpec
+from lmclab.align.registry import register_pair_method
+from lmclab.align.results import MatchResult
+from lmclab.align.weight_matching import WeightMatchingState, match_distances, weight_matching
+from lmclab.data import DeviceDataset
+from lmclab.paths.population import merged_metrics
+from lmclab.permutation.spec import Permutation, PermutationSpec
+from lmclab.points import Point, PointLike, mixture
+from lmclab.training.evaluate import autocast_for
 
-__all__ = ["BN_RESET_EXAMPLES", "LAMBDAS", "STELoop", "learn_permutations", "merged_loss", "mixture",
-           "mixture_loss", "ste_matching", "straight_through"]
+__all__ = ["BN_RESET_EXAMPLES", "LAMBDAS", "STELoop", "learn_permutations", "mixture_loss", "ste_matching",
+           "straight_through"]
 
 #: λ choices of :func:`ste_matching`.
 LAMBDAS: tuple[str, ...] = ("half", "random")
@@ -59,41 +64,21 @@ BN_RESET_EXAMPLES = 10_000
 WeightDraw = Callable[[np.random.Generator], np.ndarray]
 
 
-def straight_through(projected: Mapping[str, torch.Tensor], proxy: Mapping[str, torch.Tensor]) -> Params:
+def straight_through(projected: PointLike, proxy: PointLike) -> Point:
     """ste = P + (θ̃ − sg(θ̃)) for every tensor of `proxy`: the value of P, the gradient of θ̃."""
     return {k: projected[k] + (p - p.detach()) for k, p in proxy.items()}
 
 
-def mixture(points: Sequence[Mapping[str, torch.Tensor]], weights: torch.Tensor | Sequence[float]) -> Params:
-    """θ_mix = Σ_k w_k θ_k over the keys of points[0]; non-floating tensors (e.g. BN's
-    num_batches_tracked) are cloned from points[0]. Differentiable in the points."""
-    if len(points) != len(weights):
-        raise ValueError(f"{len(points)} points but {len(weights)} mixing weights")
-    w = [float(x) for x in weights]
-    out: Params = {}
-    for name, first in points[0].items():
-        if not first.is_floating_point():
-            out[name] = first.clone()
-            continue
-        acc = first * w[0]
-        for wk, p in zip(w[1:], points[1:]):
-            acc = acc + p[name] * wk
-        out[name] = acc
-    return out
-
-
-def mixture_loss(model: nn.Module, points: Sequence[Mapping[str, torch.Tensor]],
-                 weights: torch.Tensor | Sequence[float], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of `model` at θ_mix = Σ_k w_k θ_k on (x, y), via ``functional_call``
-    (in the module's current train/eval mode; bf16 autocast on CUDA)."""
-    from lmclab.training.evaluate import autocast_for
-
+def mixture_loss(model: nn.Module, points: Sequence[PointLike], weights: torch.Tensor | Sequence[float],
+                 x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `model` at θ_mix = Σ_k w_k θ_k (:func:`lmclab.points.mixture`) on (x, y), via
+    ``functional_call`` (in the module's current train/eval mode; bf16 autocast on CUDA)."""
     with autocast_for(x.device):
         logits = functional_call(model, mixture(points, weights), (x,))
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
 
 
-def _parameter_names(model: nn.Module, point: Mapping[str, torch.Tensor]) -> list[str]:
+def _parameter_names(model: nn.Module, point: PointLike) -> list[str]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in point]
     if missing:
@@ -102,7 +87,7 @@ def _parameter_names(model: nn.Module, point: Mapping[str, torch.Tensor]) -> lis
     return names
 
 
-def _check_points(points: Sequence[Mapping[str, torch.Tensor]]) -> None:
+def _check_points(points: Sequence[PointLike]) -> None:
     if len(points) < 2:
         raise ValueError(f"alignment needs at least 2 points, got {len(points)}")
     keys = list(points[0])
@@ -131,7 +116,7 @@ class STELoop:
     returns the loss; ``perms`` are the K permutations of the last matching (identity first).
     """
 
-    def __init__(self, reference: Params, others: Sequence[Params], spec: PermutationSpec, model: nn.Module, *,
+    def __init__(self, reference: PointLike, others: Sequence[PointLike], spec: PermutationSpec, model: nn.Module, *,
                  draw: WeightDraw, lr: float, seed: int, device: torch.device) -> None:
         self.spec = spec
         self.device = device
@@ -154,7 +139,7 @@ class STELoop:
         self.match_seconds = 0.0
         self.sweeps: list[int] = []
 
-    def match(self) -> list[Params]:
+    def match(self) -> list[Point]:
         """π_i = WM(θ̃_i, θ_{B_i}) (warm), stored in ``perms``; returns the permuted points π_i(θ_{B_i})."""
         start = time.perf_counter()
         projected = []
@@ -187,31 +172,13 @@ class STELoop:
         return out
 
 
-@torch.no_grad()
-def merged_loss(model: nn.Module, points: Sequence[Params], data: Any, bn_data: Any = None) -> dict[str, float]:
-    """{loss, accuracy} on `data` of the merged model θ̄ = mean of `points` (eval mode; BatchNorm
-    statistics first reset on at most :data:`BN_RESET_EXAMPLES` examples of `bn_data`)."""
-    from lmclab.paths.normalization import has_batchnorm, reset_bn_stats
-    from lmclab.training.evaluate import evaluate
-
-    scratch = copy.deepcopy(model)
-    scratch.load_state_dict(mean_point(list(points)))
-    if has_batchnorm(scratch):
-        if bn_data is None:
-            raise ValueError("a BatchNorm model's merged loss needs bn_data to reset its statistics")
-        reset_bn_stats(scratch, bn_data, max_examples=BN_RESET_EXAMPLES)
-    return evaluate(scratch, data)
-
-
-def learn_permutations(reference: Params, others: Sequence[Params], spec: PermutationSpec, *, model: nn.Module,
+def learn_permutations(reference: PointLike, others: Sequence[PointLike], spec: PermutationSpec, *, model: nn.Module,
                        data: Any, draw: WeightDraw, epochs: int, lr: float, batch_size: int, seed: int,
                        device: torch.device | str | None, progress: bool, val_data: Any,
                        desc: str) -> tuple[list[Permutation], dict[str, Any]]:
     """The STE loop over `epochs` of `data` (a DeviceDataset; order from a CPU generator seeded with
     `seed`, augmentation if the dataset has it); returns the permutations (identity first) kept by
     held-out loss of the merged model (or the last), and info (per-epoch loss, timing, solver stats)."""
-    from lmclab.data import DeviceDataset
-
     _check_points([reference, *others])
     _check_hyper(epochs, lr, batch_size)
     for name, d in (("data", data), ("val_data", val_data)):
@@ -250,7 +217,8 @@ def learn_permutations(reference: Params, others: Sequence[Params], spec: Permut
                                      "match_seconds": loop.match_seconds - m0}
             if val_data is not None:
                 aligned = [p.apply(theta, spec) for p, theta in zip(loop.perms, [loop.reference, *loop.others])]
-                m = merged_loss(loop.model, aligned, val_data, bn_data=data)
+                m = merged_metrics(loop.model, aligned, {"val": val_data}, bn_data=data,
+                                   bn_examples=BN_RESET_EXAMPLES)["val"]
                 entry.update(val_loss=m["loss"], val_accuracy=m["accuracy"])
                 if best is None or m["loss"] < best[0]:
                     best = (m["loss"], epoch, list(loop.perms))
@@ -279,7 +247,10 @@ def _pair_draw(lam: str) -> WeightDraw:
     return draw
 
 
-def ste_matching(params_a: Params, params_b: Params, spec: PermutationSpec, *, model: nn.Module, data: Any,
+@register_pair_method("ste", "learned straight-through matching (Git Re-Basin), trained on the training split",
+                      needs=("model", "data"), accepts=("seed", "device", "progress", "epochs", "val_data"),
+                      title="STE")
+def ste_matching(params_a: PointLike, params_b: PointLike, spec: PermutationSpec, *, model: nn.Module, data: Any,
                  epochs: int = 10, lr: float = 1e-3, batch_size: int = 256, lam: str = "half", seed: int = 0,
                  val_data: Any = None, device: torch.device | str | None = None,
                  progress: bool = True) -> MatchResult:

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmclab.align.population import PopulationAlignment
+from lmclab.align.registry import register_population_method
+from lmclab.align.results import PopulationAlignment
 from lmclab.align.ste import WeightDraw, learn_permutations
-from lmclab.permutation.spec import Params, PermutationSpec
+from lmclab.permutation.spec import PermutationSpec
+from lmclab.points import PointLike
 
 __all__ = ["MIXINGS", "mixing_draw", "ste_mm"]
 
@@ -53,7 +55,10 @@ def mixing_draw(k: int, mixing: str = "uniform", dirichlet_alpha: float = 1.0) -
     return uniform
 
 
-def ste_mm(points: Sequence[Params], spec: PermutationSpec, *, model: nn.Module, data: Any, epochs: int = 10,
+@register_population_method("ste_mm", "learned matching of all K models at once (Ito et al.), trained on the "
+                            "training split", needs=("model", "data"),
+                            accepts=("seed", "device", "progress", "epochs", "val_data"), title="STE-MM")
+def ste_mm(points: Sequence[PointLike], spec: PermutationSpec, *, model: nn.Module, data: Any, epochs: int = 10,
            lr: float = 1e-3, batch_size: int = 256, mixing: str = "uniform", dirichlet_alpha: float = 1.0,
            seed: int = 0, device: torch.device | str | None = None, progress: bool = True,
            val_data: Any = None) -> PopulationAlignment:

@@ -18,54 +18,19 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from lmclab.align.assignment import WarmAssignment, assignment_value, solve_assignment
-from lmclab.permutation.spec import (
-    Params,
-    PermGroup,
-    Permutation,
-    PermutationSpec,
-    SpecError,
-    expand_block,
-)
+from lmclab.align.registry import register_pair_method
+from lmclab.align.results import MatchResult
+from lmclab.permutation.spec import PermGroup, Permutation, PermutationSpec, SpecError, expand_block
+from lmclab.points import PointLike
 
-__all__ = ["MatchResult", "WeightMatchingState", "weight_matching", "spec_tensor_names", "default_weights",
-           "match_distances"]
+__all__ = ["WeightMatchingState", "weight_matching", "spec_tensor_names", "default_weights", "match_distances"]
 
 #: An improvement must exceed this fraction of |⟨S_P, P_old⟩| to be accepted (guards against cycling on ties).
 REL_TOL = 1e-12
-
-
-@dataclass
-class MatchResult:
-    """An alignment of model B to model A: `perm.apply(θ_B, spec)` is the aligned B.
-
-    `objective[k]` is J(π) = Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩ after sweep k+1 (activation matching: the sum
-    of the matched statistics); distances are ‖θ_A − θ_B‖ and ‖θ_A − π(θ_B)‖ over all the spec's
-    floating-point tensors, unweighted. `converged` is False when `max_sweeps` ran out; `info` holds
-    method-specific details (seed, objective_init, changes_per_sweep, seconds, …).
-    """
-
-    perm: Permutation
-    spec: PermutationSpec
-    sweeps: int
-    objective: list[float]
-    distance_before: float
-    distance_after: float
-    method: str
-    converged: bool = True
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """Everything but the permutation tensors (plus, per group, how many units moved)."""
-        moved = {k: int((p != torch.arange(len(p))).sum()) for k, p in self.perm.perms.items()}
-        return {"method": self.method, "sweeps": self.sweeps, "converged": self.converged,
-                "objective": list(self.objective), "distance_before": self.distance_before,
-                "distance_after": self.distance_after, "units_moved": moved, "info": dict(self.info),
-                "spec": self.spec.to_dict()}
 
 
 @dataclass
@@ -100,7 +65,7 @@ class WeightMatchingState:
         return out
 
 
-def spec_tensor_names(spec: PermutationSpec, params: Mapping[str, torch.Tensor]) -> list[str]:
+def spec_tensor_names(spec: PermutationSpec, params: PointLike) -> list[str]:
     """The floating-point tensors of `params` that the spec permutes (parameters and buffers alike)."""
     return [t for t in spec.axes_by_tensor() if t in params and params[t].is_floating_point()]
 
@@ -128,7 +93,7 @@ class _WeightMatcher:
     entries (new[i] = orig[p_new[i]] = old[p_old⁻¹[p_new[i]]]), never by re-permuting θ_B.
     """
 
-    def __init__(self, params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+    def __init__(self, params_a: PointLike, params_b: PointLike,
                  spec: PermutationSpec, perm: dict[str, torch.Tensor], weights: Callable[[str], float],
                  device: torch.device) -> None:
         self.spec = spec
@@ -265,7 +230,9 @@ def _initial_perm(spec: PermutationSpec, init: Permutation | None) -> dict[str, 
     return out
 
 
-def weight_matching(params_a: Params, params_b: Params, spec: PermutationSpec, *, max_sweeps: int = 100,
+@register_pair_method("weight", "maximise Σ⟨θ_A, π(θ_B)⟩ by coordinate descent (Git Re-Basin); no data",
+                      accepts=("seed", "progress"), title="weight matching")
+def weight_matching(params_a: PointLike, params_b: PointLike, spec: PermutationSpec, *, max_sweeps: int = 100,
                     seed: int = 0, init: Permutation | None = None, device: torch.device | str | None = None,
                     progress: bool = False, weights: Callable[[str], float] | None = None,
                     warm: WeightMatchingState | None = None) -> MatchResult:
@@ -355,7 +322,7 @@ def weight_matching(params_a: Params, params_b: Params, spec: PermutationSpec, *
               "warm": warm is not None})
 
 
-def match_distances(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
+def match_distances(params_a: PointLike, params_b: PointLike,
                     spec: PermutationSpec, perm: Permutation) -> tuple[float, float]:
     """(‖θ_A − θ_B‖, ‖θ_A − π(θ_B)‖) over the spec's floating-point tensors.
 
@@ -368,9 +335,10 @@ def match_distances(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str,
     restricted = PermutationSpec(tuple(PermGroup(g.name, g.size, tuple(a for a in g.axes if a.tensor in keep),
                                                  g.activations) for g in spec.groups))
 
-    def dist(b: Mapping[str, torch.Tensor]) -> float:
+    def dist(b: PointLike) -> float:
         norms = [torch.linalg.vector_norm(sub_a[t].to(_compute_dtype(sub_a[t].dtype))
                                           - b[t].to(_compute_dtype(sub_a[t].dtype))) for t in names]
         return float(torch.stack(norms).double().square().sum().sqrt()) if norms else 0.0
 
     return dist(sub_b), dist(perm.apply(sub_b, restricted))
+

@@ -3,11 +3,14 @@ from lmclab.curvature.functional import (
     FunctionalModel,
     functional_model,
     iterate_batches,
-    parameter_direction,
+    parameter_blocks,
     summed_cross_entropy,
 )
 from lmclab.curvature.hessian import HessianOperator, dense_hessian, hvp, hvp_many, quadratic_form
 from lmclab.curvature.predictions import (
+    BarrierPrediction,
+    CrossBlocks,
+    PairPrediction,
     barrier_prediction,
     cross_block_matrix,
     predicted_barrier_curve,
@@ -16,8 +19,8 @@ from lmclab.curvature.predictions import (
 from lmclab.curvature.trace import TraceEstimate, hessian_trace, hutchinson_trace, hutchpp_trace, top_eigenvalue
 
 __all__ = [
-    "FunctionalModel", "HessianOperator", "TraceEstimate", "barrier_prediction", "cross_block_matrix",
-    "dense_hessian", "functional_model", "hessian_trace", "hutchinson_trace", "hutchpp_trace", "hvp", "hvp_many",
-    "iterate_batches", "parameter_direction", "predicted_barrier_curve", "predicted_set_barrier", "quadratic_form",
-    "summed_cross_entropy", "top_eigenvalue",
+    "BarrierPrediction", "CrossBlocks", "FunctionalModel", "HessianOperator", "PairPrediction", "TraceEstimate",
+    "barrier_prediction", "cross_block_matrix", "dense_hessian", "functional_model", "hessian_trace",
+    "hutchinson_trace", "hutchpp_trace", "hvp", "hvp_many", "iterate_batches", "parameter_blocks",
+    "predicted_barrier_curve", "predicted_set_barrier", "quadratic_form", "summed_cross_entropy", "top_eigenvalue",
 ]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +52,12 @@ from lmclab.curvature.functional import (
     Batch,
     FunctionalModel,
     LossFn,
-    Params,
     functional_model,
     iterate_batches,
     summed_cross_entropy,
 )
 from lmclab.data import DeviceDataset
+from lmclab.points import Point, PointLike
 
 __all__ = ["AUTO_ORDER2", "METHODS", "LossDerivatives", "directional_taylor", "ieee_fp32", "logit_derivatives",
            "loss_derivatives", "resolve_method"]
@@ -84,7 +84,8 @@ AUTO_ORDER2 = "hvp"
 
 @dataclass
 class LossDerivatives:
-    """f⁽ᵏ⁾(0), k = 0..K, of f(t) = L(θ + t d) (mean loss over ``n_examples``), by ``method``."""
+    """f⁽ᵏ⁾(0), k = 0..K, of f(t) = L(θ + t d) (mean loss over ``n_examples``), by ``method``; the Taylor
+    polynomial Σ_k f⁽ᵏ⁾(0) tᵏ/k! is :func:`lmclab.curvature.taylor.taylor_polynomial` of ``coefficients``."""
 
     coefficients: torch.Tensor  # float64, shape (K+1,)
     n_examples: int
@@ -93,12 +94,6 @@ class LossDerivatives:
     @property
     def order(self) -> int:
         return self.coefficients.numel() - 1
-
-    def polynomial(self, t: torch.Tensor | Iterable[float] | float, order: int | None = None) -> torch.Tensor:
-        """Σ_{k ≤ order} f⁽ᵏ⁾(0) tᵏ / k! at the given t (default order: all coefficients)."""
-        from lmclab.curvature.taylor import taylor_polynomial
-
-        return taylor_polynomial(self.coefficients, t, self.order if order is None else order)
 
 
 def resolve_method(method: str, order: int) -> str:
@@ -238,8 +233,8 @@ def directional_taylor(fn: Callable[[torch.Tensor], Any], order: int, t0: torch.
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def _prepare(model: nn.Module, theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor],
-             dtype: torch.dtype) -> tuple[FunctionalModel, Params]:
+def _prepare(model: nn.Module, theta: PointLike, direction: PointLike,
+             dtype: torch.dtype) -> tuple[FunctionalModel, Point]:
     """The functional model at θ in ``dtype`` (floating buffers too) and d over its parameters."""
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be floating point, got {dtype}")
@@ -252,7 +247,7 @@ def _prepare(model: nn.Module, theta: Mapping[str, torch.Tensor], direction: Map
     unknown = set(direction) - set(params) - set(buffers)
     if unknown:
         raise KeyError(f"direction has tensors the model does not: {sorted(unknown)}")
-    d: Params = {}
+    d: Point = {}
     for k, p in params.items():
         v = direction[k]
         if tuple(v.shape) != tuple(p.shape):
@@ -273,7 +268,7 @@ def _batches(data: DeviceDataset | Iterable[Batch], batch_size: int, max_example
                 disable=not progress, leave=False)
 
 
-def _line(fm: FunctionalModel, d: Params, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _line(fm: FunctionalModel, d: Point, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """t -> z(θ + t d; x), the logits of the batch along the line."""
     return lambda t: fm.logits({k: p + t * d[k] for k, p in fm.params.items()}, x)
 
@@ -285,7 +280,7 @@ def _to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- per batch
 
 
-def _loss_jvp(fm: FunctionalModel, d: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+def _loss_jvp(fm: FunctionalModel, d: Point, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
               order: int) -> list[torch.Tensor]:
     line = _line(fm, d, x)
     like = next(iter(fm.params.values()))
@@ -293,7 +288,7 @@ def _loss_jvp(fm: FunctionalModel, d: Params, x: torch.Tensor, y: torch.Tensor, 
     return directional_taylor(lambda t: loss_fn(line(t), y), order, t0)
 
 
-def _loss_hvp(fm: FunctionalModel, d: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+def _loss_hvp(fm: FunctionalModel, d: Point, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
               order: int) -> list[torch.Tensor]:
     """[L, ∇L·d, dᵀ(∇²L d)] of the batch (summed) loss by backward and double backward."""
     names = list(fm.params)
@@ -320,7 +315,7 @@ def _loss_hvp(fm: FunctionalModel, d: Params, x: torch.Tensor, y: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------- public
 
 
-def loss_derivatives(model: nn.Module, theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor],
+def loss_derivatives(model: nn.Module, theta: PointLike, direction: PointLike,
                      data: DeviceDataset | Iterable[Batch], *, order: int = 2, method: str = "auto",
                      batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
                      progress: bool = False, dtype: torch.dtype = torch.float32,
@@ -354,7 +349,7 @@ def loss_derivatives(model: nn.Module, theta: Mapping[str, torch.Tensor], direct
     return LossDerivatives(total / n, n, route)
 
 
-def logit_derivatives(model: nn.Module, theta: Mapping[str, torch.Tensor], direction: Mapping[str, torch.Tensor],
+def logit_derivatives(model: nn.Module, theta: PointLike, direction: PointLike,
                       data: DeviceDataset | Iterable[Batch], *, order: int = 2, batch_size: int = 50,
                       max_examples: int | None = None, progress: bool = False,
                       dtype: torch.dtype = torch.float32, allow_tf32: bool = False) -> torch.Tensor:

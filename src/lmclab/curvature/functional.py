@@ -2,13 +2,14 @@
 
 Curvature is taken in eval mode on fixed data in fp32: a point θ (a state dict) splits into the
 trainable parameters (the coordinates that directions and Hessians live in) and the buffers (BN
-running statistics), which stay at the point's own values. Directions d = θ_B − θ_A are over the
-parameters only.
+running statistics), which stay at the point's own values (:func:`lmclab.points.split_point`).
+Directions d = θ_B − θ_A are over the parameters only:
+``lmclab.points.direction(θ_A, θ_B, keys=parameter_names(model))``.
 """
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,9 @@ from torch import nn
 from torch.func import functional_call
 
 from lmclab.data import DeviceDataset
+from lmclab.paths import layer_groups
+from lmclab.points import Point, PointLike, parameter_names, split_point
 
-Params = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> summed loss over the batch
 
@@ -33,46 +35,27 @@ class FunctionalModel:
     """f(params, x) over a private eval-mode copy of the architecture, buffers fixed."""
 
     module: nn.Module
-    params: Params  # trainable parameters of the point (detached, in the point's dtype, model order)
-    buffers: Params  # buffers of the point (BN statistics), held fixed
+    params: Point  # trainable parameters of the point (detached, in the point's dtype, model order)
+    buffers: Point  # buffers of the point (BN statistics), held fixed
 
-    def logits(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def logits(self, params: PointLike, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, {**self.buffers, **params}, (x,))
 
-    def zeros_like_params(self) -> Params:
+    def zeros_like_params(self) -> Point:
         return {k: torch.zeros_like(v) for k, v in self.params.items()}
 
 
-def functional_model(model: nn.Module, theta: Mapping[str, torch.Tensor] | None = None) -> FunctionalModel:
+def functional_model(model: nn.Module, theta: PointLike | None = None) -> FunctionalModel:
     """Split θ (default: the model's state dict) into parameters and buffers; the copy is in eval mode."""
     module = copy.deepcopy(model).eval()
-    state = dict(theta) if theta is not None else module.state_dict()
-    param_names = [n for n, _ in module.named_parameters()]  # the model's order, stable across processes
-    missing = set(param_names) - set(state)
-    if missing:
-        raise KeyError(f"θ lacks parameters {sorted(missing)}")
-    params = {k: state[k].detach() for k in param_names}  # dtype kept (fp64 points stay fp64)
-    buffers = {k: v.detach() for k, v in state.items() if k not in set(param_names)}
+    params, buffers = split_point(theta if theta is not None else module.state_dict(), module)
     return FunctionalModel(module, params, buffers)
-
-
-def parameter_names(model: nn.Module) -> list[str]:
-    """The model's parameter names (the coordinates curvature is taken in; buffers excluded)."""
-    return [n for n, _ in model.named_parameters()]
 
 
 def parameter_blocks(model: nn.Module) -> dict[str, list[str]]:
     """Layer groups (:func:`lmclab.paths.layer_groups`) restricted to parameters: the blocks of Prop. 2 / eq. 20."""
-    from lmclab.paths import layer_groups
-
     params = set(parameter_names(model))
     return {name: [t for t in tensors if t in params] for name, tensors in layer_groups(model).items()}
-
-
-def parameter_direction(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor],
-                        model: nn.Module) -> Params:
-    """d = θ_B − θ_A over the model's trainable parameters (buffers are not directions)."""
-    return {n: theta_b[n].detach() - theta_a[n].detach() for n, _ in model.named_parameters()}  # dtype kept
 
 
 def iterate_batches(data: DeviceDataset | Iterable[Batch], batch_size: int = 50,

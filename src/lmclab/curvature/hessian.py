@@ -21,7 +21,7 @@ the parameters' dtype.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,17 +30,14 @@ from lmclab.curvature.functional import (
     Batch,
     FunctionalModel,
     LossFn,
-    Params,
     functional_model,
     iterate_batches,
     summed_cross_entropy,
 )
 from lmclab.data import DeviceDataset
+from lmclab.points import Point, PointLike, flatten, inner, parameter_names, unflatten
 
-__all__ = [
-    "HVP_METHODS", "HessianOperator", "dense_hessian", "flatten_params", "hvp", "hvp_many", "quadratic_form",
-    "unflatten_params", "vdot",
-]
+__all__ = ["HVP_METHODS", "HessianOperator", "dense_hessian", "hvp", "hvp_many", "quadratic_form", "working_dtype"]
 
 HVP_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
 
@@ -50,36 +47,17 @@ Data = DeviceDataset | Iterable[Batch]
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def vdot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """⟨a, b⟩ = Σ_tensors Σ_entries a·b over the keys of `a`, accumulated in float64."""
-    return float(sum(torch.sum(a[k].double() * b[k].double()) for k in a))
+def working_dtype(theta: PointLike, names: Iterable[str]) -> torch.dtype:
+    """The precision Hessian products are taken in at θ: fp64 if any of θ's tensors `names` is fp64, else fp32."""
+    return torch.float64 if any(theta[n].dtype == torch.float64 for n in names) else torch.float32
 
 
-def flatten_params(params: Mapping[str, torch.Tensor], names: Sequence[str] | None = None) -> torch.Tensor:
-    """One vector: the tensors in `names` order (default: the mapping's order), each flattened row-major."""
-    keys = list(params) if names is None else list(names)
-    return torch.cat([params[k].reshape(-1) for k in keys])
-
-
-def unflatten_params(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> Params:
-    """Inverse of `flatten_params` in `like`'s key order, with `like`'s shapes, dtypes and devices."""
-    out: Params = {}
-    offset = 0
-    for k, t in like.items():
-        n = t.numel()
-        out[k] = vector[offset:offset + n].reshape(t.shape).to(t.device, t.dtype)
-        offset += n
-    if offset != vector.numel():
-        raise ValueError(f"vector has {vector.numel()} entries, the parameters {offset}")
-    return out
-
-
-def _prepare(model: nn.Module, theta: Mapping[str, torch.Tensor] | None) -> FunctionalModel:
+def _prepare(model: nn.Module, theta: PointLike | None) -> FunctionalModel:
     """`functional_model` with parameters in `model.named_parameters()` order; fp64 if θ's parameters are fp64."""
     fm = functional_model(model, theta)
-    order = [n for n, _ in model.named_parameters()]
+    order = parameter_names(model)
     source = dict(theta) if theta is not None else dict(model.named_parameters())
-    dtype = torch.float64 if any(source[n].dtype == torch.float64 for n in order) else torch.float32
+    dtype = working_dtype(source, order)
     # functional_model rounds θ to fp32; re-take fp64 points from the source at full precision
     fm.params = {n: source[n].detach().to(fm.params[n].device, dtype) for n in order}
     if dtype == torch.float64:
@@ -95,7 +73,7 @@ class HessianOperator:
     taken. `passes` counts data passes, `products` Hessian-vector products.
     """
 
-    def __init__(self, model: nn.Module, theta: Mapping[str, torch.Tensor] | None, data: Data, *,
+    def __init__(self, model: nn.Module, theta: PointLike | None, data: Data, *,
                  batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
                  method: str = "double_backward", vectorize: bool = False, chunk_size: int | None = None) -> None:
         if method not in HVP_METHODS:
@@ -107,7 +85,7 @@ class HessianOperator:
         self.products = 0
 
     @property
-    def params(self) -> Params:
+    def params(self) -> Point:
         """The point's parameters (detached), in `model.named_parameters()` order."""
         return self.fm.params
 
@@ -122,17 +100,17 @@ class HessianOperator:
                 x = x.to(p.device, p.dtype)
             yield x, y.to(p.device)
 
-    def _cast(self, v: Mapping[str, torch.Tensor]) -> Params:
+    def _cast(self, v: PointLike) -> Point:
         missing = set(self.fm.params) - set(v)
         if missing:
             raise KeyError(f"vector lacks parameters {sorted(missing)}")
         return {n: v[n].detach().to(p.device, p.dtype) for n, p in self.fm.params.items()}
 
-    def matvec(self, v: Mapping[str, torch.Tensor]) -> Params:
+    def matvec(self, v: PointLike) -> Point:
         """H v (one data pass)."""
         return self.matmat([v])[0]
 
-    def matmat(self, vectors: Sequence[Mapping[str, torch.Tensor]]) -> list[Params]:
+    def matmat(self, vectors: Sequence[PointLike]) -> list[Point]:
         """[H v_1, …, H v_K] in one data pass."""
         vs = [self._cast(v) for v in vectors]
         if not vs:
@@ -161,7 +139,7 @@ class HessianOperator:
                 a[n].div_(total)
         return acc
 
-    def _double_backward(self, names: list[str], vs: list[Params], x: torch.Tensor, y: torch.Tensor) -> list[Params]:
+    def _double_backward(self, names: list[str], vs: list[Point], x: torch.Tensor, y: torch.Tensor) -> list[Point]:
         leaves = [self.fm.params[n].detach().requires_grad_(True) for n in names]
         with torch.enable_grad():
             loss = self.loss_fn(self.fm.logits(dict(zip(names, leaves)), x), y)
@@ -183,16 +161,16 @@ class HessianOperator:
                 out.append({n: t.detach() for n, t in zip(names, hv)})
             return out
 
-    def _forward_over_reverse(self, names: list[str], vs: list[Params], x: torch.Tensor,
-                              y: torch.Tensor) -> list[Params]:
+    def _forward_over_reverse(self, names: list[str], vs: list[Point], x: torch.Tensor,
+                              y: torch.Tensor) -> list[Point]:
         params = self.fm.params
 
-        def loss(p: Params) -> torch.Tensor:
+        def loss(p: Point) -> torch.Tensor:
             return self.loss_fn(self.fm.logits(p, x), y)
 
         grad_fn = torch.func.grad(loss)
 
-        def one(tangent: Params) -> Params:
+        def one(tangent: Point) -> Point:
             return torch.func.jvp(grad_fn, (params,), (tangent,))[1]
 
         if self.vectorize and len(vs) > 1:
@@ -205,53 +183,49 @@ class HessianOperator:
 # ------------------------------------------------------------------------------------- public calls
 
 
-def hvp_many(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, vectors: Sequence[Mapping[str, torch.Tensor]],
+def hvp_many(model: nn.Module, theta: PointLike | None, vectors: Sequence[PointLike],
              data: Data, *, batch_size: int = 50, max_examples: int | None = None,
              loss_fn: LossFn = summed_cross_entropy, method: str = "double_backward", vectorize: bool = False,
-             chunk_size: int | None = None) -> list[Params]:
+             chunk_size: int | None = None) -> list[Point]:
     """[∇²L(θ) v_k]_k for the mean loss over the data, all vectors in one data pass (parameters only)."""
     op = HessianOperator(model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn,
                          method=method, vectorize=vectorize, chunk_size=chunk_size)
     return op.matmat(vectors)
 
 
-def hvp(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, vector: Mapping[str, torch.Tensor], data: Data,
+def hvp(model: nn.Module, theta: PointLike | None, vector: PointLike, data: Data,
         *, batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
-        method: str = "double_backward") -> Params:
+        method: str = "double_backward") -> Point:
     """∇²L(θ) v for the mean loss over the data (one data pass; parameters only)."""
     return hvp_many(model, theta, [vector], data, batch_size=batch_size, max_examples=max_examples,
                     loss_fn=loss_fn, method=method)[0]
 
 
-def quadratic_form(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, d: Mapping[str, torch.Tensor],
+def quadratic_form(model: nn.Module, theta: PointLike | None, d: PointLike,
                    data: Data, *, batch_size: int = 50, max_examples: int | None = None,
                    loss_fn: LossFn = summed_cross_entropy, method: str = "double_backward") -> float:
     """dᵀ ∇²L(θ) d (one HVP; the second derivative of t ↦ L(θ + t d) at 0)."""
     hd = hvp(model, theta, d, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn, method=method)
-    return vdot(hd, {n: d[n].to(hd[n].device, hd[n].dtype) for n in hd})
+    return inner(hd, {n: d[n].to(hd[n].device, hd[n].dtype) for n in hd})
 
 
-def dense_hessian(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, data: Data, *, batch_size: int = 50,
+def dense_hessian(model: nn.Module, theta: PointLike | None, data: Data, *, batch_size: int = 50,
                   max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
                   max_parameters: int = 5_000) -> torch.Tensor:
     """The full P×P Hessian of the mean loss (tiny models only: tests and checks).
 
     Rows/columns follow `model.named_parameters()` order, each tensor flattened row-major (the order of
-    `flatten_params(HessianOperator(...).params)`). Computed with torch.func.hessian of the loss as a
+    `lmclab.points.flatten(HessianOperator(...).params)`). Computed with torch.func.hessian of the loss as a
     function of the flat parameter vector, independently of the HVP code.
     """
     fm = _prepare(model, theta)
     like = fm.params
-    flat0 = flatten_params(like)
+    flat0 = flatten(like)
     if flat0.numel() > max_parameters:
         raise ValueError(f"{flat0.numel()} parameters > max_parameters={max_parameters}: use HVPs instead")
 
     def loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        offset, p = 0, {}
-        for k, t in like.items():
-            p[k] = flat[offset:offset + t.numel()].reshape(t.shape)
-            offset += t.numel()
-        return loss_fn(fm.logits(p, x), y)
+        return loss_fn(fm.logits(unflatten(flat, like), x), y)
 
     hess = torch.func.hessian(loss)
     total, acc = 0, torch.zeros(flat0.numel(), flat0.numel(), dtype=flat0.dtype, device=flat0.device)

@@ -27,18 +27,20 @@ useful at non-converged endpoints (e.g. during training of forked children).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from lmclab.curvature.functional import LossFn, Params, parameter_names, summed_cross_entropy
-from lmclab.curvature.hessian import Data, HessianOperator, vdot
+from lmclab.curvature.functional import LossFn, summed_cross_entropy
+from lmclab.curvature.hessian import Data, HessianOperator, working_dtype
 from lmclab.paths import default_lambdas
+from lmclab.points import Point, PointLike, direction, inner, parameter_names, parameters_of
 
 __all__ = [
-    "barrier_prediction", "cross_block_matrix", "gradient_dot", "masked_directions", "predicted_barrier_curve",
-    "predicted_set_barrier",
+    "BarrierPrediction", "CrossBlocks", "PairPrediction", "barrier_prediction", "cross_block_matrix", "gradient_dot",
+    "masked_directions", "predicted_barrier_curve", "predicted_set_barrier",
 ]
 
 
@@ -47,10 +49,48 @@ def predicted_barrier_curve(q1: float, q2: float, alphas: Sequence[float], *, g1
     """Singh Prop. 1 (eq. 1): B(α) ≈ α(1−α)/2 · (α q1 + (1−α) q2), q_i = dᵀ∇²L(θ_i)d, d = θ_2 − θ_1.
 
     α = 0 is θ_1, α = 1 is θ_2. `g1`, `g2` (= ∇L(θ_i)ᵀd, default 0 as in the paper) add the first-order
-    term α(1−α)(g1 − g2) for non-stationary endpoints.
+    term α(1−α)(g1 − g2) for non-stationary endpoints. With d[ℓ] and the (ℓ, ℓ) Hessian blocks in q_i, g_i
+    this is Prop. 2 for a layer.
     """
     a = np.asarray(alphas, dtype=np.float64)
     return a * (1 - a) * (g1 - g2) + a * (1 - a) / 2 * (a * q1 + (1 - a) * q2)
+
+
+@dataclass
+class BarrierPrediction:
+    """Prop. 1 (whole model) or Prop. 2 (one block ℓ: d → d[ℓ], H_i → H_i[ℓ,ℓ]) on a grid of α:
+    B(α) ≈ α(1−α)(g1 − g2) + α(1−α)/2 · (α q1 + (1−α) q2) (:func:`predicted_barrier_curve`)."""
+
+    alphas: np.ndarray  # the grid, float64
+    q1: float  # dᵀ∇²L(θ_1)d
+    q2: float  # dᵀ∇²L(θ_2)d
+    g1: float  # ∇L(θ_1)ᵀd (0 unless gradient terms were asked for)
+    g2: float  # ∇L(θ_2)ᵀd
+    curve: np.ndarray  # B(α) on `alphas`
+    max: float  # max of `curve` over the grid
+    argmax_alpha: float  # the α where it is reached (the first, on ties)
+
+    def at(self, alpha: float) -> float:
+        """B(α) at one α, off the grid too."""
+        return float(predicted_barrier_curve(self.q1, self.q2, [alpha], g1=self.g1, g2=self.g2)[0])
+
+
+@dataclass
+class CrossBlocks:
+    """Singh eq. 20 at both endpoints: M_i[ℓ,ℓ'] = ⅛ d[ℓ]ᵀ∇²L(θ_i)[ℓ,ℓ']d[ℓ'] over the blocks
+    `names`."""
+
+    names: list[str]
+    theta_1: np.ndarray  # M_1 (the paper's: Hessian at θ_1)
+    theta_2: np.ndarray  # M_2
+
+
+@dataclass
+class PairPrediction(BarrierPrediction):
+    """Prop. 1 for the whole model and, when blocks were given, Prop. 2 per block and eq. 20's matrices."""
+
+    layers: dict[str, BarrierPrediction]  # block -> Prop. 2 for d[ℓ] (empty without blocks)
+    cross_blocks: CrossBlocks  # eq. 20 at θ_1 and θ_2 (no names, 0 × 0 matrices without blocks)
 
 
 def _blocks(model: nn.Module, layer_blocks: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
@@ -72,16 +112,16 @@ def _blocks(model: nn.Module, layer_blocks: Mapping[str, Iterable[str]]) -> dict
     return out
 
 
-def masked_directions(d: Mapping[str, torch.Tensor], blocks: Mapping[str, Sequence[str]]) -> dict[str, Params]:
+def masked_directions(d: PointLike, blocks: Mapping[str, Sequence[str]]) -> dict[str, Point]:
     """d[ℓ] = P_ℓ d for each block ℓ: d on ℓ's parameters, zero elsewhere."""
-    out: dict[str, Params] = {}
+    out: dict[str, Point] = {}
     for b, names in blocks.items():
         own = set(names)
         out[b] = {n: (t if n in own else torch.zeros_like(t)) for n, t in d.items()}
     return out
 
 
-def gradient_dot(model: nn.Module, theta: Mapping[str, torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]],
+def gradient_dot(model: nn.Module, theta: PointLike, directions: Sequence[PointLike],
                  data: Data, *, batch_size: int = 50, max_examples: int | None = None,
                  loss_fn: LossFn = summed_cross_entropy) -> list[float]:
     """[∇L(θ)ᵀ d_k]_k for the mean loss over the data (one pass)."""
@@ -99,14 +139,7 @@ def gradient_dot(model: nn.Module, theta: Mapping[str, torch.Tensor], directions
         total += len(y)
     if total == 0:
         raise ValueError("the data yielded no examples")
-    return [vdot(grad, d) / total for d in directions]
-
-
-def _direction(model: nn.Module, theta_1: Mapping[str, torch.Tensor], theta_2: Mapping[str, torch.Tensor]) -> Params:
-    """d = θ_2 − θ_1 over the parameters, in the dtype the HVPs use (fp64 if θ_1 is fp64, else fp32)."""
-    names = parameter_names(model)
-    dtype = torch.float64 if any(theta_1[n].dtype == torch.float64 for n in names) else torch.float32
-    return {n: theta_2[n].detach().to(dtype) - theta_1[n].detach().to(dtype) for n in names}
+    return [inner(grad, d) / total for d in directions]
 
 
 def _argmax(alphas: np.ndarray, curve: np.ndarray) -> tuple[float, float]:
@@ -114,25 +147,26 @@ def _argmax(alphas: np.ndarray, curve: np.ndarray) -> tuple[float, float]:
     return float(curve[i]), float(alphas[i])
 
 
-def barrier_prediction(model: nn.Module, theta_1: Mapping[str, torch.Tensor], theta_2: Mapping[str, torch.Tensor],
+def barrier_prediction(model: nn.Module, theta_1: PointLike, theta_2: PointLike,
                        data: Data, *, alphas: Sequence[float] | None = None,
                        layers: Mapping[str, Iterable[str]] | None = None, gradient_terms: bool = False,
                        batch_size: int = 50, max_examples: int | None = None,
-                       loss_fn: LossFn = summed_cross_entropy, method: str = "double_backward") -> dict:
+                       loss_fn: LossFn = summed_cross_entropy, method: str = "double_backward") -> PairPrediction:
     """Singh Prop. 1 for the whole model and, with `layers` (block name -> tensor names, e.g.
     `lmclab.paths.layer_groups(model)`; buffers are ignored), Prop. 2 per block and the eq. 20 cross-block
     matrices at θ_1 and θ_2 (free by-products of the same HVPs).
 
-    One data pass per endpoint (all masked directions go through `HessianOperator.matmat`), plus one
-    gradient pass per endpoint if `gradient_terms`. Returns a dict with ``alphas``, ``q1``, ``q2``
-    (dᵀH_i d), ``curve`` (B(α) on `alphas`, default 25 points), ``max`` and ``argmax_alpha`` (over the
-    grid), ``g1``/``g2`` (0 unless `gradient_terms`), and with `layers`: ``layers`` (block -> the same
-    keys for d[ℓ]) and ``cross_blocks`` (``names``, ``theta_1``, ``theta_2``: ⅛ d[ℓ]ᵀH_i[ℓ,ℓ']d[ℓ']).
+    d = θ_2 − θ_1 over the parameters, in the HVPs' precision (:func:`working_dtype` of θ_1). One data pass
+    per endpoint (all masked directions go through `HessianOperator.matmat`), plus one gradient pass per
+    endpoint if `gradient_terms` (else g1 = g2 = 0). The curves are on `alphas` (default 25 points); with
+    `layers`, ``layers`` holds one :class:`BarrierPrediction` per block (for d[ℓ]) and ``cross_blocks`` the
+    eq. 20 matrices (:class:`CrossBlocks`); without, both are empty.
     """
     if alphas is None:
         alphas = default_lambdas(25)
     a = np.asarray(alphas, dtype=np.float64)
-    d = _direction(model, theta_1, theta_2)
+    names_p = parameter_names(model)
+    d = direction(theta_1, theta_2, keys=names_p, dtype=working_dtype(theta_1, names_p))
     blocks = _blocks(model, layers) if layers is not None else {}
     masked = masked_directions(d, blocks)
     names = list(masked)
@@ -143,30 +177,27 @@ def barrier_prediction(model: nn.Module, theta_1: Mapping[str, torch.Tensor], th
              else [[0.0] * len(vectors)] * 2)
 
     def summary(k: int) -> dict:
-        q1, q2 = vdot(vectors[k], products[0][k]), vdot(vectors[k], products[1][k])
+        q1, q2 = inner(vectors[k], products[0][k]), inner(vectors[k], products[1][k])
         g1, g2 = grads[0][k], grads[1][k]
         curve = predicted_barrier_curve(q1, q2, a, g1=g1, g2=g2)
         peak, at = _argmax(a, curve)
-        return {"q1": q1, "q2": q2, "g1": g1, "g2": g2, "curve": curve, "max": peak, "argmax_alpha": at}
+        return {"alphas": a, "q1": q1, "q2": q2, "g1": g1, "g2": g2, "curve": curve, "max": peak, "argmax_alpha": at}
 
-    out = {"alphas": a, **summary(0)}
-    if layers is not None:
-        out["layers"] = {b: summary(k + 1) for k, b in enumerate(names)}
-        out["cross_blocks"] = {"names": names, **{
-            key: _rows_to_matrix(names, list(masked.values()), prods[1:])
-            for key, prods in (("theta_1", products[0]), ("theta_2", products[1]))}}
-    return out
+    return PairPrediction(**summary(0), layers={b: BarrierPrediction(**summary(k + 1)) for k, b in enumerate(names)},
+                          cross_blocks=CrossBlocks(names, *(_rows_to_matrix(names, list(masked.values()), prods[1:])
+                                                            for prods in products)))
 
 
-def _rows_to_matrix(names: list[str], masked: list[Params], rows: list[Params]) -> np.ndarray:
+def _rows_to_matrix(names: list[str], masked: list[Point], rows: list[Point]) -> np.ndarray:
     """M[ℓ,ℓ'] = ⅛ d[ℓ']ᵀ (H d[ℓ]) = ⅛ d[ℓ]ᵀ H[ℓ,ℓ'] d[ℓ'], symmetrised (H is symmetric; removes rounding)."""
-    m = np.array([[vdot(masked[j], rows[i]) for j in range(len(names))] for i in range(len(names))]) / 8.0
+    n = len(names)
+    m = np.array([[inner(masked[j], rows[i]) for j in range(n)] for i in range(n)], dtype=np.float64)
+    m = m.reshape(n, n) / 8.0
     return (m + m.T) / 2
 
 
-def cross_block_matrix(model: nn.Module,
-                       theta: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
-                       d: Mapping[str, torch.Tensor], layer_blocks: Mapping[str, Iterable[str]], data: Data, *,
+def cross_block_matrix(model: nn.Module, theta: PointLike | Sequence[PointLike], d: PointLike,
+                       layer_blocks: Mapping[str, Iterable[str]], data: Data, *,
                        batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
                        method: str = "double_backward") -> tuple[list[str], np.ndarray]:
     """Singh eq. 20: B*_{ℓ,ℓ'} = ⅛ d[ℓ]ᵀ ∇²L(θ)[ℓ,ℓ'] d[ℓ'] for the blocks of `layer_blocks`.
@@ -183,11 +214,7 @@ def cross_block_matrix(model: nn.Module,
         raise ValueError("theta: give a point or a non-empty sequence of points")
     blocks = _blocks(model, layer_blocks)
     names = list(blocks)
-    missing = set(parameter_names(model)) - set(d)
-    if missing:
-        raise KeyError(f"d lacks parameters {sorted(missing)}")
-    direction = {n: d[n] for n in parameter_names(model)}
-    masked = list(masked_directions(direction, blocks).values())
+    masked = list(masked_directions(parameters_of(d, model), blocks).values())
     total = np.zeros((len(names), len(names)))
     for th in points:
         op = HessianOperator(model, th, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn,

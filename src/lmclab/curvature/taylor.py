@@ -17,8 +17,9 @@ Order 1 is the linear, order 2 the quadratic approximation.
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -29,10 +30,10 @@ from tqdm.auto import tqdm
 from lmclab.curvature.derivatives import ieee_fp32, logit_derivatives, loss_derivatives
 from lmclab.curvature.functional import Batch, functional_model, iterate_batches
 from lmclab.data import DeviceDataset
-from lmclab.paths.interpolate import lerp
+from lmclab.points import Point, PointLike, direction, lerp, parameter_names
 
-__all__ = ["interpolated_logits", "logit_errors", "logit_rmse", "logits_at", "path_approximations",
-           "path_coefficients", "taylor_polynomial", "taylor_rows"]
+__all__ = ["centred_at", "interpolated_logits", "logit_errors", "logit_rmse", "logits_at", "path_approximations",
+           "path_coefficients", "path_direction", "taylor_polynomial", "taylor_rows"]
 
 
 def _as_tensor(values: Sequence[float] | torch.Tensor | float) -> torch.Tensor:
@@ -81,9 +82,10 @@ def path_approximations(coeffs_a: torch.Tensor, coeffs_b: torch.Tensor, lambdas:
 def taylor_rows(lambdas: Sequence[float], coeffs_a: torch.Tensor | Sequence[float],
                 coeffs_b: torch.Tensor | Sequence[float], orders: Iterable[int] = (1, 2),
                 true_values: Sequence[float] | None = None) -> list[dict[str, Any]]:
-    """Tidy rows {lambda, center ("a"/"b"), order, value} of the loss approximations (1-D coefficients).
+    """Tidy rows {lambda, center ("a"/"b"), order, value} of the loss approximations (1-D coefficients),
+    centre "a" first, then "b", each in `orders` order and λ order.
 
-    With ``true_values`` (L(θ_λ) at the same λ) also rows with center "true" (order None), and every
+    With ``true_values`` (L(θ_λ) at the same λ) also rows with center "true" (order None), first, and every
     approximation row gets ``error`` = value − true.
     """
     a, b = _as_tensor(coeffs_a), _as_tensor(coeffs_b)
@@ -92,44 +94,61 @@ def taylor_rows(lambdas: Sequence[float], coeffs_a: torch.Tensor | Sequence[floa
     lam = [float(x) for x in lambdas]
     if true_values is not None and len(true_values) != len(lam):
         raise ValueError(f"{len(true_values)} true values for {len(lam)} lambdas")
+    orders = list(orders)
     approx = path_approximations(a, b, lam, orders)
     rows: list[dict[str, Any]] = []
     if true_values is not None:
         rows += [{"lambda": x, "center": "true", "order": None, "value": float(v)} for x, v in zip(lam, true_values)]
-    for (center, k), values in approx.items():
-        for i, x in enumerate(lam):
-            row: dict[str, Any] = {"lambda": x, "center": center, "order": k, "value": float(values[i])}
-            if true_values is not None:
-                row["error"] = row["value"] - float(true_values[i])
-            rows.append(row)
+    for center in ("a", "b"):
+        for k in orders:
+            values = approx[(center, k)]
+            for i, x in enumerate(lam):
+                row: dict[str, Any] = {"lambda": x, "center": center, "order": k, "value": float(values[i])}
+                if true_values is not None:
+                    row["error"] = row["value"] - float(true_values[i])
+                rows.append(row)
     return rows
 
 
-def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """b − a in the wider of the two dtypes (float64 endpoints keep a float64 direction)."""
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return b.detach().to(dtype) - a.detach().to(device=b.device, dtype=dtype)
+def path_direction(model: nn.Module, theta_a: PointLike, theta_b: PointLike) -> Point:
+    """d = θ_B − θ_A over the model's parameters, on θ_A's device, in the widest dtype of the two points'
+    parameters and at least fp32 (float64 endpoints keep a float64 direction)."""
+    names = parameter_names(model)
+    dtype = functools.reduce(torch.promote_types, (p[n].dtype for p in (theta_a, theta_b) for n in names),
+                             torch.float32)
+    return direction(theta_a, theta_b, keys=names, dtype=dtype)
 
 
-def path_coefficients(model: nn.Module, theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor],
+def centred_at(center: str, theta_a: PointLike, theta_b: PointLike, d: PointLike) -> tuple[PointLike, Point]:
+    """(θ, v) of the expansion at one end of the path, d = θ_B − θ_A: (θ_A, d) for center "a"
+    (f_A(t) = g(θ_A + t d), t = λ) and (θ_B, −d) for center "b" (f_B(s) = g(θ_B − s d), s = 1 − λ)."""
+    if center == "a":
+        return theta_a, dict(d)
+    if center == "b":
+        return theta_b, {k: -v for k, v in d.items()}
+    raise ValueError(f"center must be 'a' or 'b', got {center!r}")
+
+
+def path_coefficients(model: nn.Module, theta_a: PointLike, theta_b: PointLike,
                       data: DeviceDataset | Iterable[Batch], *, order: int = 2, kind: str = "loss",
                       **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(coeffs_a, coeffs_b): derivatives of f_A(t) = g(θ_A + t d) and f_B(s) = g(θ_B − s d), d = θ_B − θ_A.
+    """(coeffs_a, coeffs_b): derivatives of f_A(t) = g(θ_A + t d) and f_B(s) = g(θ_B − s d), d = θ_B − θ_A
+    (:func:`path_direction`, :func:`centred_at`).
 
     ``kind="loss"``: g = mean loss, each (K+1,) float64 (:func:`loss_derivatives`; ``options`` e.g.
     method, batch_size, max_examples, loss_fn, dtype). ``kind="logits"``: g = every logit, each
     (N, C, K+1) (:func:`logit_derivatives`). Feed them to :func:`path_approximations`. ``data`` must
     be re-iterable (a DeviceDataset or a list of batches): it is read once per endpoint.
     """
-    d = {n: _difference(theta_a[n], theta_b[n]) for n, _ in model.named_parameters()}
-    minus_d = {k: -v for k, v in d.items()}
+    if kind not in ("loss", "logits"):
+        raise ValueError(f"kind must be 'loss' or 'logits', got {kind!r}")
+    d = path_direction(model, theta_a, theta_b)
+    ends = [centred_at(center, theta_a, theta_b, d) for center in ("a", "b")]
     if kind == "loss":
-        return (loss_derivatives(model, theta_a, d, data, order=order, **options).coefficients,
-                loss_derivatives(model, theta_b, minus_d, data, order=order, **options).coefficients)
-    if kind == "logits":
-        return (logit_derivatives(model, theta_a, d, data, order=order, **options),
-                logit_derivatives(model, theta_b, minus_d, data, order=order, **options))
-    raise ValueError(f"kind must be 'loss' or 'logits', got {kind!r}")
+        coeffs = [loss_derivatives(model, theta, v, data, order=order, **options).coefficients for theta, v in ends]
+    else:
+        coeffs = [logit_derivatives(model, theta, v, data, order=order, **options) for theta, v in ends]
+    return coeffs[0], coeffs[1]
 
 
 def logit_errors(true_logits: torch.Tensor, approx: torch.Tensor, reference_logits_a: torch.Tensor) -> torch.Tensor:
@@ -156,7 +175,7 @@ def logit_rmse(true_logits: torch.Tensor, approx: torch.Tensor, reference_logits
 
 
 @torch.no_grad()
-def logits_at(model: nn.Module, theta: Mapping[str, torch.Tensor], data: DeviceDataset | Iterable[Batch], *,
+def logits_at(model: nn.Module, theta: PointLike, data: DeviceDataset | Iterable[Batch], *,
               batch_size: int = 50, max_examples: int | None = None) -> torch.Tensor:
     """(N, C) logits z(θ; x_n) in eval mode with θ's own buffers (float32; IEEE, not TF32, on CUDA)."""
     fm = functional_model(model, theta)
@@ -171,13 +190,13 @@ def logits_at(model: nn.Module, theta: Mapping[str, torch.Tensor], data: DeviceD
 
 
 @torch.no_grad()
-def interpolated_logits(model: nn.Module, theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor],
+def interpolated_logits(model: nn.Module, theta_a: PointLike, theta_b: PointLike,
                         data: DeviceDataset | Iterable[Batch], lambdas: Sequence[float], *, batch_size: int = 50,
                         max_examples: int | None = None, progress: bool = False) -> torch.Tensor:
     """(L, N, C): the true z(θ_λ; x_n), θ_λ = (1−λ)θ_A + λθ_B, for every λ (Benkő Figs. 7–8).
 
     Eval mode. Every floating tensor is interpolated, BN running statistics included (integer
-    buffers from θ_A), as in :func:`lmclab.paths.lerp`: for BatchNorm models these are the
+    buffers from θ_A), as in :func:`lmclab.points.lerp`: for BatchNorm models these are the
     interpolated statistics, NOT recomputed ones (for a BN reset, reset each point and call
     :func:`logits_at` on it). Note the Taylor coefficients are taken with each endpoint's own
     statistics held fixed, so for BN models the two differ by the statistics' change along the path.

@@ -25,7 +25,7 @@ vectors -> list of products) lets several probes share one pass over the data (`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,13 +33,14 @@ import torch
 from scipy import stats
 from torch import nn
 
-from lmclab.curvature.functional import LossFn, Params, summed_cross_entropy
-from lmclab.curvature.hessian import Data, HessianOperator, flatten_params, unflatten_params, vdot
+from lmclab.curvature.functional import LossFn, summed_cross_entropy
+from lmclab.curvature.hessian import Data, HessianOperator
+from lmclab.points import Point, PointLike, flatten, inner, unflatten
 
 __all__ = ["TraceEstimate", "hessian_trace", "hutchinson_trace", "hutchpp_trace", "top_eigenvalue"]
 
-Matvec = Callable[[Params], Params]
-Matmat = Callable[[list[Params]], list[Params]]
+Matvec = Callable[[Point], Point]
+Matmat = Callable[[list[Point]], list[Point]]
 
 
 @dataclass
@@ -83,9 +84,9 @@ def _next_block(samples: Sequence[float], half: float, target: float, block: int
     return max(1, min(block, need))
 
 
-def _probe(like: Mapping[str, torch.Tensor], generator: torch.Generator, distribution: str) -> Params:
+def _probe(like: PointLike, generator: torch.Generator, distribution: str) -> Point:
     """One probe drawn on the CPU from `generator` (reproducible across devices), cast like `like`."""
-    out: Params = {}
+    out: Point = {}
     for k, t in like.items():
         if distribution == "rademacher":
             z = torch.randint(0, 2, t.shape, generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
@@ -97,28 +98,28 @@ def _probe(like: Mapping[str, torch.Tensor], generator: torch.Generator, distrib
     return out
 
 
-def _operator(matvec: Matvec | None, matmat: Matmat | None, like: Mapping[str, torch.Tensor],
-              scale: Mapping[str, torch.Tensor] | None) -> Matmat:
+def _operator(matvec: Matvec | None, matmat: Matmat | None, like: PointLike,
+              scale: PointLike | None) -> Matmat:
     """The list-of-vectors operator of A, or of D A D with D = diag|scale|."""
     if matvec is None and matmat is None:
         raise ValueError("give matvec or matmat")
 
-    def apply(vs: list[Params]) -> list[Params]:
+    def apply(vs: list[Point]) -> list[Point]:
         return matmat(vs) if matmat is not None else [matvec(v) for v in vs]  # type: ignore[misc]
 
     if scale is None:
         return apply
     d = {k: scale[k].detach().abs().to(t.device, t.dtype) for k, t in like.items()}
 
-    def scaled(vs: list[Params]) -> list[Params]:
+    def scaled(vs: list[Point]) -> list[Point]:
         out = apply([{k: v[k] * d[k] for k in d} for v in vs])
         return [{k: w[k] * d[k] for k in d} for w in out]
 
     return scaled
 
 
-def hutchinson_trace(matvec: Matvec | None, like: Mapping[str, torch.Tensor], *, probes: int = 100,
-                     confidence: float = 0.95, seed: int = 0, scale: Mapping[str, torch.Tensor] | None = None,
+def hutchinson_trace(matvec: Matvec | None, like: PointLike, *, probes: int = 100,
+                     confidence: float = 0.95, seed: int = 0, scale: PointLike | None = None,
                      distribution: str = "rademacher", target_ci_width: float | None = None,
                      max_probes: int = 10_000, matmat: Matmat | None = None, block: int = 1) -> TraceEstimate:
     """Hutchinson: tr(A) ≈ (1/n) Σᵢ vᵢᵀAvᵢ with a Student-t CI (tr(DAD), D = diag|scale|, if `scale`).
@@ -137,7 +138,7 @@ def hutchinson_trace(matvec: Matvec | None, like: Mapping[str, torch.Tensor], *,
     while True:
         while len(samples) < goal:
             vs = [_probe(like, gen, distribution) for _ in range(min(block, goal - len(samples)))]
-            samples += [vdot(v, av) for v, av in zip(vs, op(vs))]
+            samples += [inner(v, av) for v, av in zip(vs, op(vs))]
         mean, half = _t_interval(samples, confidence)
         if target_ci_width is None or len(samples) >= max_probes:
             break
@@ -148,8 +149,8 @@ def hutchinson_trace(matvec: Matvec | None, like: Mapping[str, torch.Tensor], *,
     return TraceEstimate(mean, mean - half, mean + half, confidence, len(samples), name, samples, len(samples))
 
 
-def hutchpp_trace(matvec: Matvec | None, like: Mapping[str, torch.Tensor], *, matvecs: int = 99, seed: int = 0,
-                  scale: Mapping[str, torch.Tensor] | None = None, confidence: float = 0.95,
+def hutchpp_trace(matvec: Matvec | None, like: PointLike, *, matvecs: int = 99, seed: int = 0,
+                  scale: PointLike | None = None, confidence: float = 0.95,
                   matmat: Matmat | None = None, block: int | None = None, sketch: int | None = None,
                   target_ci_width: float | None = None, max_matvecs: int = 10_000) -> TraceEstimate:
     """Hutch++: tr(QᵀAQ) (Q = orth(A S), k = ⌊m/3⌋ columns) + Hutchinson on (I−QQᵀ)A(I−QQᵀ) with l = m − 2k.
@@ -172,15 +173,15 @@ def hutchpp_trace(matvec: Matvec | None, like: Mapping[str, torch.Tensor], *, ma
 
     def apply(cols: torch.Tensor) -> torch.Tensor:
         """A applied to the columns of a float64 (P, c) matrix, returned as float64 (P, c)."""
-        vs = [unflatten_params(cols[:, j], like) for j in range(cols.shape[1])]
+        vs = [unflatten(cols[:, j], like) for j in range(cols.shape[1])]
         step = chunk or len(vs)
-        out: list[Params] = []
+        out: list[Point] = []
         for s in range(0, len(vs), step):
             out += op(vs[s:s + step])
-        return torch.stack([flatten_params(w, names).to(torch.float64) for w in out], dim=1)
+        return torch.stack([flatten(w, names).to(torch.float64) for w in out], dim=1)
 
     def rademacher(cols: int) -> torch.Tensor:
-        return torch.stack([flatten_params(_probe(like, gen, "rademacher"), names).to(torch.float64)
+        return torch.stack([flatten(_probe(like, gen, "rademacher"), names).to(torch.float64)
                             for _ in range(cols)], dim=1).to(ref.device)
 
     q, _ = torch.linalg.qr(apply(rademacher(k)))
@@ -207,7 +208,7 @@ def hutchpp_trace(matvec: Matvec | None, like: Mapping[str, torch.Tensor], *, ma
     return TraceEstimate(est, est - half, est + half, confidence, len(samples), name, samples, 2 * k + len(samples))
 
 
-def hessian_trace(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, data: Data, *,
+def hessian_trace(model: nn.Module, theta: PointLike | None, data: Data, *,
                   method: str = "hutchinson", scale_aware: bool = False, probes: int = 100,
                   confidence: float = 0.95, target_ci_width: float | None = None, max_probes: int = 10_000,
                   probes_per_pass: int = 10, batch_size: int = 50, max_examples: int | None = None,
@@ -236,7 +237,7 @@ def hessian_trace(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, da
     raise ValueError(f"method must be 'hutchinson' or 'hutchpp', got {method!r}")
 
 
-def top_eigenvalue(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, data: Data, *,
+def top_eigenvalue(model: nn.Module, theta: PointLike | None, data: Data, *,
                    iterations: int | None = None, tol: float = 1e-6, seed: int = 0, batch_size: int = 50,
                    max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
                    hvp_method: str = "double_backward") -> float:
@@ -253,8 +254,8 @@ def top_eigenvalue(model: nn.Module, theta: Mapping[str, torch.Tensor] | None, d
     n = op.num_parameters
 
     def mv(x: np.ndarray) -> np.ndarray:
-        v = unflatten_params(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)), like)
-        return flatten_params(op.matvec(v)).detach().cpu().double().numpy()
+        v = unflatten(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)), like)
+        return flatten(op.matvec(v)).detach().cpu().double().numpy()
 
     if n <= 2:  # eigsh needs k < n; form the tiny matrix instead
         dense = np.stack([mv(e) for e in np.eye(n)], axis=1)

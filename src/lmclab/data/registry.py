@@ -1,9 +1,14 @@
-"""Dataset names, constants and the URL/checksum tables (plain data, so tests can monkeypatch them)."""
+"""The dataset registry: named datasets (:data:`STATIC_INFO`, one entry each), constants, and the per-format
+file, URL and checksum tables (plain data, so tests can monkeypatch them).
+
+Adding a dataset in a known format: one :data:`STATIC_INFO` entry plus its rows in that format's tables
+(IDX: ``IDX_FOLDERS``, ``IDX_SHA256``, …; CIFAR: ``CIFAR_*``) and ``MIRRORS``; :data:`DATASET_NAMES`
+follows.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 IMAGEFOLDER_PREFIX = "imagefolder:"
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -46,7 +51,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 
-# Everything about a named dataset except where it was loaded from (source is filled in by the loader).
+#: The named datasets: everything about each except where it was loaded from (the loader fills in source).
 STATIC_INFO: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), False,
                          tuple(str(i) for i in range(10)), ""),
@@ -57,6 +62,9 @@ STATIC_INFO: dict[str, DatasetInfo] = {
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
                             CIFAR100_CLASSES, ""),
 }
+
+#: Names accepted by the loaders (besides ``imagefolder:<path>``): the registered datasets, in order.
+DATASET_NAMES: tuple[str, ...] = tuple(STATIC_INFO)
 
 # ---------------------------------------------------------------- MNIST family (IDX files)
 # Folder below each search dir (torchvision's layout: <dir>/<folder>/raw/<file>).

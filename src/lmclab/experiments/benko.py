@@ -10,60 +10,111 @@ Every step is cached in the run store; tables sit beside the figures.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lmclab.experiments.steps  # noqa: F401  (registers the step kinds)
-from lmclab.curvature.taylor import taylor_polynomial
-from lmclab.experiments.graph import LocalExecutor, Step
-from lmclab.experiments.settings import ExperimentPreset, load_preset
+from lmclab.curvature.taylor import taylor_rows
+from lmclab.experiments.context import Experiment, ExperimentContext
+from lmclab.experiments.graph import Step
+from lmclab.experiments.settings import ExperimentOptions, PairSetting, Setting
 from lmclab.experiments.steps import train_step
 from lmclab.report import write_csv
 from lmclab.report.benko import plot_logit_example, plot_logit_rmse, plot_loss_approximations
 
 PATHS = ("naive", "aligned")
+CENTERS = ("a", "b")
 
 
-def build_graph(preset: ExperimentPreset) -> dict[str, Any]:
-    """Steps by role: graph[setting][pair] = {"align", ("path"|"deriv", path, split[, center])...}."""
-    o = preset.options
-    graph: dict[str, Any] = {}
+@dataclass(frozen=True, kw_only=True)
+class BenkoOptions(ExperimentOptions):
+    """A preset of presets/benko.toml. `points`: λ per path; `orders`: the Taylor orders drawn (≤ 2 is the
+    paper, 3–4 go beyond it; derivatives are taken to the highest); `splits`: the splits evaluated;
+    `logit_setting`: the setting whose logits get Figs 7–8 (on `logit_examples` test inputs; none: no
+    logit analysis); `derivative_batch_size`: examples per nested-forward-mode pass (memory only)."""
+
+    points: int
+    orders: tuple[int, ...]
+    splits: tuple[str, ...]
+    logit_setting: str | None = None
+    logit_examples: int | None = None
+    derivative_batch_size: int = 50
+    settings: tuple[PairSetting, ...] = ()
+
+    def check(self, setting: Setting) -> None:
+        if not self.orders or min(self.orders) < 1:
+            raise ValueError(f"setting {setting.name}: orders must be Taylor orders ≥ 1, got {list(self.orders)}")
+        if self.points < 2:
+            raise ValueError(f"setting {setting.name}: points must be ≥ 2, got {self.points}")
+        if self.logit_setting is not None and self.logit_setting not in [s.name for s in self.settings]:
+            raise ValueError(f"logit_setting {self.logit_setting!r} is not a setting; settings: "
+                             f"{', '.join(s.name for s in self.settings)}")
+
+
+@dataclass(frozen=True)
+class SplitSteps:
+    """One path on one split: the true loss along it and the loss derivatives at each end (by centre)."""
+
+    loss: Step
+    derivatives: Mapping[str, Step]
+
+
+@dataclass(frozen=True)
+class PairSteps:
+    """One pair's steps: the alignment; per path and split its :class:`SplitSteps`; per path the logit
+    trajectories (the logit setting only)."""
+
+    align: Step
+    paths: Mapping[str, Mapping[str, SplitSteps]]
+    logits: Mapping[str, Step]
+
+    def steps(self) -> list[Step]:
+        out = [self.align]
+        for path, splits in self.paths.items():
+            for split in splits.values():
+                out += [split.loss, *split.derivatives.values()]
+            if path in self.logits:
+                out.append(self.logits[path])
+        return out
+
+
+def build_graph(preset: BenkoOptions) -> dict[str, list[PairSteps]]:
+    """graph[setting] = one :class:`PairSteps` per pair."""
+    graph: dict[str, list[PairSteps]] = {}
     for s in preset.settings:
-        order = max(s.option(preset, "orders"))
-        batch_size = s.option(preset, "derivative_batch_size", 50)
+        o = preset.at(s)
+        order = max(o.orders)
         graph[s.name] = []
         for i in range(s.pairs):
             a = train_step(f"{s.name}/pair{i}/a", s.member_config(i, 0), s.preset)
             b = train_step(f"{s.name}/pair{i}/b", s.member_config(i, 1), s.preset)
             align = Step("align", {"method": "weight", "seed": 0}, {"a": a, "b": b})
-            steps: dict[Any, Step] = {"align": align}
+            paths: dict[str, dict[str, SplitSteps]] = {}
+            logits: dict[str, Step] = {}
             for path in PATHS:
                 ins = {"a": a, "b": b, **({"align": align} if path == "aligned" else {})}
-                for split in o["splits"]:
+                paths[path] = {}
+                for split in o.splits:
                     common = {"split": split, "examples": s.eval_examples}
-                    steps[("path", path, split)] = Step("path", {**common, "points": o["points"]}, ins)
-                    for center in ("a", "b"):
-                        steps[("deriv", path, split, center)] = Step(
-                            "loss_derivatives", {**common, "order": order, "center": center, "batch_size": batch_size},
-                            ins)
-                if s.name == o.get("logit_setting"):
-                    steps[("logits", path)] = Step("logits", {"split": "test", "examples": o.get("logit_examples"),
-                                                              "points": o["points"], "order": 2}, ins)
-            graph[s.name].append(steps)
+                    paths[path][split] = SplitSteps(
+                        loss=Step("path", {**common, "points": o.points}, ins),
+                        derivatives={center: Step("loss_derivatives", {**common, "order": order, "center": center,
+                                                                       "batch_size": o.derivative_batch_size}, ins)
+                                     for center in CENTERS})
+                if s.name == o.logit_setting:
+                    logits[path] = Step("logits", {"split": "test", "examples": o.logit_examples, "points": o.points,
+                                                   "order": 2}, ins)
+            graph[s.name].append(PairSteps(align, paths, logits))
     return graph
 
 
-def run_benko(preset_name: str = "smoke", *, out: str | Path = "out/benko", runs_dir: str | None = None,
-              data_dir: str | None = None, device: str = "auto", progress: bool = True,
-              say: Callable[[str], None] = print) -> dict[str, Any]:
-    preset = load_preset("benko", preset_name)
+def run(preset: BenkoOptions, ctx: ExperimentContext) -> dict[str, Any]:
+    """Train (or reuse) every member, run the steps, write the figures and tables to `ctx.out`."""
     graph = build_graph(preset)
-    executor = LocalExecutor(runs_dir, {"runs_dir": runs_dir, "data_dir": data_dir, "device": device,
-                                        "progress": progress}, progress=progress, say=say)
-    say(f"benko --preset {preset_name}: {preset.description}")
-    results = executor.run([step for pairs in graph.values() for steps in pairs for step in steps.values()])
-    out = Path(out)
+    ctx.announce(preset.description)
+    results, ran = ctx.run_steps(step for pairs in graph.values() for steps in pairs for step in steps.steps())
+    out = ctx.out
     loss_rows, rmse_rows, example_rows = tidy_tables(preset, graph, results)
     files: dict[str, str] = {
         "loss_table": str(write_csv(out / "loss_approximations.csv", loss_rows)),
@@ -71,42 +122,42 @@ def run_benko(preset_name: str = "smoke", *, out: str | Path = "out/benko", runs
     for s in preset.settings:
         rows = [r for r in loss_rows if r["setting"] == s.name]
         files[f"loss_{s.name}"] = str(plot_loss_approximations(out / f"loss_{s.name}.png", rows, title=s.label))
-    if rmse_rows:
+    if rmse_rows and preset.logit_setting is not None:
         files["rmse_table"] = str(write_csv(out / "logit_rmse.csv", rmse_rows))
         files["example_table"] = str(write_csv(out / "logit_example.csv", example_rows))
-        label = preset.setting(preset.options["logit_setting"]).label
+        label = preset.setting(preset.logit_setting).label
         files["fig7"] = str(plot_logit_example(out / "fig7_logits.png", example_rows, title=f"{label}: one test input"))
         files["fig8"] = str(plot_logit_rmse(out / "fig8_logit_rmse.png", rmse_rows, title=f"{label}: logit RMSE"))
-    say(f"ran {len(executor.ran)} step(s), reused the rest; figures and tables in {out}")
-    for name, path in files.items():
-        say(f"  {name}: {path}")
-    return {"out": str(out), "files": files, "steps_run": executor.ran}
+    return ctx.summary(files, ran)
 
 
-def tidy_tables(preset: ExperimentPreset, graph: dict[str, Any], results: dict[str, dict[str, Any]]
+EXPERIMENT = Experiment("benko", "Benkő, a second-order perspective on LMC", BenkoOptions, run)
+#: ``run_benko("smoke", out=…, runs_dir=…, data_dir=…, device=…, progress=…, say=…)``: a preset by name.
+run_benko = EXPERIMENT
+
+
+def tidy_tables(preset: BenkoOptions, graph: dict[str, list[PairSteps]], results: dict[str, dict[str, Any]]
                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Loss rows {setting, pair, path, split, lambda, curve, center, order, value}; RMSE and Fig. 7 rows."""
     loss_rows: list[dict[str, Any]] = []
     rmse_rows: list[dict[str, Any]] = []
     example_rows: list[dict[str, Any]] = []
     for s in preset.settings:
+        orders = preset.at(s).orders
         for pair, steps in enumerate(graph[s.name]):
-            for path in PATHS:
-                for split in preset.options["splits"]:
-                    true = results[steps[("path", path, split)].key]
+            for path, splits in steps.paths.items():
+                for split, split_steps in splits.items():
+                    true = results[split_steps.loss.key]
                     lambdas = true["lambdas"]
                     base = {"setting": s.name, "pair": pair, "path": path, "split": split}
                     loss_rows += [{**base, "lambda": x, "curve": "true", "center": "", "order": "", "value": v}
                                   for x, v in zip(lambdas, true["loss"])]
-                    for center in ("a", "b"):
-                        coeffs = results[steps[("deriv", path, split, center)].key]["coefficients"]
-                        t = [x if center == "a" else 1 - x for x in lambdas]
-                        for k in s.option(preset, "orders"):
-                            values = taylor_polynomial(coeffs, t, k).tolist()
-                            loss_rows += [{**base, "lambda": x, "curve": "taylor", "center": center, "order": k,
-                                           "value": v} for x, v in zip(lambdas, values)]
-                if ("logits", path) in steps:
-                    res = results[steps[("logits", path)].key]
+                    coeffs = [results[split_steps.derivatives[c].key]["coefficients"] for c in CENTERS]
+                    loss_rows += [{**base, "lambda": r["lambda"], "curve": "taylor", "center": r["center"],
+                                   "order": r["order"], "value": r["value"]}
+                                  for r in taylor_rows(lambdas, *coeffs, orders=orders)]
+                if path in steps.logits:
+                    res = results[steps.logits[path].key]
                     for name, values in res["rmse"].items():
                         rmse_rows += [{"setting": s.name, "pair": pair, "path": path, "approximation": name,
                                        "lambda": x, "rmse": v} for x, v in zip(res["lambdas"], values)]

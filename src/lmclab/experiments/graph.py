@@ -3,14 +3,13 @@
 A `Step` is data: a kind (the name of a registered step function), a JSON config, and named input
 steps. Its key is a content hash of (kind, config, input keys), so a step's identity does not depend
 on which process, machine or executor runs it. Results are JSON documents (plus any files the step
-writes into its own directory) stored under `<runs_dir>/steps/<kind>_<key>/`; a step whose result
-is stored is never run again. `LocalExecutor` runs a graph in dependency order in this process; a
-cluster executor only has to ship (kind, config, input results) to a worker and store what comes
-back — the experiment code does not change.
+writes into its own directory) stored in the store's step directory `<runs_dir>/steps/<kind>_<key>/`
+(`Store.step_dir`); a step whose result is stored is never run again. `LocalExecutor` runs a graph
+in dependency order in this process; a cluster executor only has to ship (kind, config, input
+results) to a worker and store what comes back — the experiment code does not change.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lmclab.store import atomic_write_json, runs_root
+from lmclab.store import Store, atomic_write_json, content_hash
 
 StepFn = Callable[["StepContext", dict[str, Any], dict[str, Any]], dict[str, Any]]
 STEP_KINDS: dict[str, StepFn] = {}
@@ -55,7 +54,7 @@ class Step:
     @property
     def key(self) -> str:
         ident = {"kind": self.kind, "config": self.config, "inputs": {k: s.key for k, s in sorted(self.inputs.items())}}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return content_hash(ident, spaced=True, default=str)
 
     @property
     def name(self) -> str:
@@ -96,14 +95,14 @@ class LocalExecutor:
 
     def __init__(self, runs_dir: str | Path | None = None, options: Mapping[str, Any] | None = None,
                  progress: bool = True, say: Callable[[str], None] = print) -> None:
-        self.root = runs_root(runs_dir) / "steps"
+        self.store = Store(runs_dir)
         self.options = dict(options or {})
         self.progress = progress
         self.say = say
         self.ran: list[str] = []  # names of the steps this executor actually ran (not reused)
 
     def directory(self, step: Step) -> Path:
-        return self.root / step.name
+        return self.store.step_dir(step.kind, step.key)
 
     def stored(self, step: Step) -> dict[str, Any] | None:
         if step.kind in SELF_CACHING:

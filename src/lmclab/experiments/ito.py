@@ -2,7 +2,7 @@
 
 For each setting (model, dataset): train K_max members (member i with `SeedConfig.from_seed(i)`); for
 each alignment method (naive, pairwise weight matching to model 0, MergeMany, STE-MM) and each
-K = 2 … K_max, align the first K members into one frame (:func:`lmclab.align.population.align_population`;
+K = 2 … K_max, align the first K members into one frame (:func:`lmclab.align.align_population`;
 permutations stored as files in the step's directory) and evaluate:
 
 - the merged model θ̄ = (1/K) Σ_i π_i(θ_i) (BN models: statistics reset on training data): loss and
@@ -22,23 +22,29 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 import lmclab.experiments.steps  # noqa: F401  (registers the train step)
+from lmclab.align import POPULATION_METHODS, align_population, get_population_method
 from lmclab.config import RunConfig, SeedConfig
-from lmclab.experiments.graph import LocalExecutor, Step, StepContext, step_kind
+from lmclab.curvature.trace import hessian_trace
+from lmclab.data import DeviceDataset
+from lmclab.experiments.context import Experiment, ExperimentContext
+from lmclab.experiments.graph import Step, StepContext, step_kind
 from lmclab.experiments.lmc import check_same_architecture, example_input
-from lmclab.experiments.settings import ExperimentPreset, Setting, load_preset
+from lmclab.experiments.settings import ExperimentOptions, Setting, load_preset
 from lmclab.experiments.steps import dataset_for, train_step
 from lmclab.paths import default_bn_mode, default_lambdas
 from lmclab.paths.population import all_pairs_barriers, merged_metrics, merged_point
-from lmclab.permutation import Params, Permutation, PermutationSpec, check_invariance, derive_spec, parameter_distance
+from lmclab.permutation import Permutation, PermutationSpec, check_invariance, derive_spec
+from lmclab.points import Point, distance, mean
 from lmclab.report import write_csv
+from lmclab.report.ito import plot_barriers_vs_k, plot_heatmaps, plot_merged_vs_k, plot_trace_vs_k
 from lmclab.store import Run
 from lmclab.training import load_run_model, resolve_device
 
@@ -46,16 +52,78 @@ from lmclab.training import load_run_model, resolve_device
 METHODS = ("naive", "pairwise", "merge_many", "ste_mm")
 #: Metrics of the merged model and of the members, in table order.
 MERGED_METRICS = ("loss", "accuracy", "error")
-#: Options of the evaluation steps, with their defaults (a preset or a setting may override each).
-TRACE_DEFAULTS: dict[str, Any] = {"split": "train", "examples": 1000, "probes": 100, "method": "hutchinson",
-                                  "batch_size": 100, "seed": 0, "confidence": 0.95}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class MethodKeywords:
+    """A method's keyword table in a preset (``pairwise = { seed = 0 }``): a key left out is the method's
+    own default (and is not part of the alignment step's config)."""
+
+    def keywords(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairwiseKeywords(MethodKeywords):
+    """``pairwise``: weight matching of each member to member 0."""
+
+    seed: int | None = None
+    max_sweeps: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeManyKeywords(MethodKeywords):
+    """``merge_many``: MergeMany rounds of weight matching to the mean of the others."""
+
+    seed: int | None = None
+    max_rounds: int | None = None
+    max_sweeps: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SteMMKeywords(MethodKeywords):
+    """``ste_mm``: STE-MM; `train_examples`: a stratified training subset (default: the members' split)."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    mixing: str | None = None
+    dirichlet_alpha: float | None = None
+    seed: int | None = None
+    train_examples: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceOptions:
+    """The Hessian trace at the merged model: on `examples` of `split`, `probes` probes of `method`
+    (hutchinson | hutchpp), a `confidence` interval."""
+
+    split: str = "train"
+    examples: int = 1000
+    probes: int = 100
+    method: str = "hutchinson"
+    batch_size: int = 100
+    seed: int = 0
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeatmapOptions:
+    """Which pair matrix the heat map shows: `split`, `metric` (loss | error), barrier `definition`."""
+
+    split: str = "test"
+    metric: str = "loss"
+    definition: str = "barrier"
+
+
+#: Options of the trace step, with their defaults (a preset or a setting may override each).
+TRACE_DEFAULTS: dict[str, Any] = dataclasses.asdict(TraceOptions())
+
+
+@dataclass(frozen=True, kw_only=True)
 class PopulationSetting(Setting):
-    """A setting of a population experiment: `models` = K_max members (``pairs`` is not used)."""
+    """A setting of a population experiment: `models` = K_max members."""
 
-    pairs: int = 0
     models: int = 2
 
     def population_member(self, i: int) -> RunConfig:
@@ -68,58 +136,110 @@ class PopulationSetting(Setting):
             raise ValueError(f"setting {self.name}: models (K_max) must be ≥ 2, got {self.models}")
 
 
-def load_ito_preset(name: str) -> ExperimentPreset:
-    """The preset `name` of presets/ito.toml, settings as :class:`PopulationSetting`."""
-    return load_preset("ito", name, PopulationSetting)
+@dataclass(frozen=True, kw_only=True)
+class ItoOptions(ExperimentOptions):
+    """A preset of presets/ito.toml (its header comment says what each option means). `k_values`: the K
+    evaluated (none: 2 … models); `bn`: "reset" | "none" (none given: reset for BatchNorm models)."""
+
+    methods: tuple[str, ...] = METHODS
+    points: int = 25
+    splits: tuple[str, ...] = ("train", "test")
+    bn: str | None = None
+    bn_examples: int | None = None
+    k_values: tuple[int, ...] = ()
+    pairwise: PairwiseKeywords = field(default_factory=PairwiseKeywords)
+    merge_many: MergeManyKeywords = field(default_factory=MergeManyKeywords)
+    ste_mm: SteMMKeywords = field(default_factory=SteMMKeywords)
+    trace: TraceOptions = field(default_factory=TraceOptions)
+    heatmap: HeatmapOptions = field(default_factory=HeatmapOptions)
+    settings: tuple[PopulationSetting, ...] = ()
+
+    def method_keywords(self, method: str) -> dict[str, Any]:
+        """Keywords for `method` (its table; none for a method without one)."""
+        tables: dict[str, MethodKeywords] = {"pairwise": self.pairwise, "merge_many": self.merge_many,
+                                             "ste_mm": self.ste_mm}
+        return tables[method].keywords() if method in tables else {}
+
+    def check(self, setting: Setting) -> None:
+        assert isinstance(setting, PopulationSetting)
+        k_values(self, setting)
+
+
+def load_ito_preset(name: str) -> ItoOptions:
+    """The preset `name` of presets/ito.toml."""
+    return load_preset("ito", name, ItoOptions)
 
 
 def available_methods() -> list[str]:
-    """The K-model alignment methods registered with :mod:`lmclab.align.population` right now."""
-    import lmclab.align.population_methods  # noqa: F401  (registers them)
-    from lmclab.align.population import POPULATION_METHODS
-
+    """The K-model alignment methods registered right now (:data:`lmclab.align.POPULATION_METHODS`)."""
     return sorted(POPULATION_METHODS)
 
 
-def method_options(preset: ExperimentPreset, setting: Setting, method: str) -> dict[str, Any]:
-    """Keywords for `method`: the preset's table ``[<preset>.<method>]`` updated by the setting's."""
-    return {**preset.options.get(method, {}), **setting.options.get(method, {})}
-
-
-def k_values(preset: ExperimentPreset, setting: PopulationSetting) -> list[int]:
-    ks = setting.option(preset, "k_values") or list(range(2, setting.models + 1))
+def k_values(preset: ItoOptions, setting: PopulationSetting) -> list[int]:
+    """The K evaluated for `setting` (`preset`: the options at that setting)."""
+    ks = preset.k_values or list(range(2, setting.models + 1))
     bad = [k for k in ks if not 2 <= k <= setting.models]
     if bad:
         raise ValueError(f"setting {setting.name}: K values {bad} outside 2 … models = {setting.models}")
     return sorted(set(ks))
 
 
-def build_graph(preset: ExperimentPreset) -> dict[str, dict[Any, Step]]:
-    """graph[setting] = {("member", i): train, ("align"|"eval"|"trace", method, K): step}."""
-    methods = list(preset.options.get("methods", METHODS))
-    unknown = [m for m in methods if m not in available_methods()]
-    if unknown:
-        raise ValueError(f"preset ito/{preset.name} names alignment method(s) {unknown} that lmclab does not "
-                         f"provide (yet); available: {', '.join(available_methods())}")
-    graph: dict[str, dict[Any, Step]] = {}
+@dataclass(frozen=True, kw_only=True)
+class MethodSteps:
+    """One method on the first `k` members: the alignment, its evaluation, the merged model's trace."""
+
+    method: str
+    k: int
+    align: Step
+    evaluation: Step
+    trace: Step | None = None
+
+
+@dataclass(frozen=True)
+class PopulationSteps:
+    """One population's steps: the members' training, then each (method, K)'s :class:`MethodSteps`."""
+
+    members: tuple[Step, ...]
+    methods: tuple[MethodSteps, ...]
+
+    def steps(self) -> list[Step]:
+        return [*self.members, *(s for m in self.methods for s in (m.align, m.evaluation, m.trace) if s is not None)]
+
+
+def member_inputs(members: Sequence[Step]) -> dict[str, Step]:
+    """The members as step inputs m0, m1, … (these names are part of the steps' keys; :func:`member_runs`
+    reads them back)."""
+    return {f"m{i}": m for i, m in enumerate(members)}
+
+
+def method_steps(method: str, members: Sequence[Step], keywords: Mapping[str, Any], evaluation: Mapping[str, Any],
+                 trace: Mapping[str, Any] | None) -> MethodSteps:
+    """Align `members` with `method` (`keywords`), evaluate (`evaluation`: the eval step's config) and,
+    unless `trace` is None, the merged model's trace (the trace step's config)."""
+    ins = member_inputs(members)
+    align = Step("population_align", {"method": method, "k": len(members), "options": dict(keywords)}, ins)
+    return MethodSteps(method=method, k=len(members), align=align,
+                       evaluation=Step("population_eval", dict(evaluation), {"align": align, **ins}),
+                       trace=None if trace is None else Step("merged_trace", dict(trace), {"align": align, **ins}))
+
+
+def build_graph(preset: ItoOptions) -> dict[str, PopulationSteps]:
+    """graph[setting] = its :class:`PopulationSteps` (methods in the preset's order, K ascending)."""
+    graph: dict[str, PopulationSteps] = {}
     for s in preset.settings:
-        assert isinstance(s, PopulationSetting)
+        o = preset.at(s)
+        methods = list(o.methods)
+        unknown = [m for m in methods if m not in available_methods()]
+        if unknown:
+            raise ValueError(f"preset ito/{preset.name} names alignment method(s) {unknown} that lmclab does not "
+                             f"provide (yet); available: {', '.join(available_methods())}")
         members = [train_step(f"{s.name}/model{i}", s.population_member(i), s.preset) for i in range(s.models)]
-        steps: dict[Any, Step] = {("member", i): m for i, m in enumerate(members)}
-        evaluation = {"splits": list(s.option(preset, "splits", ["train", "test"])), "examples": s.eval_examples,
-                      "points": s.option(preset, "points", 25), "bn": s.option(preset, "bn"),
-                      "bn_examples": s.option(preset, "bn_examples")}
-        trace = {**TRACE_DEFAULTS, **preset.options.get("trace", {}), **s.options.get("trace", {}),
-                 "bn": evaluation["bn"], "bn_examples": evaluation["bn_examples"]}
-        for method in methods:
-            for k in k_values(preset, s):
-                ins = {f"m{i}": members[i] for i in range(k)}
-                align = Step("population_align", {"method": method, "k": k, "options": method_options(preset, s, method)},
-                             ins)
-                steps[("align", method, k)] = align
-                steps[("eval", method, k)] = Step("population_eval", evaluation, {"align": align, **ins})
-                steps[("trace", method, k)] = Step("merged_trace", trace, {"align": align, **ins})
-        graph[s.name] = steps
+        evaluation = {"splits": list(o.splits), "examples": s.eval_examples, "points": o.points, "bn": o.bn,
+                      "bn_examples": o.bn_examples}
+        trace = {**dataclasses.asdict(o.trace), "bn": o.bn, "bn_examples": o.bn_examples}
+        graph[s.name] = PopulationSteps(tuple(members), tuple(
+            method_steps(method, members[:k], o.method_keywords(method), evaluation, trace)
+            for method in methods for k in k_values(o, s)))
     return graph
 
 
@@ -132,7 +252,7 @@ def member_runs(inputs: Mapping[str, Any]) -> list[Run]:
     return [Run(Path(inputs[n]["run"])) for n in names]
 
 
-def load_members(ctx: StepContext, inputs: Mapping[str, Any]) -> tuple[list[Run], torch.nn.Module, list[Params]]:
+def load_members(ctx: StepContext, inputs: Mapping[str, Any]) -> tuple[list[Run], torch.nn.Module, list[Point]]:
     """(runs, model of member 0, member states) on the step's device; same architecture checked."""
     device = resolve_device(ctx.options.get("device", "auto"))
     runs = member_runs(inputs)
@@ -142,23 +262,79 @@ def load_members(ctx: StepContext, inputs: Mapping[str, Any]) -> tuple[list[Run]
     return runs, model, [run.load_state(device=device) for run in runs]
 
 
-def load_aligned(ctx: StepContext, inputs: Mapping[str, Any]) -> tuple[list[Run], torch.nn.Module, list[Params]]:
+def load_aligned(ctx: StepContext, inputs: Mapping[str, Any]) -> tuple[list[Run], torch.nn.Module, list[Point]]:
     """(runs, model, [π_i(θ_i)]) with the permutations stored by the `align` input."""
     runs, model, points = load_members(ctx, inputs)
-    perms, spec = load_population_perms(inputs["align"])
+    perms, spec = PopulationAlignResult.from_json(inputs["align"]).load_perms()
     if len(perms) != len(points):
         raise ValueError(f"alignment holds {len(perms)} permutations for {len(points)} members")
     return runs, model, [p.apply(theta, spec) for p, theta in zip(perms, points)]
 
 
-def load_population_perms(result: Mapping[str, Any]) -> tuple[list[Permutation], PermutationSpec]:
-    perms, spec = [], None
-    for file in result["perms"]:
-        perm, spec, _ = Permutation.load(file)
-        perms.append(perm)
-    if spec is None:
-        raise ValueError(f"permutation files {result['perms']} hold no spec")
-    return perms, spec
+@dataclass(frozen=True)
+class PopulationAlignResult:
+    """What a ``population_align`` step stores (its JSON, key for key): the members' runs, their permutation
+    files (perm_i), whether each is the identity, the invariance check max |f(π_i(θ_i)) − f(θ_i)|, each
+    aligned member's distance to the merged model, and the method's `info` (JSON-safe)."""
+
+    method: str
+    k: int
+    runs: Sequence[str]
+    perms: Sequence[str]
+    identity: Sequence[bool]
+    invariance_max_abs_diff: Sequence[float | None]
+    distance_to_merged: Sequence[float | None]
+    info: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PopulationAlignResult:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+    def load_perms(self) -> tuple[list[Permutation], PermutationSpec]:
+        """The K permutations and their spec, from the stored files."""
+        perms, spec = [], None
+        for file in self.perms:
+            perm, spec, _ = Permutation.load(file)
+            perms.append(perm)
+        if spec is None:
+            raise ValueError(f"permutation files {self.perms} hold no spec")
+        return perms, spec
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """One trace estimate with its confidence interval (None: not finite)."""
+
+    estimate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    confidence: float
+    probes: int
+    method: str
+
+
+@dataclass(frozen=True)
+class MergedTrace:
+    """What a ``merged_trace`` step stores: tr ∇²L(θ̄) and the scale-aware tr(D ∇²L(θ̄) D) on `n_examples`
+    examples of `split`."""
+
+    split: str
+    n_examples: int
+    trace: TraceEstimate
+    scale_aware_trace: TraceEstimate
+
+    KINDS: ClassVar[tuple[str, str]] = ("trace", "scale_aware_trace")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MergedTrace:
+        return cls(split=data["split"], n_examples=data["n_examples"],
+                   **{kind: TraceEstimate(**data[kind]) for kind in cls.KINDS})
 
 
 def json_safe(value: Any) -> Any:
@@ -179,10 +355,8 @@ def json_safe(value: Any) -> Any:
 
 
 def ste_mm_data(ctx: StepContext, run: Run, train_examples: int | None) -> Any:
-    """STE-MM's training data: the members' training split (with their subset and augmentation), or a
-    stratified subset of `train_examples` of the full split."""
-    from lmclab.data import DeviceDataset
-
+    """The ``data`` of a method that needs it (STE-MM): the members' training split (with their subset and
+    augmentation), or a stratified subset of `train_examples` of the full split."""
     d = run.config.data
     subset, per_class = (train_examples, None) if train_examples else (d.train_subset, d.train_per_class)
     return DeviceDataset.load(d.dataset, "train", data_dir=ctx.options.get("data_dir"),
@@ -192,20 +366,22 @@ def ste_mm_data(ctx: StepContext, run: Run, train_examples: int | None) -> Any:
 
 @step_kind("population_align")
 def _population_align(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
-    """Align the K members with `method`; every π_i verified (f(π_i(θ_i)) == f(θ_i)) and saved as perm_i."""
-    from lmclab.align.population import align_population, mean_point
+    """Align the K members with `method`; every π_i verified (f(π_i(θ_i)) == f(θ_i)) and saved as perm_i.
 
+    The method gets its options, the settings it accepts (device, progress) and what it needs: the model,
+    and `data` (:func:`ste_mm_data`, option ``train_examples``)."""
+    entry = get_population_method(config["method"])
     runs, model, points = load_members(ctx, inputs)
     device = next(model.parameters()).device
     x = example_input(runs[0]).to(device)
     spec = derive_spec(model, x)
     kw = dict(config.get("options", {}))
-    progress = ctx.options.get("progress", True)
-    if config["method"] == "ste_mm":
-        kw.update(model=model, data=ste_mm_data(ctx, runs[0], kw.pop("train_examples", None)), device=device,
-                  progress=progress)
-    elif config["method"] == "merge_many":
-        kw.update(progress=progress)
+    train_examples = kw.pop("train_examples", None) if "data" in entry.needs else None
+    kw.update(entry.settings(device=device, progress=ctx.options.get("progress", True)))
+    if "model" in entry.needs:
+        kw["model"] = model
+    if "data" in entry.needs:
+        kw["data"] = ste_mm_data(ctx, runs[0], train_examples)
     alignment = align_population(points, spec, config["method"], **kw)
     if alignment.k != len(points):
         raise ValueError(f"{config['method']} returned {alignment.k} permutations for {len(points)} models")
@@ -217,12 +393,11 @@ def _population_align(ctx: StepContext, config: dict[str, Any], inputs: dict[str
         files.append(str(perm.save(ctx.directory / f"perm_{i}.safetensors", spec, method=config["method"],
                                    k=len(points), member=i, run=run.path.name)))
     aligned = alignment.aligned(points)
-    merged = mean_point(aligned)
-    return {"method": config["method"], "k": len(points), "runs": [r.path.name for r in runs], "perms": files,
-            "identity": [p.is_identity() for p in alignment.perms],
-            "invariance_max_abs_diff": invariance,
-            "distance_to_merged": [parameter_distance(a, merged) for a in aligned],
-            "info": json_safe(alignment.info)}
+    merged = mean(aligned)
+    return PopulationAlignResult(
+        method=config["method"], k=len(points), runs=[r.path.name for r in runs], perms=files,
+        identity=[p.is_identity() for p in alignment.perms], invariance_max_abs_diff=invariance,
+        distance_to_merged=[distance(a, merged) for a in aligned], info=json_safe(alignment.info)).to_json()
 
 
 def _bn_setup(ctx: StepContext, config: Mapping[str, Any], model: torch.nn.Module, run: Run) -> tuple[str, Any]:
@@ -249,76 +424,65 @@ def _population_eval(ctx: StepContext, config: dict[str, Any], inputs: dict[str,
 @step_kind("merged_trace")
 def _merged_trace(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """tr ∇²L(θ̄) and tr(D ∇²L(θ̄) D), D = diag|θ̄|, with `confidence` intervals, on a fixed subset."""
-    from lmclab.curvature.trace import hessian_trace
-
     runs, model, aligned = load_aligned(ctx, inputs)
     bn, bn_data = _bn_setup(ctx, config, model, runs[0])
     theta = merged_point(model, aligned, bn=bn, bn_data=bn_data, bn_examples=config.get("bn_examples"))
     data = dataset_for(ctx, runs[0], config["split"], config.get("examples"))
-    out: dict[str, Any] = {"split": config["split"], "n_examples": len(data)}
-    for key, scaled in (("trace", False), ("scale_aware_trace", True)):
+    estimates = {}
+    for key, scaled in zip(MergedTrace.KINDS, (False, True)):
         est = hessian_trace(model, theta, data, method=config["method"], scale_aware=scaled, probes=config["probes"],
                             confidence=config["confidence"], batch_size=config["batch_size"], seed=config["seed"])
-        out[key] = {"estimate": est.estimate, "ci_low": est.ci_low, "ci_high": est.ci_high,
-                    "confidence": est.confidence, "probes": est.n_probes, "method": est.method}
-    return out
+        estimates[key] = TraceEstimate(estimate=est.estimate, ci_low=est.ci_low, ci_high=est.ci_high,
+                                       confidence=est.confidence, probes=est.n_probes, method=est.method)
+    return MergedTrace(split=config["split"], n_examples=len(data), **estimates).to_json()
 
 
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def tidy_tables(graph: dict[str, dict[Any, Step]], results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def tidy_tables(graph: Mapping[str, PopulationSteps], results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Tidy rows of every setting's steps: merged (merged model and members), barrier_summary,
     pair_barriers, merged_barriers, trace, alignment."""
     tables: dict[str, list[dict[str, Any]]] = {n: [] for n in ("merged", "barrier_summary", "pair_barriers",
                                                                 "merged_barriers", "trace", "alignment")}
-    for setting, steps in graph.items():
-        for key, step in steps.items():
-            if key[0] == "member":
-                continue
-            _, method, k = key
-            res, base = results[step.key], {"setting": setting, "method": method, "k": k}
-            if key[0] == "align":
-                for i, (d, inv) in enumerate(zip(res["distance_to_merged"], res["invariance_max_abs_diff"])):
-                    tables["alignment"].append({**base, "member": i, "run": res["runs"][i],
-                                                "identity": res["identity"][i], "distance_to_merged": d,
-                                                "invariance_max_abs_diff": inv})
-            elif key[0] == "eval":
-                for which, per_member in [("merged", [("", res["merged"])]),
-                                          ("member", list(enumerate(res["members"])))]:
-                    for member, metrics in per_member:  # the preset's split order (stored JSON sorts keys)
-                        tables["merged"] += [{**base, "model": which, "member": member, "split": split,
-                                              "metric": metric, "value": metrics[split][metric]}
-                                             for split in step.config["splits"] for metric in MERGED_METRICS]
-                tables["barrier_summary"] += [{**base, **r} for r in res["summary"]]
-                tables["pair_barriers"] += [{**base, **r} for r in res["pairs"]]
-                tables["merged_barriers"] += [{**base, **r} for r in res["to_merged"]]
-            elif key[0] == "trace":
-                for kind in ("trace", "scale_aware_trace"):
-                    t = res[kind]
-                    tables["trace"].append({**base, "kind": kind, "split": res["split"], "examples": res["n_examples"],
-                                            **{f: t[f] for f in ("estimate", "ci_low", "ci_high", "confidence",
-                                                                 "probes")}, "estimator": t["method"]})
+    for setting, population in graph.items():
+        for ms in population.methods:
+            base = {"setting": setting, "method": ms.method, "k": ms.k}
+            aligned = PopulationAlignResult.from_json(results[ms.align.key])
+            for i, (d, inv) in enumerate(zip(aligned.distance_to_merged, aligned.invariance_max_abs_diff)):
+                tables["alignment"].append({**base, "member": i, "run": aligned.runs[i],
+                                            "identity": aligned.identity[i], "distance_to_merged": d,
+                                            "invariance_max_abs_diff": inv})
+            res = results[ms.evaluation.key]
+            for which, per_member in [("merged", [("", res["merged"])]),
+                                      ("member", list(enumerate(res["members"])))]:
+                for member, metrics in per_member:  # the preset's split order (stored JSON sorts keys)
+                    tables["merged"] += [{**base, "model": which, "member": member, "split": split,
+                                          "metric": metric, "value": metrics[split][metric]}
+                                         for split in ms.evaluation.config["splits"] for metric in MERGED_METRICS]
+            tables["barrier_summary"] += [{**base, **r} for r in res["summary"]]
+            tables["pair_barriers"] += [{**base, **r} for r in res["pairs"]]
+            tables["merged_barriers"] += [{**base, **r} for r in res["to_merged"]]
+            if ms.trace is not None:
+                trace = MergedTrace.from_json(results[ms.trace.key])
+                for kind in MergedTrace.KINDS:
+                    t: TraceEstimate = getattr(trace, kind)
+                    tables["trace"].append({**base, "kind": kind, "split": trace.split, "examples": trace.n_examples,
+                                            "estimate": t.estimate, "ci_low": t.ci_low, "ci_high": t.ci_high,
+                                            "confidence": t.confidence, "probes": t.probes, "estimator": t.method})
     return tables
 
 
-def run_ito(preset_name: str = "smoke", *, out: str | Path = "out/ito", runs_dir: str | None = None,
-            data_dir: str | None = None, device: str = "auto", progress: bool = True,
-            say: Callable[[str], None] = print) -> dict[str, Any]:
-    from lmclab.report.ito import plot_barriers_vs_k, plot_heatmaps, plot_merged_vs_k, plot_trace_vs_k
-
-    preset = load_ito_preset(preset_name)
+def run(preset: ItoOptions, ctx: ExperimentContext) -> dict[str, Any]:
+    """Train (or reuse) every member, align, merge and measure; figures and tables to `ctx.out`."""
     graph = build_graph(preset)
-    executor = LocalExecutor(runs_dir, {"runs_dir": runs_dir, "data_dir": data_dir, "device": device,
-                                        "progress": progress}, progress=progress, say=say)
-    say(f"ito --preset {preset_name}: {preset.description}")
-    results = executor.run([step for steps in graph.values() for step in steps.values()])
-    out = Path(out)
+    ctx.announce(preset.description)
+    results, ran = ctx.run_steps(step for population in graph.values() for step in population.steps())
+    out = ctx.out
     tables = tidy_tables(graph, results)
     files: dict[str, str] = {f"{name}_table": str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items()}
-    heat = {"split": "test", "metric": "loss", "definition": "barrier", **preset.options.get("heatmap", {})}
     for s in preset.settings:
-        assert isinstance(s, PopulationSetting)
+        o = preset.at(s)
         pick = {name: [r for r in rows if r["setting"] == s.name] for name, rows in tables.items()}
         files[f"merged_{s.name}"] = str(plot_merged_vs_k(out / f"merged_{s.name}.png", pick["merged"], title=s.label))
         for kind, label in (("pairs", "all pairs"), ("to_merged", "model → merged")):
@@ -327,15 +491,16 @@ def run_ito(preset_name: str = "smoke", *, out: str | Path = "out/ito", runs_dir
                 title=f"{s.label}: barriers, {label}"))
         files[f"trace_{s.name}"] = str(plot_trace_vs_k(out / f"trace_{s.name}.png", pick["trace"],
                                                        title=f"{s.label}: Hessian trace at the merged model"))
-        k_max = max(k_values(preset, s))
+        k_max = max(k_values(o, s))
         files[f"heatmap_{s.name}"] = str(plot_heatmaps(
-            out / f"heatmap_{s.name}.png", [r for r in pick["pair_barriers"] if r["k"] == k_max], k_max, **heat,
-            title=f"{s.label}: pair barriers, K = {k_max}"))
-    say(f"ran {len(executor.ran)} step(s), reused the rest; figures and tables in {out}")
-    for name, path in files.items():
-        say(f"  {name}: {path}")
-    return {"out": str(out), "files": files, "steps_run": executor.ran}
+            out / f"heatmap_{s.name}.png", [r for r in pick["pair_barriers"] if r["k"] == k_max], k_max,
+            **dataclasses.asdict(o.heatmap), title=f"{s.label}: pair barriers, K = {k_max}"))
+    return ctx.summary(files, ran)
 
+
+EXPERIMENT = Experiment("ito", "Ito et al., analysis of LMC among many models (STE-MM)", ItoOptions, run)
+#: ``run_ito("smoke", out=…, runs_dir=…, data_dir=…, device=…, progress=…, say=…)``: a preset by name.
+run_ito = EXPERIMENT
 
 
 def merge_runs(runs: Sequence[Run], methods: Sequence[str] = ("merge_many",), *, out: str | Path,
@@ -347,8 +512,6 @@ def merge_runs(runs: Sequence[Run], methods: Sequence[str] = ("merge_many",), *,
     steps as :func:`run_ito` for one K (merged metrics, all-pairs and model → merged barriers, and with
     `trace` (keywords of the trace step, {} for the defaults) the merged model's Hessian trace). Tables
     and one K × K heat map per split go to `out`. `options[method]`: keywords of that method."""
-    from lmclab.report.ito import plot_heatmaps
-
     if len(runs) < 2:
         raise ValueError(f"merging needs at least 2 runs, got {len(runs)}")
     unknown = [m for m in methods if m not in available_methods()]
@@ -356,24 +519,17 @@ def merge_runs(runs: Sequence[Run], methods: Sequence[str] = ("merge_many",), *,
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(available_methods())}")
     for run in runs[1:]:
         check_same_architecture(runs[0], run)
+    ctx = ExperimentContext(out=Path(out), runs_dir=runs_dir, data_dir=data_dir, device=device, progress=progress,
+                            say=say)
     members = [train_step(f"member{i}", run.config) for i, run in enumerate(runs)]
-    ins = {f"m{i}": m for i, m in enumerate(members)}
     k = len(runs)
     evaluation = {"splits": list(splits), "examples": examples, "points": points, "bn": bn, "bn_examples": None}
-    steps: dict[Any, Step] = {("member", i): m for i, m in enumerate(members)}
-    for method in methods:
-        align = Step("population_align", {"method": method, "k": k, "options": dict((options or {}).get(method, {}))},
-                     ins)
-        steps[("align", method, k)] = align
-        steps[("eval", method, k)] = Step("population_eval", evaluation, {"align": align, **ins})
-        if trace is not None:
-            steps[("trace", method, k)] = Step("merged_trace", {**TRACE_DEFAULTS, **trace, "bn": bn,
-                                                                "bn_examples": None}, {"align": align, **ins})
-    executor = LocalExecutor(runs_dir, {"runs_dir": runs_dir, "data_dir": data_dir, "device": device,
-                                        "progress": progress}, progress=progress, say=say)
-    results = executor.run(list(steps.values()))
-    out = Path(out)
-    tables = tidy_tables({"runs": steps}, results)
+    trace_config = None if trace is None else {**TRACE_DEFAULTS, **trace, "bn": bn, "bn_examples": None}
+    population = PopulationSteps(tuple(members), tuple(
+        method_steps(method, members, (options or {}).get(method, {}), evaluation, trace_config) for method in methods))
+    results, ran = ctx.run_steps(population.steps())
+    out = ctx.out
+    tables = tidy_tables({"runs": population}, results)
     files = {f"{name}_table": str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items() if rows}
     for split in splits:
         files[f"heatmap_{split}"] = str(plot_heatmaps(out / f"heatmap_{split}.png", tables["pair_barriers"], k,
@@ -393,7 +549,7 @@ def merge_runs(runs: Sequence[Run], methods: Sequence[str] = ("merge_many",), *,
                 say(f"  {split} loss barrier over {r['n']} pairs: mean {_fmt(r['mean'])} ± {_fmt(r['std'])}, "
                     f"max {_fmt(r['max'])}")
     say(f"tables and figures in {out}")
-    return {"out": str(out), "files": files, "merged": merged, "steps_run": executor.ran,
+    return {"out": str(out), "files": files, "merged": merged, "steps_run": ran,
             "barrier_summary": [r for r in tables["barrier_summary"] if r["definition"] == "barrier"]}
 
 

@@ -6,7 +6,6 @@ paths.csv, barriers.csv, paths.png) or to a chosen output directory.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmclab.align import align, get_pair_method
 from lmclab.data import DeviceDataset
 from lmclab.paths import barrier_report, cumulative_layer_sets, default_bn_mode, default_lambdas, evaluate_path, layer_groups
 from lmclab.permutation import (
@@ -27,10 +27,8 @@ from lmclab.permutation import (
     verify_permutation,
 )
 from lmclab.report import plot_paths, write_csv
-from lmclab.store import Run, RunStore, atomic_write_json
+from lmclab.store import Run, RunStore, Store, atomic_write_json, content_hash
 from lmclab.training import load_run_model, resolve_device
-
-ALIGN_METHODS = ("weight", "activation", "ste")
 
 
 @dataclass
@@ -43,24 +41,21 @@ class Alignment:
     path: Path | None = None
 
 
-def _key(**fields: Any) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def example_input(run: Run, n: int = 4, seed: int = 0) -> torch.Tensor:
-    shape = tuple(run.meta["data_info"]["input_shape"])
+    shape = tuple(run.data_info.input_shape)
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
 
 
 def check_same_architecture(run_a: Run, run_b: Run) -> None:
     a, b = run_a.config.normalised(), run_b.config.normalised()
-    ia, ib = run_a.meta.get("data_info", {}), run_b.meta.get("data_info", {})
-    if a.model != b.model or ia.get("input_shape") != ib.get("input_shape") or ia.get("num_classes") != ib.get("num_classes"):
-        raise SpecError(f"runs {run_a.path.name} ({a.model}, input {ia.get('input_shape')}) and {run_b.path.name} "
-                        f"({b.model}, input {ib.get('input_shape')}) have different architectures: nothing to align")
+    ia, ib = ((None, None) if i is None else (i.input_shape, i.num_classes)
+              for i in (run_a.meta.data_info, run_b.meta.data_info))
+    if a.model != b.model or ia != ib:
+        raise SpecError(f"runs {run_a.path.name} ({a.model}, input {ia[0]}) and {run_b.path.name} "
+                        f"({b.model}, input {ib[0]}) have different architectures: nothing to align")
     for run in (run_a, run_b):
         if not run.complete:
-            raise SpecError(f"run {run.path} is not complete (status {run.meta.get('status')}); train it first")
+            raise SpecError(f"run {run.path} is not complete (status {run.meta.status}); train it first")
 
 
 def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0, store: RunStore | None = None,
@@ -68,24 +63,24 @@ def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0,
                spec: PermutationSpec | None = None, progress: bool = True, ste_epochs: int = 10) -> Alignment:
     """Align B to A (cached in the store), verify f(π(θ_B)) == f(θ_B) in eval and train mode, save.
 
-    "weight": weight matching; "activation": activation matching on `activation_examples` training
-    examples; "ste": Git Re-Basin's straight-through estimator for `ste_epochs` epochs over the training
-    split (λ = ½, seeded by `seed`), keeping the permutation with the lowest midpoint loss on a fixed
-    stratified subset of `activation_examples` training examples (the test split is never used to choose).
+    `method`: a two-model method of :data:`lmclab.align.PAIR_METHODS`, given what its entry declares:
+    ``model`` (run A's), ``batches`` (of a fixed stratified subset of `activation_examples` training
+    examples), ``data`` (the training split), and the settings it accepts (`seed`, ``epochs`` =
+    `ste_epochs`, ``device``, `progress`, ``val_data`` = that fixed subset, so the test split is never
+    used to choose). "weight": weight matching; "activation": activation matching on the subset; "ste":
+    Git Re-Basin's straight-through estimator (λ = ½), keeping the permutation with the lowest midpoint
+    loss on the subset.
     """
-    from lmclab.align import activation_matching, ste_matching, weight_matching
-
-    if method not in ALIGN_METHODS:
-        raise ValueError(f"unknown alignment method {method!r}; valid: {', '.join(ALIGN_METHODS)}")
+    entry = get_pair_method(method)   # a registered method (lmclab.align.PAIR_METHODS), else ValueError
     check_same_architecture(run_a, run_b)
     store = store or RunStore(run_a.path.parent)
     settings: dict[str, Any] = {"a": run_a.path.name, "b": run_b.path.name, "method": method, "seed": seed,
-                                "spec_source": "derived" if spec is None else _key(**spec.to_dict())}
-    if method in ("activation", "ste"):
+                                "spec_source": "derived" if spec is None else content_hash(spec.to_dict(), spaced=True)}
+    if {"batches", "data"} & set(entry.needs):
         settings["examples"] = activation_examples
-    if method == "ste":
+    if "epochs" in entry.accepts:
         settings["epochs"] = ste_epochs
-    out = store.root / f"align_{_key(**settings)}"
+    out = Store(store.root).alignment_dir(settings)
     if (out / "alignment.json").is_file() and (out / "perm.safetensors").is_file():
         perm, saved_spec, _ = Permutation.load(out / "perm.safetensors")
         return Alignment(perm, saved_spec or spec, json.loads((out / "alignment.json").read_text()), out)
@@ -95,18 +90,20 @@ def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0,
     x = example_input(run_a).to(dev)
     spec = spec or derive_spec(model_a, x)
     theta_a, theta_b = model_a.state_dict(), model_b.state_dict()
-    if method == "weight":
-        result = weight_matching(theta_a, theta_b, spec, seed=seed, progress=progress)
-    else:
-        data = DeviceDataset.load(run_a.config.data.dataset, "train", data_dir=data_dir, device=dev,
-                                  subset=activation_examples, augment=False, progress=progress)
-        if method == "activation":
-            result = activation_matching(model_a, model_b, spec, (xb for xb, _ in data.batches(500)))
-        else:
-            train_data = DeviceDataset.load(run_a.config.data.dataset, "train", data_dir=data_dir, device=dev,
-                                            augment=False, progress=progress)
-            result = ste_matching(theta_a, theta_b, spec, model=model_a, data=train_data, epochs=ste_epochs,
-                                  seed=seed, val_data=data, device=dev, progress=progress)
+    kw = entry.settings(seed=seed, epochs=ste_epochs, device=dev, progress=progress)
+    if "model" in entry.needs:
+        kw["model"] = model_a
+    if "examples" in settings:   # a fixed stratified subset of training examples
+        examples = DeviceDataset.load(run_a.config.data.dataset, "train", data_dir=data_dir, device=dev,
+                                      subset=activation_examples, augment=False, progress=progress)
+        if "batches" in entry.needs:
+            kw["batches"] = (xb for xb, _ in examples.batches(500))
+        if "val_data" in entry.accepts:
+            kw["val_data"] = examples
+    if "data" in entry.needs:
+        kw["data"] = DeviceDataset.load(run_a.config.data.dataset, "train", data_dir=data_dir, device=dev,
+                                        augment=False, progress=progress)
+    result = align(theta_a, theta_b, spec, method, **kw)
     verify_permutation(model_b, result.perm, spec, example_input=x)  # raises SpecError if f(π(θ_B)) ≠ f(θ_B)
     invariance = check_invariance(model_b, spec, result.perm, x)
     info = {**settings, **result.to_json(), "invariance_max_abs_diff": invariance}
@@ -198,7 +195,7 @@ def write_lmc_report(rows: list[dict[str, Any]], out: Path, title: str = "") -> 
     files = {"paths": write_csv(out / "paths.csv", rows), "barriers": write_csv(out / "barriers.csv", report)}
     whole = [r for r in rows if r.get("layers", "all") == "all"]
     if whole:
-        files["figure"] = plot_paths(out / "paths.png", whole, title=title)
+        files["figure"] = plot_paths(out / "paths.png", whole, title=title).path
     return files
 
 
@@ -238,10 +235,10 @@ def lmc_pairs(pairs: Sequence[tuple[Run, Run]], *, method: str | None = "weight"
                                    device=kw.get("device", "auto"), progress=progress)
         alignments.append(alignment)
         rows += interpolate_runs(run_a, run_b, alignment=alignment, pair=i, **kw)
-    key = _key(pairs=[[a.path.name, b.path.name] for a, b in pairs],
-               align=[None if al is None else str(al.path) for al in alignments],
-               **{k: v for k, v in kw.items() if k not in ("progress", "device", "data_dir")})
-    out_dir = Path(out) if out else pairs[0][0].path.parent / f"lmc_{key}"
+    identity = dict(pairs=[[a.path.name, b.path.name] for a, b in pairs],
+                    align=[None if al is None else str(al.path) for al in alignments],
+                    **{k: v for k, v in kw.items() if k not in ("progress", "device", "data_dir")})
+    out_dir = Path(out) if out else Store(pairs[0][0].path.parent).result_dir("lmc", identity)
     title = (f"{pairs[0][0].path.name} ↔ {pairs[0][1].path.name}" if len(pairs) == 1
              else f"{len(pairs)} pairs ({pairs[0][0].config.model.model} on {pairs[0][0].config.data.dataset})")
     files = write_lmc_report(rows, out_dir, title=title)

@@ -33,12 +33,12 @@ def run_pair_demo(
         base = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=epochs))
     runs = [train(dataclasses.replace(base, seeds=SeedConfig.from_seed(s)), options) for s in seeds]
     out_dir = Path(out)
-    rows = [{"seed": s, "run": r.path.name, **r.meta["final_metrics"]} for s, r in zip(seeds, runs)]
+    rows = [{"seed": s, "run": r.path.name, **(r.meta.final_metrics or {})} for s, r in zip(seeds, runs)]
     table = write_csv(out_dir / "final_metrics.csv", rows)
-    history_rows = [{"seed": s, "run": r.path.name, **h} for s, r in zip(seeds, runs) for h in r.meta["history"]]
+    history_rows = [{"seed": s, "run": r.path.name, **h} for s, r in zip(seeds, runs) for h in r.meta.history]
     history_table = write_csv(out_dir / "history.csv", history_rows)
     figure = plot_histories(out_dir / "training_curves.png",
-                            {f"seed {s}": r.meta["history"] for s, r in zip(seeds, runs)},
+                            {f"seed {s}": r.meta.history for s, r in zip(seeds, runs)},
                             title=f"{preset}: {len(runs)} independently seeded runs")
     for row in rows:
         say(f"seed {row['seed']}: test accuracy {row['test_accuracy']:.4f}  train accuracy "

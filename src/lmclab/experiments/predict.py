@@ -17,46 +17,24 @@ from typing import Any
 
 import numpy as np
 
-from lmclab.curvature.functional import parameter_blocks, parameter_direction
+from lmclab.curvature.functional import parameter_blocks
 from lmclab.curvature.predictions import barrier_prediction, predicted_set_barrier
 from lmclab.curvature.trace import hessian_trace, top_eigenvalue
 from lmclab.data import DeviceDataset
 from lmclab.experiments.lmc import Alignment, check_same_architecture
-from lmclab.paths import barrier_curve, cumulative_layer_sets, default_lambdas, evaluate_path, path_values
+from lmclab.paths import (
+    barrier_curve,
+    cumulative_layer_sets,
+    default_lambdas,
+    endpoint_losses,
+    layer_set_barrier,
+    path_losses,
+)
+from lmclab.points import direction, norm, parameter_names
 from lmclab.report import write_csv
 from lmclab.report.predict import plot_predictions
 from lmclab.store import Run
 from lmclab.training import load_run_model, resolve_device
-
-
-def _loss_curve(model, theta_1, theta_2, data, lambdas, only=None, base="a") -> np.ndarray:  # type: ignore[no-untyped-def]
-    rows = evaluate_path(model, theta_1, theta_2, {"x": data}, lambdas=lambdas, only=only, base=base, bn="none",
-                         progress=False)
-    return np.array(path_values(rows, "loss"))
-
-
-def endpoint_losses(model, theta_1, theta_2, data) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """(L(θ_1), L(θ_2)) with the same evaluation as the paths (eval mode, stored statistics)."""
-    ends = _loss_curve(model, theta_1, theta_2, data, [0.0, 1.0])
-    return float(ends[0]), float(ends[1])
-
-
-def singh_set_barrier(model, theta_1, theta_2, data, lambdas, tensors,  # type: ignore[no-untyped-def]
-                      endpoints: tuple[float, float] | None = None) -> np.ndarray:
-    """(1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2] with only `tensors` interpolated (0 at α ∈ {0, 1}).
-
-    Only the interior α are evaluated; `endpoints` = (L_1, L_2) from :func:`endpoint_losses` saves
-    recomputing them for every layer set."""
-    lam = np.asarray(lambdas, dtype=np.float64)
-    loss_1, loss_2 = endpoints if endpoints is not None else endpoint_losses(model, theta_1, theta_2, data)
-    out = np.zeros_like(lam)
-    inner = (lam > 0) & (lam < 1)
-    if inner.any():
-        a = lam[inner]
-        from_1 = _loss_curve(model, theta_1, theta_2, data, a.tolist(), only=tensors, base="a")
-        from_2 = _loss_curve(model, theta_1, theta_2, data, a.tolist(), only=tensors, base="b")
-        out[inner] = (1 - a) * from_1 + a * from_2 - ((1 - a) * loss_1 + a * loss_2)
-    return out
 
 
 def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = None, split: str = "test",
@@ -79,23 +57,22 @@ def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = 
     lambdas = default_lambdas(points)
 
     pred = barrier_prediction(model, theta_1, theta_2, data, alphas=lambdas, layers=blocks)
-    measured = barrier_curve(lambdas, _loss_curve(model, theta_1, theta_2, data, lambdas))
-    curve_rows = [{"alpha": a, "measured": m, "predicted": p} for a, m, p in zip(lambdas, measured, pred["curve"])]
+    measured = barrier_curve(lambdas, path_losses(model, theta_1, theta_2, data, lambdas))
+    curve_rows = [{"alpha": a, "measured": m, "predicted": p} for a, m, p in zip(lambdas, measured, pred.curve)]
 
     half = [0.0, 0.5, 1.0]
     ends = endpoint_losses(model, theta_1, theta_2, data)
     layer_rows = []
     for name, tensors in blocks.items():
-        b = singh_set_barrier(model, theta_1, theta_2, data, half, tensors, ends)[1]
-        layer_rows.append({"layer": name, "measured_half": float(b),
-                           "predicted_half": float(predict_at(pred["layers"][name], 0.5)),
-                           "predicted_max": pred["layers"][name]["max"]})
-    names, matrix = pred["cross_blocks"]["names"], pred["cross_blocks"]["theta_1"]
+        b = layer_set_barrier(model, theta_1, theta_2, data, half, tensors, ends)[1]
+        layer_rows.append({"layer": name, "measured_half": float(b), "predicted_half": pred.layers[name].at(0.5),
+                           "predicted_max": pred.layers[name].max})
+    names, matrix = pred.cross_blocks.names, pred.cross_blocks.theta_1
     cumulative_rows = []
     for order in orders:
         for layer_set in cumulative_layer_sets(list(blocks), order):
             tensors = [t for layer in layer_set for t in blocks[layer]]
-            b = singh_set_barrier(model, theta_1, theta_2, data, half, tensors, ends)[1]
+            b = layer_set_barrier(model, theta_1, theta_2, data, half, tensors, ends)[1]
             cumulative_rows.append({"order": order, "k": len(layer_set), "last_layer": layer_set[-1],
                                     "measured_half": float(b),
                                     "predicted_eq21": predicted_set_barrier(matrix, names, layer_set)})
@@ -109,21 +86,14 @@ def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = 
     }
     files["figure"] = plot_predictions(out / "predictions.png", curve_rows, layer_rows, cumulative_rows, names, matrix,
                                        title=f"{run_1.path.name} ↔ {run_2.path.name}"
-                                             + (" (aligned)" if alignment is not None else ""))
-    d = parameter_direction(theta_1, theta_2, model)
-    summary = {"q1": pred["q1"], "q2": pred["q2"], "predicted_max": pred["max"],
-               "measured_max": float(np.max(measured)), "distance": float(sum((v.double() ** 2).sum() for v in d.values()) ** 0.5),
-               "files": {k: str(v) for k, v in files.items()}}
+                                             + (" (aligned)" if alignment is not None else "")).path
+    distance = norm(direction(theta_1, theta_2, keys=parameter_names(model)))  # d in θ_1's dtype, ‖d‖ in float64
+    summary = {"q1": pred.q1, "q2": pred.q2, "predicted_max": pred.max, "measured_max": float(np.max(measured)),
+               "distance": distance, "files": {k: str(v) for k, v in files.items()}}
     say(f"whole model: measured barrier {summary['measured_max']:.4f}, Prop. 1 predicts {summary['predicted_max']:.4f} "
-        f"(dᵀH₁d = {pred['q1']:.4g}, dᵀH₂d = {pred['q2']:.4g}, ‖d‖ = {summary['distance']:.4g})")
+        f"(dᵀH₁d = {pred.q1:.4g}, dᵀH₂d = {pred.q2:.4g}, ‖d‖ = {summary['distance']:.4g})")
     say(f"figure: {files['figure']}\ntables: {', '.join(str(v) for k, v in files.items() if k != 'figure')}")
     return summary
-
-
-def predict_at(block: dict[str, Any], alpha: float) -> float:
-    """Prop. 1/2 at one α from a block's q1, q2 (and g1, g2)."""
-    a = alpha
-    return a * (1 - a) * (block["g1"] - block["g2"]) + a * (1 - a) / 2 * (a * block["q1"] + (1 - a) * block["q2"])
 
 
 def sharpness(run: Run, *, split: str = "train", examples: int | None = 1000, probes: int = 100,

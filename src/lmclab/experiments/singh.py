@@ -31,7 +31,8 @@ Every step is cached in the run store; tidy CSV tables sit beside the PNG figure
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmclab.curvature.functional import parameter_blocks, parameter_names
+from lmclab.curvature.functional import parameter_blocks
 from lmclab.curvature.predictions import barrier_prediction
 from lmclab.data import DeviceDataset
-from lmclab.experiments.graph import LocalExecutor, Step, StepContext, step_kind
-from lmclab.experiments.predict import endpoint_losses, predict_at, singh_set_barrier
-from lmclab.experiments.settings import ExperimentPreset, Setting, load_preset
+from lmclab.experiments.context import Experiment, ExperimentContext
+from lmclab.experiments.graph import Step, StepContext, step_kind
+from lmclab.experiments.settings import ExperimentOptions, PairSetting, Setting
 from lmclab.experiments.steps import dataset_for, fork_step, train_step
-from lmclab.geometry import ToyLandscape, cosine, difference, distance, norm, sibling_angle
+from lmclab.geometry import ToyLandscape, cosine, sibling_angle
 from lmclab.geometry.toy import FOUR_MINIMA, TWO_MINIMA
-from lmclab.paths import BN_MODES, barrier_curve, default_lambdas, evaluate_path, has_batchnorm, path_values
+from lmclab.paths import (
+    BN_MODES,
+    barrier_curve,
+    default_lambdas,
+    endpoint_losses,
+    evaluate_path,
+    has_batchnorm,
+    layer_set_barrier,
+    path_values,
+)
+from lmclab.points import direction, distance, norm, parameter_names
 from lmclab.report import write_csv
 from lmclab.report.singh import (
     plot_barrier_predictions,
@@ -63,8 +74,41 @@ from lmclab.training import load_run_model, resolve_device
 # ------------------------------------------------------------------------------------------- graph
 
 
-def fork_epochs(preset: ExperimentPreset, s: Setting) -> list[int]:
-    epochs = [int(e) for e in s.option(preset, "fork_epochs", [])]
+@dataclass(frozen=True, kw_only=True)
+class SinghOptions(ExperimentOptions):
+    """A preset of presets/singh.toml (its header comment says what each option means). The Hessian steps
+    (prediction, layer-wise) use `prediction_examples` training images, by default `examples`."""
+
+    fork_epochs: tuple[int, ...] = ()
+    points: int = 25
+    examples: int | None = None
+    every: int = 1
+    bn: str = "reset"
+    bn_examples: int | None = None
+    prediction_examples: int | None = None
+    hvp_batch_size: int = 100
+    layerwise_forks: tuple[int, ...] = ()
+    layerwise_every: int = 1
+    gradient_terms: bool = False
+    vary_augment: bool = False
+    settings: tuple[PairSetting, ...] = ()
+
+    @property
+    def hessian_examples(self) -> int | None:
+        return self.prediction_examples if self.prediction_examples is not None else self.examples
+
+    def check(self, setting: Setting) -> None:
+        if self.bn not in BN_MODES:
+            raise ValueError(f"setting {setting.name}: bn must be one of {', '.join(BN_MODES)}, got {self.bn!r}")
+        forks = fork_epochs(self, setting)
+        unknown = sorted(set(self.layerwise_forks) - set(forks))
+        if unknown:
+            raise ValueError(f"setting {setting.name}: layerwise_forks {unknown} are not fork epochs {forks}")
+
+
+def fork_epochs(preset: SinghOptions, s: Setting) -> list[int]:
+    """The fork epochs of setting `s` (`preset`: the options at that setting), checked and sorted."""
+    epochs = list(preset.fork_epochs)
     if not epochs or any(e < 0 for e in epochs) or len(set(epochs)) != len(epochs):
         raise ValueError(f"setting {s.name}: fork_epochs must be distinct non-negative epochs, got {epochs}")
     last = s.base_config().train.epochs
@@ -73,65 +117,66 @@ def fork_epochs(preset: ExperimentPreset, s: Setting) -> list[int]:
     return sorted(epochs)
 
 
-def build_graph(preset: ExperimentPreset) -> dict[str, dict[int, list[dict[str, Step]]]]:
-    """graph[setting][fork epoch][pair] = {"a", "b" (children), "segments", "geometry", "prediction"[, "layerwise"]}."""
-    graph: dict[str, dict[int, list[dict[str, Step]]]] = {}
-    for s in preset.settings:
-        def opt(key: str, default: Any = None, s: Setting = s) -> Any:
-            return s.option(preset, key, default)
+@dataclass(frozen=True, kw_only=True)
+class SiblingSteps:
+    """One pair of children forked at one epoch: their training and the analyses of the pair."""
 
-        bn = opt("bn", "reset")
-        if bn not in BN_MODES:
-            raise ValueError(f"setting {s.name}: bn must be one of {', '.join(BN_MODES)}, got {bn!r}")
-        forks = fork_epochs(preset, s)
+    a: Step
+    b: Step
+    segments: Step
+    geometry: Step
+    prediction: Step
+    layerwise: Step | None = None
+
+    def steps(self) -> list[Step]:
+        return [self.a, self.b, self.segments, self.geometry, self.prediction,
+                *([self.layerwise] if self.layerwise is not None else [])]
+
+
+def build_graph(preset: SinghOptions) -> dict[str, dict[int, list[SiblingSteps]]]:
+    """graph[setting][fork epoch][pair] = the pair's :class:`SiblingSteps`."""
+    graph: dict[str, dict[int, list[SiblingSteps]]] = {}
+    for s in preset.settings:
+        o = preset.at(s)
+        o.check(s)
+        forks = fork_epochs(o, s)
         parent_config = s.base_config()
         parent = train_step(f"{s.name}/parent", parent_config, s.preset,
                             checkpoints="epochs:" + ",".join(str(e) for e in forks))
-        layerwise_forks = [int(e) for e in opt("layerwise_forks", [])]
-        unknown = sorted(set(layerwise_forks) - set(forks))
-        if unknown:
-            raise ValueError(f"setting {s.name}: layerwise_forks {unknown} are not fork epochs {forks}")
-        examples = opt("examples")
-        common = {"examples": examples, "every": int(opt("every", 1))}
+        common = {"examples": o.examples, "every": o.every}
         graph[s.name] = {}
         for epoch in forks:
             graph[s.name][epoch] = []
             for pair in range(s.pairs):
-                a, b = (fork_step(parent, parent_config, epoch=epoch, child=2 * pair + m,
-                                  vary_augment=bool(opt("vary_augment", False)), checkpoints="every:1",
-                                  preset=s.preset) for m in (0, 1))
+                a, b = (fork_step(parent, parent_config, epoch=epoch, child=2 * pair + m, vary_augment=o.vary_augment,
+                                  checkpoints="every:1", preset=s.preset) for m in (0, 1))
                 ins = {"a": a, "b": b}
-                steps = {"a": a, "b": b,
-                         "segments": Step("singh_segments", {**common, "points": int(opt("points", 25)), "bn": bn,
-                                                             "bn_examples": opt("bn_examples")}, ins),
-                         "geometry": Step("singh_geometry", {}, ins),
-                         "prediction": Step("singh_prediction", {
-                             "points": int(opt("points", 25)), "examples": opt("prediction_examples", examples),
-                             "batch_size": int(opt("hvp_batch_size", 100)), "bn_examples": opt("bn_examples")}, ins)}
-                if epoch in layerwise_forks:
-                    steps["layerwise"] = Step("singh_layerwise", {
-                        "examples": opt("prediction_examples", examples), "every": int(opt("layerwise_every", 1)),
-                        "batch_size": int(opt("hvp_batch_size", 100)),
-                        "gradient_terms": bool(opt("gradient_terms", False))}, ins)
-                graph[s.name][epoch].append(steps)
+                layerwise = None
+                if epoch in o.layerwise_forks:
+                    layerwise = Step("singh_layerwise", {
+                        "examples": o.hessian_examples, "every": o.layerwise_every, "batch_size": o.hvp_batch_size,
+                        "gradient_terms": o.gradient_terms}, ins)
+                graph[s.name][epoch].append(SiblingSteps(
+                    a=a, b=b,
+                    segments=Step("singh_segments", {**common, "points": o.points, "bn": o.bn,
+                                                     "bn_examples": o.bn_examples}, ins),
+                    geometry=Step("singh_geometry", {}, ins),
+                    prediction=Step("singh_prediction", {
+                        "points": o.points, "examples": o.hessian_examples, "batch_size": o.hvp_batch_size,
+                        "bn_examples": o.bn_examples}, ins),
+                    layerwise=layerwise))
     return graph
 
 
-def run_singh(preset_name: str = "smoke", *, out: str | Path = "out/singh", runs_dir: str | None = None,
-              data_dir: str | None = None, device: str = "auto", progress: bool = True,
-              say: Callable[[str], None] = print) -> dict:
+def run(preset: SinghOptions, ctx: ExperimentContext) -> dict[str, Any]:
     """Train (or reuse) every parent and child of the preset, run the analyses, write tables and figures
-    to `out`. Returns {"out", "files" (name -> path), "steps_run" (the steps not found in the store)}."""
-    preset = load_preset("singh", preset_name)
+    to `ctx.out`. Returns {"out", "files" (name -> path), "steps_run" (the steps not found in the store)}."""
     graph = build_graph(preset)
-    executor = LocalExecutor(runs_dir, {"runs_dir": runs_dir, "data_dir": data_dir, "device": device,
-                                        "progress": progress}, progress=progress, say=say)
-    say(f"singh --preset {preset_name}: {preset.description}")
-    targets = [step for forks in graph.values() for pairs in forks.values() for steps in pairs
-               for step in steps.values()]
-    results = executor.run(targets)
+    ctx.announce(preset.description)
+    results, ran = ctx.run_steps(step for forks in graph.values() for pairs in forks.values() for siblings in pairs
+                                 for step in siblings.steps())
     tables = tidy_tables(preset, graph, results)
-    out = Path(out)
+    out = ctx.out
     files: dict[str, str] = {name: str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items() if rows}
     for s in preset.settings:
         sel = {name: [r for r in rows if r.get("setting") == s.name] for name, rows in tables.items()}
@@ -155,10 +200,12 @@ def run_singh(preset_name: str = "smoke", *, out: str | Path = "out/singh", runs
     files["toy"] = str(write_csv(out / "toy.csv", toy_rows))
     files["fig6_toy"] = str(plot_toy_landscapes(out / "fig6_toy.png", toy_rows,
                                                 title="Toy landscapes L(θ) = Π (θ − m_i)² (Singh Fig. 6)"))
-    say(f"ran {len(executor.ran)} step(s), reused the rest; figures and tables in {out}")
-    for name, path in files.items():
-        say(f"  {name}: {path}")
-    return {"out": str(out), "files": files, "steps_run": executor.ran}
+    return ctx.summary(files, ran)
+
+
+EXPERIMENT = Experiment("singh", "Singh et al., landscaping LMC (forks over training)", SinghOptions, run)
+#: ``run_singh("smoke", out=…, runs_dir=…, data_dir=…, device=…, progress=…, say=…)``: a preset by name.
+run_singh = EXPERIMENT
 
 
 # ------------------------------------------------------------------------------------ step helpers
@@ -171,8 +218,8 @@ def sibling_runs(inputs: dict[str, Any]) -> tuple[Run, Run, int, int]:
     if not fork_a.is_set or fork_a != fork_b:
         raise ValueError(f"runs {run_a.path.name} (fork {fork_a}) and {run_b.path.name} (fork {fork_b}) are not "
                          "siblings: both must be forked from one parent at one point")
-    spe = int(run_a.meta["steps_per_epoch"])
-    if int(run_b.meta["steps_per_epoch"]) != spe:
+    spe = run_a.meta.steps_per_epoch
+    if spe is None or run_b.meta.steps_per_epoch != spe:
         raise ValueError(f"siblings {run_a.path.name} and {run_b.path.name} differ in steps per epoch")
     fork = fork_a.step if fork_a.step is not None else int(fork_a.epoch) * spe  # type: ignore[arg-type]
     return run_a, run_b, fork, spe
@@ -184,7 +231,7 @@ def common_steps(run_a: Run, run_b: Run, fork: int, every: int = 1, spe: int = 1
     if every < 1:
         raise ValueError(f"every must be a positive number of child epochs, got {every}")
     steps = sorted(s for s in set(run_a.checkpoint_steps()) & set(run_b.checkpoint_steps()) if s >= fork)
-    final = min(int(run_a.meta["total_steps"]), int(run_b.meta["total_steps"]))
+    final = min(int(run_a.meta.total_steps or 0), int(run_b.meta.total_steps or 0))
     if not steps or steps[0] != fork or steps[-1] != final:
         raise ValueError(f"siblings {run_a.path.name}, {run_b.path.name} need common checkpoints at the fork "
                          f"(step {fork}) and at the end (step {final}); they share {steps}")
@@ -250,11 +297,11 @@ def _geometry(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) 
     base = run_a.load_state(fork)
     if distance(base, run_b.load_state(fork), keys) != 0.0:
         raise ValueError(f"siblings {run_a.path.name} and {run_b.path.name} differ at the fork step {fork}")
-    final = difference(run_a.load_state(steps[-1]), run_b.load_state(steps[-1]), keys)
+    final = direction(run_b.load_state(steps[-1]), run_a.load_state(steps[-1]), keys, torch.float64)  # θ_1* − θ_2*
     out: dict[str, list[float]] = {"distance": [], "plane_cos": [], "angle_origin": [], "angle_fork": []}
     for step in tqdm(steps, desc="geometry", unit="ckpt", disable=not ctx.options.get("progress", True), leave=False):
         theta_1, theta_2 = run_a.load_state(step), run_b.load_state(step)
-        d = difference(theta_1, theta_2, keys)
+        d = direction(theta_2, theta_1, keys, torch.float64)  # θ_1 − θ_2
         out["distance"].append(norm(d))
         out["plane_cos"].append(cosine(d, final))
         out["angle_origin"].append(sibling_angle(theta_1, theta_2, keys=keys))
@@ -271,8 +318,8 @@ def _prediction(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]
     lambdas = default_lambdas(config["points"])
     pred = barrier_prediction(model, theta_1, theta_2, data, alphas=lambdas, batch_size=config.get("batch_size", 100))
     measured = barrier_curve(lambdas, loss_curve(model, theta_1, theta_2, data, lambdas)["loss"])
-    out = {"lambdas": lambdas, "predicted": pred["curve"].tolist(), "predicted_max": pred["max"],
-           "q1": pred["q1"], "q2": pred["q2"], "measured": measured.tolist(), "measured_max": float(measured.max()),
+    out = {"lambdas": lambdas, "predicted": pred.curve.tolist(), "predicted_max": pred.max,
+           "q1": pred.q1, "q2": pred.q2, "measured": measured.tolist(), "measured_max": float(measured.max()),
            "distance": distance(theta_1, theta_2, parameter_names(model)), "n_examples": len(data)}
     if has_batchnorm(model):
         reset = barrier_curve(lambdas, loss_curve(model, theta_1, theta_2, data, lambdas, bn="reset",
@@ -301,14 +348,14 @@ def _layerwise(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any])
                                   gradient_terms=config.get("gradient_terms", False),
                                   batch_size=config.get("batch_size", 100))
         ends = endpoint_losses(model, theta_1, theta_2, data)
-        rows["measured"].append([float(singh_set_barrier(model, theta_1, theta_2, data, half, t, ends)[1])
+        rows["measured"].append([float(layer_set_barrier(model, theta_1, theta_2, data, half, t, ends)[1])
                                  for t in blocks.values()])
-        rows["predicted"].append([predict_at(pred["layers"][name], 0.5) for name in blocks])
+        rows["predicted"].append([pred.layers[name].at(0.5) for name in blocks])
         rows["layer_distance"].append([distance(theta_1, theta_2, t) for t in blocks.values()])
-        rows["measured_all"].append(float(singh_set_barrier(model, theta_1, theta_2, data, half, params,
+        rows["measured_all"].append(float(layer_set_barrier(model, theta_1, theta_2, data, half, params,
                                                             ends)[1]))
-        rows["cross_blocks_theta_1"].append(pred["cross_blocks"]["theta_1"].tolist())
-        rows["cross_blocks_theta_2"].append(pred["cross_blocks"]["theta_2"].tolist())
+        rows["cross_blocks_theta_1"].append(pred.cross_blocks.theta_1.tolist())
+        rows["cross_blocks_theta_2"].append(pred.cross_blocks.theta_2.tolist())
     return {"fork_step": fork, "steps_per_epoch": spe, "steps": steps, "layers": list(blocks),
             "gradient_terms": bool(config.get("gradient_terms", False)), "n_examples": len(data), **rows}
 
@@ -320,7 +367,7 @@ def _nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def tidy_tables(preset: ExperimentPreset, graph: dict[str, dict[int, list[dict[str, Step]]]],
+def tidy_tables(preset: SinghOptions, graph: dict[str, dict[int, list[SiblingSteps]]],
                 results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Tidy rows by table: segments, geometry, angles, predictions, prediction_curves, layerwise,
     cross_block_sums, cross_blocks; undefined values (e.g. angles at the fork) are NaN."""
@@ -331,7 +378,7 @@ def tidy_tables(preset: ExperimentPreset, graph: dict[str, dict[int, list[dict[s
         for epoch, pairs in graph[s.name].items():
             for pair, steps in enumerate(pairs):
                 base = {"setting": s.name, "fork_epoch": epoch, "pair": pair}
-                seg = results[steps["segments"].key]
+                seg = results[steps.segments.key]
                 for step, loss, error in zip(seg["steps"], seg["loss"], seg["error"]):
                     t = child_epoch(step, seg["fork_step"], seg["steps_per_epoch"])
                     for metric, values in (("loss", loss), ("error", error)):
@@ -341,7 +388,7 @@ def tidy_tables(preset: ExperimentPreset, graph: dict[str, dict[int, list[dict[s
                         tables["segments"] += [{**base, "child_epoch": t, "step": step, "metric": metric,
                                                 "lambda": lam, "value": v, "barrier": b, "bn": seg["bn"]}
                                                for lam, v, b in zip(seg["lambdas"], vals, curve)]
-                geo = results[steps["geometry"].key]
+                geo = results[steps.geometry.key]
                 for i, step in enumerate(geo["steps"]):
                     tables["geometry"].append({**base, "child_epoch": child_epoch(step, geo["fork_step"],
                                                                                   geo["steps_per_epoch"]),
@@ -349,7 +396,7 @@ def tidy_tables(preset: ExperimentPreset, graph: dict[str, dict[int, list[dict[s
                                                    "distance", "plane_cos", "angle_origin", "angle_fork")}})
                 tables["angles"] += [{**base, "base": name, "angle_degrees": _nan(geo[f"angle_{name}"][-1])}
                                      for name in ("origin", "fork")]
-                pred = results[steps["prediction"].key]
+                pred = results[steps.prediction.key]
                 tables["predictions"].append({**base, **{k: _nan(pred.get(k)) for k in (
                     "measured_max", "predicted_max", "measured_bn_reset_max", "distance", "q1", "q2")}})
                 for i, alpha in enumerate(pred["lambdas"]):
@@ -358,8 +405,8 @@ def tidy_tables(preset: ExperimentPreset, graph: dict[str, dict[int, list[dict[s
                     if "measured_bn_reset" in pred:
                         row["measured_bn_reset"] = _nan(pred["measured_bn_reset"][i])
                     tables["prediction_curves"].append(row)
-                if "layerwise" in steps:
-                    _layerwise_rows(tables, base, results[steps["layerwise"].key])
+                if steps.layerwise is not None:
+                    _layerwise_rows(tables, base, results[steps.layerwise.key])
     return tables
 
 

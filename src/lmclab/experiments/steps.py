@@ -14,6 +14,15 @@ from typing import Any
 import torch
 
 from lmclab.config import RunConfig
+from lmclab.curvature.derivatives import loss_derivatives
+from lmclab.curvature.taylor import (
+    centred_at,
+    interpolated_logits,
+    logit_rmse,
+    path_approximations,
+    path_coefficients,
+    path_direction,
+)
 from lmclab.data import DeviceDataset
 from lmclab.experiments.graph import Step, StepContext, step_kind
 from lmclab.experiments.lmc import align_runs, load_alignment
@@ -65,7 +74,7 @@ def _train(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> 
                 RunOptions(runs_dir=o.get("runs_dir"), data_dir=o.get("data_dir"), device=o.get("device", "auto"),
                            progress=o.get("progress", True), preset=config.get("preset"), eval_every=0,
                            checkpoints=CheckpointSchedule.parse(config.get("checkpoints") or "")))
-    return {"run": str(run.path), "final_metrics": run.meta["final_metrics"]}
+    return {"run": str(run.path), "final_metrics": run.meta.final_metrics}
 
 
 @step_kind("align", self_caching=True)
@@ -107,13 +116,9 @@ def _path(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> d
 @step_kind("loss_derivatives")
 def _loss_derivatives(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """f^(k)(0), k = 0…order, of f(t) = L(θ_A + t d) (center "a") or L(θ_B − t d) (center "b"), d = θ_B − θ_A."""
-    from lmclab.curvature.derivatives import loss_derivatives
-    from lmclab.curvature.functional import parameter_direction
-
     run_a, model, theta_a, theta_b = endpoints(ctx, inputs)
     data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
-    d = parameter_direction(theta_a, theta_b, model)
-    center, direction = (theta_a, d) if config["center"] == "a" else (theta_b, {k: -v for k, v in d.items()})
+    center, direction = centred_at(config["center"], theta_a, theta_b, path_direction(model, theta_a, theta_b))
     result = loss_derivatives(model, center, direction, data, order=config["order"],
                               method=config.get("method", "auto"), batch_size=config.get("batch_size", 50))
     return {"coefficients": result.coefficients.tolist(), "n_examples": result.n_examples, "method": result.method}
@@ -124,24 +129,16 @@ def _logits(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) ->
     """Benkő Figs 7–8: true logits z(θ_λ) of every input along the path, their Taylor approximations
     (orders 1…order, centred at A and at B), the RMSE of the argmax-z(θ_A) component per λ, and the
     trajectories of one input's three largest components next to the direct interpolation."""
-    from lmclab.curvature.derivatives import logit_derivatives
-    from lmclab.curvature.functional import parameter_direction
-    from lmclab.curvature.taylor import interpolated_logits, logit_rmse, taylor_polynomial
-
     run_a, model, theta_a, theta_b = endpoints(ctx, inputs)
     data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
     lambdas = default_lambdas(config["points"])
     lam = torch.tensor(lambdas, dtype=torch.float64)
-    d = parameter_direction(theta_a, theta_b, model)
     order = config["order"]
-    coeff_a = logit_derivatives(model, theta_a, d, data, order=order).double()
-    coeff_b = logit_derivatives(model, theta_b, {k: -v for k, v in d.items()}, data, order=order).double()
+    coeff_a, coeff_b = path_coefficients(model, theta_a, theta_b, data, order=order, kind="logits")
     true = interpolated_logits(model, theta_a, theta_b, data, lambdas).double()  # (L, N, C)
     z_a = true[0]
-    approx = {}
-    for k in range(1, order + 1):
-        approx[f"a{k}"] = taylor_polynomial(coeff_a, lam, k).permute(2, 0, 1)  # (L, N, C)
-        approx[f"b{k}"] = taylor_polynomial(coeff_b, 1 - lam, k).permute(2, 0, 1)
+    approx = {f"{center}{k}": values.permute(2, 0, 1)  # (L, N, C)
+              for (center, k), values in path_approximations(coeff_a, coeff_b, lambdas, range(1, order + 1)).items()}
     direct = (1 - lam)[:, None, None] * true[0] + lam[:, None, None] * true[-1]
     rmse = {name: logit_rmse(true, a, z_a).tolist() for name, a in approx.items()}
     rmse["direct"] = logit_rmse(true, direct, z_a).tolist()

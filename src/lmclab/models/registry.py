@@ -1,8 +1,13 @@
-"""Build models of the zoo by name, with validated keyword options."""
+"""The model zoo's registry: one entry per model (builder, default options, description); build by name.
+
+A model registers itself with :func:`register_model` on its builder ``build(input_shape, num_classes,
+options) -> nn.Module`` (options resolved: the defaults updated by the caller's, validated).
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -12,23 +17,45 @@ from .norms import check_norm
 from .resnet import resnet18, resnet20
 from .vgg import VGG, VGG_CONFIGS
 
-__all__ = ["MODEL_NAMES", "model_defaults", "build_model", "count_parameters"]
+__all__ = ["MODELS", "MODEL_NAMES", "ModelEntry", "build_model", "count_parameters", "model_defaults",
+           "register_model"]
 
-#: Names accepted by :func:`build_model`.
-MODEL_NAMES: tuple[str, ...] = ("mlp", "resnet20", "vgg11", "vgg16", "resnet18")
+#: build(input_shape (C, H, W), num_classes, resolved options) -> the model.
+Builder = Callable[[tuple[int, int, int], int, dict[str, Any]], nn.Module]
+B = TypeVar("B", bound=Builder)
 
-_DEFAULTS: dict[str, dict[str, object]] = {
-    "mlp": {"hidden": (512, 512, 512), "width": 1},
-    "resnet20": {"width": 1, "norm": "layernorm"},
-    "vgg11": {"width": 1, "norm": "layernorm"},
-    "vgg16": {"width": 1, "norm": "layernorm"},
-    "resnet18": {"width": 1, "norm": "batchnorm"},
-}
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model of the zoo: its builder, its full default options and a one-line description."""
+
+    name: str
+    build: Builder
+    defaults: Mapping[str, object]
+    description: str
+
+
+#: The zoo by name, in registration order.
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, defaults: Mapping[str, object], description: str) -> Callable[[B], B]:
+    """Decorator: register `build` as model `name` with these default options (``width`` at least)."""
+
+    def register(build: B) -> B:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        if "width" not in defaults:
+            raise ValueError(f"model {name!r} must take a width option")
+        MODELS[name] = ModelEntry(name, build, dict(defaults), description)
+        return build
+
+    return register
 
 
 def _check_name(name: object) -> str:
-    if not isinstance(name, str) or name not in MODEL_NAMES:
-        raise ModelError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    if not isinstance(name, str) or name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
     return name
 
 
@@ -64,11 +91,11 @@ def _check_hidden(hidden: object) -> tuple[int, ...]:
 
 def model_defaults(name: str) -> dict[str, object]:
     """The full default keyword options of model ``name`` (a fresh dict)."""
-    return dict(_DEFAULTS[_check_name(name)])
+    return dict(MODELS[_check_name(name)].defaults)
 
 
 def _resolve_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    defaults = _DEFAULTS[name]
+    defaults = MODELS[name].defaults
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise ModelError(
@@ -84,12 +111,16 @@ def _resolve_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+@register_model("mlp", {"hidden": (512, 512, 512), "width": 1},
+                "multilayer perceptron: hidden sizes × width, ReLU (Git Re-Basin's MNIST model)")
 def _build_mlp(shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]) -> nn.Module:
     c, h, w = shape
     hidden = tuple(size * opts["width"] for size in opts["hidden"])
     return MLP(c * h * w, hidden, num_classes)
 
 
+@register_model("resnet20", {"width": 1, "norm": "layernorm"},
+                "CIFAR-style ResNet-20 (Git Re-Basin), any width, LayerNorm / BatchNorm / no norm")
 def _build_resnet20(
     shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]
 ) -> nn.Module:
@@ -98,17 +129,9 @@ def _build_resnet20(
     )
 
 
-def _build_resnet18(
-    shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]
-) -> nn.Module:
-    return resnet18(
-        in_channels=shape[0], num_classes=num_classes, width=opts["width"], norm=opts["norm"]
-    )
-
-
 def _vgg_builder(
     cfg_name: str,
-) -> Callable[[tuple[int, int, int], int, dict[str, Any]], nn.Module]:
+) -> Builder:
     def build(shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]) -> nn.Module:
         return VGG(
             VGG_CONFIGS[cfg_name],
@@ -121,13 +144,17 @@ def _vgg_builder(
     return build
 
 
-_BUILDERS: dict[str, Callable[[tuple[int, int, int], int, dict[str, Any]], nn.Module]] = {
-    "mlp": _build_mlp,
-    "resnet20": _build_resnet20,
-    "vgg11": _vgg_builder("vgg11"),
-    "vgg16": _vgg_builder("vgg16"),
-    "resnet18": _build_resnet18,
-}
+register_model("vgg11", {"width": 1, "norm": "layernorm"}, "VGG-11, any width and norm")(_vgg_builder("vgg11"))
+register_model("vgg16", {"width": 1, "norm": "layernorm"}, "VGG-16, any width and norm")(_vgg_builder("vgg16"))
+
+
+@register_model("resnet18", {"width": 1, "norm": "batchnorm"}, "CIFAR-style ResNet-18, any width and norm")
+def _build_resnet18(
+    shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]
+) -> nn.Module:
+    return resnet18(
+        in_channels=shape[0], num_classes=num_classes, width=opts["width"], norm=opts["norm"]
+    )
 
 
 def build_model(
@@ -144,7 +171,7 @@ def build_model(
     shape = _check_input_shape(input_shape)
     classes = _positive_int(num_classes, "num_classes")
     opts = _resolve_options(name, options)
-    return _BUILDERS[name](shape, classes, opts)
+    return MODELS[name].build(shape, classes, opts)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -152,3 +179,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+#: The built-in models' names (a snapshot taken at import; :data:`MODELS` is the live registry).
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)

@@ -1,16 +1,29 @@
-"""Loss and accuracy along a straight path, with the chosen handling of normalisation statistics."""
+"""Loss and accuracy along a straight path, with the chosen handling of normalisation statistics, and
+Singh's measured barrier of a set of layers.
+
+Layer-set barrier (Singh et al., Prop. 2's left-hand side, eq. 18/21's measured counterpart): with only
+the tensors of a set P interpolated,
+
+    B_P(α) = (1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2],
+
+θ_{2→1} = θ_1 with P's tensors at (1−α)θ_1 + αθ_2, θ_{1→2} = θ_2 with the same (``lerp(..., only=P,
+base="a")`` and ``base="b"``); B_P(0) = B_P(1) = 0. All P is the whole-model barrier curve. Evaluated in
+eval mode with the (interpolated) stored statistics, as the Hessian predictions assume.
+"""
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from lmclab.data import DeviceDataset
-from lmclab.paths.interpolate import default_lambdas, lerp
+from lmclab.paths.interpolate import default_lambdas
 from lmclab.paths.normalization import endpoint_stats, has_batchnorm, repair, repair_points, reset_bn_stats
+from lmclab.points import PointLike, lerp
 from lmclab.training.evaluate import evaluate
 
 BN_MODES = ("none", "reset", "repair")
@@ -29,8 +42,8 @@ def default_bn_mode(model: torch.nn.Module) -> str:
 @torch.no_grad()
 def evaluate_path(
     model: torch.nn.Module,
-    theta_a: Mapping[str, torch.Tensor],
-    theta_b: Mapping[str, torch.Tensor],
+    theta_a: PointLike,
+    theta_b: PointLike,
     datasets: Mapping[str, DeviceDataset],
     *,
     lambdas: Sequence[float] | None = None,
@@ -75,3 +88,39 @@ def evaluate_path(
             for metric, value in (("loss", m["loss"]), ("accuracy", m["accuracy"]), ("error", 1.0 - m["accuracy"])):
                 rows.append({"lambda": lam, "split": split, "metric": metric, "value": value})
     return rows
+
+
+def path_losses(model: torch.nn.Module, theta_a: PointLike, theta_b: PointLike, data: DeviceDataset,
+                lambdas: Sequence[float], *, only: Iterable[str] | None = None, base: str = "a") -> np.ndarray:
+    """L(θ_λ) on `data` at each λ (:func:`evaluate_path` with bn "none": eval mode, interpolated statistics)."""
+    rows = evaluate_path(model, theta_a, theta_b, {"x": data}, lambdas=lambdas, only=only, base=base, bn="none",
+                         progress=False)
+    return np.array(path_values(rows, "loss"))
+
+
+def endpoint_losses(model: torch.nn.Module, theta_1: PointLike, theta_2: PointLike,
+                    data: DeviceDataset) -> tuple[float, float]:
+    """(L(θ_1), L(θ_2)) with the same evaluation as the paths (eval mode, stored statistics)."""
+    ends = path_losses(model, theta_1, theta_2, data, [0.0, 1.0])
+    return float(ends[0]), float(ends[1])
+
+
+def layer_set_barrier(model: torch.nn.Module, theta_1: PointLike, theta_2: PointLike, data: DeviceDataset,
+                      lambdas: Sequence[float], tensors: Iterable[str],
+                      endpoints: tuple[float, float] | None = None) -> np.ndarray:
+    """B_P(α) = (1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2] at each α, P = `tensors` (see the
+    module docstring; 0 at α ∈ {0, 1}).
+
+    Only the interior α are evaluated; `endpoints` = (L_1, L_2) from :func:`endpoint_losses` saves
+    recomputing them for every layer set."""
+    lam = np.asarray(lambdas, dtype=np.float64)
+    loss_1, loss_2 = endpoints if endpoints is not None else endpoint_losses(model, theta_1, theta_2, data)
+    tensors = list(tensors)
+    out = np.zeros_like(lam)
+    interior = (lam > 0) & (lam < 1)
+    if interior.any():
+        a = lam[interior]
+        from_1 = path_losses(model, theta_1, theta_2, data, a.tolist(), only=tensors, base="a")
+        from_2 = path_losses(model, theta_1, theta_2, data, a.tolist(), only=tensors, base="b")
+        out[interior] = (1 - a) * from_1 + a * from_2 - ((1 - a) * loss_1 + a * loss_2)
+    return out

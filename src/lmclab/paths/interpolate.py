@@ -1,39 +1,16 @@
-"""Points on straight paths in parameter space, whole-model and layer-wise.
+"""Grids and layer sets for straight paths in parameter space, whole-model and layer-wise.
 
-θ_λ = (1−λ)θ_A + λθ_B for every floating-point tensor (parameters and BN statistics); integer
-buffers (BN's num_batches_tracked) are taken from θ_A. Layer-wise (Adilova et al.): only the
-tensors of chosen layers are interpolated, all others come from a base endpoint.
+The points themselves are :func:`lmclab.points.lerp`: θ_λ = (1−λ)θ_A + λθ_B for every floating-point
+tensor (parameters and BN statistics); integer buffers (BN's num_batches_tracked) are taken from θ_A.
+Layer-wise (Adilova et al.): only the tensors of chosen layers are interpolated (``only=``), all others
+come from a base endpoint (``base=``); :func:`layer_groups` names the layers.
 """
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
-
-from lmclab.permutation import Params
-
-
-def lerp(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor], lam: float,
-         only: Iterable[str] | None = None, base: str = "a") -> Params:
-    """(1−λ)θ_A + λθ_B on the tensors in `only` (default: all); the rest from θ_A (base "a") or θ_B ("b")."""
-    if theta_a.keys() != theta_b.keys():
-        raise KeyError(f"endpoints differ in tensors: {sorted(set(theta_a) ^ set(theta_b))}")
-    if base not in ("a", "b"):
-        raise ValueError(f"base must be 'a' or 'b', got {base!r}")
-    chosen = set(theta_a) if only is None else set(only)
-    unknown = chosen - set(theta_a)
-    if unknown:
-        raise KeyError(f"no such tensors to interpolate: {sorted(unknown)}")
-    out: Params = {}
-    for k, a in theta_a.items():
-        if not a.is_floating_point():
-            out[k] = a
-        elif k in chosen:
-            out[k] = torch.lerp(a, theta_b[k].to(a.device, a.dtype), lam)  # exact at λ = 0 and λ = 1
-        else:
-            out[k] = a if base == "a" else theta_b[k]
-    return out
 
 
 def layer_groups(model: torch.nn.Module) -> dict[str, list[str]]:

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lmclab.data import DeviceDataset
 from lmclab.models.norms import LayerNorm2d
-from lmclab.permutation import Params
+from lmclab.points import Point
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, LayerNorm2d)
 EPS = 1e-10  # only guards divisions by a dead channel's zero std
@@ -152,7 +152,7 @@ def channel_stats(model: nn.Module, points: list[str], dataset: DeviceDataset, b
 
 @torch.no_grad()
 def repair(model: nn.Module, stats_a: ChannelStats, stats_b: ChannelStats, lam: float, dataset: DeviceDataset,
-           batch_size: int = 500, max_examples: int | None = None) -> Params:
+           batch_size: int = 500, max_examples: int | None = None) -> Point:
     """REPAIR the parameters loaded in `model` (the point θ_λ) in place; returns the repaired state dict."""
     points = list(stats_a.mean)
     goal_mean = {p: (1 - lam) * stats_a.mean[p] + lam * stats_b.mean[p] for p in points}

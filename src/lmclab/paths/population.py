@@ -1,6 +1,7 @@
 """Evaluating a population of K aligned points θ_0 … θ_{K−1} (Ito et al.: LMC among many models).
 
-- **Merged model** θ̄ = (1/K) Σ_i θ_i (the points already permuted into one frame); BatchNorm models
+- **Merged model** θ̄ = (1/K) Σ_i θ_i (:func:`lmclab.points.mean` of the points already permuted into
+  one frame); BatchNorm models
   get their running statistics recomputed on training data (:func:`reset_bn_stats`) before the
   loss and accuracy are measured.
 - **All pairs**: for every i < j the straight path θ_i → θ_j (:func:`evaluate_path`) and its barriers
@@ -27,13 +28,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmclab.align.population import mean_point
 from lmclab.data import DeviceDataset
 from lmclab.paths.barriers import DEFINITIONS, barrier_report
 from lmclab.paths.curves import default_bn_mode, evaluate_path
 from lmclab.paths.interpolate import default_lambdas
 from lmclab.paths.normalization import reset_bn_stats
-from lmclab.permutation import Params
+from lmclab.points import Point, PointLike, mean
 from lmclab.training.evaluate import evaluate
 
 __all__ = [
@@ -58,9 +58,9 @@ def _bn_mode(model: torch.nn.Module, bn: str | None, bn_data: DeviceDataset | No
     return bn
 
 
-def merged_point(model: torch.nn.Module, points: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+def merged_point(model: torch.nn.Module, points: Sequence[PointLike] | PointLike,
                  *, bn: str | None = None, bn_data: DeviceDataset | None = None,
-                 bn_examples: int | None = None) -> Params:
+                 bn_examples: int | None = None) -> Point:
     """θ̄ = (1/K) Σ_i θ_i (a single mapping is taken as θ̄ itself), with BatchNorm running statistics
     recomputed on `bn_data` when `bn` is "reset" (default for BN models). `model` is only a template."""
     bn = _bn_mode(model, bn, bn_data)
@@ -69,7 +69,7 @@ def merged_point(model: torch.nn.Module, points: Sequence[Mapping[str, torch.Ten
     else:
         if len(points) == 0:
             raise ValueError("merging needs at least one point, got none")
-        merged = mean_point(list(points))
+        merged = mean(list(points))
     if bn == "none":
         return merged
     scratch = copy.deepcopy(model)
@@ -80,7 +80,7 @@ def merged_point(model: torch.nn.Module, points: Sequence[Mapping[str, torch.Ten
 
 @torch.no_grad()
 def merged_metrics(model: torch.nn.Module,
-                   points_or_merged: Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+                   points_or_merged: Sequence[PointLike] | PointLike,
                    datasets: Mapping[str, DeviceDataset], *, bn: str | None = None,
                    bn_data: DeviceDataset | None = None, bn_examples: int | None = None,
                    batch_size: int = 1000) -> dict[str, dict[str, float]]:
@@ -131,7 +131,7 @@ class PopulationBarriers:
                 "summary": self.summary()}
 
 
-def all_pairs_barriers(model: torch.nn.Module, aligned_points: Sequence[Mapping[str, torch.Tensor]],
+def all_pairs_barriers(model: torch.nn.Module, aligned_points: Sequence[PointLike],
                        datasets: Mapping[str, DeviceDataset], *, lambdas: Sequence[float] | None = None,
                        bn: str | None = None, bn_data: DeviceDataset | None = None, bn_examples: int | None = None,
                        to_merged: bool = True, metrics: Sequence[str] = ("loss", "error"), batch_size: int = 1000,
@@ -146,8 +146,8 @@ def all_pairs_barriers(model: torch.nn.Module, aligned_points: Sequence[Mapping[
         raise ValueError(f"barriers among a population need at least 2 points, got {k}")
     bn = _bn_mode(model, bn, bn_data)
     lambdas = list(lambdas) if lambdas is not None else default_lambdas()
-    merged = mean_point(list(aligned_points)) if to_merged else None
-    paths: list[tuple[dict[str, Any], Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]] = [
+    merged = mean(list(aligned_points)) if to_merged else None
+    paths: list[tuple[dict[str, Any], PointLike, PointLike]] = [
         ({"i": i, "j": j}, aligned_points[i], aligned_points[j]) for i in range(k) for j in range(i + 1, k)]
     if merged is not None:
         paths += [({"i": i, "j": "merged"}, aligned_points[i], merged) for i in range(k)]

@@ -3,20 +3,17 @@ from lmclab.permutation.activations import capture_activations
 from lmclab.permutation.derive import PermTracer, derive_spec, example_input_for, spec_for, trace_model
 from lmclab.permutation.spec import (
     AxisRef,
-    Params,
     PermGroup,
     Permutation,
     PermutationSpec,
     SpecError,
     expand_block,
-    parameter_distance,
     permute_axis,
 )
 from lmclab.permutation.verify import check_invariance, verify_permutation
 
 __all__ = [
-    "AxisRef", "Params", "PermGroup", "Permutation", "PermutationSpec", "SpecError", "expand_block",
-    "parameter_distance", "permute_axis",
+    "AxisRef", "PermGroup", "Permutation", "PermutationSpec", "SpecError", "expand_block", "permute_axis",
     "PermTracer", "capture_activations", "check_invariance", "derive_spec", "example_input_for", "spec_for",
     "trace_model", "verify_permutation",
 ]

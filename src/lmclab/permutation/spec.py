@@ -15,16 +15,16 @@ entries [offset, offset + size·block) of that axis and only that slice is permu
 """
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-Params = dict[str, torch.Tensor]
+from lmclab.points import Point, PointLike
+from lmclab.store import CheckpointError, load_checkpoint, save_checkpoint
 
 
 class SpecError(ValueError):
@@ -88,7 +88,7 @@ class PermutationSpec:
                 out.setdefault(ax.tensor, []).append((g.name, ax))
         return out
 
-    def check(self, params: Mapping[str, torch.Tensor]) -> None:
+    def check(self, params: PointLike) -> None:
         """Every axis exists; a lone ref at offset 0 has axis size == group size × block, refs that share
         an axis or sit at an offset lie inside it; no entry of an axis is claimed twice."""
         problems: list[str] = []
@@ -203,7 +203,7 @@ class Permutation:
             raise SpecError(f"cannot compose permutations over different groups: {sorted(self.perms)} vs {sorted(first.perms)}")
         return Permutation({k: first.perms[k][p] for k, p in self.perms.items()})
 
-    def apply(self, params: Mapping[str, torch.Tensor], spec: PermutationSpec) -> Params:
+    def apply(self, params: PointLike, spec: PermutationSpec) -> Point:
         """π(θ): every tensor of `params` with each of its spec axes permuted; others copied by reference."""
         missing = [g.name for g in spec.groups if g.name not in self.perms]
         if missing:
@@ -220,25 +220,14 @@ class Permutation:
 
     def save(self, path: str | os.PathLike, spec: PermutationSpec | None = None, **meta: Any) -> Path:
         """safetensors: one int64 tensor per group; the spec and `meta` as JSON in the header."""
-        from lmclab.store import save_checkpoint
-
         header = {"kind": "permutation", "meta": meta, "spec": spec.to_dict() if spec is not None else None}
         return save_checkpoint(path, {f"perm.{k}": v for k, v in self.perms.items()}, header)
 
     @staticmethod
     def load(path: str | os.PathLike) -> tuple["Permutation", PermutationSpec | None, dict[str, Any]]:
-        from lmclab.store import CheckpointError, load_checkpoint
-
         tensors, header = load_checkpoint(path)
         if header.get("kind") != "permutation":
             raise CheckpointError(f"{path} is not a permutation file (kind: {header.get('kind')!r})")
         spec = PermutationSpec.from_dict(header["spec"]) if header.get("spec") else None
         perm = Permutation({k[len("perm."):]: v for k, v in tensors.items() if k.startswith("perm.")})
         return perm, spec, header.get("meta", {})
-
-
-def parameter_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                       names: Iterable[str] | None = None) -> float:
-    """‖a − b‖₂ over the given tensors (default: all floating-point tensors present in both)."""
-    keys = list(names) if names is not None else [k for k in a if k in b and a[k].is_floating_point()]
-    return float(torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)))

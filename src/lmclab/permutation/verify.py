@@ -8,7 +8,7 @@ must agree as well; dropout modules are switched off there (their masks are rand
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from lmclab.permutation.derive import ExampleInput, example_input_for
 from lmclab.permutation.spec import Permutation, PermutationSpec, SpecError
+from lmclab.points import PointLike
 
 __all__ = ["check_invariance", "verify_permutation"]
 
@@ -29,7 +30,7 @@ def _as_inputs(model: nn.Module, example_input: ExampleInput | None, dtype: torc
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
 
-def _run(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: tuple[torch.Tensor, ...], mode: str) -> list[torch.Tensor]:
+def _run(model: nn.Module, state: PointLike, inputs: tuple[torch.Tensor, ...], mode: str) -> list[torch.Tensor]:
     model.train(mode == "train")
     if mode == "train":
         for m in model.modules():
@@ -41,7 +42,7 @@ def _run(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: tuple[torc
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _differences(model: nn.Module, permuted: Mapping[str, torch.Tensor] | Permutation, spec: PermutationSpec | None,
+def _differences(model: nn.Module, permuted: PointLike | Permutation, spec: PermutationSpec | None,
                  example_input: ExampleInput | None, modes: Sequence[str], dtype: torch.dtype,
                  atol: float, rtol: float) -> dict[str, tuple[float, bool]]:
     """mode -> (max |f(π(θ)) − f(θ)|, whether every output is within atol + rtol·|f(θ)|)."""
@@ -81,7 +82,7 @@ def check_invariance(model: nn.Module, spec: PermutationSpec, perm: Permutation,
     return {mode: d for mode, (d, _) in diffs.items()}
 
 
-def verify_permutation(model: nn.Module, params_or_perm: Mapping[str, torch.Tensor] | Permutation,
+def verify_permutation(model: nn.Module, params_or_perm: PointLike | Permutation,
                        spec: PermutationSpec | None, *, example_input: ExampleInput | None = None,
                        atol: float = 1e-5, rtol: float = 1e-4, modes: Sequence[str] = _MODES,
                        dtype: torch.dtype = torch.float64) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
 
-from lmclab.report.figures import save_figure
+from lmclab.report import figures
+from lmclab.report.figures import SavedFigure
 
 ORDER_STYLE = {1: ":", 2: "--", 3: "-.", 4: (0, (5, 1, 1, 1, 1, 1))}
 CENTER_COLOURS = {"a": ("#1f77b4", "#6baed6", "#08306b", "#9ecae1"), "b": ("#d95f02", "#fdae6b", "#7f2704", "#fdd0a2")}
@@ -37,7 +37,7 @@ def _faded_halves(ax: plt.Axes, lam: np.ndarray, y: np.ndarray, center: str, **s
     ax.plot(lam[~near | (lam == 0.5)], y[~near | (lam == 0.5)], alpha=0.3, **style)
 
 
-def plot_loss_approximations(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
+def plot_loss_approximations(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> SavedFigure:
     """Rows of one setting: {pair, path, split, lambda, curve (true|taylor), center, order, value}."""
     rows = list(rows)
     splits = list(dict.fromkeys(r["split"] for r in rows))
@@ -66,7 +66,7 @@ def plot_loss_approximations(path: str | os.PathLike, rows: Iterable[Mapping[str
             ax.set(xlabel="λ", ylabel=f"{split} loss", title=f"{PATH_TITLES[name]} ({split})")
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper right")
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)
 
 
 def _path_panels(rows: list[Mapping[str, Any]]) -> tuple[list[str], Any, Any]:
@@ -76,7 +76,7 @@ def _path_panels(rows: list[Mapping[str, Any]]) -> tuple[list[str], Any, Any]:
     return paths, fig, axes
 
 
-def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
+def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> SavedFigure:
     """Fig. 7: rows {path, input, label, class, curve (true|direct|a1|a2|b1|b2…), lambda, value}."""
     rows = list(rows)
     paths, fig, axes = _path_panels(rows)
@@ -107,10 +107,10 @@ def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
                Line2D([], [], color="k", ls=":", marker="o", ms=2.5, label="linear, centred at B"),
                Line2D([], [], color="k", ls="--", marker="o", ms=2.5, label="quadratic, centred at B")]
     axes[0][-1].legend(handles=handles, fontsize=7)
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)
 
 
-def plot_logit_rmse(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
+def plot_logit_rmse(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> SavedFigure:
     """Fig. 8: rows {pair, path, approximation, lambda, rmse}; mean ± SD over pairs."""
     rows = list(rows)
     paths, fig, axes = _path_panels(rows)
@@ -131,4 +131,4 @@ def plot_logit_rmse(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], 
         ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)

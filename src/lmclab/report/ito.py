@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -15,7 +14,8 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from lmclab.paths.population import barrier_matrix
-from lmclab.report.figures import save_figure
+from lmclab.report import figures
+from lmclab.report.figures import SavedFigure
 
 METHOD_STYLE: dict[str, dict[str, Any]] = {
     "naive": {"color": "#d62728", "label": "naive (no permutation)"},
@@ -60,7 +60,7 @@ def _title(ax: plt.Axes, text: str, missing: int) -> None:
 
 
 def plot_merged_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "",
-                     metrics: Sequence[str] = ("loss", "accuracy")) -> Path:
+                     metrics: Sequence[str] = ("loss", "accuracy")) -> SavedFigure:
     """Rows {method, k, model (merged|member), member, split, metric, value}: one panel per metric × split;
     the merged model per method, and the members' mean (grey, band = min … max over the first K)."""
     rows = list(rows)
@@ -96,11 +96,11 @@ def plot_merged_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
             ax.set_ylabel(f"{split} {METRIC_LABEL.get(metric, metric)}")
             _title(ax, f"merged model: {split} {metric}", missing)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)
 
 
 def plot_barriers_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "",
-                       definition: str = "barrier", metrics: Sequence[str] = ("loss", "error")) -> Path:
+                       definition: str = "barrier", metrics: Sequence[str] = ("loss", "error")) -> SavedFigure:
     """Summary rows {method, k, split, metric, definition, max, mean, std, n, n_missing}: per metric × split,
     mean ± SD (solid, error bars) and max (dashed) over pairs (or models) vs K, one colour per method."""
     rows = [r for r in rows if r["definition"] == definition]
@@ -131,10 +131,10 @@ def plot_barriers_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
     handles += [Line2D([], [], color="black", marker="o", label="mean ± SD"),
                 Line2D([], [], color="black", ls="--", marker="^", label="max")]
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)
 
 
-def plot_trace_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
+def plot_trace_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> SavedFigure:
     """Rows {method, k, kind (trace|scale_aware_trace), estimate, ci_low, ci_high, confidence}: estimate vs K
     with its confidence interval as error bars; log scale when all values are positive and span > 30×."""
     rows = list(rows)
@@ -163,11 +163,11 @@ def plot_trace_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], 
         ax.set_ylabel(labels[kind])
         _title(ax, f"{labels[kind]} ({_num(conf):.0%} CI)", missing)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)
 
 
 def plot_heatmaps(path: str | os.PathLike, pair_rows: Iterable[Mapping[str, Any]], k: int, split: str = "test",
-                  metric: str = "loss", definition: str = "barrier", title: str = "") -> Path:
+                  metric: str = "loss", definition: str = "barrier", title: str = "") -> SavedFigure:
     """Pair rows {method, i, j, split, metric, <definition>} of one K: the K × K matrix per method, one
     shared colour scale, values written in the cells; missing values grey and marked n/a."""
     pair_rows = list(pair_rows)
@@ -194,4 +194,4 @@ def plot_heatmaps(path: str | os.PathLike, pair_rows: Iterable[Mapping[str, Any]
         ax.set(xlabel="model j", ylabel="model i", title=_style(method, 0)["label"])
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=f"{split} {metric} {definition}")
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)

@@ -4,19 +4,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lmclab.report.figures import save_figure
+from lmclab.report import figures
+from lmclab.report.figures import SavedFigure
 
 SPLIT_STYLE = {"train": "-", "test": "--"}
 
 
 def plot_paths(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metrics: Sequence[str] = ("loss", "accuracy"),
-               title: str = "", endpoint_labels: tuple[str, str] = ("Model A", "Model B")) -> Path:
+               title: str = "", endpoint_labels: tuple[str, str] = ("Model A", "Model B")) -> SavedFigure:
     """One panel per metric; one colour per path (e.g. naive, permuted), train solid / test dashed;
     mean ± std over pairs when rows carry several `pair` values. Non-finite values are left out of the
     lines and counted in the panel's title, never drawn as numbers."""
@@ -52,4 +52,4 @@ def plot_paths(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metri
         ax.set_title(metric + (f" ({dropped} non-finite values omitted)" if dropped else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)

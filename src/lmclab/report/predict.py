@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -11,12 +10,13 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.ticker import MaxNLocator
 
-from lmclab.report.figures import save_figure
+from lmclab.report import figures
+from lmclab.report.figures import SavedFigure
 
 
 def plot_predictions(path: str | os.PathLike, curve: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]],
                      cumulative: Sequence[Mapping[str, Any]], names: Sequence[str], matrix: np.ndarray,
-                     title: str = "") -> Path:
+                     title: str = "") -> SavedFigure:
     fig, axes = plt.subplots(2, 2, figsize=(13, 10), constrained_layout=True)
     ax = axes[0][0]
     alpha = [r["alpha"] for r in curve]
@@ -58,4 +58,4 @@ def plot_predictions(path: str | os.PathLike, curve: Sequence[Mapping[str, Any]]
     ax.set_yticks(ticks, names, fontsize=size)
     ax.set_title("cross-blocks B*(ℓ,ℓ') = ⅛ d[ℓ]ᵀ∇²L(θ₁)[ℓ,ℓ']d[ℓ'] (eq. 20)")
     fig.colorbar(image, ax=ax, shrink=0.8)
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -18,7 +17,8 @@ import numpy as np
 from matplotlib import cm
 from matplotlib.colors import Normalize, TwoSlopeNorm
 
-from lmclab.report.figures import save_figure
+from lmclab.report import figures
+from lmclab.report.figures import SavedFigure
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -56,7 +56,7 @@ def _finish(ax: plt.Axes, has_data: bool, **legend: Any) -> None:
 
 
 def plot_segments(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metric: str = "error",
-                  title: str = "") -> Path:
+                  title: str = "") -> SavedFigure:
     """Figs 1 / 10 (and 8–9, 11–12 for other settings): one 3-D panel per fork epoch with the curve of
     `metric` along the segment θ_1^t → θ_2^t laid out at its child epoch t (top), and its barrier
     version with the endpoints' values subtracted (bottom). Rows: {fork_epoch, pair, child_epoch, metric,
@@ -84,11 +84,11 @@ def plot_segments(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], me
             ax.set_title(f"forked at epoch {epoch}" if j == 0 else f"barrier curves, fork {epoch}", fontsize=10)
             if not sel:
                 _no_data(ax)
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)
 
 
 def plot_geometry(path: str | os.PathLike, angles: Iterable[Mapping[str, Any]], geometry: Iterable[Mapping[str, Any]],
-                  title: str = "") -> Path:
+                  title: str = "") -> SavedFigure:
     """Fig. 2 / 13: the angle between the final siblings with base = origin (a) and base = fork point (b)
     per fork epoch; (c) solution-plane determination cos(θ_1^t − θ_2^t, θ_1* − θ_2*) over child epochs."""
     angles, geometry = list(angles), list(geometry)
@@ -115,12 +115,12 @@ def plot_geometry(path: str | os.PathLike, angles: Iterable[Mapping[str, Any]], 
     ax.set(xlabel="child epoch t", ylabel="cos(θ₁ᵗ − θ₂ᵗ, θ₁* − θ₂*)", title="solution-plane determination",
            ylim=(min(0.0, ax.get_ylim()[0]), 1.02))
     _finish(ax, bool(geometry))
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)
 
 
 def plot_barrier_predictions(path: str | os.PathLike, predictions: Iterable[Mapping[str, Any]],
                              curves: Iterable[Mapping[str, Any]], geometry: Iterable[Mapping[str, Any]],
-                             title: str = "") -> Path:
+                             title: str = "") -> SavedFigure:
     """Fig. 4 / 14: (a) Prop. 1's predicted barrier max_α B(α) against the measured one for the final
     siblings of each fork; (b) the whole curves; (c) the sibling distance ‖θ_1^t − θ_2^t‖ over child epochs."""
     predictions, curves, geometry = list(predictions), list(curves), list(geometry)
@@ -161,7 +161,7 @@ def plot_barrier_predictions(path: str | os.PathLike, predictions: Iterable[Mapp
         ax.plot(t, d, "-", color=f"C{i}", label=f"fork {epoch}")
     ax.set(xlabel="child epoch t", ylabel="‖θ₁ᵗ − θ₂ᵗ‖", title="sibling distance")
     _finish(ax, bool(geometry))
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)
 
 
 def _heat_map(fig: plt.Figure, ax: plt.Axes, rows: Rows, key: str, title: str, cmap: str = "viridis") -> None:
@@ -188,7 +188,7 @@ def _heat_map(fig: plt.Figure, ax: plt.Axes, rows: Rows, key: str, title: str, c
 
 
 def plot_layerwise(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], sums: Iterable[Mapping[str, Any]],
-                   title: str = "") -> Path:
+                   title: str = "") -> SavedFigure:
     """Figs 5, 15–20: heat maps (layer × child epoch) of Singh's measured layer barrier B_ℓ(½) (Adilova's
     one-layer interpolation), Prop. 2's prediction at α = ½ and the layer distance ‖d[ℓ]‖; and eq. 20's
     cross-block sums next to the measured barriers over child epochs."""
@@ -208,10 +208,10 @@ def plot_layerwise(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], s
     ax.set(xlabel="child epoch t", ylabel="barrier at α = ½ (loss)",
            title="cross-block sums (eq. 20) and measured barriers")
     _finish(ax, bool(sums), ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)
 
 
-def plot_toy_landscapes(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> Path:
+def plot_toy_landscapes(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> SavedFigure:
     """Fig. 6: each toy landscape L(θ) = Π(θ − m_i)² with its minima, and on the segment between each pair
     of adjacent minima Prop. 1's prediction (dashed) next to the exact barrier curve (= L there)."""
     rows = list(rows)
@@ -241,4 +241,4 @@ def plot_toy_landscapes(path: str | os.PathLike, rows: Iterable[Mapping[str, Any
         ax.set(xlabel="θ", ylabel="L(θ)", title=f"{name}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper center")
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)

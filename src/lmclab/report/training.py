@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
-from lmclab.report.figures import save_figure
+from lmclab.report import figures
+from lmclab.report.figures import SavedFigure
 
 
-def plot_histories(path: str | os.PathLike, histories: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> Path:
+def plot_histories(path: str | os.PathLike, histories: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> SavedFigure:
     """Loss and accuracy per epoch (train: solid, test: dashed), one colour per run."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for i, (label, history) in enumerate(histories.items()):
@@ -29,4 +29,4 @@ def plot_histories(path: str | os.PathLike, histories: Mapping[str, Sequence[Map
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return save_figure(fig, path, title)
+    return figures.save_figure(fig, path, title)

@@ -2,6 +2,7 @@
 
   config.json                    normalised RunConfig (its hash is the directory name)
   meta.json                      status, library versions, git commit, device, history, final metrics
+                                 (read and written as a `RunMeta`, lmclab.store.meta)
   checkpoints/step_<N>.safetensors   scheduled checkpoints and the final state (full training state)
   resume.safetensors             latest epoch-end state of an unfinished run
 
@@ -19,9 +20,11 @@ from typing import Any
 
 import torch
 
+from lmclab import __version__
 from lmclab.config import RunConfig
 from lmclab.store.atomic import atomic_write_json
 from lmclab.store.checkpoint import MODEL_PREFIX, CheckpointError, load_checkpoint, split_prefix
+from lmclab.store.meta import DataInfo, RunMeta
 
 RUNS_ENV = "LMCLAB_RUNS_DIR"
 
@@ -49,16 +52,34 @@ class Run:
         return RunConfig.from_dict(json.loads((self.path / "config.json").read_text()))
 
     @property
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> RunMeta:
+        """meta.json, read now (an empty RunMeta while the file does not exist)."""
         p = self.path / "meta.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return RunMeta.from_json(json.loads(p.read_text()) if p.is_file() else {})
 
-    def update_meta(self, **fields: Any) -> None:
-        atomic_write_json(self.path / "meta.json", {**self.meta, **fields})
+    def update_meta(self, **fields: Any) -> RunMeta:
+        """Set `fields` in meta.json (every other key is kept as it is); returns the new metadata."""
+        meta = self.meta.updated(**fields)
+        atomic_write_json(self.path / "meta.json", meta.to_json())
+        return meta
+
+    @property
+    def data_info(self) -> DataInfo:
+        """The training data the run saw (meta.json's data_info); CheckpointError before training started."""
+        info = self.meta.data_info
+        if info is None:
+            raise CheckpointError(f"run {self.path} has not started training (no data_info in meta.json)")
+        return info
+
+    @property
+    def parent(self) -> Run | None:
+        """A forked child's parent run (stored beside the child); None for a run trained from its initialisation."""
+        fork = self.meta.fork
+        return None if fork is None else Run(self.path.parent / fork.parent_run)
 
     @property
     def complete(self) -> bool:
-        return self.meta.get("status") == "complete" and self.final_checkpoint() is not None
+        return self.meta.status == "complete" and self.final_checkpoint() is not None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -77,7 +98,7 @@ class Run:
         return sorted(int(p.stem.split("_")[1]) for p in self.checkpoint_dir.glob("step_*.safetensors"))
 
     def final_checkpoint(self) -> Path | None:
-        step = self.meta.get("total_steps")
+        step = self.meta.total_steps
         if step is None:
             return None
         path = self.checkpoint_path(int(step))
@@ -88,7 +109,7 @@ class Run:
         if step is None:
             path = self.final_checkpoint()
             if path is None:
-                raise CheckpointError(f"run {self.path} has no final checkpoint (status: {self.meta.get('status', 'unknown')})")
+                raise CheckpointError(f"run {self.path} has no final checkpoint (status: {self.meta.status or 'unknown'})")
         else:
             path = self.checkpoint_path(step)
             if not path.is_file():
@@ -106,12 +127,12 @@ class Run:
             "width": cfg.model.width,
             "norm": cfg.model.norm,
             "seeds": [cfg.seeds.seed_init, cfg.seeds.seed_data, cfg.seeds.seed_augment],
-            "preset": meta.get("preset"),
-            "status": meta.get("status"),
-            "epochs_done": len(meta.get("history", [])),
-            "final": meta.get("final_metrics"),
-            "fork": ({"parent": meta["fork"].get("parent_run"), "epoch": meta["fork"].get("epoch"),
-                      "step": meta["fork"].get("step")} if meta.get("fork") else None),
+            "preset": meta.preset,
+            "status": meta.status,
+            "epochs_done": len(meta.history),
+            "final": meta.final_metrics,
+            "fork": ({"parent": meta.fork.parent_run, "epoch": meta.fork.epoch, "step": meta.fork.step}
+                     if meta.fork else None),
         }
 
 
@@ -123,7 +144,11 @@ class RunStore:
         self.kind = kind
 
     def path_for(self, config: RunConfig) -> Path:
-        return self.root / f"{self.kind}_{config.run_hash()}"
+        return self.run(config.run_hash()).path
+
+    def run(self, run_hash: str) -> Run:
+        """The handle of the run with hash `run_hash` (`<root>/<kind>_<hash>`), stored or not."""
+        return Run(self.root / f"{self.kind}_{run_hash}")
 
     def open(self, config: RunConfig, **meta: Any) -> Run:
         """The run for `config`, created (config.json + meta.json) if new."""
@@ -131,7 +156,8 @@ class RunStore:
         if not (run.path / "config.json").is_file():
             atomic_write_json(run.path / "config.json", config.normalised().to_dict())
         if not (run.path / "meta.json").is_file():
-            atomic_write_json(run.path / "meta.json", {"status": "created", "hash": config.run_hash(), **meta})
+            created = RunMeta.from_json({"status": "created", "hash": config.run_hash(), **meta})
+            atomic_write_json(run.path / "meta.json", created.to_json())
         return run
 
     def find(self, config: RunConfig) -> Run | None:
@@ -160,8 +186,6 @@ def environment_record() -> dict[str, Any]:
     """Library versions and git commit, saved with every run."""
     import numpy
     import safetensors
-
-    from lmclab import __version__
 
     record: dict[str, Any] = {
         "lmclab": __version__,

@@ -7,6 +7,9 @@ step). Children differ from each other (and from the parent) only in their data-
 optionally, their augmentation seed. A child is an ordinary run: its config carries a `fork`
 section (parent hash + fork point), so it is cached in the run store and resumed like any run.
 
+This module holds the rules (the child's config, its parent, its start state, its first checkpoint);
+`lmclab.training.trainer` trains parents and children (`train`, `fork`).
+
 Generator rule at the fork, per stream (data order, augmentation):
   child seed == parent seed → the parent's generator state (and the current epoch's order), so the
                               child reproduces the parent's remaining trajectory exactly;
@@ -17,17 +20,11 @@ Generator rule at the fork, per stream (data order, augmentation):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from lmclab.config import ForkConfig, RunConfig, derive_seed
-from lmclab.store import Run, RunNotFound, RunStore, runs_root
-from lmclab.training.schedules import CheckpointSchedule
-
-if TYPE_CHECKING:
-    from lmclab.training.trainer import RunOptions
+from lmclab.store import ForkRecord, Run, RunNotFound, RunStore, load_checkpoint, save_checkpoint
 
 
 def child_config(parent: RunConfig, *, epoch: int | None = None, step: int | None = None, child: int,
@@ -58,7 +55,8 @@ def child_config(parent: RunConfig, *, epoch: int | None = None, step: int | Non
 
 def parent_run(store: RunStore, child: RunConfig) -> Run:
     """The handle of the child's parent in `store` (`<root>/train_<parent hash>`), stored or not."""
-    return Run(store.root / f"{store.kind}_{child.fork.parent}")
+    assert child.fork.parent is not None
+    return store.run(child.fork.parent)
 
 
 def find_parent(store: RunStore, child: RunConfig) -> Run:
@@ -68,7 +66,7 @@ def find_parent(store: RunStore, child: RunConfig) -> Run:
         raise RunNotFound(
             f"parent run {child.fork.parent} of the fork (epoch={child.fork.epoch}, step={child.fork.step}) is not in "
             f"{store.root.resolve()} (no {parent.path.name}/config.json); train the parent there first, or fork "
-            "with `lmclab fork` / lmclab.training.forks.fork, which trains it")
+            "with `lmclab fork` / lmclab.training.fork, which trains it")
     return parent
 
 
@@ -105,32 +103,47 @@ def child_start_state(tensors: dict[str, torch.Tensor], parent: RunConfig, child
     return out
 
 
-def fork(parent: RunConfig | Run, at_epochs: Sequence[int], children: int, options: RunOptions, *,
-         vary_augment: bool = False, child_checkpoints: CheckpointSchedule | None = None) -> dict[int, list[Run]]:
-    """Train `parent` (if needed) with checkpoints at `at_epochs`, then `children` children forked at each.
+def fork_step(config: RunConfig, steps_per_epoch: int, total_steps: int) -> int | None:
+    """The parent step a forked child starts from (epoch·steps_per_epoch, or the step); None if not a fork."""
+    fork = config.fork
+    if not fork.is_set:
+        return None
+    step = fork.step if fork.step is not None else fork.epoch * steps_per_epoch  # type: ignore[operator]
+    if step >= total_steps:
+        raise ValueError(f"fork point epoch={fork.epoch}, step={fork.step} is step {step}, not before the end of "
+                         f"training (step {total_steps} = {total_steps / steps_per_epoch:g} epochs of "
+                         f"{steps_per_epoch} steps); fork at a step in [0, {total_steps})")
+    return step
 
-    A stored `Run` as parent keeps its children in its own store. Children are cached like any run, so a
-    repeated call trains nothing. `child_checkpoints`: the children's kept checkpoints (default every
-    epoch, plus the fork step). Epoch 0 gives independent-data siblings from a shared initialisation.
-    """
-    from lmclab.training.trainer import train
 
-    epochs = sorted(set(at_epochs))
-    if not epochs or any(not isinstance(e, int) or e < 0 for e in epochs):
-        raise ValueError(f"fork epochs must be a non-empty list of integers >= 0; got {list(at_epochs)}")
-    if not isinstance(children, int) or children < 1:
-        raise ValueError(f"children per fork must be an integer >= 1; got {children!r}")
-    preset = options.preset
-    if isinstance(parent, Run):
-        if runs_root(options.runs_dir).resolve() != parent.path.parent.resolve():
-            options = dataclasses.replace(options, runs_dir=str(parent.path.parent))
-        preset = preset or parent.meta.get("preset")
-        parent = parent.config
-    parent = parent.normalised()
-    schedule = dataclasses.replace(options.checkpoints,
-                                   epochs=tuple(sorted(set(options.checkpoints.epochs) | set(epochs))))
-    train(parent, dataclasses.replace(options, checkpoints=schedule, preset=preset))
-    child_options = dataclasses.replace(options, checkpoints=child_checkpoints or CheckpointSchedule(), preset=preset)
-    return {e: [train(child_config(parent, epoch=e, child=i, vary_augment=vary_augment), child_options)
-                for i in range(children)]
-            for e in epochs}
+def fork_record(store: RunStore, child: RunConfig, step: int, steps_per_epoch: int) -> ForkRecord:
+    """What the child's meta.json keeps about its start: the parent (hash, directory, path) and the fork point."""
+    parent_hash, parent_path = child.fork.parent, parent_run(store, child).path
+    assert parent_hash is not None  # (a fork config names its parent: ForkConfig.validate)
+    return ForkRecord(parent=parent_hash, parent_run=parent_path.name, parent_path=str(parent_path),
+                      step=step, epoch=step / steps_per_epoch)
+
+
+def usable_parent(store: RunStore, child: RunConfig, step: int, steps_per_epoch: int, total_steps: int) -> Run:
+    """The stored parent of `child`, checked to be one it can start from at `step` (RunNotFound, ValueError)."""
+    parent = find_parent(store, child)
+    check_parent(parent.config, child)
+    parent_fork = fork_step(parent.config, steps_per_epoch, total_steps)
+    if parent_fork is not None and step < parent_fork:
+        raise ValueError(f"cannot fork {parent.path.name} at step {step}: it is itself a child forked at step "
+                         f"{parent_fork} and holds no state before that; fork its parent {parent.config.fork.parent}")
+    return parent
+
+
+def start_child(store: RunStore, child: RunConfig, parent: Run, record: ForkRecord, *, steps_per_epoch: int,
+                device: torch.device, preset: str | None) -> Run:
+    """Write the child's first checkpoint: the parent's full state at the fork step (which the parent must
+    hold) with the child's generators (`child_start_state`), and its history up to the fork."""
+    tensors, header = load_checkpoint(parent.checkpoint_path(record.step))
+    tensors = child_start_state(tensors, parent.config, child, fork_step=record.step,
+                                steps_per_epoch=steps_per_epoch, device=device)
+    run = store.open(child, preset=preset)
+    run.update_meta(history=parent.meta.history_until(record.step), fork=record)
+    save_checkpoint(run.checkpoint_path(record.step), tensors,
+                    {**header, "run": run.path.name, "fork": record.to_json()})
+    return run
