@@ -26,12 +26,14 @@ one pass over `--mlp-train` MNIST training examples so the point is not a random
 ×1 (LayerNorm) on CIFAR-10 test (`--resnet-examples`, random init unless `--resnet-train-steps`).
 Not a test: no thresholds; prints the measured numbers and ratios of this one run.
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,8 +48,12 @@ from lmclab.points import inner
 from lmclab.training import train_step
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # ../shared/data beside the checkout
-CANDIDATES = [("double_backward", False), ("double_backward", True), ("forward_over_reverse", True),
-              ("forward_over_reverse", False)]
+CANDIDATES = [
+    ("double_backward", False),
+    ("double_backward", True),
+    ("forward_over_reverse", True),
+    ("forward_over_reverse", False),
+]
 
 
 def sync(device: torch.device) -> None:
@@ -63,8 +69,15 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
     return time.perf_counter() - t, out
 
 
-def pyhessian_probe(model: nn.Module, params: list[nn.Parameter], names: list[str], v: dict[str, torch.Tensor],
-                    data: DeviceDataset, batch_size: int, max_examples: int) -> float:
+def pyhessian_probe(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    names: list[str],
+    v: dict[str, torch.Tensor],
+    data: DeviceDataset,
+    batch_size: int,
+    max_examples: int,
+) -> float:
     """vᵀ H v, PyHessian's way: per batch build the graph, double backward, accumulate H_b v · |b|, ÷ N."""
     thv = [torch.zeros_like(p) for p in params]
     n = 0
@@ -81,8 +94,14 @@ def pyhessian_probe(model: nn.Module, params: list[nn.Parameter], names: list[st
     return inner({k: h / n for k, h in zip(names, thv)}, v)
 
 
-def calibrate(model: nn.Module, data: DeviceDataset, block: int, batch_size: int, device: torch.device,
-              candidates: list[tuple[str, bool]]) -> list[tuple[str, bool, float]]:
+def calibrate(
+    model: nn.Module,
+    data: DeviceDataset,
+    block: int,
+    batch_size: int,
+    device: torch.device,
+    candidates: list[tuple[str, bool]],
+) -> list[tuple[str, bool, float]]:
     """Seconds per HVP for each (method, vectorize) with `block` vectors over 2 batches (after a warm-up)."""
     sub = [next(data.batches(batch_size)) for _ in range(2)]
     out = []
@@ -91,7 +110,7 @@ def calibrate(model: nn.Module, data: DeviceDataset, block: int, batch_size: int
         gen = torch.Generator().manual_seed(123)
         vs = [_probe(op.params, gen, "rademacher") for _ in range(block)]
         HessianOperator(model, None, [(sub[0][0][:4], sub[0][1][:4])], method=method, vectorize=vec).matmat(vs[:2])
-        dt, _ = timed(lambda: op.matmat(vs), device)
+        dt, _ = timed(partial(op.matmat, vs), device)
         out.append((method, vec, dt / block))
     return out
 
@@ -110,25 +129,34 @@ def hvp_ratio(model: nn.Module, data: DeviceDataset, device: torch.device, repea
         return torch.autograd.grad(loss, leaves)
 
     times: dict[str, list[float]] = {"gradient": [], "double_backward": [], "forward_over_reverse": []}
-    for m, op in ops.items():  # warm-up
+    for op in ops.values():  # warm-up
         op.matvec(v)
     grad()
     for _ in range(repeat):
         times["gradient"].append(timed(grad, device)[0])
         for m, op in ops.items():
-            times[m].append(timed(lambda: op.matvec(v), device)[0])
+            times[m].append(timed(partial(op.matvec, v), device)[0])
     return {k: statistics.median(t) for k, t in times.items()}
 
 
-def lockstep(model: nn.Module, data: DeviceDataset, args: argparse.Namespace, target: float, examples: int,
-             method: str, vectorize: bool, device: torch.device) -> dict[str, dict]:
+def lockstep(
+    model: nn.Module,
+    data: DeviceDataset,
+    args: argparse.Namespace,
+    target: float,
+    examples: int,
+    method: str,
+    vectorize: bool,
+    device: torch.device,
+) -> dict[str, dict]:
     """lmclab's `hutchinson_trace` (block per pass) and PyHessian's way on the same probes, same rule.
 
     PyHessian's way runs inside lmclab's matmat on the very probes lmclab just used (its time is taken
     out of lmclab's), then goes on along the same seeded sequence if it needs more probes.
     """
-    op = HessianOperator(model, None, data, batch_size=args.batch_size, max_examples=examples, method=method,
-                         vectorize=vectorize)
+    op = HessianOperator(
+        model, None, data, batch_size=args.batch_size, max_examples=examples, method=method, vectorize=vectorize
+    )
     ref = model.eval()
     names = [n for n, _ in ref.named_parameters()]
     params = [p for _, p in ref.named_parameters()]
@@ -151,9 +179,19 @@ def lockstep(model: nn.Module, data: DeviceDataset, args: argparse.Namespace, ta
         return out
 
     before = py["time"]
-    dt, est = timed(lambda: hutchinson_trace(None, op.params, matmat=matmat, block=args.block, probes=args.min_probes,
-                                             target_ci_width=target, max_probes=args.max_probes, seed=args.seed),
-                    device)
+    dt, est = timed(
+        lambda: hutchinson_trace(
+            None,
+            op.params,
+            matmat=matmat,
+            block=args.block,
+            probes=args.min_probes,
+            target_ci_width=target,
+            max_probes=args.max_probes,
+            seed=args.seed,
+        ),
+        device,
+    )
     lm = {"samples": est.samples, "time": dt - (py["time"] - before), "passes": op.passes}
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(est.n_probes):  # the probes lmclab drew, then PyHessian's way continues the sequence
@@ -202,8 +240,12 @@ def main() -> None:
     ap.add_argument("--sketch", type=int, default=10, help="Hutch++ sketch columns (0: skip Hutch++)")
     ap.add_argument("--repeat", type=int, default=5, help="repeats of the batch-50 HVP timing")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (1 avoids OpenMP stalls when other jobs share the cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 avoids OpenMP stalls when other jobs share the cores)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,58 +255,87 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         if name == "mlp":
-            data = DeviceDataset.load("mnist", "test", data_dir=args.data_dir, device=device,
-                                      subset=args.mlp_examples, progress=False)
+            data = DeviceDataset.load(
+                "mnist", "test", data_dir=args.data_dir, device=device, subset=args.mlp_examples, progress=False
+            )
             model = build_model("mlp", input_shape=(1, 28, 28), num_classes=10).to(device)
             if args.mlp_train:
                 train_mlp(model, device, args.mlp_train, args.data_dir)
             examples, target, point = args.mlp_examples, args.mlp_target, f"after 1 Adam pass over {args.mlp_train}"
         else:
-            data = DeviceDataset.load("cifar10", "test", data_dir=args.data_dir, device=device,
-                                      subset=args.resnet_examples, progress=False)
+            data = DeviceDataset.load(
+                "cifar10", "test", data_dir=args.data_dir, device=device, subset=args.resnet_examples, progress=False
+            )
             model = build_model("resnet20", input_shape=(3, 32, 32), num_classes=10, width=1).to(device)
             if args.resnet_train_steps:
                 train_resnet(model, device, args.resnet_train_steps, args.data_dir)
             examples, target = args.resnet_examples, args.resnet_target
             point = f"after {args.resnet_train_steps} SGD steps" if args.resnet_train_steps else "random init"
         model.eval()
-        print(f"\n== {name}: {count_parameters(model):,} parameters, {examples} examples, batch {args.batch_size}, "
-              f"{point}")
+        print(
+            f"\n== {name}: {count_parameters(model):,} parameters, {examples} examples, batch {args.batch_size}, "
+            f"{point}"
+        )
 
         r = hvp_ratio(model, data, device, args.repeat)
-        print(f"batch 50, one vector (median of {args.repeat}): gradient {r['gradient'] * 1e3:.1f} ms, "
-              f"double backward {r['double_backward'] * 1e3:.1f} ms "
-              f"({r['double_backward'] / r['gradient']:.2f}× grad), "
-              f"forward-over-reverse {r['forward_over_reverse'] * 1e3:.1f} ms "
-              f"({r['forward_over_reverse'] / r['gradient']:.2f}× grad); "
-              f"double-backward / forward-over-reverse = {r['double_backward'] / r['forward_over_reverse']:.2f}")
+        print(
+            f"batch 50, one vector (median of {args.repeat}): gradient {r['gradient'] * 1e3:.1f} ms, "
+            f"double backward {r['double_backward'] * 1e3:.1f} ms "
+            f"({r['double_backward'] / r['gradient']:.2f}× grad), "
+            f"forward-over-reverse {r['forward_over_reverse'] * 1e3:.1f} ms "
+            f"({r['forward_over_reverse'] / r['gradient']:.2f}× grad); "
+            f"double-backward / forward-over-reverse = {r['double_backward'] / r['forward_over_reverse']:.2f}"
+        )
 
         cal = calibrate(model, data, args.block, args.batch_size, device, CANDIDATES)
         for method, vec, t in cal:
-            print(f"calibration ({args.block} vectors, 2 batches): {method:21s} vectorize={vec!s:5s} "
-                  f"{t * 1e3:8.1f} ms per HVP per 2 batches")
+            print(
+                f"calibration ({args.block} vectors, 2 batches): {method:21s} vectorize={vec!s:5s} "
+                f"{t * 1e3:8.1f} ms per HVP per 2 batches"
+            )
         method, vec, _ = min(cal, key=lambda c: c[2])
         print(f"chosen: {method}, vectorize={vec}")
 
         res = lockstep(model, data, args, target, examples, method, vec, device)
         for k, v in res.items():
             n = len(v["samples"])
-            print(f"{k:9s}: {n:4d} probes in {v['passes']:4d} data passes, {v['time']:8.2f} s "
-                  f"({v['time'] / n:.3f} s/probe), "
-                  f"trace {v['mean']:.6g} ± {v['half']:.3g} (relative half-width {v['half'] / abs(v['mean']):.3f})")
+            print(
+                f"{k:9s}: {n:4d} probes in {v['passes']:4d} data passes, {v['time']:8.2f} s "
+                f"({v['time'] / n:.3f} s/probe), "
+                f"trace {v['mean']:.6g} ± {v['half']:.3g} (relative half-width {v['half'] / abs(v['mean']):.3f})"
+            )
         lm, ph = res["lmclab"], res["pyhessian"]
-        print(f"time to relative half-width ≤ {target}: PyHessian's way / lmclab = {ph['time'] / lm['time']:.2f}× "
-              f"(per probe {ph['time'] / len(ph['samples']) / (lm['time'] / len(lm['samples'])):.2f}×)")
+        print(
+            f"time to relative half-width ≤ {target}: PyHessian's way / lmclab = {ph['time'] / lm['time']:.2f}× "
+            f"(per probe {ph['time'] / len(ph['samples']) / (lm['time'] / len(lm['samples'])):.2f}×)"
+        )
 
         if args.sketch:
-            dt, est = timed(lambda: hessian_trace(
-                model, None, data, method="hutchpp", sketch=args.sketch, probes=2 * args.sketch + args.min_probes,
-                target_ci_width=target, max_probes=args.max_probes, probes_per_pass=args.block,
-                batch_size=args.batch_size, max_examples=examples, hvp_method=method, vectorize=vec,
-                seed=args.seed), device)
-            print(f"lmclab Hutch++ (sketch {args.sketch}, adaptive remainder): {est.n_matvecs} HVPs, {dt:.2f} s, "
-                  f"trace {est.estimate:.6g} ± {est.half_width:.3g} (relative {est.relative_half_width:.3f}); "
-                  f"PyHessian's way / Hutch++ = {ph['time'] / dt:.2f}×")
+            dt, est = timed(
+                partial(
+                    hessian_trace,
+                    model,
+                    None,
+                    data,
+                    method="hutchpp",
+                    sketch=args.sketch,
+                    probes=2 * args.sketch + args.min_probes,
+                    target_ci_width=target,
+                    max_probes=args.max_probes,
+                    probes_per_pass=args.block,
+                    batch_size=args.batch_size,
+                    max_examples=examples,
+                    hvp_method=method,
+                    vectorize=vec,
+                    seed=args.seed,
+                ),
+                device,
+            )
+            print(
+                f"lmclab Hutch++ (sketch {args.sketch}, adaptive remainder): {est.n_matvecs} HVPs, {dt:.2f} s, "
+                f"trace {est.estimate:.6g} ± {est.half_width:.3g} (relative {est.relative_half_width:.3f}); "
+                f"PyHessian's way / Hutch++ = {ph['time'] / dt:.2f}×"
+            )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ absolute numbers are inflated; the ratios are what this measures.
     python bench/landscape_over_training.py [--data-dir ../shared/data] [--preset mlp|resnet20]
         [--points 5,13,25,49] [--every 1,2,4] [--repeats 2] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,27 @@ from lmclab.training import CheckpointSchedule, RunOptions, fork, train
 
 SETUPS = {
     # the smoke preset's MLP: 10,000 Fashion-MNIST images, SGD, 8 epochs, forked at epoch 2 (6 child epochs)
-    "mlp": (RunConfig(DataConfig("fashion_mnist", train_subset=10_000), ModelConfig("mlp", hidden=(128, 128)),
-                      TrainConfig(optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=64, epochs=8), SeedConfig()),
-            2, 2000),
+    "mlp": (
+        RunConfig(
+            DataConfig("fashion_mnist", train_subset=10_000),
+            ModelConfig("mlp", hidden=(128, 128)),
+            TrainConfig(optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=64, epochs=8),
+            SeedConfig(),
+        ),
+        2,
+        2000,
+    ),
     # ResNet-20 ×1 + BN on 2,000 CIFAR-10 images, 6 epochs, forked at epoch 2 (BN reset at every point)
-    "resnet20": (RunConfig(DataConfig("cifar10", train_subset=2000), ModelConfig("resnet20", width=1, norm="batchnorm"),
-                           TrainConfig(optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=128, epochs=6),
-                           SeedConfig()), 2, 500),
+    "resnet20": (
+        RunConfig(
+            DataConfig("cifar10", train_subset=2000),
+            ModelConfig("resnet20", width=1, norm="batchnorm"),
+            TrainConfig(optimizer="sgd", lr=0.1, weight_decay=1e-4, batch_size=128, epochs=6),
+            SeedConfig(),
+        ),
+        2,
+        500,
+    ),
 }
 
 
@@ -56,8 +71,12 @@ def main() -> None:
     parser.add_argument("--points", default="5,13,25,49", help="N values (comma-separated)")
     parser.add_argument("--every", default="1,2,4", help="child-epoch strides (fewer checkpoints)")
     parser.add_argument("--repeats", type=int, default=2, help="timings are the minimum over this many runs")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads for training and analysis alike (1: steadier on a shared CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for training and analysis alike (1: steadier on a shared CPU)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     parent, epoch, examples = SETUPS[args.preset]
@@ -71,9 +90,12 @@ def main() -> None:
     _, _, fork_step, spe = sibling_runs(inputs)
     ctx = StepContext(Path(runs_dir) / "bench", {"data_dir": args.data_dir, "device": "cpu", "progress": False})
     child_epochs = (int(run_a.meta["total_steps"]) - fork_step) // spe
-    print(f"{args.preset} ({args.threads} thread(s)): {run_a.meta['parameters']:,} parameters, forked at epoch "
-          f"{epoch}, {child_epochs} child epochs, {examples} evaluation examples; training both children took "
-          f"{t_children:.1f} s", flush=True)
+    print(
+        f"{args.preset} ({args.threads} thread(s)): {run_a.meta['parameters']:,} parameters, forked at epoch "
+        f"{epoch}, {child_epochs} child epochs, {examples} evaluation examples; training both children took "
+        f"{t_children:.1f} s",
+        flush=True,
+    )
 
     def segments(points: int, every: int) -> float:
         config = {"points": points, "examples": examples, "every": every, "bn": "reset", "bn_examples": None}
@@ -85,12 +107,16 @@ def main() -> None:
         for points in (int(n) for n in args.points.split(",")):
             ckpts = len(common_steps(run_a, run_b, fork_step, every, spe))
             seconds = segments(points, every)
-            print(f"{f'segments, every {every}':<28}{ckpts:>12}{points:>5}{seconds:>10.2f}{seconds / t_children:>12.3f}"
-                  f"{1000 * seconds / (ckpts * points):>14.1f}", flush=True)
+            print(
+                f"{f'segments, every {every}':<28}{ckpts:>12}{points:>5}{seconds:>10.2f}{seconds / t_children:>12.3f}"
+                f"{1000 * seconds / (ckpts * points):>14.1f}",
+                flush=True,
+            )
     seconds = timed(lambda: STEP_KINDS["singh_geometry"](ctx, {}, inputs))[0]
     ckpts = len(common_steps(run_a, run_b, fork_step, 1, spe))
-    print(f"{'geometry (angles, planes)':<28}{ckpts:>12}{'':>5}{seconds:>10.2f}{seconds / t_children:>12.3f}",
-          flush=True)
+    print(
+        f"{'geometry (angles, planes)':<28}{ckpts:>12}{'':>5}{seconds:>10.2f}{seconds / t_children:>12.3f}", flush=True
+    )
     print(f"runs in {runs_dir}")
 
 

@@ -23,6 +23,7 @@ logits move but do not explode): MLP 784-512-512-512-10 on real MNIST test image
 
 Not a test: no thresholds; prints ratios measured in this one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
     return time.perf_counter() - t0, out
 
 
-def per_input_class_hvp(model: nn.Module, theta: dict[str, torch.Tensor], d: dict[str, torch.Tensor],
-                        x: torch.Tensor) -> torch.Tensor:
+def per_input_class_hvp(
+    model: nn.Module, theta: dict[str, torch.Tensor], d: dict[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
     """(N, C, 3) by the per-(input, class) procedure: ∇z_c·d, then dᵀ(∇²z_c d) by double backward."""
     fm = functional_model(model, theta)
     names = list(fm.params)
@@ -65,7 +67,7 @@ def per_input_class_hvp(model: nn.Module, theta: dict[str, torch.Tensor], d: dic
     dirs = [d[k].to(leaves[0].device) for k in names]
     rows = []
     for n in range(len(x)):
-        z = fm.logits(dict(zip(names, leaves)), x[n:n + 1])[0]
+        z = fm.logits(dict(zip(names, leaves)), x[n : n + 1])[0]
         per_class = []
         for c in range(z.numel()):
             g = torch.autograd.grad(z[c], leaves, create_graph=True, retain_graph=True, allow_unused=True)
@@ -81,13 +83,22 @@ def random_dataset(n: int, shape: tuple[int, int, int], classes: int, device: to
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, classes, (n,), generator=g)
-    info = DatasetInfo("random", classes, shape, (0.5,) * shape[0], (0.25,) * shape[0], False,
-                       tuple(str(i) for i in range(classes)), "test")
+    info = DatasetInfo(
+        "random",
+        classes,
+        shape,
+        (0.5,) * shape[0],
+        (0.25,) * shape[0],
+        False,
+        tuple(str(i) for i in range(classes)),
+        "test",
+    )
     return DeviceDataset(images.to(device), labels.to(device), info)
 
 
-def setup(name: str, device: torch.device, n_data: int, data_dir: Path = DATA
-          ) -> tuple[str, nn.Module, dict, dict, DeviceDataset]:
+def setup(
+    name: str, device: torch.device, n_data: int, data_dir: Path = DATA
+) -> tuple[str, nn.Module, dict, dict, DeviceDataset]:
     if name == "mlp":
         shape, kw, label = (1, 28, 28), {}, "MLP 784-512-512-512-10, MNIST test"
         try:
@@ -115,8 +126,10 @@ def bench_logits(name: str, args: argparse.Namespace, device: torch.device) -> N
     classes = data.info.num_classes
     x_pair = data.normalize(data.images[: args.pair_inputs])
     logit_derivatives(model, theta, d, data, order=2, max_examples=args.batch_size)  # warm-up
-    t_pass, coeffs = timed(lambda: logit_derivatives(model, theta, d, data, order=2, batch_size=args.batch_size,
-                                                     max_examples=pass_inputs), device)
+    t_pass, coeffs = timed(
+        lambda: logit_derivatives(model, theta, d, data, order=2, batch_size=args.batch_size, max_examples=pass_inputs),
+        device,
+    )
     with ieee_fp32(device):  # as logit_derivatives does: no TF32 on CUDA
         t_pair, ref = timed(lambda: per_input_class_hvp(model, theta, d, x_pair), device)
     common: torch.Tensor = coeffs[: args.pair_inputs]  # type: ignore[index]
@@ -125,12 +138,18 @@ def bench_logits(name: str, args: argparse.Namespace, device: torch.device) -> N
     full_pass = t_pass / pass_inputs * args.full
     full_pair = t_pair / (args.pair_inputs * classes) * args.full * classes
     print(f"\n[logits, orders 0-2] {label}")
-    print(f"  one nested-jvp pass : {t_pass:8.2f} s for {pass_inputs} inputs x {classes} classes "
-          f"-> {full_pass:10.1f} s for {args.full:,}")
-    print(f"  per-(input,class)   : {t_pair:8.2f} s for {args.pair_inputs} inputs x {classes} classes "
-          f"-> {full_pair:10.1f} s for {args.full:,} ({full_pair / 3600:.2f} h)")
-    print(f"  ratio per-(n,c) / one pass: {full_pair / full_pass:8.1f}x   "
-          f"agreement (max rel. diff, orders 0,1,2): {', '.join(f'{e:.1e}' for e in err)}")
+    print(
+        f"  one nested-jvp pass : {t_pass:8.2f} s for {pass_inputs} inputs x {classes} classes "
+        f"-> {full_pass:10.1f} s for {args.full:,}"
+    )
+    print(
+        f"  per-(input,class)   : {t_pair:8.2f} s for {args.pair_inputs} inputs x {classes} classes "
+        f"-> {full_pair:10.1f} s for {args.full:,} ({full_pair / 3600:.2f} h)"
+    )
+    print(
+        f"  ratio per-(n,c) / one pass: {full_pair / full_pass:8.1f}x   "
+        f"agreement (max rel. diff, orders 0,1,2): {', '.join(f'{e:.1e}' for e in err)}"
+    )
 
 
 def bench_loss(name: str, args: argparse.Namespace, device: torch.device) -> None:
@@ -140,24 +159,31 @@ def bench_loss(name: str, args: argparse.Namespace, device: torch.device) -> Non
     values = {}
     for i in range(args.repeat + 1):  # interleaved, so both see the same machine load; call 0 is a warm-up
         for method in runs:
-            t, r = timed(lambda m=method: loss_derivatives(model, theta, d, data, order=2, method=m,
-                                                           batch_size=args.batch_size, max_examples=n), device)
+            t, r = timed(
+                lambda m=method: loss_derivatives(
+                    model, theta, d, data, order=2, method=m, batch_size=args.batch_size, max_examples=n
+                ),
+                device,
+            )
             values[method] = r.coefficients  # type: ignore[union-attr]
             if i:
                 runs[method].append(t / args.loss_batches)
     times = {m: min(ts) for m, ts in runs.items()}
     agree = (values["jvp"] - values["hvp"]).abs().max().item()
-    print(f"[loss, order 2] {label}: per batch of {args.batch_size} (fastest of {args.repeat}): "
-          f"jvp {1e3 * times['jvp']:7.1f} ms, hvp {1e3 * times['hvp']:7.1f} ms "
-          f"(hvp/jvp = {times['hvp'] / times['jvp']:.2f}; max |coef diff| {agree:.1e})")
+    print(
+        f"[loss, order 2] {label}: per batch of {args.batch_size} (fastest of {args.repeat}): "
+        f"jvp {1e3 * times['jvp']:7.1f} ms, hvp {1e3 * times['hvp']:7.1f} ms "
+        f"(hvp/jvp = {times['hvp'] / times['jvp']:.2f}; max |coef diff| {agree:.1e})"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", type=Path, default=DATA, help="where MNIST lives (random images if absent)")
-    p.add_argument("--models", nargs="+", default=["mlp", "resnet20-layernorm"],
-                   help="mlp, resnet20-layernorm, resnet20-batchnorm")
+    p.add_argument(
+        "--models", nargs="+", default=["mlp", "resnet20-layernorm"], help="mlp, resnet20-layernorm, resnet20-batchnorm"
+    )
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--pair-inputs", type=int, default=20, help="inputs for the per-(input, class) procedure")
     p.add_argument("--pass-inputs", type=int, default=1000, help="inputs for the one-pass method (MLP)")

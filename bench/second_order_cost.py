@@ -7,6 +7,7 @@ depend on training).
 
     python bench/second_order_cost.py [--device cuda] [--data-dir ../shared/data]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,25 @@ def timed(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - start
 
 
-def case(name: str, dataset: str, model_name: str, options: dict, examples: int | None, device: torch.device,
-         data_dir: str | None, order: int) -> None:
+def case(
+    name: str,
+    dataset: str,
+    model_name: str,
+    options: dict,
+    examples: int | None,
+    device: torch.device,
+    data_dir: str | None,
+    order: int,
+) -> None:
     data = DeviceDataset.load(dataset, "test", data_dir=data_dir, device=device, subset=examples, progress=False)
     models = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        models.append(build_model(model_name, input_shape=data.info.input_shape, num_classes=data.info.num_classes,
-                                  **options).to(device).eval())
+        models.append(
+            build_model(model_name, input_shape=data.info.input_shape, num_classes=data.info.num_classes, **options)
+            .to(device)
+            .eval()
+        )
     theta_a, theta_b = models[0].state_dict(), models[1].state_dict()
     d = direction(theta_a, theta_b, parameter_names(models[0]))
     minus_d = {k: -v for k, v in d.items()}
@@ -52,8 +64,11 @@ def case(name: str, dataset: str, model_name: str, options: dict, examples: int 
     path()  # warm-up
     t_path = min(timed(path, device) for _ in range(2))
     t_deriv = min(timed(derivatives, device) for _ in range(2))
-    print(f"{name:<32} path(25 λ) {t_path:7.2f} s   order-{order} at both ends {t_deriv:7.2f} s   "
-          f"full analysis / path = {(t_path + t_deriv) / t_path:5.2f}x   ({len(data)} examples)", flush=True)
+    print(
+        f"{name:<32} path(25 λ) {t_path:7.2f} s   order-{order} at both ends {t_deriv:7.2f} s   "
+        f"full analysis / path = {(t_path + t_deriv) / t_path:5.2f}x   ({len(data)} examples)",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -63,11 +78,21 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=2)
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}"
+    )
     case("MLP 784-512³-10 / MNIST test", "mnist", "mlp", {}, None, device, args.data_dir, args.order)
-    case("ResNet-20 ×1 LN / CIFAR-10 test", "cifar10", "resnet20", {"width": 1}, 1000 if device.type == "cpu" else None,
-         device, args.data_dir, args.order)
+    case(
+        "ResNet-20 ×1 LN / CIFAR-10 test",
+        "cifar10",
+        "resnet20",
+        {"width": 1},
+        1000 if device.type == "cpu" else None,
+        device,
+        args.data_dir,
+        args.order,
+    )
 
 
 if __name__ == "__main__":

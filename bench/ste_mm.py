@@ -25,6 +25,7 @@ the matchings are real ones.
 Prints tables; not a test (no thresholds). The machine's load average is printed: other processes on
 a small shared machine change the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,15 +95,23 @@ def lap_timers() -> tuple[Timed, Timed]:
 
 
 def new_loop(model, members, spec) -> STELoop:
-    return STELoop(members[0], members[1:], spec, model, draw=mixing_draw(len(members)), lr=1e-3, seed=0,
-                   device=torch.device("cpu"))
+    return STELoop(
+        members[0],
+        members[1:],
+        spec,
+        model,
+        draw=mixing_draw(len(members)),
+        lr=1e-3,
+        seed=0,
+        device=torch.device("cpu"),
+    )
 
 
 def batch(data: DeviceDataset, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mini-batch b of a fixed seeded order (wrapping around after an epoch)."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     b %= math.ceil(len(data) / BATCH)
-    return data.batch(order[b * BATCH:(b + 1) * BATCH])
+    return data.batch(order[b * BATCH : (b + 1) * BATCH])
 
 
 def ste_mm_timing(model, members, spec, data, batches: int):
@@ -113,10 +122,10 @@ def ste_mm_timing(model, members, spec, data, batches: int):
         x, y = batch(data, b)
         m0, t0 = loop.match_seconds, time.perf_counter()
         loop.step(x, y)
-        if b > 0:                                       # batch 0: first (cold) matchings, not timed
+        if b > 0:  # batch 0: first (cold) matchings, not timed
             seconds += time.perf_counter() - t0
             match += loop.match_seconds - m0
-    sweeps = loop.sweeps[len(members) - 1:]
+    sweeps = loop.sweeps[len(members) - 1 :]
     return seconds / batches, match / seconds, float(np.mean(sweeps)), loop.solver_stats()
 
 
@@ -142,15 +151,21 @@ def replay(targets, member, spec, weights, cold_lap: Timed, warm_lap: Timed) -> 
         perms, sweeps = [], []
         t = time.process_time()
         for target in targets:
-            res = weight_matching(target, member, spec, weights=weights, warm=state,
-                                  init=last if variant == "init" else None)
+            res = weight_matching(
+                target, member, spec, weights=weights, warm=state, init=last if variant == "init" else None
+            )
             last = res.perm
             perms.append(res.perm)
             sweeps.append(res.sweeps)
         total = time.process_time() - t
-        out[variant] = {"seconds": total, "lap_seconds": (cold_lap.seconds - c0) + (warm_lap.seconds - w0),
-                        "solves": cold_lap.calls + warm_lap.calls - calls0, "sweeps": float(np.mean(sweeps)),
-                        "perms": perms, "stats": state.stats() if state is not None else {}}
+        out[variant] = {
+            "seconds": total,
+            "lap_seconds": (cold_lap.seconds - c0) + (warm_lap.seconds - w0),
+            "solves": cold_lap.calls + warm_lap.calls - calls0,
+            "sweeps": float(np.mean(sweeps)),
+            "perms": perms,
+            "stats": state.stats() if state is not None else {},
+        }
     return out
 
 
@@ -167,25 +182,33 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s), "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s), "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     data = DeviceDataset.load("mnist", "train", data_dir=args.data_dir, progress=False)
     steps_per_epoch = math.ceil(len(data) / BATCH)
     t = time.perf_counter()
     model, members = train_members(max(args.ks), args.train_steps, data)
     spec = derive_spec(model, torch.zeros(2, 1, 28, 28))
-    print(f"{max(args.ks)} members (MLP 784-512-512-512-10, {args.train_steps} Adam steps each) trained in "
-          f"{time.perf_counter() - t:.1f} s")
+    print(
+        f"{max(args.ks)} members (MLP 784-512-512-512-10, {args.train_steps} Adam steps each) trained in "
+        f"{time.perf_counter() - t:.1f} s"
+    )
     cold_lap, warm_lap = lap_timers()
 
     print(f"\nSTE-MM: {args.batches} timed batches of {BATCH} per K, extrapolated to {steps_per_epoch} batches/epoch")
-    print(f"{'K':>3} {'s/batch':>8} {'s/epoch (extrap.)':>18} {'matching':>9} {'sweeps/match':>13} "
-          f"{'warm LAPs':>10} {'cold LAPs':>10} {'rows freed/warm LAP':>20}")
+    print(
+        f"{'K':>3} {'s/batch':>8} {'s/epoch (extrap.)':>18} {'matching':>9} {'sweeps/match':>13} "
+        f"{'warm LAPs':>10} {'cold LAPs':>10} {'rows freed/warm LAP':>20}"
+    )
     for k in args.ks:
         per_batch, share, sweeps, stats = ste_mm_timing(model, members[:k], spec, data, args.batches)
         freed = stats.get("rows_freed", 0) / max(stats.get("warm", 0), 1)
-        print(f"{k:>3} {per_batch:>8.3f} {per_batch * steps_per_epoch:>18.1f} {share:>8.0%} {sweeps:>13.2f} "
-              f"{stats.get('warm', 0):>10} {stats.get('cold', 0):>10} {freed:>20.1f}")
+        print(
+            f"{k:>3} {per_batch:>8.3f} {per_batch * steps_per_epoch:>18.1f} {share:>8.0%} {sweeps:>13.2f} "
+            f"{stats.get('warm', 0):>10} {stats.get('cold', 0):>10} {freed:>20.1f}"
+        )
 
     print("\nMergeMany: one run to convergence")
     print(f"{'K':>3} {'seconds':>8} {'rounds':>7} {'converged':>10} {'s/matching':>11}")
@@ -193,27 +216,37 @@ def main() -> None:
         t = time.perf_counter()
         res = merge_many(members[:k], spec, seed=0)
         sec = time.perf_counter() - t
-        print(f"{k:>3} {sec:>8.2f} {res.info['rounds']:>7} {str(res.info['converged']):>10} "
-              f"{sec / (res.info['rounds'] * k):>11.3f}")
+        print(
+            f"{k:>3} {sec:>8.2f} {res.info['rounds']:>7} {str(res.info['converged']):>10} "
+            f"{sec / (res.info['rounds'] * k):>11.3f}"
+        )
 
     early, late, weights = record_targets(model, members, spec, data, args.window, args.late)
-    for name, targets in ((f"batches 0-{args.window - 1}", early),
-                          (f"batches {args.late}-{args.late + args.window - 1}", late)):
+    for name, targets in (
+        (f"batches 0-{args.window - 1}", early),
+        (f"batches {args.late}-{args.late + args.window - 1}", late),
+    ):
         print(f"\nRe-matching B_1 to the proxies θ̃_1 of STE-MM (K = 2) before {name}")
         out = replay(targets, members[1], spec, weights, cold_lap, warm_lap)
         base = out["cold"]
-        print(f"{'variant':>8} {'CPU s':>8} {'LAP s':>7} {'LAP solves':>11} {'ms/LAP':>7} {'sweeps':>7} "
-              f"{'speed-up total':>15} {'speed-up LAP':>13} {'same perms as init':>19}")
+        print(
+            f"{'variant':>8} {'CPU s':>8} {'LAP s':>7} {'LAP solves':>11} {'ms/LAP':>7} {'sweeps':>7} "
+            f"{'speed-up total':>15} {'speed-up LAP':>13} {'same perms as init':>19}"
+        )
         for variant, r in out.items():
             same = sum(p == q for p, q in zip(r["perms"], out["init"]["perms"]))
             lap_speedup = base["lap_seconds"] / max(r["lap_seconds"], 1e-12)
-            print(f"{variant:>8} {r['seconds']:>8.2f} {r['lap_seconds']:>7.2f} {r['solves']:>11} "
-                  f"{1e3 * r['lap_seconds'] / max(r['solves'], 1):>7.2f} {r['sweeps']:>7.2f} "
-                  f"{base['seconds'] / r['seconds']:>14.2f}x {lap_speedup:>12.2f}x {same:>12}/{len(r['perms'])}")
+            print(
+                f"{variant:>8} {r['seconds']:>8.2f} {r['lap_seconds']:>7.2f} {r['solves']:>11} "
+                f"{1e3 * r['lap_seconds'] / max(r['solves'], 1):>7.2f} {r['sweeps']:>7.2f} "
+                f"{base['seconds'] / r['seconds']:>14.2f}x {lap_speedup:>12.2f}x {same:>12}/{len(r['perms'])}"
+            )
         s = out["warm"]["stats"]
-        print(f"warm solver: {s.get('warm', 0)} warm / {s.get('cold', 0)} cold solves ({s.get('fallback', 0)} "
-              f"fallbacks, {s.get('potentials', 0)} potential recoveries), "
-              f"{s.get('rows_freed', 0) / max(s.get('warm', 0), 1):.1f} rows freed per warm solve (of 512)")
+        print(
+            f"warm solver: {s.get('warm', 0)} warm / {s.get('cold', 0)} cold solves ({s.get('fallback', 0)} "
+            f"fallbacks, {s.get('potentials', 0)} potential recoveries), "
+            f"{s.get('rows_freed', 0) / max(s.get('warm', 0), 1):.1f} rows freed per warm solve (of 512)"
+        )
     print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
 
 

@@ -11,6 +11,7 @@ CIFAR, pads/crops/flips) each sample in Python, a shuffling `DataLoader`, and th
 
 Prints one line per case with both throughputs and their ratio. Not a test: no thresholds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ class PerSampleDataset(Dataset):
             h, w = x.shape[-2:]
             x = F.pad(x, (4, 4, 4, 4))
             dy, dx = torch.randint(0, 9, (2,), generator=self.gen).tolist()
-            x = x[:, dy:dy + h, dx:dx + w]
+            x = x[:, dy : dy + h, dx : dx + w]
             if torch.rand((), generator=self.gen) < 0.5:
                 x = x.flip(-1)
         return (x - self.mean) / self.std, self.labels[i]
@@ -73,18 +74,36 @@ def device_batches(data: DeviceDataset, batch_size: int, seed: int = 0):  # type
     while True:
         order = torch.randperm(len(data), generator=order_gen).to(data.images.device)
         for i in range(0, len(data) - batch_size + 1, batch_size):
-            yield data.batch(order[i:i + batch_size], aug_gen)
+            yield data.batch(order[i : i + batch_size], aug_gen)
 
 
 def loader_batches(data: DeviceDataset, batch_size: int, workers: int):  # type: ignore[no-untyped-def]
-    loader = DataLoader(PerSampleDataset(data, data.augment), batch_size=batch_size, shuffle=True, drop_last=True,
-                        num_workers=workers, pin_memory=data.images.is_cuda, persistent_workers=workers > 0)
+    loader = DataLoader(
+        PerSampleDataset(data, data.augment),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=data.images.is_cuda,
+        persistent_workers=workers > 0,
+    )
     while True:
         yield from loader
 
 
-def bench_case(name: str, dataset: str, model_name: str, options: dict, batch_size: int, steps: int,
-               subset: int | None, device: torch.device, data_dir: str | None, workers: int, repeats: int) -> None:
+def bench_case(
+    name: str,
+    dataset: str,
+    model_name: str,
+    options: dict,
+    batch_size: int,
+    steps: int,
+    subset: int | None,
+    device: torch.device,
+    data_dir: str | None,
+    workers: int,
+    repeats: int,
+) -> None:
     data = DeviceDataset.load(dataset, "train", data_dir=data_dir, device=device, subset=subset, progress=False)
     torch.manual_seed(0)
     model = build_model(model_name, input_shape=data.info.input_shape, num_classes=data.info.num_classes, **options)
@@ -97,8 +116,11 @@ def bench_case(name: str, dataset: str, model_name: str, options: dict, batch_si
         base.append(time_steps(model, loader_batches(data, batch_size, workers), steps, device))
     images = steps * batch_size
     ours_ips, base_ips = images / min(ours), images / min(base)
-    print(f"{name:<34} lmclab {ours_ips:9.0f} img/s   DataLoader(workers={workers}) {base_ips:9.0f} img/s   "
-          f"ratio {ours_ips / base_ips:5.2f}x   ({steps} steps × {batch_size}, best of {repeats})", flush=True)
+    print(
+        f"{name:<34} lmclab {ours_ips:9.0f} img/s   DataLoader(workers={workers}) {base_ips:9.0f} img/s   "
+        f"ratio {ours_ips / base_ips:5.2f}x   ({steps} steps × {batch_size}, best of {repeats})",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -109,15 +131,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
-          f"threads {torch.get_num_threads()}")
-    cases = [("MLP 784-512³-10 / MNIST, batch 500", "mnist", "mlp", {}, 500, 40, None),
-             ("ResNet-20 ×1 LN / CIFAR-10, batch 128", "cifar10", "resnet20", {"width": 1}, 128, 8 if device.type == "cpu" else 60, 5000)]
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}"
+    )
+    cases = [
+        ("MLP 784-512³-10 / MNIST, batch 500", "mnist", "mlp", {}, 500, 40, None),
+        (
+            "ResNet-20 ×1 LN / CIFAR-10, batch 128",
+            "cifar10",
+            "resnet20",
+            {"width": 1},
+            128,
+            8 if device.type == "cpu" else 60,
+            5000,
+        ),
+    ]
     if device.type == "cuda":
-        cases += [(f"ResNet-20 ×{w} LN / CIFAR-10, batch 128", "cifar10", "resnet20", {"width": w}, 128, 60, 20000)
-                  for w in (4, 16)]
+        cases += [
+            (f"ResNet-20 ×{w} LN / CIFAR-10, batch 128", "cifar10", "resnet20", {"width": w}, 128, 60, 20000)
+            for w in (4, 16)
+        ]
     for name, dataset, model_name, options, bs, steps, subset in cases:
-        bench_case(name, dataset, model_name, options, bs, steps, subset, device, args.data_dir, args.workers, args.repeats)
+        bench_case(
+            name, dataset, model_name, options, bs, steps, subset, device, args.data_dir, args.workers, args.repeats
+        )
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Shared test fixtures: the read-only real datasets in ../shared/data; every figure saved is recorded."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from figures import forget_figures, record_figures
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

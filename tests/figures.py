@@ -9,6 +9,7 @@ cells are missing values): both give the same expected figure. The expected seri
 from the rows directly, independently of the plotting code, so a figure missing a series, with a series
 too many, or drawing other numbers fails (tests/test_report.py shows each check failing so).
 """
+
 from __future__ import annotations
 
 import math
@@ -91,8 +92,14 @@ def check_png(saved: SavedFigure) -> None:
 
 
 def assert_close(actual: Any, expected: Any, what: str) -> None:
-    np.testing.assert_allclose(np.asarray(actual, dtype=float), np.asarray(expected, dtype=float), rtol=1e-9,
-                               atol=1e-12, equal_nan=True, err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=float),
+        np.asarray(expected, dtype=float),
+        rtol=1e-9,
+        atol=1e-12,
+        equal_nan=True,
+        err_msg=what,
+    )
 
 
 def _label(artist: Any) -> str | None:
@@ -133,8 +140,9 @@ def panels(saved: SavedFigure, n: int) -> list[Axes]:
     return axes
 
 
-def mean_by(rows: Rows, x: str, y: str, group: Callable[[Mapping[str, Any]], Any] | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
+def mean_by(
+    rows: Rows, x: str, y: str, group: Callable[[Mapping[str, Any]], Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """x values (sorted) and the mean over groups (pairs) of y at each x, missing values left out; NaN
     where none is finite. Within a group the last row at an x counts."""
     table: dict[float, dict[Any, float]] = {}
@@ -159,8 +167,12 @@ def _order(values: Iterable[Any]) -> list[Any]:
 # ------------------------------------------------------------------------------------ paths, training
 
 
-def check_paths(saved: SavedFigure, rows: Rows, metrics: Sequence[str] = ("loss", "accuracy"),
-                endpoint_labels: tuple[str, str] = ("Model A", "Model B")) -> None:
+def check_paths(
+    saved: SavedFigure,
+    rows: Rows,
+    metrics: Sequence[str] = ("loss", "accuracy"),
+    endpoint_labels: tuple[str, str] = ("Model A", "Model B"),
+) -> None:
     """plot_paths: one panel per metric, a line per path × split (mean over pairs) at every λ."""
     check_png(saved)
     paths, splits = _order(r.get("path", "path") for r in rows), _order(r["split"] for r in rows)
@@ -168,7 +180,9 @@ def check_paths(saved: SavedFigure, rows: Rows, metrics: Sequence[str] = ("loss"
         expected: list[Series] = []
         for name in paths:
             for split in splits:
-                sel = [r for r in rows if r.get("path", "path") == name and r["split"] == split and r["metric"] == metric]
+                sel = [
+                    r for r in rows if r.get("path", "path") == name and r["split"] == split and r["metric"] == metric
+                ]
                 if sel:
                     n = len({by_pair(r) for r in sel})
                     lam, mean = mean_by(sel, "lambda", "value", by_pair)
@@ -225,14 +239,18 @@ def check_loss_approximations(saved: SavedFigure, rows: Rows) -> None:
             expected: list[Series] = [("true loss", lam, mean)]
             for center in ("a", "b"):
                 for k in orders:
-                    approx = [r for r in sel if r["curve"] == "taylor" and r["center"] == center and int(num(r["order"])) == k]
-                    expected += _halves(f"order {k}, centred at {center.upper()}",
-                                        *mean_by(approx, "lambda", "value", by_pair), center)
+                    approx = [
+                        r for r in sel if r["curve"] == "taylor" and r["center"] == center and int(num(r["order"])) == k
+                    ]
+                    expected += _halves(
+                        f"order {k}, centred at {center.upper()}", *mean_by(approx, "lambda", "value", by_pair), center
+                    )
             assert_lines(ax, expected, f"loss {split} {name}")
             assert ax.get_xlabel() == "λ" and ax.get_ylabel() == f"{split} loss"
             assert ax.get_title() == f"{BENKO_PATHS[name]} ({split})"
     assert legend_labels(axes[len(paths) - 1]) == ["true loss"] + [
-        f"order {k}, centred at {c.upper()}" for c in ("a", "b") for k in orders]
+        f"order {k}, centred at {c.upper()}" for c in ("a", "b") for k in orders
+    ]
 
 
 def check_logit_example(saved: SavedFigure, rows: Rows) -> None:
@@ -246,7 +264,9 @@ def check_logit_example(saved: SavedFigure, rows: Rows) -> None:
         expected: list[Series] = []
         for c in _order(key(r["class"]) for r in sel):
             for curve in _order(r["curve"] for r in sel):
-                pts = sorted((num(r["lambda"]), num(r["value"])) for r in sel if key(r["class"]) == c and r["curve"] == curve)
+                pts = sorted(
+                    (num(r["lambda"]), num(r["value"])) for r in sel if key(r["class"]) == c and r["curve"] == curve
+                )
                 lam, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
                 if curve in ("true", "direct"):
                     expected.append((None, lam, y))
@@ -255,8 +275,13 @@ def check_logit_example(saved: SavedFigure, rows: Rows) -> None:
         assert_lines(ax, expected, f"logits {name}")
         assert ax.get_ylabel() == "logit" and f"input {sel[0]['input']} (label {sel[0]['label']})" in ax.get_title()
     assert legend_labels(saved.figure.axes[len(paths) - 1]) == [
-        "z_k(θ_λ)", "(1−λ)z(θ_A) + λz(θ_B)", "linear, centred at A", "quadratic, centred at A",
-        "linear, centred at B", "quadratic, centred at B"]
+        "z_k(θ_λ)",
+        "(1−λ)z(θ_A) + λz(θ_B)",
+        "linear, centred at A",
+        "quadratic, centred at A",
+        "linear, centred at B",
+        "quadratic, centred at B",
+    ]
 
 
 def check_logit_rmse(saved: SavedFigure, rows: Rows) -> None:
@@ -268,9 +293,14 @@ def check_logit_rmse(saved: SavedFigure, rows: Rows) -> None:
         sel = [r for r in rows if r["path"] == name]
         expected: list[Series] = []
         for approx in _order(r["approximation"] for r in sel):
-            label = ("direct interpolation" if approx == "direct"
-                     else f"order {int(approx[1:])}, centred at {approx[0].upper()}")
-            expected.append((label, *mean_by([r for r in sel if r["approximation"] == approx], "lambda", "rmse", by_pair)))
+            label = (
+                "direct interpolation"
+                if approx == "direct"
+                else f"order {int(approx[1:])}, centred at {approx[0].upper()}"
+            )
+            expected.append(
+                (label, *mean_by([r for r in sel if r["approximation"] == approx], "lambda", "rmse", by_pair))
+            )
         assert_lines(ax, expected, f"rmse {name}")
         assert ax.get_title() == BENKO_PATHS[name]
         if ax is saved.figure.axes[len(paths) - 1]:
@@ -315,8 +345,9 @@ def check_merged_vs_k(saved: SavedFigure, rows: Rows, metrics: Sequence[str] = (
             members = [r for r in sel if r["model"] == "member"]
             expected: list[Series] = []
             if members:
-                expected.append(("individual models (mean, min–max)",
-                                 *mean_by(members, "k", "value", lambda r: key(r["member"]))))
+                expected.append(
+                    ("individual models (mean, min–max)", *mean_by(members, "k", "value", lambda r: key(r["member"])))
+                )
             for method in methods:
                 merged = [r for r in sel if r["method"] == method and r["model"] == "merged"]
                 if merged:
@@ -332,8 +363,9 @@ def _errorbars(ax: Axes) -> list[ErrorbarContainer]:
     return [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
 
 
-def _assert_errorbar(container: ErrorbarContainer, ks: np.ndarray, y: np.ndarray, low: np.ndarray,
-                     high: np.ndarray, where: str) -> None:
+def _assert_errorbar(
+    container: ErrorbarContainer, ks: np.ndarray, y: np.ndarray, low: np.ndarray, high: np.ndarray, where: str
+) -> None:
     """Markers at y, dodged around each K (never by ½ or more), bars from low to high."""
     line, _, (bars, *_) = container
     x = np.asarray(line.get_xdata(), dtype=float)
@@ -346,8 +378,9 @@ def _assert_errorbar(container: ErrorbarContainer, ks: np.ndarray, y: np.ndarray
     assert_close(np.sort(ends, axis=1)[finite], np.stack([low, high], 1)[finite], f"{where}: error bars")
 
 
-def check_barriers_vs_k(saved: SavedFigure, rows: Rows, definition: str = "barrier",
-                        metrics: Sequence[str] = ("loss", "error")) -> None:
+def check_barriers_vs_k(
+    saved: SavedFigure, rows: Rows, definition: str = "barrier", metrics: Sequence[str] = ("loss", "error")
+) -> None:
     """Ito: per metric × split and method, the mean over pairs ± SD (error bars) and the max (dashed) vs K."""
     check_png(saved)
     rows = [r for r in rows if r["definition"] == definition]
@@ -363,8 +396,9 @@ def check_barriers_vs_k(saved: SavedFigure, rows: Rows, definition: str = "barri
             drawn_lines: list[Any] = []
             expected_max: list[Series] = []
             for container, method in zip(bars, present):
-                mine = sorted((num(r["k"]), num(r["mean"]), num(r["std"]), num(r["max"])) for r in sel
-                              if r["method"] == method)
+                mine = sorted(
+                    (num(r["k"]), num(r["mean"]), num(r["std"]), num(r["max"])) for r in sel if r["method"] == method
+                )
                 ks, mean, std, top = (np.array(c, dtype=float) for c in zip(*mine))
                 _assert_errorbar(container, ks, mean, mean - std, mean + std, f"{where} {method}")
                 drawn_lines += [container.lines[0], *container.lines[1]]
@@ -388,8 +422,11 @@ def check_trace_vs_k(saved: SavedFigure, rows: Rows) -> None:
         bars = _errorbars(ax)
         assert [c.get_label() for c in bars] == [_method_label(m) for m in present], f"trace {kind}"
         for container, method in zip(bars, present):
-            mine = sorted((num(r["k"]), num(r["estimate"]), num(r["ci_low"]), num(r["ci_high"])) for r in sel
-                          if r["method"] == method)
+            mine = sorted(
+                (num(r["k"]), num(r["estimate"]), num(r["ci_low"]), num(r["ci_high"]))
+                for r in sel
+                if r["method"] == method
+            )
             ks, est, low, high = (np.array(c, dtype=float) for c in zip(*mine))
             _assert_errorbar(container, ks, est, low, high, f"trace {kind} {method}")
     assert legend_labels(saved.figure) == [c.get_label() for c in _errorbars(saved.figure.axes[0])]
@@ -407,8 +444,9 @@ def pair_matrix(rows: Rows, k: int, split: str, metric: str, definition: str) ->
     return m
 
 
-def check_heatmaps(saved: SavedFigure, rows: Rows, k: int, split: str = "test", metric: str = "loss",
-                   definition: str = "barrier") -> None:
+def check_heatmaps(
+    saved: SavedFigure, rows: Rows, k: int, split: str = "test", metric: str = "loss", definition: str = "barrier"
+) -> None:
     """Ito: per method the K × K matrix of pair barriers, each value written in its cell ("n/a" if missing)."""
     check_png(saved)
     methods = _ito_methods(rows)
@@ -416,8 +454,9 @@ def check_heatmaps(saved: SavedFigure, rows: Rows, k: int, split: str = "test", 
         expected = pair_matrix([r for r in rows if r["method"] == method], k, split, metric, definition)
         images = ax.get_images()
         assert len(images) == 1, f"heat map {method}: {len(images)} images"
-        assert_close(np.ma.filled(np.ma.asarray(images[0].get_array(), dtype=float), np.nan), expected,
-                     f"heat map {method}")
+        assert_close(
+            np.ma.filled(np.ma.asarray(images[0].get_array(), dtype=float), np.nan), expected, f"heat map {method}"
+        )
         texts = [t.get_text() for t in ax.texts]
         assert texts == ["n/a" if not np.isfinite(v) else f"{v:.3g}" for v in expected.flat]
         assert ax.get_title() == _method_label(method)
@@ -458,7 +497,10 @@ def check_segments(saved: SavedFigure, rows: Rows, metric: str = "error") -> Non
 
 def _bars(ax: Axes) -> tuple[np.ndarray, np.ndarray]:
     """Centres and heights of the bars of `ax`."""
-    return (np.array([p.get_x() + p.get_width() / 2 for p in ax.patches]), np.array([p.get_height() for p in ax.patches]))
+    return (
+        np.array([p.get_x() + p.get_width() / 2 for p in ax.patches]),
+        np.array([p.get_height() for p in ax.patches]),
+    )
 
 
 def check_geometry(saved: SavedFigure, angles: Rows, geometry: Rows) -> None:
@@ -475,9 +517,12 @@ def check_geometry(saved: SavedFigure, angles: Rows, geometry: Rows) -> None:
         assert_close(heights, values[finite], f"angles ({base})")
         assert [t.get_text() for t in ax.get_xticklabels()] == [str(int(f)) for f in forks]
         assert [t.get_text() for t in ax.texts if t.get_text() != "no data"] == [
-            f"{v:.3g}°" if ok else "n/a" for v, ok in zip(values, finite)]
-    expected = [(f"fork {e}", *mean_by([r for r in geometry if int(num(r["fork_epoch"])) == e], "child_epoch",
-                                       "plane_cos")) for e in _forks(geometry)]
+            f"{v:.3g}°" if ok else "n/a" for v, ok in zip(values, finite)
+        ]
+    expected = [
+        (f"fork {e}", *mean_by([r for r in geometry if int(num(r["fork_epoch"])) == e], "child_epoch", "plane_cos"))
+        for e in _forks(geometry)
+    ]
     assert_lines(axes[2], expected, "solution plane")
     if expected:
         assert legend_labels(axes[2]) == [label for label, _, _ in expected]
@@ -489,12 +534,19 @@ def check_barrier_predictions(saved: SavedFigure, predictions: Rows, curves: Row
     axes = panels(saved, 3)
     forks = _forks(predictions)
     bn_reset = any(math.isfinite(num(r.get("measured_bn_reset_max"))) for r in predictions)
-    series = [("measured_max", "measured (interpolated BN statistics)" if bn_reset else "measured"),
-              ("measured_bn_reset_max", "measured (BN statistics reset)"), ("predicted_max", "Prop. 1 prediction")]
+    series = [
+        ("measured_max", "measured (interpolated BN statistics)" if bn_reset else "measured"),
+        ("measured_bn_reset_max", "measured (BN statistics reset)"),
+        ("predicted_max", "Prop. 1 prediction"),
+    ]
     expected: list[Series] = []
     for k, (column, label) in enumerate(series):
-        values = np.array([mean_by([r for r in predictions if int(num(r["fork_epoch"])) == f], "fork_epoch",
-                                   column)[1][0] for f in forks])
+        values = np.array(
+            [
+                mean_by([r for r in predictions if int(num(r["fork_epoch"])) == f], "fork_epoch", column)[1][0]
+                for f in forks
+            ]
+        )
         finite = np.isfinite(values)
         if finite.any():
             expected.append((label, np.arange(len(forks))[finite] + (k - 1) * 0.08, values[finite]))
@@ -502,11 +554,15 @@ def check_barrier_predictions(saved: SavedFigure, predictions: Rows, curves: Row
     expected = []
     for e in forks:
         sel = [r for r in curves if int(num(r["fork_epoch"])) == e]
-        expected += [(f"fork {e}: measured", *mean_by(sel, "alpha", "measured")),
-                     (f"fork {e}: Prop. 1", *mean_by(sel, "alpha", "predicted"))]
+        expected += [
+            (f"fork {e}: measured", *mean_by(sel, "alpha", "measured")),
+            (f"fork {e}: Prop. 1", *mean_by(sel, "alpha", "predicted")),
+        ]
     assert_lines(axes[1], expected, "barrier curves")
-    expected = [(f"fork {e}", *mean_by([r for r in geometry if int(num(r["fork_epoch"])) == e], "child_epoch",
-                                       "distance")) for e in _forks(geometry)]
+    expected = [
+        (f"fork {e}", *mean_by([r for r in geometry if int(num(r["fork_epoch"])) == e], "child_epoch", "distance"))
+        for e in _forks(geometry)
+    ]
     assert_lines(axes[2], expected, "sibling distance")
 
 
@@ -534,8 +590,10 @@ def check_layerwise(saved: SavedFigure, rows: Rows, sums: Rows) -> None:
         assert_close(np.ma.filled(np.ma.asarray(images[0].get_array(), dtype=float), np.nan), grid, column)
         layers = [name for _, name in sorted({(int(num(r["layer_index"])), r["layer"]) for r in rows})]
         assert [t.get_text() for t in ax.get_yticklabels()] == layers
-    expected = [(q, *mean_by([r for r in sums if r["quantity"] == q], "child_epoch", "value"))
-                for q in _order(r["quantity"] for r in sums)]
+    expected = [
+        (q, *mean_by([r for r in sums if r["quantity"] == q], "child_epoch", "value"))
+        for q in _order(r["quantity"] for r in sums)
+    ]
     zero = [line for line in axes[3].get_lines() if _label(line) is None and list(line.get_ydata()) == [0.0, 0.0]]
     assert len(zero) == 1
     assert_lines(axes[3], expected, "cross-block sums", exclude=zero)
@@ -552,8 +610,13 @@ def check_toy_landscapes(saved: SavedFigure, rows: Rows) -> None:
         for pair in _order(r["pair"] for r in land if r["kind"] == "pair"):
             sel = sorted((r for r in land if r.get("pair") == pair), key=lambda r: num(r["theta"]))
             predicted = [num(r["predicted"]) for r in sel]
-            expected.append((f"{pair}: Prop. 1 peak {max(predicted):.3g}, exact barrier {num(sel[0]['barrier']):.3g}",
-                             [num(r["theta"]) for r in sel], predicted))
+            expected.append(
+                (
+                    f"{pair}: Prop. 1 peak {max(predicted):.3g}, exact barrier {num(sel[0]['barrier']):.3g}",
+                    [num(r["theta"]) for r in sel],
+                    predicted,
+                )
+            )
         minima = sorted({num(r["theta"]) for r in land if r["kind"] == "pair" and num(r["alpha"]) in (0.0, 1.0)})
         expected.append(("minima", minima, [0.0] * len(minima)))
         assert_lines(ax, expected, f"toy {name}")
@@ -563,24 +626,34 @@ def check_toy_landscapes(saved: SavedFigure, rows: Rows) -> None:
 # ------------------------------------------------------------------------------------ predictions
 
 
-def check_predictions(saved: SavedFigure, curve: Rows, layers: Rows, cumulative: Rows, names: Sequence[str],
-                      matrix: Any) -> None:
+def check_predictions(
+    saved: SavedFigure, curve: Rows, layers: Rows, cumulative: Rows, names: Sequence[str], matrix: Any
+) -> None:
     """Measured against predicted barriers: whole model, per layer (bars), cumulative sets, cross-blocks."""
     check_png(saved)
     axes = panels(saved, 4)
     alpha = [num(r["alpha"]) for r in curve]
-    assert_lines(axes[0], [("measured B(α)", alpha, [num(r["measured"]) for r in curve]),
-                           ("Prop. 1 prediction", alpha, [num(r["predicted"]) for r in curve])], "whole model")
+    assert_lines(
+        axes[0],
+        [
+            ("measured B(α)", alpha, [num(r["measured"]) for r in curve]),
+            ("Prop. 1 prediction", alpha, [num(r["predicted"]) for r in curve]),
+        ],
+        "whole model",
+    )
     widths = [p.get_width() for p in axes[1].patches]
-    assert_close(widths, [num(r["measured_half"]) for r in layers] + [num(r["predicted_half"]) for r in layers],
-                 "layer bars")
+    assert_close(
+        widths, [num(r["measured_half"]) for r in layers] + [num(r["predicted_half"]) for r in layers], "layer bars"
+    )
     assert [t.get_text() for t in axes[1].get_yticklabels()] == [r["layer"] for r in layers]
     expected: list[Series] = []
     for order in _order(r["order"] for r in cumulative):
         sel = [r for r in cumulative if r["order"] == order]
         k = [num(r["k"]) for r in sel]
-        expected += [(f"{order}: measured", k, [num(r["measured_half"]) for r in sel]),
-                     (f"{order}: eq. 21", k, [num(r["predicted_eq21"]) for r in sel])]
+        expected += [
+            (f"{order}: measured", k, [num(r["measured_half"]) for r in sel]),
+            (f"{order}: eq. 21", k, [num(r["predicted_eq21"]) for r in sel]),
+        ]
     assert_lines(axes[2], expected, "cumulative")
     images = axes[3].get_images()
     assert len(images) == 1, "cross-blocks"

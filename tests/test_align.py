@@ -1,4 +1,5 @@
 """Alignment: assignment solver, weight matching, activation matching, align() dispatch."""
+
 from __future__ import annotations
 
 import copy
@@ -45,9 +46,14 @@ def mlp_spec(hidden: tuple[int, ...]) -> PermutationSpec:
     groups = []
     for i, h in enumerate(hidden):
         nxt = f"layers.{i + 1}.linear.weight" if i + 1 < len(hidden) else "head.weight"
-        groups.append(PermGroup(f"P_{i}", h, (AxisRef(f"layers.{i}.linear.weight", 0),
-                                              AxisRef(f"layers.{i}.linear.bias", 0), AxisRef(nxt, 1)),
-                                (f"layers.{i}.act",)))
+        groups.append(
+            PermGroup(
+                f"P_{i}",
+                h,
+                (AxisRef(f"layers.{i}.linear.weight", 0), AxisRef(f"layers.{i}.linear.bias", 0), AxisRef(nxt, 1)),
+                (f"layers.{i}.act",),
+            )
+        )
     return PermutationSpec(tuple(groups))
 
 
@@ -71,14 +77,27 @@ class TinyConvNet(nn.Module):
         return self.fc2(self.act3(self.fc1(self.flatten(x))))
 
 
-TINY_SPEC = PermutationSpec((
-    PermGroup("c1", 4, (AxisRef("conv1.weight", 0), AxisRef("bn.weight", 0), AxisRef("bn.bias", 0),
-                        AxisRef("bn.running_mean", 0), AxisRef("bn.running_var", 0), AxisRef("conv2.weight", 1)),
-              ("act1",)),
-    PermGroup("c2", 5, (AxisRef("conv2.weight", 0), AxisRef("conv2.bias", 0), AxisRef("fc1.weight", 1, 4)),
-              ("act2",)),
-    PermGroup("f1", 6, (AxisRef("fc1.weight", 0), AxisRef("fc1.bias", 0), AxisRef("fc2.weight", 1)), ("act3",)),
-))
+TINY_SPEC = PermutationSpec(
+    (
+        PermGroup(
+            "c1",
+            4,
+            (
+                AxisRef("conv1.weight", 0),
+                AxisRef("bn.weight", 0),
+                AxisRef("bn.bias", 0),
+                AxisRef("bn.running_mean", 0),
+                AxisRef("bn.running_var", 0),
+                AxisRef("conv2.weight", 1),
+            ),
+            ("act1",),
+        ),
+        PermGroup(
+            "c2", 5, (AxisRef("conv2.weight", 0), AxisRef("conv2.bias", 0), AxisRef("fc1.weight", 1, 4)), ("act2",)
+        ),
+        PermGroup("f1", 6, (AxisRef("fc1.weight", 0), AxisRef("fc1.bias", 0), AxisRef("fc2.weight", 1)), ("act3",)),
+    )
+)
 
 
 def tiny_convnet(seed: int) -> nn.Module:
@@ -152,10 +171,10 @@ def test_solve_assignment_warm_start() -> None:
     s = torch.randn(5, 5, generator=gen)
     perm = torch.randperm(5, generator=gen)
     dominant = s.clone()
-    dominant[torch.arange(5), perm] += 100.0          # warm start is row-wise maximal: returned as is
+    dominant[torch.arange(5), perm] += 100.0  # warm start is row-wise maximal: returned as is
     assert torch.equal(solve_assignment(dominant, warm_start=perm), perm)
     best = solve_assignment(s)
-    worst = solve_assignment(s, maximize=False)       # a non-optimal warm start does not stick
+    worst = solve_assignment(s, maximize=False)  # a non-optimal warm start does not stick
     assert torch.equal(solve_assignment(s, warm_start=worst), best)
     with pytest.raises(ValueError):
         solve_assignment(s, warm_start=torch.zeros(5, dtype=torch.int64))
@@ -196,20 +215,20 @@ def test_weight_matching_does_not_increase_distance_and_is_deterministic() -> No
     res = weight_matching(a, b, spec, seed=0)
     assert res.converged and res.sweeps == len(res.objective) >= 2
     assert res.distance_after <= res.distance_before
-    assert res.distance_after < res.distance_before    # random inits: matching helps
+    assert res.distance_after < res.distance_before  # random inits: matching helps
     obj = [res.info["objective_init"], *res.objective]
     assert all(y >= x - 1e-6 * abs(x) for x, y in zip(obj, obj[1:]))
-    assert res.objective[-1] == res.objective[-2]      # the last sweep changed nothing
+    assert res.objective[-1] == res.objective[-2]  # the last sweep changed nothing
     # The objective is Σ_t ⟨θ_A[t], π(θ_B)[t]⟩ and ties to the distance: ‖A−πB‖² = ‖A‖²+‖B‖²−2J.
     pb = res.perm.apply(b, spec)
     assert res.objective[-1] == pytest.approx(spec_objective(a, pb, spec), rel=1e-6)
     d2 = spec_objective(a, a, spec) + spec_objective(b, b, spec) - 2 * res.objective[-1]
-    assert res.distance_after ** 2 == pytest.approx(d2, rel=1e-5)
+    assert res.distance_after**2 == pytest.approx(d2, rel=1e-5)
     # Deterministic for a seed; the result is a local optimum: restarting from it changes nothing.
     assert weight_matching(a, b, spec, seed=0).perm == res.perm
     again = weight_matching(a, b, spec, seed=5, init=res.perm)
     assert again.perm == res.perm and again.sweeps == 1
-    other = weight_matching(a, b, spec, seed=1)        # may differ; must still be no worse than naive
+    other = weight_matching(a, b, spec, seed=1)  # may differ; must still be no worse than naive
     assert other.distance_after <= other.distance_before
     js = res.to_json()
     assert js["method"] == "weight" and js["objective"] == res.objective and "perm" not in js
@@ -300,7 +319,7 @@ def test_activation_matching_recovers_functional_copy_mlp() -> None:
         assert res.distance_after == 0.0 and res.sweeps == 1 and res.method == "activation"
     res = activation_matching(model_a, model_b, spec, batches, capture=hook_capture, max_batches=2)
     assert res.info["batches"] == 2
-    assert res.objective[0] == pytest.approx(sum(hidden), rel=1e-6)   # every matched correlation is 1
+    assert res.objective[0] == pytest.approx(sum(hidden), rel=1e-6)  # every matched correlation is 1
 
 
 def test_activation_matching_recovers_functional_copy_conv() -> None:
@@ -311,9 +330,9 @@ def test_activation_matching_recovers_functional_copy_conv() -> None:
     model_a.train()
     model_b.eval()
     res = activation_matching(model_a, model_b, TINY_SPEC, batches, capture=hook_capture)
-    assert model_a.training and not model_b.training   # modes restored
+    assert model_a.training and not model_b.training  # modes restored
     assert res.perm == pi.inverse()
-    assert res.info["rows"]["c1"] == 3 * 32 * 16      # N·H·W rows per group
+    assert res.info["rows"]["c1"] == 3 * 32 * 16  # N·H·W rows per group
     with pytest.raises(ValueError, match="statistic"):
         activation_matching(model_a, model_b, TINY_SPEC, batches, statistic="cosine", capture=hook_capture)
 
@@ -326,8 +345,15 @@ def test_align_dispatch() -> None:
     assert align(params_of(model_a), params_of(model_b), spec).perm == pi.inverse()
     assert align(model_a, model_b, spec, method="weight").perm == pi.inverse()
     batches = [torch.randn(64, 1, 1, 6)]
-    res = align(params_of(model_a), params_of(model_b), spec, method="activation", model=mlp(hidden, seed=9),
-                batches=batches, capture=hook_capture)
+    res = align(
+        params_of(model_a),
+        params_of(model_b),
+        spec,
+        method="activation",
+        model=mlp(hidden, seed=9),
+        batches=batches,
+        capture=hook_capture,
+    )
     assert res.perm == pi.inverse()
     with pytest.raises(ValueError, match="valid methods: weight, activation, ste"):
         align(model_a, model_b, spec, method="sinkhorn")
@@ -348,7 +374,7 @@ ZOO = [
 def _zoo_model(name: str, opts: dict, shape: tuple[int, int, int], seed: int) -> nn.Module:
     torch.manual_seed(seed)
     m = build_model(name, input_shape=shape, num_classes=10, **opts)
-    with torch.no_grad():                     # random BN statistics / affine so every tensor carries information
+    with torch.no_grad():  # random BN statistics / affine so every tensor carries information
         for mod in m.modules():
             if isinstance(mod, nn.BatchNorm2d):
                 mod.weight.uniform_(0.5, 1.5)
@@ -384,7 +410,7 @@ def test_weight_matching_resnet20_function_and_distance() -> None:
 
 
 def test_activation_matching_recovers_functional_copy_resnet20() -> None:
-    shape = (3, 16, 16)      # enough rows (N·H·W) that no channel is dead on all of them: dead units tie
+    shape = (3, 16, 16)  # enough rows (N·H·W) that no channel is dead on all of them: dead units tie
     model_a = _zoo_model("resnet20", {"width": 1, "norm": "layernorm"}, shape, 0)
     spec = lp.derive_spec(model_a, torch.randn(2, *shape))
     model_b, pi = _functional_copy(model_a, spec, 4)
@@ -399,14 +425,15 @@ def test_weight_matching_group_on_two_axes_of_one_tensor() -> None:
     """h = W0 x; h = h + W1 h; y = W2 h: W1 carries the group on both axes (S_P depends on P itself)."""
     torch.manual_seed(0)
     w = {"w0": torch.randn(8, 5), "b0": torch.randn(8), "w1": torch.randn(8, 8), "w2": torch.randn(3, 8)}
-    spec = PermutationSpec((PermGroup("H", 8, (AxisRef("w0", 0), AxisRef("b0", 0), AxisRef("w1", 0),
-                                               AxisRef("w1", 1), AxisRef("w2", 1))),))
+    spec = PermutationSpec(
+        (PermGroup("H", 8, (AxisRef("w0", 0), AxisRef("b0", 0), AxisRef("w1", 0), AxisRef("w1", 1), AxisRef("w2", 1))),)
+    )
 
     def f(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = x @ p["w0"].T + p["b0"]
         return (h + h @ p["w1"].T) @ p["w2"].T
 
-    _check_recovers(w, spec)   # exact here; in general only a local optimum is guaranteed
+    _check_recovers(w, spec)  # exact here; in general only a local optimum is guaranteed
     torch.manual_seed(1)
     other = {k: torch.randn_like(v) for k, v in w.items()}
     res = weight_matching(w, other, spec)
@@ -420,11 +447,13 @@ def test_weight_matching_group_on_two_axes_of_one_tensor() -> None:
 # Concatenation: h1 = relu(W0 x + b0) (G1), h2 = relu(W1 x + b1) (G2), h3 = relu(W3 [h1; h2] + b3) (G3),
 # y = W4 [h3 ⊗ 1₂; h1]: W3's input axis holds G1 at offset 0 and G2 at offset 4; W4's holds G3 in
 # blocks of 2 at offset 0 and G1 at offset 12.
-CAT_SPEC = PermutationSpec((
-    PermGroup("G1", 4, (AxisRef("w0", 0), AxisRef("b0", 0), AxisRef("w3", 1, 1, 0), AxisRef("w4", 1, 1, 12))),
-    PermGroup("G2", 3, (AxisRef("w1", 0), AxisRef("b1", 0), AxisRef("w3", 1, 1, 4))),
-    PermGroup("G3", 6, (AxisRef("w3", 0), AxisRef("b3", 0), AxisRef("w4", 1, 2, 0))),
-))
+CAT_SPEC = PermutationSpec(
+    (
+        PermGroup("G1", 4, (AxisRef("w0", 0), AxisRef("b0", 0), AxisRef("w3", 1, 1, 0), AxisRef("w4", 1, 1, 12))),
+        PermGroup("G2", 3, (AxisRef("w1", 0), AxisRef("b1", 0), AxisRef("w3", 1, 1, 4))),
+        PermGroup("G3", 6, (AxisRef("w3", 0), AxisRef("b3", 0), AxisRef("w4", 1, 2, 0))),
+    )
+)
 
 
 def cat_params(seed: int) -> dict[str, torch.Tensor]:
@@ -457,8 +486,10 @@ def test_weight_matching_concatenated_axes() -> None:
         fixed = Permutation.random(CAT_SPEC, gen)
         matcher = _WeightMatcher(a, b, CAT_SPEC, dict(fixed.perms), lambda _n: 1.0, torch.device("cpu"))
         s = matcher.cost(g.name).double()
-        brute = {q: spec_objective(a, Permutation({**fixed.perms, g.name: torch.tensor(q)}).apply(b, CAT_SPEC),
-                                   CAT_SPEC) for q in itertools.permutations(range(g.size))}
+        brute = {
+            q: spec_objective(a, Permutation({**fixed.perms, g.name: torch.tensor(q)}).apply(b, CAT_SPEC), CAT_SPEC)
+            for q in itertools.permutations(range(g.size))
+        }
         consts = [v - float(s[torch.arange(g.size), torch.tensor(q)].sum()) for q, v in brute.items()]
         assert max(consts) - min(consts) < 1e-4
         assert tuple(solve_assignment(s).tolist()) == max(brute, key=brute.__getitem__)
@@ -468,7 +499,9 @@ def test_weight_matching_concatenated_axes() -> None:
 def test_incremental_caches_match_full_permutation(case: str) -> None:
     """After any sequence of group changes, every cached B̃ and J equal those of a fresh full apply."""
     spec = TINY_SPEC if case == "tiny" else CAT_SPEC
-    a, b = (params_of(tiny_convnet(0)), params_of(tiny_convnet(1))) if case == "tiny" else (cat_params(0), cat_params(1))
+    a, b = (
+        (params_of(tiny_convnet(0)), params_of(tiny_convnet(1))) if case == "tiny" else (cat_params(0), cat_params(1))
+    )
     gen = torch.Generator().manual_seed(0)
     matcher = _WeightMatcher(a, b, spec, dict(Permutation.identity(spec).perms), lambda _n: 1.0, torch.device("cpu"))
     for step in range(12):

@@ -4,6 +4,7 @@ Every `lmclab` import of every module (at any depth: a function-local import cou
 circle cannot be hidden inside a function) must point to the same or a lower layer, and the module
 graph must have no cycles.
 """
+
 from __future__ import annotations
 
 import ast
@@ -109,7 +110,7 @@ def test_module_graph_has_no_cycles() -> None:
         stack.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = stack[stack.index(t) :] + [t]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)
@@ -127,6 +128,6 @@ def test_the_checker_sees_a_planted_upward_and_hidden_import(tmp_path: Path) -> 
     source = "def f():\n    from lmclab.experiments import graph\n"
     planted = tmp_path / "fake.py"
     planted.write_text(source)
-    (target, line, in_function), = imports_of(planted, "lmclab.paths.fake")
+    ((target, line, in_function),) = imports_of(planted, "lmclab.paths.fake")
     assert (target, line, in_function) == ("lmclab.experiments.graph", 2, True)
     assert LAYER_OF[top_level(target)] > LAYER_OF[top_level(module_name(fake))]

@@ -1,5 +1,6 @@
 """Warm-started linear assignment (WarmAssignment) against scipy, brute force and LP duality; its use in
 weight matching."""
+
 from __future__ import annotations
 
 import itertools
@@ -57,7 +58,7 @@ def test_warm_sequence_matches_brute_force(n: int, maximize: bool) -> None:
     solver = WarmAssignment(maximize=maximize, max_free_fraction=1.0)
     s = rng.standard_normal((n, n))
     perms = [np.array(q) for q in itertools.permutations(range(n))]
-    for step in range(6):
+    for _step in range(6):
         p = solver.solve(torch.from_numpy(s)).numpy()
         assert sorted(p.tolist()) == list(range(n))
         values = [value(s, q) for q in perms]
@@ -144,7 +145,7 @@ def test_ties_give_the_optimal_value(maximize: bool) -> None:
     rng = np.random.default_rng(5)
     solver = WarmAssignment(maximize=maximize, max_free_fraction=1.0)
     s = rng.integers(0, 3, size=(25, 25)).astype(float)
-    for step in range(8):
+    for _step in range(8):
         p = solver.solve(s).numpy()
         assert sorted(p.tolist()) == list(range(25))
         assert value(s, p) == value(s, scipy_perm(s, maximize))
@@ -176,7 +177,7 @@ def test_potential_recovery_and_centring_are_feasible_and_tight() -> None:
     u_c = c[rows, p] - center_potentials(c, p, v, sweeps=5)[p]
     margin_centred = (c - u_c[:, None] - center_potentials(c, p, v, sweeps=5)[None, :])[off].min()
     margin_sp = (c - (c[rows, p] - v[p])[:, None] - v[None, :])[off].min()
-    assert margin_sp == pytest.approx(0.0, abs=1e-12)        # shortest-path duals: some entry tight in each column
+    assert margin_sp == pytest.approx(0.0, abs=1e-12)  # shortest-path duals: some entry tight in each column
     assert margin_centred > 1e-6
 
 
@@ -230,7 +231,7 @@ def test_weight_matching_with_warm_state_matches_cold_calls() -> None:
     gen = torch.Generator().manual_seed(0)
     state = WeightMatchingState()
     last = None
-    for step in range(6):
+    for _step in range(6):
         warm = weight_matching(target, b, spec, warm=state)
         cold = weight_matching(target, b, spec, init=last)
         assert warm.perm == cold.perm
@@ -251,8 +252,9 @@ def test_warm_state_recovers_known_permutation_and_checks_spec() -> None:
     state = WeightMatchingState()
     res = weight_matching(a, pi.apply(a, spec), spec, warm=state)
     assert res.perm == pi.inverse() and res.distance_after == 0.0 and res.info["warm"]
-    other_spec = derive_spec(build_model("mlp", input_shape=(1, 1, 20), num_classes=5, hidden=[8, 8]),
-                             torch.zeros(2, 20))
+    other_spec = derive_spec(
+        build_model("mlp", input_shape=(1, 1, 20), num_classes=5, hidden=[8, 8]), torch.zeros(2, 20)
+    )
     b8 = {k: v for k, v in _mlp_params(4, [8, 8]).items()}
     with pytest.raises(ValueError, match="units"):
         weight_matching(b8, b8, other_spec, warm=state)

@@ -1,4 +1,5 @@
 """The command line end to end on a tiny real-MNIST run."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,18 @@ import pytest
 
 from lmclab.cli import main
 
-TINY = ["--train-per-class", "20", "--hidden", "16", "--epochs", "1", "--batch-size", "50", "--no-progress", "--offline"]
+TINY = [
+    "--train-per-class",
+    "20",
+    "--hidden",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "50",
+    "--no-progress",
+    "--offline",
+]
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -1,4 +1,5 @@
 """Config normalisation, content hashes (pinned), seeds and CLI flags."""
+
 from __future__ import annotations
 
 import argparse
@@ -98,8 +99,24 @@ def test_one_seed_sets_three_distinct_reproducible_streams() -> None:
 def test_cli_flags_override_a_preset() -> None:
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
-    args = parser.parse_args(["--lr", "0.05", "--milestones", "10,20", "--augment", "false", "--seed", "3",
-                              "--seed-data", "9", "--hidden", "64,32", "--train-per-class", "5"])
+    args = parser.parse_args(
+        [
+            "--lr",
+            "0.05",
+            "--milestones",
+            "10,20",
+            "--augment",
+            "false",
+            "--seed",
+            "3",
+            "--seed-data",
+            "9",
+            "--hidden",
+            "64,32",
+            "--train-per-class",
+            "5",
+        ]
+    )
     cfg = config_from_args(PRESETS["mlp_mnist"].config, args)
     assert cfg.train.lr == 0.05 and cfg.train.milestones == (10, 20)
     assert cfg.data.augment is False and cfg.data.train_per_class == 5

@@ -1,6 +1,8 @@
 """Tests for lmclab.data: real MNIST-family files, errors, subsets, DeviceDataset, image folders, CIFAR pickles."""
+
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -21,12 +23,21 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import lmclab.data as data
-from lmclab.data import (DATASET_NAMES, DataError, DatasetInfo, DeviceDataset, cache_dir, default_data_dirs,
-                         load_split, per_class_subset, stratified_subset)
-from lmclab.data import readers, registry
+from lmclab.data import (
+    DATASET_NAMES,
+    DataError,
+    DatasetInfo,
+    DeviceDataset,
+    cache_dir,
+    default_data_dirs,
+    load_split,
+    per_class_subset,
+    readers,
+    registry,
+    stratified_subset,
+)
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-               "t10k-labels-idx1-ubyte")
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +46,17 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.delenv("LMCLAB_DATA_DIR", raising=False)
     monkeypatch.delenv("LMCLAB_DATASET_MIRROR", raising=False)
     monkeypatch.setenv("LMCLAB_CACHE_DIR", str(tmp_path / "cache"))
-    for name in list(registry.MIRRORS):
-        monkeypatch.setitem(registry.MIRRORS, name, [])
+    for name in list(registry.DATASETS):
+        patch_source(monkeypatch, name, mirrors=())
     return tmp_path / "cache"
+
+
+def patch_source(monkeypatch: pytest.MonkeyPatch, name: str, **changes: object) -> None:
+    """Replace fields of dataset ``name``'s source for one test; a dict is merged into the field's mapping."""
+    entry = registry.DATASETS[name]
+    changes = {k: {**getattr(entry.source, k), **v} if isinstance(v, dict) else v for k, v in changes.items()}
+    source = dataclasses.replace(entry.source, **changes)  # type: ignore[arg-type]
+    monkeypatch.setitem(registry.DATASETS, name, dataclasses.replace(entry, source=source))
 
 
 def md5(path: Path) -> str:
@@ -94,14 +113,15 @@ def test_missing_data_lists_every_place(name: str, tmp_path: Path, monkeypatch: 
     msg = str(err.value)
     dirs = default_data_dirs(empty)
     assert len(dirs) == 4
+    src = registry.DATASETS[name].source
     for d in dirs:
-        if name in registry.IDX_FOLDERS:
+        if isinstance(src, registry.IdxSource):
             for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
-                raw = d / registry.IDX_FOLDERS[name] / "raw"
+                raw = d / src.folder / "raw"
                 assert str(raw / f) in msg and str(raw / f"{f}.gz") in msg
         else:
-            assert str(d / registry.CIFAR_FOLDERS[name]) in msg
-            assert str(d / registry.CIFAR_TARBALLS[name][0]) in msg
+            assert str(d / src.folder) in msg
+            assert str(d / src.tarball) in msg
             if name == "cifar10":
                 assert str(d / "cifar10-jpeg.zip") in msg
     assert "--data-dir" in msg and "LMCLAB_DATA_DIR" in msg and "download" in msg and "layout" in msg
@@ -115,8 +135,7 @@ def _copy_mnist(shared_data: Path, dest: Path, files: tuple[str, ...]) -> Path:
     return raw
 
 
-def test_corrupt_file_is_named_and_not_used(shared_data: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_corrupt_file_is_named_and_not_used(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = _copy_mnist(shared_data, tmp_path / "bad", MNIST_FILES[2:])
     bad = raw / "t10k-images-idx3-ubyte"
     content = bytearray(bad.read_bytes())
@@ -126,7 +145,7 @@ def test_corrupt_file_is_named_and_not_used(shared_data: Path, tmp_path: Path,
         load_split("mnist", "test", data_dir=tmp_path / "bad", download=False, progress=False)
     msg = str(err.value)
     assert str(bad) in msg and "NOT used" in msg
-    assert registry.IDX_SHA256["mnist"]["t10k-images-idx3-ubyte"] in msg
+    assert registry.DATASETS["mnist"].source.sha256["t10k-images-idx3-ubyte"] in msg  # type: ignore[union-attr]
     assert hashlib.sha256(bytes(content)).hexdigest() in msg
     # a valid copy later in the search order is used instead (with a warning about the bad one)
     monkeypatch.setenv("LMCLAB_DATA_DIR", str(shared_data))
@@ -224,8 +243,16 @@ def test_per_class_subset() -> None:
 
 
 def _info(channels: int = 3) -> DatasetInfo:
-    return DatasetInfo("toy", 4, (channels, 6, 5), (0.5, 0.25, 0.125)[:channels], (0.2, 0.4, 0.8)[:channels],
-                       True, ("a", "b", "c", "d"), "memory")
+    return DatasetInfo(
+        "toy",
+        4,
+        (channels, 6, 5),
+        (0.5, 0.25, 0.125)[:channels],
+        (0.2, 0.4, 0.8)[:channels],
+        True,
+        ("a", "b", "c", "d"),
+        "memory",
+    )
 
 
 def _toy(n: int = 10, augment: bool = True) -> DeviceDataset:
@@ -252,7 +279,7 @@ def _find_crop(original: torch.Tensor, out: torch.Tensor) -> list[tuple[int, int
     hits = []
     for dy in range(9):
         for dx in range(9):
-            crop = padded[:, dy:dy + h, dx:dx + w]
+            crop = padded[:, dy : dy + h, dx : dx + w]
             for flip in (False, True):
                 if torch.equal(crop.flip(-1) if flip else crop, out):
                     hits.append((dy, dx, flip))
@@ -317,8 +344,9 @@ def test_device_dataset_load_real(shared_data: Path) -> None:
 COLOURS = {"cat": (200, 10, 10), "ant": (10, 200, 10), "bee": (10, 10, 200)}
 
 
-def _png(path: Path, size: tuple[int, int] = (8, 8), colour: tuple[int, ...] | int = (0, 0, 0),
-         mode: str = "RGB") -> None:
+def _png(
+    path: Path, size: tuple[int, int] = (8, 8), colour: tuple[int, ...] | int = (0, 0, 0), mode: str = "RGB"
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, size, colour).save(path)
 
@@ -367,8 +395,7 @@ def test_imagefolder_greyscale_and_enclosing_folder(tmp_path: Path) -> None:
     assert torch.equal(x, load_split(f"imagefolder:{tree}", "train", progress=False)[0])
 
 
-def test_imagefolder_decoded_cache_is_reused(tmp_path: Path, isolated: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagefolder_decoded_cache_is_reused(tmp_path: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tree = _make_tree(tmp_path / "tree")
     x1, y1, _ = load_split(f"imagefolder:{tree}", "test", progress=False)
     cached = sorted((isolated / "decoded").glob("*.safetensors"))
@@ -437,8 +464,7 @@ class Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
 def write_cifar_batch(path: Path, data: np.ndarray, labels: list[int], label_key: bytes, style: str) -> None:
     """One batch file: ``py2`` (official: Python 2 strings, numpy.core names), ``py3-2`` (protocol 2 from
     Python 3, bytes via _codecs.encode) or ``py3`` (protocol 4)."""
-    entry = {b"batch_label": b"tiny", label_key: labels, b"data": data,
-             b"filenames": [b"x.png"] * len(labels)}
+    entry = {b"batch_label": b"tiny", label_key: labels, b"data": data, b"filenames": [b"x.png"] * len(labels)}
     if label_key == b"fine_labels":
         entry[b"coarse_labels"] = [0] * len(labels)
     if style == "py2":
@@ -453,19 +479,21 @@ def write_cifar_batch(path: Path, data: np.ndarray, labels: list[int], label_key
 
 def make_cifar(root: Path, name: str, monkeypatch: pytest.MonkeyPatch, rows: int = 3) -> dict[str, np.ndarray]:
     """Official-format batches under root/<folder>; md5 tables patched to match. Returns images per split."""
-    folder = root / registry.CIFAR_FOLDERS[name]
+    src = registry.DATASETS[name].source
+    assert isinstance(src, registry.CifarSource)
+    folder = root / src.folder
     rng = np.random.default_rng(0)
     key = b"labels" if name == "cifar10" else b"fine_labels"
     classes = 10 if name == "cifar10" else 100
     out: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    for split, files in registry.CIFAR_SPLIT_FILES[name].items():
+    for split, files in src.files.items():
         for i, f in enumerate(files):
             data = rng.integers(0, 256, (rows, 3072), dtype=np.uint8)
             labels = [int(v) for v in rng.integers(0, classes, rows)]
             write_cifar_batch(folder / f, data, labels, key, ("py2", "py3-2", "py3")[i % 3])
-            monkeypatch.setitem(registry.CIFAR_FILES_MD5[name], f, md5(folder / f))
             out[split].append(data)
             out.setdefault(f"{split}_labels", []).append(np.array(labels))
+    patch_source(monkeypatch, name, md5={f: md5(folder / f) for files in src.files.values() for f in files})
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -473,13 +501,15 @@ def make_cifar(root: Path, name: str, monkeypatch: pytest.MonkeyPatch, rows: int
 def test_cifar_official_format(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ref = make_cifar(tmp_path, name, monkeypatch)
     x, y, info = load_split(name, "train", data_dir=tmp_path, download=False, progress=False)
-    n_train = len(registry.CIFAR_SPLIT_FILES[name]["train"]) * 3
+    src = registry.DATASETS[name].source
+    assert isinstance(src, registry.CifarSource)
+    n_train = len(src.files["train"]) * 3
     assert x.shape == (n_train, 3, 32, 32) and x.dtype == torch.uint8 and x.is_contiguous()
     assert y.tolist() == ref["train_labels"].tolist() and info.num_classes == (10 if name == "cifar10" else 100)
     # row-major RGB planes: byte c*1024 + h*32 + w of row i is pixel (c, h, w)
     for i, c, h, w in [(0, 0, 0, 0), (n_train // 2, 2, 5, 7), (n_train - 1, 1, 31, 30)]:
         assert x[i, c, h, w].item() == ref["train"][i, c * 1024 + h * 32 + w]
-    assert info.source == str(tmp_path.absolute() / registry.CIFAR_FOLDERS[name])
+    assert info.source == str(tmp_path.absolute() / src.folder)
     test = DeviceDataset.load(name, "test", data_dir=tmp_path, download=False, progress=False)
     train = DeviceDataset.load(name, "train", data_dir=tmp_path, download=False, progress=False)
     assert len(test) == 3 and not test.augment and train.augment
@@ -488,7 +518,7 @@ def test_cifar_official_format(name: str, tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_cifar_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_cifar(tmp_path, "cifar100", monkeypatch)
-    monkeypatch.setitem(registry.CIFAR_FILES_MD5["cifar100"], "test", "0" * 32)
+    patch_source(monkeypatch, "cifar100", md5={"test": "0" * 32})
     with pytest.raises(DataError, match="md5 checksum mismatch") as err, pytest.warns(UserWarning):
         load_split("cifar100", "test", data_dir=tmp_path, download=False, progress=False)
     assert str(tmp_path.absolute() / "cifar-100-python" / "test") in str(err.value)
@@ -507,7 +537,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     marker = tmp_path / "pwned"
     evil = tmp_path / "cifar-10-batches-py" / "test_batch"
     evil.write_bytes(pickle.dumps({b"data": _Evil(marker), b"labels": [0]}, protocol=2))
-    monkeypatch.setitem(registry.CIFAR_FILES_MD5["cifar10"], "test_batch", md5(evil))
+    patch_source(monkeypatch, "cifar10", md5={"test_batch": md5(evil)})
     with pytest.raises(DataError, match="refusing to unpickle") as err, pytest.warns(UserWarning):
         load_split("cifar10", "test", data_dir=tmp_path, download=False, progress=False)
     assert "system" in str(err.value) and str(evil) in str(err.value)
@@ -528,18 +558,21 @@ def _tar(path: Path, members: dict[str, bytes]) -> Path:
 def test_cifar_tarball_is_extracted_safely(tmp_path: Path, isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     ref = make_cifar(src, "cifar10", monkeypatch)
-    members = {f"cifar-10-batches-py/{f}": (src / "cifar-10-batches-py" / f).read_bytes()
-               for f in registry.CIFAR_FILES_MD5["cifar10"]}
+    members = {
+        f"cifar-10-batches-py/{f}": (src / "cifar-10-batches-py" / f).read_bytes()
+        for files in registry.DATASETS["cifar10"].source.files.values()
+        for f in files
+    }
     data_dir = tmp_path / "dl"
     data_dir.mkdir()
     tarball = _tar(data_dir / "cifar-10-python.tar.gz", members)
-    monkeypatch.setitem(registry.CIFAR_TARBALLS, "cifar10", ("cifar-10-python.tar.gz", md5(tarball)))
+    patch_source(monkeypatch, "cifar10", tarball_md5=md5(tarball))
     x, y, _ = load_split("cifar10", "test", data_dir=data_dir, download=False, progress=False)
     assert torch.equal(x, torch.from_numpy(ref["test"].reshape(-1, 3, 32, 32)))
     assert (isolated / "data" / "cifar-10-batches-py" / "test_batch").is_file()
     # a tarball with a path-traversal member is refused and writes nothing outside the cache
     evil = _tar(data_dir / "cifar-10-python.tar.gz", {**members, "../escaped": b"x"})
-    monkeypatch.setitem(registry.CIFAR_TARBALLS, "cifar10", ("cifar-10-python.tar.gz", md5(evil)))
+    patch_source(monkeypatch, "cifar10", tarball_md5=md5(evil))
     shutil.rmtree(isolated / "data")
     with pytest.raises(DataError, match="unsafe member") as err, pytest.warns(UserWarning):
         load_split("cifar10", "train", data_dir=data_dir, download=False, progress=False)
@@ -548,7 +581,19 @@ def test_cifar_tarball_is_extracted_safely(tmp_path: Path, isolated: Path, monke
 
 
 def test_public_api_exports() -> None:
-    assert set(data.__all__) >= {"DATASET_NAMES", "DataError", "DatasetInfo", "DeviceDataset", "cache_dir",
-                                 "default_data_dirs", "load_split", "per_class_subset", "stratified_subset"}
-    assert DATASET_NAMES == ("mnist", "fashion_mnist", "cifar10", "cifar100")
+    assert set(data.__all__) >= {
+        "DATASET_NAMES",
+        "DataError",
+        "DatasetInfo",
+        "DeviceDataset",
+        "cache_dir",
+        "default_data_dirs",
+        "load_split",
+        "per_class_subset",
+        "stratified_subset",
+    }
+    assert DATASET_NAMES == ("mnist", "fashion_mnist", "cifar10", "cifar100") == tuple(registry.DATASETS)
+    assert DATASET_NAMES[0] == "mnist" and DATASET_NAMES[-2:] == ("cifar10", "cifar100") and "mnist" in DATASET_NAMES
+    assert list(registry.STATIC_INFO) == list(DATASET_NAMES)
+    assert registry.STATIC_INFO["cifar10"] is registry.DATASETS["cifar10"].info
     assert issubclass(DataError, Exception)

@@ -1,4 +1,5 @@
 """Directional derivatives of loss and logits (nested jvp and HVP) and the Taylor approximations built on them."""
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,7 @@ def batches(n: int = 12, features: int = 12, seed: int = 0, size: int = 5) -> li
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g, dtype=F64)
     y = torch.randint(0, C, (n,), generator=g)
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, n, size)]
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, n, size)]
 
 
 def deep_linear(depth: int = 3, features: int = 12, hidden: int = 6, seed: int = 0) -> nn.Module:
@@ -71,8 +72,9 @@ def deep_linear(depth: int = 3, features: int = 12, hidden: int = 6, seed: int =
 
 def smooth_mlp(seed: int = 0, act: type[nn.Module] = nn.Tanh) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 8), act(), nn.Linear(8, 8), nn.GELU() if act is nn.Tanh else act(),
-                         nn.Linear(8, C)).double()
+    return nn.Sequential(
+        nn.Linear(12, 8), act(), nn.Linear(8, 8), nn.GELU() if act is nn.Tanh else act(), nn.Linear(8, C)
+    ).double()
 
 
 def random_direction(model: nn.Module, scale: float = 0.3, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -158,11 +160,15 @@ def test_deep_linear_logits_are_exact_polynomials() -> None:
 
 def central_differences(f, h: float) -> list[float]:
     """f'(0) … f''''(0): central differences with steps h and h/2, Richardson-extrapolated (error O(h⁴))."""
+
     def raw(s: float) -> list[float]:
         g = {k: f(k * s) for k in (-2, -1, 0, 1, 2)}
-        return [(g[1] - g[-1]) / (2 * s), (g[1] - 2 * g[0] + g[-1]) / s ** 2,
-                (g[2] - 2 * g[1] + 2 * g[-1] - g[-2]) / (2 * s ** 3),
-                (g[2] - 4 * g[1] + 6 * g[0] - 4 * g[-1] + g[-2]) / s ** 4]
+        return [
+            (g[1] - g[-1]) / (2 * s),
+            (g[1] - 2 * g[0] + g[-1]) / s**2,
+            (g[2] - 2 * g[1] + 2 * g[-1] - g[-2]) / (2 * s**3),
+            (g[2] - 4 * g[1] + 6 * g[0] - 4 * g[-1] + g[-2]) / s**4,
+        ]
 
     coarse, fine = raw(h), raw(h / 2)
     return [(4 * b - a) / 3 for a, b in zip(coarse, fine)]
@@ -265,12 +271,13 @@ def test_nested_jvp_of_normalisations_is_exact() -> None:
         "group_norm": lambda a, t: F.group_norm(a, 2, w + t * u, w),
     }
     for name, op in norms.items():
-        def f(t: torch.Tensor) -> torch.Tensor:
+
+        def f(t: torch.Tensor, op=op) -> torch.Tensor:
             return (op(x + t * v, t) * weights).sum()
 
         t = torch.zeros((), dtype=F64, requires_grad=True)
-        g1, = torch.autograd.grad(f(t), t, create_graph=True)
-        g2, = torch.autograd.grad(g1, t)
+        (g1,) = torch.autograd.grad(f(t), t, create_graph=True)
+        (g2,) = torch.autograd.grad(g1, t)
         got = directional_taylor(f, 2, torch.zeros((), dtype=F64))
         assert got[1].item() == pytest.approx(g1.item(), rel=1e-10), name
         assert got[2].item() == pytest.approx(g2.item(), rel=1e-10), name
@@ -300,8 +307,10 @@ def test_layernorm_resnet_jvp_equals_hvp() -> None:
     other = build_model("resnet20", input_shape=(3, 6, 6), num_classes=C, norm="layernorm")
     data = toy_dataset(8, (3, 6, 6))
     d = {k: 0.2 * v for k, v in direction(model.state_dict(), other.state_dict(), parameter_names(model)).items()}
-    jv, hv = (loss_derivatives(model, model.state_dict(), d, data, order=2, method=m, dtype=F64).coefficients
-              for m in ("jvp", "hvp"))
+    jv, hv = (
+        loss_derivatives(model, model.state_dict(), d, data, order=2, method=m, dtype=F64).coefficients
+        for m in ("jvp", "hvp")
+    )
     torch.testing.assert_close(jv, hv, rtol=1e-9, atol=1e-12)
 
 
@@ -314,7 +323,7 @@ def per_input_class_reference(model: nn.Module, theta, d, x: torch.Tensor) -> to
     leaves = [theta[n].detach().clone().requires_grad_(True) for n in names]
     out = torch.zeros(len(x), C, 3, dtype=F64)
     for n in range(len(x)):
-        z = functional_call(model, dict(zip(names, leaves)), (x[n:n + 1],))[0]
+        z = functional_call(model, dict(zip(names, leaves)), (x[n : n + 1],))[0]
         for c in range(C):
             grads = torch.autograd.grad(z[c], leaves, create_graph=True, retain_graph=True)
             gd = sum((g * d[k]).sum() for g, k in zip(grads, names))
@@ -331,7 +340,9 @@ def test_logit_coefficients_per_input_and_against_a_loop() -> None:
     assert coeffs.shape == (7, C, 3)
     x = torch.cat([b[0] for b in data])
     for n in (0, 4, 6):
-        alone = logit_derivatives(model, theta, d, [(x[n:n + 1], torch.zeros(1, dtype=torch.long))], order=2, dtype=F64)
+        alone = logit_derivatives(
+            model, theta, d, [(x[n : n + 1], torch.zeros(1, dtype=torch.long))], order=2, dtype=F64
+        )
         torch.testing.assert_close(alone[0], coeffs[n], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(coeffs[:3], per_input_class_reference(model, theta, d, x[:3]), rtol=1e-10, atol=1e-12)
     # float32 by default, close to float64
@@ -359,7 +370,8 @@ def test_uneven_last_batch_is_weighted_exactly() -> None:
         torch.testing.assert_close(a.coefficients, b.coefficients, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(a.coefficients, c.coefficients, rtol=1e-6, atol=1e-7)
     assert a.coefficients[0].item() == pytest.approx(
-        F.cross_entropy(model.eval()(whole[0][0]), data.labels).item(), rel=1e-6)
+        F.cross_entropy(model.eval()(whole[0][0]), data.labels).item(), rel=1e-6
+    )
     la = logit_derivatives(model, theta, d, data, order=2, batch_size=50)
     assert la.shape == (53, C, 3)
     torch.testing.assert_close(la, logit_derivatives(model, theta, d, whole, order=2))
@@ -417,8 +429,13 @@ def test_path_approximations_centred_at_b_use_minus_d() -> None:
     data = batches()
     ca, cb = path_coefficients(model_a, theta_a, theta_b, data, order=2 * depth, loss_fn=squared_error, dtype=F64)
     lambdas = [i / 8 for i in range(9)]
-    truth = torch.tensor([mean_loss(model_a, {k: (1 - x) * theta_a[k] + x * theta_b[k] for k in theta_a}, data,
-                                    squared_error) for x in lambdas], dtype=F64)
+    truth = torch.tensor(
+        [
+            mean_loss(model_a, {k: (1 - x) * theta_a[k] + x * theta_b[k] for k in theta_a}, data, squared_error)
+            for x in lambdas
+        ],
+        dtype=F64,
+    )
     approx = path_approximations(ca, cb, lambdas, orders=(1, 2, 2 * depth))
     assert set(approx) == {(c, k) for c in "ab" for k in (1, 2, 2 * depth)}
     torch.testing.assert_close(approx[("a", 2 * depth)], truth, rtol=1e-10, atol=0.0)
@@ -434,7 +451,8 @@ def test_path_approximations_centred_at_b_use_minus_d() -> None:
     assert {r["center"] for r in rows} == {"a", "b", "true"}
     r = next(r for r in rows if r["center"] == "a" and r["order"] == 2 and r["lambda"] == 0.5)
     assert r["value"] == pytest.approx(approx[("a", 2)][4].item()) and r["error"] == pytest.approx(
-        r["value"] - truth[4].item())
+        r["value"] - truth[4].item()
+    )
     assert [(r["center"], r["order"]) for r in rows[::9]] == [("true", None), ("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     # the expansion points: (θ_A, d) and (θ_B, −d), d over the parameters only
     pd = path_direction(model_a, theta_a, theta_b)

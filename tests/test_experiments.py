@@ -1,5 +1,6 @@
 """Experiments end to end on the tiny Benkő preset (real MNIST): graph, caching, tables, figures,
 predictions and sharpness on the same runs."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from figures import check_logit_example, check_logit_rmse, check_loss_approximations, drawn
 
+from figures import check_logit_example, check_logit_rmse, check_loss_approximations, drawn
 from lmclab.cli import main
 from lmclab.experiments import settings
 from lmclab.experiments.benko import BenkoOptions, run_benko
@@ -28,8 +29,15 @@ from lmclab.store import RunStore
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("benko")
-    summary = run_benko("tiny", out=root / "out", runs_dir=str(root / "runs"), data_dir=str(shared_data),
-                        device="cpu", progress=False, say=lambda _: None)
+    summary = run_benko(
+        "tiny",
+        out=root / "out",
+        runs_dir=str(root / "runs"),
+        data_dir=str(shared_data),
+        device="cpu",
+        progress=False,
+        say=lambda _: None,
+    )
     return root, summary
 
 
@@ -64,16 +72,32 @@ def test_benko_tables_and_figures(tiny) -> None:  # type: ignore[no-untyped-def]
 
 def test_benko_rerun_recomputes_nothing(tiny, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
     root, _ = tiny
-    again = run_benko("tiny", out=root / "out2", runs_dir=str(root / "runs"), data_dir=str(shared_data),
-                      device="cpu", progress=False, say=lambda _: None)
+    again = run_benko(
+        "tiny",
+        out=root / "out2",
+        runs_dir=str(root / "runs"),
+        data_dir=str(shared_data),
+        device="cpu",
+        progress=False,
+        say=lambda _: None,
+    )
     assert {name.split("_")[0] for name in again["steps_run"]} <= {"train", "align"}  # stores of their own
 
 
 def test_predictions_and_sharpness_on_a_pair(tiny, shared_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     root, _ = tiny
     runs = RunStore(root / "runs").runs()
-    summary = predict_vs_measure(runs[0], runs[1], split="test", examples=200, points=5, out=tmp_path,
-                                 data_dir=str(shared_data), device="cpu", say=lambda _: None)
+    summary = predict_vs_measure(
+        runs[0],
+        runs[1],
+        split="test",
+        examples=200,
+        points=5,
+        out=tmp_path,
+        data_dir=str(shared_data),
+        device="cpu",
+        say=lambda _: None,
+    )
     blocks = read(summary["files"]["cross_blocks"])
     total = sum(float(r["value"]) for r in blocks)
     assert total == pytest.approx(summary["q1"] / 8, rel=1e-4)  # eq. 20 blocks sum to ⅛ dᵀH₁d
@@ -105,8 +129,8 @@ def test_layer_set_barrier_against_hand_made_layer_interpolation(shared_data: Pa
     from torch.func import functional_call
 
     from lmclab.data import DeviceDataset
-    from lmclab.paths import endpoint_losses, layer_set_barrier
     from lmclab.models import build_model
+    from lmclab.paths import endpoint_losses, layer_set_barrier
 
     data = DeviceDataset.load("mnist", "test", data_dir=shared_data, subset=200, progress=False)
     model = build_model("mlp", input_shape=(1, 28, 28), num_classes=10, hidden=[16, 16]).eval()
@@ -124,8 +148,10 @@ def test_layer_set_barrier_against_hand_made_layer_interpolation(shared_data: Pa
         return {k: ((1 - a) * theta_1[k] + a * theta_2[k]) if k in tensors else base[k] for k in base}
 
     lambdas = [0.0, 0.25, 0.5, 1.0]
-    expected = [(1 - a) * loss(only(theta_1, a)) + a * loss(only(theta_2, a)) - ((1 - a) * loss(theta_1) + a * loss(theta_2))
-                for a in lambdas]
+    expected = [
+        (1 - a) * loss(only(theta_1, a)) + a * loss(only(theta_2, a)) - ((1 - a) * loss(theta_1) + a * loss(theta_2))
+        for a in lambdas
+    ]
     got = layer_set_barrier(model, theta_1, theta_2, data, lambdas, tensors)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     ends = endpoint_losses(model, theta_1, theta_2, data)
@@ -151,7 +177,9 @@ def as_toml(value: object) -> object:
     return value
 
 
-@pytest.mark.parametrize(("experiment", "preset", "table"), raw_presets(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    ("experiment", "preset", "table"), raw_presets(), ids=lambda x: x if isinstance(x, str) else ""
+)
 def test_every_shipped_preset_loads_with_the_values_it_holds(experiment: str, preset: str, table: dict) -> None:
     e = EXPERIMENTS[experiment]
     options = e.load(preset)
@@ -205,8 +233,10 @@ def test_a_misspelled_key_is_refused_naming_the_valid_keys() -> None:
         parse_preset(BenkoOptions, bad, name="smoke", where="preset 'smoke' of benko.toml")
     message = str(info.value)
     assert "preset 'smoke' of benko.toml" in message
-    assert "valid keys: derivative_batch_size, description, logit_examples, logit_setting, orders, points, settings, " \
-           "splits" in message
+    assert (
+        "valid keys: derivative_batch_size, description, logit_examples, logit_setting, orders, points, settings, "
+        "splits" in message
+    )
     with pytest.raises(PresetError, match=r"preset 'smoke' of .*benko\.toml: unknown key 'pionts'"):
         load_preset_from(bad, "benko", "smoke")
 
@@ -216,13 +246,19 @@ def test_a_misspelled_key_is_refused_naming_the_valid_keys() -> None:
         parse_preset(BenkoOptions, {**smoke, "settings": settings})
 
     settings = [smoke["settings"][0], {**smoke["settings"][1], "options": {"order": [1, 2]}}]
-    with pytest.raises(PresetError, match=r"settings\[1\] \('resnet20x1_cifar10'\), options: unknown key 'order'; "
-                                          r"valid keys: derivative_batch_size, logit_examples, logit_setting, orders"):
+    with pytest.raises(
+        PresetError,
+        match=r"settings\[1\] \('resnet20x1_cifar10'\), options: unknown key 'order'; "
+        r"valid keys: derivative_batch_size, logit_examples, logit_setting, orders",
+    ):
         parse_preset(BenkoOptions, {**smoke, "settings": settings})
 
     ito = read_presets("ito")["smoke"]
-    with pytest.raises(PresetError, match=r"ste_mm: unknown key 'epoch'; valid keys: batch_size, dirichlet_alpha, "
-                                          r"epochs, lr, mixing, seed, train_examples"):
+    with pytest.raises(
+        PresetError,
+        match=r"ste_mm: unknown key 'epoch'; valid keys: batch_size, dirichlet_alpha, "
+        r"epochs, lr, mixing, seed, train_examples",
+    ):
         parse_preset(ItoOptions, {**ito, "ste_mm": {"epoch": 2}})
     with pytest.raises(PresetError, match="missing key 'points'"):
         parse_preset(BenkoOptions, {k: v for k, v in smoke.items() if k != "points"})
@@ -235,18 +271,24 @@ def load_preset_from(table: dict, experiment: str, name: str) -> object:
         return settings.load_preset(experiment, name, EXPERIMENTS[experiment].options_type)
 
 
-@pytest.mark.parametrize(("experiment", "change", "message"), [
-    ("benko", {"points": "25"}, "points must be an integer, got '25'"),
-    ("benko", {"points": 25.0}, "points must be an integer, got 25.0"),
-    ("benko", {"orders": [1, "2"]}, r"orders\[1\] must be an integer, got '2'"),
-    ("benko", {"splits": "test"}, "splits must be a list of strings, got 'test'"),
-    ("singh", {"gradient_terms": 1}, "gradient_terms must be true or false, got 1"),
-    ("singh", {"examples": True}, "examples must be an integer, got True"),
-    ("ito", {"ste_mm": {"lr": "fast"}}, "ste_mm: lr must be a number, got 'fast'"),
-    ("ito", {"trace": 5}, "trace must be a table, got 5"),
-    ("ito", {"settings": [{"name": "x", "label": "x", "preset": "mlp_mnist", "models": "3"}]},
-     r"settings\[0\] \('x'\): models must be an integer, got '3'"),
-])
+@pytest.mark.parametrize(
+    ("experiment", "change", "message"),
+    [
+        ("benko", {"points": "25"}, "points must be an integer, got '25'"),
+        ("benko", {"points": 25.0}, "points must be an integer, got 25.0"),
+        ("benko", {"orders": [1, "2"]}, r"orders\[1\] must be an integer, got '2'"),
+        ("benko", {"splits": "test"}, "splits must be a list of strings, got 'test'"),
+        ("singh", {"gradient_terms": 1}, "gradient_terms must be true or false, got 1"),
+        ("singh", {"examples": True}, "examples must be an integer, got True"),
+        ("ito", {"ste_mm": {"lr": "fast"}}, "ste_mm: lr must be a number, got 'fast'"),
+        ("ito", {"trace": 5}, "trace must be a table, got 5"),
+        (
+            "ito",
+            {"settings": [{"name": "x", "label": "x", "preset": "mlp_mnist", "models": "3"}]},
+            r"settings\[0\] \('x'\): models must be an integer, got '3'",
+        ),
+    ],
+)
 def test_a_wrongly_typed_value_is_refused(experiment: str, change: dict, message: str) -> None:
     table = {**read_presets(experiment)["tiny"], **change}
     with pytest.raises(PresetError, match=message):

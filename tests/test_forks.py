@@ -1,6 +1,7 @@
 """Forked training on real MNIST subsets: children start at the parent's exact state, reproduce it with
 the parent's seeds, diverge with their own, are cached and resumed like any run; the fork config keeps
 every earlier run hash."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,16 @@ from lmclab.training import CheckpointSchedule, RunOptions, child_config, fork, 
 PARENT = RunConfig(
     data=DataConfig("mnist", train_per_class=30, augment=True),
     model=ModelConfig("mlp", hidden=(32,)),
-    train=TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine",
-                      warmup_epochs=0.5, batch_size=50, epochs=3),
+    train=TrainConfig(
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-4,
+        schedule="cosine",
+        warmup_epochs=0.5,
+        batch_size=50,
+        epochs=3,
+    ),
     seeds=SeedConfig(1, 2, 3),
 )
 STEPS_PER_EPOCH, TOTAL = 6, 18
@@ -41,8 +50,7 @@ MID = 8  # a mid-epoch fork step (epoch 2, position 2)
 
 
 def options(runs: Path, shared: Path, **kw: object) -> RunOptions:
-    return RunOptions(runs_dir=str(runs), data_dir=str(shared), device="cpu", progress=False, download=False,
-                      **kw)  # type: ignore[arg-type]
+    return RunOptions(runs_dir=str(runs), data_dir=str(shared), device="cpu", progress=False, download=False, **kw)  # type: ignore[arg-type]
 
 
 def state(run: Run, step: int) -> dict[str, torch.Tensor]:
@@ -73,17 +81,22 @@ def test_child_with_the_parents_seeds_reproduces_the_parent(tmp_path: Path, shar
     assert parent.checkpoint_steps() == [TOTAL]
     final_before, meta_before = state(parent, TOTAL), parent.meta
     written_at = parent.checkpoint_path(TOTAL).stat().st_mtime_ns
-    reference = train(PARENT, options(tmp_path / "reference", shared_data,
-                                      checkpoints=CheckpointSchedule(every=1, steps=(MID,))))
+    reference = train(
+        PARENT, options(tmp_path / "reference", shared_data, checkpoints=CheckpointSchedule(every=1, steps=(MID,)))
+    )
     for config, fork_step in ((same_seeds_child(epoch=1), 6), (same_seeds_child(step=MID), MID)):
         child = train(config, options(tmp_path, shared_data))
         assert child.checkpoint_steps() == sorted({fork_step, 12, 18})  # fork step + every epoch by default
         for s in child.checkpoint_steps():
             assert_identical(state(child, s), state(reference, s))
         assert strip_time(child.meta.history) == strip_time(reference.meta.history)
-        assert child.meta.fork == ForkRecord(parent=PARENT.run_hash(), parent_run=parent.path.name,
-                                             parent_path=str(parent.path), step=fork_step,
-                                             epoch=fork_step / STEPS_PER_EPOCH)
+        assert child.meta.fork == ForkRecord(
+            parent=PARENT.run_hash(),
+            parent_run=parent.path.name,
+            parent_path=str(parent.path),
+            step=fork_step,
+            epoch=fork_step / STEPS_PER_EPOCH,
+        )
         assert child.parent == parent
         assert child.meta.resumed_from is None and child.meta.status == "complete"
     # filling the parent's checkpoints stopped at the fork steps: its final state and metadata are untouched
@@ -133,8 +146,7 @@ def test_fork_at_epoch_0_shares_the_initialisation_and_is_cached(
     assert len({r.path for runs in forks.values() for r in runs}) == 4
     parent = RunStore(tmp_path).find(PARENT)
     assert parent is not None and {0, 6, 18} <= set(parent.checkpoint_steps())
-    info = DeviceDataset.load("mnist", "train", data_dir=shared_data, per_class=30, download=False,
-                              progress=False).info
+    info = DeviceDataset.load("mnist", "train", data_dir=shared_data, per_class=30, download=False, progress=False).info
     init = init_model(PARENT, info).state_dict()
     for child in forks[0]:
         assert_identical(child.load_state(0), init)  # the initialisation, drawn independently here
@@ -147,7 +159,8 @@ def test_fork_at_epoch_0_shares_the_initialisation_and_is_cached(
     monkeypatch.setattr(loop_module, "train_step", lambda *a: (calls.append(1), real_step(*a))[1])
     again = fork(RunStore(tmp_path).get(parent.hash), [0, 1], 2, opts)  # a stored Run as parent this time
     assert calls == [] and {e: [r.path for r in rs] for e, rs in again.items()} == {
-        e: [r.path for r in rs] for e, rs in forks.items()}
+        e: [r.path for r in rs] for e, rs in forks.items()
+    }
 
 
 class Interrupt(Exception):
@@ -189,8 +202,9 @@ def test_bad_forks_are_clear_errors(tmp_path: Path, shared_data: Path) -> None:
     assert not tmp_path.exists() or RunStore(tmp_path).runs() == []  # no half-made child left behind
 
     train(PARENT, opts)
-    other_lr = dataclasses.replace(child_config(PARENT, epoch=1, child=0),
-                                   train=dataclasses.replace(PARENT.train, lr=0.1))
+    other_lr = dataclasses.replace(
+        child_config(PARENT, epoch=1, child=0), train=dataclasses.replace(PARENT.train, lr=0.1)
+    )
     with pytest.raises(ValueError, match="train"):
         train(other_lr, opts)
     with pytest.raises(ValueError, match="not before the end of training"):
@@ -218,8 +232,12 @@ def test_fork_section_keeps_earlier_hashes_and_round_trips() -> None:
     assert child_config(PARENT, epoch=1, child=0) == child  # deterministic seeds
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
-    flagged = config_from_args(PARENT, parser.parse_args(["--fork-parent", PARENT.run_hash(), "--fork-epoch", "1",
-                                                          "--seed-data", str(child.seeds.seed_data)]))
+    flagged = config_from_args(
+        PARENT,
+        parser.parse_args(
+            ["--fork-parent", PARENT.run_hash(), "--fork-epoch", "1", "--seed-data", str(child.seeds.seed_data)]
+        ),
+    )
     assert flagged.normalised() == child
 
 
@@ -244,8 +262,24 @@ def test_cli_fork(tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixtu
     assert "fork at epoch 1" in text and all(row["run"] in text for row in out["forks"]["1"])
     # `lmclab train … --fork-parent PREFIX` names the same child (reused, not retrained); `runs` marks children
     child0 = out["forks"]["1"][0]
-    assert main(["train", "mlp_mnist", *tiny, "--fork-parent", parent.hash[:8], "--fork-epoch", "1",
-                 "--seed-data", str(child0["seed_data"]), *io, "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "mlp_mnist",
+                *tiny,
+                "--fork-parent",
+                parent.hash[:8],
+                "--fork-epoch",
+                "1",
+                "--seed-data",
+                str(child0["seed_data"]),
+                *io,
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["path"] == child0["path"]
     assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
     assert f"fork of {parent.path.name} at epoch 1" in capsys.readouterr().out
@@ -260,8 +294,10 @@ def test_fork_step_trains_the_parent_first(tmp_path: Path, shared_data: Path) ->
     from lmclab.experiments.steps import fork_step, train_step
 
     parent = train_step("p", PARENT, checkpoints="epochs:1")
-    assert train_step("p", PARENT).key == Step("train", {"run": PARENT.normalised().to_dict(), "preset": None,
-                                                         "label": "p"}).key  # no spec: the old step key
+    assert (
+        train_step("p", PARENT).key
+        == Step("train", {"run": PARENT.normalised().to_dict(), "preset": None, "label": "p"}).key
+    )  # no spec: the old step key
     children = [fork_step(parent, PARENT, epoch=1, child=i, checkpoints="every:2") for i in range(2)]
     assert topological_order(children)[0] == parent and children[0].inputs == {"parent": parent}
     assert children[0].config["run"] == child_config(PARENT, epoch=1, child=0).normalised().to_dict()
@@ -270,8 +306,11 @@ def test_fork_step_trains_the_parent_first(tmp_path: Path, shared_data: Path) ->
     with pytest.raises(ValueError, match="bad checkpoint schedule"):
         train_step("p", PARENT, checkpoints="weekly:2")
 
-    executor = LocalExecutor(tmp_path, {"runs_dir": str(tmp_path), "data_dir": str(shared_data), "device": "cpu",
-                                        "progress": False}, progress=False)
+    executor = LocalExecutor(
+        tmp_path,
+        {"runs_dir": str(tmp_path), "data_dir": str(shared_data), "device": "cpu", "progress": False},
+        progress=False,
+    )
     results = executor.run(children)
     parent_run = Run(Path(results[parent.key]["run"]))
     assert parent_run.checkpoint_steps() == [6, TOTAL]

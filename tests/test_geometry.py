@@ -1,4 +1,5 @@
 """Sibling geometry against hand-made vectors and numpy; the toy landscapes against closed forms."""
+
 from __future__ import annotations
 
 import math
@@ -28,10 +29,16 @@ def point(w: list[float], b: list[float] | None = None) -> dict[str, torch.Tenso
     return p
 
 
-@pytest.mark.parametrize(("a", "b", "degrees"), [
-    ([1, 0], [0, 1], 90.0), ([1, 0], [1, 1], 45.0), ([1, 0], [-1, 0], 180.0), ([2, 0], [5, 0], 0.0),
-    ([1, 0], [-1, math.sqrt(3)], 120.0),
-])
+@pytest.mark.parametrize(
+    ("a", "b", "degrees"),
+    [
+        ([1, 0], [0, 1], 90.0),
+        ([1, 0], [1, 1], 45.0),
+        ([1, 0], [-1, 0], 180.0),
+        ([2, 0], [5, 0], 0.0),
+        ([1, 0], [-1, math.sqrt(3)], 120.0),
+    ],
+)
 def test_angle_and_cosine_of_hand_made_vectors(a: list[float], b: list[float], degrees: float) -> None:
     assert angle(point(a), point(b)) == pytest.approx(degrees, abs=1e-5)
     assert angle(point(a), point(b), degrees=False) == pytest.approx(math.radians(degrees), abs=1e-7)
@@ -143,8 +150,9 @@ def test_prediction_is_the_weighted_pair_of_taylor_models() -> None:
     assert toy.prediction(-1, 1, alpha) == pytest.approx(25 * alpha * (1 - alpha))  # L″(±1) = 12.5, d² = 4
     for a, b in toy.adjacent_pairs():
         d2 = (b - a) ** 2
-        taylor = ((1 - alpha) * 0.5 * alpha**2 * d2 * second_derivative(toy, a)
-                  + alpha * 0.5 * (1 - alpha) ** 2 * d2 * second_derivative(toy, b))
+        taylor = (1 - alpha) * 0.5 * alpha**2 * d2 * second_derivative(toy, a) + alpha * 0.5 * (
+            1 - alpha
+        ) ** 2 * d2 * second_derivative(toy, b)
         assert toy.prediction(a, b, alpha) == pytest.approx(taylor, rel=1e-5, abs=1e-9)
 
 

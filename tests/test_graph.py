@@ -1,4 +1,5 @@
 """The experiment graph: keys, dependency order, caching in the store, NaN handling, presets."""
+
 from __future__ import annotations
 
 import math
@@ -57,7 +58,10 @@ def test_unknown_kind_and_duplicate_registration(tmp_path: Path) -> None:
 
 
 def test_finite_or_none() -> None:
-    assert finite_or_none({"a": [1.0, math.inf, {"b": math.nan}], "c": "x"}) == {"a": [1.0, None, {"b": None}], "c": "x"}
+    assert finite_or_none({"a": [1.0, math.inf, {"b": math.nan}], "c": "x"}) == {
+        "a": [1.0, None, {"b": None}],
+        "c": "x",
+    }
 
 
 def test_benko_presets_load() -> None:
@@ -83,5 +87,8 @@ def test_step_keys_are_pinned_and_results_live_in_the_stores_step_directory(tmp_
     assert simple.key == "bc8b1ca06a336e51" and simple.name == f"x_{simple.key}"
     assert Step("y", {"p": "q"}, {"z": Step("x", {"a": 1}), "a": Step("x", {"a": 2})}).key == "da3485de417c9d0c"
     assert Step("x", {"p": Path("/a")}).key == Step("x", {"p": "/a"}).key  # values JSON cannot hold: str()
-    assert LocalExecutor(tmp_path, progress=False).directory(simple) == Store(tmp_path).step_dir("x", simple.key) \
+    assert (
+        LocalExecutor(tmp_path, progress=False).directory(simple)
+        == Store(tmp_path).step_dir("x", simple.key)
         == tmp_path / "steps" / simple.name
+    )

@@ -1,4 +1,5 @@
 """Hessian-vector products, Singh et al.'s barrier predictions, trace estimators, top eigenvalue."""
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ def batches64(n: int = 23, batch: int = 10, seed: int = 0) -> list[tuple[torch.T
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=g)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
 def toy_dataset(n: int = 23, seed: int = 0) -> DeviceDataset:
@@ -78,8 +79,9 @@ def test_hvp_matches_dense_hessian_uneven_batches(method: str, vectorize: bool) 
     out = hvp_many(model, None, vs, data, method=method, vectorize=vectorize)
     for v, hv in zip(vs, out):
         torch.testing.assert_close(flat(model, hv), h @ flat(model, v), atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(flat(model, hvp(model, None, vs[0], data, method=method)), h @ flat(model, vs[0]),
-                               atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(
+        flat(model, hvp(model, None, vs[0], data, method=method)), h @ flat(model, vs[0]), atol=1e-12, rtol=1e-10
+    )
 
 
 def test_mean_is_exact_over_uneven_batches_and_max_examples() -> None:
@@ -92,8 +94,9 @@ def test_mean_is_exact_over_uneven_batches_and_max_examples() -> None:
     for b in (10, 4):
         torch.testing.assert_close(flat(model, hvp(model, None, v, batches64(23, b))), whole, atol=1e-12, rtol=1e-10)
     head = flat(model, hvp(model, None, v, [(x[:17], y[:17])]))
-    torch.testing.assert_close(flat(model, hvp(model, None, v, batches64(23, 10), max_examples=17)), head,
-                               atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(
+        flat(model, hvp(model, None, v, batches64(23, 10), max_examples=17)), head, atol=1e-12, rtol=1e-10
+    )
 
 
 def test_hvp_fp32_device_dataset_matches_fp64_dense() -> None:
@@ -220,6 +223,7 @@ class Quadratic(nn.Module):
 def make_quadratic_loss(a: torch.Tensor, b: torch.Tensor):  # noqa: ANN201
     def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # summed over the batch
         return (0.5 * torch.einsum("ni,ij,nj->n", out, a, out) + out @ b).sum()
+
     return loss
 
 
@@ -237,8 +241,10 @@ def test_prop1_and_prop2_on_an_exact_quadratic() -> None:
     a = r @ r.T + 0.1 * torch.eye(5, dtype=torch.float64)
     b = torch.randn(5, generator=g, dtype=torch.float64)
     loss_fn = make_quadratic_loss(a, b)
-    data = [(torch.zeros(4, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.long)),
-            (torch.zeros(3, 1, dtype=torch.float64), torch.zeros(3, dtype=torch.long))]
+    data = [
+        (torch.zeros(4, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.long)),
+        (torch.zeros(3, 1, dtype=torch.float64), torch.zeros(3, dtype=torch.long)),
+    ]
     model = Quadratic()
     t1 = {"w": torch.randn(3, generator=g, dtype=torch.float64), "u": torch.randn(2, generator=g, dtype=torch.float64)}
     t2 = {"w": torch.randn(3, generator=g, dtype=torch.float64), "u": torch.randn(2, generator=g, dtype=torch.float64)}
@@ -263,9 +269,14 @@ def test_prop1_and_prop2_on_an_exact_quadratic() -> None:
     np.testing.assert_allclose(full.curve, true, atol=1e-12)
 
     for name in ("w", "u"):  # Singh's layer barrier (1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2]
-        layer_true = np.array([(1 - x) * big_l(lerp(t1, t2, x, only=[name], base="a"))
-                               + x * big_l(lerp(t1, t2, x, only=[name], base="b")) - ((1 - x) * l1 + x * l2)
-                               for x in alphas])
+        layer_true = np.array(
+            [
+                (1 - x) * big_l(lerp(t1, t2, x, only=[name], base="a"))
+                + x * big_l(lerp(t1, t2, x, only=[name], base="b"))
+                - ((1 - x) * l1 + x * l2)
+                for x in alphas
+            ]
+        )
         np.testing.assert_allclose(full.layers[name].curve, layer_true, atol=1e-12)
         dl = torch.cat([dvec[:3] * (name == "w"), dvec[3:] * (name == "u")])
         ql = float(dl @ a @ dl)
@@ -284,23 +295,27 @@ class Toy1D(nn.Module):
 def toy_loss(minima: tuple[float, ...]):  # noqa: ANN201
     def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # L(θ) = Π_i (θ − m_i)², summed over batch
         return torch.stack([(out[:, 0] - m) ** 2 for m in minima]).prod(dim=0).sum()
+
     return loss
 
 
-@pytest.mark.parametrize("minima, pair, q, closed_form, true_form", [
-    # Fig. 6(a): L = (θ²−1)², L'' = 12θ² − 4 = 8 at ±1, d = 2: q = 32, B(α) = 16α(1−α) (max 4);
-    # true: L(−1 + 2α) = 16α²(1−α)² (max 1)
-    ((-1.0, 1.0), (-1.0, 1.0), (32.0, 32.0), lambda a: 16 * a * (1 - a), lambda a: 16 * a**2 * (1 - a) ** 2),
-    # Fig. 6(b): L = p², p = (θ²−1)(θ²−2.25), L''(m) = 2p'(m)², p' = 2θ(2θ² − 3.25):
-    # L''(±1) = 2·2.5² = 12.5, L''(±1.5) = 2·3.75² = 28.125.
-    # (−1, 1): d = 2, q = 50, B(α) = 25α(1−α) (max 6.25); true max L(0) = 2.25² = 5.0625
-    ((-1.5, -1.0, 1.0, 1.5), (-1.0, 1.0), (50.0, 50.0), lambda a: 25 * a * (1 - a), None),
-    # (−1.5, 1.5): d = 3, q = 9·28.125 = 253.125, B(α) = 126.5625α(1−α) (max 31.640625): farther ⇒ higher
-    ((-1.5, -1.0, 1.0, 1.5), (-1.5, 1.5), (253.125, 253.125), lambda a: 126.5625 * a * (1 - a), None),
-    # (1, 1.5): d = ½, q_1 = 12.5/4 = 3.125 (at θ_1 = 1), q_2 = 28.125/4 = 7.03125 (at θ_2 = 1.5):
-    # B(α) = α(1−α)/2 (3.125α + 7.03125(1−α)) = α(1−α)(3.515625 − 1.953125α)
-    ((-1.5, -1.0, 1.0, 1.5), (1.0, 1.5), (3.125, 7.03125), lambda a: a * (1 - a) * (3.515625 - 1.953125 * a), None),
-])
+@pytest.mark.parametrize(
+    "minima, pair, q, closed_form, true_form",
+    [
+        # Fig. 6(a): L = (θ²−1)², L'' = 12θ² − 4 = 8 at ±1, d = 2: q = 32, B(α) = 16α(1−α) (max 4);
+        # true: L(−1 + 2α) = 16α²(1−α)² (max 1)
+        ((-1.0, 1.0), (-1.0, 1.0), (32.0, 32.0), lambda a: 16 * a * (1 - a), lambda a: 16 * a**2 * (1 - a) ** 2),
+        # Fig. 6(b): L = p², p = (θ²−1)(θ²−2.25), L''(m) = 2p'(m)², p' = 2θ(2θ² − 3.25):
+        # L''(±1) = 2·2.5² = 12.5, L''(±1.5) = 2·3.75² = 28.125.
+        # (−1, 1): d = 2, q = 50, B(α) = 25α(1−α) (max 6.25); true max L(0) = 2.25² = 5.0625
+        ((-1.5, -1.0, 1.0, 1.5), (-1.0, 1.0), (50.0, 50.0), lambda a: 25 * a * (1 - a), None),
+        # (−1.5, 1.5): d = 3, q = 9·28.125 = 253.125, B(α) = 126.5625α(1−α) (max 31.640625): farther ⇒ higher
+        ((-1.5, -1.0, 1.0, 1.5), (-1.5, 1.5), (253.125, 253.125), lambda a: 126.5625 * a * (1 - a), None),
+        # (1, 1.5): d = ½, q_1 = 12.5/4 = 3.125 (at θ_1 = 1), q_2 = 28.125/4 = 7.03125 (at θ_2 = 1.5):
+        # B(α) = α(1−α)/2 (3.125α + 7.03125(1−α)) = α(1−α)(3.515625 − 1.953125α)
+        ((-1.5, -1.0, 1.0, 1.5), (1.0, 1.5), (3.125, 7.03125), lambda a: a * (1 - a) * (3.515625 - 1.953125 * a), None),
+    ],
+)
 def test_singh_fig6_toy_landscapes(minima, pair, q, closed_form, true_form) -> None:  # noqa: ANN001
     model = Toy1D()
     data = [(torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.long))]
@@ -354,8 +369,9 @@ def test_hutchinson_ci_covers_spd_trace_and_coverage() -> None:
     covered = sum(r.ci_low <= exact <= r.ci_high for r in runs)
     assert covered >= 180
     # samples do not depend on how many probes share one product call
-    blocked = hutchinson_trace(None, like, probes=100, seed=0, block=7,
-                               matmat=lambda vs: [{"x": a @ v["x"]} for v in vs])
+    blocked = hutchinson_trace(
+        None, like, probes=100, seed=0, block=7, matmat=lambda vs: [{"x": a @ v["x"]} for v in vs]
+    )
     np.testing.assert_allclose(blocked.samples, est.samples, rtol=1e-14)
     gauss = hutchinson_trace(dense_matvec(a), like, probes=200, seed=0, distribution="gaussian")
     assert gauss.ci_low <= exact <= gauss.ci_high
@@ -371,8 +387,17 @@ def test_hutchinson_on_tiny_mlp_dense_hessian_coverage() -> None:
     assert sum(e.ci_low <= exact <= e.ci_high for e in runs[:20]) >= 16
     # the same through real HVPs over the data, several probes per data pass
     for method in ("hutchinson", "hutchpp"):
-        est = hessian_trace(model, None, data, method=method, probes=99, probes_per_pass=33, seed=0,
-                            hvp_method="forward_over_reverse", vectorize=True)
+        est = hessian_trace(
+            model,
+            None,
+            data,
+            method=method,
+            probes=99,
+            probes_per_pass=33,
+            seed=0,
+            hvp_method="forward_over_reverse",
+            vectorize=True,
+        )
         assert est.ci_low <= exact <= est.ci_high, (method, est, exact)
 
 
@@ -394,8 +419,9 @@ def test_scale_aware_trace_equals_dense_tr_dhd() -> None:
     dvec = flat(model, {n: p.detach().abs() for n, p in model.named_parameters()})
     exact = float(torch.trace(dvec[:, None] * h * dvec[None, :]))
     for method, probes in (("hutchinson", 200), ("hutchpp", 99)):
-        est = hessian_trace(model, None, data, method=method, scale_aware=True, probes=probes, probes_per_pass=50,
-                            vectorize=True)
+        est = hessian_trace(
+            model, None, data, method=method, scale_aware=True, probes=probes, probes_per_pass=50, vectorize=True
+        )
         assert est.ci_low <= exact <= est.ci_high, (method, est, exact)
         assert est.method.endswith("-scaled")
 

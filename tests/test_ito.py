@@ -1,5 +1,6 @@
 """Populations of aligned models (Ito et al.): merged metrics, all-pairs barriers, and the `ito` experiment
 end to end on the tiny preset (real MNIST)."""
+
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from figures import check_barriers_vs_k, check_heatmaps, check_merged_vs_k, check_trace_vs_k, drawn
 from torch import nn
 
+from figures import check_barriers_vs_k, check_heatmaps, check_merged_vs_k, check_trace_vs_k, drawn
 from lmclab.align.population import align_population
 from lmclab.data import DatasetInfo, DeviceDataset
 from lmclab.models import build_model
@@ -99,17 +100,26 @@ def test_all_pairs_table_and_symmetry(population) -> None:  # type: ignore[no-un
     summary = {(r["kind"], r["split"], r["metric"], r["definition"]): r for r in result.summary()}
     values = [r["barrier"] for r in result.pairs if r["split"] == "test" and r["metric"] == "loss"]
     s = summary[("pairs", "test", "loss", "barrier")]
-    assert (s["n"], s["max"], s["mean"], s["std"]) == (6, pytest.approx(max(values)), pytest.approx(np.mean(values)),
-                                                       pytest.approx(np.std(values)))
+    assert (s["n"], s["max"], s["mean"], s["std"]) == (
+        6,
+        pytest.approx(max(values)),
+        pytest.approx(np.mean(values)),
+        pytest.approx(np.std(values)),
+    )
 
 
 def test_pair_barrier_against_a_hand_computed_curve(population) -> None:  # type: ignore[no-untyped-def]
     model, _, points, datasets = population
     lam = [i / 6 for i in range(7)]
-    result = all_pairs_barriers(model, points[:3], {"test": datasets["test"]}, lambdas=lam, to_merged=False,
-                                progress=False)
-    losses = [manual_loss_accuracy(model, {k: (1 - x) * points[1][k] + x * points[2][k] for k in points[1]},
-                                   datasets["test"])[0] for x in lam]
+    result = all_pairs_barriers(
+        model, points[:3], {"test": datasets["test"]}, lambdas=lam, to_merged=False, progress=False
+    )
+    losses = [
+        manual_loss_accuracy(
+            model, {k: (1 - x) * points[1][k] + x * points[2][k] for k in points[1]}, datasets["test"]
+        )[0]
+        for x in lam
+    ]
     curve = np.array(losses) - ((1 - np.array(lam)) * losses[0] + np.array(lam) * losses[-1])
     row = next(r for r in result.pairs if (r["i"], r["j"], r["metric"]) == (1, 2, "loss"))
     assert row["barrier"] == pytest.approx(curve.max(), abs=1e-5)
@@ -160,8 +170,12 @@ def test_bn_statistics_are_reset_on_the_merged_model() -> None:
     points = [{k: v.detach().clone() for k, v in n.state_dict().items()} for n in nets]
     got = merged_metrics(nets[0], points, {"test": test}, bn_data=train)
     # by hand: mean of the weights; BN statistics of the merged net's pre-activations over the training data
-    mean = {k: torch.stack([p[k].double() for p in points]).mean(0).to(points[0][k].dtype)
-            if points[0][k].is_floating_point() else points[0][k] for k in points[0]}
+    mean = {
+        k: torch.stack([p[k].double() for p in points]).mean(0).to(points[0][k].dtype)
+        if points[0][k].is_floating_point()
+        else points[0][k]
+        for k in points[0]
+    }
     x, _ = next(train.batches(len(train)))
     h = x.flatten(1) @ mean["fc1.weight"].T + mean["fc1.bias"]
     mean["bn.running_mean"], mean["bn.running_var"] = h.mean(0), h.var(0, unbiased=True)
@@ -179,12 +193,38 @@ def test_bn_statistics_are_reset_on_the_merged_model() -> None:
 
 
 def test_summary_and_matrix_report_missing_values() -> None:
-    rows = [{"i": 0, "j": 1, "split": "test", "metric": "loss", "barrier": 0.5, "rebasin": 0.6, "midpoint": 0.4,
-             "argmax_lambda": 0.25},
-            {"i": 0, "j": 2, "split": "test", "metric": "loss", "barrier": None, "rebasin": None, "midpoint": None,
-             "argmax_lambda": None},
-            {"i": 1, "j": 2, "split": "test", "metric": "loss", "barrier": 1.5, "rebasin": 1.0, "midpoint": 1.0,
-             "argmax_lambda": 0.5}]
+    rows = [
+        {
+            "i": 0,
+            "j": 1,
+            "split": "test",
+            "metric": "loss",
+            "barrier": 0.5,
+            "rebasin": 0.6,
+            "midpoint": 0.4,
+            "argmax_lambda": 0.25,
+        },
+        {
+            "i": 0,
+            "j": 2,
+            "split": "test",
+            "metric": "loss",
+            "barrier": None,
+            "rebasin": None,
+            "midpoint": None,
+            "argmax_lambda": None,
+        },
+        {
+            "i": 1,
+            "j": 2,
+            "split": "test",
+            "metric": "loss",
+            "barrier": 1.5,
+            "rebasin": 1.0,
+            "midpoint": 1.0,
+            "argmax_lambda": 0.5,
+        },
+    ]
     s = next(r for r in summarize_barriers(rows) if r["definition"] == "barrier")
     assert (s["n"], s["n_missing"], s["max"], s["mean"], s["std"]) == (3, 1, 1.5, 1.0, 0.5)
     m = barrier_matrix(rows, 3, "test", "loss", "argmax_lambda")
@@ -206,8 +246,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: 
     from lmclab.experiments.ito import run_ito
 
     root = tmp_path_factory.mktemp("ito")
-    summary = run_ito("tiny", out=root / "out", runs_dir=str(root / "runs"), data_dir=str(shared_data), device="cpu",
-                      progress=False, say=lambda _: None)
+    summary = run_ito(
+        "tiny",
+        out=root / "out",
+        runs_dir=str(root / "runs"),
+        data_dir=str(shared_data),
+        device="cpu",
+        progress=False,
+        say=lambda _: None,
+    )
     return root, summary
 
 
@@ -218,15 +265,24 @@ def test_ito_tiny_tables_and_figures(tiny) -> None:  # type: ignore[no-untyped-d
     files = summary["files"]
     preset = load_ito_preset("tiny")
     methods, ks = preset.methods, [2, 3]
-    table = {name: [r for r in read(files[f"{name}_table"]) if r["setting"] == "mlp_tiny"]
-             for name in ("merged", "barrier_summary", "trace", "pair_barriers")}
+    table = {
+        name: [r for r in read(files[f"{name}_table"]) if r["setting"] == "mlp_tiny"]
+        for name in ("merged", "barrier_summary", "trace", "pair_barriers")
+    }
     check_merged_vs_k(drawn(files["merged_mlp_tiny"]), table["merged"])
     for kind in ("pairs", "to_merged"):
-        check_barriers_vs_k(drawn(files[f"barriers_{kind}_mlp_tiny"]),
-                            [r for r in table["barrier_summary"] if r["kind"] == kind])
+        check_barriers_vs_k(
+            drawn(files[f"barriers_{kind}_mlp_tiny"]), [r for r in table["barrier_summary"] if r["kind"] == kind]
+        )
     check_trace_vs_k(drawn(files["trace_mlp_tiny"]), table["trace"])
-    check_heatmaps(drawn(files["heatmap_mlp_tiny"]), [r for r in table["pair_barriers"] if r["k"] == "3"], 3,
-                   split="test", metric="loss", definition="barrier")  # the tiny preset's heat map, K = 3
+    check_heatmaps(
+        drawn(files["heatmap_mlp_tiny"]),
+        [r for r in table["pair_barriers"] if r["k"] == "3"],
+        3,
+        split="test",
+        metric="loss",
+        definition="barrier",
+    )  # the tiny preset's heat map, K = 3
     n_pairs, n_models = sum(k * (k - 1) // 2 for k in ks), sum(ks)
     assert len(read(files["pair_barriers_table"])) == len(methods) * n_pairs * 2 * 2  # splits × (loss, error)
     assert len(read(files["merged_barriers_table"])) == len(methods) * n_models * 2 * 2
@@ -258,8 +314,14 @@ def test_ito_tiny_merged_model_from_the_stored_permutations(tiny, shared_data: P
         points = [p.apply(run.load_state(), spec) for (p, spec, _), run in zip(perms, runs)]
         mean = {k: torch.stack([p[k] for p in points]).mean(0) for k in points[0]}
         loss, acc = manual_loss_accuracy(load_run_model(runs[0]), mean, test)
-        row = {r["metric"]: float(r["value"]) for r in table if r["method"] == res["method"]
-               and int(r["k"]) == res["k"] and r["model"] == "merged" and r["split"] == "test"}
+        row = {
+            r["metric"]: float(r["value"])
+            for r in table
+            if r["method"] == res["method"]
+            and int(r["k"]) == res["k"]
+            and r["model"] == "merged"
+            and r["split"] == "test"
+        }
         assert row["loss"] == pytest.approx(loss, rel=1e-5) and row["accuracy"] == pytest.approx(acc)
     # pairwise matching to model 0 does not depend on K: member 1's permutation is the same for K = 2 and 3
     pairwise = {}
@@ -288,10 +350,30 @@ def test_cli_merge_stored_runs(tiny, shared_data: Path, capsys: pytest.CaptureFi
 
     root, _ = tiny
     runs = RunStore(root / "runs").runs()[:3]
-    io = ["--runs-dir", str(root / "runs"), "--data-dir", str(shared_data), "--offline", "--device", "cpu",
-          "--no-progress"]
-    args = ["merge", *(r.hash[:8] for r in runs), "--method", "naive", "merge_many", "--points", "3", "--subset", "200",
-            "--out", str(root / "merge"), *io]
+    io = [
+        "--runs-dir",
+        str(root / "runs"),
+        "--data-dir",
+        str(shared_data),
+        "--offline",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    args = [
+        "merge",
+        *(r.hash[:8] for r in runs),
+        "--method",
+        "naive",
+        "merge_many",
+        "--points",
+        "3",
+        "--subset",
+        "200",
+        "--out",
+        str(root / "merge"),
+        *io,
+    ]
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     pairs = read(out["files"]["pair_barriers_table"])
@@ -323,8 +405,9 @@ def test_a_diverged_member_gives_missing_barriers_not_numbers(population, tmp_pa
     model, _, points, datasets = population
     broken = dict(points[3])
     broken["layers.0.linear.weight"] = torch.full_like(broken["layers.0.linear.weight"], float("nan"))
-    result = all_pairs_barriers(model, [*points[:3], broken], {"train": datasets["train"]}, lambdas=[0, 0.5, 1],
-                                to_merged=False, progress=False)
+    result = all_pairs_barriers(
+        model, [*points[:3], broken], {"train": datasets["train"]}, lambdas=[0, 0.5, 1], to_merged=False, progress=False
+    )
     for r in result.pairs:  # loss and error: NaN logits give NaN metrics, never an argmax of NaNs
         assert np.isnan(r["barrier"]) == (r["j"] == 3)
     s = next(r for r in result.summary() if (r["metric"], r["definition"]) == ("loss", "barrier"))

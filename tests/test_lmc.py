@@ -1,4 +1,5 @@
 """Two-model LMC end to end on tiny real-MNIST runs: align, verify, interpolate, report, CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from figures import check_paths, drawn
 
+from figures import check_paths, drawn
 from lmclab.align.weight_matching import spec_tensor_names
 from lmclab.cli import main
 from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
@@ -58,8 +59,12 @@ def stored(directory: Path) -> dict[str, tuple[int, int]]:
     return {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in sorted(directory.iterdir())}
 
 
-def test_align_runs_is_verified_cached_and_reduces_distance(pair, shared_data: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_align_runs_is_verified_cached_and_reduces_distance(
+    pair,
+    shared_data: Path,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     _, (run_a, run_b) = pair
     store = RunStore(tmp_path / "store")  # nothing aligned there yet
     calls = count_alignments(monkeypatch)
@@ -90,8 +95,18 @@ def test_align_runs_is_verified_cached_and_reduces_distance(pair, shared_data: P
 
 def test_interpolate_rows_and_report(pair, shared_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     store, (run_a, run_b) = pair
-    summary = lmc_pairs([(run_a, run_b)], method="weight", out=tmp_path / "lmc", say=lambda _: None, points=5,
-                       splits=("test",), subset=500, data_dir=str(shared_data), device="cpu", progress=False)
+    summary = lmc_pairs(
+        [(run_a, run_b)],
+        method="weight",
+        out=tmp_path / "lmc",
+        say=lambda _: None,
+        points=5,
+        splits=("test",),
+        subset=500,
+        data_dir=str(shared_data),
+        device="cpu",
+        progress=False,
+    )
     with open(summary["paths"]) as fh:
         rows = list(csv.DictReader(fh))
     assert {r["path"] for r in rows} == {"naive", "weight-matched"}
@@ -103,7 +118,12 @@ def test_interpolate_rows_and_report(pair, shared_data: Path, tmp_path: Path) ->
     perm1 = [r for r in rows if r["path"] == "weight-matched" and r["lambda"] == "1.0" and r["metric"] == "loss"]
     assert float(naive1[0]["value"]) == pytest.approx(float(perm1[0]["value"]), rel=1e-5)  # π(θ_B) ≡ θ_B
     barriers = {(b["path"], b["metric"]): float(b["barrier"]) for b in summary["barriers"]}
-    assert set(barriers) == {("naive", "loss"), ("naive", "error"), ("weight-matched", "loss"), ("weight-matched", "error")}
+    assert set(barriers) == {
+        ("naive", "loss"),
+        ("naive", "error"),
+        ("weight-matched", "loss"),
+        ("weight-matched", "error"),
+    }
     figure = drawn(summary["figure"])
     check_paths(figure, rows)  # the loss and accuracy of both paths at every λ, as in paths.csv
     assert figure.figure.get_suptitle() == f"{run_a.path.name} ↔ {run_b.path.name}"
@@ -122,11 +142,21 @@ def test_layerwise_selection(pair) -> None:  # type: ignore[no-untyped-def]
 
 def test_layerwise_path_only_moves_the_chosen_layer(pair, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
     _, (run_a, run_b) = pair
-    rows = interpolate_runs(run_a, run_b, points=3, splits=("test",), subset=300, layers=["head"],
-                            data_dir=str(shared_data), device="cpu", progress=False)
+    rows = interpolate_runs(
+        run_a,
+        run_b,
+        points=3,
+        splits=("test",),
+        subset=300,
+        layers=["head"],
+        data_dir=str(shared_data),
+        device="cpu",
+        progress=False,
+    )
     assert {r["layers"] for r in rows} == {"head"}
-    full = interpolate_runs(run_a, run_b, points=3, splits=("test",), subset=300, data_dir=str(shared_data),
-                            device="cpu", progress=False)
+    full = interpolate_runs(
+        run_a, run_b, points=3, splits=("test",), subset=300, data_dir=str(shared_data), device="cpu", progress=False
+    )
     from lmclab.data import DeviceDataset
     from lmclab.training import evaluate
 
@@ -145,13 +175,42 @@ def test_layerwise_path_only_moves_the_chosen_layer(pair, shared_data: Path) -> 
 
 def test_cli_align_and_interpolate(pair, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     store, (run_a, run_b) = pair
-    io = ["--runs-dir", str(store.root), "--data-dir", str(shared_data), "--offline", "--device", "cpu", "--no-progress"]
+    io = [
+        "--runs-dir",
+        str(store.root),
+        "--data-dir",
+        str(shared_data),
+        "--offline",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(["align", run_a.hash[:8], run_b.hash[:8], *io, "--json"]) == 0
     aligned = json.loads(capsys.readouterr().out)
     perm, spec, _ = Permutation.load(aligned["perm"])
     assert spec is not None and not perm.is_identity()
-    assert main(["interpolate", run_a.hash[:8], run_b.hash[:8], "--perm", aligned["perm"], "--points", "3",
-                 "--split", "test", "--subset", "200", "--out", str(tmp_path / "o"), *io, "--json"]) == 0
+    assert (
+        main(
+            [
+                "interpolate",
+                run_a.hash[:8],
+                run_b.hash[:8],
+                "--perm",
+                aligned["perm"],
+                "--points",
+                "3",
+                "--split",
+                "test",
+                "--subset",
+                "200",
+                "--out",
+                str(tmp_path / "o"),
+                *io,
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert len(result["barriers"]) == 4
     check_paths(drawn(tmp_path / "o" / "paths.png"), read(tmp_path / "o" / "paths.csv"))
@@ -159,12 +218,46 @@ def test_cli_align_and_interpolate(pair, shared_data: Path, tmp_path: Path, caps
     assert code == 2 and "layer groups" in capsys.readouterr().err
 
 
-def test_cli_several_pairs_give_mean_and_std(pair, shared_data: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_several_pairs_give_mean_and_std(
+    pair,
+    shared_data: Path,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     store, (run_a, run_b) = pair
-    io = ["--runs-dir", str(store.root), "--data-dir", str(shared_data), "--offline", "--device", "cpu", "--no-progress"]
-    assert main(["interpolate", run_a.hash, run_b.hash, run_b.hash, run_a.hash, "--align", "weight", "--points", "3",
-                 "--split", "test", "--subset", "200", "--out", str(tmp_path / "two"), *io]) == 0
+    io = [
+        "--runs-dir",
+        str(store.root),
+        "--data-dir",
+        str(shared_data),
+        "--offline",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    assert (
+        main(
+            [
+                "interpolate",
+                run_a.hash,
+                run_b.hash,
+                run_b.hash,
+                run_a.hash,
+                "--align",
+                "weight",
+                "--points",
+                "3",
+                "--split",
+                "test",
+                "--subset",
+                "200",
+                "--out",
+                str(tmp_path / "two"),
+                *io,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "weight-matched     test  loss  barrier" in printed and " ± " in printed
     rows = read(tmp_path / "two" / "paths.csv")
@@ -176,14 +269,26 @@ def test_cli_several_pairs_give_mean_and_std(pair, shared_data: Path, tmp_path: 
     assert "runs come in pairs" in capsys.readouterr().err
 
 
-def test_cli_align_ste_is_verified_cached_and_lowers_the_midpoint(pair, shared_data: Path,  # type: ignore[no-untyped-def]
-                                                                  capsys: pytest.CaptureFixture[str],
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_align_ste_is_verified_cached_and_lowers_the_midpoint(
+    pair,
+    shared_data: Path,  # type: ignore[no-untyped-def]
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from lmclab.data import DeviceDataset
     from lmclab.paths import evaluate_path
 
     store, (run_a, run_b) = pair
-    io = ["--runs-dir", str(store.root), "--data-dir", str(shared_data), "--offline", "--device", "cpu", "--no-progress"]
+    io = [
+        "--runs-dir",
+        str(store.root),
+        "--data-dir",
+        str(shared_data),
+        "--offline",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     args = ["align", run_a.hash[:8], run_b.hash[:8], "--method", "ste", "--ste-epochs", "1", "--examples", "300", *io]
     calls = count_alignments(monkeypatch)
     assert main([*args, "--json"]) == 0

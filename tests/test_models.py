@@ -1,4 +1,5 @@
 """Tests of lmclab.models: the model zoo by name."""
+
 from __future__ import annotations
 
 import copy
@@ -107,9 +108,7 @@ def test_mlp_parameter_count() -> None:
     expected = 784 * 512 + 512 + 2 * (512 * 512 + 512) + 512 * 10 + 10
     assert expected == 932_362
     assert count_parameters(model) == expected
-    model = build_model(
-        "mlp", input_shape=(3, 8, 8), num_classes=5, hidden=[16, 8], width=3
-    )
+    model = build_model("mlp", input_shape=(3, 8, 8), num_classes=5, hidden=[16, 8], width=3)
     assert count_parameters(model) == _mlp_count(3 * 64, (48, 24), 5)
 
 
@@ -120,14 +119,8 @@ def _resnet20_ln_count(w: int, cin: int, classes: int) -> int:
     # stage 1: 3 identity-shortcut blocks of two a→a convs and two norms
     stage1 = 3 * (2 * _conv(a, a, 3) + 2 * 2 * a)
     # stage 2: first block a→b (stride 2) with 1×1 conv + norm shortcut, then 2 plain blocks
-    stage2 = (
-        _conv(a, b, 3) + _conv(b, b, 3) + 2 * 2 * b + _conv(a, b, 1) + 2 * b
-        + 2 * (2 * _conv(b, b, 3) + 2 * 2 * b)
-    )
-    stage3 = (
-        _conv(b, c, 3) + _conv(c, c, 3) + 2 * 2 * c + _conv(b, c, 1) + 2 * c
-        + 2 * (2 * _conv(c, c, 3) + 2 * 2 * c)
-    )
+    stage2 = _conv(a, b, 3) + _conv(b, b, 3) + 2 * 2 * b + _conv(a, b, 1) + 2 * b + 2 * (2 * _conv(b, b, 3) + 2 * 2 * b)
+    stage3 = _conv(b, c, 3) + _conv(c, c, 3) + 2 * 2 * c + _conv(b, c, 1) + 2 * c + 2 * (2 * _conv(c, c, 3) + 2 * 2 * c)
     head = c * classes + classes
     return stem + stage1 + stage2 + stage3 + head
 
@@ -163,7 +156,7 @@ def test_resnet18_parameter_count() -> None:
     expected = _conv(3, 64, 3) + 2 * 64
     prev = 64
     for c in (64, 128, 256, 512):
-        for i in range(2):
+        for _block in range(2):
             expected += _conv(prev, c, 3) + _conv(c, c, 3) + 4 * c
             if prev != c:
                 expected += _conv(prev, c, 1) + 2 * c
@@ -201,9 +194,13 @@ def test_width_multiplies_channels() -> None:
 def test_readable_parameter_names() -> None:
     names = set(dict(_build("resnet20", "layernorm", (3, 32, 32)).named_parameters()))
     for key in (
-        "stem.conv.weight", "stem.norm.weight", "layers.0.0.conv1.weight",
-        "layers.1.0.shortcut.conv.weight", "layers.1.0.shortcut.norm.bias",
-        "head.weight", "head.bias",
+        "stem.conv.weight",
+        "stem.norm.weight",
+        "layers.0.0.conv1.weight",
+        "layers.1.0.shortcut.conv.weight",
+        "layers.1.0.shortcut.norm.bias",
+        "head.weight",
+        "head.bias",
     ):
         assert key in names
     r18 = dict(_build("resnet18", "batchnorm", (3, 32, 32)).state_dict())
@@ -215,9 +212,7 @@ def test_readable_parameter_names() -> None:
 
 def test_norm_choice_and_conv_bias() -> None:
     for name in CNNS:
-        for norm, norm_type in (
-            ("layernorm", LayerNorm2d), ("batchnorm", nn.BatchNorm2d), ("none", None)
-        ):
+        for norm, norm_type in (("layernorm", LayerNorm2d), ("batchnorm", nn.BatchNorm2d), ("none", None)):
             model = _build(name, norm, (1, 28, 28))
             convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
             assert convs
@@ -256,9 +251,7 @@ def test_seed_determinism(name: str) -> None:
 # ------------------------------------------------------------ LayerNorm2d
 
 
-def _reference_layernorm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> torch.Tensor:
+def _reference_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     nhwc = x.permute(0, 2, 3, 1).to(torch.float64)
     mean = nhwc.mean(dim=-1, keepdim=True)
     var = ((nhwc - mean) ** 2).mean(dim=-1, keepdim=True)
@@ -275,9 +268,7 @@ def test_layernorm2d_matches_reference() -> None:
         ln.weight.copy_(torch.randn(6))
         ln.bias.copy_(torch.randn(6))
     x = torch.randn(3, 6, 5, 4) * 3 + 1
-    torch.testing.assert_close(
-        ln(x), _reference_layernorm(x, ln.weight, ln.bias, ln.eps), rtol=0, atol=1e-5
-    )
+    torch.testing.assert_close(ln(x), _reference_layernorm(x, ln.weight, ln.bias, ln.eps), rtol=0, atol=1e-5)
     torch.fx.symbolic_trace(ln)
 
 
@@ -294,9 +285,7 @@ def test_layernorm2d_reference_and_permutation(channels: int, h: int, w: int, se
     x = torch.randn(2, channels, h, w, generator=gen)
     with torch.no_grad():
         y = ln(x)
-    torch.testing.assert_close(
-        y, _reference_layernorm(x, ln.weight, ln.bias, ln.eps), rtol=0, atol=1e-5
-    )
+    torch.testing.assert_close(y, _reference_layernorm(x, ln.weight, ln.bias, ln.eps), rtol=0, atol=1e-5)
     perm = torch.randperm(channels, generator=gen)
     permuted = LayerNorm2d(channels)
     with torch.no_grad():

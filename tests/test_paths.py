@@ -1,4 +1,5 @@
 """Paths: interpolation, barrier definitions on hand-made curves, BN reset and REPAIR by hand."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from figures import check_paths
 from torch import nn
 
+from figures import check_paths
 from lmclab.data import DatasetInfo, DeviceDataset
 from lmclab.models import build_model
 from lmclab.paths import (
@@ -37,7 +38,9 @@ def toy_dataset(n: int = 96, shape: tuple[int, int, int] = (1, 6, 6), classes: i
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
     labels = torch.arange(n) % classes
-    info = DatasetInfo("toy", classes, shape, (0.5,) * shape[0], (0.25,) * shape[0], False, tuple("abc"[:classes]), "test")
+    info = DatasetInfo(
+        "toy", classes, shape, (0.5,) * shape[0], (0.25,) * shape[0], False, tuple("abc"[:classes]), "test"
+    )
     return DeviceDataset(images, labels, info)
 
 
@@ -74,9 +77,12 @@ def test_barrier_refuses_nan_and_bad_grids() -> None:
 
 
 def test_barrier_report_groups_curves() -> None:
-    rows = [{"path": p, "split": "test", "metric": m, "lambda": x, "value": v}
-            for p, scale in (("naive", 1.0), ("permuted", 0.1))
-            for m in ("loss", "accuracy") for x, v in ((0, 0.0), (0.5, scale), (1, 0.0))]
+    rows = [
+        {"path": p, "split": "test", "metric": m, "lambda": x, "value": v}
+        for p, scale in (("naive", 1.0), ("permuted", 0.1))
+        for m in ("loss", "accuracy")
+        for x, v in ((0, 0.0), (0.5, scale), (1, 0.0))
+    ]
     report = {(r["path"], r["metric"]): r["barrier"] for r in barrier_report(rows)}
     assert report == {("naive", "loss"): 1.0, ("permuted", "loss"): 0.1}
 
@@ -93,16 +99,22 @@ def test_layer_set_barrier_of_all_tensors_is_the_barrier_curve() -> None:
     losses = path_losses(ma, a, b, data, lambdas)
     ends = endpoint_losses(ma, a, b, data)
     assert ends == (losses[0], losses[-1])
-    np.testing.assert_allclose(layer_set_barrier(ma, a, b, data, lambdas, list(a), ends),
-                               barrier_curve(lambdas, losses), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        layer_set_barrier(ma, a, b, data, lambdas, list(a), ends), barrier_curve(lambdas, losses), rtol=1e-6, atol=1e-7
+    )
     # no tensor interpolated: (1−α)L_1 + αL_2 minus itself
     np.testing.assert_allclose(layer_set_barrier(ma, a, b, data, lambdas, []), 0.0, atol=1e-7)
 
 
 def test_layer_groups_and_cumulative_orders() -> None:
     groups = layer_groups(make("resnet20", 0, norm="batchnorm"))
-    assert groups["stem.norm"] == ["stem.norm.weight", "stem.norm.bias", "stem.norm.running_mean",
-                                   "stem.norm.running_var", "stem.norm.num_batches_tracked"]
+    assert groups["stem.norm"] == [
+        "stem.norm.weight",
+        "stem.norm.bias",
+        "stem.norm.running_mean",
+        "stem.norm.running_var",
+        "stem.norm.num_batches_tracked",
+    ]
     names = list(groups)
     assert names[0] == "stem.conv" and names[-1] == "head"
     assert cumulative_layer_sets(names, "shallow")[1] == names[:2]
@@ -144,8 +156,10 @@ def test_bn_reset_equals_a_recomputation_by_hand() -> None:
     torch.testing.assert_close(bn.running_mean, torch.cat(conv_outputs).mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("name", "kw"), [("mlp", {"hidden": (16, 16)}), ("resnet20", {"norm": "layernorm"}),
-                                          ("resnet20", {"norm": "batchnorm"})])
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [("mlp", {"hidden": (16, 16)}), ("resnet20", {"norm": "layernorm"}), ("resnet20", {"norm": "batchnorm"})],
+)
 def test_repair_reaches_the_goal_statistics(name: str, kw: dict) -> None:
     """With one batch holding all the data, REPAIR's folded network has exactly the goal channel stats."""
     data = toy_dataset(n=64)
@@ -174,8 +188,16 @@ def test_bn_modes_on_a_path() -> None:
     data = toy_dataset(n=60)
     ma, mb = make("resnet20", 0, norm="batchnorm"), make("resnet20", 1, norm="batchnorm")
     for bn in ("none", "reset", "repair"):
-        rows = evaluate_path(ma, ma.state_dict(), mb.state_dict(), {"test": data}, lambdas=[0, 0.5, 1], bn=bn,
-                             bn_data=data, progress=False)
+        rows = evaluate_path(
+            ma,
+            ma.state_dict(),
+            mb.state_dict(),
+            {"test": data},
+            lambdas=[0, 0.5, 1],
+            bn=bn,
+            bn_data=data,
+            progress=False,
+        )
         assert len(rows) == 9 and all(np.isfinite(r["value"]) for r in rows)
     with pytest.raises(ValueError, match="needs bn_data"):
         evaluate_path(ma, ma.state_dict(), mb.state_dict(), {"test": data}, bn="reset")

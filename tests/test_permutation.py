@@ -1,4 +1,5 @@
 """Permutation specs derived from fx graphs; invariance f(π(θ)) == f(θ); activation capture; offsets."""
+
 from __future__ import annotations
 
 import copy
@@ -72,8 +73,11 @@ def assert_symmetry(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, se
 
 
 def _norm_axes(prefix: str, norm: str) -> list[AxisRef]:
-    names = {"layernorm": ("weight", "bias"), "batchnorm": ("weight", "bias", "running_mean", "running_var"),
-             "none": ()}[norm]
+    names = {
+        "layernorm": ("weight", "bias"),
+        "batchnorm": ("weight", "bias", "running_mean", "running_var"),
+        "none": (),
+    }[norm]
     return [AxisRef(f"{prefix}.{n}", 0) for n in names]
 
 
@@ -87,14 +91,20 @@ def hand_mlp(hidden: tuple[int, ...]) -> PermutationSpec:
     groups = []
     for i, h in enumerate(hidden):
         nxt = f"layers.{i + 1}.linear.weight" if i + 1 < len(hidden) else "head.weight"
-        groups.append(PermGroup(f"P_layers.{i}.linear", h, (AxisRef(f"layers.{i}.linear.weight", 0),
-                                                           AxisRef(f"layers.{i}.linear.bias", 0), AxisRef(nxt, 1)),
-                                (f"layers_{i}_act",)))
+        groups.append(
+            PermGroup(
+                f"P_layers.{i}.linear",
+                h,
+                (AxisRef(f"layers.{i}.linear.weight", 0), AxisRef(f"layers.{i}.linear.bias", 0), AxisRef(nxt, 1)),
+                (f"layers_{i}_act",),
+            )
+        )
     return PermutationSpec(tuple(groups))
 
 
-def hand_resnet(stem: int, widths: tuple[int, ...], depths: tuple[int, ...], strides: tuple[int, ...],
-                norm: str) -> PermutationSpec:
+def hand_resnet(
+    stem: int, widths: tuple[int, ...], depths: tuple[int, ...], strides: tuple[int, ...], norm: str
+) -> PermutationSpec:
     """One group per block's inner channels; one per residual stream: stem (or a projection block's
     conv2) + every block's conv2 output + the shortcut conv, read by the next convs / the head."""
     groups: list[PermGroup] = []
@@ -107,16 +117,26 @@ def hand_resnet(stem: int, widths: tuple[int, ...], depths: tuple[int, ...], str
     for s, (w, d, st_) in enumerate(zip(widths, depths, strides)):
         for b in range(d):
             p, n = f"layers.{s}.{b}", f"layers_{s}_{b}"
-            groups.append(PermGroup(f"P_{p}.conv1", w, tuple(_conv_out(f"{p}.conv1", f"{p}.norm1", norm)
-                                                               + [AxisRef(f"{p}.conv2.weight", 1)]), (f"{n}_act1",)))
+            groups.append(
+                PermGroup(
+                    f"P_{p}.conv1",
+                    w,
+                    tuple(_conv_out(f"{p}.conv1", f"{p}.norm1", norm) + [AxisRef(f"{p}.conv2.weight", 1)]),
+                    (f"{n}_act1",),
+                )
+            )
             stream["axes"].append(AxisRef(f"{p}.conv1.weight", 1))
             stream["acts"].append(reads)
             if (st_ if b == 0 else 1) != 1 or prev != w:
                 stream["axes"].append(AxisRef(f"{p}.shortcut.conv.weight", 1))
                 close()
-                stream = {"name": f"P_{p}.conv2", "size": w, "acts": [],
-                          "axes": _conv_out(f"{p}.conv2", f"{p}.norm2", norm)
-                          + _conv_out(f"{p}.shortcut.conv", f"{p}.shortcut.norm", norm)}
+                stream = {
+                    "name": f"P_{p}.conv2",
+                    "size": w,
+                    "acts": [],
+                    "axes": _conv_out(f"{p}.conv2", f"{p}.norm2", norm)
+                    + _conv_out(f"{p}.shortcut.conv", f"{p}.shortcut.norm", norm),
+                }
             else:
                 stream["axes"] += _conv_out(f"{p}.conv2", f"{p}.norm2", norm)
             reads, prev = f"{n}_act2", w
@@ -260,12 +280,19 @@ def test_flatten_conv_to_linear_has_block_hw(view: bool) -> None:
     torch.manual_seed(0)
     model = ConvFlat(view)
     spec = derive_spec(model, torch.randn(2, 3, 8, 8))
-    expected = PermutationSpec((
-        PermGroup("P_conv", 4, (AxisRef("conv.weight", 0), AxisRef("conv.bias", 0), AxisRef("fc.weight", 1, 16)),
-                  ("max_pool2d",)),
-        PermGroup("P_fc", 5, (AxisRef("fc.weight", 0), AxisRef("fc.bias", 0), AxisRef("out.weight", 1)),
-                  ("relu_1",)),
-    ))
+    expected = PermutationSpec(
+        (
+            PermGroup(
+                "P_conv",
+                4,
+                (AxisRef("conv.weight", 0), AxisRef("conv.bias", 0), AxisRef("fc.weight", 1, 16)),
+                ("max_pool2d",),
+            ),
+            PermGroup(
+                "P_fc", 5, (AxisRef("fc.weight", 0), AxisRef("fc.bias", 0), AxisRef("out.weight", 1)), ("relu_1",)
+            ),
+        )
+    )
     assert spec.canonical() == expected.canonical()
     assert_symmetry(model, spec, torch.randn(3, 3, 8, 8))
 
@@ -294,13 +321,35 @@ def test_concatenation_along_channels() -> None:
     model = randomize_(CatNet(), 1)
     spec = derive_spec(model, torch.randn(2, 3, 8, 8))
     bn = [f"bn.{t}" for t in ("weight", "bias", "running_mean", "running_var")]
-    expected = PermutationSpec((
-        PermGroup("P_a", 4, (AxisRef("a.weight", 0), AxisRef("a.bias", 0), *(AxisRef(t, 0, 1, 0) for t in bn),
-                             AxisRef("c.weight", 1, 1, 0), AxisRef("fc.weight", 1, 4, 24)), ("relu",)),
-        PermGroup("P_b", 5, (AxisRef("b.weight", 0), AxisRef("b.bias", 0), *(AxisRef(t, 0, 1, 4) for t in bn),
-                             AxisRef("c.weight", 1, 1, 4), AxisRef("fc.weight", 1, 4, 40)), ("relu_1",)),
-        PermGroup("P_c", 6, (AxisRef("c.weight", 0), AxisRef("fc.weight", 1, 4, 0)), ("c",)),
-    ))
+    expected = PermutationSpec(
+        (
+            PermGroup(
+                "P_a",
+                4,
+                (
+                    AxisRef("a.weight", 0),
+                    AxisRef("a.bias", 0),
+                    *(AxisRef(t, 0, 1, 0) for t in bn),
+                    AxisRef("c.weight", 1, 1, 0),
+                    AxisRef("fc.weight", 1, 4, 24),
+                ),
+                ("relu",),
+            ),
+            PermGroup(
+                "P_b",
+                5,
+                (
+                    AxisRef("b.weight", 0),
+                    AxisRef("b.bias", 0),
+                    *(AxisRef(t, 0, 1, 4) for t in bn),
+                    AxisRef("c.weight", 1, 1, 4),
+                    AxisRef("fc.weight", 1, 4, 40),
+                ),
+                ("relu_1",),
+            ),
+            PermGroup("P_c", 6, (AxisRef("c.weight", 0), AxisRef("fc.weight", 1, 4, 0)), ("c",)),
+        )
+    )
     assert spec.canonical() == expected.canonical()
     model.train()
     assert_symmetry(model, spec, torch.randn(4, 3, 8, 8), seed=3)
@@ -344,9 +393,20 @@ class ResidualBlock(nn.Module):
 
 def outside_model() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(1, 8), nn.GELU(), ResidualBlock(8), nn.AvgPool2d(2),
-        ResidualBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 12), nn.LayerNorm(12), nn.SiLU(),
-        nn.Dropout(0.2), nn.Linear(12, 10))
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(1, 8),
+        nn.GELU(),
+        ResidualBlock(8),
+        nn.AvgPool2d(2),
+        ResidualBlock(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 12),
+        nn.LayerNorm(12),
+        nn.SiLU(),
+        nn.Dropout(0.2),
+        nn.Linear(12, 10),
+    )
 
 
 def test_outside_model_from_standard_layers() -> None:
@@ -355,12 +415,29 @@ def test_outside_model_from_standard_layers() -> None:
     spec = derive_spec(model, torch.randn(2, 3, 8, 8))
     assert spec.names == ["P_0", "P_8"]
     stream = spec.group("P_0")
-    assert {a.tensor for a in stream.axes} == {"0.weight", "0.bias", "1.weight", "1.bias", "3.conv.weight",
-                                               "3.conv.bias", "3.norm.weight", "3.norm.bias", "5.conv.weight",
-                                               "5.conv.bias", "5.norm.weight", "5.norm.bias", "8.weight"}
+    assert {a.tensor for a in stream.axes} == {
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "3.conv.weight",
+        "3.conv.bias",
+        "3.norm.weight",
+        "3.norm.bias",
+        "5.conv.weight",
+        "5.conv.bias",
+        "5.norm.weight",
+        "5.norm.bias",
+        "8.weight",
+    }
     assert AxisRef("3.conv.weight", 0) in stream.axes and AxisRef("3.conv.weight", 1) in stream.axes
-    assert set(spec.group("P_8").axes) == {AxisRef("8.weight", 0), AxisRef("8.bias", 0), AxisRef("9.weight", 0),
-                                           AxisRef("9.bias", 0), AxisRef("12.weight", 1)}
+    assert set(spec.group("P_8").axes) == {
+        AxisRef("8.weight", 0),
+        AxisRef("8.bias", 0),
+        AxisRef("9.weight", 0),
+        AxisRef("9.bias", 0),
+        AxisRef("12.weight", 1),
+    }
     model.train()
     assert_symmetry(model, spec, torch.randn(4, 3, 8, 8))
 
@@ -398,9 +475,18 @@ def test_convnext_style_model() -> None:
     spec = derive_spec(model, torch.randn(2, 3, 8, 8))
     assert spec.names == ["P_stem", "P_pw1"]  # the SE gate multiplies the stream: se's units are its units
     stream = set(spec.group("P_stem").axes)
-    assert {AxisRef("dw.weight", 0, 2), AxisRef("dw.bias", 0, 2), AxisRef("norm.weight", 0, 2),
-            AxisRef("pw1.weight", 1, 2), AxisRef("gamma", 0), AxisRef("scale", 0), AxisRef("prelu.weight", 0),
-            AxisRef("se.weight", 0), AxisRef("se.weight", 1), AxisRef("head.weight", 1)} <= stream
+    assert {
+        AxisRef("dw.weight", 0, 2),
+        AxisRef("dw.bias", 0, 2),
+        AxisRef("norm.weight", 0, 2),
+        AxisRef("pw1.weight", 1, 2),
+        AxisRef("gamma", 0),
+        AxisRef("scale", 0),
+        AxisRef("prelu.weight", 0),
+        AxisRef("se.weight", 0),
+        AxisRef("se.weight", 1),
+        AxisRef("head.weight", 1),
+    } <= stream
     assert_symmetry(model, spec, torch.randn(3, 3, 8, 8))
 
 
@@ -457,8 +543,12 @@ def test_functional_layers_on_parameters() -> None:
     torch.manual_seed(0)
     model = Functional()
     spec = derive_spec(model, torch.randn(2, 3, 5, 5))
-    expected = PermGroup("P_w1", 4, tuple(AxisRef(t, 0) for t in ("w1", "b1", "mean", "var", "gamma", "beta"))
-                         + (AxisRef("w2", 1),), ("mean_1",))
+    expected = PermGroup(
+        "P_w1",
+        4,
+        tuple(AxisRef(t, 0) for t in ("w1", "b1", "mean", "var", "gamma", "beta")) + (AxisRef("w2", 1),),
+        ("mean_1",),
+    )
     assert spec.canonical() == PermutationSpec((expected,)).canonical()
     assert_symmetry(model, spec, torch.randn(3, 3, 5, 5))
 
@@ -527,15 +617,23 @@ class Opaque(nn.Module):
         return x * self.w.flip(0)
 
 
-@pytest.mark.parametrize("layer,pattern", [
-    (nn.GroupNorm(2, 4), "GroupNorm with 2 groups"),
-    (nn.Conv2d(4, 4, 3, padding=1, groups=2), "grouped convolution"),
-    (nn.ChannelShuffle(2), "ChannelShuffle"),
-    (nn.PixelShuffle(2), "PixelShuffle"),
-])
+@pytest.mark.parametrize(
+    "layer,pattern",
+    [
+        (nn.GroupNorm(2, 4), "GroupNorm with 2 groups"),
+        (nn.Conv2d(4, 4, 3, padding=1, groups=2), "grouped convolution"),
+        (nn.ChannelShuffle(2), "ChannelShuffle"),
+        (nn.PixelShuffle(2), "PixelShuffle"),
+    ],
+)
 def test_unsupported_layers(layer: nn.Module, pattern: str) -> None:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), layer, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4 if not isinstance(layer, nn.PixelShuffle) else 1, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        layer,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 if not isinstance(layer, nn.PixelShuffle) else 1, 2),
+    )
     with pytest.raises(SpecError, match=pattern) as err:
         derive_spec(model, torch.randn(2, 3, 4, 4))
     assert "(call_module 1)" in str(err.value)
@@ -575,8 +673,9 @@ def test_verify_rejects_wrong_permutations() -> None:
     # a spec that forgets the BN running statistics of one layer fails in eval mode only
     g = spec.group("P_layers.0.0.conv1")
     axes = tuple(a for a in g.axes if a.tensor != "layers.0.0.norm1.running_mean")
-    broken = PermutationSpec(tuple(PermGroup(h.name, h.size, axes, h.activations) if h.name == g.name else h
-                                   for h in spec.groups))
+    broken = PermutationSpec(
+        tuple(PermGroup(h.name, h.size, axes, h.activations) if h.name == g.name else h for h in spec.groups)
+    )
     diffs = check_invariance(model, broken, perm, x)
     assert diffs["eval"] > 1e-3 and diffs["train"] < 1e-9
     with pytest.raises(SpecError, match="eval mode"):
@@ -615,8 +714,11 @@ def test_capture_activations_matches_forward_hooks() -> None:
     got = capture_activations(model, x, names)
     assert set(got) == set(names)
     hooked: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: hooked.__setitem__(n, out.detach()))
-               for n, m in model.named_modules() if n.replace(".", "_") in names]
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, n=n: hooked.__setitem__(n, out.detach()))
+        for n, m in model.named_modules()
+        if n.replace(".", "_") in names
+    ]
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -653,8 +755,9 @@ def test_axis_offsets_in_spec() -> None:
     assert PermutationSpec.from_dict(d) == spec
     # overlapping or out-of-range slices are rejected; a lone ref at offset 0 must cover the axis
     with pytest.raises(SpecError, match="claimed by both"):
-        PermutationSpec((PermGroup("A", 3, (AxisRef("w", 1, 1, 0),)),
-                         PermGroup("B", 3, (AxisRef("w", 1, 1, 2),)))).check(params)
+        PermutationSpec(
+            (PermGroup("A", 3, (AxisRef("w", 1, 1, 0),)), PermGroup("B", 3, (AxisRef("w", 1, 1, 2),)))
+        ).check(params)
     with pytest.raises(SpecError, match="no entries"):
         PermutationSpec((PermGroup("B", 3, (AxisRef("w", 1, 1, 7),)),)).check(params)
     with pytest.raises(SpecError, match="not 4 units"):

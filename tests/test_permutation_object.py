@@ -1,4 +1,5 @@
 """The Permutation object: apply by hand, inverse, composition, save/load, validation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,11 @@ SPEC = PermutationSpec((PermGroup("h", 3, (AxisRef("w1", 0), AxisRef("b1", 0), A
 
 
 def test_apply_by_hand_with_blocks() -> None:
-    params = {"w1": torch.arange(6.0).reshape(3, 2), "b1": torch.tensor([10.0, 11.0, 12.0]),
-              "w2": torch.arange(12.0).reshape(2, 6)}
+    params = {
+        "w1": torch.arange(6.0).reshape(3, 2),
+        "b1": torch.tensor([10.0, 11.0, 12.0]),
+        "w2": torch.arange(12.0).reshape(2, 6),
+    }
     out = Permutation({"h": torch.tensor([2, 0, 1])}).apply(params, SPEC)
     assert out["w1"].tolist() == [[4, 5], [0, 1], [2, 3]]  # unit i of the new net is unit p[i] of the old
     assert out["b1"].tolist() == [12, 10, 11]

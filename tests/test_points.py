@@ -1,5 +1,6 @@
 """lmclab.points against independent computations: numpy in float64, flat vectors, autograd, the model's own
 parameter and buffer lists."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,11 @@ def bn_model(seed: int) -> nn.Module:
 
 def random_point(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(3, 4, generator=g, dtype=dtype), "b": torch.randn(5, generator=g, dtype=dtype),
-            "n": torch.tensor(seed)}  # an integer buffer: not a coordinate
+    return {
+        "w": torch.randn(3, 4, generator=g, dtype=dtype),
+        "b": torch.randn(5, generator=g, dtype=dtype),
+        "n": torch.tensor(seed),
+    }  # an integer buffer: not a coordinate
 
 
 def as_vector(p: dict[str, torch.Tensor], keys: tuple[str, ...] = ("w", "b")) -> np.ndarray:
@@ -106,8 +110,9 @@ def test_norm_and_distance_against_numpy_float64() -> None:
     assert norm(a, keys=["b"]) == pytest.approx(np.linalg.norm(a["b"].numpy().astype(np.float64)), rel=1e-12)
     assert distance(a, b) == pytest.approx(np.linalg.norm(as_vector(a) - as_vector(b)), rel=1e-12)
     assert distance(a, b) == distance(b, a)
-    assert distance(a, b, keys=["w"]) == pytest.approx(np.linalg.norm(as_vector(a, ("w",)) - as_vector(b, ("w",))),
-                                                       rel=1e-12)
+    assert distance(a, b, keys=["w"]) == pytest.approx(
+        np.linalg.norm(as_vector(a, ("w",)) - as_vector(b, ("w",))), rel=1e-12
+    )
     assert distance(a, a) == 0.0
 
 
@@ -168,8 +173,10 @@ def test_mean_against_numpy_and_integer_buffers_from_the_first_point() -> None:
 
 
 def test_mixture_value_and_gradient_are_the_weights() -> None:
-    points = [{k: v.clone().requires_grad_(v.is_floating_point()) for k, v in random_point(s, torch.float64).items()}
-              for s in range(3)]
+    points = [
+        {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in random_point(s, torch.float64).items()}
+        for s in range(3)
+    ]
     weights = [0.2, 0.5, 0.3]
     mix = mixture(points, weights)
     expected = sum(w * p["w"].detach() for w, p in zip(weights, points))

@@ -4,6 +4,7 @@ straight-through gradient, the mixing-weight draws, determinism and input checks
 A synthetic population is K random permutations σ_i of one model plus tiny noise: the joint alignment
 into model 0's frame is known, π_i = σ_0 ∘ σ_i⁻¹, and the aligned members are all ≈ σ_0(θ).
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,8 +56,14 @@ def population(base: dict[str, torch.Tensor], spec, k: int, seed: int) -> tuple[
     points = []
     for s in sigmas:
         p = s.apply(base, spec)
-        points.append({n: v + NOISE * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point()
-                       else v.clone() for n, v in p.items()})
+        points.append(
+            {
+                n: v + NOISE * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                if v.is_floating_point()
+                else v.clone()
+                for n, v in p.items()
+            }
+        )
     return points, sigmas
 
 
@@ -78,8 +85,11 @@ def noise_scale(base: dict[str, torch.Tensor]) -> float:
 def toy_data(n: int, shape: tuple[int, int, int], seed: int) -> DeviceDataset:
     gen = torch.Generator().manual_seed(seed)
     info = DatasetInfo("toy", 10, shape, (0.5,) * shape[0], (0.25,) * shape[0], False, tuple("abcdefghij"), "test")
-    return DeviceDataset(torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8),
-                         torch.randint(0, 10, (n,), generator=gen), info)
+    return DeviceDataset(
+        torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8),
+        torch.randint(0, 10, (n,), generator=gen),
+        info,
+    )
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -118,7 +128,7 @@ def check_joint_alignment(result: PopulationAlignment, points, sigmas, base) -> 
     assert result.perms == expected_perms(sigmas)
     aligned = result.aligned(points)
     assert max_pair_distance(aligned) < 4 * noise_scale(base)
-    assert max_pair_distance(points) > 100 * noise_scale(base)      # the members really were scattered
+    assert max_pair_distance(points) > 100 * noise_scale(base)  # the members really were scattered
 
 
 # ---------------------------------------------------------------------------------- joint alignment
@@ -128,19 +138,36 @@ def check_joint_alignment(result: PopulationAlignment, points, sigmas, base) -> 
 def test_methods_recover_joint_alignment_mlp(method: str, mlp_setup, mnist) -> None:
     model, spec, base, points, sigmas = mlp_setup
     train, val = mnist
-    kw = dict(model=model, data=train, epochs=2, batch_size=64, progress=False, val_data=val) \
-        if method == "ste_mm" else {}
+    kw = (
+        dict(model=model, data=train, epochs=2, batch_size=64, progress=False, val_data=val)
+        if method == "ste_mm"
+        else {}
+    )
     result = align_population(points, spec, method, **kw)
     assert result.method == method
     check_joint_alignment(result, points, sigmas, base)
     aligned = result.aligned(points)
-    report = all_pairs_barriers(model, aligned, {"val": val}, lambdas=np.linspace(0, 1, 9).tolist(),
-                                to_merged=True, metrics=("loss",), progress=False)
+    report = all_pairs_barriers(
+        model,
+        aligned,
+        {"val": val},
+        lambdas=np.linspace(0, 1, 9).tolist(),
+        to_merged=True,
+        metrics=("loss",),
+        progress=False,
+    )
     barriers = [r["barrier"] for r in report.pairs + report.to_merged]
     assert len(report.pairs) == K * (K - 1) // 2 and max(barriers) < 1e-3
-    naive = all_pairs_barriers(model, points[:2], {"val": val}, lambdas=np.linspace(0, 1, 9).tolist(),
-                               to_merged=False, metrics=("loss",), progress=False)
-    assert naive.pairs[0]["barrier"] > 0.1                          # the check above can fail
+    naive = all_pairs_barriers(
+        model,
+        points[:2],
+        {"val": val},
+        lambdas=np.linspace(0, 1, 9).tolist(),
+        to_merged=False,
+        metrics=("loss",),
+        progress=False,
+    )
+    assert naive.pairs[0]["barrier"] > 0.1  # the check above can fail
 
 
 def test_merge_many_info_frame_and_determinism(mlp_setup) -> None:
@@ -163,8 +190,18 @@ def test_ste_matching_two_models(mlp_setup, mnist) -> None:
     model, spec, base, points, sigmas = mlp_setup
     train, val = mnist
     for lam in ("half", "random"):
-        res = ste_matching(points[0], points[1], spec, model=model, data=train, epochs=1, batch_size=64, lam=lam,
-                           progress=False, val_data=val)
+        res = ste_matching(
+            points[0],
+            points[1],
+            spec,
+            model=model,
+            data=train,
+            epochs=1,
+            batch_size=64,
+            lam=lam,
+            progress=False,
+            val_data=val,
+        )
         assert res.method == "ste" and res.perm == expected_perms(sigmas)[1]
         assert res.distance_after < 4 * noise_scale(base) < res.distance_before
         assert res.info["lam"] == lam and "val_loss" in res.info["epochs"][0]
@@ -176,8 +213,21 @@ def test_ste_matching_two_models(mlp_setup, mnist) -> None:
 def test_ste_mm_is_deterministic_and_records_info(mlp_setup, mnist) -> None:
     model, spec, _, points, _ = mlp_setup
     train, val = mnist
-    runs = [ste_mm(points[:3], spec, model=model, data=train, epochs=2, batch_size=128, mixing=mixing, seed=5,
-                   progress=False, val_data=val) for mixing in ("dirichlet", "dirichlet", "uniform")]
+    runs = [
+        ste_mm(
+            points[:3],
+            spec,
+            model=model,
+            data=train,
+            epochs=2,
+            batch_size=128,
+            mixing=mixing,
+            seed=5,
+            progress=False,
+            val_data=val,
+        )
+        for mixing in ("dirichlet", "dirichlet", "uniform")
+    ]
     a, b, c = runs
     assert a.perms == b.perms
     assert [e["train_loss"] for e in a.info["epochs"]] == [e["train_loss"] for e in b.info["epochs"]]
@@ -217,10 +267,13 @@ def test_methods_recover_joint_alignment_resnet20(norm: str) -> None:
     points, sigmas = population(base, spec, 3, seed=2)
     before = [state_of_dict(p) for p in points]
     data, val = toy_data(64, (3, 8, 8), 0), toy_data(32, (3, 8, 8), 1)
-    for method, kw in (("pairwise", {}), ("merge_many", {}),
-                       ("ste_mm", dict(model=model, data=data, epochs=1, batch_size=32, progress=False, val_data=val))):
+    for method, kw in (
+        ("pairwise", {}),
+        ("merge_many", {}),
+        ("ste_mm", dict(model=model, data=data, epochs=1, batch_size=32, progress=False, val_data=val)),
+    ):
         check_joint_alignment(align_population(points, spec, method, **kw), points, sigmas, base)
-    for p, q in zip(points, before):                                 # BN buffers untouched by the train-mode forward
+    for p, q in zip(points, before):  # BN buffers untouched by the train-mode forward
         assert all(torch.equal(p[k], q[k]) for k in p)
 
 
@@ -268,23 +321,25 @@ def test_straight_through_gradient_reaches_the_proxies() -> None:
     d = rand()
     h = 1e-6
     with torch.no_grad():
-        fd = (hand_loss({n: p1[n] + h * d[n] for n in names}, p2)
-              - hand_loss({n: p1[n] - h * d[n] for n in names}, p2)) / (2 * h)
+        fd = (
+            hand_loss({n: p1[n] + h * d[n] for n in names}, p2) - hand_loss({n: p1[n] - h * d[n] for n in names}, p2)
+        ) / (2 * h)
     directional = sum(float((proxies[0][n].grad * d[n]).sum()) for n in names)
     assert directional == pytest.approx(float(fd), rel=1e-6)
 
 
 def test_ste_loop_step_moves_every_proxy(mlp_setup, mnist) -> None:
     model, spec, _, points, _ = mlp_setup
-    loop = STELoop(points[0], points[1:3], spec, model, draw=mixing_draw(3), lr=1e-3, seed=0,
-                   device=torch.device("cpu"))
+    loop = STELoop(
+        points[0], points[1:3], spec, model, draw=mixing_draw(3), lr=1e-3, seed=0, device=torch.device("cpu")
+    )
     x, y = mnist[0].batch(torch.arange(32))
     loss = loop.step(x, y)
     assert math.isfinite(loss)
     for proxy in loop.proxies:
         for n, t in proxy.items():
             assert t.grad is not None and bool((t.grad != 0).any())
-            assert bool(((t.detach() - points[0][n]).abs() > 1e-4).any())   # Adam moved it by ≈ lr
+            assert bool(((t.detach() - points[0][n]).abs() > 1e-4).any())  # Adam moved it by ≈ lr
 
 
 # --------------------------------------------------------------------------------------- mixing draws
@@ -296,7 +351,7 @@ def test_mixing_draws_follow_their_distributions() -> None:
         draw = mixing_draw(4, mixing)
         w = np.stack([draw(rng) for _ in range(4000)])
         assert w.shape == (4000, 4) and (w >= 0).all() and np.allclose(w.sum(1), 1.0)
-        assert np.allclose(w.mean(0), 0.25, atol=0.01)              # exchangeable: mean 1/K
+        assert np.allclose(w.mean(0), 0.25, atol=0.01)  # exchangeable: mean 1/K
     # Dirichlet(α·1), K = 3: Var w_k = (1/K)(1 − 1/K)/(Kα + 1)
     alpha = 0.5
     w = np.stack([mixing_draw(3, "dirichlet", alpha)(rng) for _ in range(20000)])

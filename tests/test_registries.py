@@ -1,6 +1,7 @@
 """The registries: alignment methods (two-model, K-model) dispatched by name with their declared needs, every
 registered method verified on a tiny MLP (f(π(θ)) = f(θ)), a newly registered method reaching align() and
 the CLI, the README's "adding an alignment method" example; the model and dataset registries."""
+
 from __future__ import annotations
 
 import ast
@@ -59,8 +60,11 @@ def setup() -> tuple[list[torch.nn.Module], PermutationSpec, DeviceDataset]:
     spec = derive_spec(models[0], torch.zeros(2, *SHAPE))
     gen = torch.Generator().manual_seed(0)
     info = DatasetInfo("toy", 3, SHAPE, (0.5,), (0.25,), False, ("a", "b", "c"), "test")
-    data = DeviceDataset(torch.randint(0, 256, (64, *SHAPE), generator=gen, dtype=torch.uint8),
-                         torch.randint(0, 3, (64,), generator=gen), info)
+    data = DeviceDataset(
+        torch.randint(0, 256, (64, *SHAPE), generator=gen, dtype=torch.uint8),
+        torch.randint(0, 3, (64,), generator=gen),
+        info,
+    )
     return models, spec, data
 
 
@@ -84,7 +88,7 @@ def test_every_pair_method_runs_through_align_and_keeps_the_function(name: str, 
     result = align(theta_a, theta_b, spec, name, **supplied(PAIR_METHODS[name], models[0], data))
     assert isinstance(result, MatchResult) and result.method == name
     assert set(result.perm.perms) == {g.name for g in spec.groups}
-    verify_permutation(models[1], result.perm, spec, example_input=example_input())   # f(π(θ_B)) = f(θ_B)
+    verify_permutation(models[1], result.perm, spec, example_input=example_input())  # f(π(θ_B)) = f(θ_B)
 
 
 @pytest.mark.parametrize("name", list(POPULATION_METHODS))
@@ -95,7 +99,7 @@ def test_every_population_method_runs_through_align_population_and_keeps_the_fun
     assert isinstance(result, PopulationAlignment) and result.method == name
     assert result.k == K and result.perms[0].is_identity()
     for model, perm in zip(models, result.perms):
-        verify_permutation(model, perm, spec, example_input=example_input())        # f(π_i(θ_i)) = f(θ_i)
+        verify_permutation(model, perm, spec, example_input=example_input())  # f(π_i(θ_i)) = f(θ_i)
 
 
 def test_dispatch_gives_the_methods_own_result(setup) -> None:
@@ -104,7 +108,7 @@ def test_dispatch_gives_the_methods_own_result(setup) -> None:
     assert align(theta_a, theta_b, spec, "weight", seed=3).perm == weight_matching(theta_a, theta_b, spec, seed=3).perm
     batches = [x for x, _ in data.batches(32)]
     from_dicts = align(theta_a, theta_b, spec, "activation", model=models[2], batches=batches)
-    from_modules = align(models[0], models[1], spec, "activation", batches=batches)   # module A stands for model=
+    from_modules = align(models[0], models[1], spec, "activation", batches=batches)  # module A stands for model=
     assert from_dicts.perm == from_modules.perm
 
 
@@ -116,19 +120,24 @@ def test_unknown_method_lists_the_valid_names(setup) -> None:
     thetas = [m.state_dict() for m in models]
     assert list(PAIR_METHODS)[:3] == ["weight", "activation", "ste"]
     assert list(POPULATION_METHODS)[:4] == ["naive", "pairwise", "merge_many", "ste_mm"]
-    with pytest.raises(ValueError, match=re.escape(f"unknown alignment method 'sinkhorn'; valid methods: "
-                                                   f"{', '.join(PAIR_METHODS)}")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"unknown alignment method 'sinkhorn'; valid methods: {', '.join(PAIR_METHODS)}")
+    ):
         align(thetas[0], thetas[1], spec, "sinkhorn")
-    with pytest.raises(ValueError, match=re.escape(f"unknown population method 'mean'; valid methods: "
-                                                   f"{', '.join(POPULATION_METHODS)}")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"unknown population method 'mean'; valid methods: {', '.join(POPULATION_METHODS)}")
+    ):
         align_population(thetas, spec, "mean")
 
 
 def test_missing_needs_are_named(setup) -> None:
     models, spec, data = setup
     thetas = [m.state_dict() for m in models]
-    with pytest.raises(ValueError, match=r"activation matching needs model=<.*> and batches=<.*>; missing: "
-                                         r"model, batches$"):
+    with pytest.raises(
+        ValueError,
+        match=r"activation matching needs model=<.*> and batches=<.*>; missing: "
+        r"model, batches$",
+    ):
         align(thetas[0], thetas[1], spec, "activation")
     with pytest.raises(ValueError, match="missing: batches$"):
         align(models[0], models[1], spec, "activation")
@@ -154,8 +163,11 @@ def test_registry_module_imports_no_method_and_importing_the_package_fills_it() 
     tree = ast.parse(Path(registry_module.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert {m for m in imported if m.startswith("lmclab")} == {"lmclab.align.results", "lmclab.permutation.spec",
-                                                               "lmclab.points"}
+    assert {m for m in imported if m.startswith("lmclab")} == {
+        "lmclab.align.results",
+        "lmclab.permutation.spec",
+        "lmclab.points",
+    }
     code = "import lmclab.align.registry as r; print(','.join(r.PAIR_METHODS), ','.join(r.POPULATION_METHODS))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -173,8 +185,9 @@ def identity_method():
     def identity(theta_a, theta_b, spec):
         perm = Permutation.identity(spec)
         before, after = match_distances(theta_a, theta_b, spec, perm)
-        return MatchResult(perm, spec, sweeps=0, objective=[], distance_before=before, distance_after=after,
-                           method="identity")
+        return MatchResult(
+            perm, spec, sweeps=0, objective=[], distance_before=before, distance_after=after, method="identity"
+        )
 
     yield PAIR_METHODS["identity"]
     del PAIR_METHODS["identity"]
@@ -186,8 +199,11 @@ def test_a_registered_method_is_dispatched_and_offered_by_the_cli(identity_metho
     assert result.perm.is_identity() and result.distance_before == result.distance_after
     parser = build_parser()
     assert parser.parse_args(["align", "A", "B", "--method", "identity"]).method == "identity"
-    for command in (["interpolate", "A", "B", "--align", "identity"], ["predict", "A", "B", "--align", "identity"],
-                    ["demo", "--align", "identity"]):
+    for command in (
+        ["interpolate", "A", "B", "--align", "identity"],
+        ["predict", "A", "B", "--align", "identity"],
+        ["demo", "--align", "identity"],
+    ):
         assert parser.parse_args(command).align == "identity"
     with pytest.raises(SystemExit):
         parser.parse_args(["align", "--help"])
@@ -208,8 +224,9 @@ def test_cli_choices_come_from_the_registries(capsys) -> None:
 
 
 def test_readme_adding_an_alignment_method_example_runs(tmp_path: Path) -> None:
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-              if "register_pair_method" in b]
+    blocks = [
+        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "register_pair_method" in b
+    ]
     assert len(blocks) == 1, "README has no (or more than one) 'adding an alignment method' example"
     script = tmp_path / "example.py"
     script.write_text(blocks[0])
@@ -228,7 +245,8 @@ def test_models_and_datasets_are_listed_from_their_registries(capsys) -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_model("mlp", {"width": 1}, "again")(MODELS["mlp"].build)
     assert main(["models", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {name: json.loads(json.dumps(dict(e.defaults)))
-                                                   for name, e in MODELS.items()}
+    assert json.loads(capsys.readouterr().out) == {
+        name: json.loads(json.dumps(dict(e.defaults))) for name, e in MODELS.items()
+    }
     assert main(["datasets", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[:len(DATASET_NAMES)] == list(DATASET_NAMES)
+    assert json.loads(capsys.readouterr().out)[: len(DATASET_NAMES)] == list(DATASET_NAMES)

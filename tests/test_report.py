@@ -1,6 +1,7 @@
 """Every report figure checked by its content against the rows it was drawn from (tests/figures.py), from
 the rows themselves and from their CSV; and the checks themselves fail when a series is missing or
 drawn with other numbers."""
+
 from __future__ import annotations
 
 import csv
@@ -12,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import figures as F
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+import figures as F
 from lmclab.report import (
     SavedFigure,
     benko,
@@ -41,11 +42,22 @@ def wave(*seed: float) -> Callable[[float], float]:
 
 
 def path_rows() -> list[dict[str, Any]]:
-    rows = [{"pair": pair, "path": name, "layers": "all", "split": split, "lambda": lam, "metric": metric,
-             "value": wave(pair, i, j, m)(lam)}
-            for pair in (0, 1) for i, name in enumerate(("naive", "weight-matched"))
-            for j, split in enumerate(("train", "test")) for m, metric in enumerate(("loss", "accuracy", "error"))
-            for lam in LAMBDAS]
+    rows = [
+        {
+            "pair": pair,
+            "path": name,
+            "layers": "all",
+            "split": split,
+            "lambda": lam,
+            "metric": metric,
+            "value": wave(pair, i, j, m)(lam),
+        }
+        for pair in (0, 1)
+        for i, name in enumerate(("naive", "weight-matched"))
+        for j, split in enumerate(("train", "test"))
+        for m, metric in enumerate(("loss", "accuracy", "error"))
+        for lam in LAMBDAS
+    ]
     rows[2]["value"] = math.nan  # one missing loss: left out of the mean, counted in the title
     return rows
 
@@ -53,9 +65,15 @@ def path_rows() -> list[dict[str, Any]]:
 def histories() -> dict[str, list[dict[str, Any]]]:
     out = {}
     for s in (0, 1):
-        out[f"seed {s}"] = [{"epoch": e, "train_loss": wave(s, e)(0.1) + 0.5, "train_accuracy": wave(s, e)(0.2) / 3,
-                             **({"test_loss": wave(s, e)(0.3) + 0.5, "test_accuracy": wave(s, e)(0.4) / 3}
-                                if e % 2 == 0 else {})} for e in range(5)]
+        out[f"seed {s}"] = [
+            {
+                "epoch": e,
+                "train_loss": wave(s, e)(0.1) + 0.5,
+                "train_accuracy": wave(s, e)(0.2) / 3,
+                **({"test_loss": wave(s, e)(0.3) + 0.5, "test_accuracy": wave(s, e)(0.4) / 3} if e % 2 == 0 else {}),
+            }
+            for e in range(5)
+        ]
     return out
 
 
@@ -65,25 +83,51 @@ def loss_rows() -> list[dict[str, Any]]:
         for p, name in enumerate(("naive", "aligned")):
             for s, split in enumerate(("train", "test")):
                 common = {"setting": "mlp_tiny", "pair": pair, "path": name, "split": split}
-                rows += [{**common, "lambda": lam, "curve": "true", "center": "", "order": "",
-                          "value": wave(pair, p, s)(lam)} for lam in LAMBDAS]
-                rows += [{**common, "lambda": lam, "curve": "taylor", "center": c, "order": k,
-                          "value": wave(pair, p, s, k, ord(c))(lam)}
-                         for c in ("a", "b") for k in (1, 2, 3) for lam in LAMBDAS]
+                rows += [
+                    {
+                        **common,
+                        "lambda": lam,
+                        "curve": "true",
+                        "center": "",
+                        "order": "",
+                        "value": wave(pair, p, s)(lam),
+                    }
+                    for lam in LAMBDAS
+                ]
+                rows += [
+                    {
+                        **common,
+                        "lambda": lam,
+                        "curve": "taylor",
+                        "center": c,
+                        "order": k,
+                        "value": wave(pair, p, s, k, ord(c))(lam),
+                    }
+                    for c in ("a", "b")
+                    for k in (1, 2, 3)
+                    for lam in LAMBDAS
+                ]
     return rows
 
 
 def example_rows() -> list[dict[str, Any]]:
-    return [{"path": name, "input": 17, "label": 7, "class": c, "curve": curve, "lambda": lam,
-             "value": wave(p, c, q)(lam)}
-            for p, name in enumerate(("naive", "aligned")) for c in (7, 3)
-            for q, curve in enumerate(("true", "direct", "a1", "a2", "b1", "b2")) for lam in LAMBDAS]
+    return [
+        {"path": name, "input": 17, "label": 7, "class": c, "curve": curve, "lambda": lam, "value": wave(p, c, q)(lam)}
+        for p, name in enumerate(("naive", "aligned"))
+        for c in (7, 3)
+        for q, curve in enumerate(("true", "direct", "a1", "a2", "b1", "b2"))
+        for lam in LAMBDAS
+    ]
 
 
 def rmse_rows() -> list[dict[str, Any]]:
-    return [{"pair": pair, "path": name, "approximation": approx, "lambda": lam, "rmse": abs(wave(pair, p, q)(lam))}
-            for pair in (0, 1) for p, name in enumerate(("naive", "aligned"))
-            for q, approx in enumerate(("direct", "a1", "a2", "b1", "b2")) for lam in LAMBDAS]
+    return [
+        {"pair": pair, "path": name, "approximation": approx, "lambda": lam, "rmse": abs(wave(pair, p, q)(lam))}
+        for pair in (0, 1)
+        for p, name in enumerate(("naive", "aligned"))
+        for q, approx in enumerate(("direct", "a1", "a2", "b1", "b2"))
+        for lam in LAMBDAS
+    ]
 
 
 METHODS = ("naive", "merge_many", "ste_mm")
@@ -103,11 +147,26 @@ def merged_rows() -> list[dict[str, Any]]:
 
 
 def summary_rows() -> list[dict[str, Any]]:
-    return [{"method": method, "k": k, "kind": "pairs", "split": split, "metric": metric, "definition": definition,
-             "max": wave(m, k, s, q)(0.9) + 1, "mean": wave(m, k, s, q)(0.5), "std": 0.1 + 0.01 * k,
-             "n": k * (k - 1) // 2, "n_missing": 0}
-            for m, method in enumerate(METHODS) for k in (2, 3, 4) for s, split in enumerate(("train", "test"))
-            for q, metric in enumerate(("loss", "error")) for definition in ("barrier", "mean_barrier")]
+    return [
+        {
+            "method": method,
+            "k": k,
+            "kind": "pairs",
+            "split": split,
+            "metric": metric,
+            "definition": definition,
+            "max": wave(m, k, s, q)(0.9) + 1,
+            "mean": wave(m, k, s, q)(0.5),
+            "std": 0.1 + 0.01 * k,
+            "n": k * (k - 1) // 2,
+            "n_missing": 0,
+        }
+        for m, method in enumerate(METHODS)
+        for k in (2, 3, 4)
+        for s, split in enumerate(("train", "test"))
+        for q, metric in enumerate(("loss", "error"))
+        for definition in ("barrier", "mean_barrier")
+    ]
 
 
 def trace_rows() -> list[dict[str, Any]]:
@@ -116,82 +175,177 @@ def trace_rows() -> list[dict[str, Any]]:
         for k in (2, 3, 4):
             for kind in ("trace", "scale_aware_trace"):
                 est = 10 + 5 * wave(m, k)(0.2)
-                rows.append({"method": method, "k": k, "kind": kind, "estimate": est, "ci_low": est - 1 - m,
-                             "ci_high": est + 2, "confidence": 0.95})
+                rows.append(
+                    {
+                        "method": method,
+                        "k": k,
+                        "kind": kind,
+                        "estimate": est,
+                        "ci_low": est - 1 - m,
+                        "ci_high": est + 2,
+                        "confidence": 0.95,
+                    }
+                )
     return rows
 
 
 def pair_rows() -> list[dict[str, Any]]:
-    rows = [{"method": method, "k": 4, "i": i, "j": j, "split": split, "metric": metric, "barrier": wave(m, i, j)(0.4)}
-            for m, method in enumerate(METHODS) for i in range(4) for j in range(i + 1, 4)
-            for split in ("train", "test") for metric in ("loss", "error")]
+    rows = [
+        {"method": method, "k": 4, "i": i, "j": j, "split": split, "metric": metric, "barrier": wave(m, i, j)(0.4)}
+        for m, method in enumerate(METHODS)
+        for i in range(4)
+        for j in range(i + 1, 4)
+        for split in ("train", "test")
+        for metric in ("loss", "error")
+    ]
     rows[3]["barrier"] = math.nan  # a diverged pair: n/a in its cells
     return rows
 
 
 def segment_rows() -> list[dict[str, Any]]:
-    return [{"setting": "mlp_tiny", "fork_epoch": fork, "pair": pair, "child_epoch": t, "metric": metric,
-             "lambda": lam, "value": wave(fork, pair, t, q)(lam), "barrier": wave(fork, pair, t, q)(lam) - 1}
-            for fork in (0, 1) for pair in (0, 1) for t in [fork + 0.5 * i for i in range(4)]
-            for q, metric in enumerate(("error", "loss")) for lam in LAMBDAS]
+    return [
+        {
+            "setting": "mlp_tiny",
+            "fork_epoch": fork,
+            "pair": pair,
+            "child_epoch": t,
+            "metric": metric,
+            "lambda": lam,
+            "value": wave(fork, pair, t, q)(lam),
+            "barrier": wave(fork, pair, t, q)(lam) - 1,
+        }
+        for fork in (0, 1)
+        for pair in (0, 1)
+        for t in [fork + 0.5 * i for i in range(4)]
+        for q, metric in enumerate(("error", "loss"))
+        for lam in LAMBDAS
+    ]
 
 
 def angle_rows() -> list[dict[str, Any]]:
-    return [{"fork_epoch": fork, "pair": pair, "base": base, "angle_degrees": 30 + 10 * fork + pair + b}
-            for fork in (0, 1, 2) for pair in (0, 1) for b, base in enumerate(("origin", "fork"))]
+    return [
+        {"fork_epoch": fork, "pair": pair, "base": base, "angle_degrees": 30 + 10 * fork + pair + b}
+        for fork in (0, 1, 2)
+        for pair in (0, 1)
+        for b, base in enumerate(("origin", "fork"))
+    ]
 
 
 def geometry_rows() -> list[dict[str, Any]]:
-    return [{"fork_epoch": fork, "pair": pair, "child_epoch": t, "plane_cos": wave(fork, pair)(t) / 3,
-             "distance": 2 + wave(pair, fork)(t)} for fork in (0, 1, 2) for pair in (0, 1) for t in (0.0, 1.0, 2.0, 3.0)]
+    return [
+        {
+            "fork_epoch": fork,
+            "pair": pair,
+            "child_epoch": t,
+            "plane_cos": wave(fork, pair)(t) / 3,
+            "distance": 2 + wave(pair, fork)(t),
+        }
+        for fork in (0, 1, 2)
+        for pair in (0, 1)
+        for t in (0.0, 1.0, 2.0, 3.0)
+    ]
 
 
 def prediction_rows() -> list[dict[str, Any]]:
-    return [{"fork_epoch": fork, "pair": pair, "measured_max": 0.5 + 0.1 * fork + 0.01 * pair,
-             "measured_bn_reset_max": math.nan, "predicted_max": 0.4 + 0.12 * fork} for fork in (0, 1, 2) for pair in (0, 1)]
+    return [
+        {
+            "fork_epoch": fork,
+            "pair": pair,
+            "measured_max": 0.5 + 0.1 * fork + 0.01 * pair,
+            "measured_bn_reset_max": math.nan,
+            "predicted_max": 0.4 + 0.12 * fork,
+        }
+        for fork in (0, 1, 2)
+        for pair in (0, 1)
+    ]
 
 
 def curve_rows() -> list[dict[str, Any]]:
-    return [{"fork_epoch": fork, "pair": pair, "alpha": a, "measured": wave(fork, pair)(a) - 0.5,
-             "predicted": wave(fork, pair, 1)(a) - 0.5} for fork in (0, 1, 2) for pair in (0, 1) for a in LAMBDAS]
+    return [
+        {
+            "fork_epoch": fork,
+            "pair": pair,
+            "alpha": a,
+            "measured": wave(fork, pair)(a) - 0.5,
+            "predicted": wave(fork, pair, 1)(a) - 0.5,
+        }
+        for fork in (0, 1, 2)
+        for pair in (0, 1)
+        for a in LAMBDAS
+    ]
 
 
 LAYERS = ("layers.0.linear", "layers.1.linear", "head")
 
 
 def layer_rows() -> list[dict[str, Any]]:
-    return [{"fork_epoch": 0, "pair": 0, "layer_index": li, "layer": layer, "child_epoch": t,
-             "measured_half": wave(li)(t) - 1, "predicted_half": wave(li, 1)(t) - 1, "distance": abs(wave(li, 2)(t))}
-            for li, layer in enumerate(LAYERS) for t in (0.0, 0.5, 1.0, 1.5)]
+    return [
+        {
+            "fork_epoch": 0,
+            "pair": 0,
+            "layer_index": li,
+            "layer": layer,
+            "child_epoch": t,
+            "measured_half": wave(li)(t) - 1,
+            "predicted_half": wave(li, 1)(t) - 1,
+            "distance": abs(wave(li, 2)(t)),
+        }
+        for li, layer in enumerate(LAYERS)
+        for t in (0.0, 0.5, 1.0, 1.5)
+    ]
 
 
 def sum_rows() -> list[dict[str, Any]]:
-    return [{"fork_epoch": 0, "pair": 0, "child_epoch": t, "quantity": q, "value": wave(i)(t) - 1}
-            for i, q in enumerate(("measured B(½)", "Prop. 1 at ½", "eq. 20: Σ all blocks", "Σ diagonal blocks",
-                                   "Σ off-diagonal blocks")) for t in (0.0, 0.5, 1.0, 1.5)]
+    return [
+        {"fork_epoch": 0, "pair": 0, "child_epoch": t, "quantity": q, "value": wave(i)(t) - 1}
+        for i, q in enumerate(
+            ("measured B(½)", "Prop. 1 at ½", "eq. 20: Σ all blocks", "Σ diagonal blocks", "Σ off-diagonal blocks")
+        )
+        for t in (0.0, 0.5, 1.0, 1.5)
+    ]
 
 
 def toy_rows() -> list[dict[str, Any]]:
     """Like lmclab.experiments.singh.toy_table: L(θ) = Π (θ − m_i)² and the segments between adjacent minima."""
     rows: list[dict[str, Any]] = []
     for name, minima in (("two minima", (-1.0, 1.0)), ("four minima", (-1.5, -0.5, 0.5, 1.5))):
-        loss = lambda x, m=minima: float(np.prod([(x - v) ** 2 for v in m]))
-        rows += [{"landscape": name, "kind": "landscape", "theta": float(x), "loss": loss(x)}
-                 for x in np.linspace(-2, 2, 81)]
+
+        def loss(x: float, m: tuple[float, ...] = minima) -> float:
+            return float(np.prod([(x - v) ** 2 for v in m]))
+
+        rows += [
+            {"landscape": name, "kind": "landscape", "theta": float(x), "loss": loss(x)} for x in np.linspace(-2, 2, 81)
+        ]
         for a, b in itertools.pairwise(minima):
             curve = [loss((1 - t) * a + t * b) for t in LAMBDAS]
-            rows += [{"landscape": name, "kind": "pair", "pair": f"{a:g} → {b:g}", "alpha": t,
-                      "theta": (1 - t) * a + t * b, "loss": v, "predicted": 1.2 * t * (1 - t) * max(curve),
-                      "barrier": max(curve), "barrier_alpha": 0.5} for t, v in zip(LAMBDAS, curve)]
+            rows += [
+                {
+                    "landscape": name,
+                    "kind": "pair",
+                    "pair": f"{a:g} → {b:g}",
+                    "alpha": t,
+                    "theta": (1 - t) * a + t * b,
+                    "loss": v,
+                    "predicted": 1.2 * t * (1 - t) * max(curve),
+                    "barrier": max(curve),
+                    "barrier_alpha": 0.5,
+                }
+                for t, v in zip(LAMBDAS, curve)
+            ]
     return rows
 
 
 def prediction_tables() -> tuple[list, list, list, list, np.ndarray]:
     curve = [{"alpha": a, "measured": wave(0)(a) - 0.5, "predicted": wave(1)(a) - 0.5} for a in LAMBDAS]
-    layers = [{"layer": name, "measured_half": wave(i)(0.5) - 1, "predicted_half": wave(i, 1)(0.5) - 1}
-              for i, name in enumerate(LAYERS)]
-    cumulative = [{"order": order, "k": k, "measured_half": wave(o, k)(0.5), "predicted_eq21": wave(o, k, 1)(0.5)}
-                  for o, order in enumerate(("shallow", "deep")) for k in (1, 2, 3)]
+    layers = [
+        {"layer": name, "measured_half": wave(i)(0.5) - 1, "predicted_half": wave(i, 1)(0.5) - 1}
+        for i, name in enumerate(LAYERS)
+    ]
+    cumulative = [
+        {"order": order, "k": k, "measured_half": wave(o, k)(0.5), "predicted_eq21": wave(o, k, 1)(0.5)}
+        for o, order in enumerate(("shallow", "deep"))
+        for k in (1, 2, 3)
+    ]
     matrix = np.array([[wave(i, j)(0.1) - 1 for j in range(3)] for i in range(3)])
     return curve, layers, cumulative, list(LAYERS), matrix
 
@@ -210,36 +364,99 @@ class Case:
 
 
 CASES = {
-    "paths": Case(paths.plot_paths, F.check_paths, lambda: (path_rows(),),
-                  lambda r: r["path"] == "weight-matched" and r["split"] == "test", "value"),
+    "paths": Case(
+        paths.plot_paths,
+        F.check_paths,
+        lambda: (path_rows(),),
+        lambda r: r["path"] == "weight-matched" and r["split"] == "test",
+        "value",
+    ),
     "histories": Case(training.plot_histories, F.check_histories, lambda: (histories(),), lambda r: False, ""),
-    "loss_approximations": Case(benko.plot_loss_approximations, F.check_loss_approximations, lambda: (loss_rows(),),
-                                lambda r: r["order"] == 3, "value"),
-    "logit_example": Case(benko.plot_logit_example, F.check_logit_example, lambda: (example_rows(),),
-                          lambda r: r["class"] == 3 and r["curve"] == "a2", "value"),
-    "logit_rmse": Case(benko.plot_logit_rmse, F.check_logit_rmse, lambda: (rmse_rows(),),
-                       lambda r: r["approximation"] == "b1", "rmse"),
-    "merged_vs_k": Case(ito.plot_merged_vs_k, F.check_merged_vs_k, lambda: (merged_rows(),),
-                        lambda r: r["method"] == "merge_many" and r["split"] == "test", "value"),
-    "barriers_vs_k": Case(ito.plot_barriers_vs_k, F.check_barriers_vs_k, lambda: (summary_rows(),),
-                          lambda r: r["method"] == "ste_mm" and r["metric"] == "error", "mean"),
-    "trace_vs_k": Case(ito.plot_trace_vs_k, F.check_trace_vs_k, lambda: (trace_rows(),),
-                       lambda r: r["method"] == "naive" and r["kind"] == "trace", "ci_high"),
-    "heatmaps": Case(ito.plot_heatmaps, F.check_heatmaps, lambda: (pair_rows(), 4), lambda r: r["method"] == "ste_mm",
-                     "barrier", {"split": "test", "metric": "error"}),
-    "segments": Case(singh.plot_segments, F.check_segments, lambda: (segment_rows(),),
-                     lambda r: r["fork_epoch"] == 1 and r["child_epoch"] == 2.0, "value", {"metric": "loss"}),
-    "geometry": Case(singh.plot_geometry, F.check_geometry, lambda: (angle_rows(), geometry_rows()),
-                     lambda r: r["fork_epoch"] == 2 and r["base"] == "fork", "angle_degrees"),
-    "barrier_predictions": Case(singh.plot_barrier_predictions, F.check_barrier_predictions,
-                                lambda: (prediction_rows(), curve_rows(), geometry_rows()),
-                                lambda r: r["fork_epoch"] == 1, "predicted_max"),
-    "layerwise": Case(singh.plot_layerwise, F.check_layerwise, lambda: (layer_rows(), sum_rows()),
-                      lambda r: r["layer"] == "head" and r["child_epoch"] == 1.0, "predicted_half"),
-    "toy_landscapes": Case(singh.plot_toy_landscapes, F.check_toy_landscapes, lambda: (toy_rows(),),
-                           lambda r: r["kind"] == "pair" and r["landscape"] == "two minima", "predicted"),
-    "predictions": Case(predict.plot_predictions, F.check_predictions, prediction_tables,
-                        lambda r: r["alpha"] == 1.0, "measured"),
+    "loss_approximations": Case(
+        benko.plot_loss_approximations,
+        F.check_loss_approximations,
+        lambda: (loss_rows(),),
+        lambda r: r["order"] == 3,
+        "value",
+    ),
+    "logit_example": Case(
+        benko.plot_logit_example,
+        F.check_logit_example,
+        lambda: (example_rows(),),
+        lambda r: r["class"] == 3 and r["curve"] == "a2",
+        "value",
+    ),
+    "logit_rmse": Case(
+        benko.plot_logit_rmse, F.check_logit_rmse, lambda: (rmse_rows(),), lambda r: r["approximation"] == "b1", "rmse"
+    ),
+    "merged_vs_k": Case(
+        ito.plot_merged_vs_k,
+        F.check_merged_vs_k,
+        lambda: (merged_rows(),),
+        lambda r: r["method"] == "merge_many" and r["split"] == "test",
+        "value",
+    ),
+    "barriers_vs_k": Case(
+        ito.plot_barriers_vs_k,
+        F.check_barriers_vs_k,
+        lambda: (summary_rows(),),
+        lambda r: r["method"] == "ste_mm" and r["metric"] == "error",
+        "mean",
+    ),
+    "trace_vs_k": Case(
+        ito.plot_trace_vs_k,
+        F.check_trace_vs_k,
+        lambda: (trace_rows(),),
+        lambda r: r["method"] == "naive" and r["kind"] == "trace",
+        "ci_high",
+    ),
+    "heatmaps": Case(
+        ito.plot_heatmaps,
+        F.check_heatmaps,
+        lambda: (pair_rows(), 4),
+        lambda r: r["method"] == "ste_mm",
+        "barrier",
+        {"split": "test", "metric": "error"},
+    ),
+    "segments": Case(
+        singh.plot_segments,
+        F.check_segments,
+        lambda: (segment_rows(),),
+        lambda r: r["fork_epoch"] == 1 and r["child_epoch"] == 2.0,
+        "value",
+        {"metric": "loss"},
+    ),
+    "geometry": Case(
+        singh.plot_geometry,
+        F.check_geometry,
+        lambda: (angle_rows(), geometry_rows()),
+        lambda r: r["fork_epoch"] == 2 and r["base"] == "fork",
+        "angle_degrees",
+    ),
+    "barrier_predictions": Case(
+        singh.plot_barrier_predictions,
+        F.check_barrier_predictions,
+        lambda: (prediction_rows(), curve_rows(), geometry_rows()),
+        lambda r: r["fork_epoch"] == 1,
+        "predicted_max",
+    ),
+    "layerwise": Case(
+        singh.plot_layerwise,
+        F.check_layerwise,
+        lambda: (layer_rows(), sum_rows()),
+        lambda r: r["layer"] == "head" and r["child_epoch"] == 1.0,
+        "predicted_half",
+    ),
+    "toy_landscapes": Case(
+        singh.plot_toy_landscapes,
+        F.check_toy_landscapes,
+        lambda: (toy_rows(),),
+        lambda r: r["kind"] == "pair" and r["landscape"] == "two minima",
+        "predicted",
+    ),
+    "predictions": Case(
+        predict.plot_predictions, F.check_predictions, prediction_tables, lambda r: r["alpha"] == 1.0, "measured"
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """Learning-rate schedules against hand-computed values; checkpoint schedules."""
+
 from __future__ import annotations
 
 import math

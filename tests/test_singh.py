@@ -1,5 +1,6 @@
 """Singh et al.'s experiment end to end on the tiny preset (real MNIST): forks, tables checked against
 independent computations, caching, determinism, figures, the CLI and bad presets."""
+
 from __future__ import annotations
 
 import csv
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.func import functional_call
+
 from figures import (
     check_barrier_predictions,
     check_geometry,
@@ -19,8 +22,6 @@ from figures import (
     check_toy_landscapes,
     drawn,
 )
-from torch.func import functional_call
-
 from lmclab.cli import main
 from lmclab.config import RunConfig
 from lmclab.data import DeviceDataset
@@ -38,8 +39,9 @@ QUIET = {"progress": False, "say": lambda _: None}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("singh")
-    summary = run_singh("tiny", out=root / "out", runs_dir=str(root / "runs"), data_dir=str(shared_data),
-                        device="cpu", **QUIET)
+    summary = run_singh(
+        "tiny", out=root / "out", runs_dir=str(root / "runs"), data_dir=str(shared_data), device="cpu", **QUIET
+    )
     graph = build_graph(load_preset("singh", "tiny", SinghOptions))["mlp_tiny"]
     return root, summary, graph
 
@@ -64,15 +66,28 @@ def eval_subset(shared_data: Path) -> DeviceDataset:
 def test_figures_and_tables_are_written(tiny) -> None:  # type: ignore[no-untyped-def]
     _, summary, _ = tiny
     files = summary["files"]
-    t = {name: [r for r in read(files[name]) if r.get("setting") == "mlp_tiny"] for name in (
-        "segments", "angles", "geometry", "predictions", "prediction_curves", "layerwise", "cross_block_sums")}
+    t = {
+        name: [r for r in read(files[name]) if r.get("setting") == "mlp_tiny"]
+        for name in (
+            "segments",
+            "angles",
+            "geometry",
+            "predictions",
+            "prediction_curves",
+            "layerwise",
+            "cross_block_sums",
+        )
+    }
     for metric in ("error", "loss"):
         check_segments(drawn(files[f"segments_{metric}_mlp_tiny"]), t["segments"], metric=metric)
     check_geometry(drawn(files["geometry_mlp_tiny"]), t["angles"], t["geometry"])
-    check_barrier_predictions(drawn(files["barriers_mlp_tiny"]), t["predictions"], t["prediction_curves"],
-                              t["geometry"])
-    fork0 = [[r for r in t[name] if r["fork_epoch"] == "0" and r["pair"] == "0"]
-             for name in ("layerwise", "cross_block_sums")]
+    check_barrier_predictions(
+        drawn(files["barriers_mlp_tiny"]), t["predictions"], t["prediction_curves"], t["geometry"]
+    )
+    fork0 = [
+        [r for r in t[name] if r["fork_epoch"] == "0" and r["pair"] == "0"]
+        for name in ("layerwise", "cross_block_sums")
+    ]
     check_layerwise(drawn(files["layerwise_mlp_tiny_fork0"]), *fork0)
     check_toy_landscapes(drawn(files["fig6_toy"]), read(files["toy"]))
     segments = read(files["segments"])
@@ -88,8 +103,11 @@ def test_segments_against_direct_evaluation(tiny, shared_data: Path) -> None:  #
     run_a, run_b = children(root, graph, 1)
     spe = run_a.meta["steps_per_epoch"]
     for child_epoch, step in ((0, spe), (2, 3 * spe)):
-        sel = {float(r["lambda"]): r for r in rows if r["fork_epoch"] == "1" and float(r["child_epoch"]) == child_epoch
-               and r["metric"] == "loss"}
+        sel = {
+            float(r["lambda"]): r
+            for r in rows
+            if r["fork_epoch"] == "1" and float(r["child_epoch"]) == child_epoch and r["metric"] == "loss"
+        }
         for lam, run in ((0.0, run_a), (1.0, run_b)):
             direct = evaluate(load_run_model(run, step), data)["loss"]
             assert float(sel[lam]["value"]) == pytest.approx(direct, rel=1e-6)
@@ -166,7 +184,8 @@ def test_layerwise_tables_agree_with_the_prediction_step(tiny) -> None:  # type:
     # Σ of all cross-blocks with ½(H₁+H₂) is Prop. 1 at α = ½: ⅛·½(q1 + q2) from the prediction step
     pred = next(r for r in read(files["predictions"]) if r["fork_epoch"] == "0")
     assert sums[(final, "Prop. 1 at ½ = Σ all blocks, ½(H₁+H₂)")] == pytest.approx(
-        (float(pred["q1"]) + float(pred["q2"])) / 16, rel=1e-4)
+        (float(pred["q1"]) + float(pred["q2"])) / 16, rel=1e-4
+    )
     blocks = [r for r in read(files["cross_blocks"]) if float(r["child_epoch"]) == final]
     assert sum(float(r["theta_1"]) for r in blocks) == pytest.approx(float(pred["q1"]) / 8, rel=1e-4)
     diag = sum(float(r["predicted_half"]) for r in layers if float(r["child_epoch"]) == final)
@@ -186,19 +205,41 @@ def test_steps_are_deterministic(tiny, shared_data: Path) -> None:  # type: igno
 
 def test_rerun_recomputes_nothing(tiny, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
     root, _, graph = tiny
-    ctx = ExperimentContext(out=root / "unused", runs_dir=str(root / "runs"), data_dir=str(shared_data), device="cpu",
-                            progress=False)
+    ctx = ExperimentContext(
+        out=root / "unused", runs_dir=str(root / "runs"), data_dir=str(shared_data), device="cpu", progress=False
+    )
     _, ran = ctx.run_steps(step for pairs in graph.values() for siblings in pairs for step in siblings.steps())
     assert ran and {name.split("_")[0] for name in ran} == {"train"}  # self-caching run store
 
 
-def test_cli_dispatches_to_the_registered_singh(monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_dispatches_to_the_registered_singh(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     calls = []
     fake = dataclasses.replace(EXPERIMENT, run=lambda options, ctx: calls.append((options, ctx)) or {"files": {}})
     monkeypatch.setitem(registry.EXPERIMENTS, "singh", fake)
-    assert main(["run", "singh", "--preset", "tiny", "--out", "o", "--runs-dir", "r", "--data-dir", "d",
-                 "--device", "cpu", "--no-progress", "--offline", "--json"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "singh",
+                "--preset",
+                "tiny",
+                "--out",
+                "o",
+                "--runs-dir",
+                "r",
+                "--data-dir",
+                "d",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--offline",
+                "--json",
+            ]
+        )
+        == 0
+    )
     options, ctx = calls[0]
     assert isinstance(options, SinghOptions) and options == load_preset("singh", "tiny", SinghOptions)
     assert (ctx.out, ctx.runs_dir, ctx.data_dir, ctx.device, ctx.progress) == (Path("o"), "r", "d", "cpu", False)
@@ -215,8 +256,12 @@ def test_bad_presets_and_non_siblings_are_clear_errors(tiny) -> None:  # type: i
     root, _, graph = tiny
     preset = load_preset("singh", "tiny", SinghOptions)
     table = read_presets("singh")["tiny"]
-    for options, match in (({"layerwise_forks": (2,)}, "not fork epochs"), ({"fork_epochs": (3,)}, "no child training"),
-                           ({"fork_epochs": ()}, "distinct non-negative"), ({"bn": "average"}, "bn must be")):
+    for options, match in (
+        ({"layerwise_forks": (2,)}, "not fork epochs"),
+        ({"fork_epochs": (3,)}, "no child training"),
+        ({"fork_epochs": ()}, "distinct non-negative"),
+        ({"bn": "average"}, "bn must be"),
+    ):
         with pytest.raises(ValueError, match=match):
             build_graph(dataclasses.replace(preset, **options))
         with pytest.raises(PresetError, match=match):  # the loader runs the same checks

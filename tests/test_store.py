@@ -1,4 +1,5 @@
 """Run store: atomic writes, safetensors checkpoints, architecture checks, no pickle."""
+
 from __future__ import annotations
 
 import hashlib
@@ -122,9 +123,22 @@ def test_runs_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_run_meta_round_trips_meta_json_exactly(tmp_path: Path) -> None:
     """Known keys become typed fields, unknown ones are kept, absent keys stay absent, nulls stay null."""
     stored = {
-        "status": "running", "hash": "abc", "preset": None, "resumed_from": None, "history": [{"epoch": 1, "step": 6}],
-        "data_info": {"name": "mnist", "input_shape": [1, 28, 28], "num_classes": 10, "classes": list("0123456789"),
-                      "source": "x", "train_size": 300, "test_size": 10000, "augment": True, "later": 1},
+        "status": "running",
+        "hash": "abc",
+        "preset": None,
+        "resumed_from": None,
+        "history": [{"epoch": 1, "step": 6}],
+        "data_info": {
+            "name": "mnist",
+            "input_shape": [1, 28, 28],
+            "num_classes": 10,
+            "classes": list("0123456789"),
+            "source": "x",
+            "train_size": 300,
+            "test_size": 10000,
+            "augment": True,
+            "later": 1,
+        },
         "fork": {"parent": "p", "parent_run": "train_p", "parent_path": "/r/train_p", "step": 6, "epoch": 1.0},
         "written_by_a_later_lmclab": {"a": [1, 2]},
     }
@@ -137,10 +151,16 @@ def test_run_meta_round_trips_meta_json_exactly(tmp_path: Path) -> None:
     assert meta["fork"]["step"] == 6 and "final_metrics" not in meta  # the JSON view, for scripts
     assert meta.history_until(5) == [] and meta.history_until(6) == stored["history"]
 
-    changed = meta.updated(status="complete", final_metrics={"test_loss": 0.5}, error=None,
-                           resumed_from=ResumedFrom(path="/r/x", step=3))
-    assert changed.to_json() == {**stored, "status": "complete", "final_metrics": {"test_loss": 0.5}, "error": None,
-                                 "resumed_from": {"path": "/r/x", "step": 3}}
+    changed = meta.updated(
+        status="complete", final_metrics={"test_loss": 0.5}, error=None, resumed_from=ResumedFrom(path="/r/x", step=3)
+    )
+    assert changed.to_json() == {
+        **stored,
+        "status": "complete",
+        "final_metrics": {"test_loss": 0.5},
+        "error": None,
+        "resumed_from": {"path": "/r/x", "step": 3},
+    }
     assert meta.to_json() == stored  # records are immutable
     with pytest.raises(ValueError, match="needs key"):
         RunMeta.from_json({"fork": {"parent": "p"}})

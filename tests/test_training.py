@@ -1,4 +1,5 @@
 """The trainer on real MNIST subsets: determinism, seed independence, resume bit-identity, reuse, NaN."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,16 @@ from lmclab.training.plan import FillParent, Reuse, Schedule, StartChild, Train,
 SMALL = RunConfig(
     data=DataConfig("mnist", train_per_class=50),
     model=ModelConfig("mlp", hidden=(32, 32)),
-    train=TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine",
-                      warmup_epochs=0.5, batch_size=50, epochs=3),
+    train=TrainConfig(
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-4,
+        schedule="cosine",
+        warmup_epochs=0.5,
+        batch_size=50,
+        epochs=3,
+    ),
     seeds=SeedConfig(1, 2, 3),
 )
 
@@ -111,7 +120,11 @@ def test_complete_run_is_reused_and_missing_checkpoints_are_filled(tmp_path: Pat
     steps: list[int] = []
     again = train(SMALL, opts, callback=lambda s: steps.append(s.step))
     assert again == run and steps == []
-    with_epochs = train(SMALL, dataclasses.replace(opts, checkpoints=CheckpointSchedule(epochs=(1, 2))), callback=lambda s: steps.append(s.step))
+    with_epochs = train(
+        SMALL,
+        dataclasses.replace(opts, checkpoints=CheckpointSchedule(epochs=(1, 2))),
+        callback=lambda s: steps.append(s.step),
+    )
     assert steps[0] == 1  # retrained from the start to produce the missing epoch-1 checkpoint
     assert run.checkpoint_steps() == [10, 20, 30]
     assert_identical(final, final_state(with_epochs))
@@ -161,8 +174,9 @@ def test_evaluate_reports_nan_for_non_finite_logits(shared_data: Path) -> None:
     assert math.isnan(bad["loss"]) and math.isnan(bad["accuracy"])  # not an argmax over NaN logits
 
 
-def test_a_stored_complete_run_is_returned_without_loading_data(tmp_path: Path, shared_data: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stored_complete_run_is_returned_without_loading_data(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import lmclab.training.trainer as trainer
 
     opts = options(tmp_path, shared_data)
@@ -206,8 +220,7 @@ def test_the_plan_reuses_fills_forks_and_resumes(tmp_path: Path, shared_data: Pa
 
 def test_training_state_round_trips_through_a_checkpoint(tmp_path: Path, shared_data: Path) -> None:
     run = train(SMALL, options(tmp_path, shared_data, checkpoints=CheckpointSchedule(steps=(15,))))
-    info = DeviceDataset.load("mnist", "train", data_dir=shared_data, per_class=50, download=False,
-                              progress=False).info
+    info = DeviceDataset.load("mnist", "train", data_dir=shared_data, per_class=50, download=False, progress=False).info
     path = run.checkpoint_path(15)
     state = TrainingState.from_checkpoint(SMALL.normalised(), info, torch.device("cpu"), path)
     assert state.step == 15 and state.order is not None  # mid-epoch: the epoch's order is kept

@@ -1,2 +1,3 @@
 """lmclab: linear mode connectivity modulo permutation symmetries — train, align, interpolate, explain."""
+
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """The `lmclab` command line. Every command that prints results accepts `--json`."""
+
 from __future__ import annotations
 
 import argparse
@@ -56,21 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a preset (reuses or resumes a stored run with the same config)")
     p.add_argument("preset", help="recipe name; `lmclab presets` lists them")
     add_config_flags(p)
-    p.add_argument("--checkpoints", default="", metavar="SPEC",
-                   help="extra kept checkpoints: epochs:0,1,2 | every:N | log:K | steps:S,T, joined by '+'")
+    p.add_argument(
+        "--checkpoints",
+        default="",
+        metavar="SPEC",
+        help="extra kept checkpoints: epochs:0,1,2 | every:N | log:K | steps:S,T, joined by '+'",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: only at the end)")
     _common_io(p)
 
-    p = sub.add_parser("fork", help="fork a run at chosen epochs into children with their own data order (Singh et al.)")
-    p.add_argument("parent", help="a stored run (directory, name, or hash prefix), or a training preset (trained "
-                                  "first; config flags apply to it)")
-    p.add_argument("--at", required=True, type=_epoch_list, metavar="E,E,…",
-                   help="parent epochs to fork at, e.g. 0,1,2,15 (0: the initialisation)")
+    p = sub.add_parser(
+        "fork", help="fork a run at chosen epochs into children with their own data order (Singh et al.)"
+    )
+    p.add_argument(
+        "parent",
+        help="a stored run (directory, name, or hash prefix), or a training preset (trained "
+        "first; config flags apply to it)",
+    )
+    p.add_argument(
+        "--at",
+        required=True,
+        type=_epoch_list,
+        metavar="E,E,…",
+        help="parent epochs to fork at, e.g. 0,1,2,15 (0: the initialisation)",
+    )
     p.add_argument("--children", type=int, default=2, help="children per fork epoch (default: 2)")
     p.add_argument("--vary-augment", action="store_true", help="children also get their own augmentation seed")
-    p.add_argument("--checkpoints", default="", metavar="SPEC",
-                   help="children's kept checkpoints (default: every epoch): epochs:… | every:N | log:K | steps:…")
+    p.add_argument(
+        "--checkpoints",
+        default="",
+        metavar="SPEC",
+        help="children's kept checkpoints (default: every epoch): epochs:… | every:N | log:K | steps:…",
+    )
     add_config_flags(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: only at the end)")
@@ -91,15 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=tuple(PAIR_METHODS), default="weight", help=_methods_help(PAIR_METHODS))
     p.add_argument("--ste-epochs", type=int, default=10, help="epochs of STE over the training split")
     p.add_argument("--seed", type=int, default=0, help="group order of weight matching")
-    p.add_argument("--examples", type=int, default=5000,
-                   help="training examples for activation matching (STE: for choosing the best permutation)")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=5000,
+        help="training examples for activation matching (STE: for choosing the best permutation)",
+    )
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
 
     p = sub.add_parser("merge", help="align K stored runs jointly, merge them, barriers between all pairs (Ito et al.)")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="two or more runs of one architecture; the first is the reference")
-    p.add_argument("--method", nargs="+", default=["merge_many"], choices=tuple(POPULATION_METHODS),
-                   help="one or more: " + _methods_help(POPULATION_METHODS))
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN", help="two or more runs of one architecture; the first is the reference"
+    )
+    p.add_argument(
+        "--method",
+        nargs="+",
+        default=["merge_many"],
+        choices=tuple(POPULATION_METHODS),
+        help="one or more: " + _methods_help(POPULATION_METHODS),
+    )
     p.add_argument("--ste-epochs", type=int, default=10, help="STE-MM epochs (the paper: 10, lr 1e-3, batch 256)")
     p.add_argument("--ste-examples", type=int, default=None, help="STE-MM on a stratified training subset")
     p.add_argument("--points", type=int, default=25, help="evenly spaced λ per pair, both ends included")
@@ -110,21 +140,38 @@ def build_parser() -> argparse.ArgumentParser:
     _common_io(p)
 
     p = sub.add_parser("interpolate", help="loss/accuracy on the straight path between two runs, with barriers")
-    p.add_argument("runs", nargs="+", metavar="RUN_A RUN_B",
-                   help="one pair of runs, or several pairs (A1 B1 A2 B2 …: curves become mean ± std)")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_A RUN_B",
+        help="one pair of runs, or several pairs (A1 B1 A2 B2 …: curves become mean ± std)",
+    )
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--align", choices=tuple(PAIR_METHODS), default=None,
-                     help="align first (naive path too), by a method of `lmclab align --help`")
-    how.add_argument("--perm", nargs="+", default=None, metavar="FILE",
-                     help="saved permutation(s) from `lmclab align`, one per pair")
+    how.add_argument(
+        "--align",
+        choices=tuple(PAIR_METHODS),
+        default=None,
+        help="align first (naive path too), by a method of `lmclab align --help`",
+    )
+    how.add_argument(
+        "--perm", nargs="+", default=None, metavar="FILE", help="saved permutation(s) from `lmclab align`, one per pair"
+    )
     p.add_argument("--points", type=int, default=25, help="evenly spaced λ, both ends included")
     p.add_argument("--split", choices=("train", "test", "both"), default="both")
     p.add_argument("--subset", type=int, default=None, help="stratified subset of each split (quick runs)")
-    p.add_argument("--bn", choices=("none", "reset", "repair"), default=None,
-                   help="normalisation statistics at each λ (default: reset for BatchNorm models, else none)")
-    p.add_argument("--layers", nargs="+", default=None,
-                   help="interpolate only these layer groups (module names; others from --base), "
-                        "or cumulative:shallow|deep|random")
+    p.add_argument(
+        "--bn",
+        choices=("none", "reset", "repair"),
+        default=None,
+        help="normalisation statistics at each λ (default: reset for BatchNorm models, else none)",
+    )
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        help="interpolate only these layer groups (module names; others from --base), "
+        "or cumulative:shallow|deep|random",
+    )
     p.add_argument("--base", choices=("a", "b"), default="a", help="where non-interpolated layers come from")
     p.add_argument("--out", default=None, help="output directory (default: lmc_<hash> in the run store)")
     p.add_argument("--no-progress", action="store_true")
@@ -134,8 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a")
     p.add_argument("run_b")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--align", choices=tuple(PAIR_METHODS), default=None,
-                     help="align B to A first, by a method of `lmclab align --help`")
+    how.add_argument(
+        "--align",
+        choices=tuple(PAIR_METHODS),
+        default=None,
+        help="align B to A first, by a method of `lmclab align --help`",
+    )
     how.add_argument("--perm", default=None, metavar="FILE", help="a saved permutation (from `lmclab align`)")
     p.add_argument("--split", choices=("train", "test"), default="test")
     p.add_argument("--subset", type=int, default=1000, help="examples used (0: the whole split)")
@@ -154,19 +205,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _common_io(p)
 
-    p = sub.add_parser("run", help="reproduce a paper's figures in one command (" + ", ".join(EXPERIMENTS)
-                       + "; `lmclab run` lists them and their presets)")
-    p.add_argument("experiment", nargs="?", choices=tuple(EXPERIMENTS), metavar="EXPERIMENT",
-                   help=("; ".join(f"{name}: {e.description}" for name, e in EXPERIMENTS.items())
-                         + " (leave out: list the experiments and their presets)").replace("%", "%%"))
-    p.add_argument("--preset", default="smoke", help="smoke (CPU, minutes) or paper (the paper's settings, GPU); "
-                                                     "`lmclab run` lists every preset")
+    p = sub.add_parser(
+        "run",
+        help="reproduce a paper's figures in one command ("
+        + ", ".join(EXPERIMENTS)
+        + "; `lmclab run` lists them and their presets)",
+    )
+    p.add_argument(
+        "experiment",
+        nargs="?",
+        choices=tuple(EXPERIMENTS),
+        metavar="EXPERIMENT",
+        help=(
+            "; ".join(f"{name}: {e.description}" for name, e in EXPERIMENTS.items())
+            + " (leave out: list the experiments and their presets)"
+        ).replace("%", "%%"),
+    )
+    p.add_argument(
+        "--preset",
+        default="smoke",
+        help="smoke (CPU, minutes) or paper (the paper's settings, GPU); `lmclab run` lists every preset",
+    )
     p.add_argument("--out", default=None, help="figures and tables (default: out/EXPERIMENT-PRESET)")
     p.add_argument("--no-progress", action="store_true")
     _common_io(p)
 
-    for name, text in (("presets", "list training presets"), ("models", "list models and their options"),
-                       ("datasets", "list dataset names")):
+    for name, text in (
+        ("presets", "list training presets"),
+        ("models", "list models and their options"),
+        ("datasets", "list dataset names"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--json", action="store_true")
 
@@ -211,9 +279,15 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def _options(args: argparse.Namespace, **extra: Any) -> Any:
 
-    return RunOptions(runs_dir=args.runs_dir, data_dir=args.data_dir, device=args.device,
-                      checkpoints=CheckpointSchedule.parse(getattr(args, "checkpoints", "")),
-                      progress=not getattr(args, "no_progress", False), download=not args.offline, **extra)
+    return RunOptions(
+        runs_dir=args.runs_dir,
+        data_dir=args.data_dir,
+        device=args.device,
+        checkpoints=CheckpointSchedule.parse(getattr(args, "checkpoints", "")),
+        progress=not getattr(args, "no_progress", False),
+        download=not args.offline,
+        **extra,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,8 +295,6 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     preset = get_preset(args.preset)
     config = config_from_args(preset.config, args)
     if config.fork.parent is not None:  # --fork-parent takes any run reference (name, path, hash prefix)
-
-
         parent = RunStore(args.runs_dir).get(config.fork.parent)
         config = dataclasses.replace(config, fork=dataclasses.replace(config.fork, parent=parent.hash))
     config = config.normalised()
@@ -244,7 +316,6 @@ def _epoch_list(text: str) -> list[int]:
 
 def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
 
-
     flags = args.seed is not None or any(v is not None for k, v in vars(args).items() if k.startswith("cfg_"))
     store = RunStore(args.runs_dir)
     if args.parent in PRESETS:
@@ -253,23 +324,39 @@ def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
         preset_name: str | None = preset.name
     else:
         if flags:
-            raise ValueError(f"config flags apply only when PARENT is a training preset; {args.parent!r} is not one "
-                             "(a stored run's config is fixed)")
+            raise ValueError(
+                f"config flags apply only when PARENT is a training preset; {args.parent!r} is not one "
+                "(a stored run's config is fixed)"
+            )
         try:
             parent = store.get(args.parent)
         except RunNotFound as exc:
             raise RunNotFound(f"{exc}; nor is {args.parent!r} a training preset ({', '.join(PRESETS)})") from None
         preset_name = None
-    options = dataclasses.replace(_options(args, preset=preset_name, eval_every=args.eval_every),
-                                  checkpoints=CheckpointSchedule())
-    children = fork(parent, args.at, args.children, options, vary_augment=args.vary_augment,
-                    child_checkpoints=CheckpointSchedule.parse(args.checkpoints) if args.checkpoints else None)
+    options = dataclasses.replace(
+        _options(args, preset=preset_name, eval_every=args.eval_every), checkpoints=CheckpointSchedule()
+    )
+    children = fork(
+        parent,
+        args.at,
+        args.children,
+        options,
+        vary_augment=args.vary_augment,
+        child_checkpoints=CheckpointSchedule.parse(args.checkpoints) if args.checkpoints else None,
+    )
     first = next(iter(children.values()))[0]
     parent_run = first.parent  # children are stored beside their parent
     assert parent_run is not None
     _say(args, f"parent: {parent_run.path}")
-    out: dict[str, Any] = {"parent": {"run": parent_run.path.name, "path": str(parent_run.path), "hash": parent_run.hash,
-                                      "final_metrics": parent_run.meta.final_metrics or {}}, "forks": {}}
+    out: dict[str, Any] = {
+        "parent": {
+            "run": parent_run.path.name,
+            "path": str(parent_run.path),
+            "hash": parent_run.hash,
+            "final_metrics": parent_run.meta.final_metrics or {},
+        },
+        "forks": {},
+    }
     for epoch, runs in children.items():
         _say(args, f"fork at epoch {epoch} (step {runs[0].meta.fork.step if runs[0].meta.fork else None}):")
         rows = []
@@ -277,8 +364,17 @@ def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
             final = run.meta.final_metrics or {}
             _say(args, f"  child {i}: {run.path.name}  " + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
             seeds = run.config.seeds
-            rows.append({"child": i, "run": run.path.name, "path": str(run.path), "hash": run.hash,
-                         "seed_data": seeds.seed_data, "seed_augment": seeds.seed_augment, "final_metrics": final})
+            rows.append(
+                {
+                    "child": i,
+                    "run": run.path.name,
+                    "path": str(run.path),
+                    "hash": run.hash,
+                    "seed_data": seeds.seed_data,
+                    "seed_augment": seeds.seed_augment,
+                    "final_metrics": final,
+                }
+            )
         out["forks"][str(epoch)] = rows
     return out
 
@@ -295,8 +391,10 @@ def cmd_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
             acc = f"test acc {f['test_accuracy']:.4f}  test loss {f['test_loss']:.4f}" if f else ""
             if r.get("fork"):
                 acc += f"  fork of {r['fork']['parent']} at epoch {r['fork']['epoch']} (step {r['fork']['step']})"
-            print(f"{r['run']}  {r['status'] or '?':<11} {r['preset'] or '-':<20} {r['model']}×{r['width']} "
-                  f"{r['norm'] or ''} on {r['dataset']}  seeds {r['seeds']}  epochs {r['epochs_done']}  {acc}")
+            print(
+                f"{r['run']}  {r['status'] or '?':<11} {r['preset'] or '-':<20} {r['model']}×{r['width']} "
+                f"{r['norm'] or ''} on {r['dataset']}  seeds {r['seeds']}  epochs {r['epochs_done']}  {acc}"
+            )
     return rows
 
 
@@ -305,45 +403,83 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     run = RunStore(args.runs_dir).get(args.run)
     device = resolve_device(args.device)
     model = load_run_model(run, args.step, device)
-    result: dict[str, Any] = {"run": run.path.name, "step": args.step if args.step is not None else run.meta.total_steps}
+    result: dict[str, Any] = {
+        "run": run.path.name,
+        "step": args.step if args.step is not None else run.meta.total_steps,
+    }
     for split in ("train", "test") if args.split == "both" else (args.split,):
-        data = DeviceDataset.load(run.config.data.dataset, split, data_dir=args.data_dir, device=device,
-                                  augment=False, download=not args.offline, progress=not args.json)
+        data = DeviceDataset.load(
+            run.config.data.dataset,
+            split,
+            data_dir=args.data_dir,
+            device=device,
+            augment=False,
+            download=not args.offline,
+            progress=not args.json,
+        )
         metrics = evaluate(model, data)
         result[split] = metrics
-        _say(args, f"{run.path.name} step {result['step']} {split}: loss {metrics['loss']:.4f}  "
-                   f"accuracy {metrics['accuracy']:.4f}  ({len(data)} examples)")
+        _say(
+            args,
+            f"{run.path.name} step {result['step']} {split}: loss {metrics['loss']:.4f}  "
+            f"accuracy {metrics['accuracy']:.4f}  ({len(data)} examples)",
+        )
     return result
 
 
 def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
 
     store = RunStore(args.runs_dir)
-    alignment = align_runs(store.get(args.run_a), store.get(args.run_b), method=args.method, seed=args.seed,
-                           store=store, data_dir=args.data_dir, device=args.device,
-                           activation_examples=args.examples, ste_epochs=args.ste_epochs,
-                           progress=not args.no_progress)
-    info = alignment.info
-    _say(args, f"{args.method} matching: {info.get('sweeps')} sweep(s), distance {info.get('distance_before', float('nan')):.4f}"
-               f" → {info.get('distance_after', float('nan')):.4f}; verified f(π(θ)) = f(θ) "
-               f"(max |Δ| {info.get('invariance_max_abs_diff')})\npermutation: {alignment.path / 'perm.safetensors'}")
-    return {"path": str(alignment.path), "perm": str(alignment.path / "perm.safetensors"), **info}
+    alignment = align_runs(
+        store.get(args.run_a),
+        store.get(args.run_b),
+        method=args.method,
+        seed=args.seed,
+        store=store,
+        data_dir=args.data_dir,
+        device=args.device,
+        activation_examples=args.examples,
+        ste_epochs=args.ste_epochs,
+        progress=not args.no_progress,
+    )
+    info, path = alignment.info, alignment.path
+    assert path is not None, "align_runs stores every alignment in a directory"
+    _say(
+        args,
+        f"{args.method} matching: {info.get('sweeps')} sweep(s), "
+        f"distance {info.get('distance_before', float('nan')):.4f}"
+        f" → {info.get('distance_after', float('nan')):.4f}; verified f(π(θ)) = f(θ) "
+        f"(max |Δ| {info.get('invariance_max_abs_diff')})\npermutation: {path / 'perm.safetensors'}",
+    )
+    return {"path": str(path), "perm": str(path / "perm.safetensors"), **info}
 
 
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
 
     store = RunStore(args.runs_dir)
     runs = [store.get(r) for r in args.runs]
-    options: dict[str, dict[str, Any]] = {}   # --ste-*: methods that need training data
+    options: dict[str, dict[str, Any]] = {}  # --ste-*: methods that need training data
     for method in args.method:
         entry = POPULATION_METHODS[method]
         if "data" in entry.needs:
-            options[method] = {**entry.settings(epochs=args.ste_epochs),
-                               **({"train_examples": args.ste_examples} if args.ste_examples else {})}
-    return merge_runs(runs, args.method, out=args.out, options=options, points=args.points,
-                      examples=args.subset, trace={} if args.trace else None, runs_dir=args.runs_dir,
-                      data_dir=args.data_dir, device=args.device, progress=not args.no_progress,
-                      say=lambda t: _say(args, t))
+            options[method] = {
+                **entry.settings(epochs=args.ste_epochs),
+                **({"train_examples": args.ste_examples} if args.ste_examples else {}),
+            }
+    return merge_runs(
+        runs,
+        args.method,
+        out=args.out,
+        options=options,
+        points=args.points,
+        examples=args.subset,
+        trace={} if args.trace else None,
+        runs_dir=args.runs_dir,
+        data_dir=args.data_dir,
+        device=args.device,
+        progress=not args.no_progress,
+        say=lambda t: _say(args, t),
+    )
 
 
 def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
@@ -353,33 +489,72 @@ def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
     store = RunStore(args.runs_dir)
     runs = [store.get(r) for r in args.runs]
     splits = ("train", "test") if args.split == "both" else (args.split,)
-    return lmc_pairs(list(zip(runs[::2], runs[1::2])), method=args.align, perm_files=args.perm, out=args.out,
-                     say=lambda t: _say(args, t), points=args.points, splits=splits, subset=args.subset, bn=args.bn,
-                     layers=args.layers, base=args.base, data_dir=args.data_dir, device=args.device,
-                     progress=not args.no_progress)
+    return lmc_pairs(
+        list(zip(runs[::2], runs[1::2])),
+        method=args.align,
+        perm_files=args.perm,
+        out=args.out,
+        say=lambda t: _say(args, t),
+        points=args.points,
+        splits=splits,
+        subset=args.subset,
+        bn=args.bn,
+        layers=args.layers,
+        base=args.base,
+        data_dir=args.data_dir,
+        device=args.device,
+        progress=not args.no_progress,
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
     store = RunStore(args.runs_dir)
     run_a, run_b = store.get(args.run_a), store.get(args.run_b)
-    alignment = (load_alignment(args.perm) if args.perm else
-                 align_runs(run_a, run_b, method=args.align, store=store, data_dir=args.data_dir, device=args.device,
-                            progress=False) if args.align else None)
-    return predict_vs_measure(run_a, run_b, alignment=alignment, split=args.split, examples=args.subset or None,
-                              points=args.points, orders=args.orders, out=args.out, data_dir=args.data_dir,
-                              device=args.device, say=lambda t: _say(args, t))
+    alignment = (
+        load_alignment(args.perm)
+        if args.perm
+        else align_runs(
+            run_a, run_b, method=args.align, store=store, data_dir=args.data_dir, device=args.device, progress=False
+        )
+        if args.align
+        else None
+    )
+    return predict_vs_measure(
+        run_a,
+        run_b,
+        alignment=alignment,
+        split=args.split,
+        examples=args.subset or None,
+        points=args.points,
+        orders=args.orders,
+        out=args.out,
+        data_dir=args.data_dir,
+        device=args.device,
+        say=lambda t: _say(args, t),
+    )
 
 
 def cmd_sharpness(args: argparse.Namespace) -> dict[str, Any]:
 
-    result = sharpness(RunStore(args.runs_dir).get(args.run), split=args.split, examples=args.subset or None,
-                       probes=args.probes, method=args.method, eigenvalue=not args.no_eigenvalue,
-                       data_dir=args.data_dir, device=args.device, seed=args.seed)
+    result = sharpness(
+        RunStore(args.runs_dir).get(args.run),
+        split=args.split,
+        examples=args.subset or None,
+        probes=args.probes,
+        method=args.method,
+        eigenvalue=not args.no_eigenvalue,
+        data_dir=args.data_dir,
+        device=args.device,
+        seed=args.seed,
+    )
     for key in ("trace", "scale_aware_trace"):
         t = result[key]
-        _say(args, f"{key.replace('_', ' ')}: {t['estimate']:.6g}  ({t['confidence']:.0%} CI {t['ci_low']:.6g} … "
-                   f"{t['ci_high']:.6g}, {t['probes']} probes, {t['method']})")
+        _say(
+            args,
+            f"{key.replace('_', ' ')}: {t['estimate']:.6g}  ({t['confidence']:.0%} CI {t['ci_low']:.6g} … "
+            f"{t['ci_high']:.6g}, {t['probes']} probes, {t['method']})",
+        )
     if "top_eigenvalue" in result:
         _say(args, f"top eigenvalue: {result['top_eigenvalue']:.6g}")
     return result
@@ -396,12 +571,20 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
                 width = max(map(len, entry["presets"]), default=0)
                 for preset, text in entry["presets"].items():
                     print(f"  --preset {preset:<{width}}  {text}")
-            print("run one: lmclab run EXPERIMENT --preset PRESET (default preset: smoke; figures and tables in "
-                  "out/EXPERIMENT-PRESET)")
+            print(
+                "run one: lmclab run EXPERIMENT --preset PRESET (default preset: smoke; figures and tables in "
+                "out/EXPERIMENT-PRESET)"
+            )
         return listing
-    return get_experiment(args.experiment)(args.preset, out=args.out, runs_dir=args.runs_dir, data_dir=args.data_dir,
-                                           device=args.device, progress=not args.no_progress,
-                                           say=lambda t: _say(args, t))
+    return get_experiment(args.experiment)(
+        args.preset,
+        out=args.out,
+        runs_dir=args.runs_dir,
+        data_dir=args.data_dir,
+        device=args.device,
+        progress=not args.no_progress,
+        say=lambda t: _say(args, t),
+    )
 
 
 def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
@@ -433,15 +616,34 @@ def cmd_datasets(args: argparse.Namespace) -> list[str]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    return run_pair_demo(args.preset, seeds=seeds, epochs=args.epochs, out=args.out,
-                         options=_options(args, preset=args.preset), say=lambda t: _say(args, t),
-                         align=None if args.align == "none" else args.align, points=args.points)
+    return run_pair_demo(
+        args.preset,
+        seeds=seeds,
+        epochs=args.epochs,
+        out=args.out,
+        options=_options(args, preset=args.preset),
+        say=lambda t: _say(args, t),
+        align=None if args.align == "none" else args.align,
+        points=args.points,
+    )
 
 
-COMMANDS = {"train": cmd_train, "fork": cmd_fork, "runs": cmd_runs, "eval": cmd_eval, "align": cmd_align,
-            "interpolate": cmd_interpolate, "merge": cmd_merge, "predict": cmd_predict, "sharpness": cmd_sharpness, "run": cmd_run,
-            "presets": cmd_presets,
-            "models": cmd_models, "datasets": cmd_datasets, "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train,
+    "fork": cmd_fork,
+    "runs": cmd_runs,
+    "eval": cmd_eval,
+    "align": cmd_align,
+    "interpolate": cmd_interpolate,
+    "merge": cmd_merge,
+    "predict": cmd_predict,
+    "sharpness": cmd_sharpness,
+    "run": cmd_run,
+    "presets": cmd_presets,
+    "models": cmd_models,
+    "datasets": cmd_datasets,
+    "demo": cmd_demo,
+}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,6 +10,7 @@ it; they live in `RunOptions`.
 the store's alignment and result directories are all computed with it (the store re-exports it; it
 lives here, the lowest layer that needs it, so that config does not import the store above it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ def canonical_json(obj: Any, *, spaced: bool = False, default: typing.Callable[[
     return json.dumps(obj, sort_keys=True, separators=separators, default=default)
 
 
-def content_hash(obj: Any, length: int = HASH_LENGTH, *, spaced: bool = False,
-                 default: typing.Callable[[Any], Any] | None = None) -> str:
+def content_hash(
+    obj: Any, length: int = HASH_LENGTH, *, spaced: bool = False, default: typing.Callable[[Any], Any] | None = None
+) -> str:
     """The first `length` hex digits of sha256 of `canonical_json(obj, spaced=…, default=…)`.
 
     Run hashes use the compact form; step keys and the store's alignment and LMC result directories
@@ -89,7 +91,7 @@ class SeedConfig:
     seed_augment: int = 2  # augmentation draws
 
     @staticmethod
-    def from_seed(seed: int) -> "SeedConfig":
+    def from_seed(seed: int) -> SeedConfig:
         """One `--seed S` sets all three, distinctly: sha256("S/stream") truncated to 63 bits."""
         return SeedConfig(*(derive_seed(seed, s) for s in ("init", "data", "augment")))
 
@@ -123,8 +125,9 @@ class ForkConfig:
             raise ValueError(f"fork {self} names no parent run; give the parent's run hash (fork.parent)")
         points = [p for p in (self.epoch, self.step) if p is not None]
         if len(points) != 1:
-            raise ValueError(f"fork of {self.parent} needs exactly one of epoch or step; got epoch={self.epoch}, "
-                             f"step={self.step}")
+            raise ValueError(
+                f"fork of {self.parent} needs exactly one of epoch or step; got epoch={self.epoch}, step={self.step}"
+            )
         if points[0] < 0:
             raise ValueError(f"fork point must be >= 0; got epoch={self.epoch}, step={self.step}")
 
@@ -139,12 +142,13 @@ class RunConfig:
     seeds: SeedConfig = field(default_factory=SeedConfig)
     fork: ForkConfig = field(default_factory=ForkConfig)
 
-    def normalised(self) -> "RunConfig":
+    def normalised(self) -> RunConfig:
         """Fill model defaults so that equal runs spelled differently hash equally (and check the fork)."""
         self.fork.validate()
 
         defaults = model_defaults(self.model.model)
-        filled = {
+        # Registry defaults are untyped options (int width, hidden sizes, norm name); passed on as they are.
+        filled: dict[str, Any] = {
             k: (getattr(self.model, k) if getattr(self.model, k) is not None else defaults.get(k))
             for k in ("width", "hidden", "norm")
         }
@@ -163,7 +167,7 @@ class RunConfig:
         return {k: v for k, v in d.items() if not (k in OPTIONAL_SECTIONS and all(x is None for x in v.values()))}
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "RunConfig":
+    def from_dict(d: dict[str, Any]) -> RunConfig:
         return RunConfig(**{name: _section_from_dict(cls, d.get(name, {})) for name, cls in SECTIONS.items()})
 
     def run_hash(self) -> str:
@@ -183,8 +187,13 @@ class RunConfig:
         return {k: getattr(m, k) for k in ("width", "hidden", "norm") if getattr(m, k) is not None}
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "seeds": SeedConfig,
-                             "fork": ForkConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "seeds": SeedConfig,
+    "fork": ForkConfig,
+}
 OPTIONAL_SECTIONS = frozenset({"fork"})  # left out of to_dict() and the hash while all their fields are None
 FLAG_PREFIX = {"fork": "fork-"}  # `--fork-parent`, `--fork-epoch`, `--fork-step` (not to be confused with --epochs)
 

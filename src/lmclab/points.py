@@ -14,11 +14,13 @@ Conventions (one rule each):
 - **parameters vs buffers**: directions, Hessians and curvature live on the model's trainable
   parameters (``parameter_names(model)``); ``split_point`` separates a point into the two.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,8 +30,21 @@ Point = dict[str, torch.Tensor]
 PointLike = Mapping[str, torch.Tensor]
 
 __all__ = [
-    "Point", "PointLike", "common_keys", "direction", "distance", "flatten", "inner", "lerp", "mean", "mixture",
-    "norm", "parameter_names", "parameters_of", "split_point", "unflatten",
+    "Point",
+    "PointLike",
+    "common_keys",
+    "direction",
+    "distance",
+    "flatten",
+    "inner",
+    "lerp",
+    "mean",
+    "mixture",
+    "norm",
+    "parameter_names",
+    "parameters_of",
+    "split_point",
+    "unflatten",
 ]
 
 
@@ -55,8 +70,9 @@ def common_keys(*points: PointLike, keys: Iterable[str] | None = None) -> list[s
     return chosen
 
 
-def direction(theta_a: PointLike, theta_b: PointLike, keys: Iterable[str] | None = None,
-              dtype: torch.dtype | None = None) -> Point:
+def direction(
+    theta_a: PointLike, theta_b: PointLike, keys: Iterable[str] | None = None, dtype: torch.dtype | None = None
+) -> Point:
     """d = θ_B − θ_A on `keys` (default: the common floating tensors), detached, computed in `dtype`
     (default: θ_A's dtype per tensor) on θ_A's device."""
     out: Point = {}
@@ -83,8 +99,9 @@ def distance(a: PointLike, b: PointLike, keys: Iterable[str] | None = None) -> f
     return norm(direction(b, a, keys=keys, dtype=torch.float64))
 
 
-def lerp(theta_a: PointLike, theta_b: PointLike, lam: float, only: Iterable[str] | None = None,
-         base: str = "a") -> Point:
+def lerp(
+    theta_a: PointLike, theta_b: PointLike, lam: float, only: Iterable[str] | None = None, base: str = "a"
+) -> Point:
     """θ_λ = (1−λ)θ_A + λθ_B on the tensors in `only` (default: all floating tensors), in θ_A's dtype
     (``torch.lerp``: exact at λ = 0 and λ = 1); the other tensors come from θ_A (base "a") or θ_B
     ("b"); non-floating tensors always from θ_A."""
@@ -122,7 +139,7 @@ def mean(points: Sequence[PointLike]) -> Point:
     return out
 
 
-def mixture(points: Sequence[PointLike], weights: torch.Tensor | Sequence[float]) -> Point:
+def mixture(points: Sequence[PointLike], weights: torch.Tensor | np.ndarray | Sequence[float]) -> Point:
     """θ_mix = Σ_k w_k θ_k over the keys of points[0], in the points' dtype and differentiable in the
     points (STE's training objective); non-floating tensors cloned from points[0]."""
     if len(points) != len(weights):
@@ -152,7 +169,7 @@ def unflatten(vector: torch.Tensor, like: PointLike) -> Point:
     offset = 0
     for k, t in like.items():
         n = t.numel()
-        out[k] = vector[offset:offset + n].reshape(t.shape).to(t.device, t.dtype)
+        out[k] = vector[offset : offset + n].reshape(t.shape).to(t.device, t.dtype)
         offset += n
     if offset != vector.numel():
         raise ValueError(f"vector has {vector.numel()} entries, the point {offset}")

@@ -8,6 +8,7 @@ by ``align_population(points, spec, method)``, which returns a :class:`Populatio
 this package imports every method module, which registers the method; the order of the imports below
 is the order the methods are listed in.
 """
+
 from __future__ import annotations
 
 from lmclab.align.registry import (
@@ -44,12 +45,42 @@ from lmclab.align.ste_mm import MIXINGS, ste_mm  # isort: skip
 from lmclab.align.assignment import WarmAssignment, assignment_value, solve_assignment  # isort: skip
 
 __all__ = [
-    "LAMBDAS", "METHODS", "MIXINGS", "NEEDS", "PAIR_METHODS", "POPULATION_METHODS", "SETTINGS", "STATISTICS",
-    "ActivationStats", "MatchResult", "MethodEntry", "PairMethod", "PopulationAlignment", "PopulationMethod",
-    "WarmAssignment", "WeightMatchingState", "activation_matching", "align", "align_population", "as_point",
-    "assignment_value", "default_weights", "get_pair_method", "get_population_method", "match_distances",
-    "merge_many", "naive", "pairwise", "register_pair_method", "register_population_method", "solve_assignment",
-    "spec_tensor_names", "ste_matching", "ste_mm", "straight_through", "weight_matching",
+    "LAMBDAS",
+    "METHODS",
+    "MIXINGS",
+    "NEEDS",
+    "PAIR_METHODS",
+    "POPULATION_METHODS",
+    "SETTINGS",
+    "STATISTICS",
+    "ActivationStats",
+    "MatchResult",
+    "MethodEntry",
+    "PairMethod",
+    "PopulationAlignment",
+    "PopulationMethod",
+    "WarmAssignment",
+    "WeightMatchingState",
+    "activation_matching",
+    "align",
+    "align_population",
+    "as_point",
+    "assignment_value",
+    "default_weights",
+    "get_pair_method",
+    "get_population_method",
+    "match_distances",
+    "merge_many",
+    "naive",
+    "pairwise",
+    "register_pair_method",
+    "register_population_method",
+    "solve_assignment",
+    "spec_tensor_names",
+    "ste_matching",
+    "ste_mm",
+    "straight_through",
+    "weight_matching",
 ]
 
 #: The built-in two-model methods' names (a snapshot taken at import; :data:`PAIR_METHODS` is the live registry).

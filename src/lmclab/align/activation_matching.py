@@ -11,6 +11,7 @@ streamed in float64 over the batches; one linear assignment per group maximises 
 A unit that is constant over all rows (a dead ReLU) correlates 0 with everything: such units are
 matched arbitrarily among themselves, so use enough data that live units are not mistaken for dead.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,12 +40,14 @@ class ActivationStats:
     """Running float64 sums over rows (a, b) ∈ R^C × R^C: n, Σa, Σb, Σa², Σb², Σ a bᵀ."""
 
     def __init__(self, size: int, device: torch.device) -> None:
-        z = dict(dtype=torch.float64, device=device)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
         self.size = size
         self.n = 0
-        self.sa, self.sb = torch.zeros(size, **z), torch.zeros(size, **z)   # type: ignore[arg-type]
-        self.saa, self.sbb = torch.zeros(size, **z), torch.zeros(size, **z)  # type: ignore[arg-type]
-        self.sab = torch.zeros(size, size, **z)  # type: ignore[arg-type]
+        self.sa, self.sb = zeros(size), zeros(size)
+        self.saa, self.sbb = zeros(size), zeros(size)
+        self.sab = zeros(size, size)
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Add the rows of activations a, b of shape (N, C, *spatial) (C = group size)."""
@@ -76,17 +79,24 @@ def _rows(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
-def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                        batches: Iterable[Any], *, statistic: str = "correlation",
-                        max_batches: int | None = None, eps: float = 1e-8,
-                        capture: Capture | None = None) -> MatchResult:
+def activation_matching(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    spec: PermutationSpec,
+    batches: Iterable[Any],
+    *,
+    statistic: str = "correlation",
+    max_batches: int | None = None,
+    eps: float = 1e-8,
+    capture: Capture | None = None,
+) -> MatchResult:
     """Permutation π of B's units maximising, per group, Σ_i M[i, p[i]] with M the A×B statistic.
 
     `batches` yields input tensors (or tuples/lists whose first entry is the input); the first
@@ -139,16 +149,31 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     perm = Permutation(perms)
     before, after = match_distances(sd_a, sd_b, spec, perm)
     return MatchResult(
-        perm=perm, spec=spec, sweeps=1, objective=[sum(matched.values())],
-        distance_before=before, distance_after=after, method="activation",
-        info={"statistic": statistic, "batches": used, "rows": {g.name: stats[g.name].n for g in spec.groups},
-              "mean_matched": {k: v / spec.group(k).size for k, v in matched.items()}})
+        perm=perm,
+        spec=spec,
+        sweeps=1,
+        objective=[sum(matched.values())],
+        distance_before=before,
+        distance_after=after,
+        method="activation",
+        info={
+            "statistic": statistic,
+            "batches": used,
+            "rows": {g.name: stats[g.name].n for g in spec.groups},
+            "mean_matched": {k: v / spec.group(k).size for k, v in matched.items()},
+        },
+    )
 
 
-@register_pair_method("activation", "pair the units whose activations on training examples correlate best",
-                      needs=("model", "batches"), title="activation matching")
-def _activation(theta_a: Point, theta_b: Point, spec: PermutationSpec, *, model: nn.Module, batches: Iterable[Any],
-                **kw: Any) -> MatchResult:
+@register_pair_method(
+    "activation",
+    "pair the units whose activations on training examples correlate best",
+    needs=("model", "batches"),
+    title="activation matching",
+)
+def _activation(
+    theta_a: Point, theta_b: Point, spec: PermutationSpec, *, model: nn.Module, batches: Iterable[Any], **kw: Any
+) -> MatchResult:
     """Method "activation": :func:`activation_matching` of copies of `model` loaded with θ_A and θ_B."""
     return activation_matching(_loaded(model, theta_a), _loaded(model, theta_b), spec, batches, **kw)
 

@@ -13,6 +13,7 @@ potentials v are *feasible* when the reduced costs C̄_ij = C_ij − u_i − v_j
 the assignment is *tight* when C̄_{i,p(i)} = 0 for every row. Feasible + tight proves p optimal
 (Σ_i C_{i,p(i)} = Σu + Σv ≤ Σ_i C_{i,σ(i)} for every σ).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -43,8 +44,11 @@ def _row_optimal(score: torch.Tensor, perm: torch.Tensor, maximize: bool) -> boo
 
 def _as_matrix(score: torch.Tensor | np.ndarray) -> np.ndarray:
     """A fresh float64 NumPy copy of a square, finite matrix (ValueError otherwise)."""
-    s = score.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy() if isinstance(score, torch.Tensor) \
+    s = (
+        score.detach().to(device="cpu", dtype=torch.float64, copy=True).numpy()
+        if isinstance(score, torch.Tensor)
         else np.array(score, dtype=np.float64, copy=True)
+    )
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
         raise ValueError(f"score must be a square matrix, got shape {tuple(s.shape)}")
     if not np.isfinite(s).all():
@@ -60,8 +64,9 @@ def _scipy_perm(cost: np.ndarray) -> np.ndarray:
     return perm
 
 
-def solve_assignment(score: torch.Tensor, maximize: bool = True,
-                     warm_start: torch.Tensor | None = None) -> torch.Tensor:
+def solve_assignment(
+    score: torch.Tensor, maximize: bool = True, warm_start: torch.Tensor | None = None
+) -> torch.Tensor:
     """int64 permutation p (on CPU) with p[i] the column assigned to row i, optimising Σ_i S[i, p[i]].
 
     Solved by scipy's ``linear_sum_assignment`` on a float64 NumPy copy of the square matrix `score`.
@@ -84,8 +89,9 @@ def solve_assignment(score: torch.Tensor, maximize: bool = True,
     return torch.from_numpy(_scipy_perm(-s if maximize else s))
 
 
-def center_potentials(cost: np.ndarray, perm: np.ndarray, v: np.ndarray, sweeps: int,
-                      cols: np.ndarray | None = None) -> np.ndarray:
+def center_potentials(
+    cost: np.ndarray, perm: np.ndarray, v: np.ndarray, sweeps: int, cols: np.ndarray | None = None
+) -> np.ndarray:
     """Move feasible column potentials v (for the tight assignment `perm`) towards the middle of the dual face.
 
     Eliminating u (u_i = C_{i,p(i)} − v_{p(i)}), each v_j may range over [lo_j, hi_j] with the others
@@ -109,9 +115,9 @@ def center_potentials(cost: np.ndarray, perm: np.ndarray, v: np.ndarray, sweeps:
     row_of_col[perm] = rows
     r = row_of_col[cols]
     k = np.arange(cols.size)
-    into = cost[:, cols] - cost[rows, perm][:, None]           # W[i, j] = C_ij − C_{i,p(i)}, j ∈ cols
+    into = cost[:, cols] - cost[rows, perm][:, None]  # W[i, j] = C_ij − C_{i,p(i)}, j ∈ cols
     into[r, k] = np.inf
-    out_of = cost[r] - cost[r, cols][:, None]                  # row j ∈ cols: C_{r(j),k} − C_{r(j),j}
+    out_of = cost[r] - cost[r, cols][:, None]  # row j ∈ cols: C_{r(j),k} − C_{r(j),j}
     out_of[k, cols] = np.inf
     for _ in range(sweeps):
         hi = (v[perm][:, None] + into).min(axis=0)
@@ -120,8 +126,9 @@ def center_potentials(cost: np.ndarray, perm: np.ndarray, v: np.ndarray, sweeps:
     return v
 
 
-def column_potentials(cost: np.ndarray, perm: np.ndarray, tol: float, max_iter: int | None = None,
-                      start: np.ndarray | None = None) -> np.ndarray:
+def column_potentials(
+    cost: np.ndarray, perm: np.ndarray, tol: float, max_iter: int | None = None, start: np.ndarray | None = None
+) -> np.ndarray:
     """Column potentials v making the optimal assignment `perm` of `cost` tight and (to `tol`) feasible.
 
     With u_i = C_{i,p(i)} − v_{p(i)}, feasibility u_i + v_j ≤ C_ij reads as the difference constraints
@@ -139,10 +146,10 @@ def column_potentials(cost: np.ndarray, perm: np.ndarray, tol: float, max_iter: 
     v = np.zeros(n) if start is None else np.array(start, dtype=np.float64)
     if n == 0:
         return v
-    reduced = cost - cost[np.arange(n), perm][:, None]          # W[i, j] = C_ij − C_{i,p(i)}
+    reduced = cost - cost[np.arange(n), perm][:, None]  # W[i, j] = C_ij − C_{i,p(i)}
     row_of_col = np.empty(n, dtype=np.int64)
     row_of_col[perm] = np.arange(n)
-    active = np.arange(n)                                       # rows whose source column p(i) moved
+    active = np.arange(n)  # rows whose source column p(i) moved
     for _ in range(max_iter if max_iter is not None else n + 1):
         cand = (v[perm[active]][:, None] + reduced[active]).min(axis=0)
         improved = np.flatnonzero(cand < v - tol)
@@ -199,12 +206,13 @@ class WarmAssignment:
     rtol: float = 1e-12
     center_sweeps: int = 3
     perm: np.ndarray | None = None
-    stats: dict[str, int] = field(default_factory=lambda: {"cold": 0, "warm": 0, "fallback": 0, "potentials": 0,
-                                                           "rows_freed": 0, "scanned": 0})
+    stats: dict[str, int] = field(
+        default_factory=lambda: {"cold": 0, "warm": 0, "fallback": 0, "potentials": 0, "rows_freed": 0, "scanned": 0}
+    )
     _u: np.ndarray | None = field(default=None, repr=False, init=False)
     _v: np.ndarray | None = field(default=None, repr=False, init=False)
     _cost: np.ndarray | None = field(default=None, repr=False, init=False)  # last cost while its potentials are unknown
-    _success: float = field(default=1.0, repr=False, init=False)            # running success rate of warm attempts
+    _success: float = field(default=1.0, repr=False, init=False)  # running success rate of warm attempts
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_free_fraction <= 1.0:
@@ -263,20 +271,19 @@ class WarmAssignment:
         self.stats["cold"] += 1
         if moved <= self.max_free_fraction * n and self._success >= MIN_SUCCESS:
             self._recover(cost, tol, previous_v)
-        else:                                                   # drift back, so that warm starts are probed again
+        else:  # drift back, so that warm starts are probed again
             self._success = (1 - SUCCESS_RATE) * self._success + SUCCESS_RATE
 
     def _recover(self, cost: np.ndarray, tol: float, start: np.ndarray | None = None) -> None:
         """Potentials for the stored (optimal) permutation of `cost`: Bellman–Ford, then centring."""
         assert self.perm is not None
         n = cost.shape[0]
-        v = center_potentials(cost, self.perm, column_potentials(cost, self.perm, tol, start=start),
-                              self.center_sweeps)
+        v = center_potentials(cost, self.perm, column_potentials(cost, self.perm, tol, start=start), self.center_sweeps)
         self._set(self.perm, cost[np.arange(n), self.perm] - v[self.perm], v)
         self.stats["potentials"] += 1
 
     def _set(self, perm: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
-        shift = float(v.mean()) if len(v) else 0.0             # (u + c, v − c) is the same dual: keep v centred
+        shift = float(v.mean()) if len(v) else 0.0  # (u + c, v − c) is the same dual: keep v centred
         self.perm, self._u, self._v, self._cost = perm, u + shift, v - shift, None
 
     def _solve_warm(self, cost: np.ndarray, tol: float) -> bool:
@@ -285,7 +292,7 @@ class WarmAssignment:
         n = cost.shape[0]
         rows = np.arange(n)
         v = self._v.copy()
-        u = (cost - v).min(axis=1)                              # dual-feasible row potentials
+        u = (cost - v).min(axis=1)  # dual-feasible row potentials
         slack = cost[rows, self.perm] - u - v[self.perm]
         free = np.flatnonzero(slack > tol)
         n_free = len(free)
@@ -301,7 +308,7 @@ class WarmAssignment:
         for r in free:
             touched |= _augment(cost, u, v, col4row, row4col, int(r))
         if np.abs(cost[rows, col4row] - u - v[col4row]).max(initial=0.0) > max(n, 1) * tol:
-            return False                                        # rounding spoiled tightness: solve cold
+            return False  # rounding spoiled tightness: solve cold
         if self.center_sweeps > 0 and touched.any():
             v = center_potentials(cost, col4row, v, self.center_sweeps, np.flatnonzero(touched))
             u = cost[rows, col4row] - v[col4row]
@@ -312,8 +319,9 @@ class WarmAssignment:
         return True
 
 
-def _assign_row_minima(cost: np.ndarray, u: np.ndarray, v: np.ndarray, col4row: np.ndarray, row4col: np.ndarray,
-                       free: np.ndarray) -> np.ndarray:
+def _assign_row_minima(
+    cost: np.ndarray, u: np.ndarray, v: np.ndarray, col4row: np.ndarray, row4col: np.ndarray, free: np.ndarray
+) -> np.ndarray:
     """Assign each free row whose row minimum of reduced cost lies in a free column claimed by no other
     free row straight to it (the entry is tight since u_i is that minimum; no potential changes: the
     cheap first phase of Jonker–Volgenant). Updates col4row, row4col; returns the rows still free."""
@@ -328,8 +336,9 @@ def _assign_row_minima(cost: np.ndarray, u: np.ndarray, v: np.ndarray, col4row: 
     return free[~direct]
 
 
-def _augment(cost: np.ndarray, u: np.ndarray, v: np.ndarray, col4row: np.ndarray, row4col: np.ndarray,
-             start: int) -> np.ndarray:
+def _augment(
+    cost: np.ndarray, u: np.ndarray, v: np.ndarray, col4row: np.ndarray, row4col: np.ndarray, start: int
+) -> np.ndarray:
     """Assign free row `start` by one shortest augmenting path; updates u, v, col4row, row4col in place.
 
     Dijkstra over columns with distances d_j = min over scanned rows i of (d to i) + C_ij − u_i − v_j
@@ -339,7 +348,7 @@ def _augment(cost: np.ndarray, u: np.ndarray, v: np.ndarray, col4row: np.ndarray
     alternating path tight. Returns the mask of scanned columns (the potentials that changed).
     """
     n = cost.shape[0]
-    open_d = np.full(n, np.inf)                                 # tentative distances; +inf once scanned
+    open_d = np.full(n, np.inf)  # tentative distances; +inf once scanned
     pred = np.full(n, -1, dtype=np.int64)
     free_cols = np.flatnonzero(row4col < 0)
     cols: list[int] = []
@@ -354,7 +363,7 @@ def _augment(cost: np.ndarray, u: np.ndarray, v: np.ndarray, col4row: np.ndarray
         pred[better] = i
         j = int(open_d.argmin())
         d_min = float(open_d[j])
-        if row4col[j] >= 0:                                     # a free column at the same distance ends the path
+        if row4col[j] >= 0:  # a free column at the same distance ends the path
             k = int(open_d[free_cols].argmin())
             if open_d[free_cols[k]] == d_min:
                 j = int(free_cols[k])
@@ -371,7 +380,7 @@ def _augment(cost: np.ndarray, u: np.ndarray, v: np.ndarray, col4row: np.ndarray
     u[start] += d_min
     v[scanned_cols] -= shift
     j = sink
-    while True:                                                 # flip the alternating path
+    while True:  # flip the alternating path
         i = int(pred[j])
         row4col[j] = i
         col4row[i], j = j, int(col4row[i])

@@ -8,6 +8,7 @@ current π_i, warm LAP duals kept per model). Stop after a round in which no per
 (π_i ← π_0⁻¹ ∘ π_i, so perms[0] is the identity; distances among the aligned models are unchanged).
 The merged model is the mean of the aligned models.
 """
+
 from __future__ import annotations
 
 import time
@@ -37,10 +38,21 @@ def spread(points: Sequence[PointLike], spec: PermutationSpec) -> float:
     return total
 
 
-@register_population_method("merge_many", "match each model to the mean of the others until none changes "
-                            "(Git Re-Basin)", accepts=("seed", "progress"), title="MergeMany")
-def merge_many(points: Sequence[PointLike], spec: PermutationSpec, *, seed: int = 0, max_rounds: int = 100,
-               progress: bool = False, **wm_kw: Any) -> PopulationAlignment:
+@register_population_method(
+    "merge_many",
+    "match each model to the mean of the others until none changes (Git Re-Basin)",
+    accepts=("seed", "progress"),
+    title="MergeMany",
+)
+def merge_many(
+    points: Sequence[PointLike],
+    spec: PermutationSpec,
+    *,
+    seed: int = 0,
+    max_rounds: int = 100,
+    progress: bool = False,
+    **wm_kw: Any,
+) -> PopulationAlignment:
     """Joint alignment of K points by MergeMany (method "merge_many"); perms[0] = identity.
 
     `wm_kw` go to :func:`weight_matching` (``max_sweeps``, ``device``, ``weights``; its ``seed`` is
@@ -56,8 +68,9 @@ def merge_many(points: Sequence[PointLike], spec: PermutationSpec, *, seed: int 
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
     reserved = sorted({"init", "warm", "seed", "progress"} & set(wm_kw))
     if reserved:
-        raise ValueError(f"merge_many sets {reserved} of weight_matching itself; valid extra keywords: "
-                         "max_sweeps, device, weights")
+        raise ValueError(
+            f"merge_many sets {reserved} of weight_matching itself; valid extra keywords: max_sweeps, device, weights"
+        )
     start = time.perf_counter()
     perms = [Permutation.identity(spec) for _ in points]
     aligned = list(points)
@@ -66,10 +79,11 @@ def merge_many(points: Sequence[PointLike], spec: PermutationSpec, *, seed: int 
     objective: list[float] = []
     changes: list[int] = []
     converged = False
-    rounds = 0
+    rounds = 0  # rounds run (reported)
     bar = tqdm(total=max_rounds, desc=f"merge_many K={k}", unit="round", disable=not progress, leave=False)
     try:
-        for rounds in range(1, max_rounds + 1):
+        for _ in range(max_rounds):
+            rounds += 1
             changed = 0
             for i in torch.randperm(k, generator=gen).tolist():
                 target = pts.mean([aligned[j] for j in range(k) if j != i])
@@ -93,7 +107,17 @@ def merge_many(points: Sequence[PointLike], spec: PermutationSpec, *, seed: int 
     for state in states:
         for key, n in state.stats().items():
             solver[key] = solver.get(key, 0) + n
-    return PopulationAlignment(perms, spec, "merge_many",
-                               info={"rounds": rounds, "converged": converged, "objective": objective,
-                                     "changes_per_round": changes, "seed": seed,
-                                     "seconds": time.perf_counter() - start, "solver": solver})
+    return PopulationAlignment(
+        perms,
+        spec,
+        "merge_many",
+        info={
+            "rounds": rounds,
+            "converged": converged,
+            "objective": objective,
+            "changes_per_round": changes,
+            "seed": seed,
+            "seconds": time.perf_counter() - start,
+            "solver": solver,
+        },
+    )

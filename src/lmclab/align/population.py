@@ -8,6 +8,7 @@ The joint methods are :mod:`lmclab.align.merge_many` and :mod:`lmclab.align.ste_
 its frame convention :class:`lmclab.align.results.PopulationAlignment`; dispatch by name
 :func:`lmclab.align.align_population`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,12 +29,17 @@ def naive(points: Sequence[PointLike], spec: PermutationSpec, **_: Any) -> Popul
     return PopulationAlignment([Permutation.identity(spec) for _ in points], spec, "naive")
 
 
-@register_population_method("pairwise", "weight-match each model to the first one, independently",
-                            accepts=("seed",))
+@register_population_method("pairwise", "weight-match each model to the first one, independently", accepts=("seed",))
 def pairwise(points: Sequence[PointLike], spec: PermutationSpec, *, seed: int = 0, **kw: Any) -> PopulationAlignment:
     """π_i = weight_matching(θ_0, θ_i) for i ≥ 1; π_0 = identity."""
     results = [weight_matching(points[0], p, spec, seed=seed, **kw) for p in points[1:]]
-    return PopulationAlignment([Permutation.identity(spec), *(r.perm for r in results)], spec, "pairwise",
-                               info={"sweeps": [r.sweeps for r in results],
-                                     "distance_before": [r.distance_before for r in results],
-                                     "distance_after": [r.distance_after for r in results]})
+    return PopulationAlignment(
+        [Permutation.identity(spec), *(r.perm for r in results)],
+        spec,
+        "pairwise",
+        info={
+            "sweeps": [r.sweeps for r in results],
+            "distance_before": [r.distance_before for r in results],
+            "distance_after": [r.distance_after for r in results],
+        },
+    )

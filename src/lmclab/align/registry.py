@@ -18,6 +18,7 @@ decorator in its own module::
 This module imports no method; importing :mod:`lmclab.align` imports them all, which fills the
 registries (in the order the methods are listed everywhere: registration order).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,8 +32,19 @@ from lmclab.permutation.spec import PermutationSpec
 from lmclab.points import Point, PointLike
 
 __all__ = [
-    "NEEDS", "PAIR_METHODS", "POPULATION_METHODS", "SETTINGS", "MethodEntry", "PairMethod", "PopulationMethod",
-    "align", "align_population", "as_point", "get_pair_method", "get_population_method", "register_pair_method",
+    "NEEDS",
+    "PAIR_METHODS",
+    "POPULATION_METHODS",
+    "SETTINGS",
+    "MethodEntry",
+    "PairMethod",
+    "PopulationMethod",
+    "align",
+    "align_population",
+    "as_point",
+    "get_pair_method",
+    "get_population_method",
+    "register_pair_method",
     "register_population_method",
 ]
 
@@ -70,8 +82,10 @@ class MethodEntry:
     def __post_init__(self) -> None:
         unknown = [n for n in self.needs if n not in NEEDS] + [s for s in self.accepts if s not in SETTINGS]
         if unknown:
-            raise ValueError(f"method {self.name!r} declares unknown needs/settings {unknown}; needs are "
-                             f"{', '.join(NEEDS)}, settings {', '.join(SETTINGS)}")
+            raise ValueError(
+                f"method {self.name!r} declares unknown needs/settings {unknown}; needs are "
+                f"{', '.join(NEEDS)}, settings {', '.join(SETTINGS)}"
+            )
         if not self.title:
             object.__setattr__(self, "title", self.name)
 
@@ -83,7 +97,7 @@ class MethodEntry:
             raise ValueError(f"{self.title} needs {wanted}; missing: {', '.join(missing)}")
 
     def summary(self) -> str:
-        """"name (title): description", the line listings and ``--help`` show."""
+        """ "name (title): description", the line listings and ``--help`` show."""
         return f"{self.name}{f' ({self.title})' if self.title != self.name else ''}: {self.description}"
 
     def settings(self, **available: Any) -> dict[str, Any]:
@@ -118,25 +132,29 @@ def _add(registry: dict[str, Any], entry: MethodEntry, kind: str) -> None:
     registry[entry.name] = entry
 
 
-def register_pair_method(name: str, description: str, *, needs: Iterable[str] = (), accepts: Iterable[str] = (),
-                         title: str = "") -> Callable[[F], F]:
+def register_pair_method(
+    name: str, description: str, *, needs: Iterable[str] = (), accepts: Iterable[str] = (), title: str = ""
+) -> Callable[[F], F]:
     """Decorator: register ``fn(θ_A, θ_B, spec, **kw) -> MatchResult`` as two-model method `name`."""
 
     def register(fn: F) -> F:
-        _add(PAIR_METHODS, PairMethod(name, fn, description, tuple(needs), tuple(accepts), title),
-             "alignment method")
+        _add(PAIR_METHODS, PairMethod(name, fn, description, tuple(needs), tuple(accepts), title), "alignment method")
         return fn
 
     return register
 
 
-def register_population_method(name: str, description: str, *, needs: Iterable[str] = (),
-                               accepts: Iterable[str] = (), title: str = "") -> Callable[[F], F]:
+def register_population_method(
+    name: str, description: str, *, needs: Iterable[str] = (), accepts: Iterable[str] = (), title: str = ""
+) -> Callable[[F], F]:
     """Decorator: register ``fn(points, spec, **kw) -> PopulationAlignment`` as K-model method `name`."""
 
     def register(fn: F) -> F:
-        _add(POPULATION_METHODS, PopulationMethod(name, fn, description, tuple(needs), tuple(accepts), title),
-             "population method")
+        _add(
+            POPULATION_METHODS,
+            PopulationMethod(name, fn, description, tuple(needs), tuple(accepts), title),
+            "population method",
+        )
         return fn
 
     return register
@@ -161,8 +179,13 @@ def as_point(x: PointLike | nn.Module) -> Point:
     return dict(x.state_dict()) if isinstance(x, nn.Module) else dict(x)
 
 
-def align(theta_a: PointLike | nn.Module, theta_b: PointLike | nn.Module, spec: PermutationSpec,
-          method: str = "weight", **kw: Any) -> MatchResult:
+def align(
+    theta_a: PointLike | nn.Module,
+    theta_b: PointLike | nn.Module,
+    spec: PermutationSpec,
+    method: str = "weight",
+    **kw: Any,
+) -> MatchResult:
     """Align B to A with the two-model `method` of :data:`PAIR_METHODS` ("weight", "activation", "ste", …).
 
     Points may be state dicts or modules; a module A also stands for ``model=`` when the method needs a
@@ -176,8 +199,9 @@ def align(theta_a: PointLike | nn.Module, theta_b: PointLike | nn.Module, spec: 
     return entry.fn(as_point(theta_a), as_point(theta_b), spec, **kw)
 
 
-def align_population(thetas: Sequence[PointLike | nn.Module], spec: PermutationSpec, method: str,
-                     **kw: Any) -> PopulationAlignment:
+def align_population(
+    thetas: Sequence[PointLike | nn.Module], spec: PermutationSpec, method: str, **kw: Any
+) -> PopulationAlignment:
     """Align K points into model 0's frame with the K-model `method` of :data:`POPULATION_METHODS`
     ("naive", "pairwise", "merge_many", "ste_mm", …); the keywords go to the method (its needs first)."""
     entry = get_population_method(method)

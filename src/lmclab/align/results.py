@@ -7,6 +7,7 @@ joint frame, so ``perms[i].apply(θ_i, spec)`` is model i aligned; ``perms[0]`` 
 merged model is the uniform mean of the aligned points, θ̄ = (1/K) Σ_i π_i(θ_i) (BN models then need a
 statistics reset, :func:`lmclab.paths.reset_bn_stats`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -45,10 +46,17 @@ class MatchResult:
     def to_json(self) -> dict[str, Any]:
         """Everything but the permutation tensors (plus, per group, how many units moved)."""
         moved = {k: int((p != torch.arange(len(p))).sum()) for k, p in self.perm.perms.items()}
-        return {"method": self.method, "sweeps": self.sweeps, "converged": self.converged,
-                "objective": list(self.objective), "distance_before": self.distance_before,
-                "distance_after": self.distance_after, "units_moved": moved, "info": dict(self.info),
-                "spec": self.spec.to_dict()}
+        return {
+            "method": self.method,
+            "sweeps": self.sweeps,
+            "converged": self.converged,
+            "objective": list(self.objective),
+            "distance_before": self.distance_before,
+            "distance_after": self.distance_after,
+            "units_moved": moved,
+            "info": dict(self.info),
+            "spec": self.spec.to_dict(),
+        }
 
 
 @dataclass

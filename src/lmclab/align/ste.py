@@ -29,6 +29,7 @@ permutations is evaluated (eval mode, BN reset for BN models) and the permutatio
 held-out loss are returned (for two models the merged model is the midpoint, λ = ½); without it,
 the last epoch's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,15 @@ from lmclab.permutation.spec import Permutation, PermutationSpec
 from lmclab.points import Point, PointLike, mixture
 from lmclab.training.evaluate import autocast_for
 
-__all__ = ["BN_RESET_EXAMPLES", "LAMBDAS", "STELoop", "learn_permutations", "mixture_loss", "ste_matching",
-           "straight_through"]
+__all__ = [
+    "BN_RESET_EXAMPLES",
+    "LAMBDAS",
+    "STELoop",
+    "learn_permutations",
+    "mixture_loss",
+    "ste_matching",
+    "straight_through",
+]
 
 #: λ choices of :func:`ste_matching`.
 LAMBDAS: tuple[str, ...] = ("half", "random")
@@ -69,8 +77,13 @@ def straight_through(projected: PointLike, proxy: PointLike) -> Point:
     return {k: projected[k] + (p - p.detach()) for k, p in proxy.items()}
 
 
-def mixture_loss(model: nn.Module, points: Sequence[PointLike], weights: torch.Tensor | Sequence[float],
-                 x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def mixture_loss(
+    model: nn.Module,
+    points: Sequence[PointLike],
+    weights: torch.Tensor | np.ndarray | Sequence[float],
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> torch.Tensor:
     """Mean cross-entropy of `model` at θ_mix = Σ_k w_k θ_k (:func:`lmclab.points.mixture`) on (x, y), via
     ``functional_call`` (in the module's current train/eval mode; bf16 autocast on CUDA)."""
     with autocast_for(x.device):
@@ -82,8 +95,10 @@ def _parameter_names(model: nn.Module, point: PointLike) -> list[str]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in point]
     if missing:
-        raise ValueError(f"the points lack the model's parameters {missing[:5]}{' …' if len(missing) > 5 else ''}: "
-                         "pass state dicts of this architecture")
+        raise ValueError(
+            f"the points lack the model's parameters {missing[:5]}{' …' if len(missing) > 5 else ''}: "
+            "pass state dicts of this architecture"
+        )
     return names
 
 
@@ -116,8 +131,18 @@ class STELoop:
     returns the loss; ``perms`` are the K permutations of the last matching (identity first).
     """
 
-    def __init__(self, reference: PointLike, others: Sequence[PointLike], spec: PermutationSpec, model: nn.Module, *,
-                 draw: WeightDraw, lr: float, seed: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        reference: PointLike,
+        others: Sequence[PointLike],
+        spec: PermutationSpec,
+        model: nn.Module,
+        *,
+        draw: WeightDraw,
+        lr: float,
+        seed: int,
+        device: torch.device,
+    ) -> None:
         self.spec = spec
         self.device = device
         self.model = copy.deepcopy(model).to(device).train()
@@ -128,8 +153,16 @@ class STELoop:
         self.names = _parameter_names(model, self.reference)
         trainable = set(self.names)
         self.weights: Callable[[str], float] = lambda t: 1.0 if t in trainable else 0.0
-        self.proxies = [{k: self.reference[k].to(torch.promote_types(self.reference[k].dtype, torch.float32))
-                         .clone().requires_grad_(True) for k in self.names} for _ in self.others]
+        self.proxies = [
+            {
+                k: self.reference[k]
+                .to(torch.promote_types(self.reference[k].dtype, torch.float32))
+                .clone()
+                .requires_grad_(True)
+                for k in self.names
+            }
+            for _ in self.others
+        ]
         self.optimizer = torch.optim.Adam([p for proxy in self.proxies for p in proxy.values()], lr=lr)
         self.states = [WeightMatchingState() for _ in self.others]
         self.draw = draw
@@ -145,8 +178,9 @@ class STELoop:
         projected = []
         for i, (other, proxy, state) in enumerate(zip(self.others, self.proxies, self.states)):
             target = {**self.reference, **{k: v.detach() for k, v in proxy.items()}}
-            res = weight_matching(target, other, self.spec, seed=self.seed, weights=self.weights, warm=state,
-                                  device=self.device)
+            res = weight_matching(
+                target, other, self.spec, seed=self.seed, weights=self.weights, warm=state, device=self.device
+            )
             self.perms[i + 1] = res.perm
             self.sweeps.append(res.sweeps)
             projected.append(res.perm.apply(other, self.spec))
@@ -172,10 +206,23 @@ class STELoop:
         return out
 
 
-def learn_permutations(reference: PointLike, others: Sequence[PointLike], spec: PermutationSpec, *, model: nn.Module,
-                       data: Any, draw: WeightDraw, epochs: int, lr: float, batch_size: int, seed: int,
-                       device: torch.device | str | None, progress: bool, val_data: Any,
-                       desc: str) -> tuple[list[Permutation], dict[str, Any]]:
+def learn_permutations(
+    reference: PointLike,
+    others: Sequence[PointLike],
+    spec: PermutationSpec,
+    *,
+    model: nn.Module,
+    data: Any,
+    draw: WeightDraw,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str | None,
+    progress: bool,
+    val_data: Any,
+    desc: str,
+) -> tuple[list[Permutation], dict[str, Any]]:
     """The STE loop over `epochs` of `data` (a DeviceDataset; order from a CPU generator seeded with
     `seed`, augmentation if the dataset has it); returns the permutations (identity first) kept by
     held-out loss of the merged model (or the last), and info (per-epoch loss, timing, solver stats)."""
@@ -189,8 +236,10 @@ def learn_permutations(reference: PointLike, others: Sequence[PointLike], spec: 
     device = torch.device(device) if device is not None else data.device
     for name, d in (("data", data), ("val_data", val_data)):
         if d is not None and d.device.type != device.type:
-            raise ValueError(f"{name} lives on {d.device} but the alignment runs on {device}: load it there "
-                             "(DeviceDataset.load(..., device=...))")
+            raise ValueError(
+                f"{name} lives on {d.device} but the alignment runs on {device}: load it there "
+                "(DeviceDataset.load(..., device=...))"
+            )
     loop = STELoop(reference, others, spec, model, draw=draw, lr=lr, seed=seed, device=device)
     order_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=data.device).manual_seed(seed)
@@ -206,19 +255,24 @@ def learn_permutations(reference: PointLike, others: Sequence[PointLike], spec: 
             order = torch.randperm(n, generator=order_gen).to(data.device)
             total, seen = 0.0, 0
             for b in range(steps):
-                x, y = data.batch(order[b * batch_size:(b + 1) * batch_size], aug_gen)
+                x, y = data.batch(order[b * batch_size : (b + 1) * batch_size], aug_gen)
                 x, y = x.to(device), y.to(device)
                 loss = loop.step(x, y)
                 total += loss * len(y)
                 seen += len(y)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
-            entry: dict[str, Any] = {"epoch": epoch, "train_loss": total / seen, "seconds": time.perf_counter() - t0,
-                                     "match_seconds": loop.match_seconds - m0}
+            entry: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": total / seen,
+                "seconds": time.perf_counter() - t0,
+                "match_seconds": loop.match_seconds - m0,
+            }
             if val_data is not None:
                 aligned = [p.apply(theta, spec) for p, theta in zip(loop.perms, [loop.reference, *loop.others])]
-                m = merged_metrics(loop.model, aligned, {"val": val_data}, bn_data=data,
-                                   bn_examples=BN_RESET_EXAMPLES)["val"]
+                m = merged_metrics(loop.model, aligned, {"val": val_data}, bn_data=data, bn_examples=BN_RESET_EXAMPLES)[
+                    "val"
+                ]
                 entry.update(val_loss=m["loss"], val_accuracy=m["accuracy"])
                 if best is None or m["loss"] < best[0]:
                     best = (m["loss"], epoch, list(loop.perms))
@@ -226,11 +280,20 @@ def learn_permutations(reference: PointLike, others: Sequence[PointLike], spec: 
     finally:
         bar.close()
     perms, best_epoch = (best[2], best[1]) if best is not None else (list(loop.perms), epochs)
-    info = {"epochs": history, "best_epoch": best_epoch, "selected_by": "val_loss" if best is not None else "last",
-            "lr": lr, "batch_size": batch_size, "seed": seed, "steps_per_epoch": steps,
-            "seconds": time.perf_counter() - start, "match_seconds": loop.match_seconds,
-            "mean_sweeps_per_match": float(np.mean(loop.sweeps)) if loop.sweeps else 0.0,
-            "solver": loop.solver_stats(), "device": str(device)}
+    info = {
+        "epochs": history,
+        "best_epoch": best_epoch,
+        "selected_by": "val_loss" if best is not None else "last",
+        "lr": lr,
+        "batch_size": batch_size,
+        "seed": seed,
+        "steps_per_epoch": steps,
+        "seconds": time.perf_counter() - start,
+        "match_seconds": loop.match_seconds,
+        "mean_sweeps_per_match": float(np.mean(loop.sweeps)) if loop.sweeps else 0.0,
+        "solver": loop.solver_stats(),
+        "device": str(device),
+    }
     return perms, info
 
 
@@ -247,27 +310,69 @@ def _pair_draw(lam: str) -> WeightDraw:
     return draw
 
 
-@register_pair_method("ste", "learned straight-through matching (Git Re-Basin), trained on the training split",
-                      needs=("model", "data"), accepts=("seed", "device", "progress", "epochs", "val_data"),
-                      title="STE")
-def ste_matching(params_a: PointLike, params_b: PointLike, spec: PermutationSpec, *, model: nn.Module, data: Any,
-                 epochs: int = 10, lr: float = 1e-3, batch_size: int = 256, lam: str = "half", seed: int = 0,
-                 val_data: Any = None, device: torch.device | str | None = None,
-                 progress: bool = True) -> MatchResult:
+@register_pair_method(
+    "ste",
+    "learned straight-through matching (Git Re-Basin), trained on the training split",
+    needs=("model", "data"),
+    accepts=("seed", "device", "progress", "epochs", "val_data"),
+    title="STE",
+)
+def ste_matching(
+    params_a: PointLike,
+    params_b: PointLike,
+    spec: PermutationSpec,
+    *,
+    model: nn.Module,
+    data: Any,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    lam: str = "half",
+    seed: int = 0,
+    val_data: Any = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> MatchResult:
     """Git Re-Basin's straight-through matching of B to A (method "ste"): learn θ̃ (initialised at θ_A);
     each step weight-match θ_B to θ̃ (warm), forward at (1 − λ)θ_A + λ·ste, ste = π(θ_B) + (θ̃ − sg θ̃),
     λ = ½ (``lam="half"``) or λ ~ U(0, 1) (``"random"``), Adam step on θ̃. Returns the permutation kept by
     held-out loss at λ = ½ (`val_data`) or the last one; ``objective`` holds J(π) = Σ_t ⟨θ_A, π(θ_B)⟩
     over the spec's tensors, ``info`` the per-epoch losses and timing (see :func:`learn_permutations`)."""
     draw = _pair_draw(lam)
-    perms, info = learn_permutations(params_a, [params_b], spec, model=model, data=data, draw=draw, epochs=epochs,
-                                     lr=lr, batch_size=batch_size, seed=seed, device=device, progress=progress,
-                                     val_data=val_data, desc="ste")
+    perms, info = learn_permutations(
+        params_a,
+        [params_b],
+        spec,
+        model=model,
+        data=data,
+        draw=draw,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        progress=progress,
+        val_data=val_data,
+        desc="ste",
+    )
     perm = perms[1]
     before, after = match_distances(params_a, params_b, spec, perm)
     permuted = perm.apply(params_b, spec)
-    objective = float(sum((params_a[t].double() * permuted[t].double().to(params_a[t].device)).sum()
-                          for t in spec.axes_by_tensor() if params_a[t].is_floating_point()))
-    return MatchResult(perm=perm, spec=spec, sweeps=len(info["epochs"]), objective=[objective],
-                       distance_before=before, distance_after=after, method="ste", converged=True,
-                       info={**info, "lam": lam})
+    objective = float(
+        sum(
+            (params_a[t].double() * permuted[t].double().to(params_a[t].device)).sum()
+            for t in spec.axes_by_tensor()
+            if params_a[t].is_floating_point()
+        )
+    )
+    return MatchResult(
+        perm=perm,
+        spec=spec,
+        sweeps=len(info["epochs"]),
+        objective=[objective],
+        distance_before=before,
+        distance_after=after,
+        method="ste",
+        converged=True,
+        info={**info, "lam": lam},
+    )

@@ -14,6 +14,7 @@ Mixing weights (``mixing``):
   issue describe. For K = 2 it is *not* λ ~ U(0, 1): w_1 = u_1/(u_0 + u_1) concentrates around ½.)
 - ``"dirichlet"`` — w ~ Dirichlet(α, …, α) with α = `dirichlet_alpha` (α = 1: uniform on the simplex).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -48,20 +49,36 @@ def mixing_draw(k: int, mixing: str = "uniform", dirichlet_alpha: float = 1.0) -
 
     def uniform(rng: np.random.Generator) -> np.ndarray:
         u = rng.random(k)
-        while u.sum() <= 0.0:   # all-zero draw (probability 2^-53K); redraw
+        while u.sum() <= 0.0:  # all-zero draw (probability 2^-53K); redraw
             u = rng.random(k)
         return u / u.sum()
 
     return uniform
 
 
-@register_population_method("ste_mm", "learned matching of all K models at once (Ito et al.), trained on the "
-                            "training split", needs=("model", "data"),
-                            accepts=("seed", "device", "progress", "epochs", "val_data"), title="STE-MM")
-def ste_mm(points: Sequence[PointLike], spec: PermutationSpec, *, model: nn.Module, data: Any, epochs: int = 10,
-           lr: float = 1e-3, batch_size: int = 256, mixing: str = "uniform", dirichlet_alpha: float = 1.0,
-           seed: int = 0, device: torch.device | str | None = None, progress: bool = True,
-           val_data: Any = None) -> PopulationAlignment:
+@register_population_method(
+    "ste_mm",
+    "learned matching of all K models at once (Ito et al.), trained on the training split",
+    needs=("model", "data"),
+    accepts=("seed", "device", "progress", "epochs", "val_data"),
+    title="STE-MM",
+)
+def ste_mm(
+    points: Sequence[PointLike],
+    spec: PermutationSpec,
+    *,
+    model: nn.Module,
+    data: Any,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    mixing: str = "uniform",
+    dirichlet_alpha: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    val_data: Any = None,
+) -> PopulationAlignment:
     """Permutations of models 1 … K−1 into model 0's frame by STE-MM (method "ste_mm"); perms[0] = identity.
 
     `model`: an instance of the architecture (copied, never modified); `data`: the training split
@@ -73,8 +90,21 @@ def ste_mm(points: Sequence[PointLike], spec: PermutationSpec, *, model: nn.Modu
     """
     points = list(points)
     draw = mixing_draw(len(points), mixing, dirichlet_alpha)
-    perms, info = learn_permutations(points[0], points[1:], spec, model=model, data=data, draw=draw, epochs=epochs,
-                                     lr=lr, batch_size=batch_size, seed=seed, device=device, progress=progress,
-                                     val_data=val_data, desc=f"ste_mm K={len(points)}")
+    perms, info = learn_permutations(
+        points[0],
+        points[1:],
+        spec,
+        model=model,
+        data=data,
+        draw=draw,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        progress=progress,
+        val_data=val_data,
+        desc=f"ste_mm K={len(points)}",
+    )
     info.update(mixing=mixing, dirichlet_alpha=dirichlet_alpha if mixing == "dirichlet" else None)
     return PopulationAlignment(perms, spec, "ste_mm", info=info)

@@ -12,6 +12,7 @@ flattened to (n, −1) (n units of `block` entries each → (n, block·rest)), B
 with the current permutations of all the *other* groups applied on its other axes. One step solves
 the linear assignment max_p Σ_i S_P[i, p[i]].
 """
+
 from __future__ import annotations
 
 import sys
@@ -52,8 +53,9 @@ class WeightMatchingState:
     def solver(self, group: str) -> WarmAssignment:
         """The warm solver of `group` (created on first use)."""
         if group not in self.solvers:
-            self.solvers[group] = WarmAssignment(maximize=True, max_free_fraction=self.max_free_fraction,
-                                                 center_sweeps=self.center_sweeps)
+            self.solvers[group] = WarmAssignment(
+                maximize=True, max_free_fraction=self.max_free_fraction, center_sweeps=self.center_sweeps
+            )
         return self.solvers[group]
 
     def stats(self) -> dict[str, int]:
@@ -93,16 +95,22 @@ class _WeightMatcher:
     entries (new[i] = orig[p_new[i]] = old[p_old⁻¹[p_new[i]]]), never by re-permuting θ_B.
     """
 
-    def __init__(self, params_a: PointLike, params_b: PointLike,
-                 spec: PermutationSpec, perm: dict[str, torch.Tensor], weights: Callable[[str], float],
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        params_a: PointLike,
+        params_b: PointLike,
+        spec: PermutationSpec,
+        perm: dict[str, torch.Tensor],
+        weights: Callable[[str], float],
+        device: torch.device,
+    ) -> None:
         self.spec = spec
         self.device = device
         self.size = {g.name: g.size for g in spec.groups}
         self.perm = {k: v.to(device) for k, v in perm.items()}
         by_tensor = spec.axes_by_tensor()
-        self.refs: dict[str, list[tuple[str, int, int, int]]] = {}   # t -> [(group, axis, block, offset)]
-        self.axes_of: dict[str, list[int]] = {}                       # t -> its distinct permuted axes
+        self.refs: dict[str, list[tuple[str, int, int, int]]] = {}  # t -> [(group, axis, block, offset)]
+        self.axes_of: dict[str, list[int]] = {}  # t -> its distinct permuted axes
         self.shape: dict[str, tuple[int, ...]] = {}
         self.a_moved: dict[tuple[str, int], torch.Tensor] = {}
         self.b_cache: dict[tuple[str, int], torch.Tensor] = {}
@@ -141,8 +149,9 @@ class _WeightMatcher:
         """Position of original axis `axis` once axis `first` has been moved to the front."""
         return axis + 1 if axis < first else axis
 
-    def axis_index(self, t: str, axis: int, perms: Mapping[str, torch.Tensor] | None = None,
-                   only: str | None = None) -> torch.Tensor:
+    def axis_index(
+        self, t: str, axis: int, perms: Mapping[str, torch.Tensor] | None = None, only: str | None = None
+    ) -> torch.Tensor:
         """Index vector along `axis` of t applying `perms` (default: the current ones) to each group's
         entries there, identity elsewhere; with `only`, just that group's entries move."""
         perms = self.perm if perms is None else perms
@@ -152,7 +161,7 @@ class _WeightMatcher:
             return expand_block(perms[refs[0][0]], refs[0][1])
         idx = torch.arange(length, device=self.device)
         for g, block, off in refs:
-            idx[off:off + self.size[g] * block] = expand_block(perms[g], block) + off
+            idx[off : off + self.size[g] * block] = expand_block(perms[g], block) + off
         return idx
 
     def cost(self, group: str) -> torch.Tensor:
@@ -179,8 +188,9 @@ class _WeightMatcher:
                         self.b_cache[t, other] = self.b_cache[t, other].index_select(self._pos(axis, other), idx)
         self.perm[group] = new
 
-    def _tensor_value(self, t: str, group: str | None = None, p: torch.Tensor | None = None,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _tensor_value(
+        self, t: str, group: str | None = None, p: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """w_t ⟨θ_A[t], π(θ_B)[t]⟩ (with `group` set to `p` if given), summed in `dtype` (default: compute)."""
         a0 = self.axes_of[t][0]
         b = self.b_cache[t, a0]
@@ -199,8 +209,12 @@ class _WeightMatcher:
     def local_objective(self, group: str, p: torch.Tensor) -> float:
         """Σ_{t touching group} w_t ⟨θ_A[t], π'(θ_B)[t]⟩ with π' = π but `group` set to p (on all its axes)."""
         p = p.to(self.device)
-        return float(sum(float(self._tensor_value(t, group, p, torch.float64))
-                         for t in dict.fromkeys(t for t, _, _, _ in self.group_refs[group])))
+        return float(
+            sum(
+                float(self._tensor_value(t, group, p, torch.float64))
+                for t in dict.fromkeys(t for t, _, _, _ in self.group_refs[group])
+            )
+        )
 
     def objective(self, changed: set[str] | None = None) -> float:
         """J(π) = Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩: per-tensor sums in the compute dtype, their total in float64.
@@ -224,18 +238,33 @@ def _initial_perm(spec: PermutationSpec, init: Permutation | None) -> dict[str, 
         if g.name not in init.perms:
             raise SpecError(f"init permutation lacks group {g.name!r}")
         if len(init.perms[g.name]) != g.size:
-            raise SpecError(f"init permutation of group {g.name!r} has {len(init.perms[g.name])} entries, "
-                            f"the group has {g.size} units")
+            raise SpecError(
+                f"init permutation of group {g.name!r} has {len(init.perms[g.name])} entries, "
+                f"the group has {g.size} units"
+            )
         out[g.name] = init.perms[g.name].clone()
     return out
 
 
-@register_pair_method("weight", "maximise Σ⟨θ_A, π(θ_B)⟩ by coordinate descent (Git Re-Basin); no data",
-                      accepts=("seed", "progress"), title="weight matching")
-def weight_matching(params_a: PointLike, params_b: PointLike, spec: PermutationSpec, *, max_sweeps: int = 100,
-                    seed: int = 0, init: Permutation | None = None, device: torch.device | str | None = None,
-                    progress: bool = False, weights: Callable[[str], float] | None = None,
-                    warm: WeightMatchingState | None = None) -> MatchResult:
+@register_pair_method(
+    "weight",
+    "maximise Σ⟨θ_A, π(θ_B)⟩ by coordinate descent (Git Re-Basin); no data",
+    accepts=("seed", "progress"),
+    title="weight matching",
+)
+def weight_matching(
+    params_a: PointLike,
+    params_b: PointLike,
+    spec: PermutationSpec,
+    *,
+    max_sweeps: int = 100,
+    seed: int = 0,
+    init: Permutation | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    weights: Callable[[str], float] | None = None,
+    warm: WeightMatchingState | None = None,
+) -> MatchResult:
     """Permutation π maximising Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩ by coordinate descent over the groups.
 
     Starts at the identity (or `init`); each sweep visits the groups in an order drawn from a
@@ -289,10 +318,11 @@ def weight_matching(params_a: PointLike, params_b: PointLike, spec: PermutationS
             dirty.discard(g.name)
             s = matcher.cost(g.name)
             old = matcher.perm[g.name]
-            new = (warm.solver(g.name).solve(s) if warm is not None
-                   else solve_assignment(s, maximize=True, warm_start=old))
+            new = (
+                warm.solver(g.name).solve(s) if warm is not None else solve_assignment(s, maximize=True, warm_start=old)
+            )
             solves += 1
-            if g.name in matcher.neighbours[g.name]:   # S_P depends on P itself: judge by the true objective
+            if g.name in matcher.neighbours[g.name]:  # S_P depends on P itself: judge by the true objective
                 old_val, new_val = matcher.local_objective(g.name, old), matcher.local_objective(g.name, new)
             else:
                 old_val, new_val = assignment_value(s, old), assignment_value(s, new)
@@ -303,8 +333,10 @@ def weight_matching(params_a: PointLike, params_b: PointLike, spec: PermutationS
         objective.append(matcher.objective(changed) if changed else (objective[-1] if objective else objective_init))
         changes.append(len(changed))
         if progress:
-            print(f"weight_matching: sweep {sweeps}: {len(changed)} group(s) changed, objective {objective[-1]:.6g}",
-                  file=sys.stderr)
+            print(
+                f"weight_matching: sweep {sweeps}: {len(changed)} group(s) changed, objective {objective[-1]:.6g}",
+                file=sys.stderr,
+            )
         if not changed:
             converged = True
             break
@@ -315,15 +347,29 @@ def weight_matching(params_a: PointLike, params_b: PointLike, spec: PermutationS
         warm.perm = perm
     before, after = match_distances(params_a, params_b, spec, perm)
     return MatchResult(
-        perm=perm, spec=spec, sweeps=sweeps, objective=objective, distance_before=before,
-        distance_after=after, method="weight", converged=converged,
-        info={"seed": seed, "objective_init": objective_init, "changes_per_sweep": changes,
-              "assignments_solved": solves, "seconds": time.perf_counter() - start, "device": str(device),
-              "warm": warm is not None})
+        perm=perm,
+        spec=spec,
+        sweeps=sweeps,
+        objective=objective,
+        distance_before=before,
+        distance_after=after,
+        method="weight",
+        converged=converged,
+        info={
+            "seed": seed,
+            "objective_init": objective_init,
+            "changes_per_sweep": changes,
+            "assignments_solved": solves,
+            "seconds": time.perf_counter() - start,
+            "device": str(device),
+            "warm": warm is not None,
+        },
+    )
 
 
-def match_distances(params_a: PointLike, params_b: PointLike,
-                    spec: PermutationSpec, perm: Permutation) -> tuple[float, float]:
+def match_distances(
+    params_a: PointLike, params_b: PointLike, spec: PermutationSpec, perm: Permutation
+) -> tuple[float, float]:
     """(‖θ_A − θ_B‖, ‖θ_A − π(θ_B)‖) over the spec's floating-point tensors.
 
     Per-tensor norms ‖a − b‖ in the tensors' dtype (≥ float32), summed as squares in float64.
@@ -332,13 +378,19 @@ def match_distances(params_a: PointLike, params_b: PointLike,
     sub_a = {t: params_a[t].detach() for t in names}
     sub_b = {t: params_b[t].detach().to(sub_a[t].device) for t in names}
     keep = set(names)
-    restricted = PermutationSpec(tuple(PermGroup(g.name, g.size, tuple(a for a in g.axes if a.tensor in keep),
-                                                 g.activations) for g in spec.groups))
+    restricted = PermutationSpec(
+        tuple(
+            PermGroup(g.name, g.size, tuple(a for a in g.axes if a.tensor in keep), g.activations) for g in spec.groups
+        )
+    )
 
     def dist(b: PointLike) -> float:
-        norms = [torch.linalg.vector_norm(sub_a[t].to(_compute_dtype(sub_a[t].dtype))
-                                          - b[t].to(_compute_dtype(sub_a[t].dtype))) for t in names]
+        norms = [
+            torch.linalg.vector_norm(
+                sub_a[t].to(_compute_dtype(sub_a[t].dtype)) - b[t].to(_compute_dtype(sub_a[t].dtype))
+            )
+            for t in names
+        ]
         return float(torch.stack(norms).double().square().sum().sqrt()) if norms else 0.0
 
     return dist(sub_b), dist(perm.apply(sub_b, restricted))
-

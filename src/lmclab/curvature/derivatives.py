@@ -32,14 +32,15 @@ instance / train-mode batch norm) wrongly at order ≥ 2, so those run as elemen
 nested jvp (:class:`_ComposedNorms`); and cuDNN convolutions default to TF32 on CUDA, which is
 switched off while derivatives are taken (:func:`ieee_fp32`).
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,16 @@ from lmclab.curvature.functional import (
 from lmclab.data import DeviceDataset
 from lmclab.points import Point, PointLike
 
-__all__ = ["AUTO_ORDER2", "METHODS", "LossDerivatives", "directional_taylor", "ieee_fp32", "logit_derivatives",
-           "loss_derivatives", "resolve_method"]
+__all__ = [
+    "AUTO_ORDER2",
+    "METHODS",
+    "LossDerivatives",
+    "directional_taylor",
+    "ieee_fp32",
+    "logit_derivatives",
+    "loss_derivatives",
+    "resolve_method",
+]
 
 METHODS = ("jvp", "hvp", "auto")
 
@@ -97,7 +106,7 @@ class LossDerivatives:
 
 
 def resolve_method(method: str, order: int) -> str:
-    """"jvp" or "hvp" for ``method`` in :data:`METHODS` at derivative ``order``."""
+    """ "jvp" or "hvp" for ``method`` in :data:`METHODS` at derivative ``order``."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     if method == "auto":
@@ -119,8 +128,9 @@ def _norm(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
     return centred * torch.rsqrt(centred.square().mean(dim=dims, keepdim=True) + eps)
 
 
-def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shape: tuple[int, ...]
-            ) -> torch.Tensor:
+def _affine(
+    y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, shape: tuple[int, ...]
+) -> torch.Tensor:
     if weight is not None:
         y = y * weight.reshape(shape)
     if bias is not None:
@@ -141,7 +151,13 @@ class _ComposedNorms(TorchFunctionMode):
     are. Calls that would update running statistics fall through unchanged.
     """
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func is F.layer_norm:
             return _layer_norm(*args, **kwargs)
@@ -152,26 +168,46 @@ class _ComposedNorms(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _layer_norm(input: torch.Tensor, normalized_shape: Iterable[int], weight: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+def _layer_norm(
+    input: torch.Tensor,
+    normalized_shape: Iterable[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     k = len(tuple(normalized_shape))
-    shape = tuple(input.shape[input.ndim - k:])
+    shape = tuple(input.shape[input.ndim - k :])
     return _affine(_norm(input, tuple(range(input.ndim - k, input.ndim)), eps), weight, bias, shape)
 
 
-def _instance_norm(func: Callable[..., torch.Tensor], input: torch.Tensor, running_mean: torch.Tensor | None = None,
-                   running_var: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None, use_input_stats: bool = True, momentum: float = 0.1,
-                   eps: float = 1e-5) -> torch.Tensor:
+def _instance_norm(
+    func: Callable[..., torch.Tensor],
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     if not use_input_stats or running_mean is not None or running_var is not None:
         return func(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
     shape = (1, -1) + (1,) * (input.ndim - 2)
     return _affine(_norm(input, tuple(range(2, input.ndim)), eps), weight, bias, shape)
 
 
-def _batch_norm(func: Callable[..., torch.Tensor], input: torch.Tensor, running_mean: torch.Tensor | None,
-                running_var: torch.Tensor | None, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5) -> torch.Tensor:
+def _batch_norm(
+    func: Callable[..., torch.Tensor],
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     if not training or running_mean is not None or running_var is not None:
         return func(input, running_mean, running_var, weight, bias, training, momentum, eps)
     shape = (1, -1) + (1,) * (input.ndim - 2)
@@ -189,6 +225,7 @@ def ieee_fp32(device: torch.device | str, allow_tf32: bool = False) -> Iterator[
         yield
         return
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    settings: list[tuple[object, str, object]]
     if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
         settings = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
     else:  # torch < 2.9
@@ -211,19 +248,22 @@ def directional_taylor(fn: Callable[[torch.Tensor], Any], order: int, t0: torch.
     auxiliary tuple (fn, fn', …, fn⁽ᴷ⁻¹⁾), so every order comes out of the same evaluation. For
     K ≥ 2 the batch-statistics normalisations run as elementary ops (see :class:`_ComposedNorms`).
     """
+
     def level(k: int) -> Callable[[torch.Tensor], tuple[Any, tuple[Any, ...]]]:
         if k == 0:
             return lambda t: (fn(t), ())
         inner = level(k - 1)
 
         def h(t: torch.Tensor) -> tuple[Any, tuple[Any, ...]]:
-            primal, tangent, aux = jvp(inner, (t,), (torch.ones_like(t),), has_aux=True)
+            # torch.func.jvp is annotated 2-tuple | 3-tuple; with has_aux=True it is always the 3-tuple.
+            out = cast(tuple[Any, Any, Any], jvp(inner, (t,), (torch.ones_like(t),), has_aux=True))
+            primal, tangent, aux = out
             return tangent, (*aux, primal)
 
         return h
 
     order = _check_order(order)
-    with warnings.catch_warnings(), (_ComposedNorms() if order >= 2 else contextlib.nullcontext()):
+    with warnings.catch_warnings(), _ComposedNorms() if order >= 2 else contextlib.nullcontext():
         # torch's first forward-AD call scripts its jvp decompositions and warns that jit.script is deprecated
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
         top, lower = level(order)(t0)
@@ -233,8 +273,9 @@ def directional_taylor(fn: Callable[[torch.Tensor], Any], order: int, t0: torch.
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def _prepare(model: nn.Module, theta: PointLike, direction: PointLike,
-             dtype: torch.dtype) -> tuple[FunctionalModel, Point]:
+def _prepare(
+    model: nn.Module, theta: PointLike, direction: PointLike, dtype: torch.dtype
+) -> tuple[FunctionalModel, Point]:
     """The functional model at θ in ``dtype`` (floating buffers too) and d over its parameters."""
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be floating point, got {dtype}")
@@ -256,16 +297,23 @@ def _prepare(model: nn.Module, theta: PointLike, direction: PointLike,
     return FunctionalModel(fm.module, params, buffers), d
 
 
-def _batches(data: DeviceDataset | Iterable[Batch], batch_size: int, max_examples: int | None, progress: bool,
-             desc: str) -> Iterable[Batch]:
+def _batches(
+    data: DeviceDataset | Iterable[Batch], batch_size: int, max_examples: int | None, progress: bool, desc: str
+) -> Iterable[Batch]:
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     total = None
     if isinstance(data, DeviceDataset):
         n = len(data) if max_examples is None else min(len(data), max_examples)
         total = math.ceil(n / batch_size)
-    return tqdm(iterate_batches(data, batch_size, max_examples), total=total, desc=desc, unit="batch",
-                disable=not progress, leave=False)
+    return tqdm(
+        iterate_batches(data, batch_size, max_examples),
+        total=total,
+        desc=desc,
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
 
 
 def _line(fm: FunctionalModel, d: Point, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -280,16 +328,18 @@ def _to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- per batch
 
 
-def _loss_jvp(fm: FunctionalModel, d: Point, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-              order: int) -> list[torch.Tensor]:
+def _loss_jvp(
+    fm: FunctionalModel, d: Point, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, order: int
+) -> list[torch.Tensor]:
     line = _line(fm, d, x)
     like = next(iter(fm.params.values()))
     t0 = torch.zeros((), dtype=like.dtype, device=like.device)
     return directional_taylor(lambda t: loss_fn(line(t), y), order, t0)
 
 
-def _loss_hvp(fm: FunctionalModel, d: Point, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-              order: int) -> list[torch.Tensor]:
+def _loss_hvp(
+    fm: FunctionalModel, d: Point, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, order: int
+) -> list[torch.Tensor]:
     """[L, ∇L·d, dᵀ(∇²L d)] of the batch (summed) loss by backward and double backward."""
     names = list(fm.params)
     leaves = [fm.params[k].detach().requires_grad_(True) for k in names]
@@ -315,11 +365,21 @@ def _loss_hvp(fm: FunctionalModel, d: Point, x: torch.Tensor, y: torch.Tensor, l
 # ---------------------------------------------------------------------------------------------- public
 
 
-def loss_derivatives(model: nn.Module, theta: PointLike, direction: PointLike,
-                     data: DeviceDataset | Iterable[Batch], *, order: int = 2, method: str = "auto",
-                     batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
-                     progress: bool = False, dtype: torch.dtype = torch.float32,
-                     allow_tf32: bool = False) -> LossDerivatives:
+def loss_derivatives(
+    model: nn.Module,
+    theta: PointLike,
+    direction: PointLike,
+    data: DeviceDataset | Iterable[Batch],
+    *,
+    order: int = 2,
+    method: str = "auto",
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+    progress: bool = False,
+    dtype: torch.dtype = torch.float32,
+    allow_tf32: bool = False,
+) -> LossDerivatives:
     """f⁽ᵏ⁾(0), k = 0..``order``, of f(t) = L(θ + t d) = (1/N) Σ_n ℓ(z(θ + t d; x_n), y_n).
 
     f(0) = L(θ), f'(0) = ∇L(θ)·d, f''(0) = dᵀ∇²L(θ)d, f⁽ᵏ⁾(0) = ∇ᵏL(θ)[d, …, d]. ``method``: "jvp"
@@ -349,10 +409,19 @@ def loss_derivatives(model: nn.Module, theta: PointLike, direction: PointLike,
     return LossDerivatives(total / n, n, route)
 
 
-def logit_derivatives(model: nn.Module, theta: PointLike, direction: PointLike,
-                      data: DeviceDataset | Iterable[Batch], *, order: int = 2, batch_size: int = 50,
-                      max_examples: int | None = None, progress: bool = False,
-                      dtype: torch.dtype = torch.float32, allow_tf32: bool = False) -> torch.Tensor:
+def logit_derivatives(
+    model: nn.Module,
+    theta: PointLike,
+    direction: PointLike,
+    data: DeviceDataset | Iterable[Batch],
+    *,
+    order: int = 2,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    progress: bool = False,
+    dtype: torch.dtype = torch.float32,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
     """(N, C, K+1): d^k/dt^k z_c(θ + t d; x_n) at t = 0 for every input n, class c and k = 0..K.
 
     The coefficients of Benkő et al.'s [z(θ_λ)]_k ≈ [z(θ_A)]_k + (θ_λ−θ_A)ᵀ∇[z(θ_A)]_k +

@@ -6,6 +6,7 @@ running statistics), which stay at the point's own values (:func:`lmclab.points.
 Directions d = θ_B − θ_A are over the parameters only:
 ``lmclab.points.direction(θ_A, θ_B, keys=parameter_names(model))``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,9 @@ def parameter_blocks(model: nn.Module) -> dict[str, list[str]]:
     return {name: [t for t in tensors if t in params] for name, tensors in layer_groups(model).items()}
 
 
-def iterate_batches(data: DeviceDataset | Iterable[Batch], batch_size: int = 50,
-                    max_examples: int | None = None) -> Iterator[Batch]:
+def iterate_batches(
+    data: DeviceDataset | Iterable[Batch], batch_size: int = 50, max_examples: int | None = None
+) -> Iterator[Batch]:
     """(x, y) batches in a fixed order (un-augmented); at most `max_examples` examples in all."""
     source = data.batches(batch_size) if isinstance(data, DeviceDataset) else iter(data)
     seen = 0

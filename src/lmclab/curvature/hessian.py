@@ -19,6 +19,7 @@ each batch (double backward reuses the graph; forward-over-reverse recomputes it
 Precision: fp32, or fp64 when the point's parameters are fp64 (tests and checks); inputs are cast to
 the parameters' dtype.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -73,9 +74,19 @@ class HessianOperator:
     taken. `passes` counts data passes, `products` Hessian-vector products.
     """
 
-    def __init__(self, model: nn.Module, theta: PointLike | None, data: Data, *,
-                 batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
-                 method: str = "double_backward", vectorize: bool = False, chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        theta: PointLike | None,
+        data: Data,
+        *,
+        batch_size: int = 50,
+        max_examples: int | None = None,
+        loss_fn: LossFn = summed_cross_entropy,
+        method: str = "double_backward",
+        vectorize: bool = False,
+        chunk_size: int | None = None,
+    ) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")
         self.fm = _prepare(model, theta)
@@ -122,12 +133,12 @@ class HessianOperator:
         for x, y in self._batches():
             total += len(y)
             for start in range(0, len(vs), chunk):
-                part = vs[start:start + chunk]
+                part = vs[start : start + chunk]
                 if self.method == "double_backward":
                     outs = self._double_backward(names, part, x, y)
                 else:
                     outs = self._forward_over_reverse(names, part, x, y)
-                for a, hv in zip(acc[start:start + chunk], outs):
+                for a, hv in zip(acc[start : start + chunk], outs):
                     for n in names:
                         a[n].add_(hv[n])
         if total == 0:
@@ -151,18 +162,29 @@ class HessianOperator:
             outputs = [grads[i] for i in used]
             if self.vectorize and len(vs) > 1:
                 stacked = [torch.stack([v[names[i]] for v in vs]) for i in used]
-                hvs = torch.autograd.grad(outputs, leaves, grad_outputs=stacked, is_grads_batched=True,
-                                          allow_unused=True, materialize_grads=True)
+                hvs = torch.autograd.grad(
+                    outputs,
+                    leaves,
+                    grad_outputs=stacked,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
                 return [{n: hvs[j][k].detach() for j, n in enumerate(names)} for k in range(len(vs))]
             out = []
             for k, v in enumerate(vs):
-                hv = torch.autograd.grad(outputs, leaves, grad_outputs=[v[names[i]] for i in used],
-                                         retain_graph=k < len(vs) - 1, allow_unused=True, materialize_grads=True)
+                hv = torch.autograd.grad(
+                    outputs,
+                    leaves,
+                    grad_outputs=[v[names[i]] for i in used],
+                    retain_graph=k < len(vs) - 1,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
                 out.append({n: t.detach() for n, t in zip(names, hv)})
             return out
 
-    def _forward_over_reverse(self, names: list[str], vs: list[Point], x: torch.Tensor,
-                              y: torch.Tensor) -> list[Point]:
+    def _forward_over_reverse(self, names: list[str], vs: list[Point], x: torch.Tensor, y: torch.Tensor) -> list[Point]:
         params = self.fm.params
 
         def loss(p: Point) -> torch.Tensor:
@@ -183,35 +205,77 @@ class HessianOperator:
 # ------------------------------------------------------------------------------------- public calls
 
 
-def hvp_many(model: nn.Module, theta: PointLike | None, vectors: Sequence[PointLike],
-             data: Data, *, batch_size: int = 50, max_examples: int | None = None,
-             loss_fn: LossFn = summed_cross_entropy, method: str = "double_backward", vectorize: bool = False,
-             chunk_size: int | None = None) -> list[Point]:
+def hvp_many(
+    model: nn.Module,
+    theta: PointLike | None,
+    vectors: Sequence[PointLike],
+    data: Data,
+    *,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+    method: str = "double_backward",
+    vectorize: bool = False,
+    chunk_size: int | None = None,
+) -> list[Point]:
     """[∇²L(θ) v_k]_k for the mean loss over the data, all vectors in one data pass (parameters only)."""
-    op = HessianOperator(model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn,
-                         method=method, vectorize=vectorize, chunk_size=chunk_size)
+    op = HessianOperator(
+        model,
+        theta,
+        data,
+        batch_size=batch_size,
+        max_examples=max_examples,
+        loss_fn=loss_fn,
+        method=method,
+        vectorize=vectorize,
+        chunk_size=chunk_size,
+    )
     return op.matmat(vectors)
 
 
-def hvp(model: nn.Module, theta: PointLike | None, vector: PointLike, data: Data,
-        *, batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
-        method: str = "double_backward") -> Point:
+def hvp(
+    model: nn.Module,
+    theta: PointLike | None,
+    vector: PointLike,
+    data: Data,
+    *,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+    method: str = "double_backward",
+) -> Point:
     """∇²L(θ) v for the mean loss over the data (one data pass; parameters only)."""
-    return hvp_many(model, theta, [vector], data, batch_size=batch_size, max_examples=max_examples,
-                    loss_fn=loss_fn, method=method)[0]
+    return hvp_many(
+        model, theta, [vector], data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn, method=method
+    )[0]
 
 
-def quadratic_form(model: nn.Module, theta: PointLike | None, d: PointLike,
-                   data: Data, *, batch_size: int = 50, max_examples: int | None = None,
-                   loss_fn: LossFn = summed_cross_entropy, method: str = "double_backward") -> float:
+def quadratic_form(
+    model: nn.Module,
+    theta: PointLike | None,
+    d: PointLike,
+    data: Data,
+    *,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+    method: str = "double_backward",
+) -> float:
     """dᵀ ∇²L(θ) d (one HVP; the second derivative of t ↦ L(θ + t d) at 0)."""
     hd = hvp(model, theta, d, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn, method=method)
     return inner(hd, {n: d[n].to(hd[n].device, hd[n].dtype) for n in hd})
 
 
-def dense_hessian(model: nn.Module, theta: PointLike | None, data: Data, *, batch_size: int = 50,
-                  max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
-                  max_parameters: int = 5_000) -> torch.Tensor:
+def dense_hessian(
+    model: nn.Module,
+    theta: PointLike | None,
+    data: Data,
+    *,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+    max_parameters: int = 5_000,
+) -> torch.Tensor:
     """The full P×P Hessian of the mean loss (tiny models only: tests and checks).
 
     Rows/columns follow `model.named_parameters()` order, each tensor flattened row-major (the order of

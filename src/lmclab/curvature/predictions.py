@@ -24,6 +24,7 @@ ends are stationary. With g_i = ∇L(θ_i)ᵀd (d[ℓ] for a layer) kept, the sa
 B(α) ≈ α(1−α)(g_1 − g_2) + α(1−α)/2 (α q_1 + (1−α) q_2), which is *exact* for a quadratic loss and
 useful at non-converged endpoints (e.g. during training of forked children).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,13 +40,21 @@ from lmclab.paths import default_lambdas
 from lmclab.points import Point, PointLike, direction, inner, parameter_names, parameters_of
 
 __all__ = [
-    "BarrierPrediction", "CrossBlocks", "PairPrediction", "barrier_prediction", "cross_block_matrix", "gradient_dot",
-    "masked_directions", "predicted_barrier_curve", "predicted_set_barrier",
+    "BarrierPrediction",
+    "CrossBlocks",
+    "PairPrediction",
+    "barrier_prediction",
+    "cross_block_matrix",
+    "gradient_dot",
+    "masked_directions",
+    "predicted_barrier_curve",
+    "predicted_set_barrier",
 ]
 
 
-def predicted_barrier_curve(q1: float, q2: float, alphas: Sequence[float], *, g1: float = 0.0,
-                            g2: float = 0.0) -> np.ndarray:
+def predicted_barrier_curve(
+    q1: float, q2: float, alphas: Sequence[float] | np.ndarray, *, g1: float = 0.0, g2: float = 0.0
+) -> np.ndarray:
     """Singh Prop. 1 (eq. 1): B(α) ≈ α(1−α)/2 · (α q1 + (1−α) q2), q_i = dᵀ∇²L(θ_i)d, d = θ_2 − θ_1.
 
     α = 0 is θ_1, α = 1 is θ_2. `g1`, `g2` (= ∇L(θ_i)ᵀd, default 0 as in the paper) add the first-order
@@ -121,9 +130,16 @@ def masked_directions(d: PointLike, blocks: Mapping[str, Sequence[str]]) -> dict
     return out
 
 
-def gradient_dot(model: nn.Module, theta: PointLike, directions: Sequence[PointLike],
-                 data: Data, *, batch_size: int = 50, max_examples: int | None = None,
-                 loss_fn: LossFn = summed_cross_entropy) -> list[float]:
+def gradient_dot(
+    model: nn.Module,
+    theta: PointLike,
+    directions: Sequence[PointLike],
+    data: Data,
+    *,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+) -> list[float]:
     """[∇L(θ)ᵀ d_k]_k for the mean loss over the data (one pass)."""
     op = HessianOperator(model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn)
     names = list(op.params)
@@ -147,11 +163,20 @@ def _argmax(alphas: np.ndarray, curve: np.ndarray) -> tuple[float, float]:
     return float(curve[i]), float(alphas[i])
 
 
-def barrier_prediction(model: nn.Module, theta_1: PointLike, theta_2: PointLike,
-                       data: Data, *, alphas: Sequence[float] | None = None,
-                       layers: Mapping[str, Iterable[str]] | None = None, gradient_terms: bool = False,
-                       batch_size: int = 50, max_examples: int | None = None,
-                       loss_fn: LossFn = summed_cross_entropy, method: str = "double_backward") -> PairPrediction:
+def barrier_prediction(
+    model: nn.Module,
+    theta_1: PointLike,
+    theta_2: PointLike,
+    data: Data,
+    *,
+    alphas: Sequence[float] | None = None,
+    layers: Mapping[str, Iterable[str]] | None = None,
+    gradient_terms: bool = False,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+    method: str = "double_backward",
+) -> PairPrediction:
     """Singh Prop. 1 for the whole model and, with `layers` (block name -> tensor names, e.g.
     `lmclab.paths.layer_groups(model)`; buffers are ignored), Prop. 2 per block and the eq. 20 cross-block
     matrices at θ_1 and θ_2 (free by-products of the same HVPs).
@@ -171,10 +196,20 @@ def barrier_prediction(model: nn.Module, theta_1: PointLike, theta_2: PointLike,
     masked = masked_directions(d, blocks)
     names = list(masked)
     vectors = [d, *masked.values()]
-    kw = dict(batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn)
-    products = [HessianOperator(model, th, data, method=method, **kw).matmat(vectors) for th in (theta_1, theta_2)]
-    grads = ([gradient_dot(model, th, vectors, data, **kw) for th in (theta_1, theta_2)] if gradient_terms
-             else [[0.0] * len(vectors)] * 2)
+    products = [
+        HessianOperator(
+            model, th, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn, method=method
+        ).matmat(vectors)
+        for th in (theta_1, theta_2)
+    ]
+    grads = (
+        [
+            gradient_dot(model, th, vectors, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn)
+            for th in (theta_1, theta_2)
+        ]
+        if gradient_terms
+        else [[0.0] * len(vectors)] * 2
+    )
 
     def summary(k: int) -> dict:
         q1, q2 = inner(vectors[k], products[0][k]), inner(vectors[k], products[1][k])
@@ -183,9 +218,13 @@ def barrier_prediction(model: nn.Module, theta_1: PointLike, theta_2: PointLike,
         peak, at = _argmax(a, curve)
         return {"alphas": a, "q1": q1, "q2": q2, "g1": g1, "g2": g2, "curve": curve, "max": peak, "argmax_alpha": at}
 
-    return PairPrediction(**summary(0), layers={b: BarrierPrediction(**summary(k + 1)) for k, b in enumerate(names)},
-                          cross_blocks=CrossBlocks(names, *(_rows_to_matrix(names, list(masked.values()), prods[1:])
-                                                            for prods in products)))
+    return PairPrediction(
+        **summary(0),
+        layers={b: BarrierPrediction(**summary(k + 1)) for k, b in enumerate(names)},
+        cross_blocks=CrossBlocks(
+            names, *(_rows_to_matrix(names, list(masked.values()), prods[1:]) for prods in products)
+        ),
+    )
 
 
 def _rows_to_matrix(names: list[str], masked: list[Point], rows: list[Point]) -> np.ndarray:
@@ -196,10 +235,18 @@ def _rows_to_matrix(names: list[str], masked: list[Point], rows: list[Point]) ->
     return (m + m.T) / 2
 
 
-def cross_block_matrix(model: nn.Module, theta: PointLike | Sequence[PointLike], d: PointLike,
-                       layer_blocks: Mapping[str, Iterable[str]], data: Data, *,
-                       batch_size: int = 50, max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
-                       method: str = "double_backward") -> tuple[list[str], np.ndarray]:
+def cross_block_matrix(
+    model: nn.Module,
+    theta: PointLike | Sequence[PointLike],
+    d: PointLike,
+    layer_blocks: Mapping[str, Iterable[str]],
+    data: Data,
+    *,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+    method: str = "double_backward",
+) -> tuple[list[str], np.ndarray]:
     """Singh eq. 20: B*_{ℓ,ℓ'} = ⅛ d[ℓ]ᵀ ∇²L(θ)[ℓ,ℓ'] d[ℓ'] for the blocks of `layer_blocks`.
 
     The paper evaluates the Hessian at θ = θ_1 (pass θ_1, d = θ_2 − θ_1). `theta` may also be a sequence
@@ -217,8 +264,9 @@ def cross_block_matrix(model: nn.Module, theta: PointLike | Sequence[PointLike],
     masked = list(masked_directions(parameters_of(d, model), blocks).values())
     total = np.zeros((len(names), len(names)))
     for th in points:
-        op = HessianOperator(model, th, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn,
-                             method=method)
+        op = HessianOperator(
+            model, th, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn, method=method
+        )
         cast = [op._cast(v) for v in masked]
         total += _rows_to_matrix(names, cast, op.matmat(cast))
     return names, total / len(points)

@@ -15,6 +15,7 @@ The same for every logit (Benkő eq. for [z(θ_λ)]_k):
 with coefficients from :func:`lmclab.curvature.derivatives.logit_derivatives`, shape (N, C, K+1).
 Order 1 is the linear, order 2 the quadratic approximation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,18 @@ from lmclab.curvature.functional import Batch, functional_model, iterate_batches
 from lmclab.data import DeviceDataset
 from lmclab.points import Point, PointLike, direction, lerp, parameter_names
 
-__all__ = ["centred_at", "interpolated_logits", "logit_errors", "logit_rmse", "logits_at", "path_approximations",
-           "path_coefficients", "path_direction", "taylor_polynomial", "taylor_rows"]
+__all__ = [
+    "centred_at",
+    "interpolated_logits",
+    "logit_errors",
+    "logit_rmse",
+    "logits_at",
+    "path_approximations",
+    "path_coefficients",
+    "path_direction",
+    "taylor_polynomial",
+    "taylor_rows",
+]
 
 
 def _as_tensor(values: Sequence[float] | torch.Tensor | float) -> torch.Tensor:
@@ -42,8 +53,9 @@ def _as_tensor(values: Sequence[float] | torch.Tensor | float) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.float64)
 
 
-def taylor_polynomial(coefficients: Sequence[float] | torch.Tensor, t: torch.Tensor | Sequence[float] | float,
-                      order: int) -> torch.Tensor:
+def taylor_polynomial(
+    coefficients: Sequence[float] | torch.Tensor, t: torch.Tensor | Sequence[float] | float, order: int
+) -> torch.Tensor:
     """Σ_{k ≤ order} c_k tᵏ / k! in float64.
 
     ``coefficients`` (..., K+1) holds c_k = f⁽ᵏ⁾(0) on its trailing axis; ``t`` is a scalar or 1-D (L,).
@@ -64,8 +76,12 @@ def taylor_polynomial(coefficients: Sequence[float] | torch.Tensor, t: torch.Ten
     return out[..., 0] if tt.ndim == 0 else out
 
 
-def path_approximations(coeffs_a: torch.Tensor, coeffs_b: torch.Tensor, lambdas: Sequence[float] | torch.Tensor,
-                        orders: Iterable[int] = (1, 2)) -> dict[tuple[str, int], torch.Tensor]:
+def path_approximations(
+    coeffs_a: torch.Tensor,
+    coeffs_b: torch.Tensor,
+    lambdas: Sequence[float] | torch.Tensor,
+    orders: Iterable[int] = (1, 2),
+) -> dict[tuple[str, int], torch.Tensor]:
     """{("a", k): Σ_{j≤k} f_A⁽ʲ⁾(0) λʲ/j!, ("b", k): Σ_{j≤k} f_B⁽ʲ⁾(0) (1−λ)ʲ/j!} at every λ.
 
     ``coeffs_a``: derivatives of f_A(t) = L(θ_A + t d); ``coeffs_b``: of f_B(s) = L(θ_B − s d), i.e.
@@ -79,9 +95,13 @@ def path_approximations(coeffs_a: torch.Tensor, coeffs_b: torch.Tensor, lambdas:
     return out
 
 
-def taylor_rows(lambdas: Sequence[float], coeffs_a: torch.Tensor | Sequence[float],
-                coeffs_b: torch.Tensor | Sequence[float], orders: Iterable[int] = (1, 2),
-                true_values: Sequence[float] | None = None) -> list[dict[str, Any]]:
+def taylor_rows(
+    lambdas: Sequence[float],
+    coeffs_a: torch.Tensor | Sequence[float],
+    coeffs_b: torch.Tensor | Sequence[float],
+    orders: Iterable[int] = (1, 2),
+    true_values: Sequence[float] | None = None,
+) -> list[dict[str, Any]]:
     """Tidy rows {lambda, center ("a"/"b"), order, value} of the loss approximations (1-D coefficients),
     centre "a" first, then "b", each in `orders` order and λ order.
 
@@ -114,8 +134,9 @@ def path_direction(model: nn.Module, theta_a: PointLike, theta_b: PointLike) -> 
     """d = θ_B − θ_A over the model's parameters, on θ_A's device, in the widest dtype of the two points'
     parameters and at least fp32 (float64 endpoints keep a float64 direction)."""
     names = parameter_names(model)
-    dtype = functools.reduce(torch.promote_types, (p[n].dtype for p in (theta_a, theta_b) for n in names),
-                             torch.float32)
+    dtype = functools.reduce(
+        torch.promote_types, (p[n].dtype for p in (theta_a, theta_b) for n in names), torch.float32
+    )
     return direction(theta_a, theta_b, keys=names, dtype=dtype)
 
 
@@ -129,9 +150,16 @@ def centred_at(center: str, theta_a: PointLike, theta_b: PointLike, d: PointLike
     raise ValueError(f"center must be 'a' or 'b', got {center!r}")
 
 
-def path_coefficients(model: nn.Module, theta_a: PointLike, theta_b: PointLike,
-                      data: DeviceDataset | Iterable[Batch], *, order: int = 2, kind: str = "loss",
-                      **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def path_coefficients(
+    model: nn.Module,
+    theta_a: PointLike,
+    theta_b: PointLike,
+    data: DeviceDataset | Iterable[Batch],
+    *,
+    order: int = 2,
+    kind: str = "loss",
+    **options: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(coeffs_a, coeffs_b): derivatives of f_A(t) = g(θ_A + t d) and f_B(s) = g(θ_B − s d), d = θ_B − θ_A
     (:func:`path_direction`, :func:`centred_at`).
 
@@ -158,11 +186,13 @@ def logit_errors(true_logits: torch.Tensor, approx: torch.Tensor, reference_logi
     :func:`path_approximations` on logit coefficients: pass ``approx.permute(2, 0, 1)``).
     """
     if true_logits.shape != approx.shape or true_logits.ndim != 3:
-        raise ValueError(f"true_logits {tuple(true_logits.shape)} and approx {tuple(approx.shape)} "
-                         "must both be (L, N, C)")
+        raise ValueError(
+            f"true_logits {tuple(true_logits.shape)} and approx {tuple(approx.shape)} must both be (L, N, C)"
+        )
     if tuple(reference_logits_a.shape) != tuple(true_logits.shape[1:]):
-        raise ValueError(f"reference_logits_a must be (N, C) = {tuple(true_logits.shape[1:])}, "
-                         f"got {tuple(reference_logits_a.shape)}")
+        raise ValueError(
+            f"reference_logits_a must be (N, C) = {tuple(true_logits.shape[1:])}, got {tuple(reference_logits_a.shape)}"
+        )
     k = reference_logits_a.argmax(dim=-1).to(true_logits.device)  # (N,)
     idx = k.view(1, -1, 1).expand(true_logits.shape[0], -1, 1)
     diff = true_logits.double().gather(2, idx) - approx.to(true_logits.device).double().gather(2, idx)
@@ -175,24 +205,40 @@ def logit_rmse(true_logits: torch.Tensor, approx: torch.Tensor, reference_logits
 
 
 @torch.no_grad()
-def logits_at(model: nn.Module, theta: PointLike, data: DeviceDataset | Iterable[Batch], *,
-              batch_size: int = 50, max_examples: int | None = None) -> torch.Tensor:
+def logits_at(
+    model: nn.Module,
+    theta: PointLike,
+    data: DeviceDataset | Iterable[Batch],
+    *,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+) -> torch.Tensor:
     """(N, C) logits z(θ; x_n) in eval mode with θ's own buffers (float32; IEEE, not TF32, on CUDA)."""
     fm = functional_model(model, theta)
     state = {**fm.buffers, **fm.params}
     like = next(iter(fm.params.values()))
     with ieee_fp32(like.device):
-        out = [functional_call(fm.module, state, (x.to(like.device, like.dtype),))
-               for x, _ in iterate_batches(data, batch_size, max_examples)]
+        out = [
+            functional_call(fm.module, state, (x.to(like.device, like.dtype),))
+            for x, _ in iterate_batches(data, batch_size, max_examples)
+        ]
     if not out:
         raise ValueError("no examples in data")
     return torch.cat(out)
 
 
 @torch.no_grad()
-def interpolated_logits(model: nn.Module, theta_a: PointLike, theta_b: PointLike,
-                        data: DeviceDataset | Iterable[Batch], lambdas: Sequence[float], *, batch_size: int = 50,
-                        max_examples: int | None = None, progress: bool = False) -> torch.Tensor:
+def interpolated_logits(
+    model: nn.Module,
+    theta_a: PointLike,
+    theta_b: PointLike,
+    data: DeviceDataset | Iterable[Batch],
+    lambdas: Sequence[float],
+    *,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """(L, N, C): the true z(θ_λ; x_n), θ_λ = (1−λ)θ_A + λθ_B, for every λ (Benkő Figs. 7–8).
 
     Eval mode. Every floating tensor is interpolated, BN running statistics included (integer
@@ -204,8 +250,9 @@ def interpolated_logits(model: nn.Module, theta_a: PointLike, theta_b: PointLike
     """
     rows = []
     for lam in tqdm(list(lambdas), desc="logits", unit="λ", disable=not progress, leave=False):
-        rows.append(logits_at(model, lerp(theta_a, theta_b, float(lam)), data, batch_size=batch_size,
-                              max_examples=max_examples))
+        rows.append(
+            logits_at(model, lerp(theta_a, theta_b, float(lam)), data, batch_size=batch_size, max_examples=max_examples)
+        )
     if not rows:
         raise ValueError("no lambdas")
     return torch.stack(rows)

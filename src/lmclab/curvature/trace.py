@@ -22,6 +22,7 @@
 Vectors are parameter dicts (`like` gives names, shapes, dtype and device). A `matmat` (list of
 vectors -> list of products) lets several probes share one pass over the data (`hvp_many`).
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,7 @@ def _probe(like: PointLike, generator: torch.Generator, distribution: str) -> Po
     return out
 
 
-def _operator(matvec: Matvec | None, matmat: Matmat | None, like: PointLike,
-              scale: PointLike | None) -> Matmat:
+def _operator(matvec: Matvec | None, matmat: Matmat | None, like: PointLike, scale: PointLike | None) -> Matmat:
     """The list-of-vectors operator of A, or of D A D with D = diag|scale|."""
     if matvec is None and matmat is None:
         raise ValueError("give matvec or matmat")
@@ -118,10 +118,20 @@ def _operator(matvec: Matvec | None, matmat: Matmat | None, like: PointLike,
     return scaled
 
 
-def hutchinson_trace(matvec: Matvec | None, like: PointLike, *, probes: int = 100,
-                     confidence: float = 0.95, seed: int = 0, scale: PointLike | None = None,
-                     distribution: str = "rademacher", target_ci_width: float | None = None,
-                     max_probes: int = 10_000, matmat: Matmat | None = None, block: int = 1) -> TraceEstimate:
+def hutchinson_trace(
+    matvec: Matvec | None,
+    like: PointLike,
+    *,
+    probes: int = 100,
+    confidence: float = 0.95,
+    seed: int = 0,
+    scale: PointLike | None = None,
+    distribution: str = "rademacher",
+    target_ci_width: float | None = None,
+    max_probes: int = 10_000,
+    matmat: Matmat | None = None,
+    block: int = 1,
+) -> TraceEstimate:
     """Hutchinson: tr(A) ≈ (1/n) Σᵢ vᵢᵀAvᵢ with a Student-t CI (tr(DAD), D = diag|scale|, if `scale`).
 
     `target_ci_width`: stop once the relative CI half-width ≤ target (`probes` = minimum, `max_probes`
@@ -149,10 +159,20 @@ def hutchinson_trace(matvec: Matvec | None, like: PointLike, *, probes: int = 10
     return TraceEstimate(mean, mean - half, mean + half, confidence, len(samples), name, samples, len(samples))
 
 
-def hutchpp_trace(matvec: Matvec | None, like: PointLike, *, matvecs: int = 99, seed: int = 0,
-                  scale: PointLike | None = None, confidence: float = 0.95,
-                  matmat: Matmat | None = None, block: int | None = None, sketch: int | None = None,
-                  target_ci_width: float | None = None, max_matvecs: int = 10_000) -> TraceEstimate:
+def hutchpp_trace(
+    matvec: Matvec | None,
+    like: PointLike,
+    *,
+    matvecs: int = 99,
+    seed: int = 0,
+    scale: PointLike | None = None,
+    confidence: float = 0.95,
+    matmat: Matmat | None = None,
+    block: int | None = None,
+    sketch: int | None = None,
+    target_ci_width: float | None = None,
+    max_matvecs: int = 10_000,
+) -> TraceEstimate:
     """Hutch++: tr(QᵀAQ) (Q = orth(A S), k = ⌊m/3⌋ columns) + Hutchinson on (I−QQᵀ)A(I−QQᵀ) with l = m − 2k.
 
     CI from the l remainder samples (t-interval, conditional on the sketch; approximate). `sketch` sets k
@@ -162,9 +182,9 @@ def hutchpp_trace(matvec: Matvec | None, like: PointLike, *, matvecs: int = 99, 
     (float64 for the QR). `block`: products per `matmat` call (default: all of a stage at once).
     """
     k = matvecs // 3 if sketch is None else int(sketch)
-    l = matvecs - 2 * k
-    if k < 1 or l < 2:
-        raise ValueError(f"Hutch++ needs a sketch k ≥ 1 and ≥ 2 remainder probes; got k={k}, l={l}")
+    rest = matvecs - 2 * k  # l, the remainder probes
+    if k < 1 or rest < 2:
+        raise ValueError(f"Hutch++ needs a sketch k ≥ 1 and ≥ 2 remainder probes; got k={k}, l={rest}")
     op = _operator(matvec, matmat, like, scale)
     gen = torch.Generator().manual_seed(seed)
     ref = next(iter(like.values()))
@@ -177,12 +197,13 @@ def hutchpp_trace(matvec: Matvec | None, like: PointLike, *, matvecs: int = 99, 
         step = chunk or len(vs)
         out: list[Point] = []
         for s in range(0, len(vs), step):
-            out += op(vs[s:s + step])
+            out += op(vs[s : s + step])
         return torch.stack([flatten(w, names).to(torch.float64) for w in out], dim=1)
 
     def rademacher(cols: int) -> torch.Tensor:
-        return torch.stack([flatten(_probe(like, gen, "rademacher"), names).to(torch.float64)
-                            for _ in range(cols)], dim=1).to(ref.device)
+        return torch.stack(
+            [flatten(_probe(like, gen, "rademacher"), names).to(torch.float64) for _ in range(cols)], dim=1
+        ).to(ref.device)
 
     q, _ = torch.linalg.qr(apply(rademacher(k)))
     exact = float(torch.sum(q * apply(q)))
@@ -192,8 +213,8 @@ def hutchpp_trace(matvec: Matvec | None, like: PointLike, *, matvecs: int = 99, 
         g = g - q @ (q.T @ g)
         return torch.sum(g * apply(g), dim=0).tolist()
 
-    samples = remainder(l)
-    step = chunk or l
+    samples = remainder(rest)
+    step = chunk or rest
     while True:
         mean, half = _t_interval(samples, confidence)
         if target_ci_width is None or 2 * k + len(samples) >= max_matvecs:
@@ -208,13 +229,27 @@ def hutchpp_trace(matvec: Matvec | None, like: PointLike, *, matvecs: int = 99, 
     return TraceEstimate(est, est - half, est + half, confidence, len(samples), name, samples, 2 * k + len(samples))
 
 
-def hessian_trace(model: nn.Module, theta: PointLike | None, data: Data, *,
-                  method: str = "hutchinson", scale_aware: bool = False, probes: int = 100,
-                  confidence: float = 0.95, target_ci_width: float | None = None, max_probes: int = 10_000,
-                  probes_per_pass: int = 10, batch_size: int = 50, max_examples: int | None = None,
-                  loss_fn: LossFn = summed_cross_entropy, hvp_method: str = "double_backward",
-                  vectorize: bool = False, seed: int = 0, distribution: str = "rademacher",
-                  sketch: int | None = None) -> TraceEstimate:
+def hessian_trace(
+    model: nn.Module,
+    theta: PointLike | None,
+    data: Data,
+    *,
+    method: str = "hutchinson",
+    scale_aware: bool = False,
+    probes: int = 100,
+    confidence: float = 0.95,
+    target_ci_width: float | None = None,
+    max_probes: int = 10_000,
+    probes_per_pass: int = 10,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+    hvp_method: str = "double_backward",
+    vectorize: bool = False,
+    seed: int = 0,
+    distribution: str = "rademacher",
+    sketch: int | None = None,
+) -> TraceEstimate:
     """tr ∇²L(θ) (or STE-MM's tr(D ∇²L D), D = diag|θ|, with `scale_aware`) over fixed data, eval mode.
 
     `method` "hutchinson" (`probes` probes; with `target_ci_width` the minimum, `max_probes` the cap) or
@@ -222,25 +257,62 @@ def hessian_trace(model: nn.Module, theta: PointLike | None, data: Data, *,
     most `max_probes` matvecs). `probes_per_pass` products share each data pass (`HessianOperator.matmat`);
     `hvp_method`/`vectorize` choose how (see `hessian.py`; measure per model and device).
     """
-    op = HessianOperator(model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn,
-                         method=hvp_method, vectorize=vectorize)
+    op = HessianOperator(
+        model,
+        theta,
+        data,
+        batch_size=batch_size,
+        max_examples=max_examples,
+        loss_fn=loss_fn,
+        method=hvp_method,
+        vectorize=vectorize,
+    )
     like = op.params
     scale = like if scale_aware else None
     if method == "hutchinson":
-        return hutchinson_trace(None, like, probes=probes, confidence=confidence, seed=seed, scale=scale,
-                                distribution=distribution, target_ci_width=target_ci_width, max_probes=max_probes,
-                                matmat=op.matmat, block=probes_per_pass)
+        return hutchinson_trace(
+            None,
+            like,
+            probes=probes,
+            confidence=confidence,
+            seed=seed,
+            scale=scale,
+            distribution=distribution,
+            target_ci_width=target_ci_width,
+            max_probes=max_probes,
+            matmat=op.matmat,
+            block=probes_per_pass,
+        )
     if method == "hutchpp":
-        return hutchpp_trace(None, like, matvecs=probes, seed=seed, scale=scale, confidence=confidence,
-                             matmat=op.matmat, block=probes_per_pass, sketch=sketch,
-                             target_ci_width=target_ci_width, max_matvecs=max_probes)
+        return hutchpp_trace(
+            None,
+            like,
+            matvecs=probes,
+            seed=seed,
+            scale=scale,
+            confidence=confidence,
+            matmat=op.matmat,
+            block=probes_per_pass,
+            sketch=sketch,
+            target_ci_width=target_ci_width,
+            max_matvecs=max_probes,
+        )
     raise ValueError(f"method must be 'hutchinson' or 'hutchpp', got {method!r}")
 
 
-def top_eigenvalue(model: nn.Module, theta: PointLike | None, data: Data, *,
-                   iterations: int | None = None, tol: float = 1e-6, seed: int = 0, batch_size: int = 50,
-                   max_examples: int | None = None, loss_fn: LossFn = summed_cross_entropy,
-                   hvp_method: str = "double_backward") -> float:
+def top_eigenvalue(
+    model: nn.Module,
+    theta: PointLike | None,
+    data: Data,
+    *,
+    iterations: int | None = None,
+    tol: float = 1e-6,
+    seed: int = 0,
+    batch_size: int = 50,
+    max_examples: int | None = None,
+    loss_fn: LossFn = summed_cross_entropy,
+    hvp_method: str = "double_backward",
+) -> float:
     """The largest *algebraic* eigenvalue of ∇²L(θ): Lanczos (scipy `eigsh`, which="LA") on the HVP operator.
 
     One data pass per Lanczos step; `iterations` caps the restarts (eigsh's maxiter), `tol` is eigsh's
@@ -248,8 +320,9 @@ def top_eigenvalue(model: nn.Module, theta: PointLike | None, data: Data, *,
     """
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    op = HessianOperator(model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn,
-                         method=hvp_method)
+    op = HessianOperator(
+        model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn, method=hvp_method
+    )
     like = op.params
     n = op.num_parameters
 

@@ -3,6 +3,7 @@
 Local copies are searched first (``default_data_dirs``), then the official files are downloaded into
 ``cache_dir()/data`` and verified by checksum. See ``load_split`` and ``DeviceDataset``.
 """
+
 from .device import DeviceDataset, per_class_subset, stratified_subset
 from .loading import load_split
 from .registry import DATASET_NAMES, DataError, DatasetInfo

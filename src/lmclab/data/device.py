@@ -1,4 +1,5 @@
 """Device-resident datasets (normalisation and augmentation on the device) and deterministic subsets."""
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,9 @@ class DeviceDataset:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise DataError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-            raise DataError(f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} "
-                            f"{tuple(labels.shape)}")
+            raise DataError(
+                f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
+            )
         if images.device != labels.device:
             raise DataError(f"images ({images.device}) and labels ({labels.device}) must be on one device")
         channels = images.shape[1]
@@ -79,9 +81,19 @@ class DeviceDataset:
         self._std = torch.tensor(info.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
 
     @classmethod
-    def load(cls, name: str, split: str, *, data_dir: str | os.PathLike | None = None,
-             device: str | torch.device = "cpu", subset: int | None = None, per_class: int | None = None,
-             augment: bool | None = None, download: bool = True, progress: bool = True) -> "DeviceDataset":
+    def load(
+        cls,
+        name: str,
+        split: str,
+        *,
+        data_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        subset: int | None = None,
+        per_class: int | None = None,
+        augment: bool | None = None,
+        download: bool = True,
+        progress: bool = True,
+    ) -> DeviceDataset:
         """Load a split (see ``load_split``), optionally take a subset, and move it to ``device``.
 
         ``subset``: stratified subset of that many examples; ``per_class``: first that many of each class
@@ -90,8 +102,11 @@ class DeviceDataset:
         if subset is not None and per_class is not None:
             raise DataError("subset and per_class are mutually exclusive; give at most one")
         images, labels, info = load_split(name, split, data_dir=data_dir, download=download, progress=progress)
-        if subset is not None or per_class is not None:
-            idx = stratified_subset(labels, subset) if subset is not None else per_class_subset(labels, per_class)
+        if subset is not None:
+            idx = stratified_subset(labels, subset)
+            images, labels = images[idx], labels[idx]
+        elif per_class is not None:
+            idx = per_class_subset(labels, per_class)
             images, labels = images[idx], labels[idx]
         if augment is None:
             augment = info.augment_default and split == "train"
@@ -118,8 +133,10 @@ class DeviceDataset:
         ``generator``, which must live on the dataset's device; the same generator state gives the same output.
         """
         if not _same_device(generator.device, self.device):
-            raise DataError(f"the generator is on {generator.device} but the data is on {self.device}; "
-                            f"create it with torch.Generator(device={str(self.device)!r})")
+            raise DataError(
+                f"the generator is on {generator.device} but the data is on {self.device}; "
+                f"create it with torch.Generator(device={str(self.device)!r})"
+            )
         b, c, h, w = images_uint8.shape
         dev = self.device
         padded = F.pad(images_uint8, (PAD, PAD, PAD, PAD))
@@ -129,11 +146,16 @@ class DeviceDataset:
         cols = torch.arange(w, device=dev)
         rows = top[:, None] + torch.arange(h, device=dev)  # (b, h)
         cols = left[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # (b, w)
-        return padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                      rows[:, None, :, None], cols[:, None, None, :]]
+        return padded[
+            torch.arange(b, device=dev)[:, None, None, None],
+            torch.arange(c, device=dev)[None, :, None, None],
+            rows[:, None, :, None],
+            cols[:, None, None, :],
+        ]
 
-    def batch(self, indices: torch.Tensor,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, indices: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float32 images (N, C, H, W) and int64 labels for ``indices``.
 
         Augmented (``random_crop_flip``) only if ``self.augment`` and a ``generator`` (on the data's device) is given.
@@ -149,4 +171,4 @@ class DeviceDataset:
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         for start in range(0, len(self), batch_size):
-            yield self.normalize(self.images[start:start + batch_size]), self.labels[start:start + batch_size]
+            yield self.normalize(self.images[start : start + batch_size]), self.labels[start : start + batch_size]

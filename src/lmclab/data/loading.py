@@ -1,4 +1,9 @@
-"""``load_split``: resolve a dataset name to verified local files (or a download) and read one split."""
+"""``load_split``: resolve a dataset name to verified local files (or a download) and read one split.
+
+A registered dataset (``registry.DATASETS``) is read by the loader of its source's format
+(:data:`FORMAT_LOADERS`); ``imagefolder:<path>`` names a directory or zip of images instead.
+"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,29 +17,32 @@ import torch
 
 from . import registry
 from .readers import channel_stats, load_cifar_batch, load_image_tree, read_idx
-from .registry import DataError, DatasetInfo
-from .sources import (check_file, default_data_dirs, download, download_dir, extract_tar_folder,
-                      not_found_error)
+from .registry import CifarSource, DataError, DatasetEntry, DatasetInfo, IdxSource
+from .sources import check_file, default_data_dirs, download, download_dir, extract_tar_folder, not_found_error
 
 SplitData = tuple[torch.Tensor, torch.Tensor, DatasetInfo]
 Arrays = tuple[torch.Tensor, torch.Tensor]
+Loaded = tuple[torch.Tensor, torch.Tensor, str]  # images, labels, where they were read from
 
 
 def _canonical_name(name: str) -> str:
     if name.startswith(registry.IMAGEFOLDER_PREFIX):
-        if not name[len(registry.IMAGEFOLDER_PREFIX):]:
+        if not name[len(registry.IMAGEFOLDER_PREFIX) :]:
             raise DataError("imagefolder: needs a path, e.g. 'imagefolder:/data/pets' or 'imagefolder:pets.zip'")
         return name
-    canon = name.strip().lower().replace("-", "_")
-    if canon not in registry.DATASET_NAMES:
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(registry.DATASET_NAMES)}, "
-                        f"or {registry.IMAGEFOLDER_PREFIX}<path> (a directory or .zip with train/<class>/* and "
-                        "test/<class>/* images)")
+    canon = registry.normalise_name(name)
+    if canon not in registry.DATASETS:
+        raise DataError(
+            f"unknown dataset {name!r}; valid names: {', '.join(registry.DATASET_NAMES)}, "
+            f"or {registry.IMAGEFOLDER_PREFIX}<path> (a directory or .zip with train/<class>/* and "
+            "test/<class>/* images)"
+        )
     return canon
 
 
-def load_split(name: str, split: str, *, data_dir: str | os.PathLike | None = None, download: bool = True,
-               progress: bool = True) -> SplitData:
+def load_split(
+    name: str, split: str, *, data_dir: str | os.PathLike | None = None, download: bool = True, progress: bool = True
+) -> SplitData:
     """Load one split as CPU tensors: images uint8 (N, C, H, W) contiguous, labels int64 (N,), and its info.
 
     Local copies in ``default_data_dirs(data_dir)`` are preferred (in search order); otherwise the official
@@ -47,12 +55,12 @@ def load_split(name: str, split: str, *, data_dir: str | os.PathLike | None = No
         raise DataError(f"unknown split {split!r}; valid splits: {', '.join(registry.SPLITS)}")
     if canon.startswith(registry.IMAGEFOLDER_PREFIX):
         return _load_imagefolder(canon, split, progress)
-    dirs = default_data_dirs(data_dir)
-    if canon in registry.IDX_FOLDERS:
-        images, labels, source = _load_idx(canon, split, dirs, download, progress)
-    else:
-        images, labels, source = _load_cifar(canon, split, dirs, download, progress)
-    info = dataclasses.replace(registry.STATIC_INFO[canon], source=source)
+    entry = registry.DATASETS[canon]
+    loader = FORMAT_LOADERS.get(type(entry.source))
+    if loader is None:
+        raise DataError(f"dataset {canon!r}: no loader for its source format {type(entry.source).__name__}")
+    images, labels, source = loader(entry, entry.source, split, default_data_dirs(data_dir), download, progress)
+    info = dataclasses.replace(entry.info, source=source)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
         raise DataError(f"{source}: labels outside 0..{info.num_classes - 1}")
     if tuple(images.shape[1:]) != info.input_shape:
@@ -67,52 +75,58 @@ def _warn_skipped(message: str) -> None:
 # ---------------------------------------------------------------- MNIST family
 
 
-def _load_idx(name: str, split: str, dirs: list[Path], allow_download: bool,
-              progress: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
-    folder = registry.IDX_FOLDERS[name]
+def _load_idx(
+    entry: DatasetEntry, src: IdxSource, split: str, dirs: list[Path], allow_download: bool, progress: bool
+) -> Loaded:
+    name, folder = entry.name, src.folder
     tried: list[str] = []
     found: list[tuple[np.ndarray, Path] | None] = []
-    for fname in registry.IDX_FILES[split]:  # look for every file before failing, so the error lists all places
-        hit = _find_idx(name, fname, dirs, tried)
+    for fname in src.files[split]:  # look for every file before failing, so the error lists all places
+        hit = _find_idx(src, fname, dirs, tried)
         if hit is None and allow_download:
             dest = download_dir() / folder / "raw" / f"{fname}.gz"
-            md5 = registry.IDX_GZ_MD5.get(name, {}).get(f"{fname}.gz")
-            if download(name, f"{fname}.gz", dest, md5, progress, tried):
-                hit = _read_idx_candidate(name, dest, tried)
+            if download(src.mirrors, f"{fname}.gz", dest, src.gz_md5.get(f"{fname}.gz"), progress, tried):
+                hit = _read_idx_candidate(src, dest, tried)
         found.append(hit)
     if any(hit is None for hit in found):
-        files = ", ".join(registry.IDX_FILES[split])
-        raise not_found_error(f"{name} ({split} split)", tried,
-                              f"DIR/{folder}/raw/<file> for each of {files} (uncompressed, or as <file>.gz)",
-                              allow_download)
+        files = ", ".join(src.files[split])
+        raise not_found_error(
+            f"{name} ({split} split)",
+            tried,
+            f"DIR/{folder}/raw/<file> for each of {files} (uncompressed, or as <file>.gz)",
+            allow_download,
+        )
     (images, images_path), (labels, labels_path) = found  # type: ignore[misc]
     paths = [images_path, labels_path]
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{paths[0]} and {paths[1]} do not form an image/label pair "
-                        f"(shapes {images.shape} and {labels.shape})")
-    return (torch.from_numpy(images).unsqueeze(1).contiguous(), torch.from_numpy(labels.astype(np.int64)),
-            str(paths[0].parent))
+        raise DataError(
+            f"{paths[0]} and {paths[1]} do not form an image/label pair (shapes {images.shape} and {labels.shape})"
+        )
+    return (
+        torch.from_numpy(images).unsqueeze(1).contiguous(),
+        torch.from_numpy(labels.astype(np.int64)),
+        str(paths[0].parent),
+    )
 
 
-def _read_idx_candidate(name: str, path: Path, tried: list[str]) -> tuple[np.ndarray, Path] | None:
+def _read_idx_candidate(src: IdxSource, path: Path, tried: list[str]) -> tuple[np.ndarray, Path] | None:
     plain = path.name.removesuffix(".gz")
     try:
-        return read_idx(path, registry.IDX_SHA256.get(name, {}).get(plain),
-                        registry.IDX_GZ_MD5.get(name, {}).get(f"{plain}.gz")), path
+        return read_idx(path, src.sha256.get(plain), src.gz_md5.get(f"{plain}.gz")), path
     except DataError as e:
         tried.append(str(e))
         _warn_skipped(str(e))
         return None
 
 
-def _find_idx(name: str, fname: str, dirs: list[Path], tried: list[str]) -> tuple[np.ndarray, Path] | None:
+def _find_idx(src: IdxSource, fname: str, dirs: list[Path], tried: list[str]) -> tuple[np.ndarray, Path] | None:
     for d in dirs:
-        raw = d / registry.IDX_FOLDERS[name] / "raw"
+        raw = d / src.folder / "raw"
         for path in (raw / fname, raw / f"{fname}.gz"):
             if not path.is_file():
                 tried.append(f"{path}: not found")
                 continue
-            found = _read_idx_candidate(name, path, tried)
+            found = _read_idx_candidate(src, path, tried)
             if found is not None:
                 return found
     return None
@@ -121,24 +135,23 @@ def _find_idx(name: str, fname: str, dirs: list[Path], tried: list[str]) -> tupl
 # ---------------------------------------------------------------- CIFAR
 
 
-def _read_cifar_folder(name: str, split: str, folder: Path) -> Arrays:
+def _read_cifar_folder(src: CifarSource, split: str, folder: Path) -> Arrays:
     """Verify (md5) then read the batch files of ``split`` in an extracted official CIFAR folder."""
-    files = registry.CIFAR_SPLIT_FILES[name][split]
-    md5s = registry.CIFAR_FILES_MD5.get(name, {})
+    files = src.files[split]
     for f in files:
         if not (folder / f).is_file():
             raise DataError(f"{folder / f}: not found")
-        check_file(folder / f, "md5", md5s.get(f))
-    parts = [load_cifar_batch(folder / f, registry.CIFAR_LABEL_KEY[name]) for f in files]
+        check_file(folder / f, "md5", src.md5.get(f))
+    parts = [load_cifar_batch(folder / f, src.label_key) for f in files]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def _load_cifar(name: str, split: str, dirs: list[Path], allow_download: bool,
-                progress: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
-    folder = registry.CIFAR_FOLDERS[name]
-    tar_name, tar_md5 = registry.CIFAR_TARBALLS[name]
+def _load_cifar(
+    entry: DatasetEntry, src: CifarSource, split: str, dirs: list[Path], allow_download: bool, progress: bool
+) -> Loaded:
+    name, folder, tar_name, tar_md5 = entry.name, src.folder, src.tarball, src.tarball_md5
     tried: list[str] = []
 
     def attempt(fn: Callable[..., Arrays], *args: object) -> Arrays | None:
@@ -153,22 +166,22 @@ def _load_cifar(name: str, split: str, dirs: list[Path], allow_download: bool,
         extracted = download_dir() / folder
         if extracted.is_dir():  # extracted earlier: use it if it verifies
             try:
-                return _read_cifar_folder(name, split, extracted)
+                return _read_cifar_folder(src, split, extracted)
             except DataError:
                 pass
         check_file(tar, "md5", tar_md5)
-        return _read_cifar_folder(name, split, extract_tar_folder(tar, folder, download_dir()))
+        return _read_cifar_folder(src, split, extract_tar_folder(tar, folder, download_dir()))
 
     for d in dirs:  # official copies first, in search order
         for path, reader in ((d / folder, _read_cifar_folder), (d / tar_name, None)):
             if not path.exists():
                 tried.append(f"{path}: not found")
                 continue
-            result = attempt(from_tarball, path) if reader is None else attempt(reader, name, split, path)
+            result = attempt(from_tarball, path) if reader is None else attempt(reader, src, split, path)
             if result is not None:
                 return (*result, str(path))
-    if name == "cifar10":  # offline fallback: the JPEG-recompressed image-folder zip
-        zip_name, zip_sha = registry.CIFAR10_JPEG_ZIP
+    if src.image_zip is not None:  # offline fallback: an image-folder zip (CIFAR-10: JPEG-recompressed)
+        zip_name, zip_sha = src.image_zip
         for d in dirs:
             path = d / zip_name
             if not path.is_file():
@@ -176,36 +189,50 @@ def _load_cifar(name: str, split: str, dirs: list[Path], allow_download: bool,
                 continue
             try:
                 check_file(path, "sha256", zip_sha)
-                images, labels, _ = load_image_tree(path, split, progress, registry.CIFAR10_CLASSES)
+                images, labels, _ = load_image_tree(path, split, progress, entry.info.classes)
                 return images, labels, f"{path} (JPEG-recompressed copy)"
             except DataError as e:
                 tried.append(str(e))
                 _warn_skipped(str(e))
     if allow_download:
         dest = download_dir() / tar_name
-        if download(name, tar_name, dest, tar_md5, progress, tried):
+        if download(src.mirrors, tar_name, dest, tar_md5, progress, tried):
             result = attempt(from_tarball, dest)
             if result is not None:
                 return (*result, str(dest))
-    files = ", ".join(registry.CIFAR_SPLIT_FILES[name][split])
+    files = ", ".join(src.files[split])
     layout = f"DIR/{folder}/ (the extracted official archive, holding {files}) or DIR/{tar_name}"
-    if name == "cifar10":
-        layout += f", or (offline fallback) DIR/{registry.CIFAR10_JPEG_ZIP[0]}"
+    if src.image_zip is not None:
+        layout += f", or (offline fallback) DIR/{src.image_zip[0]}"
     raise not_found_error(f"{name} ({split} split)", tried, layout, allow_download)
+
+
+#: The loader of each source format: loader(entry, entry.source, split, search dirs, allow_download, progress).
+FORMAT_LOADERS: dict[type, Callable[..., Loaded]] = {IdxSource: _load_idx, CifarSource: _load_cifar}
 
 
 # ---------------------------------------------------------------- image folders
 
 
 def _load_imagefolder(name: str, split: str, progress: bool) -> SplitData:
-    root = Path(name[len(registry.IMAGEFOLDER_PREFIX):]).expanduser().absolute()
+    root = Path(name[len(registry.IMAGEFOLDER_PREFIX) :]).expanduser().absolute()
     images, labels, classes = load_image_tree(root, split, progress)
     train = images if split == "train" else load_image_tree(root, "train", progress)[0]
     if train.shape[1:] != images.shape[1:]:
-        raise DataError(f"{root}: {split} images have shape {tuple(images.shape[1:])} but train images have "
-                        f"{tuple(train.shape[1:])}; both splits must share size and channels")
+        raise DataError(
+            f"{root}: {split} images have shape {tuple(images.shape[1:])} but train images have "
+            f"{tuple(train.shape[1:])}; both splits must share size and channels"
+        )
     mean, std = channel_stats(train)
     shape = tuple(int(s) for s in images.shape[1:])
-    info = DatasetInfo(name=name, num_classes=len(classes), input_shape=shape,  # type: ignore[arg-type]
-                       mean=mean, std=std, augment_default=shape[0] == 3, classes=classes, source=str(root))
+    info = DatasetInfo(
+        name=name,
+        num_classes=len(classes),
+        input_shape=shape,  # type: ignore[arg-type]
+        mean=mean,
+        std=std,
+        augment_default=shape[0] == 3,
+        classes=classes,
+        source=str(root),
+    )
     return images.contiguous(), labels, info

@@ -1,4 +1,5 @@
 """File-format readers: IDX (MNIST family), official CIFAR pickles, image folders (dir or zip)."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,8 +14,9 @@ import tempfile
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,8 +171,10 @@ class ImageTree:
         if root.is_dir():
             names = sorted(
                 p.relative_to(root).as_posix()
-                for top in ("train", "test") if (root / top).is_dir()
-                for p in (root / top).rglob("*") if p.is_file()
+                for top in ("train", "test")
+                if (root / top).is_dir()
+                for p in (root / top).rglob("*")
+                if p.is_file()
             )
         elif root.is_file():
             try:
@@ -181,19 +185,25 @@ class ImageTree:
             tops = {n.split("/", 1)[0] for n in names}
             if not tops & {"train", "test"} and len(tops) == 1:  # tolerate one enclosing folder
                 self._prefix = tops.pop() + "/"
-                names = [n[len(self._prefix):] for n in names]
+                names = [n[len(self._prefix) :] for n in names]
         else:
             raise DataError(f"image folder {root} does not exist (expected a directory or a .zip)")
         self.files: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}  # split -> [(class, relpath)]
         for rel in names:
             parts = rel.split("/")
-            if (len(parts) >= 3 and parts[0] in self.files and Path(rel).suffix.lower() in IMAGE_SUFFIXES
-                    and not any(p.startswith(".") or p == "__MACOSX" for p in parts)):
+            if (
+                len(parts) >= 3
+                and parts[0] in self.files
+                and Path(rel).suffix.lower() in IMAGE_SUFFIXES
+                and not any(p.startswith(".") or p == "__MACOSX" for p in parts)
+            ):
                 self.files[parts[0]].append((parts[1], rel))
         self.classes = tuple(sorted({c for c, _ in self.files["train"]}))
         if not self.classes:
-            raise DataError(f"{root}: no images found under train/<class>/ (expected train/<class>/* and "
-                            "test/<class>/* image files)")
+            raise DataError(
+                f"{root}: no images found under train/<class>/ (expected train/<class>/* and "
+                "test/<class>/* image files)"
+            )
         unknown = sorted({c for c, _ in self.files["test"]} - set(self.classes))
         if unknown:
             raise DataError(f"{root}: test/ has classes not present in train/: {unknown}")
@@ -226,8 +236,9 @@ class ImageTree:
         index = {c: i for i, c in enumerate(self.classes)}
         arrays: list[np.ndarray] = []
         first = ""
-        for cls, rel in tqdm(files, desc=f"Decoding {split} images of {self.root.name}", unit="img",
-                             disable=not progress, leave=False):
+        for _cls, rel in tqdm(
+            files, desc=f"Decoding {split} images of {self.root.name}", unit="img", disable=not progress, leave=False
+        ):
             where = f"{self.root}/{rel}" if self._zip is None else f"{self.root}:{self._prefix}{rel}"
             try:
                 raw = self.read(rel)
@@ -237,8 +248,10 @@ class ImageTree:
             if arrays and img.shape[:2] != arrays[0].shape[:2]:
                 h, w = img.shape[:2]
                 h0, w0 = arrays[0].shape[:2]
-                raise DataError(f"{where} is {w}x{h} but {first} is {w0}x{h0}: all images of an image "
-                                "folder must have the same size (resize them first)")
+                raise DataError(
+                    f"{where} is {w}x{h} but {first} is {w0}x{h0}: all images of an image "
+                    "folder must have the same size (resize them first)"
+                )
             first = first or where
             arrays.append(img)
         channels = 3 if any(a.ndim == 3 for a in arrays) else 1
@@ -250,8 +263,9 @@ class ImageTree:
         return images, labels
 
 
-def load_image_tree(root: Path, split: str, progress: bool,
-                    expected_classes: tuple[str, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+def load_image_tree(
+    root: Path, split: str, progress: bool, expected_classes: tuple[str, ...] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """Decoded split of an image tree, cached in ``cache_dir()/decoded/<key>.safetensors``."""
     tree = ImageTree(root)
     try:
@@ -266,8 +280,12 @@ def load_image_tree(root: Path, split: str, progress: bool,
     finally:
         tree.close()
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
-    _write_cache(path, x, y, {"classes": json.dumps(list(tree.classes)), "source": str(root), "split": split,
-                              "format": _CACHE_FORMAT})
+    _write_cache(
+        path,
+        x,
+        y,
+        {"classes": json.dumps(list(tree.classes)), "source": str(root), "split": split, "format": _CACHE_FORMAT},
+    )
     return x, y, tree.classes
 
 
@@ -278,8 +296,13 @@ def _read_cache(path: Path, classes: tuple[str, ...]) -> tuple[torch.Tensor, tor
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             images, labels = f.get_tensor("images"), f.get_tensor("labels")
-        ok = (tuple(json.loads(meta.get("classes", "null")) or ()) == classes and images.dtype == torch.uint8
-              and images.ndim == 4 and labels.dtype == torch.int64 and labels.shape == images.shape[:1])
+        ok = (
+            tuple(json.loads(meta.get("classes", "null")) or ()) == classes
+            and images.dtype == torch.uint8
+            and images.ndim == 4
+            and labels.dtype == torch.int64
+            and labels.shape == images.shape[:1]
+        )
     except Exception as e:  # noqa: BLE001 - a damaged cache file is simply rebuilt
         warnings.warn(f"ignoring unreadable decoded-image cache {path} ({e}); decoding again", stacklevel=3)
         return None

@@ -1,4 +1,5 @@
 """Where data files live: search dirs, checksums, downloads and safe archive extraction."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -95,9 +97,9 @@ def check_file(path: Path, algo: str, expected: str | None) -> None:
 # ---------------------------------------------------------------- downloads
 
 
-def mirror_urls(name: str, filename: str) -> list[str]:
-    """URLs to try for ``filename``: ``$LMCLAB_DATASET_MIRROR`` first (if set), then the dataset's mirrors."""
-    bases = [os.environ.get(registry.ENV_MIRROR, "").strip()] + list(registry.MIRRORS.get(name, []))
+def mirror_urls(mirrors: Sequence[str], filename: str) -> list[str]:
+    """URLs to try for ``filename``: ``$LMCLAB_DATASET_MIRROR`` first (if set), then the dataset's ``mirrors``."""
+    bases = [os.environ.get(registry.ENV_MIRROR, "").strip(), *mirrors]
     return [b.rstrip("/") + "/" + filename for b in bases if b]
 
 
@@ -111,8 +113,14 @@ def _fetch(url: str, dest: Path, md5: str | None, progress: bool) -> None:
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=registry.DOWNLOAD_TIMEOUT_S) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {dest.name}",
-                      disable=not progress, leave=False) as bar:
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"Downloading {dest.name}",
+                disable=not progress,
+                leave=False,
+            ) as bar:
                 while chunk := resp.read(_CHUNK):
                     out.write(chunk)
                     h.update(chunk)
@@ -128,12 +136,15 @@ def _fetch(url: str, dest: Path, md5: str | None, progress: bool) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def download(name: str, filename: str, dest: Path, md5: str | None, progress: bool, tried: list[str]) -> bool:
-    """Try every mirror for ``filename`` until one yields a file with the right md5 at ``dest``.
+def download(
+    mirrors: Sequence[str], filename: str, dest: Path, md5: str | None, progress: bool, tried: list[str]
+) -> bool:
+    """Try every mirror (see :func:`mirror_urls`) for ``filename`` until one yields a file with the right md5
+    at ``dest``.
 
     Each failure is appended to ``tried``; returns whether a verified file is now at ``dest``.
     """
-    urls = mirror_urls(name, filename)
+    urls = mirror_urls(mirrors, filename)
     if not urls:
         tried.append(f"(no download mirror configured for {filename})")
         return False
@@ -172,8 +183,10 @@ def extract_tar_folder(tar_path: Path, folder: str, dest_root: Path) -> Path:
                     raise DataError(f"{tar_path}: refusing unsafe member name {m.name!r}")
                 if parts[:1] == (folder,) and (m.isfile() or m.isdir()):
                     members.append(m)
-            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tf.extractall(tmp, members=members, **extra)
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(tmp, members=members, filter="data")
+            else:
+                tf.extractall(tmp, members=members)
         if not (tmp / folder).is_dir():
             raise DataError(f"{tar_path}: archive has no {folder}/ folder")
         if final.exists():
@@ -193,8 +206,7 @@ def not_found_error(label: str, tried: list[str], layout: str, download: bool) -
     """A DataError listing every place looked and how to provide the data."""
     places = "\n".join(f"  - {t}" for t in tried) or "  (nothing)"
     dl = (
-        "allow downloading (download=True; needs internet access; files are stored under "
-        f"{download_dir()})"
+        f"allow downloading (download=True; needs internet access; files are stored under {download_dir()})"
         if not download
         else f"check the internet connection (downloads go to {download_dir()})"
     )

@@ -8,6 +8,7 @@ logit-level analysis: Fig. 7 (one input's three largest logits along both paths 
 approximations and the direct interpolation) and Fig. 8 (RMSE of the argmax-z(θ_A) logit per λ).
 Every step is cached in the run store; tables sit beside the figures.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -48,8 +49,10 @@ class BenkoOptions(ExperimentOptions):
         if self.points < 2:
             raise ValueError(f"setting {setting.name}: points must be ≥ 2, got {self.points}")
         if self.logit_setting is not None and self.logit_setting not in [s.name for s in self.settings]:
-            raise ValueError(f"logit_setting {self.logit_setting!r} is not a setting; settings: "
-                             f"{', '.join(s.name for s in self.settings)}")
+            raise ValueError(
+                f"logit_setting {self.logit_setting!r} is not a setting; settings: "
+                f"{', '.join(s.name for s in self.settings)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,19 @@ def build_graph(preset: BenkoOptions) -> dict[str, list[PairSteps]]:
                     common = {"split": split, "examples": s.eval_examples}
                     paths[path][split] = SplitSteps(
                         loss=Step("path", {**common, "points": o.points}, ins),
-                        derivatives={center: Step("loss_derivatives", {**common, "order": order, "center": center,
-                                                                       "batch_size": o.derivative_batch_size}, ins)
-                                     for center in CENTERS})
+                        derivatives={
+                            center: Step(
+                                "loss_derivatives",
+                                {**common, "order": order, "center": center, "batch_size": o.derivative_batch_size},
+                                ins,
+                            )
+                            for center in CENTERS
+                        },
+                    )
                 if s.name == o.logit_setting:
-                    logits[path] = Step("logits", {"split": "test", "examples": o.logit_examples, "points": o.points,
-                                                   "order": 2}, ins)
+                    logits[path] = Step(
+                        "logits", {"split": "test", "examples": o.logit_examples, "points": o.points, "order": 2}, ins
+                    )
             graph[s.name].append(PairSteps(align, paths, logits))
     return graph
 
@@ -136,8 +146,9 @@ EXPERIMENT = Experiment("benko", "Benkő, a second-order perspective on LMC", Be
 run_benko = EXPERIMENT
 
 
-def tidy_tables(preset: BenkoOptions, graph: dict[str, list[PairSteps]], results: dict[str, dict[str, Any]]
-                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+def tidy_tables(
+    preset: BenkoOptions, graph: dict[str, list[PairSteps]], results: dict[str, dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Loss rows {setting, pair, path, split, lambda, curve, center, order, value}; RMSE and Fig. 7 rows."""
     loss_rows: list[dict[str, Any]] = []
     rmse_rows: list[dict[str, Any]] = []
@@ -150,23 +161,50 @@ def tidy_tables(preset: BenkoOptions, graph: dict[str, list[PairSteps]], results
                     true = results[split_steps.loss.key]
                     lambdas = true["lambdas"]
                     base = {"setting": s.name, "pair": pair, "path": path, "split": split}
-                    loss_rows += [{**base, "lambda": x, "curve": "true", "center": "", "order": "", "value": v}
-                                  for x, v in zip(lambdas, true["loss"])]
-                    coeffs = [results[split_steps.derivatives[c].key]["coefficients"] for c in CENTERS]
-                    loss_rows += [{**base, "lambda": r["lambda"], "curve": "taylor", "center": r["center"],
-                                   "order": r["order"], "value": r["value"]}
-                                  for r in taylor_rows(lambdas, *coeffs, orders=orders)]
+                    loss_rows += [
+                        {**base, "lambda": x, "curve": "true", "center": "", "order": "", "value": v}
+                        for x, v in zip(lambdas, true["loss"])
+                    ]
+                    coeffs_a, coeffs_b = (results[split_steps.derivatives[c].key]["coefficients"] for c in CENTERS)
+                    loss_rows += [
+                        {
+                            **base,
+                            "lambda": r["lambda"],
+                            "curve": "taylor",
+                            "center": r["center"],
+                            "order": r["order"],
+                            "value": r["value"],
+                        }
+                        for r in taylor_rows(lambdas, coeffs_a, coeffs_b, orders=orders)
+                    ]
                 if path in steps.logits:
                     res = results[steps.logits[path].key]
                     for name, values in res["rmse"].items():
-                        rmse_rows += [{"setting": s.name, "pair": pair, "path": path, "approximation": name,
-                                       "lambda": x, "rmse": v} for x, v in zip(res["lambdas"], values)]
+                        rmse_rows += [
+                            {
+                                "setting": s.name,
+                                "pair": pair,
+                                "path": path,
+                                "approximation": name,
+                                "lambda": x,
+                                "rmse": v,
+                            }
+                            for x, v in zip(res["lambdas"], values)
+                        ]
                     if pair == 0:
                         ex = res["example"]
                         for curve in [k for k in ex if k not in ("index", "label", "classes")]:
                             for li, x in enumerate(res["lambdas"]):
                                 for ci, c in enumerate(ex["classes"]):
-                                    example_rows.append({"path": path, "input": ex["index"], "label": ex["label"],
-                                                         "class": c, "curve": curve, "lambda": x,
-                                                         "value": ex[curve][li][ci]})
+                                    example_rows.append(
+                                        {
+                                            "path": path,
+                                            "input": ex["index"],
+                                            "label": ex["label"],
+                                            "class": c,
+                                            "curve": curve,
+                                            "lambda": x,
+                                            "value": ex[curve][li][ci],
+                                        }
+                                    )
     return loss_rows, rmse_rows, example_rows

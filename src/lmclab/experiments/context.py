@@ -5,6 +5,7 @@ sets up the executor of its step graph in one place.
 
 The experiments register in :mod:`lmclab.experiments.registry`; `lmclab run` takes them from there.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -15,7 +16,7 @@ from typing import Any, Generic, TypeVar
 from lmclab.experiments.graph import LocalExecutor, Step
 from lmclab.experiments.settings import ExperimentOptions, load_preset, preset_names
 
-O = TypeVar("O", bound=ExperimentOptions)
+OptionsT = TypeVar("OptionsT", bound=ExperimentOptions)
 
 
 def default_out(experiment: str, preset: str) -> Path:
@@ -39,12 +40,29 @@ class ExperimentContext:
     say: Callable[[str], None] = print
 
     @classmethod
-    def for_preset(cls, experiment: str, preset: str, *, out: str | Path | None = None, runs_dir: str | None = None,
-                   data_dir: str | None = None, device: str = "auto", progress: bool = True,
-                   say: Callable[[str], None] = print) -> ExperimentContext:
+    def for_preset(
+        cls,
+        experiment: str,
+        preset: str,
+        *,
+        out: str | Path | None = None,
+        runs_dir: str | None = None,
+        data_dir: str | None = None,
+        device: str = "auto",
+        progress: bool = True,
+        say: Callable[[str], None] = print,
+    ) -> ExperimentContext:
         """The context of `experiment --preset preset`; `out` defaults to :func:`default_out`."""
-        return cls(out=Path(out) if out is not None else default_out(experiment, preset), experiment=experiment,
-                   preset=preset, runs_dir=runs_dir, data_dir=data_dir, device=device, progress=progress, say=say)
+        return cls(
+            out=Path(out) if out is not None else default_out(experiment, preset),
+            experiment=experiment,
+            preset=preset,
+            runs_dir=runs_dir,
+            data_dir=data_dir,
+            device=device,
+            progress=progress,
+            say=say,
+        )
 
     def step_options(self) -> dict[str, Any]:
         """What every step may use besides its config and inputs (`StepContext.options`)."""
@@ -73,28 +91,37 @@ class ExperimentContext:
 
 
 @dataclass(frozen=True)
-class Experiment(Generic[O]):
+class Experiment(Generic[OptionsT]):
     """An experiment: `run(options, ctx)` with `options` read from a preset of presets/<name>.toml as an
     `options_type`. Calling it runs a preset by name: ``benko.EXPERIMENT("smoke", out=…)``."""
 
     name: str
     description: str
-    options_type: type[O]
-    run: Callable[[O, ExperimentContext], dict[str, Any]]
+    options_type: type[OptionsT]
+    run: Callable[[OptionsT, ExperimentContext], dict[str, Any]]
 
     def presets(self) -> list[str]:
         return preset_names(self.name)
 
-    def load(self, preset: str) -> O:
+    def load(self, preset: str) -> OptionsT:
         """Preset `preset`, checked (a bad one raises :class:`~lmclab.experiments.settings.PresetError`)."""
         return load_preset(self.name, preset, self.options_type)
 
-    def __call__(self, preset: str = "smoke", *, out: str | Path | None = None, runs_dir: str | None = None,
-                 data_dir: str | None = None, device: str = "auto", progress: bool = True,
-                 say: Callable[[str], None] = print) -> dict[str, Any]:
+    def __call__(
+        self,
+        preset: str = "smoke",
+        *,
+        out: str | Path | None = None,
+        runs_dir: str | None = None,
+        data_dir: str | None = None,
+        device: str = "auto",
+        progress: bool = True,
+        say: Callable[[str], None] = print,
+    ) -> dict[str, Any]:
         """Run preset `preset` (loaded and checked before anything runs); figures and tables go to `out`
         (default out/NAME-PRESET). Returns the experiment's summary ({"out", "files", "steps_run", …})."""
         options = self.load(preset)
-        ctx = ExperimentContext.for_preset(self.name, preset, out=out, runs_dir=runs_dir, data_dir=data_dir,
-                                           device=device, progress=progress, say=say)
+        ctx = ExperimentContext.for_preset(
+            self.name, preset, out=out, runs_dir=runs_dir, data_dir=data_dir, device=device, progress=progress, say=say
+        )
         return self.run(options, ctx)

@@ -8,6 +8,7 @@ writes into its own directory) stored in the store's step directory `<runs_dir>/
 in dependency order in this process; a cluster executor only has to ship (kind, config, input
 results) to a worker and store what comes back — the experiment code does not change.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def step_kind(name: str, self_caching: bool = False) -> Callable[[StepFn], StepF
 class Step:
     kind: str
     config: Mapping[str, Any]
-    inputs: Mapping[str, "Step"] = field(default_factory=dict)
+    inputs: Mapping[str, Step] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -93,8 +94,13 @@ def topological_order(targets: Iterable[Step]) -> list[Step]:
 class LocalExecutor:
     """Runs steps in this process, in dependency order, reusing every stored result."""
 
-    def __init__(self, runs_dir: str | Path | None = None, options: Mapping[str, Any] | None = None,
-                 progress: bool = True, say: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        runs_dir: str | Path | None = None,
+        options: Mapping[str, Any] | None = None,
+        progress: bool = True,
+        say: Callable[[str], None] = print,
+    ) -> None:
         self.store = Store(runs_dir)
         self.options = dict(options or {})
         self.progress = progress
@@ -130,10 +136,19 @@ class LocalExecutor:
             start = time.perf_counter()
             result = STEP_KINDS[step.kind](StepContext(directory, self.options, self.say), dict(step.config), inputs)
             result = finite_or_none(result)
-            atomic_write_json(directory / "result.json", {
-                "kind": step.kind, "config": step.config, "inputs": {k: d.name for k, d in step.inputs.items()},
-                "seconds": time.perf_counter() - start, "result": result})
-            results[step.key] = result
+            atomic_write_json(
+                directory / "result.json",
+                {
+                    "kind": step.kind,
+                    "config": step.config,
+                    "inputs": {k: d.name for k, d in step.inputs.items()},
+                    "seconds": time.perf_counter() - start,
+                    "result": result,
+                },
+            )
+            # Hand back what a later run will read from the store (sorted keys, lists), so that tables
+            # built from a fresh result and from a stored one are identical.
+            results[step.key] = json.loads(json.dumps(result, sort_keys=True, allow_nan=False))
             self.ran.append(step.name)
             bar.update(1)
         bar.close()

@@ -16,6 +16,7 @@ Figures per setting: merged loss/accuracy vs K, all-pairs barrier vs K, model→
 trace vs K (one line per method), and the K_max × K_max pair-barrier heat map per method. Tidy CSV
 tables sit beside them. Every step is cached in the run store; a second run recomputes nothing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -156,8 +157,11 @@ class ItoOptions(ExperimentOptions):
 
     def method_keywords(self, method: str) -> dict[str, Any]:
         """Keywords for `method` (its table; none for a method without one)."""
-        tables: dict[str, MethodKeywords] = {"pairwise": self.pairwise, "merge_many": self.merge_many,
-                                             "ste_mm": self.ste_mm}
+        tables: dict[str, MethodKeywords] = {
+            "pairwise": self.pairwise,
+            "merge_many": self.merge_many,
+            "ste_mm": self.ste_mm,
+        }
         return tables[method].keywords() if method in tables else {}
 
     def check(self, setting: Setting) -> None:
@@ -212,15 +216,24 @@ def member_inputs(members: Sequence[Step]) -> dict[str, Step]:
     return {f"m{i}": m for i, m in enumerate(members)}
 
 
-def method_steps(method: str, members: Sequence[Step], keywords: Mapping[str, Any], evaluation: Mapping[str, Any],
-                 trace: Mapping[str, Any] | None) -> MethodSteps:
+def method_steps(
+    method: str,
+    members: Sequence[Step],
+    keywords: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    trace: Mapping[str, Any] | None,
+) -> MethodSteps:
     """Align `members` with `method` (`keywords`), evaluate (`evaluation`: the eval step's config) and,
     unless `trace` is None, the merged model's trace (the trace step's config)."""
     ins = member_inputs(members)
     align = Step("population_align", {"method": method, "k": len(members), "options": dict(keywords)}, ins)
-    return MethodSteps(method=method, k=len(members), align=align,
-                       evaluation=Step("population_eval", dict(evaluation), {"align": align, **ins}),
-                       trace=None if trace is None else Step("merged_trace", dict(trace), {"align": align, **ins}))
+    return MethodSteps(
+        method=method,
+        k=len(members),
+        align=align,
+        evaluation=Step("population_eval", dict(evaluation), {"align": align, **ins}),
+        trace=None if trace is None else Step("merged_trace", dict(trace), {"align": align, **ins}),
+    )
 
 
 def build_graph(preset: ItoOptions) -> dict[str, PopulationSteps]:
@@ -231,15 +244,27 @@ def build_graph(preset: ItoOptions) -> dict[str, PopulationSteps]:
         methods = list(o.methods)
         unknown = [m for m in methods if m not in available_methods()]
         if unknown:
-            raise ValueError(f"preset ito/{preset.name} names alignment method(s) {unknown} that lmclab does not "
-                             f"provide (yet); available: {', '.join(available_methods())}")
+            raise ValueError(
+                f"preset ito/{preset.name} names alignment method(s) {unknown} that lmclab does not "
+                f"provide (yet); available: {', '.join(available_methods())}"
+            )
         members = [train_step(f"{s.name}/model{i}", s.population_member(i), s.preset) for i in range(s.models)]
-        evaluation = {"splits": list(o.splits), "examples": s.eval_examples, "points": o.points, "bn": o.bn,
-                      "bn_examples": o.bn_examples}
+        evaluation = {
+            "splits": list(o.splits),
+            "examples": s.eval_examples,
+            "points": o.points,
+            "bn": o.bn,
+            "bn_examples": o.bn_examples,
+        }
         trace = {**dataclasses.asdict(o.trace), "bn": o.bn, "bn_examples": o.bn_examples}
-        graph[s.name] = PopulationSteps(tuple(members), tuple(
-            method_steps(method, members[:k], o.method_keywords(method), evaluation, trace)
-            for method in methods for k in k_values(o, s)))
+        graph[s.name] = PopulationSteps(
+            tuple(members),
+            tuple(
+                method_steps(method, members[:k], o.method_keywords(method), evaluation, trace)
+                for method in methods
+                for k in k_values(o, s)
+            ),
+        )
     return graph
 
 
@@ -333,8 +358,11 @@ class MergedTrace:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MergedTrace:
-        return cls(split=data["split"], n_examples=data["n_examples"],
-                   **{kind: TraceEstimate(**data[kind]) for kind in cls.KINDS})
+        return cls(
+            split=data["split"],
+            n_examples=data["n_examples"],
+            **{kind: TraceEstimate(**data[kind]) for kind in cls.KINDS},
+        )
 
 
 def json_safe(value: Any) -> Any:
@@ -359,9 +387,16 @@ def ste_mm_data(ctx: StepContext, run: Run, train_examples: int | None) -> Any:
     augmentation), or a stratified subset of `train_examples` of the full split."""
     d = run.config.data
     subset, per_class = (train_examples, None) if train_examples else (d.train_subset, d.train_per_class)
-    return DeviceDataset.load(d.dataset, "train", data_dir=ctx.options.get("data_dir"),
-                              device=resolve_device(ctx.options.get("device", "auto")), subset=subset,
-                              per_class=per_class, augment=d.augment, progress=False)
+    return DeviceDataset.load(
+        d.dataset,
+        "train",
+        data_dir=ctx.options.get("data_dir"),
+        device=resolve_device(ctx.options.get("device", "auto")),
+        subset=subset,
+        per_class=per_class,
+        augment=d.augment,
+        progress=False,
+    )
 
 
 @step_kind("population_align")
@@ -390,14 +425,30 @@ def _population_align(ctx: StepContext, config: dict[str, Any], inputs: dict[str
         member = copy.deepcopy(model)
         member.load_state_dict(theta)
         invariance.append(max(check_invariance(member, spec, perm, x).values()))
-        files.append(str(perm.save(ctx.directory / f"perm_{i}.safetensors", spec, method=config["method"],
-                                   k=len(points), member=i, run=run.path.name)))
+        files.append(
+            str(
+                perm.save(
+                    ctx.directory / f"perm_{i}.safetensors",
+                    spec,
+                    method=config["method"],
+                    k=len(points),
+                    member=i,
+                    run=run.path.name,
+                )
+            )
+        )
     aligned = alignment.aligned(points)
     merged = mean(aligned)
     return PopulationAlignResult(
-        method=config["method"], k=len(points), runs=[r.path.name for r in runs], perms=files,
-        identity=[p.is_identity() for p in alignment.perms], invariance_max_abs_diff=invariance,
-        distance_to_merged=[distance(a, merged) for a in aligned], info=json_safe(alignment.info)).to_json()
+        method=config["method"],
+        k=len(points),
+        runs=[r.path.name for r in runs],
+        perms=files,
+        identity=[p.is_identity() for p in alignment.perms],
+        invariance_max_abs_diff=invariance,
+        distance_to_merged=[distance(a, merged) for a in aligned],
+        info=json_safe(alignment.info),
+    ).to_json()
 
 
 def _bn_setup(ctx: StepContext, config: Mapping[str, Any], model: torch.nn.Module, run: Run) -> tuple[str, Any]:
@@ -415,10 +466,21 @@ def _population_eval(ctx: StepContext, config: dict[str, Any], inputs: dict[str,
     common = {"bn": bn, "bn_data": bn_data, "bn_examples": config.get("bn_examples")}
     merged = merged_metrics(model, aligned, datasets, **common)
     members = [merged_metrics(model, theta, datasets, **common) for theta in aligned]
-    barriers = all_pairs_barriers(model, aligned, datasets, lambdas=default_lambdas(config["points"]),
-                                  progress=ctx.options.get("progress", True), **common)
-    return {"merged": merged, "members": members, "bn": bn,
-            "n_examples": {split: len(d) for split, d in datasets.items()}, **barriers.to_json()}
+    barriers = all_pairs_barriers(
+        model,
+        aligned,
+        datasets,
+        lambdas=default_lambdas(config["points"]),
+        progress=ctx.options.get("progress", True),
+        **common,
+    )
+    return {
+        "merged": merged,
+        "members": members,
+        "bn": bn,
+        "n_examples": {split: len(d) for split, d in datasets.items()},
+        **barriers.to_json(),
+    }
 
 
 @step_kind("merged_trace")
@@ -430,36 +492,73 @@ def _merged_trace(ctx: StepContext, config: dict[str, Any], inputs: dict[str, An
     data = dataset_for(ctx, runs[0], config["split"], config.get("examples"))
     estimates = {}
     for key, scaled in zip(MergedTrace.KINDS, (False, True)):
-        est = hessian_trace(model, theta, data, method=config["method"], scale_aware=scaled, probes=config["probes"],
-                            confidence=config["confidence"], batch_size=config["batch_size"], seed=config["seed"])
-        estimates[key] = TraceEstimate(estimate=est.estimate, ci_low=est.ci_low, ci_high=est.ci_high,
-                                       confidence=est.confidence, probes=est.n_probes, method=est.method)
+        est = hessian_trace(
+            model,
+            theta,
+            data,
+            method=config["method"],
+            scale_aware=scaled,
+            probes=config["probes"],
+            confidence=config["confidence"],
+            batch_size=config["batch_size"],
+            seed=config["seed"],
+        )
+        estimates[key] = TraceEstimate(
+            estimate=est.estimate,
+            ci_low=est.ci_low,
+            ci_high=est.ci_high,
+            confidence=est.confidence,
+            probes=est.n_probes,
+            method=est.method,
+        )
     return MergedTrace(split=config["split"], n_examples=len(data), **estimates).to_json()
 
 
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def tidy_tables(graph: Mapping[str, PopulationSteps], results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def tidy_tables(
+    graph: Mapping[str, PopulationSteps], results: dict[str, dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
     """Tidy rows of every setting's steps: merged (merged model and members), barrier_summary,
     pair_barriers, merged_barriers, trace, alignment."""
-    tables: dict[str, list[dict[str, Any]]] = {n: [] for n in ("merged", "barrier_summary", "pair_barriers",
-                                                                "merged_barriers", "trace", "alignment")}
+    tables: dict[str, list[dict[str, Any]]] = {
+        n: [] for n in ("merged", "barrier_summary", "pair_barriers", "merged_barriers", "trace", "alignment")
+    }
     for setting, population in graph.items():
         for ms in population.methods:
             base = {"setting": setting, "method": ms.method, "k": ms.k}
             aligned = PopulationAlignResult.from_json(results[ms.align.key])
             for i, (d, inv) in enumerate(zip(aligned.distance_to_merged, aligned.invariance_max_abs_diff)):
-                tables["alignment"].append({**base, "member": i, "run": aligned.runs[i],
-                                            "identity": aligned.identity[i], "distance_to_merged": d,
-                                            "invariance_max_abs_diff": inv})
+                tables["alignment"].append(
+                    {
+                        **base,
+                        "member": i,
+                        "run": aligned.runs[i],
+                        "identity": aligned.identity[i],
+                        "distance_to_merged": d,
+                        "invariance_max_abs_diff": inv,
+                    }
+                )
             res = results[ms.evaluation.key]
-            for which, per_member in [("merged", [("", res["merged"])]),
-                                      ("member", list(enumerate(res["members"])))]:
+            by_model: list[tuple[str, list[tuple[str | int, Any]]]] = [
+                ("merged", [("", res["merged"])]),
+                ("member", list(enumerate(res["members"]))),
+            ]
+            for which, per_member in by_model:
                 for member, metrics in per_member:  # the preset's split order (stored JSON sorts keys)
-                    tables["merged"] += [{**base, "model": which, "member": member, "split": split,
-                                          "metric": metric, "value": metrics[split][metric]}
-                                         for split in ms.evaluation.config["splits"] for metric in MERGED_METRICS]
+                    tables["merged"] += [
+                        {
+                            **base,
+                            "model": which,
+                            "member": member,
+                            "split": split,
+                            "metric": metric,
+                            "value": metrics[split][metric],
+                        }
+                        for split in ms.evaluation.config["splits"]
+                        for metric in MERGED_METRICS
+                    ]
             tables["barrier_summary"] += [{**base, **r} for r in res["summary"]]
             tables["pair_barriers"] += [{**base, **r} for r in res["pairs"]]
             tables["merged_barriers"] += [{**base, **r} for r in res["to_merged"]]
@@ -467,9 +566,20 @@ def tidy_tables(graph: Mapping[str, PopulationSteps], results: dict[str, dict[st
                 trace = MergedTrace.from_json(results[ms.trace.key])
                 for kind in MergedTrace.KINDS:
                     t: TraceEstimate = getattr(trace, kind)
-                    tables["trace"].append({**base, "kind": kind, "split": trace.split, "examples": trace.n_examples,
-                                            "estimate": t.estimate, "ci_low": t.ci_low, "ci_high": t.ci_high,
-                                            "confidence": t.confidence, "probes": t.probes, "estimator": t.method})
+                    tables["trace"].append(
+                        {
+                            **base,
+                            "kind": kind,
+                            "split": trace.split,
+                            "examples": trace.n_examples,
+                            "estimate": t.estimate,
+                            "ci_low": t.ci_low,
+                            "ci_high": t.ci_high,
+                            "confidence": t.confidence,
+                            "probes": t.probes,
+                            "estimator": t.method,
+                        }
+                    )
     return tables
 
 
@@ -480,21 +590,36 @@ def run(preset: ItoOptions, ctx: ExperimentContext) -> dict[str, Any]:
     results, ran = ctx.run_steps(step for population in graph.values() for step in population.steps())
     out = ctx.out
     tables = tidy_tables(graph, results)
-    files: dict[str, str] = {f"{name}_table": str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items()}
+    files: dict[str, str] = {
+        f"{name}_table": str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items()
+    }
     for s in preset.settings:
         o = preset.at(s)
         pick = {name: [r for r in rows if r["setting"] == s.name] for name, rows in tables.items()}
         files[f"merged_{s.name}"] = str(plot_merged_vs_k(out / f"merged_{s.name}.png", pick["merged"], title=s.label))
         for kind, label in (("pairs", "all pairs"), ("to_merged", "model → merged")):
-            files[f"barriers_{kind}_{s.name}"] = str(plot_barriers_vs_k(
-                out / f"barriers_{kind}_{s.name}.png", [r for r in pick["barrier_summary"] if r["kind"] == kind],
-                title=f"{s.label}: barriers, {label}"))
-        files[f"trace_{s.name}"] = str(plot_trace_vs_k(out / f"trace_{s.name}.png", pick["trace"],
-                                                       title=f"{s.label}: Hessian trace at the merged model"))
+            files[f"barriers_{kind}_{s.name}"] = str(
+                plot_barriers_vs_k(
+                    out / f"barriers_{kind}_{s.name}.png",
+                    [r for r in pick["barrier_summary"] if r["kind"] == kind],
+                    title=f"{s.label}: barriers, {label}",
+                )
+            )
+        files[f"trace_{s.name}"] = str(
+            plot_trace_vs_k(
+                out / f"trace_{s.name}.png", pick["trace"], title=f"{s.label}: Hessian trace at the merged model"
+            )
+        )
         k_max = max(k_values(o, s))
-        files[f"heatmap_{s.name}"] = str(plot_heatmaps(
-            out / f"heatmap_{s.name}.png", [r for r in pick["pair_barriers"] if r["k"] == k_max], k_max,
-            **dataclasses.asdict(o.heatmap), title=f"{s.label}: pair barriers, K = {k_max}"))
+        files[f"heatmap_{s.name}"] = str(
+            plot_heatmaps(
+                out / f"heatmap_{s.name}.png",
+                [r for r in pick["pair_barriers"] if r["k"] == k_max],
+                k_max,
+                **dataclasses.asdict(o.heatmap),
+                title=f"{s.label}: pair barriers, K = {k_max}",
+            )
+        )
     return ctx.summary(files, ran)
 
 
@@ -503,11 +628,23 @@ EXPERIMENT = Experiment("ito", "Ito et al., analysis of LMC among many models (S
 run_ito = EXPERIMENT
 
 
-def merge_runs(runs: Sequence[Run], methods: Sequence[str] = ("merge_many",), *, out: str | Path,
-               options: Mapping[str, Mapping[str, Any]] | None = None, points: int = 25,
-               examples: int | None = None, splits: Sequence[str] = ("train", "test"), bn: str | None = None,
-               trace: Mapping[str, Any] | None = None, runs_dir: str | None = None, data_dir: str | None = None,
-               device: str = "auto", progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+def merge_runs(
+    runs: Sequence[Run],
+    methods: Sequence[str] = ("merge_many",),
+    *,
+    out: str | Path,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    points: int = 25,
+    examples: int | None = None,
+    splits: Sequence[str] = ("train", "test"),
+    bn: str | None = None,
+    trace: Mapping[str, Any] | None = None,
+    runs_dir: str | None = None,
+    data_dir: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Align K stored runs (run 0 is the reference) with each method, merge, and measure: the same cached
     steps as :func:`run_ito` for one K (merged metrics, all-pairs and model → merged barriers, and with
     `trace` (keywords of the trace step, {} for the defaults) the merged model's Hessian trace). Tables
@@ -519,38 +656,67 @@ def merge_runs(runs: Sequence[Run], methods: Sequence[str] = ("merge_many",), *,
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(available_methods())}")
     for run in runs[1:]:
         check_same_architecture(runs[0], run)
-    ctx = ExperimentContext(out=Path(out), runs_dir=runs_dir, data_dir=data_dir, device=device, progress=progress,
-                            say=say)
+    ctx = ExperimentContext(
+        out=Path(out), runs_dir=runs_dir, data_dir=data_dir, device=device, progress=progress, say=say
+    )
     members = [train_step(f"member{i}", run.config) for i, run in enumerate(runs)]
     k = len(runs)
     evaluation = {"splits": list(splits), "examples": examples, "points": points, "bn": bn, "bn_examples": None}
     trace_config = None if trace is None else {**TRACE_DEFAULTS, **trace, "bn": bn, "bn_examples": None}
-    population = PopulationSteps(tuple(members), tuple(
-        method_steps(method, members, (options or {}).get(method, {}), evaluation, trace_config) for method in methods))
+    population = PopulationSteps(
+        tuple(members),
+        tuple(
+            method_steps(method, members, (options or {}).get(method, {}), evaluation, trace_config)
+            for method in methods
+        ),
+    )
     results, ran = ctx.run_steps(population.steps())
     out = ctx.out
     tables = tidy_tables({"runs": population}, results)
     files = {f"{name}_table": str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items() if rows}
     for split in splits:
-        files[f"heatmap_{split}"] = str(plot_heatmaps(out / f"heatmap_{split}.png", tables["pair_barriers"], k,
-                                                      split=split, title=f"{k} runs: pair barriers ({split})"))
-    merged = {m: {r["split"]: {} for r in tables["merged"]} for m in methods}
+        files[f"heatmap_{split}"] = str(
+            plot_heatmaps(
+                out / f"heatmap_{split}.png",
+                tables["pair_barriers"],
+                k,
+                split=split,
+                title=f"{k} runs: pair barriers ({split})",
+            )
+        )
+    merged: dict[str, dict[str, dict[str, Any]]] = {m: {r["split"]: {} for r in tables["merged"]} for m in methods}
     for r in tables["merged"]:
         if r["model"] == "merged":
             merged[r["method"]][r["split"]][r["metric"]] = r["value"]
-    summary = {(r["method"], r["kind"], r["split"], r["metric"]): r for r in tables["barrier_summary"]
-               if r["definition"] == "barrier"}
+    summary = {
+        (r["method"], r["kind"], r["split"], r["metric"]): r
+        for r in tables["barrier_summary"]
+        if r["definition"] == "barrier"
+    }
     for m in methods:
-        say(f"{m}: merged " + "  ".join(f"{split} loss {merged[m][split].get('loss', float('nan')):.4f} "
-                                        f"acc {merged[m][split].get('accuracy', float('nan')):.4f}" for split in splits))
+        say(
+            f"{m}: merged "
+            + "  ".join(
+                f"{split} loss {merged[m][split].get('loss', float('nan')):.4f} "
+                f"acc {merged[m][split].get('accuracy', float('nan')):.4f}"
+                for split in splits
+            )
+        )
         for split in splits:
-            r = summary.get((m, "pairs", split, "loss"))
-            if r:
-                say(f"  {split} loss barrier over {r['n']} pairs: mean {_fmt(r['mean'])} ± {_fmt(r['std'])}, "
-                    f"max {_fmt(r['max'])}")
+            row = summary.get((m, "pairs", split, "loss"))
+            if row:
+                say(
+                    f"  {split} loss barrier over {row['n']} pairs: mean {_fmt(row['mean'])} ± {_fmt(row['std'])}, "
+                    f"max {_fmt(row['max'])}"
+                )
     say(f"tables and figures in {out}")
-    return {"out": str(out), "files": files, "merged": merged, "steps_run": ran,
-            "barrier_summary": [r for r in tables["barrier_summary"] if r["definition"] == "barrier"]}
+    return {
+        "out": str(out),
+        "files": files,
+        "merged": merged,
+        "steps_run": ran,
+        "barrier_summary": [r for r in tables["barrier_summary"] if r["definition"] == "barrier"],
+    }
 
 
 def _fmt(value: Any) -> str:

@@ -4,6 +4,7 @@ Alignments are cached in the run store as `align_<hash>/` (perm.safetensors + al
 keyed by the two runs, the method and its settings; path results go to `lmc_<hash>/` (tidy
 paths.csv, barriers.csv, paths.png) or to a chosen output directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,14 @@ import torch
 
 from lmclab.align import align, get_pair_method
 from lmclab.data import DeviceDataset
-from lmclab.paths import barrier_report, cumulative_layer_sets, default_bn_mode, default_lambdas, evaluate_path, layer_groups
+from lmclab.paths import (
+    barrier_report,
+    cumulative_layer_sets,
+    default_bn_mode,
+    default_lambdas,
+    evaluate_path,
+    layer_groups,
+)
 from lmclab.permutation import (
     Permutation,
     PermutationSpec,
@@ -48,19 +56,34 @@ def example_input(run: Run, n: int = 4, seed: int = 0) -> torch.Tensor:
 
 def check_same_architecture(run_a: Run, run_b: Run) -> None:
     a, b = run_a.config.normalised(), run_b.config.normalised()
-    ia, ib = ((None, None) if i is None else (i.input_shape, i.num_classes)
-              for i in (run_a.meta.data_info, run_b.meta.data_info))
+    ia, ib = (
+        (None, None) if i is None else (i.input_shape, i.num_classes)
+        for i in (run_a.meta.data_info, run_b.meta.data_info)
+    )
     if a.model != b.model or ia != ib:
-        raise SpecError(f"runs {run_a.path.name} ({a.model}, input {ia[0]}) and {run_b.path.name} "
-                        f"({b.model}, input {ib[0]}) have different architectures: nothing to align")
+        raise SpecError(
+            f"runs {run_a.path.name} ({a.model}, input {ia[0]}) and {run_b.path.name} "
+            f"({b.model}, input {ib[0]}) have different architectures: nothing to align"
+        )
     for run in (run_a, run_b):
         if not run.complete:
             raise SpecError(f"run {run.path} is not complete (status {run.meta.status}); train it first")
 
 
-def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0, store: RunStore | None = None,
-               data_dir: str | None = None, device: str = "auto", activation_examples: int = 5000,
-               spec: PermutationSpec | None = None, progress: bool = True, ste_epochs: int = 10) -> Alignment:
+def align_runs(
+    run_a: Run,
+    run_b: Run,
+    *,
+    method: str = "weight",
+    seed: int = 0,
+    store: RunStore | None = None,
+    data_dir: str | None = None,
+    device: str = "auto",
+    activation_examples: int = 5000,
+    spec: PermutationSpec | None = None,
+    progress: bool = True,
+    ste_epochs: int = 10,
+) -> Alignment:
     """Align B to A (cached in the store), verify f(π(θ_B)) == f(θ_B) in eval and train mode, save.
 
     `method`: a two-model method of :data:`lmclab.align.PAIR_METHODS`, given what its entry declares:
@@ -71,11 +94,16 @@ def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0,
     Git Re-Basin's straight-through estimator (λ = ½), keeping the permutation with the lowest midpoint
     loss on the subset.
     """
-    entry = get_pair_method(method)   # a registered method (lmclab.align.PAIR_METHODS), else ValueError
+    entry = get_pair_method(method)  # a registered method (lmclab.align.PAIR_METHODS), else ValueError
     check_same_architecture(run_a, run_b)
     store = store or RunStore(run_a.path.parent)
-    settings: dict[str, Any] = {"a": run_a.path.name, "b": run_b.path.name, "method": method, "seed": seed,
-                                "spec_source": "derived" if spec is None else content_hash(spec.to_dict(), spaced=True)}
+    settings: dict[str, Any] = {
+        "a": run_a.path.name,
+        "b": run_b.path.name,
+        "method": method,
+        "seed": seed,
+        "spec_source": "derived" if spec is None else content_hash(spec.to_dict(), spaced=True),
+    }
     if {"batches", "data"} & set(entry.needs):
         settings["examples"] = activation_examples
     if "epochs" in entry.accepts:
@@ -83,7 +111,10 @@ def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0,
     out = Store(store.root).alignment_dir(settings)
     if (out / "alignment.json").is_file() and (out / "perm.safetensors").is_file():
         perm, saved_spec, _ = Permutation.load(out / "perm.safetensors")
-        return Alignment(perm, saved_spec or spec, json.loads((out / "alignment.json").read_text()), out)
+        cached_spec = saved_spec or spec
+        if cached_spec is None:
+            raise SpecError(f"{out / 'perm.safetensors'} holds no spec; save permutations with their spec")
+        return Alignment(perm, cached_spec, json.loads((out / "alignment.json").read_text()), out)
 
     dev = resolve_device(device)
     model_a, model_b = load_run_model(run_a, device=dev), load_run_model(run_b, device=dev)
@@ -93,16 +124,24 @@ def align_runs(run_a: Run, run_b: Run, *, method: str = "weight", seed: int = 0,
     kw = entry.settings(seed=seed, epochs=ste_epochs, device=dev, progress=progress)
     if "model" in entry.needs:
         kw["model"] = model_a
-    if "examples" in settings:   # a fixed stratified subset of training examples
-        examples = DeviceDataset.load(run_a.config.data.dataset, "train", data_dir=data_dir, device=dev,
-                                      subset=activation_examples, augment=False, progress=progress)
+    if "examples" in settings:  # a fixed stratified subset of training examples
+        examples = DeviceDataset.load(
+            run_a.config.data.dataset,
+            "train",
+            data_dir=data_dir,
+            device=dev,
+            subset=activation_examples,
+            augment=False,
+            progress=progress,
+        )
         if "batches" in entry.needs:
             kw["batches"] = (xb for xb, _ in examples.batches(500))
         if "val_data" in entry.accepts:
             kw["val_data"] = examples
     if "data" in entry.needs:
-        kw["data"] = DeviceDataset.load(run_a.config.data.dataset, "train", data_dir=data_dir, device=dev,
-                                        augment=False, progress=progress)
+        kw["data"] = DeviceDataset.load(
+            run_a.config.data.dataset, "train", data_dir=data_dir, device=dev, augment=False, progress=progress
+        )
     result = align(theta_a, theta_b, spec, method, **kw)
     verify_permutation(model_b, result.perm, spec, example_input=x)  # raises SpecError if f(π(θ_B)) ≠ f(θ_B)
     invariance = check_invariance(model_b, spec, result.perm, x)
@@ -134,7 +173,10 @@ def layer_selection(model: torch.nn.Module, layers: Sequence[str] | None) -> lis
     groups = layer_groups(model)
     if len(layers) == 1 and layers[0].startswith("cumulative:"):
         order = layers[0].split(":", 1)[1]
-        return [(f"{order}:{len(s)}:{s[-1]}", [t for g in s for t in groups[g]]) for s in cumulative_layer_sets(list(groups), order)]
+        return [
+            (f"{order}:{len(s)}:{s[-1]}", [t for g in s for t in groups[g]])
+            for s in cumulative_layer_sets(list(groups), order)
+        ]
     unknown = [name for name in layers if name not in groups]
     if unknown:
         raise ValueError(f"unknown layer group(s) {unknown}; layer groups: {', '.join(groups)}")
@@ -165,24 +207,46 @@ def interpolate_runs(
     model = load_run_model(run_a, device=dev)
     bn = bn or default_bn_mode(model)
     dataset = run_a.config.data.dataset
-    data = {s: DeviceDataset.load(dataset, s, data_dir=data_dir, device=dev, subset=subset, augment=False,
-                                  progress=progress) for s in splits}
+    data = {
+        s: DeviceDataset.load(
+            dataset, s, data_dir=data_dir, device=dev, subset=subset, augment=False, progress=progress
+        )
+        for s in splits
+    }
     bn_data = None  # statistics for BN reset / REPAIR come from (the chosen subset of) the training split
     if bn != "none":
-        bn_data = data["train"] if "train" in data else DeviceDataset.load(
-            dataset, "train", data_dir=data_dir, device=dev, subset=subset, augment=False, progress=progress)
+        bn_data = (
+            data["train"]
+            if "train" in data
+            else DeviceDataset.load(
+                dataset, "train", data_dir=data_dir, device=dev, subset=subset, augment=False, progress=progress
+            )
+        )
     theta_a = run_a.load_state(device=dev)
     theta_b = run_b.load_state(device=dev)
     endpoints = [("naive", theta_b)] if include_naive or alignment is None else []
     if alignment is not None:
-        endpoints.append((f"{alignment.info.get('method', 'aligned')}-matched", alignment.perm.apply(theta_b, alignment.spec)))
+        endpoints.append(
+            (f"{alignment.info.get('method', 'aligned')}-matched", alignment.perm.apply(theta_b, alignment.spec))
+        )
     lambdas = default_lambdas(points)
     rows: list[dict[str, Any]] = []
     for path_name, end in endpoints:
         for label, only in layer_selection(model, layers):
-            for r in evaluate_path(model, theta_a, end, data, lambdas=lambdas, bn=bn, bn_data=bn_data,
-                                   bn_examples=bn_examples, only=only, base=base, progress=progress,
-                                   desc=f"{path_name} {label}"):
+            for r in evaluate_path(
+                model,
+                theta_a,
+                end,
+                data,
+                lambdas=lambdas,
+                bn=bn,
+                bn_data=bn_data,
+                bn_examples=bn_examples,
+                only=only,
+                base=base,
+                progress=progress,
+                desc=f"{path_name} {label}",
+            ):
                 rows.append({"pair": pair, "path": path_name, "layers": label, "bn": bn, **r})
     return rows
 
@@ -213,9 +277,15 @@ def _safe_barriers(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict
     return report
 
 
-def lmc_pairs(pairs: Sequence[tuple[Run, Run]], *, method: str | None = "weight",
-              perm_files: Sequence[str] | None = None, out: str | Path | None = None,
-              say: Callable[[str], None] = print, **kw: Any) -> dict[str, Any]:
+def lmc_pairs(
+    pairs: Sequence[tuple[Run, Run]],
+    *,
+    method: str | None = "weight",
+    perm_files: Sequence[str] | None = None,
+    out: str | Path | None = None,
+    say: Callable[[str], None] = print,
+    **kw: Any,
+) -> dict[str, Any]:
     """For each pair: align (or load its permutation), evaluate the naive and permuted paths. Then write
     the tidy table (a `pair` column), per-curve barriers and the figure (mean ± std over pairs), and
     print each barrier as mean ± std over pairs."""
@@ -231,23 +301,39 @@ def lmc_pairs(pairs: Sequence[tuple[Run, Run]], *, method: str | None = "weight"
         if perm_files is not None:
             alignment = load_alignment(perm_files[i])
         elif method:
-            alignment = align_runs(run_a, run_b, method=method, data_dir=kw.get("data_dir"),
-                                   device=kw.get("device", "auto"), progress=progress)
+            alignment = align_runs(
+                run_a,
+                run_b,
+                method=method,
+                data_dir=kw.get("data_dir"),
+                device=kw.get("device", "auto"),
+                progress=progress,
+            )
         alignments.append(alignment)
         rows += interpolate_runs(run_a, run_b, alignment=alignment, pair=i, **kw)
-    identity = dict(pairs=[[a.path.name, b.path.name] for a, b in pairs],
-                    align=[None if al is None else str(al.path) for al in alignments],
-                    **{k: v for k, v in kw.items() if k not in ("progress", "device", "data_dir")})
+    identity = dict(
+        pairs=[[a.path.name, b.path.name] for a, b in pairs],
+        align=[None if al is None else str(al.path) for al in alignments],
+        **{k: v for k, v in kw.items() if k not in ("progress", "device", "data_dir")},
+    )
     out_dir = Path(out) if out else Store(pairs[0][0].path.parent).result_dir("lmc", identity)
-    title = (f"{pairs[0][0].path.name} ↔ {pairs[0][1].path.name}" if len(pairs) == 1
-             else f"{len(pairs)} pairs ({pairs[0][0].config.model.model} on {pairs[0][0].config.data.dataset})")
+    title = (
+        f"{pairs[0][0].path.name} ↔ {pairs[0][1].path.name}"
+        if len(pairs) == 1
+        else f"{len(pairs)} pairs ({pairs[0][0].config.model.model} on {pairs[0][0].config.data.dataset})"
+    )
     files = write_lmc_report(rows, out_dir, title=title)
     per_curve = _safe_barriers(rows, ("path", "layers", "pair", "split", "metric"))
-    summary = {"out": str(out_dir), **{k: str(v) for k, v in files.items()},
-               "alignments": [None if al is None else {"path": str(al.path), **al.info} for al in alignments],
-               "barriers": per_curve}
+    summary = {
+        "out": str(out_dir),
+        **{k: str(v) for k, v in files.items()},
+        "alignments": [None if al is None else {"path": str(al.path), **al.info} for al in alignments],
+        "barriers": per_curve,
+    }
     _say_barriers(per_curve, len(pairs), say)
-    say(f"tables: {files['paths']}, {files['barriers']}" + (f"\nfigure: {files['figure']}" if "figure" in files else ""))
+    say(
+        f"tables: {files['paths']}, {files['barriers']}" + (f"\nfigure: {files['figure']}" if "figure" in files else "")
+    )
     return summary
 
 

@@ -4,6 +4,7 @@ Trains one run per seed (reused from the store when present), writes their train
 run 2 to run 1 by weight matching, and evaluates the naive and the permuted straight paths on the
 train and test splits (25 points), with every barrier definition, a tidy table and a figure.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ from lmclab.config import SeedConfig
 from lmclab.experiments.lmc import lmc_pairs
 from lmclab.report import plot_histories, write_csv
 from lmclab.training import RunOptions, get_preset, train
+from lmclab.training.trainer import DEFAULT_OPTIONS
 
 
 def run_pair_demo(
@@ -22,7 +24,7 @@ def run_pair_demo(
     seeds: Sequence[int] = (0, 1),
     epochs: int | None = None,
     out: str = "out/demo",
-    options: RunOptions = RunOptions(),
+    options: RunOptions = DEFAULT_OPTIONS,
     say: Callable[[str], None] = print,
     align: str | None = "weight",
     points: int = 25,
@@ -37,16 +39,30 @@ def run_pair_demo(
     table = write_csv(out_dir / "final_metrics.csv", rows)
     history_rows = [{"seed": s, "run": r.path.name, **h} for s, r in zip(seeds, runs) for h in r.meta.history]
     history_table = write_csv(out_dir / "history.csv", history_rows)
-    figure = plot_histories(out_dir / "training_curves.png",
-                            {f"seed {s}": r.meta.history for s, r in zip(seeds, runs)},
-                            title=f"{preset}: {len(runs)} independently seeded runs")
+    figure = plot_histories(
+        out_dir / "training_curves.png",
+        {f"seed {s}": r.meta.history for s, r in zip(seeds, runs)},
+        title=f"{preset}: {len(runs)} independently seeded runs",
+    )
     for row in rows:
-        say(f"seed {row['seed']}: test accuracy {row['test_accuracy']:.4f}  train accuracy "
-            f"{row['train_accuracy']:.4f}  run {row['run']}")
+        say(
+            f"seed {row['seed']}: test accuracy {row['test_accuracy']:.4f}  train accuracy "
+            f"{row['train_accuracy']:.4f}  run {row['run']}"
+        )
     say(f"training curves: {figure}\ntables: {table}, {history_table}")
     summary: dict[str, Any] = {"runs": rows, "figure": str(figure), "tables": [str(table), str(history_table)]}
     if len(runs) >= 2 and align:
-        say(f"linear mode connectivity between seed {seeds[0]} and seed {seeds[1]} ({align} matching, {points} points):")
-        summary["lmc"] = lmc_pairs([(runs[0], runs[1])], method=align, out=out_dir / "lmc", say=say, points=points,
-                                  data_dir=options.data_dir, device=options.device, progress=options.progress)
+        say(
+            f"linear mode connectivity between seed {seeds[0]} and seed {seeds[1]} ({align} matching, {points} points):"
+        )
+        summary["lmc"] = lmc_pairs(
+            [(runs[0], runs[1])],
+            method=align,
+            out=out_dir / "lmc",
+            say=say,
+            points=points,
+            data_dir=options.data_dir,
+            device=options.device,
+            progress=options.progress,
+        )
     return summary

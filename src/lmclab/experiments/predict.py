@@ -9,6 +9,7 @@ Sets of layers: eq. 21's B*_P = Σ_{ℓ,ℓ'∈P} B*_{ℓ,ℓ'} (eq. 20, Hessian
 set barrier at α = ½ (the same definition with all layers of P interpolated), for cumulative sets in
 shallow / deep / random order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -37,10 +38,20 @@ from lmclab.store import Run
 from lmclab.training import load_run_model, resolve_device
 
 
-def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = None, split: str = "test",
-                       examples: int | None = 1000, points: int = 25, orders: Sequence[str] = ("shallow", "deep"),
-                       out: str | Path = "out/predict", data_dir: str | None = None, device: str = "auto",
-                       say: Callable[[str], None] = print) -> dict[str, Any]:
+def predict_vs_measure(
+    run_1: Run,
+    run_2: Run,
+    *,
+    alignment: Alignment | None = None,
+    split: str = "test",
+    examples: int | None = 1000,
+    points: int = 25,
+    orders: Sequence[str] = ("shallow", "deep"),
+    out: str | Path = "out/predict",
+    data_dir: str | None = None,
+    device: str = "auto",
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Measured vs predicted barriers (whole model, per layer, cumulative sets); tables and one figure.
 
     BN models are evaluated in eval mode with interpolated statistics on both sides (the Hessian is
@@ -48,8 +59,9 @@ def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = 
     check_same_architecture(run_1, run_2)
     dev = resolve_device(device)
     model = load_run_model(run_1, device=dev)
-    data = DeviceDataset.load(run_1.config.data.dataset, split, data_dir=data_dir, device=dev, subset=examples,
-                              augment=False, progress=False)
+    data = DeviceDataset.load(
+        run_1.config.data.dataset, split, data_dir=data_dir, device=dev, subset=examples, augment=False, progress=False
+    )
     theta_1, theta_2 = run_1.load_state(device=dev), run_2.load_state(device=dev)
     if alignment is not None:
         theta_2 = alignment.perm.apply(theta_2, alignment.spec)
@@ -65,51 +77,99 @@ def predict_vs_measure(run_1: Run, run_2: Run, *, alignment: Alignment | None = 
     layer_rows = []
     for name, tensors in blocks.items():
         b = layer_set_barrier(model, theta_1, theta_2, data, half, tensors, ends)[1]
-        layer_rows.append({"layer": name, "measured_half": float(b), "predicted_half": pred.layers[name].at(0.5),
-                           "predicted_max": pred.layers[name].max})
+        layer_rows.append(
+            {
+                "layer": name,
+                "measured_half": float(b),
+                "predicted_half": pred.layers[name].at(0.5),
+                "predicted_max": pred.layers[name].max,
+            }
+        )
     names, matrix = pred.cross_blocks.names, pred.cross_blocks.theta_1
     cumulative_rows = []
     for order in orders:
         for layer_set in cumulative_layer_sets(list(blocks), order):
             tensors = [t for layer in layer_set for t in blocks[layer]]
             b = layer_set_barrier(model, theta_1, theta_2, data, half, tensors, ends)[1]
-            cumulative_rows.append({"order": order, "k": len(layer_set), "last_layer": layer_set[-1],
-                                    "measured_half": float(b),
-                                    "predicted_eq21": predicted_set_barrier(matrix, names, layer_set)})
+            cumulative_rows.append(
+                {
+                    "order": order,
+                    "k": len(layer_set),
+                    "last_layer": layer_set[-1],
+                    "measured_half": float(b),
+                    "predicted_eq21": predicted_set_barrier(matrix, names, layer_set),
+                }
+            )
     out = Path(out)
     files = {
         "curve": write_csv(out / "barrier_curve.csv", curve_rows),
         "layers": write_csv(out / "layer_barriers.csv", layer_rows),
         "cumulative": write_csv(out / "cumulative_barriers.csv", cumulative_rows),
-        "cross_blocks": write_csv(out / "cross_blocks.csv", [{"row": names[i], "col": names[j], "value": matrix[i, j]}
-                                                             for i in range(len(names)) for j in range(len(names))]),
+        "cross_blocks": write_csv(
+            out / "cross_blocks.csv",
+            [
+                {"row": names[i], "col": names[j], "value": matrix[i, j]}
+                for i in range(len(names))
+                for j in range(len(names))
+            ],
+        ),
     }
-    files["figure"] = plot_predictions(out / "predictions.png", curve_rows, layer_rows, cumulative_rows, names, matrix,
-                                       title=f"{run_1.path.name} ↔ {run_2.path.name}"
-                                             + (" (aligned)" if alignment is not None else "")).path
+    files["figure"] = plot_predictions(
+        out / "predictions.png",
+        curve_rows,
+        layer_rows,
+        cumulative_rows,
+        names,
+        matrix,
+        title=f"{run_1.path.name} ↔ {run_2.path.name}" + (" (aligned)" if alignment is not None else ""),
+    ).path
     distance = norm(direction(theta_1, theta_2, keys=parameter_names(model)))  # d in θ_1's dtype, ‖d‖ in float64
-    summary = {"q1": pred.q1, "q2": pred.q2, "predicted_max": pred.max, "measured_max": float(np.max(measured)),
-               "distance": distance, "files": {k: str(v) for k, v in files.items()}}
-    say(f"whole model: measured barrier {summary['measured_max']:.4f}, Prop. 1 predicts {summary['predicted_max']:.4f} "
-        f"(dᵀH₁d = {pred.q1:.4g}, dᵀH₂d = {pred.q2:.4g}, ‖d‖ = {summary['distance']:.4g})")
+    summary = {
+        "q1": pred.q1,
+        "q2": pred.q2,
+        "predicted_max": pred.max,
+        "measured_max": float(np.max(measured)),
+        "distance": distance,
+        "files": {k: str(v) for k, v in files.items()},
+    }
+    say(
+        f"whole model: measured barrier {summary['measured_max']:.4f}, Prop. 1 predicts {summary['predicted_max']:.4f} "
+        f"(dᵀH₁d = {pred.q1:.4g}, dᵀH₂d = {pred.q2:.4g}, ‖d‖ = {summary['distance']:.4g})"
+    )
     say(f"figure: {files['figure']}\ntables: {', '.join(str(v) for k, v in files.items() if k != 'figure')}")
     return summary
 
 
-def sharpness(run: Run, *, split: str = "train", examples: int | None = 1000, probes: int = 100,
-              method: str = "hutchinson", eigenvalue: bool = True, data_dir: str | None = None, device: str = "auto",
-              seed: int = 0) -> dict[str, Any]:
+def sharpness(
+    run: Run,
+    *,
+    split: str = "train",
+    examples: int | None = 1000,
+    probes: int = 100,
+    method: str = "hutchinson",
+    eigenvalue: bool = True,
+    data_dir: str | None = None,
+    device: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
     """tr ∇²L with a 95% interval, STE-MM's scale-aware tr(D∇²L D), and the top eigenvalue, at a run's final θ."""
     dev = resolve_device(device)
     model = load_run_model(run, device=dev)
-    data = DeviceDataset.load(run.config.data.dataset, split, data_dir=data_dir, device=dev, subset=examples,
-                              augment=False, progress=False)
+    data = DeviceDataset.load(
+        run.config.data.dataset, split, data_dir=data_dir, device=dev, subset=examples, augment=False, progress=False
+    )
     theta = run.load_state(device=dev)
     result: dict[str, Any] = {"run": run.path.name, "split": split, "examples": len(data)}
     for key, scaled in (("trace", False), ("scale_aware_trace", True)):
         est = hessian_trace(model, theta, data, method=method, scale_aware=scaled, probes=probes, seed=seed)
-        result[key] = {"estimate": est.estimate, "ci_low": est.ci_low, "ci_high": est.ci_high,
-                       "confidence": est.confidence, "probes": est.n_probes, "method": est.method}
+        result[key] = {
+            "estimate": est.estimate,
+            "ci_low": est.ci_low,
+            "ci_high": est.ci_high,
+            "confidence": est.confidence,
+            "probes": est.n_probes,
+            "method": est.method,
+        }
     if eigenvalue:
         result["top_eigenvalue"] = top_eigenvalue(model, theta, data, seed=seed)
     return result

@@ -2,6 +2,7 @@
 :class:`~lmclab.experiments.context.Experiment` (name, one-line description, options type, run function)
 as ``EXPERIMENT``, and this module lists them. A new experiment adds its module here.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,5 +25,7 @@ def get_experiment(name: str) -> Experiment[Any]:
 def catalogue() -> dict[str, dict[str, Any]]:
     """{experiment: {"description", "presets": {preset: its description}}}, every preset loaded (and so
     checked) on the way."""
-    return {name: {"description": e.description, "presets": {p: e.load(p).description for p in e.presets()}}
-            for name, e in EXPERIMENTS.items()}
+    return {
+        name: {"description": e.description, "presets": {p: e.load(p).description for p in e.presets()}}
+        for name, e in EXPERIMENTS.items()
+    }

@@ -13,6 +13,7 @@ ValueError) naming the preset and its file, a key the type does not have (listin
 missing required key, and a value of the wrong type; the settings' overrides and checks run at once,
 so that a bad preset fails before anything is trained.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,16 +59,22 @@ class Setting:
     def check(self) -> None:
         """Raise ValueError for values a setting cannot have (subclasses add their own fields' checks)."""
         if self.eval_examples is not None and self.eval_examples < 1:
-            raise ValueError(f"setting {self.name}: eval_examples must be ≥ 1 (leave it out for the whole split), "
-                             f"got {self.eval_examples}")
+            raise ValueError(
+                f"setting {self.name}: eval_examples must be ≥ 1 (leave it out for the whole split), "
+                f"got {self.eval_examples}"
+            )
 
     def base_config(self) -> RunConfig:
         config = get_preset(self.preset).config
         for section, values in self.overrides.items():
             if section not in SECTIONS:
-                raise ValueError(f"setting {self.name}: unknown override section {section!r}; valid: {', '.join(SECTIONS)}")
+                raise ValueError(
+                    f"setting {self.name}: unknown override section {section!r}; valid: {', '.join(SECTIONS)}"
+                )
             current = dataclasses.asdict(getattr(config, section))
-            config = dataclasses.replace(config, **{section: _section_from_dict(SECTIONS[section], {**current, **values})})
+            config = dataclasses.replace(
+                config, **{section: _section_from_dict(SECTIONS[section], {**current, **values})}
+            )
         return config.normalised()
 
 
@@ -87,7 +94,7 @@ class PairSetting(Setting):
         return dataclasses.replace(self.base_config(), seeds=SeedConfig.from_seed(2 * pair + member))
 
 
-O = TypeVar("O", bound="ExperimentOptions")
+OptionsT = TypeVar("OptionsT", bound="ExperimentOptions")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,9 +109,11 @@ class ExperimentOptions:
         for s in self.settings:
             if s.name == name:
                 return s
-        raise ValueError(f"preset {self.name} has no setting {name!r}; settings: {', '.join(s.name for s in self.settings)}")
+        raise ValueError(
+            f"preset {self.name} has no setting {name!r}; settings: {', '.join(s.name for s in self.settings)}"
+        )
 
-    def at(self: O, setting: Setting) -> O:  # noqa: PYI019  (typing.Self needs Python 3.11)
+    def at(self: OptionsT, setting: Setting) -> OptionsT:  # noqa: PYI019  (typing.Self needs Python 3.11)
         """These options as `setting` sees them: its ``options`` table applied (a nested table, such as a
         method's keywords, merged key by key into the preset's)."""
         changes: dict[str, Any] = {}
@@ -130,7 +139,7 @@ def preset_names(experiment: str) -> list[str]:
     return list(read_presets(experiment))
 
 
-def load_preset(experiment: str, name: str, options_type: type[O]) -> O:
+def load_preset(experiment: str, name: str, options_type: type[OptionsT]) -> OptionsT:
     """Preset `name` of presets/<experiment>.toml as an `options_type`: every key checked (known, of the
     right type), each setting's ``options`` checked against the experiment's options, overrides applied
     once (a bad training override fails here) and every setting's checks run."""
@@ -140,15 +149,16 @@ def load_preset(experiment: str, name: str, options_type: type[O]) -> O:
     return parse_preset(options_type, table[name], name=name, where=f"preset {name!r} of {preset_file(experiment)}")
 
 
-def parse_preset(options_type: type[O], table: Mapping[str, Any], *, name: str = "", where: str = "") -> O:
+def parse_preset(
+    options_type: type[OptionsT], table: Mapping[str, Any], *, name: str = "", where: str = ""
+) -> OptionsT:
     """An `options_type` from one preset's table (what :func:`load_preset` does once the file is read)."""
     where = where or f"preset {name!r}"
     values = parse_table(options_type, table, where)
     settings = []
     for i, s in enumerate(values.get("settings", ())):
         at = f"{where}, settings[{i}] ({s.name!r})"
-        options = parse_table(options_type, s.options, f"{at}, options", partial=True,
-                              keys=options_type.option_names())
+        options = parse_table(options_type, s.options, f"{at}, options", partial=True, keys=options_type.option_names())
         settings.append(dataclasses.replace(s, options=options))
     names = [s.name for s in settings]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -167,8 +177,9 @@ def parse_preset(options_type: type[O], table: Mapping[str, Any], *, name: str =
     return preset
 
 
-def parse_table(cls: type, table: Any, where: str, *, partial: bool = False,
-                keys: list[str] | None = None) -> dict[str, Any]:
+def parse_table(
+    cls: type, table: Any, where: str, *, partial: bool = False, keys: list[str] | None = None
+) -> dict[str, Any]:
     """The checked field values of dataclass `cls` in TOML table `table`: unknown keys, missing required
     keys (unless `partial`) and wrongly typed values raise a :class:`PresetError` that names `where`.
     `keys`: the fields a table may set (default: every field not set by the loader). With `partial`, a
@@ -180,14 +191,23 @@ def parse_table(cls: type, table: Any, where: str, *, partial: bool = False,
     valid = sorted(fields if keys is None else keys)
     unknown = [k for k in table if k not in valid]
     if unknown:
-        raise PresetError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                          f"valid keys: {', '.join(valid)}")
+        raise PresetError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"valid keys: {', '.join(valid)}"
+        )
     if not partial:
-        missing = [k for k in valid if k not in table and fields[k].default is dataclasses.MISSING
-                   and fields[k].default_factory is dataclasses.MISSING]
+        missing = [
+            k
+            for k in valid
+            if k not in table
+            and fields[k].default is dataclasses.MISSING
+            and fields[k].default_factory is dataclasses.MISSING
+        ]
         if missing:
-            raise PresetError(f"{where}: missing key{'s' if len(missing) > 1 else ''} "
-                              + ", ".join(f"{k!r} ({describe(hints[k])})" for k in missing))
+            raise PresetError(
+                f"{where}: missing key{'s' if len(missing) > 1 else ''} "
+                + ", ".join(f"{k!r} ({describe(hints[k])})" for k in missing)
+            )
     return {key: _check(hints[key], value, key, where, partial) for key, value in table.items()}
 
 
@@ -226,10 +246,12 @@ def _check(hint: Any, value: Any, key: str, where: str, partial: bool = False) -
         if value in args:
             return value
         raise _type_error(hint, value, key, where)
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # kept as written: 1 stays 1
-          str: lambda v: isinstance(v, str)}
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # kept as written: 1 stays 1
+        str: lambda v: isinstance(v, str),
+    }
     if hint not in ok:
         raise TypeError(f"options type {hint!r} of {key} is not supported by the preset loader")
     if not ok[hint](value):
@@ -246,8 +268,12 @@ def _type_error(hint: Any, value: Any, key: str, where: str) -> PresetError:
     return PresetError(f"{where}: {key} must be {describe(hint)}, got {value!r}")
 
 
-_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings")}
+_NAMES = {
+    bool: ("true or false", "booleans"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+}
 
 
 def describe(hint: Any, plural: bool = False) -> str:
@@ -276,8 +302,11 @@ def read_presets(experiment: str) -> dict[str, Any]:
     """The tables of presets/<experiment>.toml by preset name, as TOML gives them (unchecked)."""
     resource = resources.files("lmclab.experiments").joinpath("presets", f"{experiment}.toml")
     if not resource.is_file():
-        available = sorted(p.name.removesuffix(".toml") for p in resources.files("lmclab.experiments").joinpath("presets").iterdir()
-                           if p.name.endswith(".toml"))
+        available = sorted(
+            p.name.removesuffix(".toml")
+            for p in resources.files("lmclab.experiments").joinpath("presets").iterdir()
+            if p.name.endswith(".toml")
+        )
         raise PresetError(f"no experiment {experiment!r}; experiments: {', '.join(available)}")
     try:
         return tomllib.loads(resource.read_text())

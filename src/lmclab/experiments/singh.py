@@ -28,6 +28,7 @@ statistics too ("measured_bn_reset"); the layer-wise barriers use interpolated s
 
 Every step is cached in the run store; tidy CSV tables sit beside the PNG figures.
 """
+
 from __future__ import annotations
 
 import math
@@ -129,8 +130,14 @@ class SiblingSteps:
     layerwise: Step | None = None
 
     def steps(self) -> list[Step]:
-        return [self.a, self.b, self.segments, self.geometry, self.prediction,
-                *([self.layerwise] if self.layerwise is not None else [])]
+        return [
+            self.a,
+            self.b,
+            self.segments,
+            self.geometry,
+            self.prediction,
+            *([self.layerwise] if self.layerwise is not None else []),
+        ]
 
 
 def build_graph(preset: SinghOptions) -> dict[str, dict[int, list[SiblingSteps]]]:
@@ -141,30 +148,62 @@ def build_graph(preset: SinghOptions) -> dict[str, dict[int, list[SiblingSteps]]
         o.check(s)
         forks = fork_epochs(o, s)
         parent_config = s.base_config()
-        parent = train_step(f"{s.name}/parent", parent_config, s.preset,
-                            checkpoints="epochs:" + ",".join(str(e) for e in forks))
+        parent = train_step(
+            f"{s.name}/parent", parent_config, s.preset, checkpoints="epochs:" + ",".join(str(e) for e in forks)
+        )
         common = {"examples": o.examples, "every": o.every}
         graph[s.name] = {}
         for epoch in forks:
             graph[s.name][epoch] = []
             for pair in range(s.pairs):
-                a, b = (fork_step(parent, parent_config, epoch=epoch, child=2 * pair + m, vary_augment=o.vary_augment,
-                                  checkpoints="every:1", preset=s.preset) for m in (0, 1))
+                a, b = (
+                    fork_step(
+                        parent,
+                        parent_config,
+                        epoch=epoch,
+                        child=2 * pair + m,
+                        vary_augment=o.vary_augment,
+                        checkpoints="every:1",
+                        preset=s.preset,
+                    )
+                    for m in (0, 1)
+                )
                 ins = {"a": a, "b": b}
                 layerwise = None
                 if epoch in o.layerwise_forks:
-                    layerwise = Step("singh_layerwise", {
-                        "examples": o.hessian_examples, "every": o.layerwise_every, "batch_size": o.hvp_batch_size,
-                        "gradient_terms": o.gradient_terms}, ins)
-                graph[s.name][epoch].append(SiblingSteps(
-                    a=a, b=b,
-                    segments=Step("singh_segments", {**common, "points": o.points, "bn": o.bn,
-                                                     "bn_examples": o.bn_examples}, ins),
-                    geometry=Step("singh_geometry", {}, ins),
-                    prediction=Step("singh_prediction", {
-                        "points": o.points, "examples": o.hessian_examples, "batch_size": o.hvp_batch_size,
-                        "bn_examples": o.bn_examples}, ins),
-                    layerwise=layerwise))
+                    layerwise = Step(
+                        "singh_layerwise",
+                        {
+                            "examples": o.hessian_examples,
+                            "every": o.layerwise_every,
+                            "batch_size": o.hvp_batch_size,
+                            "gradient_terms": o.gradient_terms,
+                        },
+                        ins,
+                    )
+                graph[s.name][epoch].append(
+                    SiblingSteps(
+                        a=a,
+                        b=b,
+                        segments=Step(
+                            "singh_segments",
+                            {**common, "points": o.points, "bn": o.bn, "bn_examples": o.bn_examples},
+                            ins,
+                        ),
+                        geometry=Step("singh_geometry", {}, ins),
+                        prediction=Step(
+                            "singh_prediction",
+                            {
+                                "points": o.points,
+                                "examples": o.hessian_examples,
+                                "batch_size": o.hvp_batch_size,
+                                "bn_examples": o.bn_examples,
+                            },
+                            ins,
+                        ),
+                        layerwise=layerwise,
+                    )
+                )
     return graph
 
 
@@ -173,8 +212,9 @@ def run(preset: SinghOptions, ctx: ExperimentContext) -> dict[str, Any]:
     to `ctx.out`. Returns {"out", "files" (name -> path), "steps_run" (the steps not found in the store)}."""
     graph = build_graph(preset)
     ctx.announce(preset.description)
-    results, ran = ctx.run_steps(step for forks in graph.values() for pairs in forks.values() for siblings in pairs
-                                 for step in siblings.steps())
+    results, ran = ctx.run_steps(
+        step for forks in graph.values() for pairs in forks.values() for siblings in pairs for step in siblings.steps()
+    )
     tables = tidy_tables(preset, graph, results)
     out = ctx.out
     files: dict[str, str] = {name: str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items() if rows}
@@ -182,24 +222,44 @@ def run(preset: SinghOptions, ctx: ExperimentContext) -> dict[str, Any]:
         sel = {name: [r for r in rows if r.get("setting") == s.name] for name, rows in tables.items()}
         label = s.label
         for metric in ("error", "loss"):
-            files[f"segments_{metric}_{s.name}"] = str(plot_segments(
-                out / f"segments_{metric}_{s.name}.png", sel["segments"], metric=metric,
-                title=f"{label}: train {metric} on the segment between siblings, over child training"))
-        files[f"geometry_{s.name}"] = str(plot_geometry(out / f"geometry_{s.name}.png", sel["angles"],
-                                                        sel["geometry"], title=f"{label}: sibling geometry"))
-        files[f"barriers_{s.name}"] = str(plot_barrier_predictions(
-            out / f"barriers_{s.name}.png", sel["predictions"], sel["prediction_curves"], sel["geometry"],
-            title=f"{label}: Prop. 1 against measured barriers; sibling distance"))
+            files[f"segments_{metric}_{s.name}"] = str(
+                plot_segments(
+                    out / f"segments_{metric}_{s.name}.png",
+                    sel["segments"],
+                    metric=metric,
+                    title=f"{label}: train {metric} on the segment between siblings, over child training",
+                )
+            )
+        files[f"geometry_{s.name}"] = str(
+            plot_geometry(
+                out / f"geometry_{s.name}.png", sel["angles"], sel["geometry"], title=f"{label}: sibling geometry"
+            )
+        )
+        files[f"barriers_{s.name}"] = str(
+            plot_barrier_predictions(
+                out / f"barriers_{s.name}.png",
+                sel["predictions"],
+                sel["prediction_curves"],
+                sel["geometry"],
+                title=f"{label}: Prop. 1 against measured barriers; sibling distance",
+            )
+        )
         for epoch in sorted({int(r["fork_epoch"]) for r in sel["layerwise"]}):
             rows = [r for r in sel["layerwise"] if r["fork_epoch"] == epoch and r["pair"] == 0]
             sums = [r for r in sel["cross_block_sums"] if r["fork_epoch"] == epoch and r["pair"] == 0]
-            files[f"layerwise_{s.name}_fork{epoch}"] = str(plot_layerwise(
-                out / f"layerwise_{s.name}_fork{epoch}.png", rows, sums,
-                title=f"{label}, forked at epoch {epoch}: layer-wise barriers over child training"))
+            files[f"layerwise_{s.name}_fork{epoch}"] = str(
+                plot_layerwise(
+                    out / f"layerwise_{s.name}_fork{epoch}.png",
+                    rows,
+                    sums,
+                    title=f"{label}, forked at epoch {epoch}: layer-wise barriers over child training",
+                )
+            )
     toy_rows = toy_table()
     files["toy"] = str(write_csv(out / "toy.csv", toy_rows))
-    files["fig6_toy"] = str(plot_toy_landscapes(out / "fig6_toy.png", toy_rows,
-                                                title="Toy landscapes L(θ) = Π (θ − m_i)² (Singh Fig. 6)"))
+    files["fig6_toy"] = str(
+        plot_toy_landscapes(out / "fig6_toy.png", toy_rows, title="Toy landscapes L(θ) = Π (θ − m_i)² (Singh Fig. 6)")
+    )
     return ctx.summary(files, ran)
 
 
@@ -216,8 +276,10 @@ def sibling_runs(inputs: dict[str, Any]) -> tuple[Run, Run, int, int]:
     run_a, run_b = Run(Path(inputs["a"]["run"])), Run(Path(inputs["b"]["run"]))
     fork_a, fork_b = run_a.config.fork, run_b.config.fork
     if not fork_a.is_set or fork_a != fork_b:
-        raise ValueError(f"runs {run_a.path.name} (fork {fork_a}) and {run_b.path.name} (fork {fork_b}) are not "
-                         "siblings: both must be forked from one parent at one point")
+        raise ValueError(
+            f"runs {run_a.path.name} (fork {fork_a}) and {run_b.path.name} (fork {fork_b}) are not "
+            "siblings: both must be forked from one parent at one point"
+        )
     spe = run_a.meta.steps_per_epoch
     if spe is None or run_b.meta.steps_per_epoch != spe:
         raise ValueError(f"siblings {run_a.path.name} and {run_b.path.name} differ in steps per epoch")
@@ -233,8 +295,10 @@ def common_steps(run_a: Run, run_b: Run, fork: int, every: int = 1, spe: int = 1
     steps = sorted(s for s in set(run_a.checkpoint_steps()) & set(run_b.checkpoint_steps()) if s >= fork)
     final = min(int(run_a.meta.total_steps or 0), int(run_b.meta.total_steps or 0))
     if not steps or steps[0] != fork or steps[-1] != final:
-        raise ValueError(f"siblings {run_a.path.name}, {run_b.path.name} need common checkpoints at the fork "
-                         f"(step {fork}) and at the end (step {final}); they share {steps}")
+        raise ValueError(
+            f"siblings {run_a.path.name}, {run_b.path.name} need common checkpoints at the fork "
+            f"(step {fork}) and at the end (step {final}); they share {steps}"
+        )
     return [s for s in steps if s in (fork, final) or ((s - fork) / spe) % every == 0]
 
 
@@ -247,16 +311,33 @@ def eval_data(ctx: StepContext, run: Run, examples: int | None) -> DeviceDataset
     return dataset_for(ctx, run, "train", examples)
 
 
-def loss_curve(model: torch.nn.Module, theta_1: dict, theta_2: dict, data: DeviceDataset, lambdas: Sequence[float],
-               bn: str = "none", bn_examples: int | None = None) -> dict[str, list[float]]:
+def loss_curve(
+    model: torch.nn.Module,
+    theta_1: dict,
+    theta_2: dict,
+    data: DeviceDataset,
+    lambdas: Sequence[float],
+    bn: str = "none",
+    bn_examples: int | None = None,
+) -> dict[str, list[float]]:
     """Loss and error at each α on the segment θ_1 → θ_2."""
-    rows = evaluate_path(model, theta_1, theta_2, {"train": data}, lambdas=lambdas, bn=bn,
-                         bn_data=data if bn != "none" else None, bn_examples=bn_examples, progress=False)
+    rows = evaluate_path(
+        model,
+        theta_1,
+        theta_2,
+        {"train": data},
+        lambdas=lambdas,
+        bn=bn,
+        bn_data=data if bn != "none" else None,
+        bn_examples=bn_examples,
+        progress=False,
+    )
     return {m: path_values(rows, m) for m in ("loss", "error")}
 
 
-def sibling_model_and_data(ctx: StepContext, inputs: dict[str, Any], examples: int | None
-                           ) -> tuple[Run, Run, int, int, torch.nn.Module, DeviceDataset]:
+def sibling_model_and_data(
+    ctx: StepContext, inputs: dict[str, Any], examples: int | None
+) -> tuple[Run, Run, int, int, torch.nn.Module, DeviceDataset]:
     """(child 1, child 2, fork step, steps per epoch, the model on the step's device, the evaluation data)."""
     run_a, run_b, fork, spe = sibling_runs(inputs)
     model = load_run_model(run_a, device=resolve_device(ctx.options.get("device", "auto")))
@@ -280,12 +361,27 @@ def _segments(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) 
     steps = common_steps(run_a, run_b, fork, config.get("every", 1), spe)
     loss, error = [], []
     for step in tqdm(steps, desc="segments", unit="ckpt", disable=not ctx.options.get("progress", True), leave=False):
-        curve = loss_curve(model, run_a.load_state(step, device), run_b.load_state(step, device), data, lambdas,
-                           bn=bn, bn_examples=config.get("bn_examples"))
+        curve = loss_curve(
+            model,
+            run_a.load_state(step, device),
+            run_b.load_state(step, device),
+            data,
+            lambdas,
+            bn=bn,
+            bn_examples=config.get("bn_examples"),
+        )
         loss.append(curve["loss"])
         error.append(curve["error"])
-    return {"fork_step": fork, "steps_per_epoch": spe, "steps": steps, "lambdas": lambdas, "loss": loss,
-            "error": error, "bn": bn, "n_examples": len(data)}
+    return {
+        "fork_step": fork,
+        "steps_per_epoch": spe,
+        "steps": steps,
+        "lambdas": lambdas,
+        "loss": loss,
+        "error": error,
+        "bn": bn,
+        "n_examples": len(data),
+    }
 
 
 @step_kind("singh_geometry")
@@ -318,12 +414,24 @@ def _prediction(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]
     lambdas = default_lambdas(config["points"])
     pred = barrier_prediction(model, theta_1, theta_2, data, alphas=lambdas, batch_size=config.get("batch_size", 100))
     measured = barrier_curve(lambdas, loss_curve(model, theta_1, theta_2, data, lambdas)["loss"])
-    out = {"lambdas": lambdas, "predicted": pred.curve.tolist(), "predicted_max": pred.max,
-           "q1": pred.q1, "q2": pred.q2, "measured": measured.tolist(), "measured_max": float(measured.max()),
-           "distance": distance(theta_1, theta_2, parameter_names(model)), "n_examples": len(data)}
+    out = {
+        "lambdas": lambdas,
+        "predicted": pred.curve.tolist(),
+        "predicted_max": pred.max,
+        "q1": pred.q1,
+        "q2": pred.q2,
+        "measured": measured.tolist(),
+        "measured_max": float(measured.max()),
+        "distance": distance(theta_1, theta_2, parameter_names(model)),
+        "n_examples": len(data),
+    }
     if has_batchnorm(model):
-        reset = barrier_curve(lambdas, loss_curve(model, theta_1, theta_2, data, lambdas, bn="reset",
-                                                  bn_examples=config.get("bn_examples"))["loss"])
+        reset = barrier_curve(
+            lambdas,
+            loss_curve(model, theta_1, theta_2, data, lambdas, bn="reset", bn_examples=config.get("bn_examples"))[
+                "loss"
+            ],
+        )
         out.update(measured_bn_reset=reset.tolist(), measured_bn_reset_max=float(reset.max()))
     return out
 
@@ -339,25 +447,44 @@ def _layerwise(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any])
     params = parameter_names(model)
     steps = [s for s in common_steps(run_a, run_b, fork, config.get("every", 1), spe) if s != fork]
     half = [0.0, 0.5, 1.0]
-    rows: dict[str, list] = {"measured": [], "predicted": [], "layer_distance": [], "measured_all": [],
-                             "cross_blocks_theta_1": [], "cross_blocks_theta_2": []}
-    for step in tqdm(steps, desc="layer-wise", unit="ckpt", disable=not ctx.options.get("progress", True),
-                     leave=False):
+    rows: dict[str, list] = {
+        "measured": [],
+        "predicted": [],
+        "layer_distance": [],
+        "measured_all": [],
+        "cross_blocks_theta_1": [],
+        "cross_blocks_theta_2": [],
+    }
+    for step in tqdm(steps, desc="layer-wise", unit="ckpt", disable=not ctx.options.get("progress", True), leave=False):
         theta_1, theta_2 = run_a.load_state(step, device), run_b.load_state(step, device)
-        pred = barrier_prediction(model, theta_1, theta_2, data, alphas=half, layers=blocks,
-                                  gradient_terms=config.get("gradient_terms", False),
-                                  batch_size=config.get("batch_size", 100))
+        pred = barrier_prediction(
+            model,
+            theta_1,
+            theta_2,
+            data,
+            alphas=half,
+            layers=blocks,
+            gradient_terms=config.get("gradient_terms", False),
+            batch_size=config.get("batch_size", 100),
+        )
         ends = endpoint_losses(model, theta_1, theta_2, data)
-        rows["measured"].append([float(layer_set_barrier(model, theta_1, theta_2, data, half, t, ends)[1])
-                                 for t in blocks.values()])
+        rows["measured"].append(
+            [float(layer_set_barrier(model, theta_1, theta_2, data, half, t, ends)[1]) for t in blocks.values()]
+        )
         rows["predicted"].append([pred.layers[name].at(0.5) for name in blocks])
         rows["layer_distance"].append([distance(theta_1, theta_2, t) for t in blocks.values()])
-        rows["measured_all"].append(float(layer_set_barrier(model, theta_1, theta_2, data, half, params,
-                                                            ends)[1]))
+        rows["measured_all"].append(float(layer_set_barrier(model, theta_1, theta_2, data, half, params, ends)[1]))
         rows["cross_blocks_theta_1"].append(pred.cross_blocks.theta_1.tolist())
         rows["cross_blocks_theta_2"].append(pred.cross_blocks.theta_2.tolist())
-    return {"fork_step": fork, "steps_per_epoch": spe, "steps": steps, "layers": list(blocks),
-            "gradient_terms": bool(config.get("gradient_terms", False)), "n_examples": len(data), **rows}
+    return {
+        "fork_step": fork,
+        "steps_per_epoch": spe,
+        "steps": steps,
+        "layers": list(blocks),
+        "gradient_terms": bool(config.get("gradient_terms", False)),
+        "n_examples": len(data),
+        **rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -367,13 +494,24 @@ def _nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def tidy_tables(preset: SinghOptions, graph: dict[str, dict[int, list[SiblingSteps]]],
-                results: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def tidy_tables(
+    preset: SinghOptions, graph: dict[str, dict[int, list[SiblingSteps]]], results: dict[str, dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
     """Tidy rows by table: segments, geometry, angles, predictions, prediction_curves, layerwise,
     cross_block_sums, cross_blocks; undefined values (e.g. angles at the fork) are NaN."""
-    tables: dict[str, list[dict[str, Any]]] = {k: [] for k in (
-        "segments", "geometry", "angles", "predictions", "prediction_curves", "layerwise", "cross_block_sums",
-        "cross_blocks")}
+    tables: dict[str, list[dict[str, Any]]] = {
+        k: []
+        for k in (
+            "segments",
+            "geometry",
+            "angles",
+            "predictions",
+            "prediction_curves",
+            "layerwise",
+            "cross_block_sums",
+            "cross_blocks",
+        )
+    }
     for s in preset.settings:
         for epoch, pairs in graph[s.name].items():
             for pair, steps in enumerate(pairs):
@@ -383,25 +521,55 @@ def tidy_tables(preset: SinghOptions, graph: dict[str, dict[int, list[SiblingSte
                     t = child_epoch(step, seg["fork_step"], seg["steps_per_epoch"])
                     for metric, values in (("loss", loss), ("error", error)):
                         vals = [_nan(v) for v in values]
-                        curve = (barrier_curve(seg["lambdas"], vals).tolist() if all(map(math.isfinite, vals))
-                                 else [math.nan] * len(vals))
-                        tables["segments"] += [{**base, "child_epoch": t, "step": step, "metric": metric,
-                                                "lambda": lam, "value": v, "barrier": b, "bn": seg["bn"]}
-                                               for lam, v, b in zip(seg["lambdas"], vals, curve)]
+                        curve = (
+                            barrier_curve(seg["lambdas"], vals).tolist()
+                            if all(map(math.isfinite, vals))
+                            else [math.nan] * len(vals)
+                        )
+                        tables["segments"] += [
+                            {
+                                **base,
+                                "child_epoch": t,
+                                "step": step,
+                                "metric": metric,
+                                "lambda": lam,
+                                "value": v,
+                                "barrier": b,
+                                "bn": seg["bn"],
+                            }
+                            for lam, v, b in zip(seg["lambdas"], vals, curve)
+                        ]
                 geo = results[steps.geometry.key]
                 for i, step in enumerate(geo["steps"]):
-                    tables["geometry"].append({**base, "child_epoch": child_epoch(step, geo["fork_step"],
-                                                                                  geo["steps_per_epoch"]),
-                                               "step": step, **{k: _nan(geo[k][i]) for k in (
-                                                   "distance", "plane_cos", "angle_origin", "angle_fork")}})
-                tables["angles"] += [{**base, "base": name, "angle_degrees": _nan(geo[f"angle_{name}"][-1])}
-                                     for name in ("origin", "fork")]
+                    tables["geometry"].append(
+                        {
+                            **base,
+                            "child_epoch": child_epoch(step, geo["fork_step"], geo["steps_per_epoch"]),
+                            "step": step,
+                            **{k: _nan(geo[k][i]) for k in ("distance", "plane_cos", "angle_origin", "angle_fork")},
+                        }
+                    )
+                tables["angles"] += [
+                    {**base, "base": name, "angle_degrees": _nan(geo[f"angle_{name}"][-1])}
+                    for name in ("origin", "fork")
+                ]
                 pred = results[steps.prediction.key]
-                tables["predictions"].append({**base, **{k: _nan(pred.get(k)) for k in (
-                    "measured_max", "predicted_max", "measured_bn_reset_max", "distance", "q1", "q2")}})
+                tables["predictions"].append(
+                    {
+                        **base,
+                        **{
+                            k: _nan(pred.get(k))
+                            for k in ("measured_max", "predicted_max", "measured_bn_reset_max", "distance", "q1", "q2")
+                        },
+                    }
+                )
                 for i, alpha in enumerate(pred["lambdas"]):
-                    row = {**base, "alpha": alpha, "measured": _nan(pred["measured"][i]),
-                           "predicted": _nan(pred["predicted"][i])}
+                    row = {
+                        **base,
+                        "alpha": alpha,
+                        "measured": _nan(pred["measured"][i]),
+                        "predicted": _nan(pred["predicted"][i]),
+                    }
                     if "measured_bn_reset" in pred:
                         row["measured_bn_reset"] = _nan(pred["measured_bn_reset"][i])
                     tables["prediction_curves"].append(row)
@@ -415,10 +583,17 @@ def _layerwise_rows(tables: dict[str, list[dict[str, Any]]], base: dict[str, Any
     for i, step in enumerate(res["steps"]):
         t = child_epoch(step, res["fork_step"], res["steps_per_epoch"])
         for j, layer in enumerate(names):
-            tables["layerwise"].append({**base, "child_epoch": t, "layer_index": j, "layer": layer,
-                                        "measured_half": _nan(res["measured"][i][j]),
-                                        "predicted_half": _nan(res["predicted"][i][j]),
-                                        "distance": _nan(res["layer_distance"][i][j])})
+            tables["layerwise"].append(
+                {
+                    **base,
+                    "child_epoch": t,
+                    "layer_index": j,
+                    "layer": layer,
+                    "measured_half": _nan(res["measured"][i][j]),
+                    "predicted_half": _nan(res["predicted"][i][j]),
+                    "distance": _nan(res["layer_distance"][i][j]),
+                }
+            )
         m1 = np.array(res["cross_blocks_theta_1"][i], dtype=float)
         m2 = np.array(res["cross_blocks_theta_2"][i], dtype=float)
         mean = (m1 + m2) / 2
@@ -430,11 +605,14 @@ def _layerwise_rows(tables: dict[str, list[dict[str, Any]]], base: dict[str, Any
             "Σ diagonal blocks = Σ_ℓ Prop. 2": float(np.trace(mean)),
             "Σ off-diagonal blocks": float(mean.sum() - np.trace(mean)),
         }
-        tables["cross_block_sums"] += [{**base, "child_epoch": t, "quantity": k, "value": _nan(v)}
-                                       for k, v in sums.items()]
-        tables["cross_blocks"] += [{**base, "child_epoch": t, "row": names[r], "col": names[c],
-                                    "theta_1": m1[r, c], "theta_2": m2[r, c]}
-                                   for r in range(len(names)) for c in range(len(names))]
+        tables["cross_block_sums"] += [
+            {**base, "child_epoch": t, "quantity": k, "value": _nan(v)} for k, v in sums.items()
+        ]
+        tables["cross_blocks"] += [
+            {**base, "child_epoch": t, "row": names[r], "col": names[c], "theta_1": m1[r, c], "theta_2": m2[r, c]}
+            for r in range(len(names))
+            for c in range(len(names))
+        ]
 
 
 def toy_table(points: int = 101, grid: int = 401) -> list[dict[str, Any]]:
@@ -444,13 +622,25 @@ def toy_table(points: int = 101, grid: int = 401) -> list[dict[str, Any]]:
     for name, minima in (("two minima", TWO_MINIMA), ("four minima", FOUR_MINIMA)):
         toy = ToyLandscape(minima)
         theta = np.linspace(-2, 2, grid)
-        rows += [{"landscape": name, "kind": "landscape", "theta": float(x), "loss": float(v)}
-                 for x, v in zip(theta, toy.loss(theta))]
+        rows += [
+            {"landscape": name, "kind": "landscape", "theta": float(x), "loss": float(v)}
+            for x, v in zip(theta, toy.loss(theta))
+        ]
         alphas = np.linspace(0, 1, points)
         for a, b in toy.adjacent_pairs():
             height, at = toy.barrier(a, b)
             for alpha, exact, predicted in zip(alphas, toy.barrier_curve(a, b, alphas), toy.prediction(a, b, alphas)):
-                rows.append({"landscape": name, "kind": "pair", "pair": f"{a:g} → {b:g}", "alpha": float(alpha),
-                             "theta": float((1 - alpha) * a + alpha * b), "loss": float(exact),
-                             "predicted": float(predicted), "barrier": height, "barrier_alpha": at})
+                rows.append(
+                    {
+                        "landscape": name,
+                        "kind": "pair",
+                        "pair": f"{a:g} → {b:g}",
+                        "alpha": float(alpha),
+                        "theta": float((1 - alpha) * a + alpha * b),
+                        "loss": float(exact),
+                        "predicted": float(predicted),
+                        "barrier": height,
+                        "barrier_alpha": at,
+                    }
+                )
     return rows

@@ -5,6 +5,7 @@ approximations.
 Every step takes its runs from its inputs (`train` results) and its options (runs_dir, data_dir,
 device, progress) from the executor, so the same graph runs anywhere.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -34,8 +35,9 @@ from lmclab.training.forks import child_config
 
 @lru_cache(maxsize=8)
 def _dataset(name: str, split: str, examples: int | None, data_dir: str | None, device: str) -> DeviceDataset:
-    return DeviceDataset.load(name, split, data_dir=data_dir, device=device, subset=examples, augment=False,
-                              progress=False)
+    return DeviceDataset.load(
+        name, split, data_dir=data_dir, device=device, subset=examples, augment=False, progress=False
+    )
 
 
 def dataset_for(ctx: StepContext, run: Run, split: str, examples: int | None) -> DeviceDataset:
@@ -45,7 +47,8 @@ def dataset_for(ctx: StepContext, run: Run, split: str, examples: int | None) ->
 
 
 def train_step(name: str, config: RunConfig, preset: str | None = None, checkpoints: str | None = None) -> Step:
-    """Train `config`; `checkpoints`: a CheckpointSchedule spec (`epochs:0,1,2+every:5`, …), not part of the run hash."""
+    """Train `config`; `checkpoints`: a CheckpointSchedule spec (`epochs:0,1,2+every:5`, …), not part of the
+    run hash."""
     if checkpoints:
         CheckpointSchedule.parse(checkpoints)  # fail while building the graph, not while running it
     step_config = {"run": config.normalised().to_dict(), "preset": preset, "label": name}
@@ -54,36 +57,67 @@ def train_step(name: str, config: RunConfig, preset: str | None = None, checkpoi
     return Step("train", step_config)
 
 
-def fork_step(parent: Step, parent_config: RunConfig, *, epoch: int, child: int, vary_augment: bool = False,
-              checkpoints: str = "every:1", preset: str | None = None) -> Step:
+def fork_step(
+    parent: Step,
+    parent_config: RunConfig,
+    *,
+    epoch: int,
+    child: int,
+    vary_augment: bool = False,
+    checkpoints: str = "every:1",
+    preset: str | None = None,
+) -> Step:
     """A `train` step for child `child` of `parent_config` forked at `epoch` (`forks.child_config`), with
     the parent's train step as input, so that an executor trains the parent first."""
     if parent.kind != "train" or parent.config.get("run") != parent_config.normalised().to_dict():
-        raise ValueError(f"fork_step: parent step {parent.name} does not train parent_config "
-                         f"(run {parent_config.run_hash()}); pass the train step of that config")
+        raise ValueError(
+            f"fork_step: parent step {parent.name} does not train parent_config "
+            f"(run {parent_config.run_hash()}); pass the train step of that config"
+        )
     config = child_config(parent_config, epoch=epoch, child=child, vary_augment=vary_augment)
-    step = train_step(f"{parent.config.get('label')}/fork{epoch}/child{child}", config,
-                      preset if preset is not None else parent.config.get("preset"), checkpoints=checkpoints)
+    step = train_step(
+        f"{parent.config.get('label')}/fork{epoch}/child{child}",
+        config,
+        preset if preset is not None else parent.config.get("preset"),
+        checkpoints=checkpoints,
+    )
     return Step("train", step.config, inputs={"parent": parent})
 
 
 @step_kind("train", self_caching=True)
 def _train(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     o = ctx.options
-    run = train(RunConfig.from_dict(config["run"]),
-                RunOptions(runs_dir=o.get("runs_dir"), data_dir=o.get("data_dir"), device=o.get("device", "auto"),
-                           progress=o.get("progress", True), preset=config.get("preset"), eval_every=0,
-                           checkpoints=CheckpointSchedule.parse(config.get("checkpoints") or "")))
+    run = train(
+        RunConfig.from_dict(config["run"]),
+        RunOptions(
+            runs_dir=o.get("runs_dir"),
+            data_dir=o.get("data_dir"),
+            device=o.get("device", "auto"),
+            progress=o.get("progress", True),
+            preset=config.get("preset"),
+            eval_every=0,
+            checkpoints=CheckpointSchedule.parse(config.get("checkpoints") or ""),
+        ),
+    )
     return {"run": str(run.path), "final_metrics": run.meta.final_metrics}
 
 
 @step_kind("align", self_caching=True)
 def _align(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
-    alignment = align_runs(Run(Path(inputs["a"]["run"])), Run(Path(inputs["b"]["run"])), method=config["method"],
-                           seed=config.get("seed", 0), data_dir=ctx.options.get("data_dir"),
-                           device=ctx.options.get("device", "auto"), progress=ctx.options.get("progress", True))
-    return {"alignment": str(alignment.path), "distance_before": alignment.info.get("distance_before"),
-            "distance_after": alignment.info.get("distance_after")}
+    alignment = align_runs(
+        Run(Path(inputs["a"]["run"])),
+        Run(Path(inputs["b"]["run"])),
+        method=config["method"],
+        seed=config.get("seed", 0),
+        data_dir=ctx.options.get("data_dir"),
+        device=ctx.options.get("device", "auto"),
+        progress=ctx.options.get("progress", True),
+    )
+    return {
+        "alignment": str(alignment.path),
+        "distance_before": alignment.info.get("distance_before"),
+        "distance_after": alignment.info.get("distance_after"),
+    }
 
 
 def endpoints(ctx: StepContext, inputs: dict[str, Any]) -> tuple[Run, torch.nn.Module, dict, dict]:
@@ -105,8 +139,16 @@ def _path(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> d
     data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
     bn_data = dataset_for(ctx, run_a, "train", config.get("examples")) if config.get("bn", "none") != "none" else None
     lambdas = default_lambdas(config["points"])
-    rows = evaluate_path(model, theta_a, theta_b, {config["split"]: data}, lambdas=lambdas, bn=config.get("bn"),
-                         bn_data=bn_data, progress=False)
+    rows = evaluate_path(
+        model,
+        theta_a,
+        theta_b,
+        {config["split"]: data},
+        lambdas=lambdas,
+        bn=config.get("bn"),
+        bn_data=bn_data,
+        progress=False,
+    )
     out: dict[str, Any] = {"lambdas": lambdas, "n_examples": len(data)}
     for metric in ("loss", "accuracy", "error"):
         out[metric] = path_values(rows, metric)
@@ -119,8 +161,15 @@ def _loss_derivatives(ctx: StepContext, config: dict[str, Any], inputs: dict[str
     run_a, model, theta_a, theta_b = endpoints(ctx, inputs)
     data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
     center, direction = centred_at(config["center"], theta_a, theta_b, path_direction(model, theta_a, theta_b))
-    result = loss_derivatives(model, center, direction, data, order=config["order"],
-                              method=config.get("method", "auto"), batch_size=config.get("batch_size", 50))
+    result = loss_derivatives(
+        model,
+        center,
+        direction,
+        data,
+        order=config["order"],
+        method=config.get("method", "auto"),
+        batch_size=config.get("batch_size", 50),
+    )
     return {"coefficients": result.coefficients.tolist(), "n_examples": result.n_examples, "method": result.method}
 
 
@@ -137,14 +186,21 @@ def _logits(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) ->
     coeff_a, coeff_b = path_coefficients(model, theta_a, theta_b, data, order=order, kind="logits")
     true = interpolated_logits(model, theta_a, theta_b, data, lambdas).double()  # (L, N, C)
     z_a = true[0]
-    approx = {f"{center}{k}": values.permute(2, 0, 1)  # (L, N, C)
-              for (center, k), values in path_approximations(coeff_a, coeff_b, lambdas, range(1, order + 1)).items()}
+    approx = {
+        f"{center}{k}": values.permute(2, 0, 1)  # (L, N, C)
+        for (center, k), values in path_approximations(coeff_a, coeff_b, lambdas, range(1, order + 1)).items()
+    }
     direct = (1 - lam)[:, None, None] * true[0] + lam[:, None, None] * true[-1]
     rmse = {name: logit_rmse(true, a, z_a).tolist() for name, a in approx.items()}
     rmse["direct"] = logit_rmse(true, direct, z_a).tolist()
     n = int(config.get("example_index", 0))
     top = torch.topk(true[:, n, :].abs().amax(0), k=min(3, true.shape[-1])).indices.tolist()
-    example = {"index": n, "label": int(data.labels[n]), "classes": top,
-               "true": true[:, n, top].tolist(), "direct": direct[:, n, top].tolist(),
-               **{name: a[:, n, top].tolist() for name, a in approx.items()}}
+    example = {
+        "index": n,
+        "label": int(data.labels[n]),
+        "classes": top,
+        "true": true[:, n, top].tolist(),
+        "direct": direct[:, n, top].tolist(),
+        **{name: a[:, n, top].tolist() for name, a in approx.items()},
+    }
     return {"lambdas": lambdas, "n_examples": len(data), "rmse": rmse, "example": example}

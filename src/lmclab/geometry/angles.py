@@ -12,6 +12,7 @@ float64 (the point operations ``direction``, ``inner``, ``norm``, ``distance`` l
 A cosine or angle with a zero vector is undefined and returned as NaN (e.g. at the fork step,
 where both siblings are the same point).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,34 +49,50 @@ def angle(a: PointLike, b: PointLike, keys: Iterable[str] | None = None, degrees
     return math.degrees(radians) if degrees else radians
 
 
-def sibling_angle(theta_1: PointLike, theta_2: PointLike, base: PointLike | None = None,
-                  keys: Iterable[str] | None = None, degrees: bool = True) -> float:
+def sibling_angle(
+    theta_1: PointLike,
+    theta_2: PointLike,
+    base: PointLike | None = None,
+    keys: Iterable[str] | None = None,
+    degrees: bool = True,
+) -> float:
     """Singh Fig. 2(a): ∠(θ_1 − θ_base, θ_2 − θ_base); base None = the origin."""
     if base is None:
         return angle(theta_1, theta_2, keys, degrees)
     chosen = common_keys(theta_1, theta_2, base, keys=keys)
-    return angle(direction(base, theta_1, chosen, torch.float64), direction(base, theta_2, chosen, torch.float64),
-                 degrees=degrees)
+    return angle(
+        direction(base, theta_1, chosen, torch.float64),
+        direction(base, theta_2, chosen, torch.float64),
+        degrees=degrees,
+    )
 
 
-def plane_determination(trajectory_1: Iterable[PointLike], trajectory_2: Iterable[PointLike], final_1: PointLike,
-                        final_2: PointLike, keys: Iterable[str] | None = None) -> list[float]:
+def plane_determination(
+    trajectory_1: Iterable[PointLike],
+    trajectory_2: Iterable[PointLike],
+    final_1: PointLike,
+    final_2: PointLike,
+    keys: Iterable[str] | None = None,
+) -> list[float]:
     """Singh Fig. 2(b): cos(θ_1^t − θ_2^t, θ_1* − θ_2*) for each t (NaN where θ_1^t = θ_2^t).
 
     Trajectories may be lazy (generators that load one checkpoint at a time)."""
     final = direction(final_2, final_1, keys, torch.float64)  # θ_1* − θ_2*
-    return [cosine(direction(p2, p1, list(final), torch.float64), final)
-            for p1, p2 in _pairs(trajectory_1, trajectory_2)]
+    return [
+        cosine(direction(p2, p1, list(final), torch.float64), final) for p1, p2 in _pairs(trajectory_1, trajectory_2)
+    ]
 
 
-def distances(trajectory_1: Iterable[PointLike], trajectory_2: Iterable[PointLike],
-              keys: Iterable[str] | None = None) -> list[float]:
+def distances(
+    trajectory_1: Iterable[PointLike], trajectory_2: Iterable[PointLike], keys: Iterable[str] | None = None
+) -> list[float]:
     """‖θ_1^t − θ_2^t‖ for each t (Singh Fig. 4b)."""
     return [distance(p1, p2, keys) for p1, p2 in _pairs(trajectory_1, trajectory_2)]
 
 
-def _pairs(trajectory_1: Iterable[PointLike], trajectory_2: Iterable[PointLike]
-           ) -> Iterable[tuple[PointLike, PointLike]]:
+def _pairs(
+    trajectory_1: Iterable[PointLike], trajectory_2: Iterable[PointLike]
+) -> Iterable[tuple[PointLike, PointLike]]:
     try:
         yield from zip(trajectory_1, trajectory_2, strict=True)
     except ValueError as err:

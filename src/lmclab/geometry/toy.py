@@ -7,6 +7,7 @@ the closed form L″(m_j) = 2 Π_{i≠j} (m_j − m_i)² at a minimum. For the t
 B(α) = 16α²(1−α)² (height 1) against the prediction 16α(1−α) (height 4): the second-order model
 misses the quartic's higher-order terms, which grow with the distance between the minima.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ class ToyLandscape:
         """Neighbouring minima (m_i, m_{i+1}), left to right."""
         return list(zip(self.minima[:-1], self.minima[1:]))
 
-    def barrier_curve(self, theta_1: float, theta_2: float, alphas: Sequence[float]) -> np.ndarray:
+    def barrier_curve(self, theta_1: float, theta_2: float, alphas: Sequence[float] | np.ndarray) -> np.ndarray:
         """Exact B(α) = L((1−α)θ_1 + αθ_2) − [(1−α)L(θ_1) + αL(θ_2)]."""
         a = np.asarray(alphas, dtype=np.float64)
         l1, l2 = self.loss(theta_1), self.loss(theta_2)
@@ -69,7 +70,7 @@ class ToyLandscape:
         i = int(np.argmax(values))
         return float(values[i]), float(candidates[i])
 
-    def prediction(self, theta_1: float, theta_2: float, alphas: Sequence[float]) -> np.ndarray:
+    def prediction(self, theta_1: float, theta_2: float, alphas: Sequence[float] | np.ndarray) -> np.ndarray:
         """Prop. 1: α(1−α)/2 · d²(α L″(θ_1) + (1−α) L″(θ_2)), d = θ_2 − θ_1 (both endpoints minima)."""
         d2 = (float(theta_2) - float(theta_1)) ** 2
         return predicted_barrier_curve(d2 * self.curvature(theta_1), d2 * self.curvature(theta_2), alphas)

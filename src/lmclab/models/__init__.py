@@ -5,6 +5,7 @@ Models: ``mlp``, ``resnet20`` (Git Re-Basin), ``vgg11``, ``vgg16`` and ``resnet1
 ``none``; with ``none`` the convs carry a bias) and all take a ``width``
 multiplier. Every model is a plain ``nn.Module`` traceable by ``torch.fx``.
 """
+
 from __future__ import annotations
 
 from .errors import ModelError

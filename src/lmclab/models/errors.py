@@ -1,4 +1,5 @@
 """Exception type of the model zoo."""
+
 from __future__ import annotations
 
 __all__ = ["ModelError"]

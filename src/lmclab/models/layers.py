@@ -1,4 +1,5 @@
 """Small composite layers shared by the CNNs (conv → norm → ReLU, BasicBlock)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,9 +13,7 @@ __all__ = ["ConvNorm", "ConvNormAct", "BasicBlock"]
 class ConvNorm(nn.Module):
     """``conv`` → ``norm`` (used as the projection shortcut of a BasicBlock)."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, *, kernel_size: int, stride: int, norm: str
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int, stride: int, norm: str) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
             in_channels,
@@ -59,18 +58,14 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, stride: int, norm: str) -> None:
         super().__init__()
         bias = conv_bias(norm)
-        self.conv1 = nn.Conv2d(
-            in_channels, out_channels, 3, stride=stride, padding=1, bias=bias
-        )
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
         self.norm1 = make_norm(norm, out_channels)
         self.act1 = nn.ReLU()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=bias)
         self.norm2 = make_norm(norm, out_channels)
         self.shortcut: nn.Module
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = ConvNorm(
-                in_channels, out_channels, kernel_size=1, stride=stride, norm=norm
-            )
+            self.shortcut = ConvNorm(in_channels, out_channels, kernel_size=1, stride=stride, norm=norm)
         else:
             self.shortcut = nn.Identity()
         self.act2 = nn.ReLU()

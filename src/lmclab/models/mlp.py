@@ -1,4 +1,5 @@
 """Fully connected ReLU network (Git Re-Basin's MNIST MLP by default)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,4 +1,5 @@
 """Normalisation layers and the norm factory shared by all CNNs of the zoo."""
+
 from __future__ import annotations
 
 import torch

@@ -3,11 +3,12 @@
 A model registers itself with :func:`register_model` on its builder ``build(input_shape, num_classes,
 options) -> nn.Module`` (options resolved: the defaults updated by the caller's, validated).
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from torch import nn
 
@@ -17,8 +18,7 @@ from .norms import check_norm
 from .resnet import resnet18, resnet20
 from .vgg import VGG, VGG_CONFIGS
 
-__all__ = ["MODELS", "MODEL_NAMES", "ModelEntry", "build_model", "count_parameters", "model_defaults",
-           "register_model"]
+__all__ = ["MODELS", "MODEL_NAMES", "ModelEntry", "build_model", "count_parameters", "model_defaults", "register_model"]
 
 #: build(input_shape (C, H, W), num_classes, resolved options) -> the model.
 Builder = Callable[[tuple[int, int, int], int, dict[str, Any]], nn.Module]
@@ -68,7 +68,8 @@ def _positive_int(value: object, what: str) -> int:
 
 def _check_input_shape(input_shape: object) -> tuple[int, int, int]:
     try:
-        dims = tuple(input_shape)  # type: ignore[arg-type]
+        # Any iterable will do; anything else raises the TypeError handled here.
+        dims: tuple[object, ...] = tuple(cast(Iterable[object], input_shape))
     except TypeError:
         dims = ()
     if len(dims) != 3:
@@ -81,11 +82,9 @@ def _check_hidden(hidden: object) -> tuple[int, ...]:
     if isinstance(hidden, (str, bytes)):
         raise ModelError(f"hidden must be a sequence of positive ints, got {hidden!r}")
     try:
-        sizes = tuple(hidden)  # type: ignore[arg-type]
+        sizes = tuple(cast(Iterable[object], hidden))
     except TypeError as err:
-        raise ModelError(
-            f"hidden must be a sequence of positive ints, got {hidden!r}"
-        ) from err
+        raise ModelError(f"hidden must be a sequence of positive ints, got {hidden!r}") from err
     return tuple(_positive_int(h, "every hidden size") for h in sizes)
 
 
@@ -111,22 +110,24 @@ def _resolve_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-@register_model("mlp", {"hidden": (512, 512, 512), "width": 1},
-                "multilayer perceptron: hidden sizes × width, ReLU (Git Re-Basin's MNIST model)")
+@register_model(
+    "mlp",
+    {"hidden": (512, 512, 512), "width": 1},
+    "multilayer perceptron: hidden sizes × width, ReLU (Git Re-Basin's MNIST model)",
+)
 def _build_mlp(shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]) -> nn.Module:
     c, h, w = shape
     hidden = tuple(size * opts["width"] for size in opts["hidden"])
     return MLP(c * h * w, hidden, num_classes)
 
 
-@register_model("resnet20", {"width": 1, "norm": "layernorm"},
-                "CIFAR-style ResNet-20 (Git Re-Basin), any width, LayerNorm / BatchNorm / no norm")
-def _build_resnet20(
-    shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]
-) -> nn.Module:
-    return resnet20(
-        in_channels=shape[0], num_classes=num_classes, width=opts["width"], norm=opts["norm"]
-    )
+@register_model(
+    "resnet20",
+    {"width": 1, "norm": "layernorm"},
+    "CIFAR-style ResNet-20 (Git Re-Basin), any width, LayerNorm / BatchNorm / no norm",
+)
+def _build_resnet20(shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]) -> nn.Module:
+    return resnet20(in_channels=shape[0], num_classes=num_classes, width=opts["width"], norm=opts["norm"])
 
 
 def _vgg_builder(
@@ -149,17 +150,11 @@ register_model("vgg16", {"width": 1, "norm": "layernorm"}, "VGG-16, any width an
 
 
 @register_model("resnet18", {"width": 1, "norm": "batchnorm"}, "CIFAR-style ResNet-18, any width and norm")
-def _build_resnet18(
-    shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]
-) -> nn.Module:
-    return resnet18(
-        in_channels=shape[0], num_classes=num_classes, width=opts["width"], norm=opts["norm"]
-    )
+def _build_resnet18(shape: tuple[int, int, int], num_classes: int, opts: dict[str, Any]) -> nn.Module:
+    return resnet18(in_channels=shape[0], num_classes=num_classes, width=opts["width"], norm=opts["norm"])
 
 
-def build_model(
-    name: str, *, input_shape: tuple[int, int, int], num_classes: int, **options: Any
-) -> nn.Module:
+def build_model(name: str, *, input_shape: tuple[int, int, int], num_classes: int, **options: Any) -> nn.Module:
     """Build model ``name`` (fp32, CPU) for inputs of shape ``(C, H, W)``.
 
     ``options`` override :func:`model_defaults` (``width``, and ``hidden`` for

@@ -1,4 +1,5 @@
 """One ResNet class (BasicBlocks) parameterised by stage widths/depths/strides."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -41,9 +42,7 @@ class ResNet(nn.Module):
         for width, depth, stride in zip(stage_widths, stage_depths, stage_strides):
             blocks = []
             for i in range(depth):
-                blocks.append(
-                    BasicBlock(prev, width, stride=stride if i == 0 else 1, norm=norm)
-                )
+                blocks.append(BasicBlock(prev, width, stride=stride if i == 0 else 1, norm=norm))
                 prev = width
             stages.append(nn.Sequential(*blocks))
         self.layers = nn.Sequential(*stages)

@@ -1,4 +1,5 @@
 """CIFAR-style VGG (vgg11, vgg16) that also accepts small inputs such as 28×28."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,8 +16,24 @@ __all__ = ["VGG_CONFIGS", "VGG"]
 VGG_CONFIGS: dict[str, tuple[int | str, ...]] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     "vgg16": (
-        64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-        512, 512, 512, "M", 512, 512, 512, "M",
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
     ),
 }
 

@@ -1,6 +1,7 @@
 """Interpolation paths between points in parameter space, barriers, BN reset and REPAIR.
 
 The interpolated points are :func:`lmclab.points.lerp`."""
+
 from lmclab.paths.barriers import DEFINITIONS, barrier_curve, barrier_report, barriers
 from lmclab.paths.curves import (
     BN_MODES,
@@ -30,9 +31,30 @@ from lmclab.paths.population import (
 )
 
 __all__ = [
-    "BN_MODES", "DEFINITIONS", "ChannelStats", "barrier_curve", "barrier_report", "barriers", "channel_stats",
-    "cumulative_layer_sets", "default_bn_mode", "default_lambdas", "endpoint_losses", "evaluate_path", "has_batchnorm",
-    "layer_groups", "layer_set_barrier", "path_losses", "path_values", "repair", "repair_points", "reset_bn_stats",
-    "PopulationBarriers", "all_pairs_barriers", "barrier_matrix", "merged_metrics", "merged_point",
+    "BN_MODES",
+    "DEFINITIONS",
+    "ChannelStats",
+    "barrier_curve",
+    "barrier_report",
+    "barriers",
+    "channel_stats",
+    "cumulative_layer_sets",
+    "default_bn_mode",
+    "default_lambdas",
+    "endpoint_losses",
+    "evaluate_path",
+    "has_batchnorm",
+    "layer_groups",
+    "layer_set_barrier",
+    "path_losses",
+    "path_values",
+    "repair",
+    "repair_points",
+    "reset_bn_stats",
+    "PopulationBarriers",
+    "all_pairs_barriers",
+    "barrier_matrix",
+    "merged_metrics",
+    "merged_point",
     "summarize_barriers",
 ]

@@ -10,6 +10,7 @@ the tensors of a set P interpolated,
 base="a")`` and ``base="b"``); B_P(0) = B_P(1) = 0. All P is the whole-model barrier curve. Evaluated in
 eval mode with the (interpolated) stored statistics, as the Hessian predictions assume.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,7 +36,7 @@ def path_values(rows: Iterable[Mapping[str, Any]], metric: str, split: str | Non
 
 
 def default_bn_mode(model: torch.nn.Module) -> str:
-    """"reset" for models with BatchNorm, "none" otherwise (LayerNorm models need nothing)."""
+    """ "reset" for models with BatchNorm, "none" otherwise (LayerNorm models need nothing)."""
     return "reset" if has_batchnorm(model) else "none"
 
 
@@ -75,7 +76,9 @@ def evaluate_path(
         assert bn_data is not None
         example = next(bn_data.batches(2))[0]
         points = repair_points(scratch, example)
-        stats = tuple(endpoint_stats(scratch, th, points, bn_data, max_examples=bn_examples) for th in (theta_a, theta_b))
+        stats = tuple(
+            endpoint_stats(scratch, th, points, bn_data, max_examples=bn_examples) for th in (theta_a, theta_b)
+        )
     rows: list[dict[str, Any]] = []
     for lam in tqdm(lambdas, desc=desc, unit="λ", disable=not progress, leave=False):
         scratch.load_state_dict(lerp(theta_a, theta_b, lam, only=only, base=base))
@@ -90,24 +93,40 @@ def evaluate_path(
     return rows
 
 
-def path_losses(model: torch.nn.Module, theta_a: PointLike, theta_b: PointLike, data: DeviceDataset,
-                lambdas: Sequence[float], *, only: Iterable[str] | None = None, base: str = "a") -> np.ndarray:
+def path_losses(
+    model: torch.nn.Module,
+    theta_a: PointLike,
+    theta_b: PointLike,
+    data: DeviceDataset,
+    lambdas: Sequence[float],
+    *,
+    only: Iterable[str] | None = None,
+    base: str = "a",
+) -> np.ndarray:
     """L(θ_λ) on `data` at each λ (:func:`evaluate_path` with bn "none": eval mode, interpolated statistics)."""
-    rows = evaluate_path(model, theta_a, theta_b, {"x": data}, lambdas=lambdas, only=only, base=base, bn="none",
-                         progress=False)
+    rows = evaluate_path(
+        model, theta_a, theta_b, {"x": data}, lambdas=lambdas, only=only, base=base, bn="none", progress=False
+    )
     return np.array(path_values(rows, "loss"))
 
 
-def endpoint_losses(model: torch.nn.Module, theta_1: PointLike, theta_2: PointLike,
-                    data: DeviceDataset) -> tuple[float, float]:
+def endpoint_losses(
+    model: torch.nn.Module, theta_1: PointLike, theta_2: PointLike, data: DeviceDataset
+) -> tuple[float, float]:
     """(L(θ_1), L(θ_2)) with the same evaluation as the paths (eval mode, stored statistics)."""
     ends = path_losses(model, theta_1, theta_2, data, [0.0, 1.0])
     return float(ends[0]), float(ends[1])
 
 
-def layer_set_barrier(model: torch.nn.Module, theta_1: PointLike, theta_2: PointLike, data: DeviceDataset,
-                      lambdas: Sequence[float], tensors: Iterable[str],
-                      endpoints: tuple[float, float] | None = None) -> np.ndarray:
+def layer_set_barrier(
+    model: torch.nn.Module,
+    theta_1: PointLike,
+    theta_2: PointLike,
+    data: DeviceDataset,
+    lambdas: Sequence[float],
+    tensors: Iterable[str],
+    endpoints: tuple[float, float] | None = None,
+) -> np.ndarray:
     """B_P(α) = (1−α)L(θ_{2→1}) + αL(θ_{1→2}) − [(1−α)L_1 + αL_2] at each α, P = `tensors` (see the
     module docstring; 0 at α ∈ {0, 1}).
 

@@ -5,6 +5,7 @@ tensor (parameters and BN statistics); integer buffers (BN's num_batches_tracked
 Layer-wise (Adilova et al.): only the tensors of chosen layers are interpolated (``only=``), all others
 come from a base endpoint (``base=``); :func:`layer_groups` names the layers.
 """
+
 from __future__ import annotations
 
 import random

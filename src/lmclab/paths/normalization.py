@@ -12,10 +12,11 @@ y ↦ (y − μ_λ)·σ_goal/σ_λ + μ_goal is folded into that layer's weight 
 estimated in one pass in which every point is already corrected with its batch statistics (the
 later points see the corrected earlier ones).
 """
+
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,9 @@ def _examples(dataset: DeviceDataset, batch_size: int, max_examples: int | None)
 
 
 @torch.no_grad()
-def reset_bn_stats(model: nn.Module, dataset: DeviceDataset, batch_size: int = 500,
-                   max_examples: int | None = None) -> None:
+def reset_bn_stats(
+    model: nn.Module, dataset: DeviceDataset, batch_size: int = 500, max_examples: int | None = None
+) -> None:
     """Recompute every BatchNorm's running statistics (cumulative average over one pass); eval mode after."""
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     if not bns:
@@ -70,8 +72,9 @@ def reset_bn_stats(model: nn.Module, dataset: DeviceDataset, batch_size: int = 5
 def output_module(model: nn.Module, example: torch.Tensor) -> str | None:
     """Name of the module whose output *is* the network's output (the head), if any."""
     outputs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, o, n=n: outputs.__setitem__(n, o))
-               for n, m in model.named_modules() if n]
+    handles = [
+        m.register_forward_hook(lambda _m, _i, o, n=n: outputs.__setitem__(n, o)) for n, m in model.named_modules() if n
+    ]
     try:
         with torch.no_grad():
             y = model(example)
@@ -84,12 +87,17 @@ def output_module(model: nn.Module, example: torch.Tensor) -> str | None:
 
 def repair_points(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Modules whose outputs REPAIR corrects: affine norm layers; else biased Conv/Linear but the head."""
-    norms = [n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None]
+    norms = [
+        n for n, m in model.named_modules() if isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None
+    ]
     if norms:
         return norms
     head = output_module(model, example)
-    return [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None and n != head]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None and n != head
+    ]
 
 
 @dataclass
@@ -116,7 +124,10 @@ class _Accumulator:
         return mean, var
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean_sum / self.n, torch.sqrt(self.var_sum / self.n)
+        mean_sum, var_sum = self.mean_sum, self.var_sum
+        if not isinstance(mean_sum, torch.Tensor) or not isinstance(var_sum, torch.Tensor):
+            raise ValueError("no activations were recorded at this point (no examples were run)")
+        return mean_sum / self.n, torch.sqrt(var_sum / self.n)
 
 
 def _broadcast(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -124,7 +135,9 @@ def _broadcast(v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _hooks(model: nn.Module, points: list[str], fn):  # type: ignore[no-untyped-def]
+def _hooks(
+    model: nn.Module, points: list[str], fn: Callable[[str, torch.Tensor], torch.Tensor | None]
+) -> Iterator[None]:
     modules = dict(model.named_modules())
     handles = [modules[p].register_forward_hook(lambda _m, _i, y, p=p: fn(p, y)) for p in points]
     try:
@@ -135,11 +148,13 @@ def _hooks(model: nn.Module, points: list[str], fn):  # type: ignore[no-untyped-
 
 
 @torch.no_grad()
-def channel_stats(model: nn.Module, points: list[str], dataset: DeviceDataset, batch_size: int = 500,
-                  max_examples: int | None = None) -> ChannelStats:
+def channel_stats(
+    model: nn.Module, points: list[str], dataset: DeviceDataset, batch_size: int = 500, max_examples: int | None = None
+) -> ChannelStats:
     """Mean over batches of per-batch channel means / variances at each point (eval mode)."""
     acc = {p: _Accumulator() for p in points}
     model.eval()
+
     def record(p: str, y: torch.Tensor) -> None:
         acc[p].add(y.float())
 
@@ -151,8 +166,15 @@ def channel_stats(model: nn.Module, points: list[str], dataset: DeviceDataset, b
 
 
 @torch.no_grad()
-def repair(model: nn.Module, stats_a: ChannelStats, stats_b: ChannelStats, lam: float, dataset: DeviceDataset,
-           batch_size: int = 500, max_examples: int | None = None) -> Point:
+def repair(
+    model: nn.Module,
+    stats_a: ChannelStats,
+    stats_b: ChannelStats,
+    lam: float,
+    dataset: DeviceDataset,
+    batch_size: int = 500,
+    max_examples: int | None = None,
+) -> Point:
     """REPAIR the parameters loaded in `model` (the point θ_λ) in place; returns the repaired state dict."""
     points = list(stats_a.mean)
     goal_mean = {p: (1 - lam) * stats_a.mean[p] + lam * stats_b.mean[p] for p in points}
@@ -179,14 +201,20 @@ def repair(model: nn.Module, stats_a: ChannelStats, stats_b: ChannelStats, lam: 
 def _fold_affine(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
     """Make module(x) ↦ scale·module(x) + shift per output channel, by editing its weight and bias."""
     weight, bias = module.weight, module.bias
-    if weight is None or bias is None:
+    if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
         raise ValueError(f"cannot fold REPAIR's correction into {module}: it needs a weight and a bias")
     view = (-1,) + (1,) * (weight.dim() - 1)
     weight.mul_(scale.view(view).to(weight.dtype))
     bias.mul_(scale.to(bias.dtype)).add_(shift.to(bias.dtype))
 
 
-def endpoint_stats(model: nn.Module, theta: Mapping[str, torch.Tensor], points: list[str], dataset: DeviceDataset,
-                   batch_size: int = 500, max_examples: int | None = None) -> ChannelStats:
+def endpoint_stats(
+    model: nn.Module,
+    theta: Mapping[str, torch.Tensor],
+    points: list[str],
+    dataset: DeviceDataset,
+    batch_size: int = 500,
+    max_examples: int | None = None,
+) -> ChannelStats:
     model.load_state_dict(theta)
     return channel_stats(model, points, dataset, batch_size, max_examples)

@@ -16,6 +16,7 @@ unique peak; a tie, e.g. a curve whose maximum 0 is at both ends, resolves to th
 direction). The diagonal is 0 for the barrier definitions (a point's path to itself is flat) and NaN
 for ``argmax_lambda``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,15 @@ from lmclab.points import Point, PointLike, mean
 from lmclab.training.evaluate import evaluate
 
 __all__ = [
-    "PAIR_FIELDS", "POPULATION_BN_MODES", "SYMMETRIC", "PopulationBarriers", "all_pairs_barriers", "barrier_matrix",
-    "merged_metrics", "merged_point", "summarize_barriers",
+    "PAIR_FIELDS",
+    "POPULATION_BN_MODES",
+    "SYMMETRIC",
+    "PopulationBarriers",
+    "all_pairs_barriers",
+    "barrier_matrix",
+    "merged_metrics",
+    "merged_point",
+    "summarize_barriers",
 ]
 
 #: BN handling for merged models and population paths ("repair" is defined for two endpoints only).
@@ -58,9 +66,14 @@ def _bn_mode(model: torch.nn.Module, bn: str | None, bn_data: DeviceDataset | No
     return bn
 
 
-def merged_point(model: torch.nn.Module, points: Sequence[PointLike] | PointLike,
-                 *, bn: str | None = None, bn_data: DeviceDataset | None = None,
-                 bn_examples: int | None = None) -> Point:
+def merged_point(
+    model: torch.nn.Module,
+    points: Sequence[PointLike] | PointLike,
+    *,
+    bn: str | None = None,
+    bn_data: DeviceDataset | None = None,
+    bn_examples: int | None = None,
+) -> Point:
     """θ̄ = (1/K) Σ_i θ_i (a single mapping is taken as θ̄ itself), with BatchNorm running statistics
     recomputed on `bn_data` when `bn` is "reset" (default for BN models). `model` is only a template."""
     bn = _bn_mode(model, bn, bn_data)
@@ -79,11 +92,16 @@ def merged_point(model: torch.nn.Module, points: Sequence[PointLike] | PointLike
 
 
 @torch.no_grad()
-def merged_metrics(model: torch.nn.Module,
-                   points_or_merged: Sequence[PointLike] | PointLike,
-                   datasets: Mapping[str, DeviceDataset], *, bn: str | None = None,
-                   bn_data: DeviceDataset | None = None, bn_examples: int | None = None,
-                   batch_size: int = 1000) -> dict[str, dict[str, float]]:
+def merged_metrics(
+    model: torch.nn.Module,
+    points_or_merged: Sequence[PointLike] | PointLike,
+    datasets: Mapping[str, DeviceDataset],
+    *,
+    bn: str | None = None,
+    bn_data: DeviceDataset | None = None,
+    bn_examples: int | None = None,
+    batch_size: int = 1000,
+) -> dict[str, dict[str, float]]:
     """{split: {loss, accuracy, error}} of the merged model θ̄ (see :func:`merged_point`) on every split."""
     scratch = copy.deepcopy(model)
     scratch.load_state_dict(merged_point(model, points_or_merged, bn=bn, bn_data=bn_data, bn_examples=bn_examples))
@@ -120,22 +138,37 @@ class PopulationBarriers:
 
     def summary(self) -> list[dict[str, Any]]:
         """Rows {kind: pairs|to_merged, split, metric, definition, n, n_missing, max, mean, std, min}."""
-        return ([{"kind": "pairs", **r} for r in summarize_barriers(self.pairs)]
-                + [{"kind": "to_merged", **r} for r in summarize_barriers(self.to_merged)])
+        return [{"kind": "pairs", **r} for r in summarize_barriers(self.pairs)] + [
+            {"kind": "to_merged", **r} for r in summarize_barriers(self.to_merged)
+        ]
 
     def matrix(self, split: str, metric: str = "loss", definition: str = "barrier") -> np.ndarray:
         return barrier_matrix(self.pairs, self.k, split, metric, definition)
 
     def to_json(self) -> dict[str, Any]:
-        return {"k": self.k, "lambdas": self.lambdas, "pairs": self.pairs, "to_merged": self.to_merged,
-                "summary": self.summary()}
+        return {
+            "k": self.k,
+            "lambdas": self.lambdas,
+            "pairs": self.pairs,
+            "to_merged": self.to_merged,
+            "summary": self.summary(),
+        }
 
 
-def all_pairs_barriers(model: torch.nn.Module, aligned_points: Sequence[PointLike],
-                       datasets: Mapping[str, DeviceDataset], *, lambdas: Sequence[float] | None = None,
-                       bn: str | None = None, bn_data: DeviceDataset | None = None, bn_examples: int | None = None,
-                       to_merged: bool = True, metrics: Sequence[str] = ("loss", "error"), batch_size: int = 1000,
-                       progress: bool = True) -> PopulationBarriers:
+def all_pairs_barriers(
+    model: torch.nn.Module,
+    aligned_points: Sequence[PointLike],
+    datasets: Mapping[str, DeviceDataset],
+    *,
+    lambdas: Sequence[float] | None = None,
+    bn: str | None = None,
+    bn_data: DeviceDataset | None = None,
+    bn_examples: int | None = None,
+    to_merged: bool = True,
+    metrics: Sequence[str] = ("loss", "error"),
+    batch_size: int = 1000,
+    progress: bool = True,
+) -> PopulationBarriers:
     """Barriers on the K(K−1)/2 paths θ_i → θ_j (i < j) and, with `to_merged`, on θ_i → θ̄, θ̄ = (1/K) Σ θ_i.
 
     Each path is :func:`evaluate_path` at `lambdas` (default 25 points) with `bn` ("reset" for BN models:
@@ -148,14 +181,25 @@ def all_pairs_barriers(model: torch.nn.Module, aligned_points: Sequence[PointLik
     lambdas = list(lambdas) if lambdas is not None else default_lambdas()
     merged = mean(list(aligned_points)) if to_merged else None
     paths: list[tuple[dict[str, Any], PointLike, PointLike]] = [
-        ({"i": i, "j": j}, aligned_points[i], aligned_points[j]) for i in range(k) for j in range(i + 1, k)]
+        ({"i": i, "j": j}, aligned_points[i], aligned_points[j]) for i in range(k) for j in range(i + 1, k)
+    ]
     if merged is not None:
         paths += [({"i": i, "j": "merged"}, aligned_points[i], merged) for i in range(k)]
     pairs: list[dict[str, Any]] = []
     to_merged_rows: list[dict[str, Any]] = []
     for ends, a, b in tqdm(paths, desc=f"paths among {k} models", unit="path", disable=not progress, leave=False):
-        rows = evaluate_path(model, a, b, datasets, lambdas=lambdas, bn=bn, bn_data=bn_data, bn_examples=bn_examples,
-                             batch_size=batch_size, progress=False)
+        rows = evaluate_path(
+            model,
+            a,
+            b,
+            datasets,
+            lambdas=lambdas,
+            bn=bn,
+            bn_data=bn_data,
+            bn_examples=bn_examples,
+            batch_size=batch_size,
+            progress=False,
+        )
         report = _path_barriers(rows, metrics)
         if ends["j"] == "merged":
             to_merged_rows += [{"i": ends["i"], **r} for r in report]
@@ -169,8 +213,9 @@ def _finite(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, in
     return values[np.isfinite(values)], int((~np.isfinite(values)).sum())
 
 
-def summarize_barriers(rows: Sequence[Mapping[str, Any]],
-                       definitions: Sequence[str] = DEFINITIONS) -> list[dict[str, Any]]:
+def summarize_barriers(
+    rows: Sequence[Mapping[str, Any]], definitions: Sequence[str] = DEFINITIONS
+) -> list[dict[str, Any]]:
     """Per (split, metric, definition): n rows, n_missing (NaN/None), and max, mean, SD (ddof 0), min over
     the finite values (NaN when none is finite)."""
     out = []
@@ -179,15 +224,32 @@ def summarize_barriers(rows: Sequence[Mapping[str, Any]],
         sel = [r for r in rows if r["split"] == split and r["metric"] == metric]
         for definition in definitions:
             values, missing = _finite(sel, definition)
-            stats = ({"max": float(values.max()), "mean": float(values.mean()), "std": float(values.std()),
-                      "min": float(values.min())} if values.size else dict.fromkeys(("max", "mean", "std", "min"), math.nan))
-            out.append({"split": split, "metric": metric, "definition": definition, "n": len(sel),
-                        "n_missing": missing, **stats})
+            stats = (
+                {
+                    "max": float(values.max()),
+                    "mean": float(values.mean()),
+                    "std": float(values.std()),
+                    "min": float(values.min()),
+                }
+                if values.size
+                else dict.fromkeys(("max", "mean", "std", "min"), math.nan)
+            )
+            out.append(
+                {
+                    "split": split,
+                    "metric": metric,
+                    "definition": definition,
+                    "n": len(sel),
+                    "n_missing": missing,
+                    **stats,
+                }
+            )
     return out
 
 
-def barrier_matrix(pair_rows: Sequence[Mapping[str, Any]], k: int, split: str, metric: str = "loss",
-                   definition: str = "barrier") -> np.ndarray:
+def barrier_matrix(
+    pair_rows: Sequence[Mapping[str, Any]], k: int, split: str, metric: str = "loss", definition: str = "barrier"
+) -> np.ndarray:
     """K × K matrix of `definition` from pair rows (i < j); lower triangle by :data:`SYMMETRIC`
     (1 − x for argmax_lambda); diagonal 0 (NaN for argmax_lambda); missing pairs NaN."""
     if definition not in SYMMETRIC:

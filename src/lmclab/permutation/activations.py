@@ -1,4 +1,5 @@
 """Record intermediate activations by fx node name (the names a spec's groups list)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -31,8 +32,9 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def capture_activations(model: nn.Module, x: ExampleInput, node_names: Iterable[str], *,
-                        leaf_modules: tuple[type, ...] = ()) -> dict[str, torch.Tensor]:
+def capture_activations(
+    model: nn.Module, x: ExampleInput, node_names: Iterable[str], *, leaf_modules: tuple[type, ...] = ()
+) -> dict[str, torch.Tensor]:
     """Outputs of the fx nodes `node_names` when the model runs on `x` (no grad, the model's own
     train/eval mode; traced like :func:`derive_spec`, so the names match a derived spec's activations)."""
     gm = trace_model(model, leaf_modules)

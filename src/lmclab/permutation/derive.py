@@ -39,6 +39,7 @@ module, a grouped conv, GroupNorm with 1 < G < C, …) raises :class:`SpecError`
 its target and its source line. Groups are named ``P_<module that opened the set>``; a union takes
 the name of its earliest opener (``P_stem.conv`` for ResNet-20's stage-1 residual stream).
 """
+
 from __future__ import annotations
 
 import builtins
@@ -50,7 +51,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -87,8 +88,10 @@ def trace_model(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.Graph
     try:
         graph = tracer.trace(model)
     except Exception as err:  # noqa: BLE001 - fx raises many types
-        raise SpecError(f"torch.fx cannot trace {type(model).__name__}: {err}. Mark the offending submodule "
-                        "as a leaf (leaf_modules=...) or pass an explicit spec.") from err
+        raise SpecError(
+            f"torch.fx cannot trace {type(model).__name__}: {err}. Mark the offending submodule "
+            "as a leaf (leaf_modules=...) or pass an explicit spec."
+        ) from err
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -263,57 +266,222 @@ def _fns(*names: str, module: Any = F) -> list[Callable[..., Any]]:
 
 
 _ELEMENTWISE_FUNCS = set(
-    _fns("relu", "relu_", "relu6", "gelu", "silu", "elu", "selu", "celu", "leaky_relu", "softplus",
-         "hardswish", "hardsigmoid", "hardtanh", "mish", "logsigmoid", "softsign", "tanhshrink",
-         "softshrink", "hardshrink", "threshold", "tanh", "sigmoid", "dropout", "dropout1d", "dropout2d",
-         "dropout3d", "alpha_dropout", "feature_alpha_dropout", "softmax", "softmin", "log_softmax",
-         "normalize")
-    + _fns("relu", "relu_", "tanh", "sigmoid", "exp", "log", "abs", "neg", "sqrt", "rsqrt", "square",
-           "clamp", "clip", "erf", "sin", "cos", "softmax", "log_softmax", "zeros_like", "ones_like",
-           "full_like", "empty_like", "nan_to_num", "add", "sub", "subtract", "mul", "multiply", "div",
-           "divide", "true_divide", "maximum", "minimum", "pow", "where", module=torch)
-    + [operator.neg, operator.pos, operator.add, operator.sub, operator.mul, operator.truediv,
-       operator.floordiv, operator.pow, operator.iadd, operator.isub, operator.imul, operator.itruediv])
+    _fns(
+        "relu",
+        "relu_",
+        "relu6",
+        "gelu",
+        "silu",
+        "elu",
+        "selu",
+        "celu",
+        "leaky_relu",
+        "softplus",
+        "hardswish",
+        "hardsigmoid",
+        "hardtanh",
+        "mish",
+        "logsigmoid",
+        "softsign",
+        "tanhshrink",
+        "softshrink",
+        "hardshrink",
+        "threshold",
+        "tanh",
+        "sigmoid",
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "softmax",
+        "softmin",
+        "log_softmax",
+        "normalize",
+    )
+    + _fns(
+        "relu",
+        "relu_",
+        "tanh",
+        "sigmoid",
+        "exp",
+        "log",
+        "abs",
+        "neg",
+        "sqrt",
+        "rsqrt",
+        "square",
+        "clamp",
+        "clip",
+        "erf",
+        "sin",
+        "cos",
+        "softmax",
+        "log_softmax",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "empty_like",
+        "nan_to_num",
+        "add",
+        "sub",
+        "subtract",
+        "mul",
+        "multiply",
+        "div",
+        "divide",
+        "true_divide",
+        "maximum",
+        "minimum",
+        "pow",
+        "where",
+        module=torch,
+    )
+    + [
+        operator.neg,
+        operator.pos,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.floordiv,
+        operator.pow,
+        operator.iadd,
+        operator.isub,
+        operator.imul,
+        operator.itruediv,
+    ]
+)
 _ELEMENTWISE_METHODS = {
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "log", "abs", "abs_", "neg",
-    "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_", "erf", "sin", "cos", "add", "add_",
-    "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "pow_", "maximum", "minimum", "softmax",
-    "log_softmax", "contiguous", "clone", "detach", "float", "double", "half", "bfloat16",
-    "requires_grad_", "expand", "expand_as"}
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "exp",
+    "exp_",
+    "log",
+    "abs",
+    "abs_",
+    "neg",
+    "sqrt",
+    "rsqrt",
+    "square",
+    "clamp",
+    "clamp_",
+    "clip",
+    "clip_",
+    "erf",
+    "sin",
+    "cos",
+    "add",
+    "add_",
+    "sub",
+    "sub_",
+    "mul",
+    "mul_",
+    "div",
+    "div_",
+    "pow",
+    "pow_",
+    "maximum",
+    "minimum",
+    "softmax",
+    "log_softmax",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "double",
+    "half",
+    "bfloat16",
+    "requires_grad_",
+    "expand",
+    "expand_as",
+}
 _CAST_METHODS = {"to", "type", "type_as", "cpu", "cuda"}  # only `self` matters
 _SHAPE_ONLY_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous"}
 _RESHAPE_FUNCS = set(_fns("flatten", "reshape", "squeeze", "unsqueeze", "unflatten", module=torch))
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
-                    "reshape_as", "squeeze_", "unsqueeze_"}
-_PERMUTE_FUNCS = {f: f.__name__ for f in _fns("permute", "transpose", "swapaxes", "swapdims", "movedim",
-                                              "moveaxis", "t", module=torch)}
+_RESHAPE_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "reshape_as",
+    "squeeze_",
+    "unsqueeze_",
+}
+_PERMUTE_FUNCS = {
+    f: f.__name__
+    for f in _fns("permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", module=torch)
+}
 _PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
-_REDUCE_FUNCS = set(_fns("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean",
-                         module=torch))
+_REDUCE_FUNCS = set(_fns("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean", module=torch))
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean"}
 _CAT_FUNCS = set(_fns("cat", "concat", "concatenate", module=torch))
 _SPATIAL_FUNCS: dict[Callable[..., Any], int] = {
-    **{f: 1 for f in _fns("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
-                          "lp_pool1d")},
-    **{f: 2 for f in _fns("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
-                          "lp_pool2d")},
-    **{f: 3 for f in _fns("max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d",
-                          "lp_pool3d")},
+    **{f: 1 for f in _fns("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d", "lp_pool1d")},
+    **{f: 2 for f in _fns("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "lp_pool2d")},
+    **{f: 3 for f in _fns("max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d", "lp_pool3d")},
     **{f: -2 for f in _fns("interpolate", "upsample", "upsample_nearest", "upsample_bilinear")},  # ndim-2
 }
 _CONV_FUNCS = set(_fns("conv1d", "conv2d", "conv3d"))
 
-_ELEMENTWISE_MODULES: tuple[type, ...] = tuple(getattr(nn, n) for n in (
-    "ReLU", "ReLU6", "GELU", "SiLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "SELU", "CELU", "Softplus",
-    "Softsign", "Hardswish", "Hardsigmoid", "Hardtanh", "Mish", "LogSigmoid", "Tanhshrink", "Softshrink",
-    "Hardshrink", "Threshold", "Softmax", "Softmax2d", "Softmin", "LogSoftmax", "Identity", "Dropout", "Dropout1d",
-    "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout") if hasattr(nn, n))
+_ELEMENTWISE_MODULES: tuple[type, ...] = tuple(
+    getattr(nn, n)
+    for n in (
+        "ReLU",
+        "ReLU6",
+        "GELU",
+        "SiLU",
+        "Tanh",
+        "Sigmoid",
+        "LeakyReLU",
+        "ELU",
+        "SELU",
+        "CELU",
+        "Softplus",
+        "Softsign",
+        "Hardswish",
+        "Hardsigmoid",
+        "Hardtanh",
+        "Mish",
+        "LogSigmoid",
+        "Tanhshrink",
+        "Softshrink",
+        "Hardshrink",
+        "Threshold",
+        "Softmax",
+        "Softmax2d",
+        "Softmin",
+        "LogSoftmax",
+        "Identity",
+        "Dropout",
+        "Dropout1d",
+        "Dropout2d",
+        "Dropout3d",
+        "AlphaDropout",
+        "FeatureAlphaDropout",
+    )
+    if hasattr(nn, n)
+)
 _POOL_MODULES: tuple[type, ...] = (
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd)
-_PAD_MODULES: tuple[type, ...] = tuple(getattr(nn.modules.padding, n) for n in (
-    "_ConstantPadNd", "_ReflectionPadNd", "_ReplicationPadNd", "_CircularPadNd")
-    if hasattr(nn.modules.padding, n))
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+)
+_PAD_MODULES: tuple[type, ...] = tuple(
+    getattr(nn.modules.padding, n)
+    for n in ("_ConstantPadNd", "_ReflectionPadNd", "_ReplicationPadNd", "_CircularPadNd")
+    if hasattr(nn.modules.padding, n)
+)
 
 
 def _is_in(fn: Any, table: Any) -> bool:
@@ -414,7 +582,7 @@ class _Deriver:
 
     def _tensor_args(self, node: fx.Node) -> list[fx.Node]:
         seen: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), lambda n: seen.append(n))  # type: ignore[arg-type,func-returns-value]
+        fx.node.map_arg((node.args, node.kwargs), lambda n: seen.append(n))
         return [n for n in dict.fromkeys(seen) if n in self.shapes]
 
     def _fresh(self, node: fx.Node, from_input: bool) -> Val:
@@ -443,9 +611,11 @@ class _Deriver:
 
     def _same_layout(self, a: _Flow, b: _Flow) -> bool:
         return len(a.parts) == len(b.parts) and all(
-            p.offset == q.offset and p.block == q.block
+            p.offset == q.offset
+            and p.block == q.block
             and self.sets.size[self.sets.find(p.set)] == self.sets.size[self.sets.find(q.set)]
-            for p, q in zip(a.parts, b.parts))
+            for p, q in zip(a.parts, b.parts)
+        )
 
     # ---- generic rules
 
@@ -479,8 +649,11 @@ class _Deriver:
         d, first = flows[0]
         for _, f in flows[1:]:
             if not self._same_layout(first, f):
-                return self._unknown(node, "operands carry different unit layouts (e.g. a concatenation "
-                                           "combined with a single layer's output)")
+                return self._unknown(
+                    node,
+                    "operands carry different unit layouts (e.g. a concatenation "
+                    "combined with a single layer's output)",
+                )
         where = f"node {node.name}"
         for _, f in flows[1:]:
             for p, q in zip(first.parts, f.parts):
@@ -499,8 +672,11 @@ class _Deriver:
                 for p in first.parts:
                     self._ref(p.set, AxisRef(v.target, amap[ax], p.block, p.offset))
                 continue
-            self._hazard(node, f"operand {a.name!r} varies along the unit axis but is not a parameter the "
-                               "spec can permute", first)
+            self._hazard(
+                node,
+                f"operand {a.name!r} varies along the unit axis but is not a parameter the spec can permute",
+                first,
+            )
             self._opaque_use(node, v, "used in an elementwise op")
         return self._keep(node, _Flow(d, first.parts))
 
@@ -515,16 +691,18 @@ class _Deriver:
         if not isinstance(v, _Flow):
             return _plain(v)
         d = v.dim
-        outer, p_in = _prod(ins[:d]), _prod(ins[d + 1:])
+        outer, p_in = _prod(ins[:d]), _prod(ins[d + 1 :])
         for d2 in range(len(out)):
             if _prod(out[:d2]) != outer:
                 continue
-            p_out = _prod(out[d2 + 1:])
+            p_out = _prod(out[d2 + 1 :])
             if p_out == 0 or out[d2] * p_out != ins[d] * p_in:
                 continue
             if all((p.block * p_in) % p_out == 0 and (p.offset * p_in) % p_out == 0 for p in v.parts):
-                return _Flow(d2, tuple(replace(p, block=p.block * p_in // p_out, offset=p.offset * p_in // p_out)
-                                       for p in v.parts))
+                return _Flow(
+                    d2,
+                    tuple(replace(p, block=p.block * p_in // p_out, offset=p.offset * p_in // p_out) for p in v.parts),
+                )
         return self._unknown(node, f"reshape {ins} -> {out} splits units or mixes them with other axes")
 
     def _attr_reshape(self, node: fx.Node, v: _Attr, ins: tuple[int, ...], out: tuple[int, ...]) -> Val:
@@ -647,8 +825,9 @@ class _Deriver:
             self._opaque_use(node, v, "fed to a layer")
             self._pin([(weight, axis)])
 
-    def _open(self, node: fx.Node, key: str, opener: str, size: int, refs: list[tuple[str, int]],
-              out_dim: int) -> _Flow:
+    def _open(
+        self, node: fx.Node, key: str, opener: str, size: int, refs: list[tuple[str, int]], out_dim: int
+    ) -> _Flow:
         s = self.opened.get(key)
         if s is None:
             s = self.opened[key] = self.sets.new(size, opener=opener)
@@ -657,8 +836,7 @@ class _Deriver:
                 self._ref(s, AxisRef(tensor, axis))
         return _Flow(out_dim, (_Part(s, 1, 0, node.name if out_dim == 1 else None),))
 
-    def linear(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, out_features: int,
-               opener: str) -> Val:
+    def linear(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, out_features: int, opener: str) -> Val:
         """y = x Wᵀ + b over the last axis: opens a set (W axis 0, b); W axis 1 joins the input's sets."""
         v, ins, out = self.val.get(x), self.shapes.get(x), self.shapes.get(node)
         if ins is None or out is None or weight not in self.state:
@@ -668,11 +846,22 @@ class _Deriver:
             self._pin([(weight, 0), (weight, 1)] + ([(bias, 0)] if bias else []))
             return v
         self._consume(node, v, weight, 1)
-        return self._open(node, weight, opener, out_features, [(weight, 0)] + ([(bias, 0)] if bias else []),
-                          len(out) - 1)
+        return self._open(
+            node, weight, opener, out_features, [(weight, 0)] + ([(bias, 0)] if bias else []), len(out) - 1
+        )
 
-    def conv(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, in_ch: int, out_ch: int,
-             groups: int, transposed: bool, opener: str) -> Val:
+    def conv(
+        self,
+        node: fx.Node,
+        x: fx.Node,
+        weight: str,
+        bias: str | None,
+        in_ch: int,
+        out_ch: int,
+        groups: int,
+        transposed: bool,
+        opener: str,
+    ) -> Val:
         """Conv over dim 1: opens a set (W axis 0; axis 1 if transposed) and W's input axis joins the
         input's sets. Depthwise (groups == in_channels): keeps the sets, W/b axis 0 join them with block
         × out/in."""
@@ -699,11 +888,15 @@ class _Deriver:
                     self.acts.append((p.set, p.src))
                 parts.append(replace(p, block=p.block * mult, offset=p.offset * mult))
             return self._keep(node, _Flow(1, tuple(parts)))
-        return self._unknown(node, f"grouped convolution (groups={groups}, {in_ch}->{out_ch} channels) is "
-                                   "equivariant only under permutations that respect its groups")
+        return self._unknown(
+            node,
+            f"grouped convolution (groups={groups}, {in_ch}->{out_ch} channels) is "
+            "equivariant only under permutations that respect its groups",
+        )
 
-    def per_unit(self, node: fx.Node, x: fx.Node, tensors: Sequence[tuple[str, int]], dim: int | None,
-                 what: str) -> Val:
+    def per_unit(
+        self, node: fx.Node, x: fx.Node, tensors: Sequence[tuple[str, int]], dim: int | None, what: str
+    ) -> Val:
         """Per-unit op (norm): keeps the sets; axis `a` of each (tensor, a) joins them."""
         v = self.val.get(x)
         if not isinstance(v, _Flow):
@@ -733,8 +926,11 @@ class _Deriver:
         if groups not in (1, channels):
             v = self.val.get(x)
             if isinstance(v, _Flow):
-                return self._unknown(node, f"GroupNorm with {groups} groups of {channels} channels mixes "
-                                           "statistics within groups (only 1 or C groups are equivariant)")
+                return self._unknown(
+                    node,
+                    f"GroupNorm with {groups} groups of {channels} channels mixes "
+                    "statistics within groups (only 1 or C groups are equivariant)",
+                )
         return self.per_unit(node, x, [(t, 0) for t in tensors], 1, "GroupNorm")
 
     # ---- dispatch
@@ -769,7 +965,7 @@ class _Deriver:
 
     def _flat_nodes(self, args: Any) -> list[fx.Node]:
         seen: list[fx.Node] = []
-        fx.node.map_arg(args, lambda n: seen.append(n))  # type: ignore[arg-type,func-returns-value]
+        fx.node.map_arg(args, lambda n: seen.append(n))
         return seen
 
     def visit_module(self, node: fx.Node, m: nn.Module) -> Val:
@@ -779,12 +975,20 @@ class _Deriver:
             return self._unknown(node, "module called without a tensor input")
         p = f"{name}."
         if isinstance(m, nn.Linear):
-            return self.linear(node, x, p + "weight", p + "bias" if m.bias is not None else None,
-                               m.out_features, name)
+            return self.linear(node, x, p + "weight", p + "bias" if m.bias is not None else None, m.out_features, name)
         if isinstance(m, nn.modules.conv._ConvNd):
             transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-            return self.conv(node, x, p + "weight", p + "bias" if m.bias is not None else None,
-                             m.in_channels, m.out_channels, m.groups, transposed, name)
+            return self.conv(
+                node,
+                x,
+                p + "weight",
+                p + "bias" if m.bias is not None else None,
+                m.in_channels,
+                m.out_channels,
+                m.groups,
+                transposed,
+                name,
+            )
         if isinstance(m, nn.Embedding):
             v = self.val.get(x)
             if isinstance(v, _Flow):
@@ -794,8 +998,9 @@ class _Deriver:
                 return self._unknown(node, "embedding with a non-tensor result")
             return self._open(node, p + "weight", name, m.embedding_dim, [(p + "weight", 1)], len(out) - 1)
         if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-            return self.per_unit(node, x, [(p + t, 0) for t in ("weight", "bias", "running_mean", "running_var")],
-                                 1, type(m).__name__)
+            return self.per_unit(
+                node, x, [(p + t, 0) for t in ("weight", "bias", "running_mean", "running_var")], 1, type(m).__name__
+            )
         if isinstance(m, LayerNorm2d):
             if len(self.shapes.get(x, ())) != 4:
                 return self._unknown(node, "LayerNorm2d on a tensor that is not N×C×H×W")
@@ -815,13 +1020,15 @@ class _Deriver:
                 return self._unknown(node, "pooling that returns indices")
             return self.spatial(node, x, _spatial_rank(m))
         if isinstance(m, _PAD_MODULES):
-            return self.spatial(node, x, len(m.padding) // 2)
+            padding = cast(Sequence[int], m.padding)  # every _PAD_MODULES class declares `padding: Sequence[int]`
+            return self.spatial(node, x, len(padding) // 2)
         if isinstance(m, nn.Upsample):
             return self.spatial(node, x, -2)
         if isinstance(m, (nn.Flatten, nn.Unflatten)):
             return self.reshape(node, x)
-        return self._unknown(node, f"module {type(m).__name__} is not known to be permutation-equivariant "
-                                   "(pass an explicit spec)")
+        return self._unknown(
+            node, f"module {type(m).__name__} is not known to be permutation-equivariant (pass an explicit spec)"
+        )
 
     def visit_method(self, node: fx.Node, name: str) -> Val:
         x = node.args[0]
@@ -923,8 +1130,12 @@ class _Deriver:
         wv = self.val.get(w_node) if isinstance(w_node, fx.Node) else None
         bv = self.val.get(b_node) if isinstance(b_node, fx.Node) else None
         w_shape = self.shapes.get(w_node) if isinstance(w_node, fx.Node) else None
-        if (not isinstance(wv, _Attr) or w_shape is None or wv.axes != tuple((i, i) for i in range(len(w_shape)))
-                or (b_node is not None and (not isinstance(bv, _Attr) or bv.axes != ((0, 0),)))):
+        if (
+            not isinstance(wv, _Attr)
+            or w_shape is None
+            or wv.axes != tuple((i, i) for i in range(len(w_shape)))
+            or (b_node is not None and (not isinstance(bv, _Attr) or bv.axes != ((0, 0),)))
+        ):
             return self._unknown(node, f"{_target_str(node)} with a weight that is not a plain parameter")
         opener = wv.target[: -len(".weight")] if wv.target.endswith(".weight") else wv.target
         bias = bv.target if isinstance(bv, _Attr) else None
@@ -977,8 +1188,9 @@ class _Deriver:
             if key in claims:
                 s0, block0 = claims[key]
                 if block0 != ref.block:
-                    raise SpecError(f"{ref.tensor} axis {ref.axis} is used with {block0} and {ref.block} entries "
-                                    "per unit")
+                    raise SpecError(
+                        f"{ref.tensor} axis {ref.axis} is used with {block0} and {ref.block} entries per unit"
+                    )
                 sets.union(s0, s, f"{ref.tensor} axis {ref.axis}")
             else:
                 claims[key] = (s, ref.block)
@@ -991,13 +1203,17 @@ class _Deriver:
                 errors.append(self._describe(node, why))
         for node, target, why in self.opaque:
             if target in permuted:
-                errors.append(self._describe(node, f"parameter {target!r} is permuted but also {why} in a way "
-                                                   "the rules do not cover"))
+                errors.append(
+                    self._describe(
+                        node, f"parameter {target!r} is permuted but also {why} in a way the rules do not cover"
+                    )
+                )
         if errors:
             errors = list(dict.fromkeys(errors))
-            raise SpecError("cannot derive a permutation spec: an op touches permuted hidden units and is not "
-                            "known to be permutation-equivariant (pass leaf_modules or an explicit spec):\n  "
-                            + "\n  ".join(errors))
+            raise SpecError(
+                "cannot derive a permutation spec: an op touches permuted hidden units and is not "
+                "known to be permutation-equivariant (pass leaf_modules or an explicit spec):\n  " + "\n  ".join(errors)
+            )
         roots: dict[int, list[AxisRef]] = {}
         acts: dict[int, list[str]] = {}
         for s, ref in self.refs:
@@ -1013,8 +1229,14 @@ class _Deriver:
             opener = sets.opener[r]
             if opener is None:  # pragma: no cover - only openers create non-fixed sets
                 raise SpecError("internal error: a permuted unit set without an opening layer")
-            groups.append(PermGroup(f"P_{opener}", sets.size[r], tuple(roots[r]),
-                                    tuple(sorted(acts.get(r, []), key=self.order.__getitem__))))
+            groups.append(
+                PermGroup(
+                    f"P_{opener}",
+                    sets.size[r],
+                    tuple(roots[r]),
+                    tuple(sorted(acts.get(r, []), key=self.order.__getitem__)),
+                )
+            )
         return PermutationSpec(tuple(groups), meta=meta)
 
     def _describe(self, node: fx.Node, why: str) -> str:
@@ -1024,8 +1246,7 @@ class _Deriver:
 def _index_map(idx: Any, ndim: int, shape: tuple[int, ...]) -> dict[int, tuple[int | None, bool]] | None:
     """Basic indexing: old axis -> (new axis or None if removed, whether the axis is taken whole)."""
     items = list(idx) if isinstance(idx, tuple) else [idx]
-    if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) or isinstance(it, bool)
-           for it in items):
+    if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) or isinstance(it, bool) for it in items):
         return None
     consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
     expanded: list[Any] = []
@@ -1059,8 +1280,9 @@ def _index_map(idx: Any, ndim: int, shape: tuple[int, ...]) -> dict[int, tuple[i
 # ------------------------------------------------------------------------------------ API
 
 
-def derive_spec(model: nn.Module, example_input: ExampleInput | None = None, *,
-                leaf_modules: tuple[type, ...] = ()) -> PermutationSpec:
+def derive_spec(
+    model: nn.Module, example_input: ExampleInput | None = None, *, leaf_modules: tuple[type, ...] = ()
+) -> PermutationSpec:
     """The permutation spec of `model`, derived from its fx graph (see the module docstring).
 
     `example_input` (a tensor, or a tuple for several inputs) fixes the shapes, e.g. H·W of a
@@ -1078,22 +1300,35 @@ def derive_spec(model: nn.Module, example_input: ExampleInput | None = None, *,
             prop.propagate(*inputs)
     except Exception as err:  # noqa: BLE001
         shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
-        raise SpecError(f"running {type(model).__name__} on an example input of shape {shapes} failed: {err}; "
-                        "pass a fitting example_input") from err
+        raise SpecError(
+            f"running {type(model).__name__} on an example input of shape {shapes} failed: {err}; "
+            "pass a fitting example_input"
+        ) from err
     d = _Deriver(model, gm, prop)
     d.run()
-    spec = d.spec({"derived_from": type(model).__name__,
-                   "example_input_shape": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]})
+    spec = d.spec(
+        {
+            "derived_from": type(model).__name__,
+            "example_input_shape": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+        }
+    )
     try:
         spec.check(model.state_dict())
     except SpecError as err:
-        raise SpecError(f"derived spec of {type(model).__name__} is inconsistent (a layer reading a "
-                        f"concatenation whose only permuted part is at offset 0 cannot be expressed): {err}") from err
+        raise SpecError(
+            f"derived spec of {type(model).__name__} is inconsistent (a layer reading a "
+            f"concatenation whose only permuted part is at offset 0 cannot be expressed): {err}"
+        ) from err
     return spec
 
 
-def spec_for(model: nn.Module, spec: PermutationSpec | None = None, example_input: ExampleInput | None = None,
-             *, leaf_modules: tuple[type, ...] = ()) -> PermutationSpec:
+def spec_for(
+    model: nn.Module,
+    spec: PermutationSpec | None = None,
+    example_input: ExampleInput | None = None,
+    *,
+    leaf_modules: tuple[type, ...] = (),
+) -> PermutationSpec:
     """`spec` after ``spec.check(model.state_dict())`` if given, else :func:`derive_spec` of `model`."""
     if spec is not None:
         spec.check(model.state_dict())

@@ -13,6 +13,7 @@ owns entries [i·block, (i+1)·block) and whole blocks move. When an axis is sha
 (a layer reading a channel-wise concatenation), each AxisRef has an `offset`: the group occupies
 entries [offset, offset + size·block) of that axis and only that slice is permuted.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,8 +100,10 @@ class PermutationSpec:
                     problems.append(f"group {g.name}: tensor {ax.tensor!r} not in parameters")
                     continue
                 if ax.axis >= params[ax.tensor].ndim or ax.block < 1 or ax.offset < 0:
-                    problems.append(f"group {g.name}: {ax.tensor} of shape {tuple(params[ax.tensor].shape)} "
-                                    f"has no axis {ax.axis} (block {ax.block}, offset {ax.offset})")
+                    problems.append(
+                        f"group {g.name}: {ax.tensor} of shape {tuple(params[ax.tensor].shape)} "
+                        f"has no axis {ax.axis} (block {ax.block}, offset {ax.offset})"
+                    )
                     continue
                 on_axis.setdefault((ax.tensor, ax.axis), []).append((g.name, ax, g.size))
         for (tensor, axis), refs in on_axis.items():
@@ -108,38 +111,58 @@ class PermutationSpec:
             if len(refs) == 1 and refs[0][1].offset == 0:
                 name, ax, size = refs[0]
                 if shape[axis] != size * ax.block:
-                    problems.append(f"group {name}: {tensor} axis {axis} of shape {shape} is not "
-                                    f"{size} units × {ax.block}")
+                    problems.append(
+                        f"group {name}: {tensor} axis {axis} of shape {shape} is not {size} units × {ax.block}"
+                    )
                 continue
             spans = sorted((ax.offset, ax.offset + size * ax.block, name) for name, ax, size in refs)
             for start, end, name in spans:
                 if end > shape[axis]:
-                    problems.append(f"group {name}: {tensor} axis {axis} of shape {shape} has no entries "
-                                    f"[{start}, {end})")
+                    problems.append(
+                        f"group {name}: {tensor} axis {axis} of shape {shape} has no entries [{start}, {end})"
+                    )
             for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
                 if s1 < e0:
-                    problems.append(f"{tensor} axis {axis} claimed by both {n0} and {n1}"
-                                    + (f" (entries [{s0}, {e0}) and [{s1}, {e1}))" if (s0, e0) != (s1, e1) else ""))
+                    problems.append(
+                        f"{tensor} axis {axis} claimed by both {n0} and {n1}"
+                        + (f" (entries [{s0}, {e0}) and [{s1}, {e1}))" if (s0, e0) != (s1, e1) else "")
+                    )
         if problems:
             raise SpecError("spec does not fit the parameters:\n  " + "\n  ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"groups": [{"name": g.name, "size": g.size, "activations": list(g.activations),
-                            "axes": [[a.tensor, a.axis, a.block] + ([a.offset] if a.offset else []) for a in g.axes]}
-                           for g in self.groups]}
+        return {
+            "groups": [
+                {
+                    "name": g.name,
+                    "size": g.size,
+                    "activations": list(g.activations),
+                    "axes": [[a.tensor, a.axis, a.block] + ([a.offset] if a.offset else []) for a in g.axes],
+                }
+                for g in self.groups
+            ]
+        }
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "PermutationSpec":
-        return PermutationSpec(tuple(
-            PermGroup(g["name"], int(g["size"]), tuple(AxisRef(t, int(a), int(b), int(o[0]) if o else 0)
-                                                       for t, a, b, *o in g["axes"]),
-                      tuple(g.get("activations", ())))
-            for g in d["groups"]))
+    def from_dict(d: Mapping[str, Any]) -> PermutationSpec:
+        return PermutationSpec(
+            tuple(
+                PermGroup(
+                    g["name"],
+                    int(g["size"]),
+                    tuple(AxisRef(t, int(a), int(b), int(o[0]) if o else 0) for t, a, b, *o in g["axes"]),
+                    tuple(g.get("activations", ())),
+                )
+                for g in d["groups"]
+            )
+        )
 
-    def canonical(self) -> "PermutationSpec":
+    def canonical(self) -> PermutationSpec:
         """Axes sorted within groups, groups sorted by name: for comparing specs built differently."""
-        groups = (PermGroup(g.name, g.size, tuple(sorted(g.axes, key=lambda a: (a.tensor, a.axis, a.offset))), g.activations)
-                  for g in self.groups)
+        groups = (
+            PermGroup(g.name, g.size, tuple(sorted(g.axes, key=lambda a: (a.tensor, a.axis, a.offset))), g.activations)
+            for g in self.groups
+        )
         return PermutationSpec(tuple(sorted(groups, key=lambda g: g.name)))
 
 
@@ -156,7 +179,7 @@ def permute_axis(tensor: torch.Tensor, ax: AxisRef, perm: torch.Tensor) -> torch
     if ax.offset == 0 and len(idx) == tensor.shape[ax.axis]:
         return tensor.index_select(ax.axis, idx)
     full = torch.arange(tensor.shape[ax.axis], device=tensor.device)
-    full[ax.offset:ax.offset + len(idx)] = idx + ax.offset
+    full[ax.offset : ax.offset + len(idx)] = idx + ax.offset
     return tensor.index_select(ax.axis, full)
 
 
@@ -173,19 +196,22 @@ class Permutation:
                 raise SpecError(f"group {name}: not a permutation of range({len(p)})")
 
     @staticmethod
-    def identity(spec: PermutationSpec) -> "Permutation":
+    def identity(spec: PermutationSpec) -> Permutation:
         return Permutation({g.name: torch.arange(g.size) for g in spec.groups})
 
     @staticmethod
-    def random(spec: PermutationSpec, generator: torch.Generator | None = None) -> "Permutation":
+    def random(spec: PermutationSpec, generator: torch.Generator | None = None) -> Permutation:
         return Permutation({g.name: torch.randperm(g.size, generator=generator) for g in spec.groups})
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.perms[name]
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Permutation) and self.perms.keys() == other.perms.keys()
-                and all(torch.equal(p, other.perms[k]) for k, p in self.perms.items()))
+        return (
+            isinstance(other, Permutation)
+            and self.perms.keys() == other.perms.keys()
+            and all(torch.equal(p, other.perms[k]) for k, p in self.perms.items())
+        )
 
     def __repr__(self) -> str:
         moved = {k: int((p != torch.arange(len(p))).sum()) for k, p in self.perms.items()}
@@ -194,13 +220,15 @@ class Permutation:
     def is_identity(self) -> bool:
         return all(torch.equal(p, torch.arange(len(p))) for p in self.perms.values())
 
-    def inverse(self) -> "Permutation":
+    def inverse(self) -> Permutation:
         return Permutation({k: torch.argsort(p) for k, p in self.perms.items()})
 
-    def compose(self, first: "Permutation") -> "Permutation":
+    def compose(self, first: Permutation) -> Permutation:
         """self ∘ first: apply(compose) == self.apply(first.apply(θ)). Index form: first[self]."""
         if self.perms.keys() != first.perms.keys():
-            raise SpecError(f"cannot compose permutations over different groups: {sorted(self.perms)} vs {sorted(first.perms)}")
+            raise SpecError(
+                f"cannot compose permutations over different groups: {sorted(self.perms)} vs {sorted(first.perms)}"
+            )
         return Permutation({k: first.perms[k][p] for k, p in self.perms.items()})
 
     def apply(self, params: PointLike, spec: PermutationSpec) -> Point:
@@ -224,10 +252,10 @@ class Permutation:
         return save_checkpoint(path, {f"perm.{k}": v for k, v in self.perms.items()}, header)
 
     @staticmethod
-    def load(path: str | os.PathLike) -> tuple["Permutation", PermutationSpec | None, dict[str, Any]]:
+    def load(path: str | os.PathLike) -> tuple[Permutation, PermutationSpec | None, dict[str, Any]]:
         tensors, header = load_checkpoint(path)
         if header.get("kind") != "permutation":
             raise CheckpointError(f"{path} is not a permutation file (kind: {header.get('kind')!r})")
         spec = PermutationSpec.from_dict(header["spec"]) if header.get("spec") else None
-        perm = Permutation({k[len("perm."):]: v for k, v in tensors.items() if k.startswith("perm.")})
+        perm = Permutation({k[len("perm.") :]: v for k, v in tensors.items() if k.startswith("perm.")})
         return perm, spec, header.get("meta", {})

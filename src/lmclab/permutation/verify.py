@@ -5,6 +5,7 @@ model with ``torch.func.functional_call`` on cloned tensors, so the model itself
 BatchNorm running statistics — is never touched. In train mode BatchNorm uses batch statistics, which
 must agree as well; dropout modules are switched off there (their masks are random, not symmetric).
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,9 +43,16 @@ def _run(model: nn.Module, state: PointLike, inputs: tuple[torch.Tensor, ...], m
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _differences(model: nn.Module, permuted: PointLike | Permutation, spec: PermutationSpec | None,
-                 example_input: ExampleInput | None, modes: Sequence[str], dtype: torch.dtype,
-                 atol: float, rtol: float) -> dict[str, tuple[float, bool]]:
+def _differences(
+    model: nn.Module,
+    permuted: PointLike | Permutation,
+    spec: PermutationSpec | None,
+    example_input: ExampleInput | None,
+    modes: Sequence[str],
+    dtype: torch.dtype,
+    atol: float,
+    rtol: float,
+) -> dict[str, tuple[float, bool]]:
     """mode -> (max |f(π(θ)) − f(θ)|, whether every output is within atol + rtol·|f(θ)|)."""
     bad = [m for m in modes if m not in _MODES]
     if bad:
@@ -74,25 +82,39 @@ def _differences(model: nn.Module, permuted: PointLike | Permutation, spec: Perm
     return result
 
 
-def check_invariance(model: nn.Module, spec: PermutationSpec, perm: Permutation,
-                     example_input: ExampleInput | None = None, *, modes: Sequence[str] = _MODES,
-                     dtype: torch.dtype = torch.float64) -> dict[str, float]:
+def check_invariance(
+    model: nn.Module,
+    spec: PermutationSpec,
+    perm: Permutation,
+    example_input: ExampleInput | None = None,
+    *,
+    modes: Sequence[str] = _MODES,
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, float]:
     """max |f(π(θ)) − f(θ)| over all outputs, per mode ('eval', 'train'), θ = the model's state_dict."""
     diffs = _differences(model, perm, spec, example_input, modes, dtype, 0.0, 0.0)
     return {mode: d for mode, (d, _) in diffs.items()}
 
 
-def verify_permutation(model: nn.Module, params_or_perm: PointLike | Permutation,
-                       spec: PermutationSpec | None, *, example_input: ExampleInput | None = None,
-                       atol: float = 1e-5, rtol: float = 1e-4, modes: Sequence[str] = _MODES,
-                       dtype: torch.dtype = torch.float64) -> None:
+def verify_permutation(
+    model: nn.Module,
+    params_or_perm: PointLike | Permutation,
+    spec: PermutationSpec | None,
+    *,
+    example_input: ExampleInput | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    modes: Sequence[str] = _MODES,
+    dtype: torch.dtype = torch.float64,
+) -> None:
     """Raise SpecError unless f(π(θ)) ≈ f(θ) (|Δ| ≤ atol + rtol·|f(θ)|) in every mode.
 
     `params_or_perm` is a Permutation of `spec` (π(θ) = perm.apply(θ, spec)) or a permuted state_dict
     (then `spec` may be None). θ is the model's own state_dict; the model is not modified.
     """
-    for mode, (diff, ok) in _differences(model, params_or_perm, spec, example_input, modes, dtype,
-                                         atol, rtol).items():
+    for mode, (diff, ok) in _differences(model, params_or_perm, spec, example_input, modes, dtype, atol, rtol).items():
         if not ok:
-            raise SpecError(f"permutation changes the function of {type(model).__name__} in {mode} mode: "
-                            f"max |f(π(θ)) − f(θ)| = {diff:.3g} (atol {atol:g}, rtol {rtol:g})")
+            raise SpecError(
+                f"permutation changes the function of {type(model).__name__} in {mode} mode: "
+                f"max |f(π(θ)) − f(θ)| = {diff:.3g} (atol {atol:g}, rtol {rtol:g})"
+            )

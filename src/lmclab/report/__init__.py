@@ -1,4 +1,5 @@
 """Figures and tables."""
+
 # figures first: it selects the Agg backend before pyplot loads
 from lmclab.report.figures import SavedFigure, save_figure
 from lmclab.report.paths import plot_paths

@@ -1,6 +1,7 @@
 """Figures of Benkő's paper: loss and its Taylor approximations along paths (Figs 1–6), one input's
 logits (Fig. 7), logit RMSE over the test set (Fig. 8). Approximations centred at A are drawn solid
 up to the midpoint and faded beyond it; centred at B the other way round."""
+
 from __future__ import annotations
 
 import os
@@ -37,14 +38,17 @@ def _faded_halves(ax: plt.Axes, lam: np.ndarray, y: np.ndarray, center: str, **s
     ax.plot(lam[~near | (lam == 0.5)], y[~near | (lam == 0.5)], alpha=0.3, **style)
 
 
-def plot_loss_approximations(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> SavedFigure:
+def plot_loss_approximations(
+    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = ""
+) -> SavedFigure:
     """Rows of one setting: {pair, path, split, lambda, curve (true|taylor), center, order, value}."""
     rows = list(rows)
     splits = list(dict.fromkeys(r["split"] for r in rows))
     paths = [p for p in PATH_TITLES if any(r["path"] == p for r in rows)]
     orders = sorted({int(r["order"]) for r in rows if r["curve"] == "taylor"})
-    fig, axes = plt.subplots(len(splits), len(paths), figsize=(5.6 * len(paths), 3.9 * len(splits)),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(splits), len(paths), figsize=(5.6 * len(paths), 3.9 * len(splits)), constrained_layout=True, squeeze=False
+    )
     for i, split in enumerate(splits):
         for j, name in enumerate(paths):
             ax = axes[i][j]
@@ -54,10 +58,19 @@ def plot_loss_approximations(path: str | os.PathLike, rows: Iterable[Mapping[str
             ax.fill_between(lam, mean - std, mean + std, color="black", alpha=0.15, lw=0)
             for center in ("a", "b"):
                 for k in orders:
-                    l2, m2, _ = _mean_std([r for r in sel if r["curve"] == "taylor" and r["center"] == center
-                                           and int(r["order"]) == k])
-                    _faded_halves(ax, l2, m2, center, color=CENTER_COLOURS[center][k - 1 if k <= 4 else 3],
-                                  ls=ORDER_STYLE.get(k, "-"), lw=1.6, label=f"order {k}, centred at {center.upper()}")
+                    l2, m2, _ = _mean_std(
+                        [r for r in sel if r["curve"] == "taylor" and r["center"] == center and int(r["order"]) == k]
+                    )
+                    _faded_halves(
+                        ax,
+                        l2,
+                        m2,
+                        center,
+                        color=CENTER_COLOURS[center][k - 1 if k <= 4 else 3],
+                        ls=ORDER_STYLE.get(k, "-"),
+                        lw=1.6,
+                        label=f"order {k}, centred at {center.upper()}",
+                    )
             finite = mean[np.isfinite(mean)]
             if finite.size:
                 span = max(finite.max() - finite.min(), 1e-3)
@@ -93,19 +106,33 @@ def plot_logit_example(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
                 elif curve == "direct":
                     ax.plot(lam, y, color=colour, lw=0.9, alpha=0.7)
                 elif curve[1:] in ("1", "2"):
-                    _faded_halves(ax, lam, y, curve[0], color=colour, lw=1.3, ls=ORDER_STYLE[int(curve[1:])],
-                                  marker="o" if curve[0] == "b" else None, ms=2.5)
+                    _faded_halves(
+                        ax,
+                        lam,
+                        y,
+                        curve[0],
+                        color=colour,
+                        lw=1.3,
+                        ls=ORDER_STYLE[int(curve[1:])],
+                        marker="o" if curve[0] == "b" else None,
+                        ms=2.5,
+                    )
         label = sel[0]["label"] if sel else "?"
-        ax.set(xlabel="λ", ylabel="logit", title=f"{PATH_TITLES[name]}\ninput {sel[0]['input'] if sel else '?'} "
-                                                   f"(label {label}); classes {classes}")
+        ax.set(
+            xlabel="λ",
+            ylabel="logit",
+            title=f"{PATH_TITLES[name]}\ninput {sel[0]['input'] if sel else '?'} (label {label}); classes {classes}",
+        )
         ax.set_xlim(0, 1)
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color="k", lw=2.4, label="z_k(θ_λ)"),
-               Line2D([], [], color="k", lw=0.9, alpha=0.7, label="(1−λ)z(θ_A) + λz(θ_B)"),
-               Line2D([], [], color="k", ls=":", label="linear, centred at A"),
-               Line2D([], [], color="k", ls="--", label="quadratic, centred at A"),
-               Line2D([], [], color="k", ls=":", marker="o", ms=2.5, label="linear, centred at B"),
-               Line2D([], [], color="k", ls="--", marker="o", ms=2.5, label="quadratic, centred at B")]
+    handles = [
+        Line2D([], [], color="k", lw=2.4, label="z_k(θ_λ)"),
+        Line2D([], [], color="k", lw=0.9, alpha=0.7, label="(1−λ)z(θ_A) + λz(θ_B)"),
+        Line2D([], [], color="k", ls=":", label="linear, centred at A"),
+        Line2D([], [], color="k", ls="--", label="quadratic, centred at A"),
+        Line2D([], [], color="k", ls=":", marker="o", ms=2.5, label="linear, centred at B"),
+        Line2D([], [], color="k", ls="--", marker="o", ms=2.5, label="quadratic, centred at B"),
+    ]
     axes[0][-1].legend(handles=handles, fontsize=7)
     return figures.save_figure(fig, path, title)
 
@@ -122,8 +149,11 @@ def plot_logit_rmse(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], 
                 style: dict[str, Any] = {"color": "grey", "ls": "-", "label": "direct interpolation"}
             else:
                 k, center = int(approx[1:]), approx[0]
-                style = {"color": CENTER_COLOURS[center][k - 1 if k <= 4 else 3], "ls": ORDER_STYLE.get(k, "-"),
-                         "label": f"order {k}, centred at {center.upper()}"}
+                style = {
+                    "color": CENTER_COLOURS[center][k - 1 if k <= 4 else 3],
+                    "ls": ORDER_STYLE.get(k, "-"),
+                    "label": f"order {k}, centred at {center.upper()}",
+                }
             ax.plot(lam, mean, lw=1.6, **style)
             ax.fill_between(lam, np.maximum(mean - std, 0), mean + std, color=style["color"], alpha=0.12, lw=0)
         ax.set_ylim(bottom=0)

@@ -1,5 +1,6 @@
 """Shared figure plumbing: the Agg backend and atomic saving. The report modules call
 `figures.save_figure` through this module, so that one name sees every figure saved (tests record them)."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 permuted pairs (and model → merged) vs K, Hessian trace at the merged model vs K, and the K × K
 pair-barrier heat map per method. One colour per alignment method throughout. Missing values (NaN,
 stored as empty) leave gaps and are counted in the panel title, never drawn as numbers."""
+
 from __future__ import annotations
 
 import math
@@ -59,15 +60,24 @@ def _title(ax: plt.Axes, text: str, missing: int) -> None:
     ax.set_title(text + (f"\n({missing} missing value(s) not drawn)" if missing else ""), fontsize=10)
 
 
-def plot_merged_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "",
-                     metrics: Sequence[str] = ("loss", "accuracy")) -> SavedFigure:
+def plot_merged_vs_k(
+    path: str | os.PathLike,
+    rows: Iterable[Mapping[str, Any]],
+    title: str = "",
+    metrics: Sequence[str] = ("loss", "accuracy"),
+) -> SavedFigure:
     """Rows {method, k, model (merged|member), member, split, metric, value}: one panel per metric × split;
     the merged model per method, and the members' mean (grey, band = min … max over the first K)."""
     rows = list(rows)
     splits = _splits(rows)
     methods = _methods(rows)
-    fig, axes = plt.subplots(len(metrics), len(splits), figsize=(5.2 * len(splits), 3.8 * len(metrics)),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(metrics),
+        len(splits),
+        figsize=(5.2 * len(splits), 3.8 * len(metrics)),
+        constrained_layout=True,
+        squeeze=False,
+    )
     for a, metric in enumerate(metrics):
         for b, split in enumerate(splits):
             ax, missing = axes[a][b], 0
@@ -82,16 +92,24 @@ def plot_merged_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
                 ok = [v[np.isfinite(v)] for v in vals]
                 missing += sum(int((~np.isfinite(v)).sum()) for v in vals)
                 mean = [v.mean() if v.size else math.nan for v in ok]
-                ax.fill_between(ks, [v.min() if v.size else math.nan for v in ok],
-                                [v.max() if v.size else math.nan for v in ok], color="grey", alpha=0.2, lw=0)
+                ax.fill_between(
+                    ks,
+                    [v.min() if v.size else math.nan for v in ok],
+                    [v.max() if v.size else math.nan for v in ok],
+                    color="grey",
+                    alpha=0.2,
+                    lw=0,
+                )
                 ax.plot(ks, mean, color="grey", ls="--", marker=".", label="individual models (mean, min–max)")
             for i, method in enumerate(methods):
-                pts = sorted((int(r["k"]), _num(r["value"])) for r in sel if r["method"] == method and r["model"] == "merged")
+                pts = sorted(
+                    (int(r["k"]), _num(r["value"])) for r in sel if r["method"] == method and r["model"] == "merged"
+                )
                 if not pts:
                     continue
-                ks, ys = zip(*pts)
+                method_ks, ys = zip(*pts)
                 missing += sum(not math.isfinite(y) for y in ys)
-                ax.plot(ks, ys, marker="o", lw=1.8, **_style(method, i))
+                ax.plot(method_ks, ys, marker="o", lw=1.8, **_style(method, i))
             _k_axis(ax, [int(r["k"]) for r in sel])
             ax.set_ylabel(f"{split} {METRIC_LABEL.get(metric, metric)}")
             _title(ax, f"merged model: {split} {metric}", missing)
@@ -99,23 +117,34 @@ def plot_merged_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]],
     return figures.save_figure(fig, path, title)
 
 
-def plot_barriers_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "",
-                       definition: str = "barrier", metrics: Sequence[str] = ("loss", "error")) -> SavedFigure:
+def plot_barriers_vs_k(
+    path: str | os.PathLike,
+    rows: Iterable[Mapping[str, Any]],
+    title: str = "",
+    definition: str = "barrier",
+    metrics: Sequence[str] = ("loss", "error"),
+) -> SavedFigure:
     """Summary rows {method, k, split, metric, definition, max, mean, std, n, n_missing}: per metric × split,
     mean ± SD (solid, error bars) and max (dashed) over pairs (or models) vs K, one colour per method."""
     rows = [r for r in rows if r["definition"] == definition]
     splits = _splits(rows)
     methods = _methods(rows)
-    fig, axes = plt.subplots(len(metrics), len(splits), figsize=(5.2 * len(splits), 3.8 * len(metrics)),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(metrics),
+        len(splits),
+        figsize=(5.2 * len(splits), 3.8 * len(metrics)),
+        constrained_layout=True,
+        squeeze=False,
+    )
     for a, metric in enumerate(metrics):
         for b, split in enumerate(splits):
             ax = axes[a][b]
             sel = [r for r in rows if r["split"] == split and r["metric"] == metric]
             missing = sum(int(_num(r.get("n_missing", 0)) or 0) for r in sel)
             for i, method in enumerate(methods):
-                pts = sorted((int(r["k"]), _num(r["mean"]), _num(r["std"]), _num(r["max"]))
-                             for r in sel if r["method"] == method)
+                pts = sorted(
+                    (int(r["k"]), _num(r["mean"]), _num(r["std"]), _num(r["max"])) for r in sel if r["method"] == method
+                )
                 if not pts:
                     continue
                 ks, mean, std, top = (np.array(c, dtype=float) for c in zip(*pts))
@@ -128,8 +157,10 @@ def plot_barriers_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
             ax.set_ylabel(f"{split} {metric} barrier")
             _title(ax, f"{definition} ({metric}, {split})", missing)
     handles = [Line2D([], [], marker="o", **_style(m, i)) for i, m in enumerate(methods)]
-    handles += [Line2D([], [], color="black", marker="o", label="mean ± SD"),
-                Line2D([], [], color="black", ls="--", marker="^", label="max")]
+    handles += [
+        Line2D([], [], color="black", marker="o", label="mean ± SD"),
+        Line2D([], [], color="black", ls="--", marker="^", label="max"),
+    ]
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
     return figures.save_figure(fig, path, title)
 
@@ -146,14 +177,24 @@ def plot_trace_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], 
         sel = [r for r in rows if r["kind"] == kind]
         missing = 0
         for i, method in enumerate(methods):
-            pts = sorted((int(r["k"]), _num(r["estimate"]), _num(r["ci_low"]), _num(r["ci_high"]))
-                         for r in sel if r["method"] == method)
+            pts = sorted(
+                (int(r["k"]), _num(r["estimate"]), _num(r["ci_low"]), _num(r["ci_high"]))
+                for r in sel
+                if r["method"] == method
+            )
             if not pts:
                 continue
             ks, est, lo, hi = (np.array(c, dtype=float) for c in zip(*pts))
             missing += int((~np.isfinite(est)).sum())
-            ax.errorbar(_dodge(ks, i, len(methods)), est, yerr=np.vstack([est - lo, hi - est]), marker="o",
-                        capsize=3, lw=1.8, **_style(method, i))
+            ax.errorbar(
+                _dodge(ks, i, len(methods)),
+                est,
+                yerr=np.vstack([est - lo, hi - est]),
+                marker="o",
+                capsize=3,
+                lw=1.8,
+                **_style(method, i),
+            )
         values = np.array([_num(r["ci_low"]) for r in sel] + [_num(r["ci_high"]) for r in sel])
         values = values[np.isfinite(values)]
         if values.size and values.min() > 0 and values.max() / values.min() > 30:
@@ -166,19 +207,28 @@ def plot_trace_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], 
     return figures.save_figure(fig, path, title)
 
 
-def plot_heatmaps(path: str | os.PathLike, pair_rows: Iterable[Mapping[str, Any]], k: int, split: str = "test",
-                  metric: str = "loss", definition: str = "barrier", title: str = "") -> SavedFigure:
+def plot_heatmaps(
+    path: str | os.PathLike,
+    pair_rows: Iterable[Mapping[str, Any]],
+    k: int,
+    split: str = "test",
+    metric: str = "loss",
+    definition: str = "barrier",
+    title: str = "",
+) -> SavedFigure:
     """Pair rows {method, i, j, split, metric, <definition>} of one K: the K × K matrix per method, one
     shared colour scale, values written in the cells; missing values grey and marked n/a."""
     pair_rows = list(pair_rows)
     methods = _methods(pair_rows)
-    mats = {m: barrier_matrix([r for r in pair_rows if r["method"] == m], k, split, metric, definition)
-            for m in methods}
+    mats = {
+        m: barrier_matrix([r for r in pair_rows if r["method"] == m], k, split, metric, definition) for m in methods
+    }
     finite = np.concatenate([m[np.isfinite(m)] for m in mats.values()]) if mats else np.array([])
     vmin = min(0.0, float(finite.min())) if finite.size else 0.0
     vmax = max(float(finite.max()), vmin + 1e-12) if finite.size else 1.0
-    fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(3.6 * max(len(methods), 1) + 0.8, 3.6),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(methods), 1), figsize=(3.6 * max(len(methods), 1) + 0.8, 3.6), constrained_layout=True, squeeze=False
+    )
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     image = None
     for ax, method in zip(axes[0], methods):
@@ -187,8 +237,15 @@ def plot_heatmaps(path: str | os.PathLike, pair_rows: Iterable[Mapping[str, Any]
         for (i, j), v in np.ndenumerate(m):
             text = "n/a" if not np.isfinite(v) else f"{v:.3g}"
             bright = np.isfinite(v) and (v - vmin) / (vmax - vmin) > 0.6
-            ax.text(j, i, text, ha="center", va="center", fontsize=7 if k > 6 else 8,
-                    color="black" if bright or not np.isfinite(v) else "white")
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=7 if k > 6 else 8,
+                color="black" if bright or not np.isfinite(v) else "white",
+            )
         ax.set_xticks(range(k))
         ax.set_yticks(range(k))
         ax.set(xlabel="model j", ylabel="model i", title=_style(method, 0)["label"])

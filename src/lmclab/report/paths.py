@@ -1,4 +1,5 @@
 """Loss and accuracy along interpolation paths (the look of Git Re-Basin's and Benkő's figures)."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,13 @@ from lmclab.report.figures import SavedFigure
 SPLIT_STYLE = {"train": "-", "test": "--"}
 
 
-def plot_paths(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metrics: Sequence[str] = ("loss", "accuracy"),
-               title: str = "", endpoint_labels: tuple[str, str] = ("Model A", "Model B")) -> SavedFigure:
+def plot_paths(
+    path: str | os.PathLike,
+    rows: Iterable[Mapping[str, Any]],
+    metrics: Sequence[str] = ("loss", "accuracy"),
+    title: str = "",
+    endpoint_labels: tuple[str, str] = ("Model A", "Model B"),
+) -> SavedFigure:
     """One panel per metric; one colour per path (e.g. naive, permuted), train solid / test dashed;
     mean ± std over pairs when rows carry several `pair` values. Non-finite values are left out of the
     lines and counted in the panel's title, never drawn as numbers."""

@@ -1,4 +1,5 @@
 """Measured against Hessian-predicted barriers (Singh et al. Figs 4–5 in spirit)."""
+
 from __future__ import annotations
 
 import os
@@ -14,9 +15,15 @@ from lmclab.report import figures
 from lmclab.report.figures import SavedFigure
 
 
-def plot_predictions(path: str | os.PathLike, curve: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]],
-                     cumulative: Sequence[Mapping[str, Any]], names: Sequence[str], matrix: np.ndarray,
-                     title: str = "") -> SavedFigure:
+def plot_predictions(
+    path: str | os.PathLike,
+    curve: Sequence[Mapping[str, Any]],
+    layers: Sequence[Mapping[str, Any]],
+    cumulative: Sequence[Mapping[str, Any]],
+    names: Sequence[str],
+    matrix: np.ndarray,
+    title: str = "",
+) -> SavedFigure:
     fig, axes = plt.subplots(2, 2, figsize=(13, 10), constrained_layout=True)
     ax = axes[0][0]
     alpha = [r["alpha"] for r in curve]
@@ -43,8 +50,11 @@ def plot_predictions(path: str | os.PathLike, curve: Sequence[Mapping[str, Any]]
         ax.plot(k, [r["measured_half"] for r in rows], "-o", color=f"C{i}", ms=3, label=f"{order}: measured")
         ax.plot(k, [r["predicted_eq21"] for r in rows], "--s", color=f"C{i}", ms=3, label=f"{order}: eq. 21")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="number of layers interpolated (cumulative)", ylabel="barrier at α = ½",
-           title="cumulative sets of layers")
+    ax.set(
+        xlabel="number of layers interpolated (cumulative)",
+        ylabel="barrier at α = ½",
+        title="cumulative sets of layers",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 

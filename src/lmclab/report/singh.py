@@ -5,6 +5,7 @@ the sibling distance (Figs 4, 14), layer-wise measured against Prop. 2 over trai
 and the toy landscapes (Fig. 6). Missing values (NaN, empty cells) are left out, never drawn as numbers.
 Where a table holds several sibling pairs, lines and markers show their mean (3-D panels: pair 0).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,9 @@ def _finish(ax: plt.Axes, has_data: bool, **legend: Any) -> None:
         _no_data(ax)
 
 
-def plot_segments(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metric: str = "error",
-                  title: str = "") -> SavedFigure:
+def plot_segments(
+    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metric: str = "error", title: str = ""
+) -> SavedFigure:
     """Figs 1 / 10 (and 8–9, 11–12 for other settings): one 3-D panel per fork epoch with the curve of
     `metric` along the segment θ_1^t → θ_2^t laid out at its child epoch t (top), and its barrier
     version with the endpoints' values subtracted (bottom). Rows: {fork_epoch, pair, child_epoch, metric,
@@ -87,22 +89,32 @@ def plot_segments(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], me
     return figures.save_figure(fig, path, title)
 
 
-def plot_geometry(path: str | os.PathLike, angles: Iterable[Mapping[str, Any]], geometry: Iterable[Mapping[str, Any]],
-                  title: str = "") -> SavedFigure:
+def plot_geometry(
+    path: str | os.PathLike, angles: Iterable[Mapping[str, Any]], geometry: Iterable[Mapping[str, Any]], title: str = ""
+) -> SavedFigure:
     """Fig. 2 / 13: the angle between the final siblings with base = origin (a) and base = fork point (b)
     per fork epoch; (c) solution-plane determination cos(θ_1^t − θ_2^t, θ_1* − θ_2*) over child epochs."""
     angles, geometry = list(angles), list(geometry)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), constrained_layout=True)
-    for ax, base, colour, label in ((axes[0], "origin", "C0", "base = origin"),
-                                    (axes[1], "fork", "C1", "base = fork point")):
+    for ax, base, colour, label in (
+        (axes[0], "origin", "C0", "base = origin"),
+        (axes[1], "fork", "C1", "base = fork point"),
+    ):
         sel = [r for r in angles if r["base"] == base]
         forks, values = _mean_by(sel, "fork_epoch", "angle_degrees")
         pos = np.arange(len(forks))
         finite = np.isfinite(values)
         ax.bar(pos[finite], values[finite], color=colour, width=0.6)
         for p, v, ok in zip(pos, values, finite):
-            ax.annotate(f"{v:.3g}°" if ok else "n/a", (p, v if ok else 0), ha="center", va="bottom", fontsize=8,
-                        xytext=(0, 2), textcoords="offset points")
+            ax.annotate(
+                f"{v:.3g}°" if ok else "n/a",
+                (p, v if ok else 0),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
         ax.set_xticks(pos, [f"{int(f)}" for f in forks])
         ax.set(xlabel="fork epoch", ylabel="angle between final siblings (degrees)", title=f"sibling angle, {label}")
         ax.grid(alpha=0.3, axis="y")
@@ -112,33 +124,58 @@ def plot_geometry(path: str | os.PathLike, angles: Iterable[Mapping[str, Any]], 
     for i, epoch in enumerate(_forks(geometry)):
         t, cos = _mean_by([r for r in geometry if int(r["fork_epoch"]) == epoch], "child_epoch", "plane_cos")
         ax.plot(t, cos, "-o", ms=2.5, color=f"C{i}", label=f"fork {epoch}")
-    ax.set(xlabel="child epoch t", ylabel="cos(θ₁ᵗ − θ₂ᵗ, θ₁* − θ₂*)", title="solution-plane determination",
-           ylim=(min(0.0, ax.get_ylim()[0]), 1.02))
+    ax.set(
+        xlabel="child epoch t",
+        ylabel="cos(θ₁ᵗ − θ₂ᵗ, θ₁* − θ₂*)",
+        title="solution-plane determination",
+        ylim=(min(0.0, ax.get_ylim()[0]), 1.02),
+    )
     _finish(ax, bool(geometry))
     return figures.save_figure(fig, path, title)
 
 
-def plot_barrier_predictions(path: str | os.PathLike, predictions: Iterable[Mapping[str, Any]],
-                             curves: Iterable[Mapping[str, Any]], geometry: Iterable[Mapping[str, Any]],
-                             title: str = "") -> SavedFigure:
+def plot_barrier_predictions(
+    path: str | os.PathLike,
+    predictions: Iterable[Mapping[str, Any]],
+    curves: Iterable[Mapping[str, Any]],
+    geometry: Iterable[Mapping[str, Any]],
+    title: str = "",
+) -> SavedFigure:
     """Fig. 4 / 14: (a) Prop. 1's predicted barrier max_α B(α) against the measured one for the final
     siblings of each fork; (b) the whole curves; (c) the sibling distance ‖θ_1^t − θ_2^t‖ over child epochs."""
     predictions, curves, geometry = list(predictions), list(curves), list(geometry)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), constrained_layout=True)
     ax = axes[0]
-    series = [("measured_max", "measured (interpolated BN statistics)" if any(
-        np.isfinite(_value(r.get("measured_bn_reset_max"))) for r in predictions) else "measured", "k", "o"),
-              ("measured_bn_reset_max", "measured (BN statistics reset)", "0.5", "s"),
-              ("predicted_max", "Prop. 1 prediction", "C3", "D")]
+    series = [
+        (
+            "measured_max",
+            "measured (interpolated BN statistics)"
+            if any(np.isfinite(_value(r.get("measured_bn_reset_max"))) for r in predictions)
+            else "measured",
+            "k",
+            "o",
+        ),
+        ("measured_bn_reset_max", "measured (BN statistics reset)", "0.5", "s"),
+        ("predicted_max", "Prop. 1 prediction", "C3", "D"),
+    ]
     forks = _forks(predictions)
     pos = np.arange(len(forks))
     for k, (key, label, colour, marker) in enumerate(series):
-        values = np.array([_mean_by([r for r in predictions if int(r["fork_epoch"]) == f], "fork_epoch", key)[1][0]
-                           for f in forks]) if forks else np.array([])
+        values = (
+            np.array(
+                [
+                    _mean_by([r for r in predictions if int(r["fork_epoch"]) == f], "fork_epoch", key)[1][0]
+                    for f in forks
+                ]
+            )
+            if forks
+            else np.array([])
+        )
         finite = np.isfinite(values)
         if finite.any():
-            ax.plot(pos[finite] + (k - 1) * 0.08, values[finite], marker=marker, ls="none", ms=8, color=colour,
-                    label=label)
+            ax.plot(
+                pos[finite] + (k - 1) * 0.08, values[finite], marker=marker, ls="none", ms=8, color=colour, label=label
+            )
     ax.set_xticks(pos, [str(f) for f in forks])
     ax.set(xlabel="fork epoch", ylabel="loss barrier max_α B(α)", title="predicted vs actual barrier (final siblings)")
     _finish(ax, bool(predictions))
@@ -177,8 +214,13 @@ def _heat_map(fig: plt.Figure, ax: plt.Axes, rows: Rows, key: str, title: str, c
         return
     low, high = float(np.nanmin(grid)), float(np.nanmax(grid))
     norm = TwoSlopeNorm(0.0, min(low, -1e-12), max(high, 1e-12)) if low < 0 < high else None
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest",
-                      cmap="RdBu_r" if norm is not None else cmap, norm=norm)
+    image = ax.imshow(
+        np.ma.masked_invalid(grid),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="RdBu_r" if norm is not None else cmap,
+        norm=norm,
+    )
     size = max(4, 9 - len(layers) // 6)
     ax.set_yticks(np.arange(len(layers)), layers, fontsize=size)
     step = max(1, len(epochs) // 12)
@@ -187,8 +229,9 @@ def _heat_map(fig: plt.Figure, ax: plt.Axes, rows: Rows, key: str, title: str, c
     fig.colorbar(image, ax=ax, shrink=0.85)
 
 
-def plot_layerwise(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], sums: Iterable[Mapping[str, Any]],
-                   title: str = "") -> SavedFigure:
+def plot_layerwise(
+    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], sums: Iterable[Mapping[str, Any]], title: str = ""
+) -> SavedFigure:
     """Figs 5, 15–20: heat maps (layer × child epoch) of Singh's measured layer barrier B_ℓ(½) (Adilova's
     one-layer interpolation), Prop. 2's prediction at α = ½ and the layer distance ‖d[ℓ]‖; and eq. 20's
     cross-block sums next to the measured barriers over child epochs."""
@@ -198,15 +241,23 @@ def plot_layerwise(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], s
     _heat_map(fig, axes[0][1], rows, "predicted_half", "Prop. 2 prediction at α = ½")
     _heat_map(fig, axes[1][0], rows, "distance", "layer distance ‖θ₁ᵗ[ℓ] − θ₂ᵗ[ℓ]‖", cmap="magma")
     ax = axes[1][1]
-    styles = {"measured": ("-", 2.0), "Prop. 1": ("--", 1.6), "eq. 20": (":", 1.6), "Σ diagonal": ("-.", 1.4),
-              "Σ off": ((0, (3, 1, 1, 1)), 1.4)}
+    styles = {
+        "measured": ("-", 2.0),
+        "Prop. 1": ("--", 1.6),
+        "eq. 20": (":", 1.6),
+        "Σ diagonal": ("-.", 1.4),
+        "Σ off": ((0, (3, 1, 1, 1)), 1.4),
+    }
     for i, quantity in enumerate(dict.fromkeys(r["quantity"] for r in sums)):
         t, v = _mean_by([r for r in sums if r["quantity"] == quantity], "child_epoch", "value")
         ls, lw = next((s for k, s in styles.items() if quantity.startswith(k)), ("-", 1.4))
         ax.plot(t, v, ls=ls, lw=lw, marker="o", ms=2.5, color=f"C{i}", label=quantity)
     ax.axhline(0.0, color="0.6", lw=0.8)
-    ax.set(xlabel="child epoch t", ylabel="barrier at α = ½ (loss)",
-           title="cross-block sums (eq. 20) and measured barriers")
+    ax.set(
+        xlabel="child epoch t",
+        ylabel="barrier at α = ½ (loss)",
+        title="cross-block sums (eq. 20) and measured barriers",
+    )
     _finish(ax, bool(sums), ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     return figures.save_figure(fig, path, title)
 
@@ -218,24 +269,44 @@ def plot_toy_landscapes(path: str | os.PathLike, rows: Iterable[Mapping[str, Any
     names = list(dict.fromkeys(r["landscape"] for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4.6), constrained_layout=True, squeeze=False)
     for ax, name in zip(axes[0], names):
-        land = sorted((float(r["theta"]), float(r["loss"])) for r in rows if r["landscape"] == name
-                      and r["kind"] == "landscape")
+        land = sorted(
+            (float(r["theta"]), float(r["loss"])) for r in rows if r["landscape"] == name and r["kind"] == "landscape"
+        )
         theta, loss = np.array([p[0] for p in land]), np.array([p[1] for p in land])
         ax.plot(theta, loss, color="black", lw=2, label="L(θ)")
         top = 0.0
         pairs = dict.fromkeys(r["pair"] for r in rows if r["landscape"] == name and r["kind"] == "pair")
         for i, pair in enumerate(pairs):
-            sel = sorted(((float(r["theta"]), float(r["predicted"]), float(r["loss"]), r) for r in rows
-                          if r["landscape"] == name and r.get("pair") == pair), key=lambda p: p[0])
+            sel = sorted(
+                (
+                    (float(r["theta"]), float(r["predicted"]), float(r["loss"]), r)
+                    for r in rows
+                    if r["landscape"] == name and r.get("pair") == pair
+                ),
+                key=lambda p: p[0],
+            )
             x = np.array([p[0] for p in sel])
             predicted = np.array([p[1] for p in sel])
             exact = sel[0][3]
-            ax.plot(x, predicted, "--", color=f"C{i}", lw=1.6,
-                    label=f"{pair}: Prop. 1 peak {predicted.max():.3g}, exact barrier {float(exact['barrier']):.3g}")
+            ax.plot(
+                x,
+                predicted,
+                "--",
+                color=f"C{i}",
+                lw=1.6,
+                label=f"{pair}: Prop. 1 peak {predicted.max():.3g}, exact barrier {float(exact['barrier']):.3g}",
+            )
             ax.fill_between(x, 0, [p[2] for p in sel], color=f"C{i}", alpha=0.12, lw=0)
             top = max(top, float(predicted.max()), float(exact["barrier"]))
-        minima = np.array(sorted({float(r["theta"]) for r in rows if r["landscape"] == name and r["kind"] == "pair"
-                                  and float(r["alpha"]) in (0.0, 1.0)}))
+        minima = np.array(
+            sorted(
+                {
+                    float(r["theta"])
+                    for r in rows
+                    if r["landscape"] == name and r["kind"] == "pair" and float(r["alpha"]) in (0.0, 1.0)
+                }
+            )
+        )
         ax.plot(minima, np.zeros_like(minima), "v", color="C3", ms=8, label="minima")
         ax.set_ylim(-0.05 * top, 1.35 * top if top > 0 else 1)
         ax.set(xlabel="θ", ylabel="L(θ)", title=f"{name}")

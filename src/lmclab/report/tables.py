@@ -1,4 +1,5 @@
 """Tidy tables: one row per observation, written as CSV (readable by pandas, R, spreadsheets)."""
+
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,5 @@
 """Training curves of one or several runs."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,9 @@ from lmclab.report import figures
 from lmclab.report.figures import SavedFigure
 
 
-def plot_histories(path: str | os.PathLike, histories: Mapping[str, Sequence[Mapping[str, Any]]], title: str = "") -> SavedFigure:
+def plot_histories(
+    path: str | os.PathLike, histories: Mapping[str, Sequence[Mapping[str, Any]]], title: str = ""
+) -> SavedFigure:
     """Loss and accuracy per epoch (train: solid, test: dashed), one colour per run."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for i, (label, history) in enumerate(histories.items()):

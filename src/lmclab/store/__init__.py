@@ -1,5 +1,6 @@
 """The store: every artifact directory (runs, alignments, results, experiment steps), content-addressed,
 with safetensors checkpoints, typed run metadata and atomic writes."""
+
 from lmclab.config import content_hash
 from lmclab.store.artifacts import Store
 from lmclab.store.atomic import atomic_write, atomic_write_json

@@ -8,6 +8,7 @@
 Identities are hashed with `content_hash(identity, spaced=True)`, the form these directories were
 first named with, so existing stores stay valid.
 """
+
 from __future__ import annotations
 
 import os

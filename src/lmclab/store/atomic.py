@@ -1,4 +1,5 @@
 """Atomic file writes: a reader sees the old file or the complete new one, never half of either."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then `os.replace` it into place."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then `os.replace` it into place.
+
+    Whatever `write` returns (a byte count, say) is ignored.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -8,6 +8,7 @@ Layout of one file:
 
 Nothing is ever unpickled: safetensors holds raw tensors and a JSON header only.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], h
     return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint; a missing, truncated or foreign file raises CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
@@ -54,13 +57,15 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path} is a safetensors file but not an lmclab checkpoint (no 'lmclab' header)")
     header = json.loads(meta["lmclab"])
     if header.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {header.get('format')}, this lmclab reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint format {header.get('format')}, this lmclab reads {FORMAT_VERSION}"
+        )
     return tensors, header
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under `prefix`, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -78,7 +83,11 @@ def check_compatible(expected: dict[str, torch.Tensor], found: dict[str, torch.T
     )
     if missing or unexpected or shapes:
         lines = [f"checkpoint {source} does not fit this architecture:"]
-        for title, items in (("missing in checkpoint", missing), ("not in model", unexpected), ("shape mismatch", shapes)):
+        for title, items in (
+            ("missing in checkpoint", missing),
+            ("not in model", unexpected),
+            ("shape mismatch", shapes),
+        ):
             if items:
                 shown = items[:20] + ([f"… and {len(items) - 20} more"] if len(items) > 20 else [])
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
@@ -105,7 +114,9 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], header: dict[str, Any]
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, value in split_prefix(tensors, OPTIM_PREFIX).items():
         pid, key = name.split(".", 1)

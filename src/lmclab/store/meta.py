@@ -9,6 +9,7 @@ set. A record constructed directly holds every field.
 `RunMeta["key"]` is the stored JSON value under `key` (plain dicts and lists, as in the file), for
 scripts that read meta.json as a dictionary; code in lmclab uses the typed attributes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,11 @@ class JsonRecord:
     def from_json(cls: type[R], obj: dict[str, Any]) -> R:
         """The record of a JSON object; ValueError naming the keys it lacks that the record requires."""
         names = set(cls.field_names())
-        required = [f.name for f in fields(cls) if f.name in names and f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING]
+        required = [
+            f.name
+            for f in fields(cls)
+            if f.name in names and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         lacking = [k for k in required if k not in obj]
         if lacking:
             raise ValueError(f"{cls.__name__} needs key(s) {lacking}; got {obj}")
@@ -140,7 +144,10 @@ class RunMeta(JsonRecord):
     error: str | None = None
 
     NESTED: ClassVar[dict[str, type[JsonRecord]]] = {
-        "data_info": DataInfo, "resumed_from": ResumedFrom, "fork": ForkRecord}
+        "data_info": DataInfo,
+        "resumed_from": ResumedFrom,
+        "fork": ForkRecord,
+    }
 
     def history_until(self, step: int) -> list[dict[str, Any]]:
         """The history entries of epochs that ended at or before `step`."""

@@ -8,6 +8,7 @@
 
 Root: the `runs_dir` argument, else $LMCLAB_RUNS_DIR, else ./runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,11 +110,15 @@ class Run:
         if step is None:
             path = self.final_checkpoint()
             if path is None:
-                raise CheckpointError(f"run {self.path} has no final checkpoint (status: {self.meta.status or 'unknown'})")
+                raise CheckpointError(
+                    f"run {self.path} has no final checkpoint (status: {self.meta.status or 'unknown'})"
+                )
         else:
             path = self.checkpoint_path(step)
             if not path.is_file():
-                raise CheckpointError(f"run {self.path} has no checkpoint at step {step}; it has steps {self.checkpoint_steps()}")
+                raise CheckpointError(
+                    f"run {self.path} has no checkpoint at step {step}; it has steps {self.checkpoint_steps()}"
+                )
         tensors, _ = load_checkpoint(path, device)
         return split_prefix(tensors, MODEL_PREFIX)
 
@@ -131,8 +136,11 @@ class Run:
             "status": meta.status,
             "epochs_done": len(meta.history),
             "final": meta.final_metrics,
-            "fork": ({"parent": meta.fork.parent_run, "epoch": meta.fork.epoch, "step": meta.fork.step}
-                     if meta.fork else None),
+            "fork": (
+                {"parent": meta.fork.parent_run, "epoch": meta.fork.epoch, "step": meta.fork.step}
+                if meta.fork
+                else None
+            ),
         }
 
 
@@ -178,7 +186,10 @@ class RunStore:
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            raise RunNotFound(f"no run {str(ref)!r} in {self.root.resolve()} (runs there: {len(self.runs())}; `lmclab runs` lists them)")
+            raise RunNotFound(
+                f"no run {str(ref)!r} in {self.root.resolve()} "
+                f"(runs there: {len(self.runs())}; `lmclab runs` lists them)"
+            )
         raise RunNotFound(f"{str(ref)!r} is ambiguous in {self.root}: " + ", ".join(r.path.name for r in matches))
 
 

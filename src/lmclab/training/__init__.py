@@ -1,4 +1,5 @@
 """Training with controlled randomness: recipes, schedules, the trainer (plan, state, loop), forks, evaluation."""
+
 from lmclab.training.evaluate import evaluate
 from lmclab.training.forks import child_config
 from lmclab.training.loop import TrainingDiverged, TrainState, train_step
@@ -10,8 +11,27 @@ from lmclab.training.state import OPTIMIZERS, TrainingState, init_model, make_op
 from lmclab.training.trainer import fork, load_run_model, resolve_device, train
 
 __all__ = [
-    "OPTIMIZERS", "PRESETS", "SCHEDULES", "CheckpointSchedule", "Preset", "RunOptions", "Schedule", "TrainState",
-    "TrainingDiverged", "TrainingState", "UnknownPreset", "child_config", "evaluate", "fork", "get_preset",
-    "init_model", "learning_rate", "load_run_model", "make_optimizer", "plan_training", "resolve_device", "train",
+    "OPTIMIZERS",
+    "PRESETS",
+    "SCHEDULES",
+    "CheckpointSchedule",
+    "Preset",
+    "RunOptions",
+    "Schedule",
+    "TrainState",
+    "TrainingDiverged",
+    "TrainingState",
+    "UnknownPreset",
+    "child_config",
+    "evaluate",
+    "fork",
+    "get_preset",
+    "init_model",
+    "learning_rate",
+    "load_run_model",
+    "make_optimizer",
+    "plan_training",
+    "resolve_device",
+    "train",
     "train_step",
 ]

@@ -1,4 +1,5 @@
 """Loss and accuracy of a model on a device-resident split (per-example averages, eval mode)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -17,6 +17,7 @@ Generator rule at the fork, per stream (data order, augmentation):
                               the examples the parent has not yet seen this epoch are re-shuffled by
                               it (each example is still seen once per epoch).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,9 @@ from lmclab.config import ForkConfig, RunConfig, derive_seed
 from lmclab.store import ForkRecord, Run, RunNotFound, RunStore, load_checkpoint, save_checkpoint
 
 
-def child_config(parent: RunConfig, *, epoch: int | None = None, step: int | None = None, child: int,
-                 vary_augment: bool = False) -> RunConfig:
+def child_config(
+    parent: RunConfig, *, epoch: int | None = None, step: int | None = None, child: int, vary_augment: bool = False
+) -> RunConfig:
     """Child number `child` of `parent` forked at `epoch` (or `step`).
 
     seed_data = derive_seed(parent seed_data, "fork/<point>/child<i>/data"), distinct for every
@@ -47,7 +49,8 @@ def child_config(parent: RunConfig, *, epoch: int | None = None, step: int | Non
     seeds = dataclasses.replace(
         parent.seeds,
         seed_data=derive_seed(parent.seeds.seed_data, f"{stream}/data"),
-        seed_augment=derive_seed(parent.seeds.seed_augment, f"{stream}/augment") if vary_augment
+        seed_augment=derive_seed(parent.seeds.seed_augment, f"{stream}/augment")
+        if vary_augment
         else parent.seeds.seed_augment,
     )
     return dataclasses.replace(parent, seeds=seeds, fork=ForkConfig(parent=parent.run_hash(), epoch=epoch, step=step))
@@ -66,7 +69,8 @@ def find_parent(store: RunStore, child: RunConfig) -> Run:
         raise RunNotFound(
             f"parent run {child.fork.parent} of the fork (epoch={child.fork.epoch}, step={child.fork.step}) is not in "
             f"{store.root.resolve()} (no {parent.path.name}/config.json); train the parent there first, or fork "
-            "with `lmclab fork` / lmclab.training.fork, which trains it")
+            "with `lmclab fork` / lmclab.training.fork, which trains it"
+        )
     return parent
 
 
@@ -80,11 +84,19 @@ def check_parent(parent: RunConfig, child: RunConfig) -> None:
     if different:
         raise ValueError(
             f"run {child.run_hash()} cannot be a fork of {child.fork.parent}: its {', '.join(different)} differ(s) "
-            "from the parent's; a child continues its parent's training, only seed_data and seed_augment may differ")
+            "from the parent's; a child continues its parent's training, only seed_data and seed_augment may differ"
+        )
 
 
-def child_start_state(tensors: dict[str, torch.Tensor], parent: RunConfig, child: RunConfig, *, fork_step: int,
-                      steps_per_epoch: int, device: torch.device) -> dict[str, torch.Tensor]:
+def child_start_state(
+    tensors: dict[str, torch.Tensor],
+    parent: RunConfig,
+    child: RunConfig,
+    *,
+    fork_step: int,
+    steps_per_epoch: int,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
     """The parent's full state at `fork_step` with the child's generators (the rule in the module docstring)."""
     out = dict(tensors)
     if child.seeds.seed_data != parent.seeds.seed_data:
@@ -110,9 +122,11 @@ def fork_step(config: RunConfig, steps_per_epoch: int, total_steps: int) -> int 
         return None
     step = fork.step if fork.step is not None else fork.epoch * steps_per_epoch  # type: ignore[operator]
     if step >= total_steps:
-        raise ValueError(f"fork point epoch={fork.epoch}, step={fork.step} is step {step}, not before the end of "
-                         f"training (step {total_steps} = {total_steps / steps_per_epoch:g} epochs of "
-                         f"{steps_per_epoch} steps); fork at a step in [0, {total_steps})")
+        raise ValueError(
+            f"fork point epoch={fork.epoch}, step={fork.step} is step {step}, not before the end of "
+            f"training (step {total_steps} = {total_steps / steps_per_epoch:g} epochs of "
+            f"{steps_per_epoch} steps); fork at a step in [0, {total_steps})"
+        )
     return step
 
 
@@ -120,8 +134,13 @@ def fork_record(store: RunStore, child: RunConfig, step: int, steps_per_epoch: i
     """What the child's meta.json keeps about its start: the parent (hash, directory, path) and the fork point."""
     parent_hash, parent_path = child.fork.parent, parent_run(store, child).path
     assert parent_hash is not None  # (a fork config names its parent: ForkConfig.validate)
-    return ForkRecord(parent=parent_hash, parent_run=parent_path.name, parent_path=str(parent_path),
-                      step=step, epoch=step / steps_per_epoch)
+    return ForkRecord(
+        parent=parent_hash,
+        parent_run=parent_path.name,
+        parent_path=str(parent_path),
+        step=step,
+        epoch=step / steps_per_epoch,
+    )
 
 
 def usable_parent(store: RunStore, child: RunConfig, step: int, steps_per_epoch: int, total_steps: int) -> Run:
@@ -130,20 +149,32 @@ def usable_parent(store: RunStore, child: RunConfig, step: int, steps_per_epoch:
     check_parent(parent.config, child)
     parent_fork = fork_step(parent.config, steps_per_epoch, total_steps)
     if parent_fork is not None and step < parent_fork:
-        raise ValueError(f"cannot fork {parent.path.name} at step {step}: it is itself a child forked at step "
-                         f"{parent_fork} and holds no state before that; fork its parent {parent.config.fork.parent}")
+        raise ValueError(
+            f"cannot fork {parent.path.name} at step {step}: it is itself a child forked at step "
+            f"{parent_fork} and holds no state before that; fork its parent {parent.config.fork.parent}"
+        )
     return parent
 
 
-def start_child(store: RunStore, child: RunConfig, parent: Run, record: ForkRecord, *, steps_per_epoch: int,
-                device: torch.device, preset: str | None) -> Run:
+def start_child(
+    store: RunStore,
+    child: RunConfig,
+    parent: Run,
+    record: ForkRecord,
+    *,
+    steps_per_epoch: int,
+    device: torch.device,
+    preset: str | None,
+) -> Run:
     """Write the child's first checkpoint: the parent's full state at the fork step (which the parent must
     hold) with the child's generators (`child_start_state`), and its history up to the fork."""
     tensors, header = load_checkpoint(parent.checkpoint_path(record.step))
-    tensors = child_start_state(tensors, parent.config, child, fork_step=record.step,
-                                steps_per_epoch=steps_per_epoch, device=device)
+    tensors = child_start_state(
+        tensors, parent.config, child, fork_step=record.step, steps_per_epoch=steps_per_epoch, device=device
+    )
     run = store.open(child, preset=preset)
     run.update_meta(history=parent.meta.history_until(record.step), fork=record)
-    save_checkpoint(run.checkpoint_path(record.step), tensors,
-                    {**header, "run": run.path.name, "fork": record.to_json()})
+    save_checkpoint(
+        run.checkpoint_path(record.step), tensors, {**header, "run": run.path.name, "fork": record.to_json()}
+    )
     return run

@@ -5,6 +5,7 @@ resume file at every epoch end and the kept checkpoints at their steps; `finish`
 state and marks the run complete. A plan that only fills checkpoints of a complete run leaves its
 history and meta.json as they are.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +56,16 @@ def train_step(
     return loss.detach(), logits.detach()
 
 
-def run_loop(state: TrainingState, plan: Train, config: RunConfig, options: RunOptions,
-             train_ds: DeviceDataset, test_ds: DeviceDataset, history: list[dict[str, Any]],
-             callback: Callable[[TrainState], None] | None = None) -> None:
+def run_loop(
+    state: TrainingState,
+    plan: Train,
+    config: RunConfig,
+    options: RunOptions,
+    train_ds: DeviceDataset,
+    test_ds: DeviceDataset,
+    history: list[dict[str, Any]],
+    callback: Callable[[TrainState], None] | None = None,
+) -> None:
     """Train `state` up to `plan.stop`: epoch ends append to `history` (and meta.json), write the resume
     file and evaluate on the test split every `options.eval_every` epochs; kept steps are checkpointed.
     The run's status becomes "interrupted" or "diverged" if the loop stops early."""
@@ -67,8 +75,15 @@ def run_loop(state: TrainingState, plan: Train, config: RunConfig, options: RunO
     device = state.epoch_sums.device
     check_every = 1 if device.type == "cpu" else 25
     epoch_start = time.perf_counter()
-    bar = tqdm(total=total, initial=state.step, desc=run.path.name, unit="step", disable=not options.progress,
-               dynamic_ncols=True, leave=True)
+    bar = tqdm(
+        total=total,
+        initial=state.step,
+        desc=run.path.name,
+        unit="step",
+        disable=not options.progress,
+        dynamic_ncols=True,
+        leave=True,
+    )
     status = "interrupted"
     try:
         state.model.train()
@@ -76,16 +91,20 @@ def run_loop(state: TrainingState, plan: Train, config: RunConfig, options: RunO
             pos = state.step % spe
             if pos == 0 or state.order is None:
                 state.order = torch.randperm(n, generator=state.data_gen).to(device)
-            x, y = train_ds.batch(state.order[pos * bs:(pos + 1) * bs], state.aug_gen)
+            x, y = train_ds.batch(state.order[pos * bs : (pos + 1) * bs], state.aug_gen)
             lr = learning_rate(config.train, state.step, total, spe)
             for group in state.optimizer.param_groups:
                 group["lr"] = lr
             loss, logits = train_step(state.model, state.optimizer, x, y)
             state.step += 1
             step = state.step
-            state.epoch_sums += torch.stack([loss.double() * y.numel(),
-                                             (logits.argmax(1) == y).sum().double(),
-                                             torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+            state.epoch_sums += torch.stack(
+                [
+                    loss.double() * y.numel(),
+                    (logits.argmax(1) == y).sum().double(),
+                    torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
+                ]
+            )
             bar.update(1)
 
             epoch_end = step % spe == 0 or step == total
@@ -99,7 +118,9 @@ def run_loop(state: TrainingState, plan: Train, config: RunConfig, options: RunO
                 epoch = math.ceil(step / spe)
                 sums = state.epoch_sums
                 entry: dict[str, Any] = {
-                    "epoch": epoch, "step": step, "lr": lr,
+                    "epoch": epoch,
+                    "step": step,
+                    "lr": lr,
                     "train_loss": (sums[0] / sums[2]).item(),
                     "train_accuracy": (sums[1] / sums[2]).item(),
                     "time": time.perf_counter() - epoch_start,
@@ -130,8 +151,14 @@ def run_loop(state: TrainingState, plan: Train, config: RunConfig, options: RunO
             run.update_meta(status=status)
 
 
-def finish(state: TrainingState, plan: Train, options: RunOptions, train_ds: DeviceDataset,
-           test_ds: DeviceDataset, history: list[dict[str, Any]]) -> None:
+def finish(
+    state: TrainingState,
+    plan: Train,
+    options: RunOptions,
+    train_ds: DeviceDataset,
+    test_ds: DeviceDataset,
+    history: list[dict[str, Any]],
+) -> None:
     """Evaluate the final state on both splits, mark the run complete and drop its resume file."""
     run, spe = plan.run, plan.schedule.steps_per_epoch
     final = {f"train_{k}": v for k, v in evaluate(state.model, train_ds, options.eval_batch_size).items()}
@@ -144,9 +171,11 @@ def finish(state: TrainingState, plan: Train, options: RunOptions, train_ds: Dev
 def diverged_message(run: Run, step: int, steps_per_epoch: int, value: float) -> str:
     good = [s for s in run.checkpoint_steps() if s < step]
     kept = run.resume_path if run.resume_path.is_file() else (run.checkpoint_path(good[-1]) if good else None)
-    return (f"training loss became {value} at step {step} (epoch {math.ceil(step / steps_per_epoch)}) of run "
-            f"{run.path}; the last good state is {kept or 'none (diverged in the first epoch)'}. "
-            "Lower the learning rate or add warm-up (a changed config is a new run).")
+    return (
+        f"training loss became {value} at step {step} (epoch {math.ceil(step / steps_per_epoch)}) of run "
+        f"{run.path}; the last good state is {kept or 'none (diverged in the first epoch)'}. "
+        "Lower the learning rate or add warm-up (a changed config is a new run)."
+    )
 
 
 def require_finite(metrics: dict[str, float], run: Run, step: int, steps_per_epoch: int) -> None:

@@ -1,4 +1,5 @@
 """How to run a training, not what: `RunOptions`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

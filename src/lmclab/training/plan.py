@@ -8,6 +8,7 @@
 `plan_training` looks at the store only (it writes nothing); `train` carries the plan out and asks
 again after filling a parent or starting a child, until the answer is Reuse or Train.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ class Schedule:
         return Schedule(spe, total, start, tuple(kept_steps(checkpoints, spe, total, start)))
 
 
-def kept_steps(schedule: CheckpointSchedule, steps_per_epoch: int, total_steps: int,
-               fork_step: int | None) -> list[int]:
+def kept_steps(
+    schedule: CheckpointSchedule, steps_per_epoch: int, total_steps: int, fork_step: int | None
+) -> list[int]:
     """The kept steps; a child keeps its fork step and, by default (empty schedule), every epoch after it."""
     if fork_step is None:
         return schedule.steps_to_save(steps_per_epoch, total_steps)
@@ -126,8 +128,9 @@ def plan_training(store: RunStore, config: RunConfig, schedule: Schedule) -> Pla
 
 def resume_source(run: Run, first_missing: int) -> Path | None:
     """The stored full state with the largest step ≤ first_missing (resume file or checkpoint)."""
-    candidates: list[tuple[int, Path]] = [(s, run.checkpoint_path(s)) for s in run.checkpoint_steps()
-                                          if s <= first_missing]
+    candidates: list[tuple[int, Path]] = [
+        (s, run.checkpoint_path(s)) for s in run.checkpoint_steps() if s <= first_missing
+    ]
     if run.resume_path.is_file():
         try:
             _, header = load_checkpoint(run.resume_path)

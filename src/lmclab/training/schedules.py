@@ -3,6 +3,7 @@
 A schedule has no state of its own: lr(step) is recomputed every step, so resuming needs only the
 step counter (which every checkpoint holds).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,7 +61,7 @@ class CheckpointSchedule:
         return sorted(s for s in wanted if 0 <= s <= total_steps)
 
     @staticmethod
-    def parse(text: str) -> "CheckpointSchedule":
+    def parse(text: str) -> CheckpointSchedule:
         fields: dict[str, object] = {}
         for part in filter(None, text.split("+")):
             kind, _, value = part.partition(":")

@@ -5,6 +5,7 @@ order from a CPU generator seeded with `seed_data` (one `randperm` per epoch), a
 generator on the training device seeded with `seed_augment`. The learning rate is a pure function
 of the step (`schedules.learning_rate`), so there is no scheduler state to keep.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,16 +69,22 @@ class TrainingState:
         """The state at step 0: the initialisation, a fresh optimizer and freshly seeded generators."""
         model = init_model(config, info).to(device)
         if device.type == "cuda" and is_cnn(model):
-            model = model.to(memory_format=torch.channels_last)
+            # torch stub: Module.to's overloads omit the documented to(memory_format=...) form.
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         optimizer = make_optimizer(config, model)
-        return cls(model=model, optimizer=optimizer,
-                   data_gen=torch.Generator().manual_seed(config.seeds.seed_data),
-                   aug_gen=torch.Generator(device=device).manual_seed(config.seeds.seed_augment),
-                   order=None, epoch_sums=torch.zeros(3, dtype=torch.float64, device=device))
+        return cls(
+            model=model,
+            optimizer=optimizer,
+            data_gen=torch.Generator().manual_seed(config.seeds.seed_data),
+            aug_gen=torch.Generator(device=device).manual_seed(config.seeds.seed_augment),
+            order=None,
+            epoch_sums=torch.zeros(3, dtype=torch.float64, device=device),
+        )
 
     @classmethod
-    def from_checkpoint(cls, config: RunConfig, info: DatasetInfo, device: torch.device,
-                        path: str | os.PathLike) -> TrainingState:
+    def from_checkpoint(
+        cls, config: RunConfig, info: DatasetInfo, device: torch.device, path: str | os.PathLike
+    ) -> TrainingState:
         """The state stored at `path` (a checkpoint or resume file of a run of `config`)."""
         state = cls.initial(config, info, device)
         tensors, header = load_checkpoint(path)
@@ -98,9 +105,13 @@ class TrainingState:
     def to_checkpoint(self, steps_per_epoch: int, run_name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, header) of a checkpoint of this state, written by run `run_name`."""
         opt_tensors, opt_header = optimizer_to_flat(self.optimizer)
-        tensors = {**with_prefix(self.model.state_dict(), MODEL_PREFIX), **opt_tensors,
-                   "rng.data": self.data_gen.get_state(), "rng.augment": self.aug_gen.get_state(),
-                   "train.epoch_sums": self.epoch_sums}
+        tensors = {
+            **with_prefix(self.model.state_dict(), MODEL_PREFIX),
+            **opt_tensors,
+            "rng.data": self.data_gen.get_state(),
+            "rng.augment": self.aug_gen.get_state(),
+            "train.epoch_sums": self.epoch_sums,
+        }
         if self.order is not None:
             tensors["data.order"] = self.order
         header = {"step": self.step, "epoch": self.step / steps_per_epoch, "run": run_name, "optimizer": opt_header}

@@ -10,6 +10,7 @@ A forked child (`config.fork` set, see `lmclab.training.forks`) starts from its 
 at the fork step, written as the child's own first checkpoint; from there it is resumed like any run.
 `fork` trains a parent and its children.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,9 +46,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def load_datasets(config: RunConfig, options: RunOptions, device: torch.device) -> tuple[DeviceDataset, DeviceDataset]:
     d = config.data
-    common = dict(data_dir=options.data_dir, device=device, download=options.download, progress=options.progress)
-    train = DeviceDataset.load(d.dataset, "train", subset=d.train_subset, per_class=d.train_per_class, augment=d.augment, **common)
-    test = DeviceDataset.load(d.dataset, "test", **common)
+    train = DeviceDataset.load(
+        d.dataset,
+        "train",
+        subset=d.train_subset,
+        per_class=d.train_per_class,
+        augment=d.augment,
+        data_dir=options.data_dir,
+        device=device,
+        download=options.download,
+        progress=options.progress,
+    )
+    test = DeviceDataset.load(
+        d.dataset,
+        "test",
+        data_dir=options.data_dir,
+        device=device,
+        download=options.download,
+        progress=options.progress,
+    )
     return train, test
 
 
@@ -81,24 +98,42 @@ def train(
     plan = plan_training(store, config, schedule)
     if isinstance(plan, FillParent):
         parent = plan.parent
-        train(parent.config, dataclasses.replace(options, checkpoints=CheckpointSchedule(steps=(plan.step,)),
-                                                 preset=parent.meta.preset))
+        train(
+            parent.config,
+            dataclasses.replace(options, checkpoints=CheckpointSchedule(steps=(plan.step,)), preset=parent.meta.preset),
+        )
         plan = plan_training(store, config, schedule)
     if isinstance(plan, StartChild):
-        start_child(store, config, plan.parent, plan.fork, steps_per_epoch=schedule.steps_per_epoch, device=device,
-                    preset=options.preset)
+        start_child(
+            store,
+            config,
+            plan.parent,
+            plan.fork,
+            steps_per_epoch=schedule.steps_per_epoch,
+            device=device,
+            preset=options.preset,
+        )
         plan = plan_training(store, config, schedule)
     if isinstance(plan, Reuse):
         return plan.run
     if isinstance(plan, Train):
         return _carry_out(plan, config, options, device, train_ds, test_ds, callback)
-    raise RuntimeError(f"run {plan.parent.path} did not store the state at step "
-                       f"{plan.step if isinstance(plan, FillParent) else plan.fork.step} that fork "
-                       f"{config.run_hash()} starts from")
+    raise RuntimeError(
+        f"run {plan.parent.path} did not store the state at step "
+        f"{plan.step if isinstance(plan, FillParent) else plan.fork.step} that fork "
+        f"{config.run_hash()} starts from"
+    )
 
 
-def _carry_out(plan: Train, config: RunConfig, options: RunOptions, device: torch.device, train_ds: DeviceDataset,
-               test_ds: DeviceDataset, callback: Callable[[TrainState], None] | None) -> Run:
+def _carry_out(
+    plan: Train,
+    config: RunConfig,
+    options: RunOptions,
+    device: torch.device,
+    train_ds: DeviceDataset,
+    test_ds: DeviceDataset,
+    callback: Callable[[TrainState], None] | None,
+) -> Run:
     """Train the planned run: its state from the plan's source, its metadata, the loop, the final metrics."""
     schedule = plan.schedule
     run = RunStore(options.runs_dir).open(config, preset=options.preset)
@@ -121,8 +156,9 @@ def _carry_out(plan: Train, config: RunConfig, options: RunOptions, device: torc
             total_steps=schedule.total_steps,
             data_info=_info_record(train_ds, test_ds),
             parameters=sum(p.numel() for p in state.model.parameters()),
-            resumed_from=(None if plan.source is None or started_at_fork
-                          else ResumedFrom(path=str(plan.source), step=state.step)),
+            resumed_from=(
+                None if plan.source is None or started_at_fork else ResumedFrom(path=str(plan.source), step=state.step)
+            ),
             **({"fork": plan.fork} if plan.fork is not None else {}),
         )
     if state.step in schedule.checkpoints and not run.checkpoint_path(state.step).is_file():
@@ -135,23 +171,41 @@ def _carry_out(plan: Train, config: RunConfig, options: RunOptions, device: torc
 
 def _info_record(train_ds: DeviceDataset, test_ds: DeviceDataset) -> DataInfo:
     info = train_ds.info
-    return DataInfo(name=info.name, input_shape=list(info.input_shape), num_classes=info.num_classes,
-                    classes=list(info.classes), source=info.source, train_size=len(train_ds),
-                    test_size=len(test_ds), augment=train_ds.augment)
+    return DataInfo(
+        name=info.name,
+        input_shape=list(info.input_shape),
+        num_classes=info.num_classes,
+        classes=list(info.classes),
+        source=info.source,
+        train_size=len(train_ds),
+        test_size=len(test_ds),
+        augment=train_ds.augment,
+    )
 
 
 def load_run_model(run: Run, step: int | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The run's model with its weights at `step` (default final), in eval mode."""
     config, info = run.config, run.data_info
     channels, height, width = info.input_shape
-    model = build_model(config.model.model, input_shape=(channels, height, width), num_classes=info.num_classes,
-                        **config.model_options())
+    model = build_model(
+        config.model.model,
+        input_shape=(channels, height, width),
+        num_classes=info.num_classes,
+        **config.model_options(),
+    )
     load_model_state(model, run.load_state(step), str(run.path))
     return model.to(device).eval()
 
 
-def fork(parent: RunConfig | Run, at_epochs: Sequence[int], children: int, options: RunOptions, *,
-         vary_augment: bool = False, child_checkpoints: CheckpointSchedule | None = None) -> dict[int, list[Run]]:
+def fork(
+    parent: RunConfig | Run,
+    at_epochs: Sequence[int],
+    children: int,
+    options: RunOptions,
+    *,
+    vary_augment: bool = False,
+    child_checkpoints: CheckpointSchedule | None = None,
+) -> dict[int, list[Run]]:
     """Train `parent` (if needed) with checkpoints at `at_epochs`, then `children` children forked at each.
 
     A stored `Run` as parent keeps its children in its own store. Children are cached like any run, so a
@@ -170,10 +224,15 @@ def fork(parent: RunConfig | Run, at_epochs: Sequence[int], children: int, optio
         preset = preset or parent.meta.preset
         parent = parent.config
     parent = parent.normalised()
-    schedule = dataclasses.replace(options.checkpoints,
-                                   epochs=tuple(sorted(set(options.checkpoints.epochs) | set(epochs))))
+    schedule = dataclasses.replace(
+        options.checkpoints, epochs=tuple(sorted(set(options.checkpoints.epochs) | set(epochs)))
+    )
     train(parent, dataclasses.replace(options, checkpoints=schedule, preset=preset))
     child_options = dataclasses.replace(options, checkpoints=child_checkpoints or CheckpointSchedule(), preset=preset)
-    return {e: [train(child_config(parent, epoch=e, child=i, vary_augment=vary_augment), child_options)
-                for i in range(children)]
-            for e in epochs}
+    return {
+        e: [
+            train(child_config(parent, epoch=e, child=i, vary_augment=vary_augment), child_options)
+            for i in range(children)
+        ]
+        for e in epochs
+    }
