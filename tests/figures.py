@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
 from PIL import Image
 
@@ -87,8 +89,47 @@ def check_png(saved: SavedFigure) -> None:
         assert image.format == "PNG"
         width, height = saved.figure.get_size_inches() * saved.dpi
         assert image.size == (round(width), round(height)), (image.size, width, height)
-        low, high = image.convert("L").getextrema()
+        grey = image.convert("L")
+        low, high = grey.getextrema()
         assert high - low > 100, "the image is (nearly) uniform"
+        w, h = grey.size
+        frame = [
+            grey.crop(box).getextrema()[0] for box in ((0, 0, w, 1), (0, h - 1, w, h), (0, 0, 1, h), (w - 1, 0, w, h))
+        ]
+        assert min(frame) >= 245, "something is drawn up to the image's edge (a clipped title, label or tick label)"
+    check_inside(saved)
+
+
+_INSIDE: weakref.WeakSet[Any] = weakref.WeakSet()  # figures check_inside already checked (a redraw is slow)
+
+
+def check_inside(saved: SavedFigure, tolerance: float = 1.0) -> None:
+    """No title, axis label or tick label reaches past the figure's edge (none is clipped)."""
+    fig = saved.figure
+    if fig in _INSIDE:
+        return
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)  # closed: a new one
+    canvas.draw()  # the layout as saved
+    renderer = canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    texts: list[Any] = [fig.get_suptitle() and fig._suptitle]  # type: ignore[attr-defined]
+    for ax in fig.axes:
+        axes = [ax.xaxis, ax.yaxis, *([ax.zaxis] if hasattr(ax, "zaxis") else [])]
+        texts += [ax.title, *(axis.label for axis in axes)]
+        if not hasattr(ax, "zaxis"):  # (3-D tick labels are placed while drawing: the PNG frame check covers them)
+            texts += [tick.label1 for axis in axes for tick in axis._update_ticks()]  # the ticks drawn (in view)
+    for text in texts:
+        if not text or not text.get_visible() or not text.get_text():
+            continue
+        box = text.get_window_extent(renderer)
+        inside = (
+            box.x0 >= -tolerance
+            and box.y0 >= -tolerance
+            and box.x1 <= width + tolerance
+            and box.y1 <= height + tolerance
+        )
+        assert inside, f"{text.get_text()!r} is clipped: {box} outside the figure ({width} × {height})"
+    _INSIDE.add(fig)
 
 
 def assert_close(actual: Any, expected: Any, what: str) -> None:
@@ -140,6 +181,76 @@ def panels(saved: SavedFigure, n: int) -> list[Axes]:
     return axes
 
 
+def colorbars(saved: SavedFigure) -> list[Axes]:
+    return [ax for ax in saved.figure.axes if ax.get_label() == "<colorbar>"]
+
+
+def assert_colorbars_labelled(saved: SavedFigure, n: int) -> None:
+    """Exactly n colour bars, each with a non-empty label."""
+    bars = colorbars(saved)
+    assert len(bars) == n, f"{len(bars)} colour bars, expected {n}"
+    for bar in bars:
+        assert (bar.get_ylabel() or bar.get_xlabel()).strip(), "a colour bar without a label"
+
+
+def assert_markers(line: Any, where: str) -> None:
+    """The line marks its data points (the evaluated λ), not only joins them."""
+    assert line.get_marker() not in (None, "", "None", " "), f"{where}: no markers at the evaluated points"
+
+
+def examples_by_split(rows: Rows, column: str = "examples") -> dict[str, int | None]:
+    """The number of examples of each split as the rows give it (None where they do not)."""
+    out: dict[str, int | None] = {}
+    for r in rows:
+        split = key(r.get("split", "train"))
+        v = num(r.get(column))
+        if out.get(split) is None:
+            out[split] = None if not math.isfinite(v) else int(v)
+    return out
+
+
+def assert_data_title(text: str, split: str, n: int | None, where: str) -> None:
+    """A title naming the split and, where known, its number of examples (as "10,000 examples")."""
+    assert split in text, f"{where}: title {text!r} does not name the split {split!r}"
+    if n is not None:
+        assert f"{split}, {n:,} examples" in text, f"{where}: title {text!r} lacks '{split}, {n:,} examples'"
+
+
+def expected_barrier_text(
+    curves: Sequence[tuple[Sequence[float], Sequence[float]]], metric: str = "loss"
+) -> str | None:
+    """The barrier written on a curve, rebuilt by hand: max_λ v(λ) − [(1−λ)v(0) + λv(1)] of each complete
+    curve (accuracy: of −accuracy), mean (3 significant digits) ± SD (2) over curves."""
+    sign = -1.0 if metric == "accuracy" else 1.0
+    found = []
+    for lam, values in curves:
+        x, v = np.asarray(lam, dtype=float), sign * np.asarray(values, dtype=float)
+        if len(v) >= 2 and np.isfinite(v).all():
+            found.append(float(np.max(v - ((1 - x) * v[0] + x * v[-1]))))
+    if not found:
+        return None
+    return f"barrier {np.mean(found):.3g}" + (f" ± {np.std(found):.2g}" if len(found) > 1 else "")
+
+
+def assert_barriers_written(ax: Axes, expected: Sequence[str | None], where: str) -> None:
+    """The annotations of `ax` are the expected barrier texts (None: a curve without one), each at a point
+    of a drawn line."""
+    notes = [t for t in ax.texts if type(t).__name__ == "Annotation"]
+    want = sorted(e for e in expected if e is not None)
+    got = sorted(t.get_text().split(" (")[0] for t in notes)
+    assert got == want, f"{where}: barriers written {got}, expected {want}"
+    points = [
+        (float(x), float(y))
+        for line in ax.get_lines()
+        for x, y in zip(np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float))
+    ]
+    for t in notes:
+        x, y = map(float, t.xy)
+        assert any(abs(x - a) < 1e-12 and abs(y - b) <= 1e-12 + 1e-9 * abs(b) for a, b in points), (
+            f"{where}: {t.get_text()!r} at {(x, y)} is not on a drawn curve"
+        )
+
+
 def mean_by(
     rows: Rows, x: str, y: str, group: Callable[[Mapping[str, Any]], Any] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -172,12 +283,18 @@ def check_paths(
     rows: Rows,
     metrics: Sequence[str] = ("loss", "accuracy"),
     endpoint_labels: tuple[str, str] = ("Model A", "Model B"),
+    examples: Mapping[str, int] | None = None,
 ) -> None:
-    """plot_paths: one panel per metric, a line per path × split (mean over pairs) at every λ."""
+    """plot_paths: one panel per metric, a line per path × split (mean over pairs) with a marker at every
+    λ, each line's barrier (mean ± SD over pairs) written on it; the panel title names every split and
+    its number of examples (the rows' ``examples`` column, or `examples`)."""
     check_png(saved)
     paths, splits = _order(r.get("path", "path") for r in rows), _order(r["split"] for r in rows)
+    counts = examples_by_split(rows)
+    counts.update(examples or {})
     for ax, metric in zip(panels(saved, len(metrics)), metrics, strict=True):
         expected: list[Series] = []
+        written: list[str | None] = []
         for name in paths:
             for split in splits:
                 sel = [
@@ -187,27 +304,59 @@ def check_paths(
                     n = len({by_pair(r) for r in sel})
                     lam, mean = mean_by(sel, "lambda", "value", by_pair)
                     expected.append((f"{name} {split}" + (f" (n={n})" if n > 1 else ""), lam, mean))
+                    curves = [
+                        mean_by([r for r in sel if by_pair(r) == p], "lambda", "value")
+                        for p in _order(by_pair(r) for r in sel)
+                    ]
+                    written.append(expected_barrier_text(curves, metric))
         assert expected, f"no rows for {metric}"
         assert_lines(ax, expected, f"paths {metric}")
+        for line in ax.get_lines():
+            assert_markers(line, f"paths {metric}")
+        assert_barriers_written(ax, written, f"paths {metric}")
         assert legend_labels(ax) == [label for label, _, _ in expected]
         assert ax.get_xlabel() == "λ" and ax.get_ylabel() == metric and ax.get_title().startswith(metric)
+        for split in splits:
+            assert_data_title(ax.get_title(), split, counts.get(split), f"paths {metric}")
         ticks = [t.get_text() for t in ax.get_xticklabels()]
         assert ticks[0] == endpoint_labels[0] and ticks[-1] == endpoint_labels[1]
 
 
-def check_histories(saved: SavedFigure, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
-    """plot_histories: loss and accuracy panels; per run a train line and (where logged) a test line."""
+def check_histories(
+    saved: SavedFigure,
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    examples: Mapping[str, int] | None = None,
+) -> None:
+    """plot_histories: loss and accuracy panels; per run a train line and (where logged) a test line, the
+    legend saying the train values are running means over the epoch and the test values end-of-epoch
+    evaluations; with `examples`, the titles give each split's number of examples."""
     check_png(saved)
     for ax, metric in zip(panels(saved, 2), ("loss", "accuracy"), strict=True):
         expected: list[Series] = []
         for label, history in histories.items():
-            expected.append((f"{label} train", [h["epoch"] for h in history], [h[f"train_{metric}"] for h in history]))
+            expected.append(
+                (
+                    f"{label} train (running mean over the epoch)",
+                    [h["epoch"] for h in history],
+                    [h[f"train_{metric}"] for h in history],
+                )
+            )
             test = [h for h in history if f"test_{metric}" in h]
             if test:
-                expected.append((f"{label} test", [h["epoch"] for h in test], [h[f"test_{metric}"] for h in test]))
+                expected.append(
+                    (
+                        f"{label} test (evaluated at epoch end)",
+                        [h["epoch"] for h in test],
+                        [h[f"test_{metric}"] for h in test],
+                    )
+                )
         assert_lines(ax, expected, f"histories {metric}")
+        for line in ax.get_lines():
+            assert_markers(line, f"histories {metric}")
         assert legend_labels(ax) == [label for label, _, _ in expected]
-        assert ax.get_xlabel() == "epoch" and ax.get_title() == metric
+        assert ax.get_xlabel() == "epoch" and ax.get_title().split("\n")[0] == metric
+        for split, n in (examples or {}).items():
+            assert_data_title(ax.get_title(), split, n, f"histories {metric}")
 
 
 # ------------------------------------------------------------------------------------ Benkő
@@ -230,6 +379,7 @@ def check_loss_approximations(saved: SavedFigure, rows: Rows) -> None:
     paths = [p for p in BENKO_PATHS if any(r["path"] == p for r in rows)]
     orders = sorted({int(num(r["order"])) for r in rows if r["curve"] == "taylor"})
     assert splits and paths and orders
+    counts = examples_by_split(rows)
     axes = panels(saved, len(splits) * len(paths))
     for i, split in enumerate(splits):
         for j, name in enumerate(paths):
@@ -246,8 +396,15 @@ def check_loss_approximations(saved: SavedFigure, rows: Rows) -> None:
                         f"order {k}, centred at {center.upper()}", *mean_by(approx, "lambda", "value", by_pair), center
                     )
             assert_lines(ax, expected, f"loss {split} {name}")
+            assert_markers(lines(ax)[0], f"true loss {split} {name}")
+            true = [r for r in sel if r["curve"] == "true"]
+            curves = [
+                mean_by([r for r in true if by_pair(r) == p], "lambda", "value") for p in _order(map(by_pair, true))
+            ]
+            assert_barriers_written(ax, [expected_barrier_text(curves)], f"loss {split} {name}")
             assert ax.get_xlabel() == "λ" and ax.get_ylabel() == f"{split} loss"
-            assert ax.get_title() == f"{BENKO_PATHS[name]} ({split})"
+            n = counts.get(split)
+            assert ax.get_title() == f"{BENKO_PATHS[name]}\n{split}" + (f", {n:,} examples" if n is not None else "")
     assert legend_labels(axes[len(paths) - 1]) == ["true loss"] + [
         f"order {k}, centred at {c.upper()}" for c in ("a", "b") for k in orders
     ]
@@ -273,7 +430,11 @@ def check_logit_example(saved: SavedFigure, rows: Rows) -> None:
                 elif curve[1:] in ("1", "2"):
                     expected += _halves(None, lam, y, curve[0])
         assert_lines(ax, expected, f"logits {name}")
-        assert ax.get_ylabel() == "logit" and f"input {sel[0]['input']} (label {sel[0]['label']})" in ax.get_title()
+        for line in ax.get_lines():
+            if line.get_linewidth() == 2.4:  # the true logits, evaluated at each λ
+                assert_markers(line, f"logits {name}")
+        assert ax.get_ylabel() == "logit"
+        assert f"test input {sel[0]['input']} (label {sel[0]['label']}, 1 example)" in ax.get_title()
     assert legend_labels(saved.figure.axes[len(paths) - 1]) == [
         "z_k(θ_λ)",
         "(1−λ)z(θ_A) + λz(θ_B)",
@@ -302,7 +463,10 @@ def check_logit_rmse(saved: SavedFigure, rows: Rows) -> None:
                 (label, *mean_by([r for r in sel if r["approximation"] == approx], "lambda", "rmse", by_pair))
             )
         assert_lines(ax, expected, f"rmse {name}")
-        assert ax.get_title() == BENKO_PATHS[name]
+        for line in ax.get_lines():
+            assert_markers(line, f"rmse {name}")
+        n = examples_by_split([{**r, "split": "test"} for r in sel]).get("test")
+        assert ax.get_title() == f"{BENKO_PATHS[name]}\ntest" + (f", {n:,} examples" if n is not None else "")
         if ax is saved.figure.axes[len(paths) - 1]:
             assert legend_labels(ax) == [label for label, _, _ in expected]
 
@@ -355,6 +519,7 @@ def check_merged_vs_k(saved: SavedFigure, rows: Rows, metrics: Sequence[str] = (
             ax = axes[a * len(splits) + b]
             assert_lines(ax, expected, f"merged {metric} {split}")
             assert ax.get_ylabel() == f"{split} {metric}" and ax.get_xlabel() == "number of models K"
+            assert_data_title(ax.get_title(), split, examples_by_split(rows).get(split), f"merged {metric}")
             first = first or [label for label, _, _ in expected]
     assert legend_labels(saved.figure) == first
 
@@ -408,6 +573,7 @@ def check_barriers_vs_k(
             assert_lines(ax, expected_max, f"{where} (max)", exclude=[*drawn_lines, *zero])
             assert ax.get_ylabel() == f"{split} {metric} barrier"
             assert ax.get_title().startswith(f"{definition} ({metric}, {split})")
+            assert_data_title(ax.get_title(), split, examples_by_split(rows).get(split), where)
     assert legend_labels(saved.figure) == [_method_label(m) for m in methods] + ["mean ± SD", "max"]
 
 
@@ -429,6 +595,8 @@ def check_trace_vs_k(saved: SavedFigure, rows: Rows) -> None:
             )
             ks, est, low, high = (np.array(c, dtype=float) for c in zip(*mine))
             _assert_errorbar(container, ks, est, low, high, f"trace {kind} {method}")
+        for split, n in examples_by_split([r for r in sel if r.get("split") not in (None, "")]).items():
+            assert_data_title(ax.get_title(), split, n, f"trace {kind}")
     assert legend_labels(saved.figure) == [c.get_label() for c in _errorbars(saved.figure.axes[0])]
 
 
@@ -459,7 +627,9 @@ def check_heatmaps(
         )
         texts = [t.get_text() for t in ax.texts]
         assert texts == ["n/a" if not np.isfinite(v) else f"{v:.3g}" for v in expected.flat]
-        assert ax.get_title() == _method_label(method)
+        n = examples_by_split([r for r in rows if r["split"] == split]).get(split)
+        assert ax.get_title() == f"{_method_label(method)}\n{split}" + (f", {n:,} examples" if n is not None else "")
+    assert_colorbars_labelled(saved, 1)
     colorbar = saved.figure.axes[len(methods)]
     assert colorbar.get_ylabel() == f"{split} {metric} {definition}"
 
@@ -478,6 +648,7 @@ def check_segments(saved: SavedFigure, rows: Rows, metric: str = "error") -> Non
     rows = [r for r in rows if r["metric"] == metric and int(num(r.get("pair", 0))) == 0]
     forks = _forks(rows)
     assert forks
+    n = examples_by_split([{**r, "split": "train"} for r in rows]).get("train")
     axes = panels(saved, 2 * len(forks))
     for i, epoch in enumerate(forks):
         sel = [r for r in rows if int(num(r["fork_epoch"])) == epoch]
@@ -491,8 +662,10 @@ def check_segments(saved: SavedFigure, rows: Rows, metric: str = "error") -> Non
                 assert_close(x, lam, f"fork {epoch}, epoch {t}: α")
                 assert_close(y, np.full_like(lam, t), f"fork {epoch}: child epoch")
                 assert_close(zz, z, f"fork {epoch}, epoch {t}: {column}")
+                assert_markers(line, f"segments fork {epoch}")
             assert ax.get_ylabel() == "child epoch" and metric in ax.get_zlabel()
             assert str(epoch) in ax.get_title()
+            assert_data_title(ax.get_title(), "train", n, f"segments fork {epoch}")
 
 
 def _bars(ax: Axes) -> tuple[np.ndarray, np.ndarray]:
@@ -559,6 +732,19 @@ def check_barrier_predictions(saved: SavedFigure, predictions: Rows, curves: Row
             (f"fork {e}: Prop. 1", *mean_by(sel, "alpha", "predicted")),
         ]
     assert_lines(axes[1], expected, "barrier curves")
+    written = []
+    for e in forks:
+        sel = [r for r in curves if int(num(r["fork_epoch"])) == e]
+        assert_markers(lines(axes[1])[2 * forks.index(e)], f"measured curve, fork {e}")
+        written.append(
+            expected_barrier_text(
+                [mean_by([r for r in sel if by_pair(r) == p], "alpha", "measured") for p in _order(map(by_pair, sel))]
+            )
+        )
+    assert_barriers_written(axes[1], written, "barrier curves")
+    n = examples_by_split([{**r, "split": "train"} for r in [*predictions, *curves]]).get("train")
+    for ax in axes[:2]:
+        assert_data_title(ax.get_title(), "train", n, "barrier predictions")
     expected = [
         (f"fork {e}", *mean_by([r for r in geometry if int(num(r["fork_epoch"])) == e], "child_epoch", "distance"))
         for e in _forks(geometry)
@@ -580,12 +766,17 @@ def check_layerwise(saved: SavedFigure, rows: Rows, sums: Rows) -> None:
     prediction and the layer distance; the cross-block sums over child epochs."""
     check_png(saved)
     axes = panels(saved, 4)
-    for ax, column in zip(axes[:3], ("measured_half", "predicted_half", "distance")):
+    n = examples_by_split([{**r, "split": "train"} for r in [*rows, *sums]]).get("train")
+    maps = 0
+    for ax, column in zip(axes[:3], ("layer_set_barrier_half", "predicted_half", "distance")):
         grid = layer_grid(rows, column)
         images = ax.get_images()
+        if column != "distance":
+            assert_data_title(ax.get_title(), "train", n, f"layer-wise {column}")
         if not np.isfinite(grid).any():
             assert not images
             continue
+        maps += 1
         assert len(images) == 1, column
         assert_close(np.ma.filled(np.ma.asarray(images[0].get_array(), dtype=float), np.nan), grid, column)
         layers = [name for _, name in sorted({(int(num(r["layer_index"])), r["layer"]) for r in rows})]
@@ -594,6 +785,8 @@ def check_layerwise(saved: SavedFigure, rows: Rows, sums: Rows) -> None:
         (q, *mean_by([r for r in sums if r["quantity"] == q], "child_epoch", "value"))
         for q in _order(r["quantity"] for r in sums)
     ]
+    assert_colorbars_labelled(saved, maps)
+    assert "layer-set barrier" in axes[0].get_title()  # Singh's B_P, not interpolate's layerwise_barrier
     zero = [line for line in axes[3].get_lines() if _label(line) is None and list(line.get_ydata()) == [0.0, 0.0]]
     assert len(zero) == 1
     assert_lines(axes[3], expected, "cross-block sums", exclude=zero)
@@ -627,12 +820,26 @@ def check_toy_landscapes(saved: SavedFigure, rows: Rows) -> None:
 
 
 def check_predictions(
-    saved: SavedFigure, curve: Rows, layers: Rows, cumulative: Rows, names: Sequence[str], matrix: Any
+    saved: SavedFigure,
+    curve: Rows,
+    layers: Rows,
+    cumulative: Rows,
+    names: Sequence[str],
+    matrix: Any,
+    split: str = "test",
+    examples: int | None = None,
 ) -> None:
-    """Measured against predicted barriers: whole model, per layer (bars), cumulative sets, cross-blocks."""
+    """Measured against predicted barriers: whole model (markers, the measured barrier written on it), per
+    layer (bars of Singh's layer-set barrier), cumulative sets, cross-blocks (labelled colour bar); every
+    panel names the split and its number of examples."""
     check_png(saved)
     axes = panels(saved, 4)
+    for ax in axes:
+        assert_data_title(ax.get_title(), split, examples, "predictions")
+    assert_colorbars_labelled(saved, 1)
     alpha = [num(r["alpha"]) for r in curve]
+    assert_markers(lines(axes[0])[0], "measured B(α)")
+    assert_barriers_written(axes[0], [expected_barrier_text([(alpha, [num(r["measured"]) for r in curve])])], "whole")
     assert_lines(
         axes[0],
         [
@@ -643,7 +850,9 @@ def check_predictions(
     )
     widths = [p.get_width() for p in axes[1].patches]
     assert_close(
-        widths, [num(r["measured_half"]) for r in layers] + [num(r["predicted_half"]) for r in layers], "layer bars"
+        widths,
+        [num(r["layer_set_barrier_half"]) for r in layers] + [num(r["predicted_half"]) for r in layers],
+        "layer bars",
     )
     assert [t.get_text() for t in axes[1].get_yticklabels()] == [r["layer"] for r in layers]
     expected: list[Series] = []
@@ -651,7 +860,7 @@ def check_predictions(
         sel = [r for r in cumulative if r["order"] == order]
         k = [num(r["k"]) for r in sel]
         expected += [
-            (f"{order}: measured", k, [num(r["measured_half"]) for r in sel]),
+            (f"{order}: measured B_P(½)", k, [num(r["layer_set_barrier_half"]) for r in sel]),
             (f"{order}: eq. 21", k, [num(r["predicted_eq21"]) for r in sel]),
         ]
     assert_lines(axes[2], expected, "cumulative")

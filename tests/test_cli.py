@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmclab.cli import main
+from lmclab.store import Run
 
 TINY = [
     "--train-per-class",
@@ -24,7 +25,10 @@ TINY = [
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse refusing an argument
+        code = exc.code if isinstance(exc.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -49,10 +53,52 @@ def test_train_runs_eval_json(tmp_path: Path, shared_data: Path, capsys: pytest.
     assert trained["run"] in out and "mlp_mnist" in out
 
 
+def test_runs_shows_seeds_and_the_fields_that_differ_and_align_says_how_it_verified(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    io = ["--runs-dir", str(tmp_path), "--data-dir", str(shared_data), "--device", "cpu"]
+    made = {}
+    for seed, extra in ((11, []), (12, ["--lr", "0.01"])):
+        code, out, _ = run_cli(capsys, "train", "mlp_mnist", *TINY, *extra, "--seed", str(seed), *io, "--json")
+        assert code == 0
+        made[seed] = json.loads(out)["run"]
+        assert Run(tmp_path / made[seed]).meta["seed"] == seed  # the --seed given, kept in meta.json
+
+    code, out, _ = run_cli(capsys, "runs", "--runs-dir", str(tmp_path))
+    header, *lines = out.splitlines()
+    assert code == 0 and header.split()[:7] == ["run", "status", "preset", "model", "dataset", "seed", "epochs"]
+    assert "lr" in header.split() and "hidden" not in header.split()  # only the fields that differ
+    for seed, lr in ((11, "0.001"), (12, "0.01")):
+        line = next(line for line in lines if line.startswith(made[seed]))
+        assert f" {seed} " in line and f" {lr} " in line and "complete" in line
+    code, out, _ = run_cli(capsys, "runs", "--runs-dir", str(tmp_path), "--json")
+    rows = {r["run"]: r for r in json.loads(out)}
+    assert rows[made[12]]["seed"] == 12 and rows[made[12]]["differs"] == {"train.lr": 0.01}
+    assert rows[made[11]]["config"]["model.hidden"] == [16]
+
+    code, out, err = run_cli(capsys, "align", made[11], made[12], *io, "--no-progress")
+    assert code == 0 and "Traceback" not in err
+    assert "max |Δlogit|" in out and "(tolerance |Δ| <= 1e-05 + 0.0001·|logit|): pass" in out
+    assert "in eval mode" in out and "in train mode" in out and "{" not in out  # words, not a dict
+
+
+def test_sharpness_shows_progress_unless_told_not_to(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    io = ["--runs-dir", str(tmp_path), "--data-dir", str(shared_data), "--device", "cpu", "--offline"]
+    code, out, _ = run_cli(capsys, "train", "mlp_mnist", *TINY, *io, "--json")
+    run = json.loads(out)["run"]
+    quick = ["sharpness", run, "--subset", "50", "--probes", "2", "--no-eigenvalue", *io]
+    code, _, err = run_cli(capsys, *quick)
+    assert code == 0 and "sharpness: trace" in err
+    code, _, err = run_cli(capsys, *quick, "--no-progress")
+    assert code == 0 and "sharpness:" not in err
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["train", "no_such_preset"], "valid presets: mlp_mnist"),
+        (["train", "no_such_preset"], "allowed: one of mlp_mnist"),
         (["train", "mlp_mnist", "--model", "transformer"], "mlp, resnet20"),
         (["train", "mlp_mnist", "--dataset", "imagenet"], "mnist"),
         (["train", "mlp_mnist", "--optimizer", "lbfgs"], "sgd, adam, adamw"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +26,12 @@ from lmclab.paths import (
     layer_groups,
     layer_set_barrier,
     path_losses,
+    path_values,
     repair,
     repair_points,
     reset_bn_stats,
 )
+from lmclab.paths.barriers import midpoint_index
 from lmclab.paths.normalization import endpoint_stats
 from lmclab.points import lerp
 from lmclab.report import plot_paths
@@ -62,11 +66,44 @@ def test_barriers_on_an_exact_polynomial() -> None:
     assert b["rebasin"] == pytest.approx(1.25) and b["midpoint"] == pytest.approx(1.0)
 
 
-def test_midpoint_off_grid_and_negative_barrier() -> None:
+def test_midpoint_off_grid_is_none_and_negative_barrier() -> None:
+    """λ = ½ not evaluated: no midpoint (never an interpolated or nearest value)."""
     lam, values = [0.0, 0.4, 0.6, 1.0], [1.0, 0.0, 0.5, 1.0]
     b = barriers(lam, values)
-    assert b["midpoint"] == pytest.approx(-0.75)  # halfway between −1 and −0.5
+    assert b["midpoint"] is None
     assert b["barrier"] == 0.0 and b["rebasin"] == 0.0
+    lam4 = default_lambdas(4)  # lmclab interpolate --points 4: 0, ⅓, ⅔, 1
+    assert midpoint_index(lam4) is None and barriers(lam4, [0.0, 1.0, 1.0, 0.0])["midpoint"] is None
+    assert midpoint_index(default_lambdas(5)) == 2
+    assert barriers(default_lambdas(5), [0.0, 1.0, 3.0, 1.0, 0.0])["midpoint"] == 3.0
+
+
+def test_midpoint_is_absent_from_tables_where_half_was_not_evaluated(tmp_path: Path) -> None:
+    """barriers.csv leaves the midpoint empty (JSON: null) and the printed table says why."""
+    from lmclab.experiments.lmc import _say_barriers, write_lmc_report
+
+    def rows(points: int) -> list[dict]:
+        return [
+            {"pair": 0, "path": "naive", "layers": "all", "split": "test", "lambda": x, "metric": m, "value": v}
+            for x in default_lambdas(points)
+            for m, v in (("loss", 1 + 4 * x * (1 - x)), ("accuracy", 0.9 - x * (1 - x)), ("error", 0.1 + x * (1 - x)))
+        ]
+
+    for points, has_half in ((4, False), (5, True)):
+        out = tmp_path / str(points)
+        files = write_lmc_report(rows(points), out)
+        with open(files["barriers"]) as fh:
+            table = list(csv.DictReader(fh))
+        assert {r["metric"] for r in table} == {"loss", "error"}
+        for r in table:
+            assert (r["midpoint"] != "") == has_half, (points, r)
+            assert r["quantity"] == "barrier"
+        report = barrier_report(rows(points))
+        assert all((r["midpoint"] is None) != has_half for r in report)
+        assert (json.loads(json.dumps(report))[0]["midpoint"] is None) != has_half
+        said: list[str] = []
+        _say_barriers(report, 1, said.append)
+        assert all(("midpoint n/a (λ = ½ not evaluated)" in line) != has_half for line in said) and said
 
 
 def test_barrier_refuses_nan_and_bad_grids() -> None:
@@ -104,6 +141,52 @@ def test_layer_set_barrier_of_all_tensors_is_the_barrier_curve() -> None:
     )
     # no tensor interpolated: (1−α)L_1 + αL_2 minus itself
     np.testing.assert_allclose(layer_set_barrier(ma, a, b, data, lambdas, []), 0.0, atol=1e-7)
+
+
+def test_layerwise_barrier_and_layer_set_barrier_are_different_quantities_with_different_names(
+    tmp_path: Path,
+) -> None:
+    """interpolate --layers' one-sided `layerwise_barrier` (the layer interpolated, the rest from A; barrier
+    of that curve) and predict's two-sided `layer_set_barrier` B_P: equal for P = every tensor, different
+    for one layer, so their tables name them differently."""
+    from lmclab.experiments.lmc import write_lmc_report
+    from lmclab.paths.barriers import LAYER_SET_BARRIER, LAYERWISE_BARRIER, QUANTITIES, WHOLE_MODEL_BARRIER
+    from lmclab.report.predict import MEASURED
+
+    data = toy_dataset(n=60)
+    ma, mb = make("mlp", 0, hidden=(16,)), make("mlp", 1, hidden=(16,))
+    a, b = ma.state_dict(), mb.state_dict()
+    lam = default_lambdas(5)
+    head = layer_groups(ma)["head"]
+    for tensors, same in ((list(a), True), (head, False)):
+        one_sided = evaluate_path(
+            ma, a, b, {"test": data}, lambdas=lam, only=tensors, base="a", bn="none", progress=False
+        )
+        layerwise = barriers(lam, path_values(one_sided, "loss"))
+        layer_set = layer_set_barrier(ma, a, b, data, lam, tensors)
+        if same:
+            assert layerwise["barrier"] == pytest.approx(float(layer_set.max()), abs=1e-6)
+            assert layerwise["midpoint"] == pytest.approx(float(layer_set[2]), abs=1e-6)
+        else:
+            assert abs(layerwise["midpoint"] - float(layer_set[2])) > 1e-3  # type: ignore[operator]
+    # so the names differ, in the tables of each command
+    assert len({WHOLE_MODEL_BARRIER, LAYERWISE_BARRIER, LAYER_SET_BARRIER}) == 3 and set(QUANTITIES) == {
+        WHOLE_MODEL_BARRIER,
+        LAYERWISE_BARRIER,
+        LAYER_SET_BARRIER,
+    }
+    assert MEASURED == f"{LAYER_SET_BARRIER}_half"  # predict's (and singh's) column
+    rows = [
+        {**r, "pair": 0, "path": "naive", "layers": layers, **({"base": "a"} if only else {})}
+        for layers, only in (("all", None), ("head", head))
+        for r in evaluate_path(ma, a, b, {"test": data}, lambdas=lam, only=only, bn="none", progress=False)
+    ]
+    with open(write_lmc_report(rows, tmp_path)["barriers"]) as fh:
+        table = list(csv.DictReader(fh))
+    assert {(r["layers"], r["quantity"], r.get("base") or "") for r in table} == {
+        ("all", "barrier", ""),
+        ("head", "layerwise_barrier", "a"),
+    }
 
 
 def test_layer_groups_and_cumulative_orders() -> None:

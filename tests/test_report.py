@@ -28,8 +28,10 @@ from lmclab.report import (
     training,
     write_csv,
 )
+from lmclab.report import figures as report_figures
 
 LAMBDAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+EXAMPLES = {"train": 60000, "test": 10000}  # the evaluated examples of each split, written in the titles
 
 
 def wave(*seed: float) -> Callable[[float], float]:
@@ -51,6 +53,7 @@ def path_rows() -> list[dict[str, Any]]:
             "lambda": lam,
             "metric": metric,
             "value": wave(pair, i, j, m)(lam),
+            "examples": EXAMPLES[split],
         }
         for pair in (0, 1)
         for i, name in enumerate(("naive", "weight-matched"))
@@ -82,7 +85,7 @@ def loss_rows() -> list[dict[str, Any]]:
     for pair in (0, 1):
         for p, name in enumerate(("naive", "aligned")):
             for s, split in enumerate(("train", "test")):
-                common = {"setting": "mlp_tiny", "pair": pair, "path": name, "split": split}
+                common = {"setting": "mlp_tiny", "pair": pair, "path": name, "split": split, "examples": 500 + s}
                 rows += [
                     {
                         **common,
@@ -122,7 +125,14 @@ def example_rows() -> list[dict[str, Any]]:
 
 def rmse_rows() -> list[dict[str, Any]]:
     return [
-        {"pair": pair, "path": name, "approximation": approx, "lambda": lam, "rmse": abs(wave(pair, p, q)(lam))}
+        {
+            "pair": pair,
+            "path": name,
+            "approximation": approx,
+            "lambda": lam,
+            "rmse": abs(wave(pair, p, q)(lam)),
+            "examples": 200,
+        }
         for pair in (0, 1)
         for p, name in enumerate(("naive", "aligned"))
         for q, approx in enumerate(("direct", "a1", "a2", "b1", "b2"))
@@ -139,7 +149,14 @@ def merged_rows() -> list[dict[str, Any]]:
         for k in (2, 3, 4):
             for s, split in enumerate(("train", "test")):
                 for q, metric in enumerate(("loss", "accuracy", "error")):
-                    common = {"setting": "mlp_tiny", "method": method, "k": k, "split": split, "metric": metric}
+                    common = {
+                        "setting": "mlp_tiny",
+                        "method": method,
+                        "k": k,
+                        "split": split,
+                        "metric": metric,
+                        "examples": EXAMPLES[split],
+                    }
                     rows.append({**common, "model": "merged", "member": "", "value": wave(m, k, s, q)(0.3)})
                     rows += [{**common, "model": "member", "member": i, "value": wave(i, s, q)(0.7)} for i in range(k)]
     rows[5]["value"] = math.nan  # a missing member value: left out of the members' mean
@@ -160,6 +177,7 @@ def summary_rows() -> list[dict[str, Any]]:
             "std": 0.1 + 0.01 * k,
             "n": k * (k - 1) // 2,
             "n_missing": 0,
+            "examples": EXAMPLES[split],
         }
         for m, method in enumerate(METHODS)
         for k in (2, 3, 4)
@@ -184,6 +202,8 @@ def trace_rows() -> list[dict[str, Any]]:
                         "ci_low": est - 1 - m,
                         "ci_high": est + 2,
                         "confidence": 0.95,
+                        "split": "train",
+                        "examples": 1000,
                     }
                 )
     return rows
@@ -191,7 +211,16 @@ def trace_rows() -> list[dict[str, Any]]:
 
 def pair_rows() -> list[dict[str, Any]]:
     rows = [
-        {"method": method, "k": 4, "i": i, "j": j, "split": split, "metric": metric, "barrier": wave(m, i, j)(0.4)}
+        {
+            "method": method,
+            "k": 4,
+            "i": i,
+            "j": j,
+            "split": split,
+            "metric": metric,
+            "barrier": wave(m, i, j)(0.4),
+            "examples": EXAMPLES[split],
+        }
         for m, method in enumerate(METHODS)
         for i in range(4)
         for j in range(i + 1, 4)
@@ -213,6 +242,7 @@ def segment_rows() -> list[dict[str, Any]]:
             "lambda": lam,
             "value": wave(fork, pair, t, q)(lam),
             "barrier": wave(fork, pair, t, q)(lam) - 1,
+            "examples": 3000,
         }
         for fork in (0, 1)
         for pair in (0, 1)
@@ -254,6 +284,7 @@ def prediction_rows() -> list[dict[str, Any]]:
             "measured_max": 0.5 + 0.1 * fork + 0.01 * pair,
             "measured_bn_reset_max": math.nan,
             "predicted_max": 0.4 + 0.12 * fork,
+            "examples": 3000,
         }
         for fork in (0, 1, 2)
         for pair in (0, 1)
@@ -286,9 +317,10 @@ def layer_rows() -> list[dict[str, Any]]:
             "layer_index": li,
             "layer": layer,
             "child_epoch": t,
-            "measured_half": wave(li)(t) - 1,
+            "layer_set_barrier_half": wave(li)(t) - 1,
             "predicted_half": wave(li, 1)(t) - 1,
             "distance": abs(wave(li, 2)(t)),
+            "examples": 3000,
         }
         for li, layer in enumerate(LAYERS)
         for t in (0.0, 0.5, 1.0, 1.5)
@@ -338,11 +370,11 @@ def toy_rows() -> list[dict[str, Any]]:
 def prediction_tables() -> tuple[list, list, list, list, np.ndarray]:
     curve = [{"alpha": a, "measured": wave(0)(a) - 0.5, "predicted": wave(1)(a) - 0.5} for a in LAMBDAS]
     layers = [
-        {"layer": name, "measured_half": wave(i)(0.5) - 1, "predicted_half": wave(i, 1)(0.5) - 1}
+        {"layer": name, "layer_set_barrier_half": wave(i)(0.5) - 1, "predicted_half": wave(i, 1)(0.5) - 1}
         for i, name in enumerate(LAYERS)
     ]
     cumulative = [
-        {"order": order, "k": k, "measured_half": wave(o, k)(0.5), "predicted_eq21": wave(o, k, 1)(0.5)}
+        {"order": order, "k": k, "layer_set_barrier_half": wave(o, k)(0.5), "predicted_eq21": wave(o, k, 1)(0.5)}
         for o, order in enumerate(("shallow", "deep"))
         for k in (1, 2, 3)
     ]
@@ -371,7 +403,14 @@ CASES = {
         lambda r: r["path"] == "weight-matched" and r["split"] == "test",
         "value",
     ),
-    "histories": Case(training.plot_histories, F.check_histories, lambda: (histories(),), lambda r: False, ""),
+    "histories": Case(
+        training.plot_histories,
+        F.check_histories,
+        lambda: (histories(),),
+        lambda r: False,
+        "",
+        {"examples": EXAMPLES},
+    ),
     "loss_approximations": Case(
         benko.plot_loss_approximations,
         F.check_loss_approximations,
@@ -455,7 +494,12 @@ CASES = {
         "predicted",
     ),
     "predictions": Case(
-        predict.plot_predictions, F.check_predictions, prediction_tables, lambda r: r["alpha"] == 1.0, "measured"
+        predict.plot_predictions,
+        F.check_predictions,
+        prediction_tables,
+        lambda r: r["alpha"] == 1.0,
+        "measured",
+        {"split": "test", "examples": 1000},
     ),
 }
 
@@ -517,7 +561,9 @@ def test_history_checks_fail_on_a_missing_run_or_epoch(tmp_path: Path) -> None:
 def test_paths_title_counts_missing_values(tmp_path: Path) -> None:
     saved = paths.plot_paths(tmp_path / "p.png", path_rows())
     loss, accuracy = saved.figure.axes
-    assert loss.get_title() == "loss (1 non-finite values omitted)" and accuracy.get_title() == "accuracy"
+    data = "train, 60,000 examples; test, 10,000 examples"
+    assert loss.get_title() == f"loss (1 non-finite values omitted)\n{data}"
+    assert accuracy.get_title() == f"accuracy\n{data}"
     assert [t.get_text() for t in loss.get_xticklabels()] == ["Model A", "0.25", "0.5", "0.75", "Model B"]
 
 
@@ -534,3 +580,57 @@ def test_png_check_fails_on_a_wrong_size_or_a_blank_image(tmp_path: Path) -> Non
     Image.new("RGB", (size[0] - 1, size[1]), "black").save(saved.path)
     with pytest.raises(AssertionError):
         F.check_png(saved)
+
+
+def test_content_checks_fail_without_markers_barriers_data_or_colour_bar_labels(tmp_path: Path) -> None:
+    """The figure conventions are checked: markers at the evaluated λ, the barrier written on the curve
+    (with the right value), the split and its number of examples in the title, labelled colour bars."""
+    rows = path_rows()
+    saved = paths.plot_paths(tmp_path / "p.png", rows)
+    F.check_paths(saved, rows)
+    ax = saved.figure.axes[0]
+    ax.get_lines()[0].set_marker("None")
+    with pytest.raises(AssertionError, match="no markers"):
+        F.check_paths(saved, rows)
+    saved = paths.plot_paths(tmp_path / "p.png", rows)
+    note = next(t for t in saved.figure.axes[0].texts if t.get_text().startswith("barrier"))
+    note.set_text("barrier 9.99")
+    with pytest.raises(AssertionError, match="barriers written"):
+        F.check_paths(saved, rows)
+    with pytest.raises(AssertionError, match="60,000 examples"):  # the figure was told another count
+        F.check_paths(paths.plot_paths(tmp_path / "q.png", rows, examples={"train": 600, "test": 10000}), rows)
+    tables = prediction_tables()
+    saved = predict.plot_predictions(tmp_path / "r.png", *tables, split="test", examples=1000)
+    F.check_predictions(saved, *tables, split="test", examples=1000)
+    with pytest.raises(AssertionError, match="test, 999 examples"):
+        F.check_predictions(saved, *tables, split="test", examples=999)
+    F.colorbars(saved)[0].set_ylabel("")
+    with pytest.raises(AssertionError, match="colour bar without a label"):
+        F.check_predictions(saved, *tables, split="test", examples=1000)
+
+
+def test_png_check_finds_something_clipped_at_the_edge(tmp_path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(3, 2), constrained_layout=True)
+    ax.plot([0, 1], [0, 1])
+    fig.text(1.0, 0.5, "a label running off the figure", ha="center")
+    with pytest.raises(AssertionError, match="edge"):
+        F.check_png(report_figures.save_figure(fig, tmp_path / "clipped.png"))
+    long = "a title far longer than the figure is wide, which save_figure wraps instead of clipping it " * 2
+    fig, ax = plt.subplots(figsize=(3, 2), constrained_layout=True)
+    ax.plot([0, 1], [0, 1])
+    F.check_png(report_figures.save_figure(fig, tmp_path / "wrapped.png", title=long))
+
+
+def test_midpoint_is_none_off_the_grid_in_barrier_rows() -> None:
+    """barrier_report (barriers.csv, --json, Ito's tables) reports no midpoint where λ = ½ was not evaluated."""
+    from lmclab.paths import barrier_report, default_lambdas
+
+    for points, has_half in ((4, False), (25, True)):
+        rows = [
+            {"path": "naive", "split": "test", "metric": "loss", "lambda": x, "value": 1 + x * (1 - x)}
+            for x in default_lambdas(points)
+        ]
+        (row,) = barrier_report(rows)
+        assert (row["midpoint"] is not None) == has_half
+        if has_half:
+            assert row["midpoint"] == pytest.approx(0.25)

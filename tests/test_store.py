@@ -1,7 +1,9 @@
-"""Run store: atomic writes, safetensors checkpoints, architecture checks, no pickle."""
+"""Run store: atomic writes, safetensors checkpoints, architecture checks, no pickle; a run is what its
+files say (a kill during the final evaluation, damaged run directories)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -10,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmclab.config import ModelConfig, RunConfig
+import lmclab.training.loop as loop
+from lmclab.cli import main
+from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
 from lmclab.models import build_model
 from lmclab.store import (
     CheckpointError,
@@ -18,6 +22,7 @@ from lmclab.store import (
     ForkRecord,
     ResumedFrom,
     Run,
+    RunDamaged,
     RunMeta,
     RunNotFound,
     RunStore,
@@ -28,6 +33,9 @@ from lmclab.store import (
     save_checkpoint,
 )
 from lmclab.store.checkpoint import optimizer_from_flat, optimizer_to_flat
+from lmclab.training import RunOptions, train
+from lmclab.training.plan import Schedule, Train, plan_training
+from lmclab.training.schedules import CheckpointSchedule
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
@@ -192,3 +200,132 @@ def test_the_store_names_every_artifact_directory(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="cannot name a result directory"):
             store.result_dir(bad, identity)
     assert not any(tmp_path.iterdir())  # naming creates nothing
+
+
+# ---------------------------------------------------------------- a run is what its files say
+
+TINY = RunConfig(
+    data=DataConfig("mnist", train_per_class=10),
+    model=ModelConfig("mlp", hidden=(16,)),
+    train=TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=50, epochs=2),
+    seeds=SeedConfig(4, 5, 6),
+)
+
+
+def test_a_kill_during_the_final_evaluation_is_finished_by_a_rerun_without_training(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = RunOptions(
+        runs_dir=str(tmp_path), data_dir=str(shared_data), device="cpu", progress=False, download=False
+    )
+    evaluate = loop.evaluate
+
+    def killed_in_final_evaluation(model, dataset, batch_size=1000):  # type: ignore[no-untyped-def]
+        if len(dataset) == 100:  # the training split: only `finish` evaluates it
+            raise KeyboardInterrupt
+        return evaluate(model, dataset, batch_size)
+
+    monkeypatch.setattr(loop, "evaluate", killed_in_final_evaluation)
+    steps: list[int] = []
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, options, callback=lambda s: steps.append(s.step))
+    assert steps == [1, 2, 3, 4]
+    run = RunStore(tmp_path).find(TINY)
+    assert run is not None and run.final_checkpoint() is not None
+    assert run.meta.status == "running" and run.meta.final_metrics is None  # what meta.json was left saying
+    assert run.status == "unevaluated" and not run.complete  # what the files say
+    plan = plan_training(RunStore(tmp_path), TINY.normalised(), Schedule.of(TINY, CheckpointSchedule(), 100))
+    assert isinstance(plan, Train) and plan.only_evaluates and plan.source == run.final_checkpoint()
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    steps.clear()
+    again = train(TINY, options, callback=lambda s: steps.append(s.step))
+    assert again == run and steps == []  # evaluated, not trained again
+    meta = run.meta
+    assert run.status == meta.status == "complete" and run.complete
+    assert meta.final_metrics is not None and set(meta.final_metrics) == {
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+    }
+    assert [h["epoch"] for h in meta.history] == [1, 2] and not run.resume_path.exists()
+    straight = train(TINY, dataclasses.replace(options, runs_dir=str(tmp_path / "straight")))
+    assert straight.meta.final_metrics == meta.final_metrics
+
+
+def _three_runs(root: Path) -> list[Run]:
+    store = RunStore(root)
+    return [store.open(RunConfig(model=ModelConfig("mlp", hidden=(h,))), preset=None) for h in (8, 16, 32)]
+
+
+def test_damaged_run_directories_are_listed_apart_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truncated, edited, healthy = _three_runs(tmp_path)
+    text = (truncated.path / "config.json").read_text()
+    (truncated.path / "config.json").write_text(text[: len(text) // 2])
+    config = json.loads((edited.path / "config.json").read_text())
+    config["train"]["lr"] = 0.5
+    (edited.path / "config.json").write_text(json.dumps(config))
+    (tmp_path / ".locks").mkdir()  # (other entries of a store are not runs)
+    (tmp_path / "align_0123").mkdir()
+
+    store = RunStore(tmp_path)
+    scan = store.scan()
+    assert scan.healthy == store.runs() == [healthy]
+    assert sorted(r.path.name for r in scan.damaged) == sorted([truncated.path.name, edited.path.name])
+    assert "config.json is not valid JSON" in (truncated.damage or "")
+    assert f"hashes to {RunConfig.from_dict(config).run_hash()}, not to {edited.hash}" in (edited.damage or "")
+    assert healthy.damage is None and truncated.status == edited.status == "damaged" and healthy.status == "created"
+
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert healthy.path.name in out
+    for run in (truncated, edited):
+        line = next(line for line in out.splitlines() if line.startswith(run.path.name))
+        assert "damaged" in line and (run.damage or "?") in line
+    rows = {r["run"]: r for r in json.loads(_json_output(tmp_path, capsys))}
+    assert rows[edited.path.name]["status"] == "damaged" and "hashes to" in rows[edited.path.name]["damage"]
+    assert rows[healthy.path.name]["status"] == "created"
+
+
+def _json_output(root: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["runs", "--runs-dir", str(root), "--json"]) == 0
+    return capsys.readouterr().out
+
+
+def test_commands_that_need_a_damaged_run_refuse_it_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    truncated, edited, healthy = _three_runs(tmp_path)
+    (truncated.path / "config.json").write_text('{"data": {"dataset": "mni')
+    meta = edited.path / "meta.json"
+    meta.write_text(meta.read_text()[:-5])
+    store = RunStore(tmp_path)
+    assert store.get(healthy.hash[:8]) == healthy
+    for run, reason in ((truncated, "config.json is not valid JSON"), (edited, "meta.json is not valid JSON")):
+        for ref in (run.hash[:8], run.path.name, str(run.path)):
+            with pytest.raises(RunDamaged, match=f"run {run.path} is damaged: {reason}"):
+                store.get(ref)
+        assert main(["eval", run.hash[:8], "--runs-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(run.path) in err and reason in err
+    damaged_meta = meta.read_text()
+    with pytest.raises(RunDamaged, match="meta.json is not valid JSON"):
+        edited.update_meta(status="running")
+    assert meta.read_text() == damaged_meta  # never written over
+    config = RunConfig(model=ModelConfig("mlp", hidden=(8,)))
+    with pytest.raises(RunDamaged, match=truncated.path.name):
+        store.find(config)
+    with pytest.raises(RunDamaged, match=truncated.path.name):
+        store.open(config)
+    with pytest.raises(RunDamaged, match=truncated.path.name):  # refused before any data is loaded
+        train(config, RunOptions(runs_dir=str(tmp_path), device="cpu", progress=False, download=False))
+    assert (truncated.path / "config.json").read_text() == '{"data": {"dataset": "mni'
+
+
+def test_a_run_directory_without_config_json(tmp_path: Path) -> None:
+    (tmp_path / "train_0123456789abcdef").mkdir()  # creation cut short: empty, not listed
+    (tmp_path / "train_fedcba9876543210" / "checkpoints").mkdir(parents=True)
+    scan = RunStore(tmp_path).scan()
+    assert scan.healthy == [] and [r.path.name for r in scan.damaged] == ["train_fedcba9876543210"]
+    assert scan.damaged[0].damage == "config.json is missing"

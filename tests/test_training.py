@@ -147,6 +147,37 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path: Path, shared_data: P
     assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
 
 
+def test_an_exploding_loss_ends_diverged_whatever_the_optimiser(tmp_path: Path, shared_data: Path) -> None:
+    # Adam at lr 1000: the loss stays finite (≈1e12) but far above the initial ≈ ln 10; SGD would give NaN
+    adam = dataclasses.replace(SMALL, train=TrainConfig(optimizer="adam", lr=1000.0, batch_size=50, epochs=3))
+    opts = options(tmp_path, shared_data)
+    with pytest.raises(TrainingDiverged) as err:
+        train(adam, opts)
+    run = RunStore(opts.runs_dir).find(adam)
+    assert run is not None and run.meta.status == "diverged" and str(err.value) == run.meta.error
+    message = str(err.value)
+    assert message.startswith("training loss became ") and "at step 10 (epoch 1)" in message
+    assert "divergence limit max(10 × L0, L0 + 10) = 23.0" in message and "Lower the learning rate" in message
+    assert math.isclose(run.meta["initial_loss"], math.log(10), rel_tol=0.05)
+    # the same recipe at a sane learning rate is not caught
+    sane = train(dataclasses.replace(adam, train=dataclasses.replace(adam.train, lr=1e-3)), opts)
+    assert sane.meta.status == "complete" and sane.meta.error is None
+
+
+def test_meta_records_what_the_bits_depend_on(tmp_path: Path, shared_data: Path) -> None:
+    tiny = dataclasses.replace(
+        SMALL, data=DataConfig("mnist", train_per_class=10), train=dataclasses.replace(SMALL.train, epochs=1)
+    )
+    env = train(tiny, options(tmp_path, shared_data)).meta.environment
+    assert env is not None
+    record = env["determinism"]
+    assert record["torch"] == torch.__version__ and record["device_type"] == "cpu"
+    assert record["threads"] == torch.get_num_threads() and record["cpu_capability"]
+    assert record["deterministic_algorithms"] == torch.are_deterministic_algorithms_enabled()
+    assert record["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    assert {"cudnn_deterministic", "cudnn_benchmark", "cublas_workspace_config"} <= record.keys()
+
+
 def test_load_run_model_reproduces_final_metrics(tmp_path: Path, shared_data: Path) -> None:
     from lmclab.data import DeviceDataset
     from lmclab.training import evaluate

@@ -1,25 +1,54 @@
-"""The `lmclab` command line. Every command that prints results accepts `--json`."""
+"""The `lmclab` command line. Every command that prints results accepts `--json`.
+
+User errors never show a traceback: every argument and every config value is checked before anything
+runs or is written (argparse `type=` functions built from the allowed values of `lmclab.config`, then
+each command's own checks, which raise `UsageError`); a bad one exits with status 2 and one line naming
+the flag, the value and what is allowed. The library's user-facing errors (`USER_ERRORS`: a missing
+run, a missing dataset, a damaged file, …) are reported the same way; anything else is a bug and keeps
+its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import math
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from tqdm.auto import tqdm
 
 from lmclab.align import PAIR_METHODS, POPULATION_METHODS, MethodEntry
-from lmclab.config import add_config_flags, config_from_args
+from lmclab.config import (
+    SEED,
+    Allowed,
+    RunConfig,
+    SeedConfig,
+    UsageError,
+    add_config_flags,
+    argument_type,
+    config_from_args,
+    integer,
+    integers,
+    one_of,
+)
 from lmclab.data import DATASET_NAMES, DataError, DeviceDataset
 from lmclab.experiments.ito import merge_runs
 from lmclab.experiments.lmc import align_runs, lmc_pairs, load_alignment
 from lmclab.experiments.pair import run_pair_demo
 from lmclab.experiments.predict import predict_vs_measure, sharpness
 from lmclab.experiments.registry import EXPERIMENTS, catalogue, get_experiment
-from lmclab.models import MODEL_NAMES, ModelError, model_defaults
-from lmclab.permutation import SpecError
-from lmclab.store import CheckpointError, RunNotFound, RunStore
+from lmclab.experiments.settings import PresetError
+from lmclab.models import MODEL_NAMES, ModelError, build_model, model_defaults
+from lmclab.paths import layer_groups
+from lmclab.permutation import SpecError, verify_permutation
+from lmclab.store import CheckpointError, DataMismatch, LockTimeout, Run, RunNotFound, RunStore
+from lmclab.store.data_identity import ALLOW_FLAG
 from lmclab.training import (
     PRESETS,
     CheckpointSchedule,
@@ -33,38 +62,209 @@ from lmclab.training import (
     resolve_device,
     train,
 )
+from lmclab.training.forks import check_parent
+
+#: The errors a user can cause and fix (a bad value, a missing run or dataset, a damaged file, a run that
+#: diverged): reported in one line, exit status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError,
+    DataError,
+    DataMismatch,
+    ModelError,
+    CheckpointError,
+    RunNotFound,
+    UnknownPreset,
+    PresetError,
+    TrainingDiverged,
+    SpecError,
+    LockTimeout,
+)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+# ------------------------------------------------------------------------------ argument types
+
+POSITIVE = integer(1)
+NON_NEGATIVE = integer(0)
+POINTS = integer(2)  # evenly spaced λ, both ends included
+SPLITS = ("train", "test")
+LAYER_ORDERS = ("shallow", "deep", "random")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """`0,1,2`: comma-separated integers; ValueError for an empty or non-integer item."""
+    return tuple(int(t) for t in text.split(","))
+
+
+def _epochs_type() -> Callable[[str], Any]:
+    allowed = integers(0, nonempty=True, example="0,1,2,15")
+    convert = argument_type(allowed, _int_list)
+    return lambda text: sorted(set(convert(text)))
+
+
+def _checkpoint_schedule(text: str) -> CheckpointSchedule:
+    """`--checkpoints`: epochs:0,1,2 | every:N | log:K | steps:S,T joined by '+', every number checked."""
+    words = "epochs:E,E,… | every:N | log:K | steps:S,S,… joined by '+' (E, S >= 0; N, K >= 1)"
+    try:
+        schedule = CheckpointSchedule.parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: {words}") from None
+    if (
+        any(v < 0 for v in (*schedule.epochs, *schedule.steps))
+        or (schedule.every < 1 and "every:" in text)
+        or (schedule.log_steps < 1 and "log:" in text)
+    ):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: {words}")
+    return schedule
+
+
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def _device(text: str) -> str:
+    """`--device`: auto, or a device this machine has (CUDA only with a CUDA build and a card)."""
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: {DEVICES}") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise argparse.ArgumentTypeError(f"{text!r} is not available ({why}); allowed here: auto, cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not available ({count} CUDA device(s)); allowed here: auto, cpu, cuda, "
+                + ", ".join(f"cuda:{i}" for i in range(count))
+            )
+        return text
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} is not available (no MPS device); allowed here: auto, cpu")
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: {DEVICES}")
+
+
+def _existing_path(text: str) -> str:
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist; allowed: a file or directory written by lmclab")
+    return text
+
+
+def _typed(allowed: Allowed, parse: Callable[[str], Any] = int) -> Callable[[str], Any]:
+    return argument_type(allowed, parse)
+
+
+def _allowed(allowed: Allowed) -> str:
+    return f"allowed: {allowed.describe()}"
 
 
 def _methods_help(methods: Mapping[str, MethodEntry]) -> str:
     """The registered alignment methods, one "name (title): description" each, for ``--help``."""
-    return "; ".join(e.summary() for e in methods.values()).replace("%", "%%")
+    return "; ".join(e.summary() for e in methods.values())
+
+
+def _help(text: str) -> str:
+    """Help text as argparse wants it (a literal % doubled)."""
+    return text.replace("%", "%%")
+
+
+# ------------------------------------------------------------------------------------- parser
+
+
+def _directory(text: str) -> str:
+    """`--runs-dir`, `--data-dir`: a directory, or a path where none exists yet (not a file)."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a directory; allowed: a directory")
+    return text
 
 
 def _common_io(p: argparse.ArgumentParser, data: bool = True, device: bool = True) -> None:
-    p.add_argument("--runs-dir", default=None, help="run store (default: $LMCLAB_RUNS_DIR or ./runs)")
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        metavar="DIR",
+        type=_directory,
+        help="run store; allowed: a directory, created if missing (default: $LMCLAB_RUNS_DIR or ./runs)",
+    )
     if data:
-        p.add_argument("--data-dir", default=None, help="local datasets (also searched: $LMCLAB_DATA_DIR, the cache)")
+        p.add_argument(
+            "--data-dir",
+            default=None,
+            metavar="DIR",
+            type=_directory,
+            help="local datasets; allowed: a directory (also searched: $LMCLAB_DATA_DIR, the cache)",
+        )
         p.add_argument("--offline", action="store_true", help="never download; fail if data is not local")
     if device:
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: cuda if available)")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        p.add_argument(
+            "--device",
+            default="auto",
+            metavar="DEVICE",
+            type=_device,
+            help=f"where to compute; allowed: {DEVICES} (default auto: cuda if available, else cpu)",
+        )
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout (messages on stderr)")
+
+
+def _no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
+
+
+def _allow_different_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        ALLOW_FLAG,
+        action="store_true",
+        help="compare runs trained on different data (refused otherwise); evaluation uses the first run's "
+        "data, and the output says which",
+    )
+
+
+def _points(p: argparse.ArgumentParser, what: str = "evenly spaced λ, both ends included") -> None:
+    p.add_argument(
+        "--points", type=_typed(POINTS), default=25, metavar="INT", help=f"{what}; {_allowed(POINTS)} (default: 25)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmclab", description=__import__("lmclab").__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="lmclab", description=__import__("lmclab").__doc__)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="one of the commands below; `lmclab COMMAND --help`"
+    )
 
     p = sub.add_parser("train", help="train a preset (reuses or resumes a stored run with the same config)")
-    p.add_argument("preset", help="recipe name; `lmclab presets` lists them")
+    p.add_argument(
+        "preset",
+        type=_typed(one_of(lambda: tuple(PRESETS)), str),
+        help=f"training recipe; allowed: one of {', '.join(PRESETS)} (`lmclab presets`)",
+    )
     add_config_flags(p)
     p.add_argument(
         "--checkpoints",
-        default="",
+        default=CheckpointSchedule(),
+        type=_checkpoint_schedule,
         metavar="SPEC",
-        help="extra kept checkpoints: epochs:0,1,2 | every:N | log:K | steps:S,T, joined by '+'",
+        help="extra kept checkpoints; allowed: epochs:0,1,2 | every:N | log:K | steps:S,T, joined by '+' "
+        "(the final state is always kept)",
     )
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: only at the end)")
+    _no_progress(p)
+    p.add_argument(
+        "--eval-every",
+        metavar="INT",
+        type=_typed(NON_NEGATIVE),
+        default=1,
+        help=f"epochs between test evaluations (0: only at the end); {_allowed(NON_NEGATIVE)} (default: 1)",
+    )
     _common_io(p)
 
     p = sub.add_parser(
@@ -78,45 +278,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--at",
         required=True,
-        type=_epoch_list,
+        type=_epochs_type(),
         metavar="E,E,…",
-        help="parent epochs to fork at, e.g. 0,1,2,15 (0: the initialisation)",
+        help="parent epochs to fork at, e.g. 0,1,2,15 (0: the initialisation); allowed: integers >= 0 below the "
+        "parent's epochs",
     )
-    p.add_argument("--children", type=int, default=2, help="children per fork epoch (default: 2)")
+    p.add_argument(
+        "--children",
+        metavar="INT",
+        type=_typed(POSITIVE),
+        default=2,
+        help=f"children per fork epoch; {_allowed(POSITIVE)} (default: 2)",
+    )
     p.add_argument("--vary-augment", action="store_true", help="children also get their own augmentation seed")
     p.add_argument(
         "--checkpoints",
-        default="",
+        default=None,
+        type=_checkpoint_schedule,
         metavar="SPEC",
-        help="children's kept checkpoints (default: every epoch): epochs:… | every:N | log:K | steps:…",
+        help="children's kept checkpoints; allowed: epochs:… | every:N | log:K | steps:…, joined by '+' "
+        "(default: every epoch)",
     )
     add_config_flags(p)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--eval-every", type=int, default=1, help="epochs between test evaluations (0: only at the end)")
+    _no_progress(p)
+    p.add_argument(
+        "--eval-every",
+        metavar="INT",
+        type=_typed(NON_NEGATIVE),
+        default=1,
+        help=f"epochs between test evaluations (0: only at the end); {_allowed(NON_NEGATIVE)} (default: 1)",
+    )
     _common_io(p)
 
-    p = sub.add_parser("runs", help="list stored runs with their key config and final metrics")
+    p = sub.add_parser(
+        "runs", help="list stored runs: status, seed, metrics, and the config fields that differ between them"
+    )
     _common_io(p, data=False, device=False)
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
     p.add_argument("run", help="run directory, name, or hash prefix")
-    p.add_argument("--split", choices=("train", "test", "both"), default="test")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: final)")
+    p.add_argument("--split", choices=(*SPLITS, "both"), default="test", help="allowed: train, test, both")
+    p.add_argument(
+        "--step",
+        metavar="INT",
+        type=_typed(NON_NEGATIVE),
+        default=None,
+        help="checkpoint step (default: the final state); allowed: a step the run kept (`lmclab runs --json`)",
+    )
+    _no_progress(p)
     _common_io(p)
 
     p = sub.add_parser("align", help="align run B's hidden units to run A's (verified, cached in the store)")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("--method", choices=tuple(PAIR_METHODS), default="weight", help=_methods_help(PAIR_METHODS))
-    p.add_argument("--ste-epochs", type=int, default=10, help="epochs of STE over the training split")
-    p.add_argument("--seed", type=int, default=0, help="group order of weight matching")
+    p.add_argument("run_a", help="the reference run (directory, name, or hash prefix)")
+    p.add_argument("run_b", help="the run whose units are permuted onto run A's")
+    p.add_argument(
+        "--method",
+        choices=tuple(PAIR_METHODS),
+        default="weight",
+        help=_help(f"allowed: {', '.join(PAIR_METHODS)} (default: weight). {_methods_help(PAIR_METHODS)}"),
+    )
+    p.add_argument(
+        "--ste-epochs",
+        metavar="INT",
+        type=_typed(POSITIVE),
+        default=10,
+        help=f"epochs of STE over the training split; {_allowed(POSITIVE)} (default: 10)",
+    )
+    p.add_argument(
+        "--seed",
+        metavar="INT",
+        type=_typed(SEED),
+        default=0,
+        help=f"group order of weight matching; {_allowed(SEED)} (default: 0)",
+    )
     p.add_argument(
         "--examples",
-        type=int,
+        metavar="INT",
+        type=_typed(POSITIVE),
         default=5000,
-        help="training examples for activation matching (STE: for choosing the best permutation)",
+        help="training examples for activation matching (STE: for choosing the best permutation); "
+        f"{_allowed(POSITIVE)} (default: 5000)",
     )
-    p.add_argument("--no-progress", action="store_true")
+    _no_progress(p)
+    _allow_different_data(p)
     _common_io(p)
 
     p = sub.add_parser("merge", help="align K stored runs jointly, merge them, barriers between all pairs (Ito et al.)")
@@ -128,15 +372,43 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["merge_many"],
         choices=tuple(POPULATION_METHODS),
-        help="one or more: " + _methods_help(POPULATION_METHODS),
+        help=_help(
+            f"one or more of {', '.join(POPULATION_METHODS)} (default: merge_many). "
+            + _methods_help(POPULATION_METHODS)
+        ),
     )
-    p.add_argument("--ste-epochs", type=int, default=10, help="STE-MM epochs (the paper: 10, lr 1e-3, batch 256)")
-    p.add_argument("--ste-examples", type=int, default=None, help="STE-MM on a stratified training subset")
-    p.add_argument("--points", type=int, default=25, help="evenly spaced λ per pair, both ends included")
-    p.add_argument("--subset", type=int, default=None, help="stratified subset of each split for evaluation")
+    p.add_argument(
+        "--ste-epochs",
+        metavar="INT",
+        type=_typed(POSITIVE),
+        default=10,
+        help=f"STE-MM epochs (the paper: 10, lr 1e-3, batch 256); {_allowed(POSITIVE)} (default: 10)",
+    )
+    p.add_argument(
+        "--ste-examples",
+        metavar="INT",
+        type=_typed(POSITIVE),
+        default=None,
+        help=f"STE-MM on a stratified training subset of this size; {_allowed(POSITIVE)} (default: the whole split)",
+    )
+    _points(p, "evenly spaced λ per pair, both ends included")
+    p.add_argument(
+        "--subset",
+        metavar="INT",
+        type=_typed(POSITIVE),
+        default=None,
+        help=f"stratified subset of each split for evaluation; {_allowed(POSITIVE)} (default: the whole split)",
+    )
     p.add_argument("--trace", action="store_true", help="also the merged model's Hessian trace (plain, scale-aware)")
-    p.add_argument("--out", default="out/merge", help="tables and heat maps")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--out",
+        default="out/merge",
+        type=_directory,
+        metavar="DIR",
+        help="tables and heat maps (default: out/merge); allowed: a directory, created if missing",
+    )
+    _no_progress(p)
+    _allow_different_data(p)
     _common_io(p)
 
     p = sub.add_parser("interpolate", help="loss/accuracy on the straight path between two runs, with barriers")
@@ -151,83 +423,160 @@ def build_parser() -> argparse.ArgumentParser:
         "--align",
         choices=tuple(PAIR_METHODS),
         default=None,
-        help="align first (naive path too), by a method of `lmclab align --help`",
+        help=f"align first (naive path too); allowed: {', '.join(PAIR_METHODS)} (`lmclab align --help`)",
     )
     how.add_argument(
-        "--perm", nargs="+", default=None, metavar="FILE", help="saved permutation(s) from `lmclab align`, one per pair"
+        "--perm",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        type=_existing_path,
+        help="saved permutation(s) from `lmclab align`, one per pair; allowed: existing perm.safetensors files "
+        "or their directories",
     )
-    p.add_argument("--points", type=int, default=25, help="evenly spaced λ, both ends included")
-    p.add_argument("--split", choices=("train", "test", "both"), default="both")
-    p.add_argument("--subset", type=int, default=None, help="stratified subset of each split (quick runs)")
+    _points(p)
+    p.add_argument("--split", choices=(*SPLITS, "both"), default="both", help="allowed: train, test, both")
+    p.add_argument(
+        "--subset",
+        metavar="INT",
+        type=_typed(POSITIVE),
+        default=None,
+        help=f"stratified subset of each split (quick runs); {_allowed(POSITIVE)} (default: the whole split)",
+    )
     p.add_argument(
         "--bn",
         choices=("none", "reset", "repair"),
         default=None,
-        help="normalisation statistics at each λ (default: reset for BatchNorm models, else none)",
+        help="normalisation statistics at each λ; allowed: none, reset, repair (default: reset for BatchNorm "
+        "models, else none)",
     )
     p.add_argument(
         "--layers",
         nargs="+",
         default=None,
-        help="interpolate only these layer groups (module names; others from --base), "
+        help="interpolate only these layer groups (module names with parameters; others from --base), "
         "or cumulative:shallow|deep|random",
     )
-    p.add_argument("--base", choices=("a", "b"), default="a", help="where non-interpolated layers come from")
-    p.add_argument("--out", default=None, help="output directory (default: lmc_<hash> in the run store)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--base", choices=("a", "b"), default="a", help="where non-interpolated layers come from; allowed: a, b"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        type=_directory,
+        metavar="DIR",
+        help="output directory (default: lmc_<hash> in the run store); allowed: a directory, created if missing",
+    )
+    _no_progress(p)
+    _allow_different_data(p)
     _common_io(p)
 
     p = sub.add_parser("predict", help="Hessian-predicted vs measured barriers (Singh Prop. 1, Prop. 2, eq. 20–21)")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
+    p.add_argument("run_a", help="run 1 (directory, name, or hash prefix)")
+    p.add_argument("run_b", help="run 2")
     how = p.add_mutually_exclusive_group()
     how.add_argument(
         "--align",
         choices=tuple(PAIR_METHODS),
         default=None,
-        help="align B to A first, by a method of `lmclab align --help`",
+        help=f"align B to A first; allowed: {', '.join(PAIR_METHODS)} (`lmclab align --help`)",
     )
-    how.add_argument("--perm", default=None, metavar="FILE", help="a saved permutation (from `lmclab align`)")
-    p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--subset", type=int, default=1000, help="examples used (0: the whole split)")
-    p.add_argument("--points", type=int, default=25)
-    p.add_argument("--orders", nargs="+", default=["shallow", "deep"], choices=("shallow", "deep", "random"))
-    p.add_argument("--out", default="out/predict")
+    how.add_argument(
+        "--perm",
+        default=None,
+        metavar="FILE",
+        type=_existing_path,
+        help="a saved permutation (from `lmclab align`); allowed: an existing file or its directory",
+    )
+    p.add_argument("--split", choices=SPLITS, default="test", help="allowed: train, test (default: test)")
+    p.add_argument(
+        "--subset",
+        metavar="INT",
+        type=_typed(NON_NEGATIVE),
+        default=1000,
+        help=f"examples used (0: the whole split); {_allowed(NON_NEGATIVE)} (default: 1000)",
+    )
+    _points(p, "evenly spaced α, both ends included")
+    p.add_argument(
+        "--orders",
+        nargs="+",
+        default=["shallow", "deep"],
+        choices=LAYER_ORDERS,
+        help="orders of the cumulative layer sets; allowed: shallow, deep, random (default: shallow deep)",
+    )
+    p.add_argument(
+        "--out",
+        default="out/predict",
+        type=_directory,
+        metavar="DIR",
+        help="tables and figure (default: out/predict); allowed: a directory, created if missing",
+    )
+    _no_progress(p)
+    _allow_different_data(p)
     _common_io(p)
 
     p = sub.add_parser("sharpness", help="Hessian trace (95%% CI), scale-aware trace and top eigenvalue of a run")
-    p.add_argument("run")
-    p.add_argument("--split", choices=("train", "test"), default="train")
-    p.add_argument("--subset", type=int, default=1000, help="examples used (0: the whole split)")
-    p.add_argument("--probes", type=int, default=100)
-    p.add_argument("--method", choices=("hutchinson", "hutchpp"), default="hutchinson")
-    p.add_argument("--no-eigenvalue", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("run", help="run directory, name, or hash prefix")
+    p.add_argument("--split", choices=SPLITS, default="train", help="allowed: train, test (default: train)")
+    p.add_argument(
+        "--subset",
+        metavar="INT",
+        type=_typed(NON_NEGATIVE),
+        default=1000,
+        help=f"examples used (0: the whole split); {_allowed(NON_NEGATIVE)} (default: 1000)",
+    )
+    p.add_argument(
+        "--probes",
+        metavar="INT",
+        type=_typed(POINTS),
+        default=100,
+        help="Hessian-vector products per trace; allowed: an integer >= 2 (hutchpp: >= 4) (default: 100)",
+    )
+    p.add_argument(
+        "--method",
+        choices=("hutchinson", "hutchpp"),
+        default="hutchinson",
+        help="trace estimator; allowed: hutchinson, hutchpp (default: hutchinson)",
+    )
+    p.add_argument("--no-eigenvalue", action="store_true", help="skip the top eigenvalue (power iteration)")
+    p.add_argument(
+        "--seed", metavar="INT", type=_typed(SEED), default=0, help=f"probe seed; {_allowed(SEED)} (default: 0)"
+    )
+    _no_progress(p)
     _common_io(p)
 
     p = sub.add_parser(
         "run",
-        help="reproduce a paper's figures in one command ("
-        + ", ".join(EXPERIMENTS)
-        + "; `lmclab run` lists them and their presets)",
+        help=_help(
+            "reproduce a paper's figures in one command ("
+            + ", ".join(EXPERIMENTS)
+            + "; `lmclab run` lists them and their presets)"
+        ),
     )
     p.add_argument(
         "experiment",
         nargs="?",
         choices=tuple(EXPERIMENTS),
         metavar="EXPERIMENT",
-        help=(
+        help=_help(
             "; ".join(f"{name}: {e.description}" for name, e in EXPERIMENTS.items())
             + " (leave out: list the experiments and their presets)"
-        ).replace("%", "%%"),
+        ),
     )
     p.add_argument(
         "--preset",
         default="smoke",
-        help="smoke (CPU, minutes) or paper (the paper's settings, GPU); `lmclab run` lists every preset",
+        help="smoke (CPU, minutes) or paper (the paper's settings, GPU); allowed: a preset of the experiment "
+        "(`lmclab run` lists every preset)",
     )
-    p.add_argument("--out", default=None, help="figures and tables (default: out/EXPERIMENT-PRESET)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--out",
+        default=None,
+        type=_directory,
+        metavar="DIR",
+        help="figures and tables (default: out/EXPERIMENT-PRESET); allowed: a directory, created if missing",
+    )
+    _no_progress(p)
     _common_io(p)
 
     for name, text in (
@@ -236,17 +585,49 @@ def build_parser() -> argparse.ArgumentParser:
         ("datasets", "list dataset names"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
     p = sub.add_parser("demo", help="the README's main job: train two MLPs, align them, measure LMC")
-    p.add_argument("--preset", default="mlp_mnist")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds, one model each")
-    p.add_argument("--out", default="out/demo", help="where figures and tables go")
-    p.add_argument("--align", choices=(*PAIR_METHODS, "none"), default="weight")
-    p.add_argument("--points", type=int, default=25)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--preset",
+        default="mlp_mnist",
+        type=_typed(one_of(lambda: tuple(PRESETS)), str),
+        help=f"training recipe; allowed: one of {', '.join(PRESETS)} (default: mlp_mnist)",
+    )
+    p.add_argument(
+        "--epochs",
+        metavar="INT",
+        type=_typed(NON_NEGATIVE),
+        default=5,
+        help=f"training epochs of each model; {_allowed(NON_NEGATIVE)} (default: 5)",
+    )
+    seeds = integers(0, nonempty=True, example="0,1")
+    p.add_argument(
+        "--seeds",
+        default=(0, 1),
+        metavar="S,S,…",
+        type=_typed(seeds, _int_list),
+        help=f"one model per seed; allowed: {seeds.describe()} (default: 0,1)",
+    )
+    p.add_argument(
+        "--out",
+        default="out/demo",
+        type=_directory,
+        metavar="DIR",
+        help="where figures and tables go (default: out/demo); allowed: a directory, created if missing",
+    )
+    p.add_argument(
+        "--align",
+        choices=(*PAIR_METHODS, "none"),
+        default="weight",
+        help=f"allowed: {', '.join((*PAIR_METHODS, 'none'))} (default: weight)",
+    )
+    _points(p)
+    _no_progress(p)
     _common_io(p)
+    for choice in sub._choices_actions:  # each command's --help opens with its one-line description
+        command = sub.choices[choice.dest]
+        command.description = command.description or (choice.help or "").replace("%%", "%")
     return parser
 
 
@@ -257,19 +638,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as exc:  # user-facing errors: one clear message, no traceback
-        if not isinstance(exc, _user_errors()):
-            raise
-        print(f"lmclab {args.command}: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # user errors: one clear message, no traceback (anything else is a bug: it propagates)
+        print(f"lmclab {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-
-    return (DataError, ModelError, CheckpointError, RunNotFound, UnknownPreset, TrainingDiverged, SpecError, ValueError)
+def _message(exc: BaseException) -> str:
+    """An exception's message (a KeyError's without the quotes str() adds)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -277,62 +658,114 @@ def _say(args: argparse.Namespace, text: str) -> None:
     print(text, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
 
 
-def _options(args: argparse.Namespace, **extra: Any) -> Any:
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_progress", False)
 
+
+def _options(args: argparse.Namespace, **extra: Any) -> Any:
     return RunOptions(
         runs_dir=args.runs_dir,
         data_dir=args.data_dir,
         device=args.device,
-        checkpoints=CheckpointSchedule.parse(getattr(args, "checkpoints", "")),
-        progress=not getattr(args, "no_progress", False),
+        checkpoints=getattr(args, "checkpoints", None) or CheckpointSchedule(),
+        progress=_progress(args),
         download=not args.offline,
         **extra,
     )
 
 
-def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------ commands
 
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     preset = get_preset(args.preset)
     config = config_from_args(preset.config, args)
+    config.validate()
     if config.fork.parent is not None:  # --fork-parent takes any run reference (name, path, hash prefix)
         parent = RunStore(args.runs_dir).get(config.fork.parent)
         config = dataclasses.replace(config, fork=dataclasses.replace(config.fork, parent=parent.hash))
+        _check_fork_point(parent, config)
     config = config.normalised()
     run = train(config, _options(args, preset=preset.name, eval_every=args.eval_every))
+    _record_seed(run, args.seed)
     final = run.meta.final_metrics or {}
     _say(args, f"run: {run.path}\n" + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
     return {"run": run.path.name, "path": str(run.path), "hash": run.hash, "final_metrics": final}
 
 
-def _epoch_list(text: str) -> list[int]:
+def _check_fork_point(parent: Run, child: RunConfig) -> None:
+    """UsageError unless `child` continues `parent`'s training from a point the parent reaches."""
     try:
-        epochs = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        epochs = []
-    if not epochs or min(epochs) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epochs >= 0 like 0,1,2,15; got {text!r}")
-    return epochs
+        check_parent(parent.config, child)
+    except ValueError as exc:
+        raise UsageError(f"--fork-parent {parent.path.name}: {exc}") from None
+    fork, meta = child.fork, parent.meta
+    if meta.total_steps is None or not meta.steps_per_epoch:
+        return  # the parent has not started: training it decides
+    step = fork.step if fork.step is not None else (fork.epoch or 0) * meta.steps_per_epoch
+    flag, value = ("--fork-step", fork.step) if fork.step is not None else ("--fork-epoch", fork.epoch)
+    if step >= meta.total_steps:
+        raise UsageError(
+            f"{flag} {value}: parent {parent.path.name} trains {meta.total_steps} steps "
+            f"({meta.total_steps / meta.steps_per_epoch:g} epoch(s) of {meta.steps_per_epoch}); allowed: a fork point "
+            "before its end"
+        )
+    if meta.fork is not None and step < meta.fork.step:
+        raise UsageError(
+            f"{flag} {value}: parent {parent.path.name} is itself forked at step {meta.fork.step} and holds no "
+            f"state before it; allowed: a fork point at or after step {meta.fork.step}"
+        )
+
+
+def _record_seed(run: Run, seed: int | None) -> None:
+    """Keep the `--seed` a run was made with in its meta.json (key "seed"), when its seeds are that seed's."""
+    if seed is None or run.config.seeds != SeedConfig.from_seed(seed):
+        return
+    if run.meta.extra.get("seed") != seed:
+        run.update_meta(seed=seed)
 
 
 def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
-
     flags = args.seed is not None or any(v is not None for k, v in vars(args).items() if k.startswith("cfg_"))
     store = RunStore(args.runs_dir)
     if args.parent in PRESETS:
         preset = get_preset(args.parent)
-        parent: Any = config_from_args(preset.config, args).normalised()
+        config = config_from_args(preset.config, args)
+        config.validate()
+        parent: Any = config.normalised()
         preset_name: str | None = preset.name
+        epochs = None if config.train.steps is not None else config.train.epochs
+        fork_step = None
     else:
         if flags:
-            raise ValueError(
+            raise UsageError(
                 f"config flags apply only when PARENT is a training preset; {args.parent!r} is not one "
-                "(a stored run's config is fixed)"
+                f"(a stored run's config is fixed; presets: {', '.join(PRESETS)})"
             )
         try:
             parent = store.get(args.parent)
         except RunNotFound as exc:
             raise RunNotFound(f"{exc}; nor is {args.parent!r} a training preset ({', '.join(PRESETS)})") from None
         preset_name = None
+        meta = parent.meta
+        spe = meta.steps_per_epoch
+        epochs = (
+            parent.config.train.epochs
+            if parent.config.train.steps is None
+            else (meta.total_steps // spe if meta.total_steps is not None and spe else None)
+        )
+        fork_step = None if meta.fork is None or not spe else math.ceil(meta.fork.step / spe)
+    late = [e for e in args.at if epochs is not None and e >= epochs]
+    if late:
+        raise UsageError(
+            f"--at {','.join(map(str, args.at))}: the parent trains {epochs} epoch(s); allowed: epochs in [0, {epochs})"
+        )
+    early = [e for e in args.at if fork_step is not None and e < fork_step]
+    if early:
+        raise UsageError(
+            f"--at {','.join(map(str, args.at))}: the parent is itself a fork child from epoch {fork_step} on; "
+            f"allowed: epochs in [{fork_step}, {epochs})"
+        )
     options = dataclasses.replace(
         _options(args, preset=preset_name, eval_every=args.eval_every), checkpoints=CheckpointSchedule()
     )
@@ -342,11 +775,12 @@ def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
         args.children,
         options,
         vary_augment=args.vary_augment,
-        child_checkpoints=CheckpointSchedule.parse(args.checkpoints) if args.checkpoints else None,
+        child_checkpoints=args.checkpoints,
     )
     first = next(iter(children.values()))[0]
     parent_run = first.parent  # children are stored beside their parent
     assert parent_run is not None
+    _record_seed(parent_run, args.seed)
     _say(args, f"parent: {parent_run.path}")
     out: dict[str, Any] = {
         "parent": {
@@ -379,35 +813,132 @@ def cmd_fork(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cmd_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+# ------------------------------------------------------------------------------------- runs
 
+#: Config fields shown in their own column of `lmclab runs` (not among the differing fields).
+_FIXED_FIELDS = ("data.dataset", "model.model")
+_seed_table: dict[SeedConfig, int] = {}
+
+
+def _seed_of(run: Run, seeds: SeedConfig) -> int | None:
+    """The `--seed` a run was made with: recorded in meta.json, or recognised (seeds 0…999 are)."""
+    recorded = run.meta.extra.get("seed")
+    if isinstance(recorded, int):
+        return recorded
+    if not _seed_table:
+        _seed_table.update({SeedConfig.from_seed(s): s for s in range(1000)})
+    return _seed_table.get(seeds)
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return ",".join(map(_cell, value)) or "()"
+    return str(value)
+
+
+def _column(key: str) -> str:
+    """A config field's column: its flag without dashes (`lr`, `train-per-class`, `hidden`)."""
+    section, name = key.split(".", 1)
+    return ("fork-" if section == "fork" else "") + name.replace("_", "-")
+
+
+def cmd_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     store = RunStore(args.runs_dir)
-    rows = [r.summary() for r in store.runs()]
+    scan = store.scan()
+    rows: list[dict[str, Any]] = []
+    for run in scan.healthy:
+        config = run.config
+        flat = {k: v for k, v in _flat(config.to_dict()).items() if not k.startswith(("seeds.", "fork."))}
+        seed = _seed_of(run, config.seeds)
+        rows.append({**run.summary(), "seed": seed, "config": flat})
+    keys = sorted({k for r in rows for k in r["config"]})
+    differ = [
+        k
+        for k in keys
+        if k not in _FIXED_FIELDS and len({json.dumps(r["config"].get(k), default=str) for r in rows}) > 1
+    ]
+    for r in rows:
+        r["differs"] = {k: r["config"].get(k) for k in differ}
+    damaged = [r.summary() for r in scan.damaged]
     if not args.json:
-        if not rows:
-            print(f"no runs in {store.root.resolve()}")
+        _print_runs(store, rows, differ, damaged)
+    return rows + damaged
+
+
+def _print_runs(store: RunStore, rows: list[dict[str, Any]], differ: list[str], damaged: list[dict[str, Any]]) -> None:
+    if not rows and not damaged:
+        print(f"no runs in {store.root.resolve()}")
+    if rows:
+        header = ["run", "status", "preset", "model", "dataset", "seed", "epochs"] + [_column(k) for k in differ]
+        header += ["test acc", "test loss", ""]
+        table = [header]
         for r in rows:
             f = r["final"] or {}
-            acc = f"test acc {f['test_accuracy']:.4f}  test loss {f['test_loss']:.4f}" if f else ""
+            config = r["config"]
+            total = config.get("train.epochs") if config.get("train.steps") is None else f"{config['train.steps']} st"
+            seed = r["seed"] if r["seed"] is not None else "/".join(_short(s) for s in r["seeds"])
+            note = ""
             if r.get("fork"):
-                acc += f"  fork of {r['fork']['parent']} at epoch {r['fork']['epoch']} (step {r['fork']['step']})"
-            print(
-                f"{r['run']}  {r['status'] or '?':<11} {r['preset'] or '-':<20} {r['model']}×{r['width']} "
-                f"{r['norm'] or ''} on {r['dataset']}  seeds {r['seeds']}  epochs {r['epochs_done']}  {acc}"
+                note = f"fork of {r['fork']['parent']} at epoch {r['fork']['epoch']:g} (step {r['fork']['step']})"
+            table.append(
+                [
+                    r["run"],
+                    r["status"] or "?",
+                    r["preset"] or "-",
+                    r["model"],
+                    r["dataset"],
+                    _cell(seed),
+                    f"{r['epochs_done']}/{total}",
+                    *(_cell(config.get(k)) for k in differ),
+                    _cell(f.get("test_accuracy")),
+                    _cell(f.get("test_loss")),
+                    note,
+                ]
             )
-    return rows
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        for row in table:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if len(rows) > 1 and not differ:
+            print("(the listed runs differ only in their seeds)")
+    for r in damaged:
+        print(f"{r['run']}  damaged: {r.get('damage')}")
+
+
+def _short(seed: int) -> str:
+    return str(seed) if seed < 10**6 else f"{str(seed)[:4]}…"
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-
     run = RunStore(args.runs_dir).get(args.run)
+    if args.step is not None and args.step not in run.checkpoint_steps():
+        raise UsageError(
+            f"--step {args.step}: run {run.path.name} kept no checkpoint there; allowed: a kept step, "
+            f"{', '.join(map(str, run.checkpoint_steps())) or 'none (the run has no checkpoints)'}"
+        )
     device = resolve_device(args.device)
     model = load_run_model(run, args.step, device)
     result: dict[str, Any] = {
         "run": run.path.name,
         "step": args.step if args.step is not None else run.meta.total_steps,
     }
-    for split in ("train", "test") if args.split == "both" else (args.split,):
+    splits = SPLITS if args.split == "both" else (args.split,)
+    for split in tqdm(splits, desc="evaluating", unit="split", disable=not _progress(args), leave=False):
         data = DeviceDataset.load(
             run.config.data.dataset,
             split,
@@ -415,20 +946,29 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             device=device,
             augment=False,
             download=not args.offline,
-            progress=not args.json,
+            progress=_progress(args),
         )
         metrics = evaluate(model, data)
-        result[split] = metrics
+        trained_on = run.meta.data_info
+        recorded = None if trained_on is None or not trained_on.splits else trained_on.splits[split]["fingerprint"]
+        result[split] = {
+            **metrics,
+            "split": split,
+            "examples": len(data),
+            "dataset": run.config.data.dataset,
+            "fingerprint": data.info.fingerprint,
+            "same_as_trained": None if recorded is None else recorded == data.info.fingerprint,
+        }
         _say(
             args,
-            f"{run.path.name} step {result['step']} {split}: loss {metrics['loss']:.4f}  "
-            f"accuracy {metrics['accuracy']:.4f}  ({len(data)} examples)",
+            f"{run.path.name} step {result['step']}, {split} split of {run.config.data.dataset} "
+            f"({len(data)} examples): loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.4f}"
+            + ("" if result[split]["same_as_trained"] is not False else "  (not the data the run recorded)"),
         )
     return result
 
 
 def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
-
     store = RunStore(args.runs_dir)
     alignment = align_runs(
         store.get(args.run_a),
@@ -440,22 +980,53 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         activation_examples=args.examples,
         ste_epochs=args.ste_epochs,
-        progress=not args.no_progress,
+        progress=_progress(args),
+        allow_different_data=args.allow_different_data,
     )
     info, path = alignment.info, alignment.path
+    if not info["data"]["same"]:
+        _say(args, f"note: {info['data']['note']}")
     assert path is not None, "align_runs stores every alignment in a directory"
-    _say(
-        args,
-        f"{args.method} matching: {info.get('sweeps')} sweep(s), "
-        f"distance {info.get('distance_before', float('nan')):.4f}"
-        f" → {info.get('distance_after', float('nan')):.4f}; verified f(π(θ)) = f(θ) "
-        f"(max |Δ| {info.get('invariance_max_abs_diff')})\npermutation: {path / 'perm.safetensors'}",
-    )
+    _say(args, _alignment_report(args.method, info, path / "perm.safetensors"))
     return {"path": str(path), "perm": str(path / "perm.safetensors"), **info}
 
 
-def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+def _alignment_report(method: str, info: Mapping[str, Any], perm_file: Path) -> str:
+    """What `lmclab align` found and how it was verified, in words."""
+    lines = [f"{method} matching of {info.get('b')} onto {info.get('a')}"]
+    parts = []
+    if info.get("sweeps") is not None:
+        parts.append(f"{info['sweeps']} sweep(s)" + ("" if info.get("converged", True) else " (not converged)"))
+    before, after = info.get("distance_before"), info.get("distance_after")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        parts.append(f"weight distance ‖θ_A − θ_B‖ {before:.4g} → ‖θ_A − π(θ_B)‖ {after:.4g}")
+    moved = info.get("units_moved")
+    if isinstance(moved, Mapping) and moved:
+        parts.append(f"{sum(moved.values())} units moved in {len(moved)} permutation group(s)")
+    if parts:
+        lines[0] += ": " + "; ".join(parts)
+    signature = inspect.signature(verify_permutation).parameters
+    atol, rtol = signature["atol"].default, signature["rtol"].default
+    diffs = info.get("invariance_max_abs_diff")
+    if isinstance(diffs, Mapping) and diffs:
+        measured = ", ".join(f"{float(v):.2g} in {mode} mode" for mode, v in diffs.items())
+        worst = max(float(v) for v in diffs.values())
+    elif isinstance(diffs, (int, float)):
+        measured, worst = f"{float(diffs):.2g}", float(diffs)
+    else:
+        measured, worst = "not recorded", None
+    verdict = "pass" if worst is not None else "passed when stored"
+    lines.append(
+        f"verified f(π(θ_B)) = f(θ_B) on random inputs: max |Δlogit| {measured} "
+        f"(tolerance |Δ| <= {atol:g} + {rtol:g}·|logit|): {verdict}"
+    )
+    lines.append(f"permutation: {perm_file}")
+    return "\n".join(lines)
 
+
+def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    if len(args.runs) < 2:
+        raise UsageError(f"RUN: {len(args.runs)} run given; allowed: at least 2 runs (the first is the reference)")
     store = RunStore(args.runs_dir)
     runs = [store.get(r) for r in args.runs]
     options: dict[str, dict[str, Any]] = {}  # --ste-*: methods that need training data
@@ -477,18 +1048,53 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         runs_dir=args.runs_dir,
         data_dir=args.data_dir,
         device=args.device,
-        progress=not args.no_progress,
+        progress=_progress(args),
         say=lambda t: _say(args, t),
+        allow_different_data=args.allow_different_data,
     )
 
 
-def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
+def _check_layers(run: Run, layers: Sequence[str] | None) -> None:
+    """UsageError unless `--layers` names layer groups of the run's model, or is one cumulative:ORDER."""
+    if not layers:
+        return
+    cumulative = [name for name in layers if name.startswith("cumulative:")]
+    if cumulative:
+        order = cumulative[0].split(":", 1)[1]
+        if len(layers) != 1 or order not in LAYER_ORDERS:
+            raise UsageError(
+                f"--layers {' '.join(layers)}: allowed: layer group names, or one of "
+                + ", ".join(f"cumulative:{o}" for o in LAYER_ORDERS)
+            )
+        return
+    info = run.data_info
+    model = build_model(
+        run.config.model.model,
+        input_shape=tuple(info.input_shape),  # type: ignore[arg-type]
+        num_classes=info.num_classes,
+        **run.config.model_options(),
+    )
+    groups = layer_groups(model)
+    unknown = [name for name in layers if name not in groups]
+    if unknown:
+        raise UsageError(
+            f"--layers {' '.join(unknown)}: unknown layer group(s) of {run.config.model.model}; allowed: its layer "
+            f"groups {', '.join(groups)}, or cumulative:{'|'.join(LAYER_ORDERS)}"
+        )
 
+
+def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
     if len(args.runs) % 2:
-        raise ValueError(f"runs come in pairs (A B [A B …]); got {len(args.runs)}")
+        raise UsageError(f"RUN_A RUN_B: {len(args.runs)} runs given; runs come in pairs (A B [A B …])")
+    n_pairs = len(args.runs) // 2
+    if args.perm is not None and len(args.perm) != n_pairs:
+        raise UsageError(
+            f"--perm: {len(args.perm)} permutation file(s) for {n_pairs} pair(s); allowed: one file per pair"
+        )
     store = RunStore(args.runs_dir)
     runs = [store.get(r) for r in args.runs]
-    splits = ("train", "test") if args.split == "both" else (args.split,)
+    _check_layers(runs[0], args.layers)
+    splits = SPLITS if args.split == "both" else (args.split,)
     return lmc_pairs(
         list(zip(runs[::2], runs[1::2])),
         method=args.align,
@@ -503,19 +1109,26 @@ def cmd_interpolate(args: argparse.Namespace) -> dict[str, Any]:
         base=args.base,
         data_dir=args.data_dir,
         device=args.device,
-        progress=not args.no_progress,
+        progress=_progress(args),
+        allow_different_data=args.allow_different_data,
     )
 
 
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
-
     store = RunStore(args.runs_dir)
     run_a, run_b = store.get(args.run_a), store.get(args.run_b)
     alignment = (
         load_alignment(args.perm)
         if args.perm
         else align_runs(
-            run_a, run_b, method=args.align, store=store, data_dir=args.data_dir, device=args.device, progress=False
+            run_a,
+            run_b,
+            method=args.align,
+            store=store,
+            data_dir=args.data_dir,
+            device=args.device,
+            progress=_progress(args),
+            allow_different_data=args.allow_different_data,
         )
         if args.align
         else None
@@ -532,11 +1145,14 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
         data_dir=args.data_dir,
         device=args.device,
         say=lambda t: _say(args, t),
+        allow_different_data=args.allow_different_data,
+        progress=_progress(args),
     )
 
 
 def cmd_sharpness(args: argparse.Namespace) -> dict[str, Any]:
-
+    if args.method == "hutchpp" and args.probes < 4:
+        raise UsageError(f"--probes {args.probes}: Hutch++ needs a sketch and a remainder; allowed: an integer >= 4")
     result = sharpness(
         RunStore(args.runs_dir).get(args.run),
         split=args.split,
@@ -547,6 +1163,7 @@ def cmd_sharpness(args: argparse.Namespace) -> dict[str, Any]:
         data_dir=args.data_dir,
         device=args.device,
         seed=args.seed,
+        progress=_progress(args),
     )
     for key in ("trace", "scale_aware_trace"):
         t = result[key]
@@ -576,19 +1193,25 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
                 "out/EXPERIMENT-PRESET)"
             )
         return listing
-    return get_experiment(args.experiment)(
+    experiment = get_experiment(args.experiment)
+    presets = experiment.presets()
+    if args.preset not in presets:
+        raise UsageError(
+            f"--preset {args.preset}: not a preset of {args.experiment}; allowed: one of its presets: "
+            f"{', '.join(presets)} (`lmclab run` lists them)"
+        )
+    return experiment(
         args.preset,
         out=args.out,
         runs_dir=args.runs_dir,
         data_dir=args.data_dir,
         device=args.device,
-        progress=not args.no_progress,
+        progress=_progress(args),
         say=lambda t: _say(args, t),
     )
 
 
 def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
-
     out = {name: {"source": p.source, "config": p.config.normalised().to_dict()} for name, p in PRESETS.items()}
     if not args.json:
         for name, p in PRESETS.items():
@@ -597,7 +1220,6 @@ def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
-
     out = {name: model_defaults(name) for name in MODEL_NAMES}
     if not args.json:
         for name, opts in out.items():
@@ -606,7 +1228,6 @@ def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_datasets(args: argparse.Namespace) -> list[str]:
-
     names = [*DATASET_NAMES, "imagefolder:<dir or zip with train/<class>/* and test/<class>/*>"]
     if not args.json:
         print("\n".join(names))
@@ -614,11 +1235,9 @@ def cmd_datasets(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    return run_pair_demo(
+    summary = run_pair_demo(
         args.preset,
-        seeds=seeds,
+        seeds=list(args.seeds),
         epochs=args.epochs,
         out=args.out,
         options=_options(args, preset=args.preset),
@@ -626,9 +1245,13 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         align=None if args.align == "none" else args.align,
         points=args.points,
     )
+    store = RunStore(args.runs_dir)
+    for row in summary.get("runs", []):
+        _record_seed(store.get(row["run"]), row["seed"])
+    return summary
 
 
-COMMANDS = {
+COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "train": cmd_train,
     "fork": cmd_fork,
     "runs": cmd_runs,

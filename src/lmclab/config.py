@@ -17,14 +17,24 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from lmclab.models import model_defaults
+from lmclab.data import DATASET_NAMES, IMAGEFOLDER_PREFIX, folder_fingerprint, imagefolder_root
+from lmclab.data.registry import normalise_name
+from lmclab.models import MODEL_NAMES, NORMS, model_defaults
 
 HASH_LENGTH = 16
+
+
+class UsageError(ValueError):
+    """A value the user gave that is not allowed, found before anything ran: its message is one line naming
+    the setting (its flag), the value and what is allowed. The command line prints it without a traceback
+    and exits with status 2. A ValueError, so code that caught the errors these checks pre-empt still does."""
 
 
 def canonical_json(obj: Any, *, spaced: bool = False, default: typing.Callable[[Any], Any] | None = None) -> str:
@@ -52,6 +62,13 @@ class DataConfig:
     train_subset: int | None = None  # n examples total, stratified by class
     train_per_class: int | None = None  # first n examples of each class
     augment: bool | None = None  # None: the dataset's default (CIFAR: crop+flip; MNIST family: none)
+    # Image folders only, filled on normalise: the folder's content fingerprint (lmclab.data.folder_fingerprint),
+    # so a changed folder is a different run. None (left out of config.json and the hash) for named datasets.
+    data_fingerprint: str | None = None
+
+    def validate(self) -> None:
+        """UsageError (one line: the flag, the value, what is allowed) unless every field is allowed."""
+        _validate_section(self)
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,17 @@ class ModelConfig:
     width: int | None = None
     hidden: tuple[int, ...] | None = None  # MLP hidden sizes
     norm: str | None = None  # layernorm | batchnorm | none (CNNs)
+
+    def validate(self) -> None:
+        """UsageError unless every field is allowed and the model takes every option given."""
+        _validate_section(self)
+        takes = model_defaults(self.model)
+        for name in ("width", "hidden", "norm"):
+            if getattr(self, name) is not None and name not in takes:
+                raise UsageError(
+                    f"{_flag('model', name)} {_spell(getattr(self, name))}: model {self.model} takes no {name}; "
+                    f"its options: {', '.join(_flag('model', k) for k in takes)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -81,6 +109,15 @@ class TrainConfig:
     epochs: int = 10
     steps: int | None = None
 
+    def validate(self) -> None:
+        """UsageError unless every field is allowed (and Nesterov momentum has SGD with a momentum)."""
+        _validate_section(self)
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise UsageError(
+                f"--nesterov true: allowed only with --optimizer sgd and --momentum > 0; "
+                f"got --optimizer {self.optimizer} --momentum {_spell(self.momentum)}"
+            )
+
 
 @dataclass(frozen=True)
 class SeedConfig:
@@ -94,6 +131,10 @@ class SeedConfig:
     def from_seed(seed: int) -> SeedConfig:
         """One `--seed S` sets all three, distinctly: sha256("S/stream") truncated to 63 bits."""
         return SeedConfig(*(derive_seed(seed, s) for s in ("init", "data", "augment")))
+
+    def validate(self) -> None:
+        """UsageError unless every seed is an integer in [0, 2^64)."""
+        _validate_section(self)
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -118,18 +159,20 @@ class ForkConfig:
         return any(getattr(self, f.name) is not None for f in fields(self))
 
     def validate(self) -> None:
-        """ValueError unless unset, or a parent with exactly one non-negative fork point."""
+        """UsageError (a ValueError) unless unset, or a parent with exactly one non-negative fork point."""
         if not self.is_set:
             return
         if not self.parent:
-            raise ValueError(f"fork {self} names no parent run; give the parent's run hash (fork.parent)")
+            raise UsageError(
+                f"fork {self} names no parent run; give the parent's run hash (fork.parent, --fork-parent)"
+            )
         points = [p for p in (self.epoch, self.step) if p is not None]
         if len(points) != 1:
-            raise ValueError(
-                f"fork of {self.parent} needs exactly one of epoch or step; got epoch={self.epoch}, step={self.step}"
+            raise UsageError(
+                f"fork of {self.parent} needs exactly one of epoch or step (--fork-epoch, --fork-step); "
+                f"got epoch={self.epoch}, step={self.step}"
             )
-        if points[0] < 0:
-            raise ValueError(f"fork point must be >= 0; got epoch={self.epoch}, step={self.step}")
+        _validate_section(self)
 
 
 @dataclass(frozen=True)
@@ -142,8 +185,22 @@ class RunConfig:
     seeds: SeedConfig = field(default_factory=SeedConfig)
     fork: ForkConfig = field(default_factory=ForkConfig)
 
+    def validate(self) -> None:
+        """Check every value before anything is trained or stored: a `UsageError` (a ValueError) whose one
+        line names the flag, the value and what is allowed (`ALLOWED`), for the first value that is not.
+        The command line and `lmclab.training.train` call it; it reads no data and writes nothing."""
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        d = self.data
+        if d.train_subset is not None and d.train_per_class is not None:
+            raise UsageError(
+                f"--train-subset {d.train_subset} and --train-per-class {d.train_per_class}: allowed: at most "
+                "one of them (a stratified subset in all, or the first N of each class)"
+            )
+
     def normalised(self) -> RunConfig:
-        """Fill model defaults so that equal runs spelled differently hash equally (and check the fork)."""
+        """Fill model defaults so that equal runs spelled differently hash equally (and check the fork); an
+        image folder gets its absolute path and content fingerprint (`DataConfig.data_fingerprint`)."""
         self.fork.validate()
 
         defaults = model_defaults(self.model.model)
@@ -159,11 +216,15 @@ class RunConfig:
             raise ValueError(
                 f"model {self.model.model!r} takes no option(s) {unknown}; its options are {sorted(defaults)}"
             )
-        return dataclasses.replace(self, model=ModelConfig(model=self.model.model, **filled))
+        model = ModelConfig(model=self.model.model, **filled)
+        return dataclasses.replace(self, data=_normalised_data(self.data), model=model)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; optional sections (`fork`) are left out while unset."""
         d = json.loads(json.dumps(dataclasses.asdict(self)))
+        for section, name in OPTIONAL_FIELDS:
+            if d[section].get(name, 0) is None:
+                del d[section][name]
         return {k: v for k, v in d.items() if not (k in OPTIONAL_SECTIONS and all(x is None for x in v.values()))}
 
     @staticmethod
@@ -195,7 +256,25 @@ SECTIONS: dict[str, type] = {
     "fork": ForkConfig,
 }
 OPTIONAL_SECTIONS = frozenset({"fork"})  # left out of to_dict() and the hash while all their fields are None
+# Fields left out of to_dict() (config.json, step keys) while None, so that earlier configs read the same.
+OPTIONAL_FIELDS = frozenset({("data", "data_fingerprint")})
+DERIVED_FIELDS = frozenset({("data", "data_fingerprint")})  # filled by normalised(), not CLI flags
 FLAG_PREFIX = {"fork": "fork-"}  # `--fork-parent`, `--fork-epoch`, `--fork-step` (not to be confused with --epochs)
+
+
+def _normalised_data(data: DataConfig) -> DataConfig:
+    """An image folder's data: its absolute path and (unless already given) its content fingerprint, so that a
+    changed folder is a different run. Named datasets are left as they are (their hashes stay the same)."""
+    root = imagefolder_root(data.dataset)
+    if root is None:
+        if data.data_fingerprint is not None:
+            raise ValueError(
+                f"data_fingerprint applies to imagefolder: datasets only (it is filled in from the folder); "
+                f"dataset {data.dataset!r} has none"
+            )
+        return data
+    fingerprint = data.data_fingerprint or folder_fingerprint(root)
+    return dataclasses.replace(data, dataset=f"{IMAGEFOLDER_PREFIX}{root}", data_fingerprint=fingerprint)
 
 
 def _section_from_dict(cls: type, values: dict[str, Any]) -> Any:
@@ -223,6 +302,184 @@ def _strip_optional(hint: Any) -> Any:
     return hint
 
 
+# ---------------------------------------------------------------------------------- validation
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")  # TrainConfig.optimizer (built in lmclab.training.state)
+SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine", "linear")  # TrainConfig.schedule (training.schedules)
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values a setting allows: `admits(value)`, and `describe()`, the words for error messages and
+    --help ("an integer >= 1", "one of sgd, adam, adamw"). Registry-backed choices are read when asked."""
+
+    describe: Callable[[], str]
+    admits: Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def integer(low: int, high: int | None = None) -> Allowed:
+    """An integer in [low, high] (no upper bound without `high`)."""
+    words = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return Allowed(lambda: words, lambda v: _is_int(v) and v >= low and (high is None or v <= high))
+
+
+def number(low: float, *, strict: bool = False, below: float | None = None) -> Allowed:
+    """A finite number > `low` (`strict`) or >= `low`, and < `below` if given."""
+    words = f"a finite number {'>' if strict else '>='} {low:g}" + ("" if below is None else f" and < {below:g}")
+    return Allowed(
+        lambda: words,
+        lambda v: _is_number(v) and (v > low if strict else v >= low) and (below is None or v < below),
+    )
+
+
+def one_of(names: Callable[[], Sequence[str]]) -> Allowed:
+    """One of the names `names()` returns (read when checked, so registries added to later count)."""
+    return Allowed(lambda: "one of " + ", ".join(names()), lambda v: isinstance(v, str) and v in names())
+
+
+def integers(low: int, *, nonempty: bool, example: str) -> Allowed:
+    """A comma-separated list of integers >= `low` (a tuple), e.g. `example`."""
+    words = f"{'one or more' if nonempty else 'zero or more'} integers >= {low}, comma-separated (e.g. {example})"
+    return Allowed(
+        lambda: words,
+        lambda v: isinstance(v, tuple) and (len(v) > 0 or not nonempty) and all(_is_int(x) and x >= low for x in v),
+    )
+
+
+BOOLEAN = Allowed(lambda: "true or false", lambda v: isinstance(v, bool))
+TEXT = Allowed(lambda: "a non-empty string", lambda v: isinstance(v, str) and v != "")
+SEED = Allowed(lambda: "an integer >= 0 (below 2^64)", lambda v: _is_int(v) and 0 <= v < 2**64)
+
+
+def _is_dataset(v: Any) -> bool:
+    if not isinstance(v, str):
+        return False
+    if v.startswith(IMAGEFOLDER_PREFIX):
+        return len(v) > len(IMAGEFOLDER_PREFIX)
+    return normalise_name(v) in DATASET_NAMES
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One config field's rule (what it allows) and its one-line meaning, for validation and --help."""
+
+    allowed: Allowed
+    help: str
+
+
+#: Every config field's rule, by (section, field). `RunConfig.validate` checks each value against it, the
+#: CLI flag of the field parses with it (so argparse refuses a bad value itself) and its --help shows it.
+ALLOWED: dict[tuple[str, str], Setting] = {
+    ("data", "dataset"): Setting(
+        Allowed(
+            lambda: "one of " + ", ".join(DATASET_NAMES) + f", or {IMAGEFOLDER_PREFIX}<dir or zip>",
+            _is_dataset,
+        ),
+        "dataset name (`lmclab datasets`)",
+    ),
+    ("data", "train_subset"): Setting(integer(1), "train on N examples in all, stratified by class"),
+    ("data", "train_per_class"): Setting(integer(1), "train on the first N examples of each class"),
+    ("data", "augment"): Setting(
+        BOOLEAN, "training augmentation (unset: the dataset's own; CIFAR crop+flip, MNIST none)"
+    ),
+    ("data", "data_fingerprint"): Setting(TEXT, "an image folder's content fingerprint (filled in)"),
+    ("model", "model"): Setting(one_of(lambda: MODEL_NAMES), "architecture (`lmclab models`)"),
+    ("model", "width"): Setting(integer(1), "width multiplier"),
+    ("model", "hidden"): Setting(integers(1, nonempty=True, example="512,512"), "MLP hidden sizes"),
+    ("model", "norm"): Setting(one_of(lambda: NORMS), "normalisation layers of the CNNs"),
+    ("train", "optimizer"): Setting(one_of(lambda: OPTIMIZERS), "optimiser"),
+    ("train", "lr"): Setting(number(0, strict=True), "peak learning rate"),
+    ("train", "momentum"): Setting(number(0, below=1), "SGD momentum (Adam: beta1 stays 0.9)"),
+    ("train", "nesterov"): Setting(BOOLEAN, "Nesterov momentum (SGD with momentum > 0)"),
+    ("train", "weight_decay"): Setting(number(0), "weight decay"),
+    ("train", "schedule"): Setting(one_of(lambda: SCHEDULES), "learning-rate schedule after warm-up"),
+    ("train", "milestones"): Setting(
+        integers(0, nonempty=False, example="80,120"), "epochs where the step schedule multiplies lr by gamma"
+    ),
+    ("train", "gamma"): Setting(number(0, strict=True), "step schedule factor"),
+    ("train", "warmup_epochs"): Setting(number(0), "linear warm-up from 0, in epochs (fractions allowed)"),
+    ("train", "batch_size"): Setting(integer(1), "examples per optimiser step"),
+    ("train", "epochs"): Setting(integer(0), "training length in epochs (0: the initialisation only)"),
+    ("train", "steps"): Setting(integer(1), "training length in optimiser steps (overrides epochs)"),
+    ("seeds", "seed_init"): Setting(SEED, "seed of the weight initialisation"),
+    ("seeds", "seed_data"): Setting(SEED, "seed of the data order"),
+    ("seeds", "seed_augment"): Setting(SEED, "seed of the augmentation draws"),
+    ("fork", "parent"): Setting(TEXT, "fork this stored run (a name, hash prefix or path)"),
+    ("fork", "epoch"): Setting(integer(0), "fork at the end of this parent epoch (0: its initialisation)"),
+    ("fork", "step"): Setting(integer(0), "or fork at this parent optimiser step"),
+}
+SECTION_OF: dict[type, str] = {cls: name for name, cls in SECTIONS.items()}
+
+
+def _flag(section: str, name: str) -> str:
+    """The command-line flag of a config field: `--lr`, `--batch-size`, `--fork-epoch`."""
+    return "--" + FLAG_PREFIX.get(section, "") + name.replace("_", "-")
+
+
+def _spell(value: Any) -> str:
+    """A value as it would be spelled on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(_spell, value)) or "''"
+    return str(value) if isinstance(value, (int, float, str)) else repr(value)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _optional(hint: Any) -> bool:
+    return get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
+
+
+def _validate_section(obj: Any) -> None:
+    """UsageError for the first field of a config section that its `ALLOWED` rule refuses (None is allowed
+    where the field is optional)."""
+    section = SECTION_OF[type(obj)]
+    hints = _hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None and _optional(hints[f.name]):
+            continue
+        allowed = ALLOWED[(section, f.name)].allowed
+        if not allowed.admits(value):
+            raise UsageError(
+                f"{_flag(section, f.name)}: {_spell(value)} is not allowed; allowed: {allowed.describe()} "
+                f"(config field {section}.{f.name})"
+            )
+
+
+def argument_type(allowed: Allowed, parse: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """An argparse `type=`: parse the text, then check it, so that argparse itself refuses a bad value with
+    one line ("argument --lr: 'nan' is not allowed; allowed: a finite number > 0") and exit status 2."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            value = None
+        if value is None or not allowed.admits(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: {allowed.describe()}")
+        return value
+
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in some messages
+    return convert
+
+
 # ----------------------------------------------------------------------------------------- CLI
 
 
@@ -236,8 +493,9 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_ints(text: str) -> tuple[int, ...]:
+    """`512,512` or `512x512` (empty: none); ValueError for an empty or non-integer item (`16,x`, `16,,8`)."""
     text = text.strip()
-    return tuple(int(t) for t in text.replace("x", ",").split(",") if t) if text else ()
+    return tuple(int(t) for t in text.replace("x", ",").split(",")) if text else ()
 
 
 def _parser_for(hint: Any) -> typing.Callable[[str], Any]:
@@ -255,16 +513,27 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{section} ({cls.__doc__.splitlines()[0] if cls.__doc__ else ''})")
         hints = get_type_hints(cls)
         for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
+            if (section, f.name) in DERIVED_FIELDS:
+                continue
+            setting = ALLOWED[(section, f.name)]
             group.add_argument(
-                "--" + FLAG_PREFIX.get(section, "") + f.name.replace("_", "-"),
+                _flag(section, f.name),
                 dest=f"cfg_{section}_{f.name}",
-                type=_parser_for(hints[f.name]),
+                type=argument_type(setting.allowed, _parser_for(hints[f.name])),
                 default=None,
                 metavar=_metavar(hints[f.name]),
-                help=f"default: {default!r}" if default not in (None, ()) else None,
+                help=(
+                    f"{setting.help}; allowed: {setting.allowed.describe()}"
+                    + ("" if section == "fork" else " (default: the preset's)")
+                ).replace("%", "%%"),
             )
-    parser.add_argument("--seed", type=int, default=None, help="set all three seeds distinctly from one number")
+    parser.add_argument(
+        "--seed",
+        type=argument_type(SEED, int),
+        default=None,
+        metavar="INT",
+        help=f"set all three seeds distinctly from one number; allowed: {SEED.describe()} (--seed-* apply after it)",
+    )
 
 
 def _metavar(hint: Any) -> str:

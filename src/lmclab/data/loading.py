@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from . import registry
-from .readers import channel_stats, load_cifar_batch, load_image_tree, read_idx
+from .fingerprint import split_fingerprint
+from .readers import channel_stats, folder_fingerprint, load_cifar_batch, load_image_tree, read_idx
 from .registry import CifarSource, DataError, DatasetEntry, DatasetInfo, IdxSource
 from .sources import check_file, default_data_dirs, download, download_dir, extract_tar_folder, not_found_error
 
@@ -25,10 +26,17 @@ Arrays = tuple[torch.Tensor, torch.Tensor]
 Loaded = tuple[torch.Tensor, torch.Tensor, str]  # images, labels, where they were read from
 
 
+def imagefolder_root(name: str) -> Path | None:
+    """The absolute path an ``imagefolder:<path>`` name reads (``~`` expanded); None for a named dataset."""
+    if not name.startswith(registry.IMAGEFOLDER_PREFIX):
+        return None
+    if not name[len(registry.IMAGEFOLDER_PREFIX) :]:
+        raise DataError("imagefolder: needs a path, e.g. 'imagefolder:/data/pets' or 'imagefolder:pets.zip'")
+    return Path(name[len(registry.IMAGEFOLDER_PREFIX) :]).expanduser().absolute()
+
+
 def _canonical_name(name: str) -> str:
-    if name.startswith(registry.IMAGEFOLDER_PREFIX):
-        if not name[len(registry.IMAGEFOLDER_PREFIX) :]:
-            raise DataError("imagefolder: needs a path, e.g. 'imagefolder:/data/pets' or 'imagefolder:pets.zip'")
+    if imagefolder_root(name) is not None:
         return name
     canon = registry.normalise_name(name)
     if canon not in registry.DATASETS:
@@ -54,7 +62,8 @@ def load_split(
     if split not in registry.SPLITS:
         raise DataError(f"unknown split {split!r}; valid splits: {', '.join(registry.SPLITS)}")
     if canon.startswith(registry.IMAGEFOLDER_PREFIX):
-        return _load_imagefolder(canon, split, progress)
+        images, labels, info = _load_imagefolder(canon, split, progress)
+        return images, labels, _identified(info, images, labels)
     entry = registry.DATASETS[canon]
     loader = FORMAT_LOADERS.get(type(entry.source))
     if loader is None:
@@ -65,7 +74,13 @@ def load_split(
         raise DataError(f"{source}: labels outside 0..{info.num_classes - 1}")
     if tuple(images.shape[1:]) != info.input_shape:
         raise DataError(f"{source}: images have shape {tuple(images.shape[1:])}, expected {info.input_shape}")
-    return images.contiguous(), labels, info
+    images = images.contiguous()
+    return images, labels, _identified(info, images, labels)
+
+
+def _identified(info: DatasetInfo, images: torch.Tensor, labels: torch.Tensor) -> DatasetInfo:
+    """`info` with the split's identity as loaded: its fingerprint and size (lmclab.data.fingerprint)."""
+    return dataclasses.replace(info, fingerprint=split_fingerprint(images, labels), examples=int(labels.numel()))
 
 
 def _warn_skipped(message: str) -> None:
@@ -215,7 +230,8 @@ FORMAT_LOADERS: dict[type, Callable[..., Loaded]] = {IdxSource: _load_idx, Cifar
 
 
 def _load_imagefolder(name: str, split: str, progress: bool) -> SplitData:
-    root = Path(name[len(registry.IMAGEFOLDER_PREFIX) :]).expanduser().absolute()
+    root = imagefolder_root(name)
+    assert root is not None
     images, labels, classes = load_image_tree(root, split, progress)
     train = images if split == "train" else load_image_tree(root, "train", progress)[0]
     if train.shape[1:] != images.shape[1:]:
@@ -234,5 +250,6 @@ def _load_imagefolder(name: str, split: str, progress: bool) -> SplitData:
         augment_default=shape[0] == 3,
         classes=classes,
         source=str(root),
+        folder_fingerprint=folder_fingerprint(root),
     )
     return images.contiguous(), labels, info

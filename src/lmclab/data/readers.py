@@ -9,8 +9,8 @@ import io
 import json
 import os
 import pickle
+import secrets
 import struct
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -25,8 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .fingerprint import content_fingerprint, memoised, stat_signature
 from .registry import DataError
-from .sources import bytes_digest, cache_dir, check_digest, file_digest
+from .sources import bytes_digest, cache_dir, check_digest
 
 # ---------------------------------------------------------------- IDX
 
@@ -218,15 +219,25 @@ class ImageTree:
         return (self.root / rel).read_bytes()
 
     def fingerprint(self) -> str:
-        """Content fingerprint: a zip's sha256; for a directory, a hash of relative paths, sizes and mtimes."""
-        if self._zip is not None:
-            return file_digest(self.root, "sha256")
-        h = hashlib.sha256()
-        for split in ("train", "test"):
-            for _, rel in self.files[split]:
-                st = (self.root / rel).stat()
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
+        """The tree's content fingerprint (:func:`lmclab.data.fingerprint.content_fingerprint`): the relative
+        path and the sha256 of the bytes of every image file it reads, the same for a directory and a zip of
+        it. Memoised by the files' stat signature (a zip's own), so the files are read once until one changes."""
+        rels = sorted(rel for split in ("train", "test") for _, rel in self.files[split])
+        try:
+            if self._zip is not None:
+                signature: list[Any] = ["zip", str(self.root), self._prefix, stat_signature(self.root)]
+            else:
+                signature = ["dir", str(self.root), [[rel, *stat_signature(self.root / rel)] for rel in rels]]
+        except OSError as e:
+            raise DataError(f"{self.root}: cannot read the image folder ({e})") from e
+        return memoised(signature, lambda: content_fingerprint((rel, self._read_checked(rel)) for rel in rels))
+
+    def _read_checked(self, rel: str) -> bytes:
+        try:
+            return self.read(rel)
+        except (OSError, zipfile.BadZipFile, zlib.error) as e:
+            where = f"{self.root}/{rel}" if self._zip is None else f"{self.root}:{self._prefix}{rel}"
+            raise DataError(f"{where}: cannot read ({e})") from e
 
     def decode(self, split: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
         """Decode a split: uint8 (N, C, H, W) in class order (then file name order), int64 labels."""
@@ -263,6 +274,15 @@ class ImageTree:
         return images, labels
 
 
+def folder_fingerprint(root: Path) -> str:
+    """The content fingerprint of the image folder (directory or zip) at `root` (see ``ImageTree.fingerprint``)."""
+    tree = ImageTree(root)
+    try:
+        return tree.fingerprint()
+    finally:
+        tree.close()
+
+
 def load_image_tree(
     root: Path, split: str, progress: bool, expected_classes: tuple[str, ...] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
@@ -289,13 +309,35 @@ def load_image_tree(
     return x, y, tree.classes
 
 
+def _tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's data bytes (what the decoded cache records for each of its two tensors)."""
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().data).hexdigest()
+
+
 def _read_cache(path: Path, classes: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached decoded split, verified against the sha256 of its tensors recorded when it was written.
+
+    A cache is derived data: one that is unreadable, corrupt (its tensors differ from their checksums) or
+    without checksums (written by an earlier lmclab) is named in a warning, not used, and rebuilt from
+    the (checksum-verified) source files."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             images, labels = f.get_tensor("images"), f.get_tensor("labels")
+        if "sha256" not in meta:
+            warnings.warn(f"decoded-image cache {path} has no checksums (older lmclab); decoding again", stacklevel=3)
+            return None
+        recorded = json.loads(meta["sha256"])
+        corrupt = [name for name, t in (("images", images), ("labels", labels)) if _tensor_sha256(t) != recorded[name]]
+        if corrupt:
+            warnings.warn(
+                f"decoded-image cache {path} is corrupt: its {' and '.join(corrupt)} differ from the checksum "
+                "recorded when it was written; not used, decoding again",
+                stacklevel=3,
+            )
+            return None
         ok = (
             tuple(json.loads(meta.get("classes", "null")) or ()) == classes
             and images.dtype == torch.uint8
@@ -310,13 +352,20 @@ def _read_cache(path: Path, classes: tuple[str, ...]) -> tuple[torch.Tensor, tor
 
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, meta: dict[str, str]) -> None:
-    """Write the decoded cache atomically; failure to write only warns (the data is still returned)."""
+    """Write the decoded cache atomically, with the sha256 of its tensors; failure to write only warns (the
+    data is still returned). The file's mode is 0o666 less the umask, like any file the user creates."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        candidate = str(path.parent / f".{path.stem}.{secrets.token_hex(6)}.tmp")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        tmp = candidate
+        mode = os.fstat(fd).st_mode & 0o7777  # 0o666 less the umask
         os.close(fd)
-        save_file({"images": images.contiguous(), "labels": labels.contiguous()}, tmp, metadata=meta)
+        tensors = {"images": images.contiguous(), "labels": labels.contiguous()}
+        meta = {**meta, "sha256": json.dumps({name: _tensor_sha256(t) for name, t in tensors.items()})}
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, mode)  # (safetensors writes 0600)
         os.replace(tmp, path)
         tmp = None
     except OSError as e:

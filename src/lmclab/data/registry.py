@@ -37,6 +37,10 @@ class DatasetInfo:
     augment_default: bool  # pad-4 random crop + horizontal flip by default on the train split
     classes: tuple[str, ...]
     source: str  # where the data came from
+    # Identity of the split as loaded (before any subset; lmclab.data.fingerprint); None in static entries.
+    fingerprint: str | None = None  # sha256 of its uint8 images and labels
+    examples: int | None = None  # its size
+    folder_fingerprint: str | None = None  # image folders: the folder's content fingerprint
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import secrets
 import shutil
 import tarfile
 import tempfile
@@ -104,11 +105,13 @@ def mirror_urls(mirrors: Sequence[str], filename: str) -> list[str]:
 
 
 def _fetch(url: str, dest: Path, md5: str | None, progress: bool) -> None:
-    """Download one URL to a temp file beside ``dest``, verify its md5, then move it into place."""
+    """Download one URL to a temp file beside ``dest``, verify its md5, then move it into place (mode 0o666
+    less the umask, like any file the user creates)."""
     tmp: Path | None = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        tmp = Path(tmp_name)
+        candidate = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.part"
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        tmp = candidate
         h = hashlib.new("md5", usedforsecurity=False)
         request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=registry.DOWNLOAD_TIMEOUT_S) as resp:

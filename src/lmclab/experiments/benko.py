@@ -149,7 +149,9 @@ run_benko = EXPERIMENT
 def tidy_tables(
     preset: BenkoOptions, graph: dict[str, list[PairSteps]], results: dict[str, dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Loss rows {setting, pair, path, split, lambda, curve, center, order, value}; RMSE and Fig. 7 rows."""
+    """Loss rows {setting, pair, path, split, examples, lambda, curve, center, order, value}; RMSE rows
+    {setting, pair, path, approximation, lambda, rmse, examples} and Fig. 7 rows (`examples`: the number
+    of examples of the split evaluated)."""
     loss_rows: list[dict[str, Any]] = []
     rmse_rows: list[dict[str, Any]] = []
     example_rows: list[dict[str, Any]] = []
@@ -160,7 +162,13 @@ def tidy_tables(
                 for split, split_steps in splits.items():
                     true = results[split_steps.loss.key]
                     lambdas = true["lambdas"]
-                    base = {"setting": s.name, "pair": pair, "path": path, "split": split}
+                    base = {
+                        "setting": s.name,
+                        "pair": pair,
+                        "path": path,
+                        "split": split,
+                        "examples": true.get("n_examples"),
+                    }
                     loss_rows += [
                         {**base, "lambda": x, "curve": "true", "center": "", "order": "", "value": v}
                         for x, v in zip(lambdas, true["loss"])
@@ -188,6 +196,7 @@ def tidy_tables(
                                 "approximation": name,
                                 "lambda": x,
                                 "rmse": v,
+                                "examples": res.get("n_examples"),
                             }
                             for x, v in zip(res["lambdas"], values)
                         ]

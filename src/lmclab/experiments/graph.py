@@ -6,7 +6,14 @@ on which process, machine or executor runs it. Results are JSON documents (plus 
 writes into its own directory) stored in the store's step directory `<runs_dir>/steps/<kind>_<key>/`
 (`Store.step_dir`); a step whose result is stored is never run again. `LocalExecutor` runs a graph
 in dependency order in this process; a cluster executor only has to ship (kind, config, input
-results) to a worker and store what comes back — the experiment code does not change.
+results) to a worker and store what comes back — the experiment code does not change. A step runs
+under its lock (`lmclab.store.locks`, one per step key): a second process asking for it waits, then
+reuses the result the first stored.
+
+A stored result.json carries the sha256 of its content and of every file the step wrote beside it
+(`lmclab.store.integrity`), verified whenever it is read: a result that differs raises IntegrityError
+naming the file, never a wrong number. (One written before lmclab recorded checksums is read unverified,
+with one warning.)
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lmclab.store import Store, atomic_write_json, content_hash
+from lmclab.store import Store, artifact_lock, content_hash, read_sealed_json, write_sealed_json
+from lmclab.store.integrity import files_below
 
 StepFn = Callable[["StepContext", dict[str, Any], dict[str, Any]], dict[str, Any]]
 STEP_KINDS: dict[str, StepFn] = {}
@@ -114,7 +122,7 @@ class LocalExecutor:
         if step.kind in SELF_CACHING:
             return None
         path = self.directory(step) / "result.json"
-        return json.loads(path.read_text())["result"] if path.is_file() else None
+        return read_sealed_json(path, kind="step result")["result"] if path.is_file() else None
 
     def run(self, targets: Iterable[Step]) -> dict[str, dict[str, Any]]:
         """Results of all steps the targets need, keyed by step key."""
@@ -130,27 +138,35 @@ class LocalExecutor:
             if step.kind not in STEP_KINDS:
                 raise KeyError(f"no step kind {step.kind!r}; registered: {', '.join(sorted(STEP_KINDS))}")
             bar.set_postfix_str(step.kind)
-            directory = self.directory(step)
-            directory.mkdir(parents=True, exist_ok=True)
-            inputs = {name: results[dep.key] for name, dep in step.inputs.items()}
-            start = time.perf_counter()
-            result = STEP_KINDS[step.kind](StepContext(directory, self.options, self.say), dict(step.config), inputs)
-            result = finite_or_none(result)
-            atomic_write_json(
-                directory / "result.json",
-                {
-                    "kind": step.kind,
-                    "config": step.config,
-                    "inputs": {k: d.name for k, d in step.inputs.items()},
-                    "seconds": time.perf_counter() - start,
-                    "result": result,
-                },
-            )
-            # Hand back what a later run will read from the store (sorted keys, lists), so that tables
-            # built from a fresh result and from a stored one are identical.
-            results[step.key] = json.loads(json.dumps(result, sort_keys=True, allow_nan=False))
-            self.ran.append(step.name)
-            bar.update(1)
+            with artifact_lock(self.directory(step), root=self.store.root, what=f"step {step.name}", say=self.say):
+                cached = self.stored(step)  # another process ran it while this one waited for the lock
+                if cached is not None:
+                    results[step.key] = cached
+                    bar.update(1)
+                    continue
+                directory = self.directory(step)
+                directory.mkdir(parents=True, exist_ok=True)
+                inputs = {name: results[dep.key] for name, dep in step.inputs.items()}
+                start = time.perf_counter()
+                context = StepContext(directory, self.options, self.say)
+                result = STEP_KINDS[step.kind](context, dict(step.config), inputs)
+                result = finite_or_none(result)
+                write_sealed_json(
+                    directory / "result.json",
+                    {
+                        "kind": step.kind,
+                        "config": step.config,
+                        "inputs": {k: d.name for k, d in step.inputs.items()},
+                        "seconds": time.perf_counter() - start,
+                        "result": result,
+                    },
+                    files=files_below(directory, exclude=("result.json",)),
+                )
+                # Hand back what a later run will read from the store (sorted keys, lists), so that tables
+                # built from a fresh result and from a stored one are identical.
+                results[step.key] = json.loads(json.dumps(result, sort_keys=True, allow_nan=False))
+                self.ran.append(step.name)
+                bar.update(1)
         bar.close()
         return results
 

@@ -46,7 +46,7 @@ from lmclab.permutation import Permutation, PermutationSpec, check_invariance, d
 from lmclab.points import Point, distance, mean
 from lmclab.report import write_csv
 from lmclab.report.ito import plot_barriers_vs_k, plot_heatmaps, plot_merged_vs_k, plot_trace_vs_k
-from lmclab.store import Run
+from lmclab.store import Run, check_same_data
 from lmclab.training import load_run_model, resolve_device
 
 #: The methods the paper compares, in the order they are drawn.
@@ -541,6 +541,7 @@ def tidy_tables(
                     }
                 )
             res = results[ms.evaluation.key]
+            n_examples = res.get("n_examples", {})  # evaluated examples per split (written in tables, titles)
             by_model: list[tuple[str, list[tuple[str | int, Any]]]] = [
                 ("merged", [("", res["merged"])]),
                 ("member", list(enumerate(res["members"]))),
@@ -555,13 +556,16 @@ def tidy_tables(
                             "split": split,
                             "metric": metric,
                             "value": metrics[split][metric],
+                            "examples": n_examples.get(split),
                         }
                         for split in ms.evaluation.config["splits"]
                         for metric in MERGED_METRICS
                     ]
-            tables["barrier_summary"] += [{**base, **r} for r in res["summary"]]
-            tables["pair_barriers"] += [{**base, **r} for r in res["pairs"]]
-            tables["merged_barriers"] += [{**base, **r} for r in res["to_merged"]]
+            tables["barrier_summary"] += [{**base, **r, "examples": n_examples.get(r["split"])} for r in res["summary"]]
+            tables["pair_barriers"] += [{**base, **r, "examples": n_examples.get(r["split"])} for r in res["pairs"]]
+            tables["merged_barriers"] += [
+                {**base, **r, "examples": n_examples.get(r["split"])} for r in res["to_merged"]
+            ]
             if ms.trace is not None:
                 trace = MergedTrace.from_json(results[ms.trace.key])
                 for kind in MergedTrace.KINDS:
@@ -644,11 +648,16 @@ def merge_runs(
     device: str = "auto",
     progress: bool = True,
     say: Callable[[str], None] = print,
+    allow_different_data: bool = False,
 ) -> dict[str, Any]:
     """Align K stored runs (run 0 is the reference) with each method, merge, and measure: the same cached
     steps as :func:`run_ito` for one K (merged metrics, all-pairs and model → merged barriers, and with
     `trace` (keywords of the trace step, {} for the defaults) the merged model's Hessian trace). Tables
-    and one K × K heat map per split go to `out`. `options[method]`: keywords of that method."""
+    and one K × K heat map per split go to `out`. `options[method]`: keywords of that method.
+
+    Runs trained on different data raise `DataMismatch` unless `allow_different_data`; then all is
+    evaluated on run 0's data, and the tables (an `evaluated_on` column), the heat maps' titles and
+    the summary's `data` say so."""
     if len(runs) < 2:
         raise ValueError(f"merging needs at least 2 runs, got {len(runs)}")
     unknown = [m for m in methods if m not in available_methods()]
@@ -656,6 +665,10 @@ def merge_runs(
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(available_methods())}")
     for run in runs[1:]:
         check_same_architecture(runs[0], run)
+    data_check = check_same_data(runs, allow=allow_different_data)
+    data_note = data_check.note()
+    if data_note is not None:
+        say(f"note: {data_note}")
     ctx = ExperimentContext(
         out=Path(out), runs_dir=runs_dir, data_dir=data_dir, device=device, progress=progress, say=say
     )
@@ -673,7 +686,12 @@ def merge_runs(
     results, ran = ctx.run_steps(population.steps())
     out = ctx.out
     tables = tidy_tables({"runs": population}, results)
-    files = {f"{name}_table": str(write_csv(out / f"{name}.csv", rows)) for name, rows in tables.items() if rows}
+    column = data_check.column()  # {} unless the runs' data differ
+    files = {
+        f"{name}_table": str(write_csv(out / f"{name}.csv", [{**r, **column} for r in rows]))
+        for name, rows in tables.items()
+        if rows
+    }
     for split in splits:
         files[f"heatmap_{split}"] = str(
             plot_heatmaps(
@@ -681,7 +699,7 @@ def merge_runs(
                 tables["pair_barriers"],
                 k,
                 split=split,
-                title=f"{k} runs: pair barriers ({split})",
+                title=f"{k} runs: pair barriers ({split})" + (f"\n{data_note}" if data_note else ""),
             )
         )
     merged: dict[str, dict[str, dict[str, Any]]] = {m: {r["split"]: {} for r in tables["merged"]} for m in methods}
@@ -716,6 +734,7 @@ def merge_runs(
         "merged": merged,
         "steps_run": ran,
         "barrier_summary": [r for r in tables["barrier_summary"] if r["definition"] == "barrier"],
+        "data": data_check.to_json(),
     }
 
 

@@ -3,6 +3,10 @@
 Alignments are cached in the run store as `align_<hash>/` (perm.safetensors + alignment.json),
 keyed by the two runs, the method and its settings; path results go to `lmc_<hash>/` (tidy
 paths.csv, barriers.csv, paths.png) or to a chosen output directory.
+
+Runs trained on different data are refused (`lmclab.store.check_same_data`) unless
+`allow_different_data=True`; then everything is evaluated on run A's data, and the tables (an
+`evaluated_on` column), the figure's title and the summary (`data`) say so.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lmclab.paths import (
     evaluate_path,
     layer_groups,
 )
+from lmclab.paths.barriers import LAYERWISE_BARRIER, WHOLE_MODEL_BARRIER
 from lmclab.permutation import (
     Permutation,
     PermutationSpec,
@@ -35,7 +40,16 @@ from lmclab.permutation import (
     verify_permutation,
 )
 from lmclab.report import plot_paths, write_csv
-from lmclab.store import Run, RunStore, Store, atomic_write_json, content_hash
+from lmclab.store import (
+    DataCheck,
+    Run,
+    RunStore,
+    Store,
+    artifact_lock,
+    atomic_write_json,
+    check_same_data,
+    content_hash,
+)
 from lmclab.training import load_run_model, resolve_device
 
 
@@ -83,6 +97,7 @@ def align_runs(
     spec: PermutationSpec | None = None,
     progress: bool = True,
     ste_epochs: int = 10,
+    allow_different_data: bool = False,
 ) -> Alignment:
     """Align B to A (cached in the store), verify f(π(θ_B)) == f(θ_B) in eval and train mode, save.
 
@@ -92,10 +107,15 @@ def align_runs(
     `ste_epochs`, ``device``, `progress`, ``val_data`` = that fixed subset, so the test split is never
     used to choose). "weight": weight matching; "activation": activation matching on the subset; "ste":
     Git Re-Basin's straight-through estimator (λ = ½), keeping the permutation with the lowest midpoint
-    loss on the subset.
+    loss on the subset. One process computes a given alignment at a time (its lock, `lmclab.store.locks`);
+    another asking for it waits and reuses it.
+
+    Runs trained on different data raise `DataMismatch` unless `allow_different_data` (then run A's
+    training data is used, and the alignment's info says so under "data").
     """
     entry = get_pair_method(method)  # a registered method (lmclab.align.PAIR_METHODS), else ValueError
     check_same_architecture(run_a, run_b)
+    data_check = check_same_data([run_a, run_b], allow=allow_different_data)
     store = store or RunStore(run_a.path.parent)
     settings: dict[str, Any] = {
         "a": run_a.path.name,
@@ -109,46 +129,58 @@ def align_runs(
     if "epochs" in entry.accepts:
         settings["epochs"] = ste_epochs
     out = Store(store.root).alignment_dir(settings)
+    cached = _stored_alignment(out, spec, data_check)
+    if cached is not None:
+        return cached
+    with artifact_lock(out, root=store.root, what=f"alignment {out.name}"):  # one process computes it
+        cached = _stored_alignment(out, spec, data_check)  # stored by another process while this one waited
+        if cached is not None:
+            return cached
+        dev = resolve_device(device)
+        model_a, model_b = load_run_model(run_a, device=dev), load_run_model(run_b, device=dev)
+        x = example_input(run_a).to(dev)
+        spec = spec or derive_spec(model_a, x)
+        theta_a, theta_b = model_a.state_dict(), model_b.state_dict()
+        kw = entry.settings(seed=seed, epochs=ste_epochs, device=dev, progress=progress)
+        if "model" in entry.needs:
+            kw["model"] = model_a
+        if "examples" in settings:  # a fixed stratified subset of training examples
+            examples = DeviceDataset.load(
+                run_a.config.data.dataset,
+                "train",
+                data_dir=data_dir,
+                device=dev,
+                subset=activation_examples,
+                augment=False,
+                progress=progress,
+            )
+            if "batches" in entry.needs:
+                kw["batches"] = (xb for xb, _ in examples.batches(500))
+            if "val_data" in entry.accepts:
+                kw["val_data"] = examples
+        if "data" in entry.needs:
+            kw["data"] = DeviceDataset.load(
+                run_a.config.data.dataset, "train", data_dir=data_dir, device=dev, augment=False, progress=progress
+            )
+        result = align(theta_a, theta_b, spec, method, **kw)
+        verify_permutation(model_b, result.perm, spec, example_input=x)  # raises SpecError if f(π(θ_B)) ≠ f(θ_B)
+        invariance = check_invariance(model_b, spec, result.perm, x)
+        info = {**settings, **result.to_json(), "invariance_max_abs_diff": invariance, "data": data_check.to_json()}
+        result.perm.save(out / "perm.safetensors", spec, **settings)
+        atomic_write_json(out / "alignment.json", info)
+        return Alignment(result.perm, spec, info, out)
+
+
+def _stored_alignment(out: Path, spec: PermutationSpec | None, data_check: DataCheck) -> Alignment | None:
+    """The alignment stored in `out`, if there is one."""
     if (out / "alignment.json").is_file() and (out / "perm.safetensors").is_file():
         perm, saved_spec, _ = Permutation.load(out / "perm.safetensors")
         cached_spec = saved_spec or spec
         if cached_spec is None:
             raise SpecError(f"{out / 'perm.safetensors'} holds no spec; save permutations with their spec")
-        return Alignment(perm, cached_spec, json.loads((out / "alignment.json").read_text()), out)
-
-    dev = resolve_device(device)
-    model_a, model_b = load_run_model(run_a, device=dev), load_run_model(run_b, device=dev)
-    x = example_input(run_a).to(dev)
-    spec = spec or derive_spec(model_a, x)
-    theta_a, theta_b = model_a.state_dict(), model_b.state_dict()
-    kw = entry.settings(seed=seed, epochs=ste_epochs, device=dev, progress=progress)
-    if "model" in entry.needs:
-        kw["model"] = model_a
-    if "examples" in settings:  # a fixed stratified subset of training examples
-        examples = DeviceDataset.load(
-            run_a.config.data.dataset,
-            "train",
-            data_dir=data_dir,
-            device=dev,
-            subset=activation_examples,
-            augment=False,
-            progress=progress,
-        )
-        if "batches" in entry.needs:
-            kw["batches"] = (xb for xb, _ in examples.batches(500))
-        if "val_data" in entry.accepts:
-            kw["val_data"] = examples
-    if "data" in entry.needs:
-        kw["data"] = DeviceDataset.load(
-            run_a.config.data.dataset, "train", data_dir=data_dir, device=dev, augment=False, progress=progress
-        )
-    result = align(theta_a, theta_b, spec, method, **kw)
-    verify_permutation(model_b, result.perm, spec, example_input=x)  # raises SpecError if f(π(θ_B)) ≠ f(θ_B)
-    invariance = check_invariance(model_b, spec, result.perm, x)
-    info = {**settings, **result.to_json(), "invariance_max_abs_diff": invariance}
-    result.perm.save(out / "perm.safetensors", spec, **settings)
-    atomic_write_json(out / "alignment.json", info)
-    return Alignment(result.perm, spec, info, out)
+        info = json.loads((out / "alignment.json").read_text())
+        return Alignment(perm, cached_spec, {**info, "data": data_check.to_json()}, out)
+    return None
 
 
 def load_alignment(path: str | Path) -> Alignment:
@@ -200,9 +232,15 @@ def interpolate_runs(
     device: str = "auto",
     pair: int = 0,
     progress: bool = True,
+    allow_different_data: bool = False,
 ) -> list[dict[str, Any]]:
-    """Tidy rows for the naive path θ_A → θ_B and (given an alignment) the permuted path θ_A → π(θ_B)."""
+    """Tidy rows for the naive path θ_A → θ_B and (given an alignment) the permuted path θ_A → π(θ_B),
+    evaluated on run A's data. Runs trained on different data raise `DataMismatch` unless
+    `allow_different_data`; then every row names the data evaluated on (`evaluated_on`). Every row says
+    how many examples of its split were evaluated (`examples`); layer-wise rows (`layers`) say which
+    endpoint the other tensors come from (`base`)."""
     check_same_architecture(run_a, run_b)
+    evaluated_on = check_same_data([run_a, run_b], allow=allow_different_data).column()
     dev = resolve_device(device)
     model = load_run_model(run_a, device=dev)
     bn = bn or default_bn_mode(model)
@@ -247,20 +285,38 @@ def interpolate_runs(
                 progress=progress,
                 desc=f"{path_name} {label}",
             ):
-                rows.append({"pair": pair, "path": path_name, "layers": label, "bn": bn, **r})
+                rows.append(
+                    {
+                        "pair": pair,
+                        "path": path_name,
+                        "layers": label,
+                        **({"base": base} if only is not None else {}),  # layer-wise: the others' endpoint
+                        "bn": bn,
+                        **evaluated_on,
+                        **r,
+                        "examples": len(data[r["split"]]),
+                    }
+                )
     return rows
 
 
 def write_lmc_report(rows: list[dict[str, Any]], out: Path, title: str = "") -> dict[str, Path]:
-    """paths.csv (tidy), barriers.csv (every definition per curve) and paths.png."""
+    """paths.csv (tidy), barriers.csv (every definition per curve, with its `quantity`: "barrier" for the
+    whole model, "layerwise_barrier" for ``--layers`` curves; an empty ``midpoint`` where λ = ½ was not
+    evaluated) and paths.png."""
     out.mkdir(parents=True, exist_ok=True)
-    keys = ("path", "layers", "pair", "split", "metric")
-    report = _safe_barriers(rows, keys)
+    report = _safe_barriers(rows, _curve_keys(rows))
     files = {"paths": write_csv(out / "paths.csv", rows), "barriers": write_csv(out / "barriers.csv", report)}
     whole = [r for r in rows if r.get("layers", "all") == "all"]
     if whole:
         files["figure"] = plot_paths(out / "paths.png", whole, title=title).path
     return files
+
+
+def _curve_keys(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """What identifies a curve; rows of runs trained on different data also carry `evaluated_on`."""
+    keys = ("path", "layers", "pair", "split", "metric")
+    return (*keys, "evaluated_on") if any("evaluated_on" in r for r in rows) else keys
 
 
 def _safe_barriers(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -270,11 +326,21 @@ def _safe_barriers(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict
         groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
     report: list[dict[str, Any]] = []
     for key, group in groups.items():
+        quantity = _quantity(group[0])
         try:
-            report += barrier_report(group, keys)
+            report += [{**{k: b[k] for k in keys if k in b}, **quantity, **b} for b in barrier_report(group, keys)]
         except ValueError as exc:
-            report.append({**dict(zip(keys, key)), "error": str(exc)})
+            report.append({**dict(zip(keys, key)), **quantity, "error": str(exc)})
     return report
+
+
+def _quantity(row: dict[str, Any]) -> dict[str, Any]:
+    """Which barrier a curve's rows give: the whole model's, or (``--layers``) the one-sided
+    `layerwise_barrier` (the chosen layers interpolated, the others from `base`), which is not the
+    two-sided `layer_set_barrier` of `lmclab predict` (see :mod:`lmclab.paths.barriers`)."""
+    if row.get("layers", "all") == "all":
+        return {"quantity": WHOLE_MODEL_BARRIER}
+    return {"quantity": LAYERWISE_BARRIER, "base": row.get("base", "a")}
 
 
 def lmc_pairs(
@@ -284,15 +350,23 @@ def lmc_pairs(
     perm_files: Sequence[str] | None = None,
     out: str | Path | None = None,
     say: Callable[[str], None] = print,
+    allow_different_data: bool = False,
     **kw: Any,
 ) -> dict[str, Any]:
     """For each pair: align (or load its permutation), evaluate the naive and permuted paths. Then write
     the tidy table (a `pair` column), per-curve barriers and the figure (mean ± std over pairs), and
-    print each barrier as mean ± std over pairs."""
+    print each barrier as mean ± std over pairs.
+
+    Every pair is checked first: runs trained on different data raise `DataMismatch` unless
+    `allow_different_data`; then each pair is evaluated on its run A's data, and the tables (an
+    `evaluated_on` column), the figure's title and the summary's `data` say which."""
     if not pairs:
         raise ValueError("give at least one pair of runs")
     if perm_files is not None and len(perm_files) != len(pairs):
         raise ValueError(f"{len(perm_files)} permutation file(s) for {len(pairs)} pair(s): give one per pair")
+    checks = [check_same_data([a, b], allow=allow_different_data) for a, b in pairs]
+    for note in _data_notes(checks):
+        say(f"note: {note}")
     progress = kw.get("progress", True)
     rows: list[dict[str, Any]] = []
     alignments: list[Alignment | None] = []
@@ -308,9 +382,12 @@ def lmc_pairs(
                 data_dir=kw.get("data_dir"),
                 device=kw.get("device", "auto"),
                 progress=progress,
+                allow_different_data=allow_different_data,
             )
         alignments.append(alignment)
-        rows += interpolate_runs(run_a, run_b, alignment=alignment, pair=i, **kw)
+        rows += interpolate_runs(
+            run_a, run_b, alignment=alignment, pair=i, allow_different_data=allow_different_data, **kw
+        )
     identity = dict(
         pairs=[[a.path.name, b.path.name] for a, b in pairs],
         align=[None if al is None else str(al.path) for al in alignments],
@@ -322,19 +399,30 @@ def lmc_pairs(
         if len(pairs) == 1
         else f"{len(pairs)} pairs ({pairs[0][0].config.model.model} on {pairs[0][0].config.data.dataset})"
     )
+    title += "".join(f"\n{note}" for note in _data_notes(checks))
     files = write_lmc_report(rows, out_dir, title=title)
-    per_curve = _safe_barriers(rows, ("path", "layers", "pair", "split", "metric"))
+    per_curve = _safe_barriers(rows, _curve_keys(rows))
     summary = {
         "out": str(out_dir),
         **{k: str(v) for k, v in files.items()},
         "alignments": [None if al is None else {"path": str(al.path), **al.info} for al in alignments],
         "barriers": per_curve,
+        "data": {
+            "same": all(c.same for c in checks),
+            "evaluated_on": sorted({c.evaluated_on.label() for c in checks}),
+            "pairs": [c.to_json() for c in checks],
+        },
     }
     _say_barriers(per_curve, len(pairs), say)
     say(
         f"tables: {files['paths']}, {files['barriers']}" + (f"\nfigure: {files['figure']}" if "figure" in files else "")
     )
     return summary
+
+
+def _data_notes(checks: Sequence[DataCheck]) -> list[str]:
+    """One line per distinct note of pairs whose runs were trained on different data."""
+    return list(dict.fromkeys(note for c in checks if (note := c.note()) is not None))
 
 
 def _say_barriers(per_curve: list[dict[str, Any]], n_pairs: int, say: Callable[[str], None]) -> None:
@@ -350,6 +438,9 @@ def _say_barriers(per_curve: list[dict[str, Any]], n_pairs: int, say: Callable[[
             continue
         parts = []
         for name, label in (("barrier", "barrier"), ("rebasin", "Git Re-Basin"), ("midpoint", "midpoint")):
+            if any(r[name] is None for r in rs):  # the midpoint where λ = ½ was not evaluated
+                parts.append(f"{label} n/a (λ = ½ not evaluated)")
+                continue
             v = np.array([r[name] for r in rs])
             parts.append(f"{label} {v.mean():.4f}" + (f" ± {v.std():.4f}" if n_pairs > 1 else ""))
         say(f"{path:<18} {split:<5} {metric:<5} {parts[0]}  ({', '.join(parts[1:])})")

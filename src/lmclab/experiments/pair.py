@@ -39,10 +39,12 @@ def run_pair_demo(
     table = write_csv(out_dir / "final_metrics.csv", rows)
     history_rows = [{"seed": s, "run": r.path.name, **h} for s, r in zip(seeds, runs) for h in r.meta.history]
     history_table = write_csv(out_dir / "history.csv", history_rows)
+    info = runs[0].meta.data_info  # the training subset and the test split every epoch's evaluation used
     figure = plot_histories(
         out_dir / "training_curves.png",
         {f"seed {s}": r.meta.history for s, r in zip(seeds, runs)},
         title=f"{preset}: {len(runs)} independently seeded runs",
+        examples=None if info is None else {"train": info.train_size, "test": info.test_size},
     )
     for row in rows:
         say(

@@ -13,7 +13,8 @@ differ only in their data order (`vary_augment` also varies augmentation). Per f
 - **prediction** (Figs 4a, 14a): Prop. 1's predicted barrier curve at the final siblings next to the
   measured one.
 - **layer-wise** (Figs 5, 15–20), for the forks a setting names in `layerwise_forks`: over child epochs,
-  Singh's measured layer barrier B_ℓ(½) (Adilova's one-layer interpolation, both bases) next to
+  Singh's measured layer-set barrier B_ℓ(½) (one layer interpolated, both bases averaged; column
+  ``layer_set_barrier_half``, not the one-sided ``layerwise_barrier`` of ``interpolate --layers``) next to
   Prop. 2's prediction, the layer distance ‖d[ℓ]‖, and eq. 20's cross-block matrices at θ_1^t and θ_2^t
   with their sums (all blocks = Prop. 1 at α = ½; the diagonal = Σ_ℓ Prop. 2; the off-diagonal rest).
 
@@ -536,6 +537,7 @@ def tidy_tables(
                                 "value": v,
                                 "barrier": b,
                                 "bn": seg["bn"],
+                                "examples": seg.get("n_examples"),
                             }
                             for lam, v, b in zip(seg["lambdas"], vals, curve)
                         ]
@@ -561,6 +563,7 @@ def tidy_tables(
                             k: _nan(pred.get(k))
                             for k in ("measured_max", "predicted_max", "measured_bn_reset_max", "distance", "q1", "q2")
                         },
+                        "examples": pred.get("n_examples"),
                     }
                 )
                 for i, alpha in enumerate(pred["lambdas"]):
@@ -589,9 +592,10 @@ def _layerwise_rows(tables: dict[str, list[dict[str, Any]]], base: dict[str, Any
                     "child_epoch": t,
                     "layer_index": j,
                     "layer": layer,
-                    "measured_half": _nan(res["measured"][i][j]),
+                    "layer_set_barrier_half": _nan(res["measured"][i][j]),
                     "predicted_half": _nan(res["predicted"][i][j]),
                     "distance": _nan(res["layer_distance"][i][j]),
+                    "examples": res.get("n_examples"),
                 }
             )
         m1 = np.array(res["cross_blocks_theta_1"][i], dtype=float)

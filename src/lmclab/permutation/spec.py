@@ -247,12 +247,15 @@ class Permutation:
         return out
 
     def save(self, path: str | os.PathLike, spec: PermutationSpec | None = None, **meta: Any) -> Path:
-        """safetensors: one int64 tensor per group; the spec and `meta` as JSON in the header."""
+        """safetensors: one int64 tensor per group; the spec and `meta` as JSON in the header; the checksums
+        of both, verified by `load` (`lmclab.store.save_checkpoint`)."""
         header = {"kind": "permutation", "meta": meta, "spec": spec.to_dict() if spec is not None else None}
         return save_checkpoint(path, {f"perm.{k}": v for k, v in self.perms.items()}, header)
 
     @staticmethod
     def load(path: str | os.PathLike) -> tuple[Permutation, PermutationSpec | None, dict[str, Any]]:
+        """(permutation, spec or None, meta) saved by `save`; a file whose content differs from its checksums
+        raises IntegrityError naming it (a CheckpointError, as does one that is not a permutation file)."""
         tensors, header = load_checkpoint(path)
         if header.get("kind") != "permutation":
             raise CheckpointError(f"{path} is not a permutation file (kind: {header.get('kind')!r})")

@@ -1,7 +1,9 @@
 """Figures of Ito et al. (LMC among many models): merged-model loss/accuracy vs K, barriers among all
 permuted pairs (and model → merged) vs K, Hessian trace at the merged model vs K, and the K × K
 pair-barrier heat map per method. One colour per alignment method throughout. Missing values (NaN,
-stored as empty) leave gaps and are counted in the panel title, never drawn as numbers."""
+stored as empty) leave gaps and are counted in the panel title, never drawn as numbers. Panel titles
+name the split and its number of examples (`examples`: split -> n, or one n; default the rows'
+``examples`` column); the heat maps' colour bar names the split, metric and barrier definition."""
 
 from __future__ import annotations
 
@@ -56,8 +58,11 @@ def _k_axis(ax: plt.Axes, ks: Sequence[int]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _title(ax: plt.Axes, text: str, missing: int) -> None:
-    ax.set_title(text + (f"\n({missing} missing value(s) not drawn)" if missing else ""), fontsize=10)
+def _title(ax: plt.Axes, text: str, missing: int, data: str = "") -> None:
+    ax.set_title(
+        text + (f"\n{data}" if data else "") + (f"\n({missing} missing value(s) not drawn)" if missing else ""),
+        fontsize=10,
+    )
 
 
 def plot_merged_vs_k(
@@ -65,11 +70,13 @@ def plot_merged_vs_k(
     rows: Iterable[Mapping[str, Any]],
     title: str = "",
     metrics: Sequence[str] = ("loss", "accuracy"),
+    examples: Mapping[str, Any] | int | None = None,
 ) -> SavedFigure:
     """Rows {method, k, model (merged|member), member, split, metric, value}: one panel per metric × split;
     the merged model per method, and the members' mean (grey, band = min … max over the first K)."""
     rows = list(rows)
     splits = _splits(rows)
+    counts = figures.examples_of(rows, examples)
     methods = _methods(rows)
     fig, axes = plt.subplots(
         len(metrics),
@@ -112,7 +119,7 @@ def plot_merged_vs_k(
                 ax.plot(method_ks, ys, marker="o", lw=1.8, **_style(method, i))
             _k_axis(ax, [int(r["k"]) for r in sel])
             ax.set_ylabel(f"{split} {METRIC_LABEL.get(metric, metric)}")
-            _title(ax, f"merged model: {split} {metric}", missing)
+            _title(ax, f"merged model: {split} {metric}", missing, figures.data_text(split, counts.get(split)))
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
     return figures.save_figure(fig, path, title)
 
@@ -123,11 +130,13 @@ def plot_barriers_vs_k(
     title: str = "",
     definition: str = "barrier",
     metrics: Sequence[str] = ("loss", "error"),
+    examples: Mapping[str, Any] | int | None = None,
 ) -> SavedFigure:
     """Summary rows {method, k, split, metric, definition, max, mean, std, n, n_missing}: per metric × split,
     mean ± SD (solid, error bars) and max (dashed) over pairs (or models) vs K, one colour per method."""
     rows = [r for r in rows if r["definition"] == definition]
     splits = _splits(rows)
+    counts = figures.examples_of(rows, examples)
     methods = _methods(rows)
     fig, axes = plt.subplots(
         len(metrics),
@@ -155,7 +164,7 @@ def plot_barriers_vs_k(
             ax.axhline(0.0, color="black", lw=0.6)
             _k_axis(ax, [int(r["k"]) for r in sel])
             ax.set_ylabel(f"{split} {metric} barrier")
-            _title(ax, f"{definition} ({metric}, {split})", missing)
+            _title(ax, f"{definition} ({metric}, {split})", missing, figures.data_text(split, counts.get(split)))
     handles = [Line2D([], [], marker="o", **_style(m, i)) for i, m in enumerate(methods)]
     handles += [
         Line2D([], [], color="black", marker="o", label="mean ± SD"),
@@ -166,8 +175,9 @@ def plot_barriers_vs_k(
 
 
 def plot_trace_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], title: str = "") -> SavedFigure:
-    """Rows {method, k, kind (trace|scale_aware_trace), estimate, ci_low, ci_high, confidence}: estimate vs K
-    with its confidence interval as error bars; log scale when all values are positive and span > 30×."""
+    """Rows {method, k, kind (trace|scale_aware_trace), estimate, ci_low, ci_high, confidence, and
+    optionally split, examples}: estimate vs K with its confidence interval as error bars; log scale when
+    all values are positive and span > 30×. The title names the split and number of examples."""
     rows = list(rows)
     kinds = [k for k in ("trace", "scale_aware_trace") if any(r["kind"] == k for r in rows)]
     methods = _methods(rows)
@@ -202,7 +212,8 @@ def plot_trace_vs_k(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], 
         _k_axis(ax, [int(r["k"]) for r in sel])
         conf = sel[0]["confidence"] if sel else 0.95
         ax.set_ylabel(labels[kind])
-        _title(ax, f"{labels[kind]} ({_num(conf):.0%} CI)", missing)
+        data = figures.splits_text(figures.examples_of([r for r in sel if r.get("split") not in (None, "")]))
+        _title(ax, f"{labels[kind]} ({_num(conf):.0%} CI)", missing, data)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
     return figures.save_figure(fig, path, title)
 
@@ -215,10 +226,13 @@ def plot_heatmaps(
     metric: str = "loss",
     definition: str = "barrier",
     title: str = "",
+    examples: Any = None,
 ) -> SavedFigure:
     """Pair rows {method, i, j, split, metric, <definition>} of one K: the K × K matrix per method, one
-    shared colour scale, values written in the cells; missing values grey and marked n/a."""
+    shared colour scale, values written in the cells; missing values grey and marked n/a. Panel titles
+    name `split` and its number of examples (`examples`, default the rows' ``examples`` column)."""
     pair_rows = list(pair_rows)
+    n = figures.examples_of([r for r in pair_rows if r["split"] == split], examples).get(split)
     methods = _methods(pair_rows)
     mats = {
         m: barrier_matrix([r for r in pair_rows if r["method"] == m], k, split, metric, definition) for m in methods
@@ -227,7 +241,7 @@ def plot_heatmaps(
     vmin = min(0.0, float(finite.min())) if finite.size else 0.0
     vmax = max(float(finite.max()), vmin + 1e-12) if finite.size else 1.0
     fig, axes = plt.subplots(
-        1, max(len(methods), 1), figsize=(3.6 * max(len(methods), 1) + 0.8, 3.6), constrained_layout=True, squeeze=False
+        1, max(len(methods), 1), figsize=(3.6 * max(len(methods), 1) + 0.8, 4.5), constrained_layout=True, squeeze=False
     )
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     image = None
@@ -248,7 +262,8 @@ def plot_heatmaps(
             )
         ax.set_xticks(range(k))
         ax.set_yticks(range(k))
-        ax.set(xlabel="model j", ylabel="model i", title=_style(method, 0)["label"])
+        ax.set(xlabel="model j", ylabel="model i")
+        ax.set_title(f"{_style(method, 0)['label']}\n{figures.data_text(split, n)}", fontsize=10)
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.85, label=f"{split} {metric} {definition}")
     return figures.save_figure(fig, path, title)

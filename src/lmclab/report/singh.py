@@ -4,6 +4,12 @@
 the sibling distance (Figs 4, 14), layer-wise measured against Prop. 2 over training (Figs 5, 15–20)
 and the toy landscapes (Fig. 6). Missing values (NaN, empty cells) are left out, never drawn as numbers.
 Where a table holds several sibling pairs, lines and markers show their mean (3-D panels: pair 0).
+Curves evaluated at a grid of α carry a marker at each evaluated α; measured barrier curves have their
+maximum written at the peak; panels drawn from an evaluation name the split (Singh's analyses use a
+fixed training subset) and its number of examples (`examples`, default the rows' ``examples`` column);
+every heat map has a labelled colour bar. The measured layer-wise quantity is Singh's layer-set barrier
+B_P(½) (:data:`lmclab.paths.barriers.LAYER_SET_BARRIER`, column ``layer_set_barrier_half``), not the
+one-sided layer-wise barrier of ``lmclab interpolate --layers``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,13 @@ def _no_data(ax: plt.Axes, text: str = "no data") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
+def _examples(rows: Rows, examples: Any) -> int | None:
+    """The number of evaluated (training) examples: `examples`, else the rows' first ``examples`` cell."""
+    if examples is not None:
+        return figures.count(examples)
+    return next((figures.count(r.get("examples")) for r in rows if figures.count(r.get("examples")) is not None), None)
+
+
 def _finish(ax: plt.Axes, has_data: bool, **legend: Any) -> None:
     """Grid, and the legend (keywords to ``ax.legend``, default fontsize 8) or a "no data" note."""
     ax.grid(alpha=0.3)
@@ -57,13 +70,18 @@ def _finish(ax: plt.Axes, has_data: bool, **legend: Any) -> None:
 
 
 def plot_segments(
-    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], metric: str = "error", title: str = ""
+    path: str | os.PathLike,
+    rows: Iterable[Mapping[str, Any]],
+    metric: str = "error",
+    title: str = "",
+    examples: Any = None,
 ) -> SavedFigure:
     """Figs 1 / 10 (and 8–9, 11–12 for other settings): one 3-D panel per fork epoch with the curve of
     `metric` along the segment θ_1^t → θ_2^t laid out at its child epoch t (top), and its barrier
     version with the endpoints' values subtracted (bottom). Rows: {fork_epoch, pair, child_epoch, metric,
-    lambda, value, barrier}."""
+    lambda, value, barrier} (and optionally ``examples``: the training subset's size)."""
     rows = [r for r in rows if r["metric"] == metric and int(r.get("pair", 0)) == 0]
+    data = figures.data_text("train", _examples(rows, examples))
     forks = _forks(rows) or [0]
     fig = plt.figure(figsize=(4.3 * len(forks), 8.2), constrained_layout=True)
     zlabel = {"error": "train error", "loss": "train loss"}.get(metric, metric)
@@ -76,14 +94,16 @@ def plot_segments(
             for t, colour in zip(epochs, colours):
                 pts = sorted((float(r["lambda"]), _value(r[key])) for r in sel if float(r["child_epoch"]) == t)
                 lam, z = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-                ax.plot(lam, np.full_like(lam, t), z, color=colour, lw=1.2)
+                ax.plot(lam, np.full_like(lam, t), z, color=colour, lw=1.2, marker="o", ms=1.8)
             ax.set_xlabel("α (θ₁ → θ₂)", fontsize=8)
             ax.set_ylabel("child epoch", fontsize=8)
             ax.set_zlabel(label, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.view_init(elev=24, azim=-60)
             ax.set_box_aspect(None, zoom=0.86)  # room for the z label inside the panel
-            ax.set_title(f"forked at epoch {epoch}" if j == 0 else f"barrier curves, fork {epoch}", fontsize=10)
+            ax.set_title(
+                (f"forked at epoch {epoch}" if j == 0 else f"barrier curves, fork {epoch}") + f"\n{data}", fontsize=10
+            )
             if not sel:
                 _no_data(ax)
     return figures.save_figure(fig, path, title)
@@ -140,10 +160,14 @@ def plot_barrier_predictions(
     curves: Iterable[Mapping[str, Any]],
     geometry: Iterable[Mapping[str, Any]],
     title: str = "",
+    examples: Any = None,
 ) -> SavedFigure:
     """Fig. 4 / 14: (a) Prop. 1's predicted barrier max_α B(α) against the measured one for the final
-    siblings of each fork; (b) the whole curves; (c) the sibling distance ‖θ_1^t − θ_2^t‖ over child epochs."""
+    siblings of each fork; (b) the whole curves (measured: a marker at each evaluated α, its maximum
+    written at the peak); (c) the sibling distance ‖θ_1^t − θ_2^t‖ over child epochs. (a) and (b) name
+    the training subset's size (`examples`, default the prediction rows' ``examples`` column)."""
     predictions, curves, geometry = list(predictions), list(curves), list(geometry)
+    data = figures.data_text("train", _examples(predictions + curves, examples))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), constrained_layout=True)
     ax = axes[0]
     series = [
@@ -177,7 +201,8 @@ def plot_barrier_predictions(
                 pos[finite] + (k - 1) * 0.08, values[finite], marker=marker, ls="none", ms=8, color=colour, label=label
             )
     ax.set_xticks(pos, [str(f) for f in forks])
-    ax.set(xlabel="fork epoch", ylabel="loss barrier max_α B(α)", title="predicted vs actual barrier (final siblings)")
+    ax.set(xlabel="fork epoch", ylabel="loss barrier max_α B(α)")
+    ax.set_title(f"predicted vs actual barrier (final siblings)\n{data}", fontsize=10)
     _finish(ax, bool(predictions))
 
     ax = axes[1]
@@ -185,9 +210,15 @@ def plot_barrier_predictions(
         sel = [r for r in curves if int(r["fork_epoch"]) == epoch]
         a, measured = _mean_by(sel, "alpha", "measured")
         _, predicted = _mean_by(sel, "alpha", "predicted")
-        ax.plot(a, measured, "-", color=f"C{i}", lw=1.8, label=f"fork {epoch}: measured")
+        ax.plot(a, measured, "-", color=f"C{i}", lw=1.8, label=f"fork {epoch}: measured", **figures.POINTS)
         ax.plot(a, predicted, "--", color=f"C{i}", lw=1.4, label=f"fork {epoch}: Prop. 1")
-    ax.set(xlabel="α", ylabel="barrier curve B(α) (loss)", title="barrier curves at the end of training")
+        pairs = [_mean_by([r for r in sel if r.get("pair", 0) == p], "alpha", "measured") for p in _pairs(sel)]
+        found = figures.curve_barriers(pairs)
+        at = figures.barrier_position(a, measured)
+        if found and at is not None:
+            figures.annotate_barrier(ax, at, figures.barrier_text(found), f"C{i}")
+    ax.set(xlabel="α", ylabel="barrier curve B(α) (loss)")
+    ax.set_title(f"barrier curves at the end of training\n{data}", fontsize=10)
     ax.grid(alpha=0.3)
     if forks:
         ax.legend(fontsize=7, ncol=min(4, len(forks)), loc="upper center", bbox_to_anchor=(0.5, -0.16))
@@ -201,7 +232,13 @@ def plot_barrier_predictions(
     return figures.save_figure(fig, path, title)
 
 
-def _heat_map(fig: plt.Figure, ax: plt.Axes, rows: Rows, key: str, title: str, cmap: str = "viridis") -> None:
+def _pairs(rows: Rows) -> list[Any]:
+    return list(dict.fromkeys(r.get("pair", 0) for r in rows))
+
+
+def _heat_map(
+    fig: plt.Figure, ax: plt.Axes, rows: Rows, key: str, title: str, label: str, cmap: str = "viridis"
+) -> None:
     layers = [name for _, name in sorted({(int(r["layer_index"]), r["layer"]) for r in rows})]
     epochs = sorted({float(r["child_epoch"]) for r in rows})
     grid = np.full((len(layers), len(epochs)), np.nan)
@@ -225,21 +262,41 @@ def _heat_map(fig: plt.Figure, ax: plt.Axes, rows: Rows, key: str, title: str, c
     ax.set_yticks(np.arange(len(layers)), layers, fontsize=size)
     step = max(1, len(epochs) // 12)
     ax.set_xticks(np.arange(0, len(epochs), step), [f"{epochs[j]:g}" for j in range(0, len(epochs), step)], fontsize=8)
-    ax.set(xlabel="child epoch t", title=title)
-    fig.colorbar(image, ax=ax, shrink=0.85)
+    ax.set(xlabel="child epoch t")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.85, label=label)
+
+
+#: The heat maps of :func:`plot_layerwise`: column, panel title, colour-bar label.
+LAYERWISE_MAPS = (
+    (
+        "layer_set_barrier_half",
+        "measured layer-set barrier B_P(½), P = {ℓ} (Singh)",
+        "layer_set_barrier B_ℓ(½) (loss)",
+    ),
+    ("predicted_half", "Prop. 2 prediction at α = ½", "Prop. 2 at α = ½ (loss)"),
+    ("distance", "layer distance ‖θ₁ᵗ[ℓ] − θ₂ᵗ[ℓ]‖", "‖θ₁ᵗ[ℓ] − θ₂ᵗ[ℓ]‖"),
+)
 
 
 def plot_layerwise(
-    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], sums: Iterable[Mapping[str, Any]], title: str = ""
+    path: str | os.PathLike,
+    rows: Iterable[Mapping[str, Any]],
+    sums: Iterable[Mapping[str, Any]],
+    title: str = "",
+    examples: Any = None,
 ) -> SavedFigure:
-    """Figs 5, 15–20: heat maps (layer × child epoch) of Singh's measured layer barrier B_ℓ(½) (Adilova's
-    one-layer interpolation), Prop. 2's prediction at α = ½ and the layer distance ‖d[ℓ]‖; and eq. 20's
-    cross-block sums next to the measured barriers over child epochs."""
+    """Figs 5, 15–20: heat maps (layer × child epoch) of Singh's measured layer-set barrier B_P(½) for
+    P = {ℓ} (column ``layer_set_barrier_half``: both bases, relative to the siblings' losses), Prop. 2's
+    prediction at α = ½ and the layer distance ‖d[ℓ]‖; and eq. 20's cross-block sums next to the measured
+    barriers over child epochs. Titles name the training subset's size (`examples`, default the rows'
+    ``examples`` column)."""
     rows, sums = list(rows), list(sums)
+    data = figures.data_text("train", _examples(rows + sums, examples))
     fig, axes = plt.subplots(2, 2, figsize=(14, 10), constrained_layout=True)
-    _heat_map(fig, axes[0][0], rows, "measured_half", "measured layer barrier B_ℓ(½) (Adilova / Singh)")
-    _heat_map(fig, axes[0][1], rows, "predicted_half", "Prop. 2 prediction at α = ½")
-    _heat_map(fig, axes[1][0], rows, "distance", "layer distance ‖θ₁ᵗ[ℓ] − θ₂ᵗ[ℓ]‖", cmap="magma")
+    for ax, (column, text, label) in zip((axes[0][0], axes[0][1], axes[1][0]), LAYERWISE_MAPS):
+        cmap = "magma" if column == "distance" else "viridis"
+        _heat_map(fig, ax, rows, column, text if column == "distance" else f"{text}\n{data}", label, cmap=cmap)
     ax = axes[1][1]
     styles = {
         "measured": ("-", 2.0),
@@ -253,11 +310,8 @@ def plot_layerwise(
         ls, lw = next((s for k, s in styles.items() if quantity.startswith(k)), ("-", 1.4))
         ax.plot(t, v, ls=ls, lw=lw, marker="o", ms=2.5, color=f"C{i}", label=quantity)
     ax.axhline(0.0, color="0.6", lw=0.8)
-    ax.set(
-        xlabel="child epoch t",
-        ylabel="barrier at α = ½ (loss)",
-        title="cross-block sums (eq. 20) and measured barriers",
-    )
+    ax.set(xlabel="child epoch t", ylabel="barrier at α = ½ (loss)")
+    ax.set_title(f"cross-block sums (eq. 20) and measured barriers\n{data}", fontsize=10)
     _finish(ax, bool(sums), ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     return figures.save_figure(fig, path, title)
 

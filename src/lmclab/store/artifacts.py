@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmclab.config import content_hash
+from lmclab.store.atomic import register_root
 from lmclab.store.runs import Run, RunStore, runs_root
 
 ALIGNMENT_KIND = "align"
@@ -28,6 +29,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = runs_root(root)
+        register_root(self.root)  # writes below it never follow links (lmclab.store.atomic)
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"

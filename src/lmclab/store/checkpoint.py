@@ -5,6 +5,13 @@ Layout of one file:
   optim.<param>.<key>     optimizer per-parameter state tensors
   <other prefix>.<name>   any further tensors (generator states, the epoch's data order, …)
   header "lmclab"         JSON: format version, step, optimizer param groups, extra fields
+  header "lmclab.integrity"   the sha256 of every tensor (dtype, shape, data) and of the "lmclab" header,
+                          recorded at write time and verified on every read (lmclab.store.integrity)
+
+A file whose content differs from its record raises `IntegrityError` (a `CheckpointError`) naming the
+file and the part that differs (model, optimizer state, generator state, …); it is never used. A file
+written before lmclab recorded checksums is read unverified, with one warning per file and process
+(`UnverifiedFileWarning`), so existing stores keep working.
 
 Nothing is ever unpickled: safetensors holds raw tensors and a JSON header only.
 """
@@ -17,49 +24,75 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from lmclab.store.atomic import atomic_write
+from lmclab.store.errors import CheckpointError
+from lmclab.store.integrity import INTEGRITY_KEY, tensor_record, verify_tensors
 
 FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read, or that does not fit the model it is loaded into."""
+#: what each tensor-name prefix of a checkpoint holds, for messages
+PARTS = {
+    MODEL_PREFIX: "model",
+    OPTIM_PREFIX: "optimizer state",
+    "rng.": "generator state",
+    "data.": "data order",
+    "train.": "training sums",
+    "perm.": "permutation",
+}
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> Path:
-    """Atomically write tensors (made contiguous, moved to CPU) and a JSON header."""
+    """Atomically write tensors (made contiguous, moved to CPU), a JSON header and their checksums."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"lmclab": json.dumps({"format": FORMAT_VERSION, **header}, sort_keys=True)}
+    meta[INTEGRITY_KEY] = tensor_record(flat, meta)
     return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=meta))
+
+
+def describe_tensors(names: list[str]) -> str:
+    """Tensor names grouped by the checkpoint part they belong to: "model (a, b), generator state (rng.data)"."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        part = next((word for prefix, word in PARTS.items() if name.startswith(prefix)), "other")
+        groups.setdefault(part, []).append(name)
+    return ", ".join(
+        f"{part} ({', '.join(found[:4])}{f', … {len(found)} in all' if len(found) > 4 else ''})"
+        for part, found in groups.items()
+    )
 
 
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint; a missing, truncated or foreign file raises CheckpointError naming it."""
+    """Read a checkpoint and verify it against the checksums recorded when it was written.
+
+    A missing, truncated or foreign file raises CheckpointError naming it; one whose tensors or header
+    differ from their checksums raises IntegrityError naming it and the differing part. A file written
+    before lmclab recorded checksums is read unverified (one UnverifiedFileWarning per file and process)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        tensors = load_file(str(path), device=str(device))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 - a safetensors handle
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a safetensors file): {exc}") from exc
     if "lmclab" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not an lmclab checkpoint (no 'lmclab' header)")
+    kind = "permutation file" if tensors and all(k.startswith("perm.") for k in tensors) else "checkpoint"
+    verify_tensors(path, tensors, meta, kind=kind, describe=describe_tensors)
     header = json.loads(meta["lmclab"])
     if header.get("format") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {header.get('format')}, this lmclab reads {FORMAT_VERSION}"
         )
+    if torch.device(device) != torch.device("cpu"):
+        tensors = {name: t.to(device) for name, t in tensors.items()}
     return tensors, header
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeGuard, TypeVar
+
+from lmclab.data import DeviceDataset, data_fingerprint
 
 R = TypeVar("R", bound="JsonRecord")
 STATUSES = ("created", "running", "interrupted", "diverged", "complete")
@@ -89,16 +91,50 @@ def _json_value(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class DataInfo(JsonRecord):
-    """The training data a run saw (`data_info`)."""
+    """The data a run saw (`data_info`): the dataset, how many examples of each split it used, and the
+    data's identity (lmclab.data.fingerprint), which runs compared with each other must share
+    (`lmclab.store.check_same_data`). Runs recorded before lmclab kept the identity have no
+    `fingerprint`, `splits` or `folder_fingerprint` (None); they are compared by dataset name."""
 
     name: str
     input_shape: list[int]
     num_classes: int
     classes: list[str]
     source: str
-    train_size: int
-    test_size: int
+    train_size: int  # training examples used (after train_subset / train_per_class)
+    test_size: int  # test examples evaluated
     augment: bool
+    fingerprint: str | None = None  # sha256 over the fingerprints of the full train and test splits as loaded
+    # per split: {"examples": used, "of": the split's size as loaded, "fingerprint": sha256 of the split as loaded}
+    splits: dict[str, dict[str, Any]] | None = None
+    folder_fingerprint: str | None = None  # image folders: the folder's content fingerprint (also in the config)
+
+    @classmethod
+    def of(cls, train: DeviceDataset, test: DeviceDataset) -> DataInfo:
+        """The record of a run's loaded training and test data (the train split possibly a subset)."""
+        info = train.info
+        splits = {
+            name: {"examples": len(ds), "of": ds.info.examples, "fingerprint": ds.info.fingerprint}
+            for name, ds in (("train", train), ("test", test))
+        }
+        fingerprints = {name: ds.info.fingerprint for name, ds in (("train", train), ("test", test))}
+        return cls(
+            name=info.name,
+            input_shape=list(info.input_shape),
+            num_classes=info.num_classes,
+            classes=list(info.classes),
+            source=info.source,
+            train_size=len(train),
+            test_size=len(test),
+            augment=train.augment,
+            fingerprint=data_fingerprint(fingerprints) if _all_known(fingerprints) else None,
+            splits=splits,
+            folder_fingerprint=info.folder_fingerprint,
+        )
+
+
+def _all_known(values: dict[str, str | None]) -> TypeGuard[dict[str, str]]:
+    return all(v is not None for v in values.values())
 
 
 @dataclass(frozen=True)

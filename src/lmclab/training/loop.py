@@ -4,6 +4,19 @@
 resume file at every epoch end and the kept checkpoints at their steps; `finish` evaluates the final
 state and marks the run complete. A plan that only fills checkpoints of a complete run leaves its
 history and meta.json as they are.
+
+Divergence, whatever the optimiser: the run stops with `TrainingDiverged` (status "diverged", the last
+good state named in the message) when
+
+  - the training loss is NaN or infinite at any step (checked every step on CPU, every 25 on CUDA), or
+  - the mean training loss of the current epoch so far, once W = min(50, steps per epoch) of its steps
+    have run (and at its end), exceeds max(10 × L0, L0 + 10), where L0 = max(ln C, the run's initial
+    loss): the loss of its first step, kept in meta.json as `initial_loss` (a fork child uses its
+    parent's), and ln C (C classes) the cross-entropy of a uniform prediction. For C = 10 and a usual
+    initialisation (L0 ≈ 2.3) the limit is 23.
+
+The epoch's running sums are part of the saved state, so a resumed run makes the same decisions at the
+same steps as one never interrupted.
 """
 
 from __future__ import annotations
@@ -29,7 +42,32 @@ from lmclab.training.state import TrainingState
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept and named in the message."""
+    """The loss became NaN or infinite, or exploded (see the module docstring); the last good checkpoint
+    is kept and named in the message."""
+
+
+DIVERGENCE_FACTOR = 10.0  # the limit is max(FACTOR × L0, L0 + MARGIN) …
+DIVERGENCE_MARGIN = 10.0
+DIVERGENCE_WINDOW = 50  # … on the epoch's mean loss once min(WINDOW, steps per epoch) of its steps ran
+
+
+def reference_loss(run: Run, num_classes: int, initial: float | None = None) -> float:
+    """L0 = max(ln C, the initial loss): `initial` if given, else meta.json's `initial_loss` of the run
+    or of its nearest fork ancestor that has one; ln C alone when none is recorded."""
+    uniform = math.log(max(num_classes, 2))
+    found: Run | None = run
+    for _ in range(64):  # a fork chain is short; the bound only guards a damaged store against a cycle
+        if initial is not None or found is None:
+            break
+        meta = found.meta
+        if "initial_loss" in meta and isinstance(meta["initial_loss"], (int, float)):
+            initial = float(meta["initial_loss"])
+        found = found.parent
+    return max(uniform, initial) if initial is not None and math.isfinite(initial) else uniform
+
+
+def divergence_limit(reference: float) -> float:
+    return max(DIVERGENCE_FACTOR * reference, reference + DIVERGENCE_MARGIN)
 
 
 @dataclass
@@ -74,6 +112,8 @@ def run_loop(
     n, bs = len(train_ds), config.train.batch_size
     device = state.epoch_sums.device
     check_every = 1 if device.type == "cpu" else 25
+    num_classes, window = train_ds.info.num_classes, min(DIVERGENCE_WINDOW, spe)
+    reference = None if state.step == 0 else reference_loss(run, num_classes)
     epoch_start = time.perf_counter()
     bar = tqdm(
         total=total,
@@ -106,12 +146,25 @@ def run_loop(
                 ]
             )
             bar.update(1)
+            if reference is None:  # the run's first step: its loss is the run's initial loss
+                initial = loss.item()
+                if not filling and math.isfinite(initial):
+                    run.update_meta(initial_loss=initial)
+                reference = reference_loss(run, num_classes, initial)
 
             epoch_end = step % spe == 0 or step == total
             if step % check_every == 0 or epoch_end:
-                value = state.epoch_sums[0].item()
+                value, count = state.epoch_sums[0::2].tolist()
                 if not math.isfinite(value):
                     raise TrainingDiverged(diverged_message(run, step, spe, value))
+                in_epoch, limit = (step - 1) % spe + 1, divergence_limit(reference)
+                if (in_epoch >= window or epoch_end) and value / count > limit:
+                    detail = (
+                        f" (the mean of this epoch's {in_epoch} steps so far, above the divergence limit "
+                        f"max({DIVERGENCE_FACTOR:g} × L0, L0 + {DIVERGENCE_MARGIN:g}) = {limit:.4g} with L0 = "
+                        f"{reference:.4g} from the initial loss)"
+                    )
+                    raise TrainingDiverged(diverged_message(run, step, spe, value / count, detail))
             if callback is not None:
                 callback(TrainState(step=step, epoch=math.ceil(step / spe), loss=loss.item()))
             if epoch_end and not filling:  # (filling a complete run leaves its history and meta as they are)
@@ -168,11 +221,11 @@ def finish(
     run.resume_path.unlink(missing_ok=True)
 
 
-def diverged_message(run: Run, step: int, steps_per_epoch: int, value: float) -> str:
+def diverged_message(run: Run, step: int, steps_per_epoch: int, value: float, detail: str = "") -> str:
     good = [s for s in run.checkpoint_steps() if s < step]
     kept = run.resume_path if run.resume_path.is_file() else (run.checkpoint_path(good[-1]) if good else None)
     return (
-        f"training loss became {value} at step {step} (epoch {math.ceil(step / steps_per_epoch)}) of run "
+        f"training loss became {value:.4g}{detail} at step {step} (epoch {math.ceil(step / steps_per_epoch)}) of run "
         f"{run.path}; the last good state is {kept or 'none (diverged in the first epoch)'}. "
         "Lower the learning rate or add warm-up (a changed config is a new run)."
     )

@@ -5,6 +5,11 @@
   StartChild(parent)   a forked child without its first checkpoint: take it from the parent
   Train(...)           train the run from its latest usable stored state (or the start) up to `stop`
 
+A run is what its files say: one whose final checkpoint is stored but whose final evaluation is not
+(killed during it) gets a Train from that checkpoint to itself (`Train.only_evaluates`): no step is
+trained, the final state is evaluated and the run marked complete. A damaged run directory
+(`Run.damage`) is refused (RunDamaged naming it), never trained over.
+
 `plan_training` looks at the store only (it writes nothing); `train` carries the plan out and asks
 again after filling a parent or starting a child, until the answer is Reuse or Train.
 """
@@ -12,6 +17,7 @@ again after filling a parent or starting a child, until the answer is Reuse or T
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +90,13 @@ class Train:
     filling: bool
     fork: ForkRecord | None  # a child's start, kept in its meta.json
 
+    @property
+    def only_evaluates(self) -> bool:
+        """The run's final state is stored and only its final evaluation is missing: nothing is trained."""
+        return not self.filling and self.source == self.run.checkpoint_path(self.stop) == self.run.checkpoint_path(
+            self.schedule.total_steps
+        )
+
 
 Plan = Reuse | FillParent | StartChild | Train
 
@@ -106,8 +119,9 @@ def stored_complete(store: RunStore, config: RunConfig, checkpoints: CheckpointS
 
 
 def plan_training(store: RunStore, config: RunConfig, schedule: Schedule) -> Plan:
-    """The next thing to do to have the run of `config` (normalised) hold every checkpoint of `schedule`."""
-    run = store.run(config.run_hash())
+    """The next thing to do to have the run of `config` (normalised) hold every checkpoint of `schedule`;
+    RunDamaged if the run's directory is damaged."""
+    run = store.find(config) or store.run(config.run_hash())  # (find refuses a damaged run)
     if run.complete and has_checkpoints(run, schedule.checkpoints):
         return Reuse(run)
     fork = None
@@ -119,6 +133,10 @@ def plan_training(store: RunStore, config: RunConfig, schedule: Schedule) -> Pla
                 return FillParent(parent, schedule.fork_step)
             return StartChild(parent, fork)
     missing = [s for s in schedule.checkpoints if not run.checkpoint_path(s).is_file()]
+    final = run.checkpoint_path(schedule.total_steps)
+    if not missing and not run.complete and final.is_file():
+        # trained to the end, then stopped before its final evaluation was stored: only evaluate
+        return Train(run, schedule, final, schedule.total_steps, False, fork)
     filling = run.complete
     # (every kept checkpoint stored but the run not marked complete: resume from the last and finish it)
     source = resume_source(run, min(missing, default=schedule.total_steps))
@@ -136,6 +154,6 @@ def resume_source(run: Run, first_missing: int) -> Path | None:
             _, header = load_checkpoint(run.resume_path)
             if header["step"] <= first_missing:
                 candidates.append((header["step"], run.resume_path))
-        except CheckpointError:
-            pass  # a damaged resume file is ignored; an earlier checkpoint (or the start) is used
+        except CheckpointError as exc:  # a damaged resume file is not used; an earlier checkpoint (or the start) is
+            warnings.warn(f"not resuming from {run.resume_path}: {exc}; using an earlier state", stacklevel=2)
     return max(candidates, key=lambda c: c[0])[1] if candidates else None

@@ -9,9 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lmclab.config import TrainConfig
-
-SCHEDULES = ("constant", "step", "cosine", "linear")
+from lmclab.config import SCHEDULES, TrainConfig
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:

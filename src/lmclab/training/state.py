@@ -14,13 +14,11 @@ from typing import Any
 
 import torch
 
-from lmclab.config import RunConfig
+from lmclab.config import OPTIMIZERS, RunConfig
 from lmclab.data import DatasetInfo
 from lmclab.models import build_model
 from lmclab.store import load_checkpoint, load_model_state, save_checkpoint
 from lmclab.store.checkpoint import MODEL_PREFIX, optimizer_from_flat, optimizer_to_flat, split_prefix, with_prefix
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def init_model(config: RunConfig, info: DatasetInfo) -> torch.nn.Module:

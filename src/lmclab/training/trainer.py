@@ -9,6 +9,8 @@ run resumes from any checkpoint and ends bit-identical (on CPU) to one that was 
 A forked child (`config.fork` set, see `lmclab.training.forks`) starts from its parent's full state
 at the fork step, written as the child's own first checkpoint; from there it is resumed like any run.
 `fork` trains a parent and its children.
+
+Training holds the run's lock (`lmclab.store.locks`), so two identical commands train a run once.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lmclab.config import RunConfig
-from lmclab.data import DeviceDataset
+from lmclab.data import DataError, DeviceDataset, short_fingerprint
 from lmclab.models import build_model
 from lmclab.store import (
+    ArtifactLock,
     DataInfo,
     ResumedFrom,
     Run,
     RunStore,
+    artifact_lock,
     environment_record,
     load_model_state,
     runs_root,
@@ -65,6 +69,13 @@ def load_datasets(config: RunConfig, options: RunOptions, device: torch.device) 
         download=options.download,
         progress=options.progress,
     )
+    expected = d.data_fingerprint  # image folders: the content the run's config (and hash) names
+    if expected is not None and train.info.folder_fingerprint != expected:
+        raise DataError(
+            f"image folder {train.info.source} has changed since run {config.run_hash()} was configured: its "
+            f"content fingerprint is now {short_fingerprint(train.info.folder_fingerprint)}, the run's config "
+            f"names {short_fingerprint(expected)}; give the dataset again for a run on the folder as it is now"
+        )
     return train, test
 
 
@@ -83,7 +94,13 @@ def train(
     that only lacks checkpoints is trained up to the last missing one and no further (its final state
     and meta.json stay as they are). A forked child (`config.fork`) first takes its parent's state at
     the fork step, resuming the parent to write that checkpoint if it lacks it.
+
+    One process at a time trains a run: the run's lock (`lmclab.store.locks`) is held from planning to
+    the end of training. A second call for the same config waits (saying so on stderr), then plans
+    again from the store: it reuses the run the first finished, or resumes it if the first died (a lock
+    left by a dead process is taken over). $LMCLAB_LOCK_TIMEOUT bounds the wait (`LockTimeout`).
     """
+    config.validate()  # UsageError naming the flag, the value and what is allowed; before the store is touched
     if config.train.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {config.train.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     config = config.normalised()
@@ -92,6 +109,25 @@ def train(
 
     stored = stored_complete(store, config, options.checkpoints)
     if stored is not None:  # a stored complete run: decided without loading any data
+        return stored
+    run = store.run(config.run_hash())
+    with artifact_lock(run.path, root=store.root, what=f"run {run.path.name}") as lock:
+        # Another process may have trained (or half-trained, then died) this run while we waited: plan again.
+        return _train_locked(config, options, store, device, callback, lock)
+
+
+def _train_locked(
+    config: RunConfig,
+    options: RunOptions,
+    store: RunStore,
+    device: torch.device,
+    callback: Callable[[TrainState], None] | None,
+    lock: ArtifactLock,
+) -> Run:
+    """`train` while holding the run's lock: plan from the store as it is now, then carry the plan out."""
+    stored = stored_complete(store, config, options.checkpoints)
+    if stored is not None:
+        _say_reused(stored, lock)
         return stored
     train_ds, test_ds = load_datasets(config, options, device)
     schedule = Schedule.of(config, options.checkpoints, len(train_ds))
@@ -115,14 +151,24 @@ def train(
         )
         plan = plan_training(store, config, schedule)
     if isinstance(plan, Reuse):
+        _say_reused(plan.run, lock)
         return plan.run
     if isinstance(plan, Train):
+        if (lock.waited or lock.took_over is not None) and plan.source is not None:
+            lock.say(f"resuming run {plan.run.path.name} from {plan.source.name}, where its previous holder stopped")
         return _carry_out(plan, config, options, device, train_ds, test_ds, callback)
     raise RuntimeError(
         f"run {plan.parent.path} did not store the state at step "
         f"{plan.step if isinstance(plan, FillParent) else plan.fork.step} that fork "
         f"{config.run_hash()} starts from"
     )
+
+
+def _say_reused(run: Run, lock: ArtifactLock) -> None:
+    """One line when the run this process waited for was finished by the lock's previous holder."""
+    if lock.waited:
+        by = f"pid {lock.waited_for.pid}" if lock.waited_for is not None else "another process"
+        lock.say(f"reusing run {run.path.name}: {by} trained it while this process waited")
 
 
 def _carry_out(
@@ -149,7 +195,7 @@ def _carry_out(
             status="running",
             preset=options.preset,
             hash=config.run_hash(),
-            environment=environment_record(),
+            environment=environment_record(device),
             device=str(device),
             precision="bf16-autocast" if device.type == "cuda" else "fp32",
             steps_per_epoch=schedule.steps_per_epoch,
@@ -170,17 +216,7 @@ def _carry_out(
 
 
 def _info_record(train_ds: DeviceDataset, test_ds: DeviceDataset) -> DataInfo:
-    info = train_ds.info
-    return DataInfo(
-        name=info.name,
-        input_shape=list(info.input_shape),
-        num_classes=info.num_classes,
-        classes=list(info.classes),
-        source=info.source,
-        train_size=len(train_ds),
-        test_size=len(test_ds),
-        augment=train_ds.augment,
-    )
+    return DataInfo.of(train_ds, test_ds)
 
 
 def load_run_model(run: Run, step: int | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
