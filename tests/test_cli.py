@@ -66,7 +66,7 @@ def test_runs_shows_seeds_and_the_fields_that_differ_and_align_says_how_it_verif
 
     code, out, _ = run_cli(capsys, "runs", "--runs-dir", str(tmp_path))
     header, *lines = out.splitlines()
-    assert code == 0 and header.split()[:7] == ["run", "status", "preset", "model", "dataset", "seed", "epochs"]
+    assert code == 0 and header.split()[:8] == ["run", "status", "preset", "model", "dataset", "seed", "epochs", "done"]
     assert "lr" in header.split() and "hidden" not in header.split()  # only the fields that differ
     for seed, lr in ((11, "0.001"), (12, "0.01")):
         line = next(line for line in lines if line.startswith(made[seed]))

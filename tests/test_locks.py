@@ -303,3 +303,17 @@ def test_an_alignment_is_computed_once_by_concurrent_callers(
         t.join()
     assert len(calls) == 1 and len(found) == 2 and found[0].path == found[1].path
     assert found[0].perm == found[1].perm
+
+
+def test_a_running_run_whose_trainer_died_is_listed_as_interrupted(tmp_path: Path) -> None:
+    """meta.json says "running" but nobody holds the run's lock: the trainer died; `lmclab runs` says so."""
+    config = RunConfig(
+        DataConfig("mnist", train_per_class=10), ModelConfig("mlp", hidden=(8,)), TrainConfig(epochs=1), SeedConfig()
+    )
+    store = RunStore(tmp_path)
+    run = store.open(config)
+    run.update_meta(status="running")
+    assert run.status == "interrupted"
+    with artifact_lock(run.path, root=store.root):  # a live trainer holds it (here: this process)
+        assert run.status == "running"
+    assert run.status == "interrupted"

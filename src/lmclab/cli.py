@@ -885,7 +885,7 @@ def _print_runs(store: RunStore, rows: list[dict[str, Any]], differ: list[str], 
     if not rows and not damaged:
         print(f"no runs in {store.root.resolve()}")
     if rows:
-        header = ["run", "status", "preset", "model", "dataset", "seed", "epochs"] + [_column(k) for k in differ]
+        header = ["run", "status", "preset", "model", "dataset", "seed", "epochs done"] + [_column(k) for k in differ]
         header += ["test acc", "test loss", ""]
         table = [header]
         for r in rows:

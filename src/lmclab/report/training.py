@@ -48,9 +48,14 @@ def plot_histories(
     note = figures.splits_text(counts) if counts else "train: running means; test: end-of-epoch evaluations"
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="accuracy")
+    epochs = sorted({h["epoch"] for history in histories.values() for h in history})
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_title(f"{metric}\n{note}", fontsize=10)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if epochs and epochs[-1] - epochs[0] < 2:  # one or two epochs: ticks at them, room around them
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7.5)
     return figures.save_figure(fig, path, title)

@@ -52,6 +52,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from lmclab.config import UsageError
+
 LOCKS_DIR = ".locks"
 TIMEOUT_ENV = "LMCLAB_LOCK_TIMEOUT"
 POLL_SECONDS = 0.5
@@ -107,6 +109,26 @@ def lock_path(directory: str | os.PathLike, root: str | os.PathLike | None = Non
     return directory.parent / LOCKS_DIR / f"{directory.name}.lock"
 
 
+def is_locked(directory: str | os.PathLike, root: str | os.PathLike | None = None) -> bool:
+    """Whether some process (this one included) holds the lock of the artifact at `directory` now:
+    a non-blocking flock on the lock file is refused. False where there is no lock file or flock is
+    unsupported."""
+    path = lock_path(directory, root)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def lock_timeout_from_env() -> float | None:
     """$LMCLAB_LOCK_TIMEOUT in seconds (unset or empty: wait forever)."""
     text = os.environ.get(TIMEOUT_ENV, "").strip()
@@ -117,7 +139,7 @@ def lock_timeout_from_env() -> float | None:
     except ValueError:
         value = -1.0
     if not value >= 0:
-        raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds >= 0; got {text!r}")
+        raise UsageError(f"${TIMEOUT_ENV}={text!r}: allowed: a number of seconds >= 0 (unset: wait forever)")
     return value
 
 

@@ -34,6 +34,7 @@ from lmclab.config import RunConfig, content_hash
 from lmclab.store.atomic import atomic_write_json, register_root
 from lmclab.store.checkpoint import MODEL_PREFIX, CheckpointError, load_checkpoint, split_prefix
 from lmclab.store.errors import RunDamaged
+from lmclab.store.locks import is_locked
 from lmclab.store.meta import DataInfo, RunMeta
 
 RUNS_ENV = "LMCLAB_RUNS_DIR"
@@ -128,6 +129,8 @@ class Run:
             return "unevaluated"  # (killed during the final evaluation: training again only evaluates)
         if meta.status == "complete":
             return "interrupted"  # (its final checkpoint is gone: training again resumes)
+        if meta.status == "running" and not is_locked(self.path, self.path.parent):
+            return "interrupted"  # (its trainer died without a word: nobody holds its lock; training again resumes)
         return meta.status or "created"
 
     def update_meta(self, **fields: Any) -> RunMeta:
