@@ -217,6 +217,16 @@ def _common_io(p: argparse.ArgumentParser, data: bool = True, device: bool = Tru
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout (messages on stderr)")
 
 
+def _int_flag(
+    p: argparse.ArgumentParser, flag: str, rule: Allowed, default: Any, what: str, shown_default: str | None = None
+) -> None:
+    """An integer flag checked by `rule`; its help says what it is, what is allowed and the default."""
+    shown = str(default) if shown_default is None else shown_default
+    p.add_argument(
+        flag, metavar="INT", type=_typed(rule), default=default, help=f"{what}; {_allowed(rule)} (default: {shown})"
+    )
+
+
 def _no_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
 
@@ -231,9 +241,7 @@ def _allow_different_data(p: argparse.ArgumentParser) -> None:
 
 
 def _points(p: argparse.ArgumentParser, what: str = "evenly spaced λ, both ends included") -> None:
-    p.add_argument(
-        "--points", type=_typed(POINTS), default=25, metavar="INT", help=f"{what}; {_allowed(POINTS)} (default: 25)"
-    )
+    _int_flag(p, "--points", POINTS, 25, what)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,13 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(the final state is always kept)",
     )
     _no_progress(p)
-    p.add_argument(
-        "--eval-every",
-        metavar="INT",
-        type=_typed(NON_NEGATIVE),
-        default=1,
-        help=f"epochs between test evaluations (0: only at the end); {_allowed(NON_NEGATIVE)} (default: 1)",
-    )
+    _int_flag(p, "--eval-every", NON_NEGATIVE, 1, "epochs between test evaluations (0: only at the end)")
     _common_io(p)
 
     p = sub.add_parser(
@@ -283,13 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="parent epochs to fork at, e.g. 0,1,2,15 (0: the initialisation); allowed: integers >= 0 below the "
         "parent's epochs",
     )
-    p.add_argument(
-        "--children",
-        metavar="INT",
-        type=_typed(POSITIVE),
-        default=2,
-        help=f"children per fork epoch; {_allowed(POSITIVE)} (default: 2)",
-    )
+    _int_flag(p, "--children", POSITIVE, 2, "children per fork epoch")
     p.add_argument("--vary-augment", action="store_true", help="children also get their own augmentation seed")
     p.add_argument(
         "--checkpoints",
@@ -301,13 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(p)
     _no_progress(p)
-    p.add_argument(
-        "--eval-every",
-        metavar="INT",
-        type=_typed(NON_NEGATIVE),
-        default=1,
-        help=f"epochs between test evaluations (0: only at the end); {_allowed(NON_NEGATIVE)} (default: 1)",
-    )
+    _int_flag(p, "--eval-every", NON_NEGATIVE, 1, "epochs between test evaluations (0: only at the end)")
     _common_io(p)
 
     p = sub.add_parser(
@@ -337,27 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="weight",
         help=_help(f"allowed: {', '.join(PAIR_METHODS)} (default: weight). {_methods_help(PAIR_METHODS)}"),
     )
-    p.add_argument(
-        "--ste-epochs",
-        metavar="INT",
-        type=_typed(POSITIVE),
-        default=10,
-        help=f"epochs of STE over the training split; {_allowed(POSITIVE)} (default: 10)",
-    )
-    p.add_argument(
-        "--seed",
-        metavar="INT",
-        type=_typed(SEED),
-        default=0,
-        help=f"group order of weight matching; {_allowed(SEED)} (default: 0)",
-    )
-    p.add_argument(
+    _int_flag(p, "--ste-epochs", POSITIVE, 10, "epochs of STE over the training split")
+    _int_flag(p, "--seed", SEED, 0, "group order of weight matching")
+    _int_flag(
+        p,
         "--examples",
-        metavar="INT",
-        type=_typed(POSITIVE),
-        default=5000,
-        help="training examples for activation matching (STE: for choosing the best permutation); "
-        f"{_allowed(POSITIVE)} (default: 5000)",
+        POSITIVE,
+        5000,
+        "training examples for activation matching (STE: for choosing the best permutation)",
     )
     _no_progress(p)
     _allow_different_data(p)
@@ -377,27 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
             + _methods_help(POPULATION_METHODS)
         ),
     )
-    p.add_argument(
-        "--ste-epochs",
-        metavar="INT",
-        type=_typed(POSITIVE),
-        default=10,
-        help=f"STE-MM epochs (the paper: 10, lr 1e-3, batch 256); {_allowed(POSITIVE)} (default: 10)",
-    )
-    p.add_argument(
+    _int_flag(p, "--ste-epochs", POSITIVE, 10, "STE-MM epochs (the paper: 10, lr 1e-3, batch 256)")
+    _int_flag(
+        p,
         "--ste-examples",
-        metavar="INT",
-        type=_typed(POSITIVE),
-        default=None,
-        help=f"STE-MM on a stratified training subset of this size; {_allowed(POSITIVE)} (default: the whole split)",
+        POSITIVE,
+        None,
+        "STE-MM on a stratified training subset of this size",
+        shown_default="the whole split",
     )
     _points(p, "evenly spaced λ per pair, both ends included")
-    p.add_argument(
-        "--subset",
-        metavar="INT",
-        type=_typed(POSITIVE),
-        default=None,
-        help=f"stratified subset of each split for evaluation; {_allowed(POSITIVE)} (default: the whole split)",
+    _int_flag(
+        p, "--subset", POSITIVE, None, "stratified subset of each split for evaluation", shown_default="the whole split"
     )
     p.add_argument("--trace", action="store_true", help="also the merged model's Hessian trace (plain, scale-aware)")
     p.add_argument(
@@ -436,12 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _points(p)
     p.add_argument("--split", choices=(*SPLITS, "both"), default="both", help="allowed: train, test, both")
-    p.add_argument(
-        "--subset",
-        metavar="INT",
-        type=_typed(POSITIVE),
-        default=None,
-        help=f"stratified subset of each split (quick runs); {_allowed(POSITIVE)} (default: the whole split)",
+    _int_flag(
+        p, "--subset", POSITIVE, None, "stratified subset of each split (quick runs)", shown_default="the whole split"
     )
     p.add_argument(
         "--bn",
@@ -489,13 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a saved permutation (from `lmclab align`); allowed: an existing file or its directory",
     )
     p.add_argument("--split", choices=SPLITS, default="test", help="allowed: train, test (default: test)")
-    p.add_argument(
-        "--subset",
-        metavar="INT",
-        type=_typed(NON_NEGATIVE),
-        default=1000,
-        help=f"examples used (0: the whole split); {_allowed(NON_NEGATIVE)} (default: 1000)",
-    )
+    _int_flag(p, "--subset", NON_NEGATIVE, 1000, "examples used (0: the whole split)")
     _points(p, "evenly spaced α, both ends included")
     p.add_argument(
         "--orders",
@@ -518,13 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sharpness", help="Hessian trace (95%% CI), scale-aware trace and top eigenvalue of a run")
     p.add_argument("run", help="run directory, name, or hash prefix")
     p.add_argument("--split", choices=SPLITS, default="train", help="allowed: train, test (default: train)")
-    p.add_argument(
-        "--subset",
-        metavar="INT",
-        type=_typed(NON_NEGATIVE),
-        default=1000,
-        help=f"examples used (0: the whole split); {_allowed(NON_NEGATIVE)} (default: 1000)",
-    )
+    _int_flag(p, "--subset", NON_NEGATIVE, 1000, "examples used (0: the whole split)")
     p.add_argument(
         "--probes",
         metavar="INT",
@@ -539,9 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="trace estimator; allowed: hutchinson, hutchpp (default: hutchinson)",
     )
     p.add_argument("--no-eigenvalue", action="store_true", help="skip the top eigenvalue (power iteration)")
-    p.add_argument(
-        "--seed", metavar="INT", type=_typed(SEED), default=0, help=f"probe seed; {_allowed(SEED)} (default: 0)"
-    )
+    _int_flag(p, "--seed", SEED, 0, "probe seed")
     _no_progress(p)
     _common_io(p)
 
@@ -594,13 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_typed(one_of(lambda: tuple(PRESETS)), str),
         help=f"training recipe; allowed: one of {', '.join(PRESETS)} (default: mlp_mnist)",
     )
-    p.add_argument(
-        "--epochs",
-        metavar="INT",
-        type=_typed(NON_NEGATIVE),
-        default=5,
-        help=f"training epochs of each model; {_allowed(NON_NEGATIVE)} (default: 5)",
-    )
+    _int_flag(p, "--epochs", NON_NEGATIVE, 5, "training epochs of each model")
     seeds = integers(0, nonempty=True, example="0,1")
     p.add_argument(
         "--seeds",

@@ -128,10 +128,11 @@ class LocalExecutor:
         """Results of all steps the targets need, keyed by step key."""
         order = topological_order(targets)
         results: dict[str, dict[str, Any]] = {}
-        todo = [s for s in order if self.stored(s) is None]
+        stored = {s.key: self.stored(s) for s in order}  # each stored result read and verified once
+        todo = [s for s in order if stored[s.key] is None]
         bar = tqdm(total=len(todo), desc="steps", unit="step", disable=not self.progress or not todo, leave=False)
         for step in order:
-            cached = self.stored(step)
+            cached = stored[step.key]
             if cached is not None:
                 results[step.key] = cached
                 continue
