@@ -220,6 +220,7 @@ class ArtifactLock:
         """flock `fd`, polling while another process holds it; False if the filesystem refuses flock."""
         start = time.monotonic()
         announced: Holder | None = None
+        said_anything = False
         delay = min(0.05, self.poll)
         while True:
             try:
@@ -233,9 +234,15 @@ class ArtifactLock:
                 self._warn_unsupported(exc)
                 return False
             holder = self.holder()
-            if not self.waited or (holder is not None and holder != announced):
+            # A holder writes its record just after taking the flock: on the first refusal an empty
+            # record usually means "just taken", so wait one poll before saying "another process".
+            first_look = not self.waited
+            if (holder is not None and holder != announced) or (
+                holder is None and not first_look and not said_anything
+            ):
                 self.say(f"waiting for {self.what} held by {holder.describe() if holder else 'another process'} …")
                 announced = holder
+                said_anything = True
             self.waited = True
             self.waited_for = holder or self.waited_for
             waited = time.monotonic() - start
