@@ -13,11 +13,11 @@ stamp="$VENV/.lmclab-installed"
 want="$(cat pyproject.toml run.sh | sha256sum | cut -d' ' -f1) ${LMCLAB_TORCH:-torch==2.13.0}"
 
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setting up $VENV (torch + lmclab with test and lint extras)…" >&2
+  echo "setting up $VENV (torch + lmclab with test, lint, ray and transformers extras)…" >&2
   "${LMCLAB_PYTHON:-python3}" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet "${LMCLAB_TORCH:-torch==2.13.0}"
-  "$VENV/bin/python" -m pip install --quiet -e ".[test,lint]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[test,lint,ray,transformers]"
   echo "$want" > "$stamp"
 fi
 
