@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmclab.curvature.hessian import HessianOperator
-from lmclab.curvature.trace import _probe, _t_interval, hessian_trace, hutchinson_trace
+from lmclab.curvature.trace import hessian_trace, hutchinson_trace, random_probe, t_interval
 from lmclab.data import DeviceDataset
 from lmclab.models import build_model, count_parameters
 from lmclab.points import inner
@@ -108,7 +108,7 @@ def calibrate(
     for method, vec in candidates:
         op = HessianOperator(model, None, sub, batch_size=batch_size, method=method, vectorize=vec)
         gen = torch.Generator().manual_seed(123)
-        vs = [_probe(op.params, gen, "rademacher") for _ in range(block)]
+        vs = [random_probe(op.params, gen, "rademacher") for _ in range(block)]
         HessianOperator(model, None, [(sub[0][0][:4], sub[0][1][:4])], method=method, vectorize=vec).matmat(vs[:2])
         dt, _ = timed(partial(op.matmat, vs), device)
         out.append((method, vec, dt / block))
@@ -119,7 +119,7 @@ def hvp_ratio(model: nn.Module, data: DeviceDataset, device: torch.device, repea
     """Median seconds of one gradient and one HVP per method on one batch of 50 (interleaved runs)."""
     x, y = next(data.batches(50))
     ops = {m: HessianOperator(model, None, [(x, y)], method=m) for m in ("double_backward", "forward_over_reverse")}
-    v = _probe(ops["double_backward"].params, torch.Generator().manual_seed(7), "rademacher")
+    v = random_probe(ops["double_backward"].params, torch.Generator().manual_seed(7), "rademacher")
     fm = ops["double_backward"].fm
     names = list(fm.params)
 
@@ -169,7 +169,7 @@ def lockstep(
         py["time"] += dt
         py["samples"].append(s)
         n = len(py["samples"])
-        mean, half = _t_interval(py["samples"], 0.95)
+        mean, half = t_interval(py["samples"], 0.95)
         py["done"] = n >= args.max_probes or (n >= args.min_probes and half <= target * abs(mean))
 
     def matmat(vs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -195,12 +195,12 @@ def lockstep(
     lm = {"samples": est.samples, "time": dt - (py["time"] - before), "passes": op.passes}
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(est.n_probes):  # the probes lmclab drew, then PyHessian's way continues the sequence
-        _probe(op.params, gen, "rademacher")
+        random_probe(op.params, gen, "rademacher")
     while not py["done"]:
-        py_step(_probe(op.params, gen, "rademacher"))
+        py_step(random_probe(op.params, gen, "rademacher"))
     py["passes"] = len(py["samples"])
     for r in (lm, py):
-        r["mean"], r["half"] = _t_interval(r["samples"], 0.95)
+        r["mean"], r["half"] = t_interval(r["samples"], 0.95)
     return {"lmclab": lm, "pyhessian": py}
 
 

@@ -355,11 +355,11 @@ def test_align_dispatch() -> None:
         capture=hook_capture,
     )
     assert res.perm == pi.inverse()
-    with pytest.raises(ValueError, match="valid methods: weight, activation, ste"):
-        align(model_a, model_b, spec, method="sinkhorn")
+    with pytest.raises(ValueError, match="valid methods: weight, activation, ste, sinkhorn"):
+        align(model_a, model_b, spec, method="no_such_method")
     with pytest.raises(ValueError, match="STE needs model="):
         align(model_a, model_b, spec, method="ste")
-    assert METHODS == ("weight", "activation", "ste")
+    assert METHODS == ("weight", "activation", "ste", "sinkhorn")
 
 
 # ------------------------------------------------------------------------ derived specs (torch.fx)

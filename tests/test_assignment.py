@@ -15,14 +15,7 @@ from lmclab.align.assignment import center_potentials, column_potentials
 from lmclab.models import build_model
 from lmclab.permutation import Permutation, derive_spec
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: one intra-op thread avoids thread contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def scipy_perm(s: np.ndarray, maximize: bool = True) -> np.ndarray:

@@ -36,6 +36,7 @@ PINNED_PRESET_HASHES = {
     "vgg16_cifar10": "c7f6452a5aca08ac",
     "resnet18_cifar10": "214e20fe84042079",
     "resnet18_nobn_cifar10": "37889c961fb45de1",
+    "vit_mnist": "9f9bed7f565a64a2",
 }
 
 

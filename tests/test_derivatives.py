@@ -38,14 +38,9 @@ F64 = torch.float64
 C = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine under load the
-    OpenMP barriers made the ResNet tests ~40x slower with 2 threads (67 s vs 8.5 s for this file)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine under load the OpenMP
+# barriers made the ResNet tests ~40x slower with 2 threads (67 s vs 8.5 s for this file).
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def toy_dataset(n: int = 53, shape: tuple[int, int, int] = (1, 3, 4), seed: int = 0) -> DeviceDataset:

@@ -27,18 +27,9 @@ from lmclab.store import RunStore
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: ignore[no-untyped-def]
+def tiny(tmp_path_factory: pytest.TempPathFactory, quiet_run):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("benko")
-    summary = run_benko(
-        "tiny",
-        out=root / "out",
-        runs_dir=str(root / "runs"),
-        data_dir=str(shared_data),
-        device="cpu",
-        progress=False,
-        say=lambda _: None,
-    )
-    return root, summary
+    return root, run_benko("tiny", **quiet_run(root))
 
 
 def read(path: str | Path) -> list[dict[str, str]]:
@@ -234,8 +225,8 @@ def test_a_misspelled_key_is_refused_naming_the_valid_keys() -> None:
     message = str(info.value)
     assert "preset 'smoke' of benko.toml" in message
     assert (
-        "valid keys: derivative_batch_size, description, logit_examples, logit_setting, orders, points, settings, "
-        "splits" in message
+        "valid keys: derivative_batch_size, description, logit_examples, logit_setting, orders, points, resources, "
+        "settings, splits" in message
     )
     with pytest.raises(PresetError, match=r"preset 'smoke' of .*benko\.toml: unknown key 'pionts'"):
         load_preset_from(bad, "benko", "smoke")
@@ -315,7 +306,8 @@ def test_lmclab_run_lists_experiments_and_presets(capsys: pytest.CaptureFixture[
     assert "seconds on a CPU, for tests" in out  # the presets' descriptions
     assert main(["run", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
-    assert set(listing) == {"benko", "ito", "singh"} and list(listing["singh"]["presets"]) == ["smoke", "paper", "tiny"]
+    assert {"benko", "ito", "singh", "zipit"} <= set(listing)
+    assert list(listing["singh"]["presets"]) == ["smoke", "paper", "tiny"]
     with pytest.raises(SystemExit):
         main(["run", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err

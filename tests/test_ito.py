@@ -242,20 +242,11 @@ def read(path: str | Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: ignore[no-untyped-def]
+def tiny(tmp_path_factory: pytest.TempPathFactory, quiet_run):  # type: ignore[no-untyped-def]
     from lmclab.experiments.ito import run_ito
 
     root = tmp_path_factory.mktemp("ito")
-    summary = run_ito(
-        "tiny",
-        out=root / "out",
-        runs_dir=str(root / "runs"),
-        data_dir=str(shared_data),
-        device="cpu",
-        progress=False,
-        say=lambda _: None,
-    )
-    return root, summary
+    return root, run_ito("tiny", **quiet_run(root))
 
 
 def test_ito_tiny_tables_and_figures(tiny) -> None:  # type: ignore[no-untyped-def]
@@ -344,22 +335,13 @@ def test_ito_rerun_reuses_every_step(tiny, shared_data: Path, capsys: pytest.Cap
         assert read(second["files"][table]) == read(first["files"][table])
 
 
-def test_cli_merge_stored_runs(tiny, shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+def test_cli_merge_stored_runs(tiny, cli_io, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     from lmclab.cli import main
     from lmclab.store import RunStore
 
     root, _ = tiny
     runs = RunStore(root / "runs").runs()[:3]
-    io = [
-        "--runs-dir",
-        str(root / "runs"),
-        "--data-dir",
-        str(shared_data),
-        "--offline",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    io = cli_io(root / "runs")
     args = [
         "merge",
         *(r.hash[:8] for r in runs),

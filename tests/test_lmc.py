@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
@@ -13,27 +12,12 @@ import torch
 from figures import check_paths, drawn
 from lmclab.align.weight_matching import spec_tensor_names
 from lmclab.cli import main
-from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
 from lmclab.experiments import lmc as lmc_module
 from lmclab.experiments.lmc import align_runs, interpolate_runs, layer_selection, lmc_pairs, load_alignment
 from lmclab.permutation import Permutation
 from lmclab.points import distance
 from lmclab.store import RunStore
-from lmclab.training import RunOptions, load_run_model, train
-
-TINY = RunConfig(
-    data=DataConfig("mnist", train_per_class=30),
-    model=ModelConfig("mlp", hidden=(24, 24)),
-    train=TrainConfig(optimizer="adam", lr=3e-3, batch_size=50, epochs=2),
-)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, shared_data: Path):  # type: ignore[no-untyped-def]
-    root = tmp_path_factory.mktemp("runs")
-    opts = RunOptions(runs_dir=str(root), data_dir=str(shared_data), device="cpu", progress=False, download=False)
-    runs = [train(dataclasses.replace(TINY, seeds=SeedConfig.from_seed(s)), opts) for s in (0, 1)]
-    return RunStore(root), runs
+from lmclab.training import load_run_model
 
 
 def read(path: str | Path) -> list[dict[str, str]]:
@@ -60,12 +44,12 @@ def stored(directory: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_align_runs_is_verified_cached_and_reduces_distance(
-    pair,
+    tiny_pair,
     shared_data: Path,
     tmp_path: Path,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _, (run_a, run_b) = pair
+    _, (run_a, run_b) = tiny_pair
     store = RunStore(tmp_path / "store")  # nothing aligned there yet
     calls = count_alignments(monkeypatch)
     alignment = align_runs(run_a, run_b, store=store, device="cpu", progress=False)
@@ -93,8 +77,8 @@ def test_align_runs_is_verified_cached_and_reduces_distance(
     torch.testing.assert_close(model(x), permuted(x), rtol=1e-5, atol=1e-5)
 
 
-def test_interpolate_rows_and_report(pair, shared_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    store, (run_a, run_b) = pair
+def test_interpolate_rows_and_report(tiny_pair, shared_data: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, (run_a, run_b) = tiny_pair
     summary = lmc_pairs(
         [(run_a, run_b)],
         method="weight",
@@ -129,8 +113,8 @@ def test_interpolate_rows_and_report(pair, shared_data: Path, tmp_path: Path) ->
     assert figure.figure.get_suptitle() == f"{run_a.path.name} ↔ {run_b.path.name}"
 
 
-def test_layerwise_selection(pair) -> None:  # type: ignore[no-untyped-def]
-    _, (run_a, _) = pair
+def test_layerwise_selection(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    _, (run_a, _) = tiny_pair
     model = load_run_model(run_a)
     single = layer_selection(model, ["layers.1.linear"])
     assert single == [("layers.1.linear", ["layers.1.linear.weight", "layers.1.linear.bias"])]
@@ -140,8 +124,8 @@ def test_layerwise_selection(pair) -> None:  # type: ignore[no-untyped-def]
         layer_selection(model, ["conv9"])
 
 
-def test_layerwise_path_only_moves_the_chosen_layer(pair, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
-    _, (run_a, run_b) = pair
+def test_layerwise_path_only_moves_the_chosen_layer(tiny_pair, shared_data: Path) -> None:  # type: ignore[no-untyped-def]
+    _, (run_a, run_b) = tiny_pair
     rows = interpolate_runs(
         run_a,
         run_b,
@@ -173,18 +157,9 @@ def test_layerwise_path_only_moves_the_chosen_layer(pair, shared_data: Path) -> 
     assert loss(rows, 1.0) != pytest.approx(loss(full, 1.0), rel=1e-3)  # head from B on A's body is not model B
 
 
-def test_cli_align_and_interpolate(pair, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
-    store, (run_a, run_b) = pair
-    io = [
-        "--runs-dir",
-        str(store.root),
-        "--data-dir",
-        str(shared_data),
-        "--offline",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+def test_cli_align_and_interpolate(tiny_pair, cli_io, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    store, (run_a, run_b) = tiny_pair
+    io = cli_io(store.root)
     assert main(["align", run_a.hash[:8], run_b.hash[:8], *io, "--json"]) == 0
     aligned = json.loads(capsys.readouterr().out)
     perm, spec, _ = Permutation.load(aligned["perm"])
@@ -219,22 +194,13 @@ def test_cli_align_and_interpolate(pair, shared_data: Path, tmp_path: Path, caps
 
 
 def test_cli_several_pairs_give_mean_and_std(
-    pair,
-    shared_data: Path,
+    tiny_pair,
+    cli_io,
     tmp_path: Path,  # type: ignore[no-untyped-def]
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    store, (run_a, run_b) = pair
-    io = [
-        "--runs-dir",
-        str(store.root),
-        "--data-dir",
-        str(shared_data),
-        "--offline",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    store, (run_a, run_b) = tiny_pair
+    io = cli_io(store.root)
     assert (
         main(
             [
@@ -270,7 +236,8 @@ def test_cli_several_pairs_give_mean_and_std(
 
 
 def test_cli_align_ste_is_verified_cached_and_lowers_the_midpoint(
-    pair,
+    tiny_pair,
+    cli_io,
     shared_data: Path,  # type: ignore[no-untyped-def]
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -278,17 +245,8 @@ def test_cli_align_ste_is_verified_cached_and_lowers_the_midpoint(
     from lmclab.data import DeviceDataset
     from lmclab.paths import evaluate_path
 
-    store, (run_a, run_b) = pair
-    io = [
-        "--runs-dir",
-        str(store.root),
-        "--data-dir",
-        str(shared_data),
-        "--offline",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    store, (run_a, run_b) = tiny_pair
+    io = cli_io(store.root)
     args = ["align", run_a.hash[:8], run_b.hash[:8], "--method", "ste", "--ste-epochs", "1", "--examples", "300", *io]
     calls = count_alignments(monkeypatch)
     assert main([*args, "--json"]) == 0

@@ -38,7 +38,7 @@ def _conv(cin: int, cout: int, k: int) -> int:
 
 
 def test_names_and_defaults() -> None:
-    assert MODEL_NAMES == ("mlp", "resnet20", "vgg11", "vgg16", "resnet18")
+    assert MODEL_NAMES == ("mlp", "resnet20", "vgg11", "vgg16", "resnet18", "vit")
     assert NORMS == ("layernorm", "batchnorm", "none")
     assert issubclass(ModelError, ValueError)
     assert model_defaults("mlp") == {"hidden": (512, 512, 512), "width": 1}

@@ -41,13 +41,7 @@ SHAPE = (1, 1, 6)
 K = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread avoids contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +115,10 @@ def test_unknown_method_lists_the_valid_names(setup) -> None:
     assert list(PAIR_METHODS)[:3] == ["weight", "activation", "ste"]
     assert list(POPULATION_METHODS)[:4] == ["naive", "pairwise", "merge_many", "ste_mm"]
     with pytest.raises(
-        ValueError, match=re.escape(f"unknown alignment method 'sinkhorn'; valid methods: {', '.join(PAIR_METHODS)}")
+        ValueError,
+        match=re.escape(f"unknown alignment method 'no_such_method'; valid methods: {', '.join(PAIR_METHODS)}"),
     ):
-        align(thetas[0], thetas[1], spec, "sinkhorn")
+        align(thetas[0], thetas[1], spec, "no_such_method")
     with pytest.raises(
         ValueError, match=re.escape(f"unknown population method 'mean'; valid methods: {', '.join(POPULATION_METHODS)}")
     ):
@@ -171,7 +166,7 @@ def test_registry_module_imports_no_method_and_importing_the_package_fills_it() 
     code = "import lmclab.align.registry as r; print(','.join(r.PAIR_METHODS), ','.join(r.POPULATION_METHODS))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["weight,activation,ste", "naive,pairwise,merge_many,ste_mm"]
+    assert done.stdout.split() == ["weight,activation,ste,sinkhorn", "naive,pairwise,merge_many,ste_mm,c2m3"]
 
 
 # ------------------------------------------------------------------------- a new method, the CLI
@@ -214,7 +209,7 @@ def test_cli_choices_come_from_the_registries(capsys) -> None:
     parser = build_parser()
     assert parser.parse_args(["merge", "A", "B", "--method", *POPULATION_METHODS]).method == list(POPULATION_METHODS)
     with pytest.raises(SystemExit):
-        parser.parse_args(["align", "A", "B", "--method", "sinkhorn"])
+        parser.parse_args(["align", "A", "B", "--method", "no_such_method"])
     assert f"choose from {', '.join(map(repr, PAIR_METHODS))}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["merge", "--help"])

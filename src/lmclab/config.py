@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from lmclab.data import DATASET_NAMES, IMAGEFOLDER_PREFIX, folder_fingerprint, imagefolder_root
-from lmclab.data.registry import normalise_name
+from lmclab.data.registry import DATASETS, normalise_name
 from lmclab.models import MODEL_NAMES, NORMS, model_defaults
 
 HASH_LENGTH = 16
@@ -65,10 +65,23 @@ class DataConfig:
     # Image folders only, filled on normalise: the folder's content fingerprint (lmclab.data.folder_fingerprint),
     # so a changed folder is a different run. None (left out of config.json and the hash) for named datasets.
     data_fingerprint: str | None = None
+    # Train (and test) on these classes only (labels kept, the model keeps every class's logit). None: all
+    # classes; left out of config.json and the hash while None, so earlier runs keep their hashes.
+    classes: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         """UsageError (one line: the flag, the value, what is allowed) unless every field is allowed."""
         _validate_section(self)
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise UsageError(
+                f"--classes {_spell(self.classes)}: allowed: distinct class indices (config field data.classes)"
+            )
+        entry = DATASETS.get(normalise_name(self.dataset)) if self.classes is not None else None
+        if entry is not None and self.classes is not None and max(self.classes) >= entry.info.num_classes:
+            raise UsageError(
+                f"--classes {_spell(self.classes)}: allowed: class indices of {entry.name}, 0 to "
+                f"{entry.info.num_classes - 1} (config field data.classes)"
+            )
 
 
 @dataclass(frozen=True)
@@ -257,7 +270,7 @@ SECTIONS: dict[str, type] = {
 }
 OPTIONAL_SECTIONS = frozenset({"fork"})  # left out of to_dict() and the hash while all their fields are None
 # Fields left out of to_dict() (config.json, step keys) while None, so that earlier configs read the same.
-OPTIONAL_FIELDS = frozenset({("data", "data_fingerprint")})
+OPTIONAL_FIELDS = frozenset({("data", "data_fingerprint"), ("data", "classes")})
 DERIVED_FIELDS = frozenset({("data", "data_fingerprint")})  # filled by normalised(), not CLI flags
 FLAG_PREFIX = {"fork": "fork-"}  # `--fork-parent`, `--fork-epoch`, `--fork-step` (not to be confused with --epochs)
 
@@ -391,6 +404,9 @@ ALLOWED: dict[tuple[str, str], Setting] = {
         BOOLEAN, "training augmentation (unset: the dataset's own; CIFAR crop+flip, MNIST none)"
     ),
     ("data", "data_fingerprint"): Setting(TEXT, "an image folder's content fingerprint (filled in)"),
+    ("data", "classes"): Setting(
+        integers(0, nonempty=True, example="0,1,2,3,4"), "train and test on these classes only (all logits kept)"
+    ),
     ("model", "model"): Setting(one_of(lambda: MODEL_NAMES), "architecture (`lmclab models`)"),
     ("model", "width"): Setting(integer(1), "width multiplier"),
     ("model", "hidden"): Setting(integers(1, nonempty=True, example="512,512"), "MLP hidden sizes"),

@@ -39,9 +39,11 @@ from lmclab.align.weight_matching import (  # isort: skip
 )
 from lmclab.align.activation_matching import STATISTICS, ActivationStats, activation_matching  # isort: skip
 from lmclab.align.ste import LAMBDAS, ste_matching, straight_through  # isort: skip
+from lmclab.align.sinkhorn import sinkhorn_matching  # isort: skip
 from lmclab.align.population import naive, pairwise  # isort: skip
 from lmclab.align.merge_many import merge_many  # isort: skip
 from lmclab.align.ste_mm import MIXINGS, ste_mm  # isort: skip
+from lmclab.align.c2m3 import c2m3  # isort: skip
 from lmclab.align.assignment import WarmAssignment, assignment_value, solve_assignment  # isort: skip
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "align_population",
     "as_point",
     "assignment_value",
+    "c2m3",
     "default_weights",
     "get_pair_method",
     "get_population_method",
@@ -78,6 +81,7 @@ __all__ = [
     "solve_assignment",
     "spec_tensor_names",
     "ste_matching",
+    "sinkhorn_matching",
     "ste_mm",
     "straight_through",
     "weight_matching",

@@ -29,7 +29,7 @@ from lmclab.permutation import capture_activations
 from lmclab.permutation.spec import Permutation, PermutationSpec
 from lmclab.points import Point
 
-__all__ = ["activation_matching", "ActivationStats", "STATISTICS"]
+__all__ = ["activation_matching", "ActivationStats", "STATISTICS", "collect_activations", "model_device"]
 
 STATISTICS: tuple[str, ...] = ("correlation", "inner")
 
@@ -78,12 +78,52 @@ def _rows(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.detach().movedim(1, -1).reshape(-1, size).double()
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (else first buffer; CPU for a model with neither)."""
     for param in model.parameters():
         return param.device
     for buffer in model.buffers():
         return buffer.device
     return torch.device("cpu")
+
+
+def collect_activations(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    batches: Iterable[Any],
+    nodes: list[str],
+    update: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], None],
+    *,
+    max_batches: int | None = None,
+    capture: Capture | None = None,
+) -> int:
+    """Run both models on the same inputs and hand `update(acts_a, acts_b)` their activations at `nodes`
+    (B's moved to A's device), batch by batch; returns the number of batches used.
+
+    `batches` yields input tensors (or tuples/lists whose first entry is the input); the first `max_batches`
+    are used. Both models run in eval mode without gradients (their modes are restored afterwards);
+    `capture(model, x, nodes)` defaults to ``lmclab.permutation.capture_activations``.
+    """
+    capture = capture or capture_activations
+    dev_a, dev_b = model_device(model_a), model_device(model_b)
+    modes = (model_a.training, model_b.training)
+    model_a.eval()
+    model_b.eval()
+    used = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and used >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                acts_a = capture(model_a, x.to(dev_a), nodes)
+                acts_b = capture(model_b, x.to(dev_b), nodes)
+                update(acts_a, {k: v.to(dev_a) for k, v in acts_b.items()})
+                used += 1
+    finally:
+        model_a.train(modes[0])
+        model_b.train(modes[1])
+    return used
 
 
 def activation_matching(
@@ -107,35 +147,27 @@ def activation_matching(
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; valid: {', '.join(STATISTICS)}")
+    structured = [g.name for g in spec.groups if g.structured]
+    if structured:
+        raise ValueError(
+            f"activation matching does not handle block-structured groups (attention heads) yet: {structured}; "
+            "use weight matching"
+        )
     missing = [g.name for g in spec.groups if not g.activations]
     if missing:
         raise ValueError(f"groups without activation nodes cannot be activation-matched: {missing}")
-    capture = capture or capture_activations
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     spec.check(sd_a)
     spec.check(sd_b)
-    dev_a, dev_b = _device(model_a), _device(model_b)
     nodes = sorted({n for g in spec.groups for n in g.activations})
-    stats = {g.name: ActivationStats(g.size, dev_a) for g in spec.groups}
-    modes = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
-    used = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and used >= max_batches:
-                    break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                acts_a = capture(model_a, x.to(dev_a), nodes)
-                acts_b = capture(model_b, x.to(dev_b), nodes)
-                for g in spec.groups:
-                    for node in g.activations:
-                        stats[g.name].update(acts_a[node], acts_b[node].to(dev_a))
-                used += 1
-    finally:
-        model_a.train(modes[0])
-        model_b.train(modes[1])
+    stats = {g.name: ActivationStats(g.size, model_device(model_a)) for g in spec.groups}
+
+    def update(acts_a: Mapping[str, torch.Tensor], acts_b: Mapping[str, torch.Tensor]) -> None:
+        for g in spec.groups:
+            for node in g.activations:
+                stats[g.name].update(acts_a[node], acts_b[node])
+
+    used = collect_activations(model_a, model_b, batches, nodes, update, max_batches=max_batches, capture=capture)
     if used == 0:
         raise ValueError("activation matching got no batches")
 

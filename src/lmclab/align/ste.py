@@ -57,10 +57,15 @@ __all__ = [
     "BN_RESET_EXAMPLES",
     "LAMBDAS",
     "STELoop",
+    "WeightDraw",
+    "check_hyper",
+    "check_points",
     "learn_permutations",
     "mixture_loss",
+    "pair_draw",
     "ste_matching",
     "straight_through",
+    "trainable_names",
 ]
 
 #: λ choices of :func:`ste_matching`.
@@ -91,7 +96,8 @@ def mixture_loss(
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
 
 
-def _parameter_names(model: nn.Module, point: PointLike) -> list[str]:
+def trainable_names(model: nn.Module, point: PointLike) -> list[str]:
+    """The model's parameter names that require grad (model order); ValueError if `point` lacks any."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in point]
     if missing:
@@ -102,7 +108,8 @@ def _parameter_names(model: nn.Module, point: PointLike) -> list[str]:
     return names
 
 
-def _check_points(points: Sequence[PointLike]) -> None:
+def check_points(points: Sequence[PointLike]) -> None:
+    """ValueError unless there are >= 2 points, all with point 0's tensor names (same order) and shapes."""
     if len(points) < 2:
         raise ValueError(f"alignment needs at least 2 points, got {len(points)}")
     keys = list(points[0])
@@ -114,7 +121,8 @@ def _check_points(points: Sequence[PointLike]) -> None:
             raise ValueError(f"point {i} differs from point 0 in the shapes of {bad[:5]}")
 
 
-def _check_hyper(epochs: int, lr: float, batch_size: int) -> None:
+def check_hyper(epochs: int, lr: float, batch_size: int) -> None:
+    """ValueError unless epochs >= 1, lr > 0 and batch_size >= 1 (a learned matching's training settings)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if not lr > 0:
@@ -150,7 +158,7 @@ class STELoop:
             p.requires_grad_(False)
         self.reference = {k: v.detach().to(device) for k, v in reference.items()}
         self.others = [{k: v.detach().to(device) for k, v in o.items()} for o in others]
-        self.names = _parameter_names(model, self.reference)
+        self.names = trainable_names(model, self.reference)
         trainable = set(self.names)
         self.weights: Callable[[str], float] = lambda t: 1.0 if t in trainable else 0.0
         self.proxies = [
@@ -226,8 +234,8 @@ def learn_permutations(
     """The STE loop over `epochs` of `data` (a DeviceDataset; order from a CPU generator seeded with
     `seed`, augmentation if the dataset has it); returns the permutations (identity first) kept by
     held-out loss of the merged model (or the last), and info (per-epoch loss, timing, solver stats)."""
-    _check_points([reference, *others])
-    _check_hyper(epochs, lr, batch_size)
+    check_points([reference, *others])
+    check_hyper(epochs, lr, batch_size)
     for name, d in (("data", data), ("val_data", val_data)):
         if d is not None and not isinstance(d, DeviceDataset):
             raise ValueError(f"{name} must be a lmclab.data.DeviceDataset, got {type(d).__name__}")
@@ -297,7 +305,8 @@ def learn_permutations(
     return perms, info
 
 
-def _pair_draw(lam: str) -> WeightDraw:
+def pair_draw(lam: str) -> WeightDraw:
+    """Mixing weights (1 − λ, λ) of a pair: λ = 1/2 (`half`) or λ ~ U(0, 1) (`random`) at each step."""
     if lam not in LAMBDAS:
         raise ValueError(f"unknown lam {lam!r}; valid: {', '.join(LAMBDAS)}")
     if lam == "half":
@@ -338,7 +347,7 @@ def ste_matching(
     λ = ½ (``lam="half"``) or λ ~ U(0, 1) (``"random"``), Adam step on θ̃. Returns the permutation kept by
     held-out loss at λ = ½ (`val_data`) or the last one; ``objective`` holds J(π) = Σ_t ⟨θ_A, π(θ_B)⟩
     over the spec's tensors, ``info`` the per-epoch losses and timing (see :func:`learn_permutations`)."""
-    draw = _pair_draw(lam)
+    draw = pair_draw(lam)
     perms, info = learn_permutations(
         params_a,
         [params_b],

@@ -11,6 +11,19 @@ A_t^(a) = θ_A[t] with axis a moved first, its entries [offset, offset + n·bloc
 flattened to (n, −1) (n units of `block` entries each → (n, block·rest)), B̃_t^(a) the same for θ_B[t]
 with the current permutations of all the *other* groups applied on its other axes. One step solves
 the linear assignment max_p Σ_i S_P[i, p[i]].
+
+Block-structured groups (attention heads; see :mod:`lmclab.permutation.spec`) sharing one permutation σ
+of blocks (h blocks of d units in each group g of the class) are solved together, exactly: with
+S_g^{ij} the d × d block (rows of A's block i, columns of B's block j) of S_g, the *head-block cost*
+of matching block i of A to block j of B is
+
+    H[i, j] = Σ_g max_α Σ_k S_g^{ij}[k, α(k)],
+
+the optimal within-block assignment objective (one LAP per group and pair (i, j)); σ = argmax_σ
+Σ_i H[i, σ(i)] (a LAP over blocks), and each group's within-block permutation of block i is its LAP
+solution for (i, σ(i)). For fixed other groups this maximises Σ_g ⟨S_g, P_g⟩ over all structured
+permutations: for a given σ the blocks decouple into independent LAPs. These solves are cold (no
+warm LAP state), also when `warm` is given.
 """
 
 from __future__ import annotations
@@ -18,17 +31,24 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from lmclab.align.assignment import WarmAssignment, assignment_value, solve_assignment
 from lmclab.align.registry import register_pair_method
 from lmclab.align.results import MatchResult
-from lmclab.permutation.spec import PermGroup, Permutation, PermutationSpec, SpecError, expand_block
+from lmclab.permutation.spec import Permutation, PermutationSpec, SpecError, expand_block, structured_perm
 from lmclab.points import PointLike
 
-__all__ = ["WeightMatchingState", "weight_matching", "spec_tensor_names", "default_weights", "match_distances"]
+__all__ = [
+    "WeightMatchingState",
+    "weight_matching",
+    "head_block_assignment",
+    "spec_tensor_names",
+    "default_weights",
+    "match_distances",
+]
 
 #: An improvement must exceed this fraction of |⟨S_P, P_old⟩| to be accepted (guards against cycling on ties).
 REL_TOL = 1e-12
@@ -230,6 +250,45 @@ class _WeightMatcher:
         return float(torch.stack(values).double().sum()) if values else 0.0
 
 
+def _units(spec: PermutationSpec) -> list[list[str]]:
+    """The coordinates of the descent: each flat group alone, the structured groups sharing a block
+    permutation together (at the position of the first of them)."""
+    units: list[list[str]] = []
+    seen: dict[str, list[str]] = {}
+    for g in spec.groups:
+        if not g.structured:
+            units.append([g.name])
+        elif str(g.block_perm) in seen:
+            seen[str(g.block_perm)].append(g.name)
+        else:
+            seen[str(g.block_perm)] = [g.name]
+            units.append(seen[str(g.block_perm)])
+    return units
+
+
+def head_block_assignment(
+    costs: list[torch.Tensor], blocks: int
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Structured permutations maximising Σ_g ⟨S_g, P_g⟩ for groups sharing a permutation of `blocks`
+    blocks (see the module docstring): (one index vector per group, σ, the head-block cost H)."""
+    h = blocks
+    head = torch.zeros(h, h, dtype=torch.float64)
+    within: list[dict[tuple[int, int], torch.Tensor]] = []
+    for s in costs:
+        d = s.shape[0] // h
+        sub = s.reshape(h, d, h, d).transpose(1, 2)  # [i, j] -> the d × d block
+        best: dict[tuple[int, int], torch.Tensor] = {}
+        for i in range(h):
+            for j in range(h):
+                p = solve_assignment(sub[i, j], maximize=True)
+                best[i, j] = p
+                head[i, j] += assignment_value(sub[i, j], p)
+        within.append(best)
+    sigma = solve_assignment(head, maximize=True)
+    perms = [structured_perm(sigma, torch.stack([w[i, int(sigma[i])] for i in range(h)])) for w in within]
+    return perms, sigma, head
+
+
 def _initial_perm(spec: PermutationSpec, init: Permutation | None) -> dict[str, torch.Tensor]:
     if init is None:
         return {g.name: torch.arange(g.size) for g in spec.groups}
@@ -309,10 +368,20 @@ def weight_matching(
     converged = False
     sweeps = 0
     dirty = {g.name for g in spec.groups if g.size > 1 and matcher.group_refs[g.name]}
+    units = _units(spec)
     for sweeps in range(1, max_sweeps + 1):
         changed: set[str] = set()
-        for i in torch.randperm(len(spec.groups), generator=gen).tolist():
-            g = spec.groups[i]
+        for i in torch.randperm(len(units), generator=gen).tolist():
+            if len(units[i]) > 1 or spec.group(units[i][0]).structured:
+                if dirty.intersection(units[i]):
+                    dirty.difference_update(units[i])
+                    solves += 1
+                    if _block_step(matcher, spec, units[i]):
+                        changed.update(units[i])
+                        for name in units[i]:
+                            dirty.update(n for n in matcher.neighbours[name] if spec.group(n).size > 1)
+                continue
+            g = spec.group(units[i][0])
             if g.name not in dirty:
                 continue
             dirty.discard(g.name)
@@ -367,6 +436,35 @@ def weight_matching(
     )
 
 
+def _block_step(matcher: _WeightMatcher, spec: PermutationSpec, names: list[str]) -> bool:
+    """One coordinate step for structured groups sharing a block permutation; whether they changed.
+
+    Accepted when Σ_g ⟨S_g, P_g⟩ rises (relative tolerance REL_TOL); when a group's S depends on the
+    class's own permutations (a group on two axes of one tensor), by the true objective instead."""
+    costs = [matcher.cost(n) for n in names]
+    new, _, _ = head_block_assignment(costs, spec.group(names[0]).blocks)
+    old = [matcher.perm[n] for n in names]
+    self_dependent = any(matcher.neighbours[n].intersection(names) for n in names)
+    if not self_dependent:
+        old_val = sum(assignment_value(s, p) for s, p in zip(costs, old))
+        new_val = sum(assignment_value(s, p) for s, p in zip(costs, new))
+        if not new_val > old_val + REL_TOL * abs(old_val):
+            return False
+        for n, p in zip(names, new):
+            matcher.set_perm(n, p)
+        return True
+    before = matcher.objective()
+    for n, p in zip(names, new):
+        matcher.set_perm(n, p)
+    after = matcher.objective(set(names))
+    if after > before + REL_TOL * abs(before):
+        return True
+    for n, p in zip(names, old):
+        matcher.set_perm(n, p)
+    matcher.objective(set(names))
+    return False
+
+
 def match_distances(
     params_a: PointLike, params_b: PointLike, spec: PermutationSpec, perm: Permutation
 ) -> tuple[float, float]:
@@ -379,9 +477,7 @@ def match_distances(
     sub_b = {t: params_b[t].detach().to(sub_a[t].device) for t in names}
     keep = set(names)
     restricted = PermutationSpec(
-        tuple(
-            PermGroup(g.name, g.size, tuple(a for a in g.axes if a.tensor in keep), g.activations) for g in spec.groups
-        )
+        tuple(replace(g, axes=tuple(a for a in g.axes if a.tensor in keep)) for g in spec.groups)
     )
 
     def dist(b: PointLike) -> float:

@@ -32,9 +32,9 @@ from lmclab.cli.common import (
     SPLITS,
     Parser,
     _allow_different_data,
+    _bn,
     _checkpoint_schedule,
     _common_io,
-    _directory,
     _epochs_type,
     _existing_path,
     _help,
@@ -44,9 +44,13 @@ from lmclab.cli.common import (
     _methods_help,
     _no_progress,
     _options,
+    _out,
+    _pair_method,
     _points,
     _progress,
     _say,
+    _split,
+    _subset,
     _typed,
 )
 from lmclab.config import (
@@ -59,11 +63,14 @@ from lmclab.config import (
     integers,
     one_of,
 )
-from lmclab.data import DATASET_NAMES, DataError, DeviceDataset
+from lmclab.data import DATASET_NAMES, DataError
+from lmclab.experiments.context import EXECUTORS, Execution, PlanReady, default_out, using_execution
+from lmclab.experiments.graph import StepsFailed, describe_plan
 from lmclab.experiments.ito import merge_runs
 from lmclab.experiments.lmc import align_runs, lmc_pairs, load_alignment
 from lmclab.experiments.pair import run_pair_demo
 from lmclab.experiments.predict import predict_vs_measure, sharpness
+from lmclab.experiments.ray_executor import parse_address
 from lmclab.experiments.registry import EXPERIMENTS, catalogue, get_experiment
 from lmclab.experiments.settings import PresetError
 from lmclab.models import MODEL_NAMES, ModelError, build_model, model_defaults
@@ -79,6 +86,7 @@ from lmclab.training import (
     fork,
     get_preset,
     load_run_model,
+    load_run_split,
     resolve_device,
     train,
 )
@@ -164,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
     p.add_argument("run", help="run directory, name, or hash prefix")
-    p.add_argument("--split", choices=(*SPLITS, "both"), default="test", help="allowed: train, test, both")
+    _split(p, "test", both=True)
     p.add_argument(
         "--step",
         metavar="INT",
@@ -221,17 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
         shown_default="the whole split",
     )
     _points(p, "evenly spaced λ per pair, both ends included")
-    _int_flag(
-        p, "--subset", POSITIVE, None, "stratified subset of each split for evaluation", shown_default="the whole split"
-    )
+    _subset(p, "stratified subset of each split for evaluation")
     p.add_argument("--trace", action="store_true", help="also the merged model's Hessian trace (plain, scale-aware)")
-    p.add_argument(
-        "--out",
-        default="out/merge",
-        type=_directory,
-        metavar="DIR",
-        help="tables and heat maps (default: out/merge); allowed: a directory, created if missing",
-    )
+    _out(p, "tables and heat maps", "out/merge", default="out/merge")
+    _executor_flags(p)
     _no_progress(p)
     _allow_different_data(p)
     _common_io(p)
@@ -260,17 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or their directories",
     )
     _points(p)
-    p.add_argument("--split", choices=(*SPLITS, "both"), default="both", help="allowed: train, test, both")
-    _int_flag(
-        p, "--subset", POSITIVE, None, "stratified subset of each split (quick runs)", shown_default="the whole split"
-    )
-    p.add_argument(
-        "--bn",
-        choices=("none", "reset", "repair"),
-        default=None,
-        help="normalisation statistics at each λ; allowed: none, reset, repair (default: reset for BatchNorm "
-        "models, else none)",
-    )
+    _split(p, "both", both=True)
+    _subset(p, "stratified subset of each split (quick runs)")
+    _bn(p, ("none", "reset", "repair"), "normalisation statistics at each λ")
     p.add_argument(
         "--layers",
         nargs="+",
@@ -281,13 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--base", choices=("a", "b"), default="a", help="where non-interpolated layers come from; allowed: a, b"
     )
-    p.add_argument(
-        "--out",
-        default=None,
-        type=_directory,
-        metavar="DIR",
-        help="output directory (default: lmc_<hash> in the run store); allowed: a directory, created if missing",
-    )
+    _out(p, "output directory", "lmc_<hash> in the run store")
     _no_progress(p)
     _allow_different_data(p)
     _common_io(p)
@@ -309,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_existing_path,
         help="a saved permutation (from `lmclab align`); allowed: an existing file or its directory",
     )
-    p.add_argument("--split", choices=SPLITS, default="test", help="allowed: train, test (default: test)")
-    _int_flag(p, "--subset", NON_NEGATIVE, 1000, "examples used (0: the whole split)")
+    _split(p, "test")
+    _subset(p, "examples used", 1000)
     _points(p, "evenly spaced α, both ends included")
     p.add_argument(
         "--orders",
@@ -319,21 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LAYER_ORDERS,
         help="orders of the cumulative layer sets; allowed: shallow, deep, random (default: shallow deep)",
     )
-    p.add_argument(
-        "--out",
-        default="out/predict",
-        type=_directory,
-        metavar="DIR",
-        help="tables and figure (default: out/predict); allowed: a directory, created if missing",
-    )
+    _out(p, "tables and figure", "out/predict", default="out/predict")
     _no_progress(p)
     _allow_different_data(p)
     _common_io(p)
 
     p = sub.add_parser("sharpness", help="Hessian trace (95%% CI), scale-aware trace and top eigenvalue of a run")
     p.add_argument("run", help="run directory, name, or hash prefix")
-    p.add_argument("--split", choices=SPLITS, default="train", help="allowed: train, test (default: train)")
-    _int_flag(p, "--subset", NON_NEGATIVE, 1000, "examples used (0: the whole split)")
+    _split(p, "train")
+    _subset(p, "examples used", 1000)
     p.add_argument(
         "--probes",
         metavar="INT",
@@ -376,12 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke (CPU, minutes) or paper (the paper's settings, GPU); allowed: a preset of the experiment "
         "(`lmclab run` lists every preset)",
     )
+    _out(p, "figures and tables", "out/EXPERIMENT-PRESET")
+    _executor_flags(p)
     p.add_argument(
-        "--out",
-        default=None,
-        type=_directory,
-        metavar="DIR",
-        help="figures and tables (default: out/EXPERIMENT-PRESET); allowed: a directory, created if missing",
+        "--plan",
+        action="store_true",
+        help="print the step graph (steps by kind, how many are stored, estimated cost from measured step "
+        "times) and run nothing",
     )
     _no_progress(p)
     _common_io(p)
@@ -410,19 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_typed(seeds, _int_list),
         help=f"one model per seed; allowed: {seeds.describe()} (default: 0,1)",
     )
-    p.add_argument(
-        "--out",
-        default="out/demo",
-        type=_directory,
-        metavar="DIR",
-        help="where figures and tables go (default: out/demo); allowed: a directory, created if missing",
-    )
-    p.add_argument(
-        "--align",
-        choices=(*PAIR_METHODS, "none"),
-        default="weight",
-        help=f"allowed: {', '.join((*PAIR_METHODS, 'none'))} (default: weight)",
-    )
+    _out(p, "where figures and tables go", "out/demo", default="out/demo")
+    _pair_method(p, "weight")
     _points(p)
     _no_progress(p)
     _common_io(p)
@@ -714,14 +685,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     }
     splits = SPLITS if args.split == "both" else (args.split,)
     for split in tqdm(splits, desc="evaluating", unit="split", disable=not _progress(args), leave=False):
-        data = DeviceDataset.load(
-            run.config.data.dataset,
-            split,
-            data_dir=args.data_dir,
-            device=device,
-            augment=False,
-            download=not args.offline,
-            progress=_progress(args),
+        data = load_run_split(  # the run's own task (all classes unless it was trained on some)
+            run, split, data_dir=args.data_dir, device=device, download=not args.offline, progress=_progress(args)
         )
         metrics = evaluate(model, data)
         trained_on = run.meta.data_info
@@ -795,11 +760,90 @@ def _alignment_report(method: str, info: Mapping[str, Any], perm_file: Path) -> 
         f"verified f(π(θ_B)) = f(θ_B) on random inputs: max |Δlogit| {measured} "
         f"(tolerance |Δ| <= {atol:g} + {rtol:g}·|logit|): {verdict}"
     )
+    cov = info.get("coverage")
+    lines.append(
+        f"coverage: {float(cov):.2%} of the parameters lie in permuted groups"
+        if isinstance(cov, (int, float))
+        else "coverage: not recorded"
+    )
     lines.append(f"permutation: {perm_file}")
     return "\n".join(lines)
 
 
+def _address(text: str) -> str:
+    """`--address`: auto or HOST:PORT."""
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _executor_flags(p: argparse.ArgumentParser) -> None:
+    """`--executor local|ray` and `--address` of a command that runs a step graph."""
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="who runs the step graph; allowed: local (this process, the default) or ray (Ray tasks on this "
+        "machine's CPUs and GPUs, or on the cluster at --address; needs pip install 'lmclab[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        type=_address,
+        default=None,
+        metavar="ADDR",
+        help="the Ray cluster for --executor ray; allowed: auto or HOST:PORT (default: start Ray on this machine)",
+    )
+
+
+def _graph_run(args: argparse.Namespace, execution: Execution, run: Callable[[], dict[str, Any]], out: str) -> Any:
+    """`run()` under `execution`; its summary with the counts computed / reused / failed / skipped. Failed
+    steps: each named with its error on stderr and the summary printed (JSON with --json); then, if every
+    failure is a user error, exit status 2, else the first internal error's traceback (exit status 1)."""
+    if args.address is not None and args.executor != "ray":
+        raise UsageError(f"--address {args.address}: allowed only with --executor ray")
+    with using_execution(execution):
+        try:
+            result = run()
+        except StepsFailed as exc:
+            failed = True
+            internal = [e for e in exc.errors.values() if not isinstance(e, USER_ERRORS)]
+        else:
+            failed = False
+    reports = [r.to_json() for r in execution.reports]
+    counts = {key: sum(r[key] for r in reports) for key in ("computed", "reused", "failed", "skipped")}
+    summary = {
+        "executor": args.executor,
+        **counts,
+        "failed_steps": [f for r in reports for f in r["failed_steps"]],
+        "skipped_steps": [s for r in reports for s in r["skipped_steps"]],
+    }
+    _say(
+        args,
+        f"steps: {counts['computed']} computed, {counts['reused']} reused, {counts['failed']} failed, "
+        f"{counts['skipped']} skipped ({args.executor} executor)",
+    )
+    if not failed:
+        return {**result, **summary}
+    for f in summary["failed_steps"]:
+        print(f"lmclab {args.command}: step {f['step']} failed: {f['error']}", file=sys.stderr)
+    print(
+        f"lmclab {args.command}: {counts['failed']} step(s) failed, {counts['skipped']} skipped because they need "
+        "them; every other step finished and is stored (rerun to retry the failed ones)",
+        file=sys.stderr,
+    )
+    if args.json:
+        print(json.dumps({"out": out, "files": {}, **summary}, indent=2, default=str))
+    if internal:  # a bug inside a step: its traceback, after the summary of what did finish
+        raise internal[0]
+    raise SystemExit(2)  # every failure is a user error (a missing dataset, a diverged run, …): fixable
+
+
 def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    return _graph_run(args, Execution(args.executor, args.address), lambda: _merge(args), str(args.out))
+
+
+def _merge(args: argparse.Namespace) -> dict[str, Any]:
     if len(args.runs) < 2:
         raise UsageError(f"RUN: {len(args.runs)} run given; allowed: at least 2 runs (the first is the reference)")
     store = RunStore(args.runs_dir)
@@ -975,14 +1019,39 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
             f"--preset {args.preset}: not a preset of {args.experiment}; allowed: one of its presets: "
             f"{', '.join(presets)} (`lmclab run` lists them)"
         )
-    return experiment(
-        args.preset,
-        out=args.out,
-        runs_dir=args.runs_dir,
-        data_dir=args.data_dir,
-        device=args.device,
-        progress=_progress(args),
-        say=lambda t: _say(args, t),
+    if args.plan:
+        with using_execution(Execution(args.executor, args.address, plan=True)):
+            try:
+                experiment(
+                    args.preset,
+                    out=args.out,
+                    runs_dir=args.runs_dir,
+                    data_dir=args.data_dir,
+                    progress=False,
+                    say=lambda t: None,
+                )
+            except PlanReady as ready:
+                plans = ready.plans
+            else:
+                raise UsageError(f"{args.experiment} ran no step graph: nothing to plan")
+        if not args.json:
+            print(f"{args.experiment} --preset {args.preset}: the step graph (nothing is run)")
+            print(describe_plan(plans))
+        return {"experiment": args.experiment, "preset": args.preset, "plan": [p.to_json() for p in plans]}
+    out = str(args.out or default_out(args.experiment, args.preset))
+    return _graph_run(
+        args,
+        Execution(args.executor, args.address),
+        lambda: experiment(
+            args.preset,
+            out=args.out,
+            runs_dir=args.runs_dir,
+            data_dir=args.data_dir,
+            device=args.device,
+            progress=_progress(args),
+            say=lambda t: _say(args, t),
+        ),
+        out,
     )
 
 

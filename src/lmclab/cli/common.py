@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
-from lmclab.align import MethodEntry
+from lmclab.align import PAIR_METHODS, MethodEntry
 from lmclab.config import Allowed, argument_type, integer, integers
 from lmclab.store.data_identity import ALLOW_FLAG
 from lmclab.training import CheckpointSchedule, RunOptions
@@ -167,6 +167,21 @@ def _int_flag(
     )
 
 
+def _float_flag(
+    p: argparse.ArgumentParser,
+    flag: str,
+    rule: Allowed,
+    default: float | None,
+    what: str,
+    metavar: str = "FLOAT",
+    shown_default: str | None = None,
+) -> None:
+    """A number flag checked by `rule`; its help says what it is, what is allowed and the default."""
+    shown = f"{default:g}" if shown_default is None and default is not None else str(shown_default)
+    text = f"{what}; {_allowed(rule)} (default: {shown})"
+    p.add_argument(flag, metavar=metavar, type=_typed(rule, float), default=default, help=text)
+
+
 def _no_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
 
@@ -182,6 +197,51 @@ def _allow_different_data(p: argparse.ArgumentParser) -> None:
 
 def _points(p: argparse.ArgumentParser, what: str = "evenly spaced λ, both ends included") -> None:
     _int_flag(p, "--points", POINTS, 25, what)
+
+
+def _split(p: argparse.ArgumentParser, default: str, both: bool = False) -> None:
+    """`--split`: train or test (`both`: also both)."""
+    choices = (*SPLITS, "both") if both else SPLITS
+    text = f"allowed: {', '.join(choices)} (default: {default})"
+    p.add_argument("--split", choices=choices, default=default, help=text)
+
+
+def _subset(p: argparse.ArgumentParser, what: str, default: int | None = None) -> None:
+    """`--subset`: a stratified subset of each split; `default` None: the whole split unless given, else
+    that many examples with 0 for the whole split."""
+    if default is None:
+        _int_flag(p, "--subset", POSITIVE, None, what, shown_default="the whole split")
+    else:
+        _int_flag(p, "--subset", NON_NEGATIVE, default, f"{what} (0: the whole split)")
+
+
+def _pair_method(p: argparse.ArgumentParser, default: str, what: str = "", flag: str = "--align") -> None:
+    """A flag choosing a registered pair alignment method, or `none`."""
+    methods = (*PAIR_METHODS, "none")
+    lead = f"{what}; " if what else ""
+    text = f"{lead}allowed: {', '.join(methods)} (default: {default})"
+    p.add_argument(flag, choices=methods, default=default, help=text)
+
+
+def _bn(p: argparse.ArgumentParser, modes: Sequence[str], what: str) -> None:
+    """`--bn`: how normalisation statistics are set at each evaluated point (default by the model)."""
+    p.add_argument(
+        "--bn",
+        choices=tuple(modes),
+        default=None,
+        help=f"{what}; allowed: {', '.join(modes)} (default: reset for BatchNorm models, else none)",
+    )
+
+
+def _out(p: argparse.ArgumentParser, what: str, shown_default: str, default: str | None = None) -> None:
+    """`--out`: the directory results go to (created if missing)."""
+    p.add_argument(
+        "--out",
+        default=default,
+        type=_directory,
+        metavar="DIR",
+        help=f"{what} (default: {shown_default}); allowed: a directory, created if missing",
+    )
 
 
 def _message(exc: BaseException) -> str:

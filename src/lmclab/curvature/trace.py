@@ -26,8 +26,9 @@ vectors -> list of products) lets several probes share one pass over the data (`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,17 @@ from lmclab.curvature.functional import LossFn, summed_cross_entropy
 from lmclab.curvature.hessian import Data, HessianOperator
 from lmclab.points import Point, PointLike, flatten, inner, unflatten
 
-__all__ = ["TraceEstimate", "hessian_trace", "hutchinson_trace", "hutchpp_trace", "top_eigenvalue"]
+__all__ = [
+    "TraceEstimate",
+    "hessian_trace",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "random_probe",
+    "t_interval",
+    "top_eigenvalue",
+    "trace_from_json",
+    "trace_json",
+]
 
 Matvec = Callable[[Point], Point]
 Matmat = Callable[[list[Point]], list[Point]]
@@ -66,8 +77,35 @@ class TraceEstimate:
         return self.half_width / abs(self.estimate) if self.estimate != 0 else math.inf
 
 
-def _t_interval(samples: Sequence[float], confidence: float) -> tuple[float, float]:
-    """(mean, half-width) of the Student-t interval; half-width inf for fewer than 2 samples."""
+def trace_json(est: TraceEstimate) -> dict[str, Any]:
+    """A trace estimate as `lmclab sharpness` prints it (no per-probe samples)."""
+    return {
+        "estimate": est.estimate,
+        "ci_low": est.ci_low,
+        "ci_high": est.ci_high,
+        "confidence": est.confidence,
+        "probes": est.n_probes,
+        "method": est.method,
+    }
+
+
+def trace_from_json(d: Mapping[str, Any]) -> TraceEstimate:
+    """The estimate :func:`trace_json` wrote (without its per-probe samples)."""
+    return TraceEstimate(
+        float(d["estimate"]),
+        float(d["ci_low"]),
+        float(d["ci_high"]),
+        float(d["confidence"]),
+        int(d["probes"]),
+        str(d["method"]),
+        [],
+        int(d["probes"]),
+    )
+
+
+def t_interval(samples: Sequence[float], confidence: float) -> tuple[float, float]:
+    """(mean, half-width) of the Student-t interval mean ± t_{(1+c)/2, n−1} s/√n of the samples; half-width
+    inf for fewer than 2 samples."""
     x = np.asarray(samples, dtype=np.float64)
     mean = float(x.mean())
     if len(x) < 2:
@@ -85,7 +123,7 @@ def _next_block(samples: Sequence[float], half: float, target: float, block: int
     return max(1, min(block, need))
 
 
-def _probe(like: PointLike, generator: torch.Generator, distribution: str) -> Point:
+def random_probe(like: PointLike, generator: torch.Generator, distribution: str) -> Point:
     """One probe drawn on the CPU from `generator` (reproducible across devices), cast like `like`."""
     out: Point = {}
     for k, t in like.items():
@@ -147,9 +185,9 @@ def hutchinson_trace(
     goal = probes if target_ci_width is None else min(probes, max_probes)
     while True:
         while len(samples) < goal:
-            vs = [_probe(like, gen, distribution) for _ in range(min(block, goal - len(samples)))]
+            vs = [random_probe(like, gen, distribution) for _ in range(min(block, goal - len(samples)))]
             samples += [inner(v, av) for v, av in zip(vs, op(vs))]
-        mean, half = _t_interval(samples, confidence)
+        mean, half = t_interval(samples, confidence)
         if target_ci_width is None or len(samples) >= max_probes:
             break
         if half <= target_ci_width * abs(mean):
@@ -202,7 +240,7 @@ def hutchpp_trace(
 
     def rademacher(cols: int) -> torch.Tensor:
         return torch.stack(
-            [flatten(_probe(like, gen, "rademacher"), names).to(torch.float64) for _ in range(cols)], dim=1
+            [flatten(random_probe(like, gen, "rademacher"), names).to(torch.float64) for _ in range(cols)], dim=1
         ).to(ref.device)
 
     q, _ = torch.linalg.qr(apply(rademacher(k)))
@@ -216,7 +254,7 @@ def hutchpp_trace(
     samples = remainder(rest)
     step = chunk or rest
     while True:
-        mean, half = _t_interval(samples, confidence)
+        mean, half = t_interval(samples, confidence)
         if target_ci_width is None or 2 * k + len(samples) >= max_matvecs:
             break
         if half <= target_ci_width * abs(exact + mean):

@@ -93,15 +93,23 @@ class DeviceDataset:
         augment: bool | None = None,
         download: bool = True,
         progress: bool = True,
+        classes: tuple[int, ...] | None = None,
     ) -> DeviceDataset:
         """Load a split (see ``load_split``), optionally take a subset, and move it to ``device``.
 
         ``subset``: stratified subset of that many examples; ``per_class``: first that many of each class
         (mutually exclusive). ``augment=None`` means ``info.augment_default`` on train, off on test.
+        ``classes``: keep only the examples of these classes (labels unchanged), before any subset.
         """
         if subset is not None and per_class is not None:
             raise DataError("subset and per_class are mutually exclusive; give at most one")
         images, labels, info = load_split(name, split, data_dir=data_dir, download=download, progress=progress)
+        if classes is not None:
+            bad = [c for c in classes if not 0 <= c < info.num_classes]
+            if bad or not classes:
+                raise DataError(f"classes {list(classes)}: {name} has classes 0…{info.num_classes - 1}")
+            keep = torch.isin(labels, torch.tensor(sorted(classes), dtype=labels.dtype)).nonzero().flatten()
+            images, labels = images[keep], labels[keep]
         if subset is not None:
             idx = stratified_subset(labels, subset)
             images, labels = images[idx], labels[idx]

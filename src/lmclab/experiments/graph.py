@@ -6,9 +6,15 @@ on which process, machine or executor runs it. Results are JSON documents (plus 
 writes into its own directory) stored in the store's step directory `<runs_dir>/steps/<kind>_<key>/`
 (`Store.step_dir`); a step whose result is stored is never run again. `LocalExecutor` runs a graph
 in dependency order in this process; a cluster executor only has to ship (kind, config, input
-results) to a worker and store what comes back — the experiment code does not change. A step runs
-under its lock (`lmclab.store.locks`, one per step key): a second process asking for it waits, then
-reuses the result the first stored.
+results) to a worker and store what comes back — the experiment code does not change
+(`lmclab.experiments.ray_executor.RayExecutor` does, on Ray). Both share one implementation: the loop
+over the graph (`GraphExecutor.run`: a step whose input failed is skipped, every other step runs, then
+`StepsFailed` names each failure) and the step itself (`claim_and_compute`): a step runs under its
+claim, the store's lock on its directory (`lmclab.store.locks`, one per step key): a second process
+asking for it waits, then reuses the result the first stored; a claim of a process that died is taken
+over. Each stored result records its wall time (`seconds`), which `graph_plan` and the live view use
+to estimate what is left. `Resources` per step kind (`step_kind(..., resources=CLASS)`, overridable
+per preset) say what a cluster executor reserves for one step.
 
 A stored result.json carries the sha256 of its content and of every file the step wrote beside it
 (`lmclab.store.integrity`), verified whenever it is read: a result that differs raises IntegrityError
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,22 +43,80 @@ STEP_KINDS: dict[str, StepFn] = {}
 SELF_CACHING: set[str] = set()  # kinds whose function keeps its own store (training runs, alignments)
 
 
-def step_kind(name: str, self_caching: bool = False) -> Callable[[StepFn], StepFn]:
+@dataclass(frozen=True)
+class Resources:
+    """What one step of a kind takes on a worker: CPU cores and a (fraction of a) GPU. A cluster executor
+    asks its scheduler for these; `cpus` also sets torch's thread count in the step's process."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    def merged(self, override: Mapping[str, float]) -> Resources:
+        """These resources with `override` ({"cpus": …, "gpus": …}, each optional) applied."""
+        unknown = sorted(set(override) - {"cpus", "gpus"})
+        if unknown:
+            raise ValueError(f"resources: unknown key(s) {', '.join(unknown)}; allowed: cpus, gpus")
+        cpus, gpus = float(override.get("cpus", self.cpus)), float(override.get("gpus", self.gpus))
+        if not (cpus > 0 and gpus >= 0 and (gpus <= 1 or gpus == int(gpus))):
+            raise ValueError(
+                f"resources: cpus={cpus:g}, gpus={gpus:g}; allowed: cpus > 0, gpus a fraction in [0, 1] "
+                "or a whole number"
+            )
+        return Resources(cpus, gpus)
+
+
+#: Resource classes of step kinds and what a step of each takes by default (on a machine without GPUs
+#: every step runs on CPUs). A preset overrides a class or a single kind (`resources` in its table).
+RESOURCE_CLASSES: dict[str, Resources] = {
+    "training": Resources(cpus=1, gpus=1),  # a small model: give the kind or preset a fraction, e.g. 0.25
+    "evaluation": Resources(cpus=1, gpus=0.25),  # forward passes along a path, derivatives, merged models
+    "assignment": Resources(cpus=1, gpus=0),  # weight matching: linear assignment problems on CPUs
+}
+KIND_RESOURCES: dict[str, str] = {}  # step kind -> its resource class
+
+
+def step_kind(name: str, self_caching: bool = False, resources: str = "evaluation") -> Callable[[StepFn], StepFn]:
     """Register `fn(ctx, config, inputs) -> JSON result` as step kind `name`.
 
     `self_caching`: the function finds its own stored output cheaply (the run store does this for
     training and alignment), so the executor calls it every time instead of trusting a copy that
-    could point at deleted files."""
+    could point at deleted files. `resources`: its class in RESOURCE_CLASSES (training, evaluation,
+    assignment), what a cluster executor reserves for one step of the kind."""
+    if resources not in RESOURCE_CLASSES:
+        raise ValueError(f"step kind {name!r}: resources {resources!r}; allowed: {', '.join(RESOURCE_CLASSES)}")
 
     def register(fn: StepFn) -> StepFn:
         if name in STEP_KINDS and STEP_KINDS[name] is not fn:
             raise ValueError(f"step kind {name!r} is registered twice")
         STEP_KINDS[name] = fn
+        KIND_RESOURCES[name] = resources
         if self_caching:
             SELF_CACHING.add(name)
         return fn
 
     return register
+
+
+def resources_for(kind: str, overrides: Mapping[str, Mapping[str, float]] | None = None) -> Resources:
+    """What one step of `kind` takes: its class's default, then `overrides[class]`, then `overrides[kind]`."""
+    klass = KIND_RESOURCES.get(kind, "evaluation")
+    result = RESOURCE_CLASSES[klass]
+    for name in (klass, kind):
+        if overrides and name in overrides:
+            result = result.merged(overrides[name])
+    return result
+
+
+def check_resources(overrides: Mapping[str, Mapping[str, float]]) -> None:
+    """ValueError unless every key of `overrides` is a resource class or a registered step kind and every
+    value a valid {"cpus", "gpus"} table."""
+    for name, override in overrides.items():
+        if name not in RESOURCE_CLASSES and name not in STEP_KINDS:
+            raise ValueError(
+                f"resources.{name}: not a resource class or step kind; allowed: {', '.join(RESOURCE_CLASSES)} "
+                f"or a step kind ({', '.join(sorted(STEP_KINDS))})"
+            )
+        Resources().merged(override)
 
 
 @dataclass(frozen=True)
@@ -99,8 +164,300 @@ def topological_order(targets: Iterable[Step]) -> list[Step]:
     return order
 
 
-class LocalExecutor:
-    """Runs steps in this process, in dependency order, reusing every stored result."""
+# ------------------------------------------------------------------ one step: claim, compute, seal, reuse
+
+
+def stored_result(store: Store, step: Step) -> dict[str, Any] | None:
+    """The stored (verified) result of `step`; None if there is none, or if its kind keeps its own store."""
+    if step.kind in SELF_CACHING:
+        return None
+    path = store.step_dir(step.kind, step.key) / "result.json"
+    return read_sealed_json(path, kind="step result")["result"] if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What running one step gave: its result (JSON, as a later read from the store gives it), whether
+    this call computed it (False: found stored, or a self-caching kind found its own output), whether
+    its function was called at all, the seconds it took, and where it ran."""
+
+    result: dict[str, Any]
+    computed: bool
+    seconds: float
+    pid: int
+    host: str
+    called: bool = True
+
+
+def claim_and_compute(
+    store: Store, step: Step, inputs: Mapping[str, Any], options: Mapping[str, Any], say: Callable[[str], None]
+) -> StepOutcome:
+    """Run `step` under its claim (the store's lock on its directory: one holder across processes and
+    machines; a holder that died frees it). Whoever waited for the claim reuses what the holder stored.
+    The result is sealed into `<store>/steps/<kind>_<key>/result.json` with the step's wall time
+    (`seconds`; a self-caching kind that found its own output keeps the first measured time)."""
+    directory = store.step_dir(step.kind, step.key)
+    host = os.uname().nodename
+    with artifact_lock(directory, root=store.root, what=f"step {step.name}", say=say):
+        cached = stored_result(store, step)  # another process ran it while this one waited for the lock
+        if cached is not None:
+            return StepOutcome(cached, False, 0.0, os.getpid(), host, called=False)
+        directory.mkdir(parents=True, exist_ok=True)
+        previous = _previous_record(directory / "result.json")
+        start = time.perf_counter()
+        result = STEP_KINDS[step.kind](StepContext(directory, options, say), dict(step.config), dict(inputs))
+        seconds = time.perf_counter() - start
+        result = json.loads(json.dumps(finite_or_none(result), sort_keys=True, allow_nan=False))
+        reused = previous is not None and previous.get("result") == result  # a self-caching kind's own store
+        first = previous.get("seconds") if reused and previous is not None else None
+        write_sealed_json(
+            directory / "result.json",
+            {
+                "kind": step.kind,
+                "config": step.config,
+                "inputs": {k: d.name for k, d in step.inputs.items()},
+                "seconds": first if isinstance(first, float) else seconds,
+                "host": host,
+                "result": result,
+            },
+            files=files_below(directory, exclude=("result.json",)),
+        )
+        # Hand back what a later run will read from the store (sorted keys, lists), so that tables built
+        # from a fresh result and from a stored one are identical.
+        return StepOutcome(result, not reused, seconds, os.getpid(), host)
+
+
+def _previous_record(path: Path) -> dict[str, Any] | None:
+    """The result.json at `path` as written (unverified: only compared and its timing kept), or None."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def measured_seconds(store: Store, kinds: Iterable[str]) -> dict[str, list[float]]:
+    """Wall times of every stored step of each kind (`seconds` in its result.json), for estimates."""
+    out: dict[str, list[float]] = {kind: [] for kind in kinds}
+    steps = store.root / "steps"
+    for kind in out:
+        for path in steps.glob(f"{kind}_*/result.json") if steps.is_dir() else ():
+            record = _previous_record(path)
+            if record is not None and record.get("kind") == kind and isinstance(record.get("seconds"), (int, float)):
+                out[kind].append(float(record["seconds"]))
+    return out
+
+
+# ------------------------------------------------------------------ a run of a graph: report, plan, view
+
+
+@dataclass
+class RunReport:
+    """What an executor did with a graph: step names computed, reused (stored, or a self-caching kind's
+    own store), failed (with the error) and skipped (an input failed or was skipped)."""
+
+    executor: str
+    computed: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "computed": len(self.computed),
+            "reused": len(self.reused),
+            "failed": len(self.failed),
+            "skipped": len(self.skipped),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "executor": self.executor,
+            **self.counts(),
+            "failed_steps": [{"step": name, "error": error} for name, error in self.failed.items()],
+            "skipped_steps": list(self.skipped),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class StepsFailed(RuntimeError):
+    """Some steps of a graph failed: every step that did not depend on them still ran. `report` names each
+    failed step with its error and the steps skipped because of them."""
+
+    def __init__(self, report: RunReport, errors: dict[str, BaseException] | None = None) -> None:
+        self.report = report
+        #: each failed step's own exception (unwrapped from the executor's transport), by step name
+        self.errors = dict(errors or {})
+        failed = "; ".join(f"{name}: {error}" for name, error in report.failed.items())
+        super().__init__(
+            f"{len(report.failed)} step(s) failed ({failed}); {len(report.skipped)} step(s) that need them skipped, "
+            f"{len(report.computed)} computed, {len(report.reused)} reused"
+        )
+
+
+@dataclass(frozen=True)
+class KindPlan:
+    kind: str
+    resources: Resources
+    steps: int
+    stored: int
+    measured: int  # stored steps of the kind (anywhere in the store) with a recorded wall time
+    mean_seconds: float | None
+
+    @property
+    def to_run(self) -> int:
+        return self.steps - self.stored
+
+    def to_json(self) -> dict[str, Any]:
+        estimate = None if self.mean_seconds is None else self.mean_seconds * self.to_run
+        return {
+            "kind": self.kind,
+            "steps": self.steps,
+            "stored": self.stored,
+            "to_run": self.to_run,
+            "cpus": self.resources.cpus,
+            "gpus": self.resources.gpus,
+            "mean_seconds": self.mean_seconds,
+            "measured_steps": self.measured,
+            "estimated_seconds": estimate,
+        }
+
+
+def graph_plan(
+    store: Store, targets: Iterable[Step], overrides: Mapping[str, Mapping[str, float]] | None = None
+) -> list[KindPlan]:
+    """The graph by step kind: how many steps, how many already stored (a result.json in the store), what
+    one step takes, and the mean measured wall time of the kind's stored steps (None: never measured)."""
+    order = topological_order(targets)
+    kinds = sorted({s.kind for s in order}, key=[s.kind for s in order].index)
+    times = measured_seconds(store, kinds)
+    plans = []
+    for kind in kinds:
+        steps = [s for s in order if s.kind == kind]
+        stored = sum((store.step_dir(kind, s.key) / "result.json").is_file() for s in steps)
+        mean = sum(times[kind]) / len(times[kind]) if times[kind] else None
+        plans.append(KindPlan(kind, resources_for(kind, overrides), len(steps), stored, len(times[kind]), mean))
+    return plans
+
+
+def describe_plan(plans: list[KindPlan]) -> str:
+    """The plan as a table: kind, steps, stored, to run, resources, mean measured time, estimate."""
+    lines = [
+        f"{'kind':<20} {'steps':>6} {'stored':>7} {'to run':>7} {'cpus':>5} {'gpus':>5} {'s/step':>9} {'estimate':>10}"
+    ]
+    total = 0.0
+    unknown = []
+    for p in plans:
+        estimate = None if p.mean_seconds is None else p.mean_seconds * p.to_run
+        total += estimate or 0.0
+        if estimate is None and p.to_run:
+            unknown.append(p.kind)
+        lines.append(
+            f"{p.kind:<20} {p.steps:>6} {p.stored:>7} {p.to_run:>7} {p.resources.cpus:>5g} {p.resources.gpus:>5g} "
+            f"{'—' if p.mean_seconds is None else f'{p.mean_seconds:.2f}':>9} "
+            f"{'—' if estimate is None else _duration(estimate):>10}"
+        )
+    lines.append(
+        f"total: {sum(p.steps for p in plans)} steps, {sum(p.stored for p in plans)} stored, "
+        f"{sum(p.to_run for p in plans)} to run; estimated {_duration(total)} of step time"
+        + (f" plus the kinds never measured in this store ({', '.join(unknown)})" if unknown else "")
+        + " (one worker; divide by the workers that run at once)"
+    )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class LiveView:
+    """Steps done / running / failed / pending by kind and an ETA, as one progress bar on stderr.
+
+    `slots(kind)`: how many steps of the kind the executor runs at once (local: 1; Ray: what the cluster's
+    CPUs and GPUs hold). Steps submitted beyond that count as pending (queued); the ETA is, per kind, the
+    steps left × the mean measured time of one step ÷ its slots, summed over kinds."""
+
+    def __init__(
+        self,
+        steps: list[Step],
+        measured: Mapping[str, list[float]],
+        enabled: bool,
+        slots: Callable[[str], float] = lambda kind: 1.0,
+    ) -> None:
+        self.kinds = sorted({s.kind for s in steps}, key=[s.kind for s in steps].index)
+        self.waiting = {k: sum(s.kind == k for s in steps) for k in self.kinds}  # not yet submitted
+        self.submitted = dict.fromkeys(self.kinds, 0)
+        self.done = dict.fromkeys(self.kinds, 0)
+        self.failed = dict.fromkeys(self.kinds, 0)
+        self.times = {k: list(measured.get(k, [])) for k in self.kinds}
+        self.slots = {k: max(1.0, slots(k)) for k in self.kinds}
+        self.bar = tqdm(total=len(steps), desc="steps", unit="step", disable=not enabled or not steps, leave=False)
+
+    def running(self, kind: str) -> int:
+        return min(self.submitted[kind], int(self.slots[kind]))
+
+    def pending(self, kind: str) -> int:
+        return self.waiting[kind] + self.submitted[kind] - self.running(kind)
+
+    def start(self, kind: str) -> None:
+        self.waiting[kind] -= 1
+        self.submitted[kind] += 1
+        self._show()
+
+    def finish(self, kind: str, seconds: float | None, ok: bool = True, started: bool = True) -> None:
+        if started:
+            self.submitted[kind] -= 1
+        else:
+            self.waiting[kind] -= 1
+        (self.done if ok else self.failed)[kind] += 1
+        if ok and seconds:
+            self.times[kind].append(seconds)
+        self.bar.update(1)
+        self._show()
+
+    def eta(self) -> float | None:
+        """Seconds left (None until every kind with steps left has a measured step)."""
+        left = 0.0
+        for k in self.kinds:
+            remaining = self.pending(k) + self.running(k) / 2  # a running step is half done, on average
+            if remaining and not self.times[k]:
+                return None
+            if self.times[k]:
+                left += remaining * sum(self.times[k]) / len(self.times[k]) / self.slots[k]
+        return left
+
+    def _show(self) -> None:
+        if self.bar.disable:
+            return
+        parts = [
+            f"{k} {self.done[k]}✓ {self.running(k)}▶ {self.failed[k]}✗ {self.pending(k)}…"
+            for k in self.kinds
+            if self.pending(k) + self.running(k) + self.failed[k] or self.done[k]
+        ]
+        eta = self.eta()
+        self.bar.set_postfix_str(" | ".join(parts) + f" | ETA {'?' if eta is None else _duration(eta)}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ------------------------------------------------------------------ executors
+
+
+class GraphExecutor:
+    """Runs a graph in dependency order, reusing every stored result: the loop shared by every executor.
+
+    A subclass says how a step runs (`_submit`: start it; `_collect`: wait for one started step and give
+    its outcome or error). A step whose input failed (or was skipped) is skipped; every other step runs;
+    if any failed, `run` raises :class:`StepsFailed` once all that could run has run. `ran` lists the
+    steps whose function was called (a self-caching kind included), `report` the run's accounting."""
+
+    name = "graph"
 
     def __init__(
         self,
@@ -108,68 +465,120 @@ class LocalExecutor:
         options: Mapping[str, Any] | None = None,
         progress: bool = True,
         say: Callable[[str], None] = print,
+        resources: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self.store = Store(runs_dir)
         self.options = dict(options or {})
         self.progress = progress
         self.say = say
+        self.resources = dict(resources or {})
         self.ran: list[str] = []  # names of the steps this executor actually ran (not reused)
+        self.report = RunReport(self.name)
 
     def directory(self, step: Step) -> Path:
         return self.store.step_dir(step.kind, step.key)
 
     def stored(self, step: Step) -> dict[str, Any] | None:
-        if step.kind in SELF_CACHING:
-            return None
-        path = self.directory(step) / "result.json"
-        return read_sealed_json(path, kind="step result")["result"] if path.is_file() else None
+        return stored_result(self.store, step)
+
+    def plan(self, targets: Iterable[Step]) -> list[KindPlan]:
+        return graph_plan(self.store, targets, self.resources)
+
+    def slots(self, kind: str) -> float:
+        """How many steps of `kind` run at once (for the live view's ETA)."""
+        return 1.0
+
+    def _submit(self, step: Step, inputs: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _collect(self) -> tuple[Step, StepOutcome | BaseException]:
+        raise NotImplementedError
+
+    def _describe(self, error: BaseException) -> str:
+        return f"{type(error).__name__}: {error}"
+
+    def _cause(self, error: BaseException) -> BaseException:
+        """The step's own exception behind `error` (executors that wrap errors in transit unwrap it)."""
+        return error
 
     def run(self, targets: Iterable[Step]) -> dict[str, dict[str, Any]]:
-        """Results of all steps the targets need, keyed by step key."""
+        """Results of all steps the targets need, keyed by step key (StepsFailed if any step failed)."""
+        start = time.perf_counter()
         order = topological_order(targets)
+        unknown = sorted({s.kind for s in order if s.kind not in STEP_KINDS})
+        if unknown:
+            raise KeyError(f"no step kind {unknown[0]!r}; registered: {', '.join(sorted(STEP_KINDS))}")
+        self.report = report = RunReport(self.name)
         results: dict[str, dict[str, Any]] = {}
         stored = {s.key: self.stored(s) for s in order}  # each stored result read and verified once
         todo = [s for s in order if stored[s.key] is None]
-        bar = tqdm(total=len(todo), desc="steps", unit="step", disable=not self.progress or not todo, leave=False)
+        measured = measured_seconds(self.store, {s.kind for s in todo}) if self.progress else {}
+        view = LiveView(todo, measured, self.progress, self.slots)
         for step in order:
-            cached = stored[step.key]
-            if cached is not None:
-                results[step.key] = cached
-                continue
-            if step.kind not in STEP_KINDS:
-                raise KeyError(f"no step kind {step.kind!r}; registered: {', '.join(sorted(STEP_KINDS))}")
-            bar.set_postfix_str(step.kind)
-            with artifact_lock(self.directory(step), root=self.store.root, what=f"step {step.name}", say=self.say):
-                cached = self.stored(step)  # another process ran it while this one waited for the lock
-                if cached is not None:
-                    results[step.key] = cached
-                    bar.update(1)
+            if stored[step.key] is not None:
+                results[step.key] = stored[step.key]  # type: ignore[assignment]
+                report.reused.append(step.name)
+        bad: set[str] = set()  # keys of failed or skipped steps
+        waiting = {s.key: s for s in todo}
+        running = 0
+        first_error: BaseException | None = None
+        errors: dict[str, BaseException] = {}
+        try:
+            while waiting or running:
+                for step in list(waiting.values()):  # in dependency order: inputs first
+                    deps = [d.key for d in step.inputs.values()]
+                    if any(k in bad for k in deps):
+                        del waiting[step.key]
+                        bad.add(step.key)
+                        report.skipped.append(step.name)
+                        view.finish(step.kind, None, ok=False, started=False)
+                    elif all(k in results for k in deps):
+                        del waiting[step.key]
+                        view.start(step.kind)
+                        self._submit(step, {name: results[d.key] for name, d in step.inputs.items()})
+                        running += 1
+                if not running:
                     continue
-                directory = self.directory(step)
-                directory.mkdir(parents=True, exist_ok=True)
-                inputs = {name: results[dep.key] for name, dep in step.inputs.items()}
-                start = time.perf_counter()
-                context = StepContext(directory, self.options, self.say)
-                result = STEP_KINDS[step.kind](context, dict(step.config), inputs)
-                result = finite_or_none(result)
-                write_sealed_json(
-                    directory / "result.json",
-                    {
-                        "kind": step.kind,
-                        "config": step.config,
-                        "inputs": {k: d.name for k, d in step.inputs.items()},
-                        "seconds": time.perf_counter() - start,
-                        "result": result,
-                    },
-                    files=files_below(directory, exclude=("result.json",)),
-                )
-                # Hand back what a later run will read from the store (sorted keys, lists), so that tables
-                # built from a fresh result and from a stored one are identical.
-                results[step.key] = json.loads(json.dumps(result, sort_keys=True, allow_nan=False))
-                self.ran.append(step.name)
-                bar.update(1)
-        bar.close()
+                step, outcome = self._collect()
+                running -= 1
+                if isinstance(outcome, StepOutcome):
+                    results[step.key] = outcome.result
+                    if outcome.called:
+                        self.ran.append(step.name)
+                    (report.computed if outcome.computed else report.reused).append(step.name)
+                    view.finish(step.kind, outcome.seconds if outcome.computed else None)
+                else:
+                    bad.add(step.key)
+                    report.failed[step.name] = self._describe(outcome)
+                    first_error = first_error or outcome
+                    errors[step.name] = self._cause(outcome)
+                    view.finish(step.kind, None, ok=False)
+        finally:
+            view.close()
+            report.seconds = time.perf_counter() - start
+        if report.failed:
+            raise StepsFailed(report, errors) from first_error  # the first failure's traceback rides along
         return results
+
+
+class LocalExecutor(GraphExecutor):
+    """Runs steps in this process, in dependency order, reusing every stored result."""
+
+    name = "local"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._queue: list[tuple[Step, dict[str, Any]]] = []
+
+    def _submit(self, step: Step, inputs: dict[str, Any]) -> None:
+        self._queue.append((step, inputs))
+
+    def _collect(self) -> tuple[Step, StepOutcome | BaseException]:
+        step, inputs = self._queue.pop(0)
+        try:
+            return step, claim_and_compute(self.store, step, inputs, self.options, self.say)
+        except Exception as exc:  # a failing step; KeyboardInterrupt and the like stop the run
+            return step, exc
 
 
 def finite_or_none(value: Any) -> Any:

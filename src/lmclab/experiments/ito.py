@@ -10,7 +10,11 @@ permutations stored as files in the step's directory) and evaluate:
 - barriers on all K(K−1)/2 permuted pairs and on each model's path to θ̄ (every definition of
   :mod:`lmclab.paths.barriers`, loss and error, train and test), with max / mean / SD over pairs;
 - the Hessian trace at θ̄, plain tr ∇²L and scale-aware tr(D∇²L D), D = diag|θ̄|, with a confidence
-  interval (Hutchinson), on a fixed subset of one split.
+  interval (Hutchinson), on a fixed subset of one split;
+- cycle consistency (:mod:`lmclab.align.cycle`): for every triple of members, the fraction of units
+  not mapped back by π_ij ∘ π_jk ∘ π_ki, per group and overall, for each method's pairwise maps
+  π_i⁻¹ ∘ π_j (0 by construction: every method maps all members into one frame, a reference or
+  C2M3's universe) and, beside them, for the direct pairwise maps (weight matching of each pair alone).
 
 Figures per setting: merged loss/accuracy vs K, all-pairs barrier vs K, model→merged barrier vs K,
 trace vs K (one line per method), and the K_max × K_max pair-barrier heat map per method. Tidy CSV
@@ -31,7 +35,8 @@ import numpy as np
 import torch
 
 import lmclab.experiments.steps  # noqa: F401  (registers the train step)
-from lmclab.align import POPULATION_METHODS, align_population, get_population_method
+from lmclab.align import POPULATION_METHODS, PopulationAlignment, align_population, get_population_method
+from lmclab.align.cycle import CycleConsistency, alignment_cycle_consistency, cycle_consistency, direct_pairwise_maps
 from lmclab.config import RunConfig, SeedConfig
 from lmclab.curvature.trace import hessian_trace
 from lmclab.data import DeviceDataset
@@ -95,6 +100,16 @@ class SteMMKeywords(MethodKeywords):
 
 
 @dataclass(frozen=True, kw_only=True)
+class C2M3Keywords(MethodKeywords):
+    """``c2m3``: C2M3's Frank–Wolfe start (pairwise | identity), iterations, gap tolerance, seed."""
+
+    init: str | None = None
+    max_iter: int | None = None
+    tol: float | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class TraceOptions:
     """The Hessian trace at the merged model: on `examples` of `split`, `probes` probes of `method`
     (hutchinson | hutchpp), a `confidence` interval."""
@@ -151,6 +166,7 @@ class ItoOptions(ExperimentOptions):
     pairwise: PairwiseKeywords = field(default_factory=PairwiseKeywords)
     merge_many: MergeManyKeywords = field(default_factory=MergeManyKeywords)
     ste_mm: SteMMKeywords = field(default_factory=SteMMKeywords)
+    c2m3: C2M3Keywords = field(default_factory=C2M3Keywords)
     trace: TraceOptions = field(default_factory=TraceOptions)
     heatmap: HeatmapOptions = field(default_factory=HeatmapOptions)
     settings: tuple[PopulationSetting, ...] = ()
@@ -161,6 +177,7 @@ class ItoOptions(ExperimentOptions):
             "pairwise": self.pairwise,
             "merge_many": self.merge_many,
             "ste_mm": self.ste_mm,
+            "c2m3": self.c2m3,
         }
         return tables[method].keywords() if method in tables else {}
 
@@ -201,13 +218,24 @@ class MethodSteps:
 
 @dataclass(frozen=True)
 class PopulationSteps:
-    """One population's steps: the members' training, then each (method, K)'s :class:`MethodSteps`."""
+    """One population's steps: the members' training, then each (method, K)'s :class:`MethodSteps`, and
+    `cycle`: the direct pairwise maps of all members and their cycle errors (:func:`cycle_step`)."""
 
     members: tuple[Step, ...]
     methods: tuple[MethodSteps, ...]
+    cycle: Step | None = None
 
     def steps(self) -> list[Step]:
-        return [*self.members, *(s for m in self.methods for s in (m.align, m.evaluation, m.trace) if s is not None)]
+        return [
+            *self.members,
+            *(s for m in self.methods for s in (m.align, m.evaluation, m.trace) if s is not None),
+            *([self.cycle] if self.cycle is not None else []),
+        ]
+
+
+def cycle_step(members: Sequence[Step], seed: int = 0) -> Step:
+    """Weight matching of every pair of `members` on its own (`seed`) and the cycle error of every triple."""
+    return Step("pairwise_cycle", {"seed": seed}, member_inputs(members))
 
 
 def member_inputs(members: Sequence[Step]) -> dict[str, Step]:
@@ -264,6 +292,7 @@ def build_graph(preset: ItoOptions) -> dict[str, PopulationSteps]:
                 for method in methods
                 for k in k_values(o, s)
             ),
+            cycle_step(members),
         )
     return graph
 
@@ -451,6 +480,37 @@ def _population_align(ctx: StepContext, config: dict[str, Any], inputs: dict[str
     ).to_json()
 
 
+@step_kind("pairwise_cycle")
+def _pairwise_cycle(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """The direct pairwise maps (weight matching of each pair i < j alone, seed `seed`) and the cycle
+    error of every triple (:meth:`CycleConsistency.to_json`)."""
+    runs, model, points = load_members(ctx, inputs)
+    spec = derive_spec(model, example_input(runs[0]).to(next(model.parameters()).device))
+    maps = direct_pairwise_maps(points, spec, seed=config.get("seed", 0))
+    return cycle_consistency(maps, len(points)).to_json()
+
+
+def method_cycle(result: Mapping[str, Any]) -> CycleConsistency:
+    """The cycle errors of a ``population_align`` result's pairwise maps π_i⁻¹ ∘ π_j (from its stored
+    permutations; 0 by construction, computed)."""
+    aligned = PopulationAlignResult.from_json(result)
+    perms, spec = aligned.load_perms()
+    return alignment_cycle_consistency(PopulationAlignment(perms, spec, aligned.method))
+
+
+#: The `method` of the direct pairwise maps' rows in the cycle table.
+DIRECT = "direct_pairwise"
+
+
+def cycle_rows(base: Mapping[str, Any], maps: str, cc: CycleConsistency) -> list[dict[str, Any]]:
+    """Tidy rows of one set of maps: group "all" (every unit) then each group; empty cells without triples."""
+    groups = cc.per_group()
+    return [
+        {**base, "maps": maps, "group": g, "cycle_error": v, "triples": len(cc.triples)}
+        for g, v in [("all", cc.overall), *((g, groups.get(g)) for g in cc.groups)]
+    ]
+
+
 def _bn_setup(ctx: StepContext, config: Mapping[str, Any], model: torch.nn.Module, run: Run) -> tuple[str, Any]:
     bn = config.get("bn") or default_bn_mode(model)
     bn_data = dataset_for(ctx, run, "train", config.get("bn_examples")) if bn == "reset" else None
@@ -521,13 +581,19 @@ def tidy_tables(
     graph: Mapping[str, PopulationSteps], results: dict[str, dict[str, Any]]
 ) -> dict[str, list[dict[str, Any]]]:
     """Tidy rows of every setting's steps: merged (merged model and members), barrier_summary,
-    pair_barriers, merged_barriers, trace, alignment."""
+    pair_barriers, merged_barriers, trace, alignment, cycle (cycle errors: each method's maps, and the
+    direct pairwise maps among the first K members as method "direct_pairwise", maps "direct")."""
     tables: dict[str, list[dict[str, Any]]] = {
-        n: [] for n in ("merged", "barrier_summary", "pair_barriers", "merged_barriers", "trace", "alignment")
+        n: [] for n in ("merged", "barrier_summary", "pair_barriers", "merged_barriers", "trace", "alignment", "cycle")
     }
     for setting, population in graph.items():
+        if population.cycle is not None:
+            direct = CycleConsistency.from_json(results[population.cycle.key])
+            for k in sorted({ms.k for ms in population.methods}):
+                tables["cycle"] += cycle_rows({"setting": setting, "method": DIRECT, "k": k}, "direct", direct.first(k))
         for ms in population.methods:
             base = {"setting": setting, "method": ms.method, "k": ms.k}
+            tables["cycle"] += cycle_rows(base, "joint", method_cycle(results[ms.align.key]))
             aligned = PopulationAlignResult.from_json(results[ms.align.key])
             for i, (d, inv) in enumerate(zip(aligned.distance_to_merged, aligned.invariance_max_abs_diff)):
                 tables["alignment"].append(
@@ -654,6 +720,9 @@ def merge_runs(
     steps as :func:`run_ito` for one K (merged metrics, all-pairs and model → merged barriers, and with
     `trace` (keywords of the trace step, {} for the defaults) the merged model's Hessian trace). Tables
     and one K × K heat map per split go to `out`. `options[method]`: keywords of that method.
+    ``cycle_error[method]``: the cycle error of the method's pairwise maps (:meth:`CycleConsistency.summary`;
+    0: the methods are consistent through their reference or universe); ``direct_pairwise_cycle_error``:
+    that of weight matching every pair alone.
 
     Runs trained on different data raise `DataMismatch` unless `allow_different_data`; then all is
     evaluated on run 0's data, and the tables (an `evaluated_on` column), the heat maps' titles and
@@ -682,6 +751,7 @@ def merge_runs(
             method_steps(method, members, (options or {}).get(method, {}), evaluation, trace_config)
             for method in methods
         ),
+        cycle_step(members),
     )
     results, ran = ctx.run_steps(population.steps())
     out = ctx.out
@@ -711,6 +781,9 @@ def merge_runs(
         for r in tables["barrier_summary"]
         if r["definition"] == "barrier"
     }
+    cycles = {ms.method: method_cycle(results[ms.align.key]).summary() for ms in population.methods}
+    assert population.cycle is not None
+    direct = CycleConsistency.from_json(results[population.cycle.key]).summary()
     for m in methods:
         say(
             f"{m}: merged "
@@ -727,6 +800,8 @@ def merge_runs(
                     f"  {split} loss barrier over {row['n']} pairs: mean {_fmt(row['mean'])} ± {_fmt(row['std'])}, "
                     f"max {_fmt(row['max'])}"
                 )
+        say(f"  cycle error of its pairwise maps: {_cycle(cycles[m])}")
+    say(f"direct pairwise weight matching (each pair alone): cycle error {_cycle(direct)}")
     say(f"tables and figures in {out}")
     return {
         "out": str(out),
@@ -734,8 +809,16 @@ def merge_runs(
         "merged": merged,
         "steps_run": ran,
         "barrier_summary": [r for r in tables["barrier_summary"] if r["definition"] == "barrier"],
+        "cycle_error": cycles,
+        "direct_pairwise_cycle_error": direct,
         "data": data_check.to_json(),
     }
+
+
+def _cycle(summary: Mapping[str, Any]) -> str:
+    if summary["overall"] is None:
+        return f"n/a (K = {summary['k']} < 3: no triples)"
+    return f"{summary['overall']:.4f} over {summary['triples']} triples (fraction of units not mapped back)"
 
 
 def _fmt(value: Any) -> str:

@@ -39,6 +39,7 @@ from lmclab.permutation import (
     derive_spec,
     verify_permutation,
 )
+from lmclab.permutation.spec import coverage
 from lmclab.report import plot_paths, write_csv
 from lmclab.store import (
     DataCheck,
@@ -166,6 +167,7 @@ def align_runs(
         verify_permutation(model_b, result.perm, spec, example_input=x)  # raises SpecError if f(π(θ_B)) ≠ f(θ_B)
         invariance = check_invariance(model_b, spec, result.perm, x)
         info = {**settings, **result.to_json(), "invariance_max_abs_diff": invariance, "data": data_check.to_json()}
+        info["coverage"] = coverage(spec, dict(model_a.named_parameters()))  # fraction of parameters permuted
         result.perm.save(out / "perm.safetensors", spec, **settings)
         atomic_write_json(out / "alignment.json", info)
         return Alignment(result.perm, spec, info, out)

@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 
 from lmclab.curvature.functional import parameter_blocks
 from lmclab.curvature.predictions import barrier_prediction, predicted_set_barrier
-from lmclab.curvature.trace import hessian_trace, top_eigenvalue
-from lmclab.data import DeviceDataset
+from lmclab.curvature.trace import hessian_trace, top_eigenvalue, trace_json
 from lmclab.experiments.lmc import Alignment, check_same_architecture
 from lmclab.paths import (
     barrier_curve,
@@ -41,7 +40,7 @@ from lmclab.points import direction, norm, parameter_names
 from lmclab.report import write_csv
 from lmclab.report.predict import plot_predictions
 from lmclab.store import Run, check_same_data
-from lmclab.training import load_run_model, resolve_device
+from lmclab.training import load_run_model, load_run_split, resolve_device
 
 
 def predict_vs_measure(
@@ -74,15 +73,7 @@ def predict_vs_measure(
         say(f"note: {data_note}")
     dev = resolve_device(device)
     model = load_run_model(run_1, device=dev)
-    data = DeviceDataset.load(
-        run_1.config.data.dataset,
-        split,
-        data_dir=data_dir,
-        device=dev,
-        subset=examples,
-        augment=False,
-        progress=progress,
-    )
+    data = load_run_split(run_1, split, subset=examples, data_dir=data_dir, device=dev, progress=progress)
     theta_1, theta_2 = run_1.load_state(device=dev), run_2.load_state(device=dev)
     if alignment is not None:
         theta_2 = alignment.perm.apply(theta_2, alignment.spec)
@@ -193,15 +184,7 @@ def sharpness(
     """tr ∇²L with a 95% interval, STE-MM's scale-aware tr(D∇²L D), and the top eigenvalue, at a run's final θ."""
     dev = resolve_device(device)
     model = load_run_model(run, device=dev)
-    data = DeviceDataset.load(
-        run.config.data.dataset,
-        split,
-        data_dir=data_dir,
-        device=dev,
-        subset=examples,
-        augment=False,
-        progress=progress,
-    )
+    data = load_run_split(run, split, subset=examples, data_dir=data_dir, device=dev, progress=progress)
     theta = run.load_state(device=dev)
     result: dict[str, Any] = {"run": run.path.name, "split": split, "examples": len(data)}
     bar = tqdm(total=2 + eigenvalue, desc="sharpness: trace", unit="stage", disable=not progress, leave=False)
@@ -209,14 +192,7 @@ def sharpness(
         bar.set_description(f"sharpness: {key.replace('_', ' ')} ({probes} probes)")
         est = hessian_trace(model, theta, data, method=method, scale_aware=scaled, probes=probes, seed=seed)
         bar.update()
-        result[key] = {
-            "estimate": est.estimate,
-            "ci_low": est.ci_low,
-            "ci_high": est.ci_high,
-            "confidence": est.confidence,
-            "probes": est.n_probes,
-            "method": est.method,
-        }
+        result[key] = trace_json(est)
     if eigenvalue:
         bar.set_description("sharpness: top eigenvalue")
         result["top_eigenvalue"] = top_eigenvalue(model, theta, data, seed=seed)

@@ -8,11 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 from lmclab.experiments import benko, ito, singh
+from lmclab.experiments import width as width_experiment
+from lmclab.experiments import zipit as zipit_experiment
 from lmclab.experiments.context import Experiment
 from lmclab.experiments.settings import PresetError
 
 #: Experiments by name, in the order they are listed.
 EXPERIMENTS: dict[str, Experiment[Any]] = {e.name: e for e in (benko.EXPERIMENT, ito.EXPERIMENT, singh.EXPERIMENT)}
+EXPERIMENTS[zipit_experiment.EXPERIMENT.name] = zipit_experiment.EXPERIMENT
+EXPERIMENTS[width_experiment.EXPERIMENT.name] = width_experiment.EXPERIMENT
 
 
 def get_experiment(name: str) -> Experiment[Any]:

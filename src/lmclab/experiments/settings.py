@@ -104,6 +104,8 @@ class ExperimentOptions:
     name: str = field(default="", metadata=SET_BY_LOADER)  # the preset's name
     description: str = ""
     settings: tuple[Setting, ...] = ()
+    # what one step takes on a cluster, by resource class or step kind: {"training": {"gpus": 0.25}, …}
+    resources: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def setting(self, name: str) -> Setting:
         for s in self.settings:

@@ -84,7 +84,7 @@ def fork_step(
     return Step("train", step.config, inputs={"parent": parent})
 
 
-@step_kind("train", self_caching=True)
+@step_kind("train", self_caching=True, resources="training")
 def _train(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     o = ctx.options
     run = train(
@@ -102,7 +102,7 @@ def _train(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> 
     return {"run": str(run.path), "final_metrics": run.meta.final_metrics}
 
 
-@step_kind("align", self_caching=True)
+@step_kind("align", self_caching=True, resources="assignment")
 def _align(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     alignment = align_runs(
         Run(Path(inputs["a"]["run"])),

@@ -12,9 +12,13 @@ from .errors import ModelError
 from .layers import BasicBlock, ConvNorm, ConvNormAct
 from .mlp import MLP
 from .norms import NORMS, LayerNorm2d, make_norm
-from .registry import MODEL_NAMES, build_model, count_parameters, model_defaults
+from .registry import MODELS, build_model, count_parameters, model_defaults
 from .resnet import ResNet
 from .vgg import VGG, VGG_CONFIGS
+from .vit import ViT
+
+#: Every registered model, also those registered by their own module (vit) after registry's snapshot.
+MODEL_NAMES = tuple(MODELS)
 
 __all__ = [
     "MODEL_NAMES",
@@ -29,6 +33,7 @@ __all__ = [
     "ResNet",
     "VGG",
     "VGG_CONFIGS",
+    "ViT",
     "BasicBlock",
     "ConvNorm",
     "ConvNormAct",

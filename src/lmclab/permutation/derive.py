@@ -34,9 +34,28 @@ node that carries the group alone on dim 1 (block 1, offset 0): the 4-D tensor b
 branch before a concatenation. Groups whose units only ever live on another axis (tokens × features
 layouts) get none.
 
-Anything else that touches a non-fixed set (matmul, attention, indexing the unit axis, an unknown
+Attention (``nn.MultiheadAttention``, ``F.scaled_dot_product_attention``, or written out) has more
+structure: a reshape that splits a unit axis into (heads, head_dim) makes the set *block-structured*
+(a *split* flow: heads on one axis, units within a head on another; the set gets a *block set* of
+h units whose permutation moves whole heads). ``q @ kᵀ`` contracting the within-head axes of two
+split flows whose heads sit on one batch axis unites q's and k's sets (same head permutation, same
+within-head permutation) and yields scores carrying the block set on the heads axis (softmax,
+scaling, masking with a head-independent mask keep it); ``scores @ v`` unites that block set with
+v's, so v's heads move with q's while v's within-head units have their own permutation, which the
+merge back (N, L, h, d) → (N, L, h·d) carries into the output projection's input axis.
+``F.scaled_dot_product_attention`` is the same rule in one op; single-head attention (no split)
+unites q and k and lets v's units pass. ``nn.MultiheadAttention`` opens the two structured sets
+itself (in_proj rows [0, 2E) for q/k, [2E, 3E) and out_proj's columns for v) and out_proj opens
+the output's set. ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` (without masks) are
+traced through. A structured set becomes a group with ``blocks`` and ``block_perm`` (see
+:mod:`lmclab.permutation.spec`); a block set with tensors of its own becomes a group of whole blocks.
+
+Never silently partial: anything else that touches hidden units (indexing the unit axis, an unknown
 module, a grouped conv, GroupNorm with 1 < G < C, …) raises :class:`SpecError` naming the fx node,
-its target and its source line. Groups are named ``P_<module that opened the set>``; a union takes
+its target and its source line, also when its result only flows into a residual stream: a set that
+is fixed only because it meets such an op's (opaque) result counts as touched. With
+``leave_unknown_fixed=True`` those sets stay unpermuted and the spec's meta says which.
+Groups are named ``P_<module that opened the set>``; a union takes
 the name of its earliest opener (``P_stem.conv`` for ResNet-20's stage-1 residual stream).
 """
 
@@ -60,7 +79,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from lmclab.models.norms import LayerNorm2d
-from lmclab.permutation.spec import AxisRef, PermGroup, PermutationSpec, SpecError
+from lmclab.permutation.spec import AxisRef, PermGroup, PermutationSpec, SpecError, coverage
 
 __all__ = ["PermTracer", "trace_model", "example_input_for", "derive_spec", "spec_for"]
 
@@ -79,19 +98,47 @@ class PermTracer(fx.Tracer):
         self.extra_leaves: tuple[type, ...] = (LayerNorm2d, *leaf_modules)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, self.extra_leaves):
+            return True
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder)):
+            return False  # traced through: attention, linears, norms
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """nn.TransformerEncoder without masks is its layers in sequence, then its norm (its forward
+        branches on the input, which fx cannot trace)."""
+        if isinstance(m, nn.TransformerEncoder) and not isinstance(m, self.extra_leaves):
+            extra = list(args[1:]) + [v for k, v in kwargs.items() if k != "src"]
+            if any(v is not None and v is not False for v in extra):
+                raise SpecError("nn.TransformerEncoder is traced only when called without masks")
+            x = args[0] if args else kwargs["src"]
+            for layer in cast(Iterable[nn.Module], m.layers):
+                x = self.call_module(layer, layer.forward, (x,), {})
+            if m.norm is not None:
+                x = self.call_module(m.norm, m.norm.forward, (x,), {})
+            return x
+        return super().call_module(m, forward, args, kwargs)
 
 
 def trace_model(model: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
-    """Symbolic trace with :class:`PermTracer`; the GraphModule shares the model's submodules."""
+    """Symbolic trace with :class:`PermTracer`; the GraphModule shares the model's submodules.
+
+    PyTorch's fused attention fast path is switched off while tracing (its eligibility checks branch on
+    the input); the traced graph computes the same function."""
     tracer = PermTracer(leaf_modules)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         graph = tracer.trace(model)
     except Exception as err:  # noqa: BLE001 - fx raises many types
         raise SpecError(
             f"torch.fx cannot trace {type(model).__name__}: {err}. Mark the offending submodule "
             "as a leaf (leaf_modules=...) or pass an explicit spec."
         ) from err
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -149,9 +196,12 @@ class _Prop(ShapeProp):
         super().__init__(gm)
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
         self.values: dict[fx.Node, Any] = {}
+        self.tuple_shapes: dict[fx.Node, list[tuple[int, ...]]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
+        if isinstance(result, (tuple, list)) and result and all(isinstance(t, torch.Tensor) for t in result):
+            self.tuple_shapes[n] = [tuple(t.shape) for t in result]
         if isinstance(result, torch.Tensor):
             self.shapes[n] = tuple(result.shape)
         elif _is_small(result):
@@ -175,10 +225,15 @@ class _Part:
 
 @dataclass(frozen=True)
 class _Flow:
-    """A tensor whose axis `dim` carries the concatenation of `parts`."""
+    """A tensor whose axis `dim` carries the concatenation of `parts`.
+
+    With `inner` set (a *split* flow: attention heads), there is one part, of a block-structured set
+    of h blocks × d units: axis `dim` (length h) indexes the blocks and axis `inner` (length d) the
+    unit within its block."""
 
     dim: int
     parts: tuple[_Part, ...]
+    inner: int | None = None
 
 
 @dataclass(frozen=True)
@@ -207,32 +262,89 @@ class _FixedT:
         return "FIXED"
 
 
+class _OpaqueT(_FixedT):
+    """The result of an op the rules do not cover, applied to hidden units: treated as fixed, but a set
+    fixed through it is *tainted* (left fixed only because of that op, described by `origin`), which is
+    an error unless the caller passes ``leave_unknown_fixed=True``."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def __repr__(self) -> str:
+        return f"OPAQUE({self.origin})"
+
+
+@dataclass(frozen=True)
+class _Tuple:
+    """A tuple result whose items are tracked (nn.MultiheadAttention's (output, weights))."""
+
+    items: tuple[Any, ...]
+
+
 _CONST = _ConstT()
 _FIXED = _FixedT()
 _UNKNOWN = object()
-Val = _Flow | _Attr | _ConstT | _FixedT | None
+Val = _Flow | _Attr | _ConstT | _FixedT | _Tuple | None
 
 
 def _plain(v: Val) -> Val:
-    """Result kind of a unit-free op on a tensor without units: fixed stays fixed, else constant."""
-    return _FIXED if v is _FIXED else _CONST
+    """Result kind of a unit-free op on a tensor without units: fixed (or opaque) stays so, else constant."""
+    return v if isinstance(v, _FixedT) else _CONST
+
+
+def _combine_fixed(vals: Iterable[Any]) -> Val:
+    """Opaque if any value is, else fixed if any is, else constant."""
+    vals = list(vals)
+    for v in vals:
+        if isinstance(v, _OpaqueT):
+            return v
+    return _FIXED if any(isinstance(v, _FixedT) for v in vals) else _CONST
 
 
 class _Sets:
-    """Union-find over unit sets: size, opener (module name) and fixed flag per root."""
+    """Union-find over unit sets: size, opener (module name) and fixed flag per root.
+
+    `legit`: fixed for a reason of the network itself (reaches the output, meets the input, a shared
+    layer); `tainted`: fixed through an op the rules do not cover. Block structure: `blocks` (1 =
+    flat) and `bset`, the set (of `blocks` units) whose permutation moves the whole blocks."""
 
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.size: list[int] = []
         self.opener: list[str | None] = []
         self.fixed: list[bool] = []
+        self.legit: list[bool] = []
+        self.tainted: list[bool] = []
+        self.blocks: list[int] = []
+        self.bset: list[int | None] = []
+        self.origins: dict[int, list[str]] = {}
 
     def new(self, size: int, opener: str | None = None, fixed: bool = False) -> int:
         self.parent.append(len(self.parent))
         self.size.append(int(size))
         self.opener.append(opener)
         self.fixed.append(fixed)
+        self.legit.append(fixed)
+        self.tainted.append(False)
+        self.blocks.append(1)
+        self.bset.append(None)
         return len(self.parent) - 1
+
+    def structure(self, i: int, blocks: int, where: str) -> int:
+        """Give set i a structure of `blocks` blocks (if flat); the root of its block set."""
+        r = self.find(i)
+        if self.blocks[r] == 1:
+            if blocks < 1 or self.size[r] % blocks:
+                raise SpecError(f"{where}: {self.size[r]} units do not split into {blocks} blocks")
+            self.blocks[r] = blocks
+            self.bset[r] = self.new(blocks, opener=self.opener[r])
+        elif self.blocks[r] != blocks:
+            raise SpecError(f"{where}: units already split into {self.blocks[r]} blocks, not {blocks}")
+        return self.find(cast(int, self.bset[r]))
+
+    def block_set(self, i: int) -> int | None:
+        b = self.bset[self.find(i)]
+        return None if b is None else self.find(b)
 
     def find(self, i: int) -> int:
         while self.parent[i] != i:
@@ -246,13 +358,31 @@ class _Sets:
             return ra
         if self.size[ra] != self.size[rb]:
             raise SpecError(f"{where}: cannot tie unit sets of {self.size[ra]} and {self.size[rb]} units")
+        if self.blocks[ra] > 1 and self.blocks[rb] > 1 and self.blocks[ra] != self.blocks[rb]:
+            raise SpecError(f"{where}: cannot tie units in {self.blocks[ra]} blocks to units in {self.blocks[rb]}")
         lo, hi = min(ra, rb), max(ra, rb)  # the earliest set stays the root
         self.parent[hi] = lo
         self.fixed[lo] = self.fixed[lo] or self.fixed[hi]
+        self.legit[lo] = self.legit[lo] or self.legit[hi]
+        self.tainted[lo] = self.tainted[lo] or self.tainted[hi]
+        self.origins.setdefault(lo, []).extend(self.origins.pop(hi, []))
+        b_lo, b_hi = self.bset[lo], self.bset[hi]
+        if b_lo is None and b_hi is not None:
+            self.blocks[lo], self.bset[lo] = self.blocks[hi], b_hi
+        elif b_lo is not None and b_hi is not None:
+            self.union(b_lo, b_hi, where)
         return lo
 
-    def fix(self, i: int) -> None:
-        self.fixed[self.find(i)] = True
+    def fix(self, i: int, origin: str | None = None) -> None:
+        """Fix set i: for a reason of the network itself (`origin` None), or only because of the op
+        described by `origin` (tainted)."""
+        r = self.find(i)
+        self.fixed[r] = True
+        if origin is None:
+            self.legit[r] = True
+        else:
+            self.tainted[r] = True
+            self.origins.setdefault(r, []).append(origin)
 
     def is_fixed(self, i: int) -> bool:
         return self.fixed[self.find(i)]
@@ -400,6 +530,8 @@ _ELEMENTWISE_METHODS = {
     "requires_grad_",
     "expand",
     "expand_as",
+    "masked_fill",
+    "masked_fill_",
 }
 _CAST_METHODS = {"to", "type", "type_as", "cpu", "cuda"}  # only `self` matters
 _SHAPE_ONLY_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous"}
@@ -424,6 +556,8 @@ _PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "
 _REDUCE_FUNCS = set(_fns("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean", module=torch))
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "nansum", "nanmean"}
 _CAT_FUNCS = set(_fns("cat", "concat", "concatenate", module=torch))
+_SPLIT_FUNCS = set(_fns("split", "chunk", "tensor_split", module=torch))
+_SPLIT_METHODS = {"split", "chunk", "tensor_split"}
 _SPATIAL_FUNCS: dict[Callable[..., Any], int] = {
     **{f: 1 for f in _fns("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d", "lp_pool1d")},
     **{f: 2 for f in _fns("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "lp_pool2d")},
@@ -431,6 +565,9 @@ _SPATIAL_FUNCS: dict[Callable[..., Any], int] = {
     **{f: -2 for f in _fns("interpolate", "upsample", "upsample_nearest", "upsample_bilinear")},  # ndim-2
 }
 _CONV_FUNCS = set(_fns("conv1d", "conv2d", "conv3d"))
+_MATMUL_FUNCS = {operator.matmul, *_fns("matmul", "bmm", module=torch)}
+_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+_SDPA_FUNCS = set(_fns("scaled_dot_product_attention"))
 
 _ELEMENTWISE_MODULES: tuple[type, ...] = tuple(
     getattr(nn, n)
@@ -540,9 +677,10 @@ def _source_line(node: fx.Node, model: nn.Module) -> str:
 
 
 class _Deriver:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, prop: _Prop) -> None:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, prop: _Prop, leave_unknown_fixed: bool = False) -> None:
         self.model, self.gm = model, gm
-        self.shapes, self.values = prop.shapes, prop.values
+        self.leave_unknown_fixed = leave_unknown_fixed
+        self.shapes, self.values, self.tuple_shapes = prop.shapes, prop.values, prop.tuple_shapes
         self.state = set(model.state_dict().keys())
         self.sets = _Sets()
         self.val: dict[fx.Node, Val] = {}
@@ -593,28 +731,53 @@ class _Deriver:
         return _FIXED if from_input else _CONST
 
     def _unknown(self, node: fx.Node, why: str) -> Val:
-        """An op the rules do not cover: an error if it touches a set that ends up permuted."""
-        from_input = False
-        for a in self._tensor_args(node):
+        """An op the rules do not cover: an error if it touches a set that ends up permuted or that is
+        fixed only through this op's (opaque) result; that result is opaque when it derives from units."""
+        touched, vals = False, []
+        seen: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: seen.append(n))
+        for a in dict.fromkeys(seen):
             v = self.val.get(a)
+            if isinstance(v, _Tuple):
+                for x in v.items:
+                    if isinstance(x, _Flow):
+                        self._hazard(node, why, x)
+                        touched = True
+                v = _combine_fixed(v.items)
             if isinstance(v, _Flow):
                 self._hazard(node, why, v)
-            from_input = from_input or isinstance(v, _Flow) or v is _FIXED
+                touched = True
+            vals.append(v)
             self._opaque_use(node, v, why)
-        return self._fresh(node, from_input)
+        if touched:
+            return _OpaqueT(self._describe(node, why))
+        if any(isinstance(v, _OpaqueT) for v in vals) or node not in self.shapes:
+            return None
+        return _combine_fixed(vals)
 
     def _keep(self, node: fx.Node, flow: _Flow) -> _Flow:
         """The same sets on `flow.dim`; this node becomes the activation source of a lone plain set."""
-        if flow.dim == 1 and len(flow.parts) == 1 and flow.parts[0].block == 1 and flow.parts[0].offset == 0:
+        if (
+            flow.dim == 1
+            and flow.inner is None
+            and len(flow.parts) == 1
+            and flow.parts[0].block == 1
+            and flow.parts[0].offset == 0
+        ):
             return _Flow(1, (replace(flow.parts[0], src=node.name),))
         return flow
 
     def _same_layout(self, a: _Flow, b: _Flow) -> bool:
-        return len(a.parts) == len(b.parts) and all(
-            p.offset == q.offset
-            and p.block == q.block
-            and self.sets.size[self.sets.find(p.set)] == self.sets.size[self.sets.find(q.set)]
-            for p, q in zip(a.parts, b.parts)
+        return (
+            a.inner is None
+            and b.inner is None
+            and len(a.parts) == len(b.parts)
+            and all(
+                p.offset == q.offset
+                and p.block == q.block
+                and self.sets.size[self.sets.find(p.set)] == self.sets.size[self.sets.find(q.set)]
+                for p, q in zip(a.parts, b.parts)
+            )
         )
 
     # ---- generic rules
@@ -643,7 +806,10 @@ class _Deriver:
         if not flows:
             for _, v, _, _ in others:
                 self._opaque_use(node, v, "used in an elementwise op")
-            return self._fresh(node, broadcast_flow or any(v is _FIXED for _, v, _, _ in others))
+            vals = [v for _, v, _, _ in others]
+            return _combine_fixed(vals + ([_FIXED] if broadcast_flow else []))
+        if any(f.inner is not None for _, f in flows):
+            return self._elementwise_split(node, out, flows, others)
         if len({d for d, _ in flows}) > 1:
             return self._unknown(node, "operands carry units on different axes")
         d, first = flows[0]
@@ -663,9 +829,9 @@ class _Deriver:
             if ax < 0 or shape[ax] == 1:
                 self._opaque_use(node, v, "used in an elementwise op, not along the unit axis")
                 continue
-            if v is _FIXED:  # varies along the unit axis and is never permuted: the sets are fixed
+            if isinstance(v, _FixedT):  # varies along the unit axis and is never permuted: the sets are fixed
                 for p in first.parts:
-                    self.sets.fix(p.set)
+                    self.sets.fix(p.set, origin=v.origin if isinstance(v, _OpaqueT) else None)
                 continue
             amap = v.axis_map() if isinstance(v, _Attr) else {}
             if isinstance(v, _Attr) and ax in amap and shape[ax] == out[d]:
@@ -680,6 +846,31 @@ class _Deriver:
             self._opaque_use(node, v, "used in an elementwise op")
         return self._keep(node, _Flow(d, first.parts))
 
+    def _elementwise_split(
+        self,
+        node: fx.Node,
+        out: tuple[int, ...],
+        flows: list[tuple[int, _Flow]],
+        others: list[tuple[fx.Node, Val, tuple[int, ...], int]],
+    ) -> Val:
+        """Elementwise op on split (head) flows: all flows on the same (block, inner) axes, united; every
+        other operand constant along both (size 1 there, or absent)."""
+        lead_of = {id(f): d - f.dim for d, f in flows}
+        layouts = {(d, None if f.inner is None else f.inner + lead_of[id(f)]) for d, f in flows}
+        if len(layouts) > 1:
+            return self._unknown(node, "operands carry attention heads on different axes")
+        d, inner = next(iter(layouts))
+        first = flows[0][1]
+        for _, f in flows[1:]:
+            self.sets.union(first.parts[0].set, f.parts[0].set, f"node {node.name}")
+        for _, v, shape, lead in others:
+            for ax in (d, cast(int, inner)):
+                if ax - lead >= 0 and shape[ax - lead] != 1:
+                    self._hazard(node, "operand varies along the attention heads' axes", first)
+                    self._opaque_use(node, v, "used in an elementwise op")
+                    return _OpaqueT(self._describe(node, "operand varies along the attention heads' axes"))
+        return _Flow(d, first.parts, inner)
+
     def reshape(self, node: fx.Node, x: fx.Node) -> Val:
         """Reshape that keeps each unit's entries contiguous: dim d (P_in trailing entries) becomes dim d'
         (P_out trailing entries) with block·P_in/P_out entries per unit."""
@@ -690,6 +881,8 @@ class _Deriver:
             return self._attr_reshape(node, v, ins, out)
         if not isinstance(v, _Flow):
             return _plain(v)
+        if v.inner is not None:
+            return self._split_reshape(node, v, ins, out)
         d = v.dim
         outer, p_in = _prod(ins[:d]), _prod(ins[d + 1 :])
         for d2 in range(len(out)):
@@ -703,7 +896,33 @@ class _Deriver:
                     d2,
                     tuple(replace(p, block=p.block * p_in // p_out, offset=p.offset * p_in // p_out) for p in v.parts),
                 )
+        if len(v.parts) == 1 and v.parts[0].block == 1 and v.parts[0].offset == 0 and p_in == 1:
+            # the unit axis split into (blocks, within): attention heads (N, L, E) -> (N, L, h, d)
+            for d2 in range(len(out) - 1):
+                if _prod(out[:d2]) == outer and out[d2] * out[d2 + 1] == ins[d] and _prod(out[d2 + 2 :]) == 1:
+                    if out[d2] == 1 or out[d2 + 1] == 1:
+                        break
+                    try:
+                        self.sets.structure(v.parts[0].set, out[d2], f"node {node.name}")
+                    except SpecError as err:
+                        return self._unknown(node, str(err))
+                    return _Flow(d2, (replace(v.parts[0], src=None),), d2 + 1)
         return self._unknown(node, f"reshape {ins} -> {out} splits units or mixes them with other axes")
+
+    def _split_reshape(self, node: fx.Node, v: _Flow, ins: tuple[int, ...], out: tuple[int, ...]) -> Val:
+        """A split flow (blocks on axis h, units within on axis h + 1) merged back into one unit axis, or
+        reshaped around those two axes without touching them."""
+        h, i = v.dim, cast(int, v.inner)
+        if i == h + 1:
+            outer, tail = _prod(ins[:h]), _prod(ins[i + 1 :])
+            for d2 in range(len(out)):
+                if _prod(out[:d2]) != outer:
+                    continue
+                if out[d2] == ins[h] * ins[i] and _prod(out[d2 + 1 :]) == tail and tail == 1:
+                    return _Flow(d2, v.parts)
+                if d2 + 1 < len(out) and out[d2] == ins[h] and out[d2 + 1] == ins[i] and _prod(out[d2 + 2 :]) == tail:
+                    return _Flow(d2, v.parts, d2 + 1)
+        return self._unknown(node, f"reshape {ins} -> {out} of attention heads not understood")
 
     def _attr_reshape(self, node: fx.Node, v: _Attr, ins: tuple[int, ...], out: tuple[int, ...]) -> Val:
         """A per-unit vector viewed with singleton dims (gamma.view(1, -1, 1, 1)) stays a parameter axis."""
@@ -721,7 +940,7 @@ class _Deriver:
         if order is None:
             return self._unknown(node, "permutation of axes not understood")
         if isinstance(v, _Flow):
-            return _Flow(order.index(v.dim), v.parts)
+            return _Flow(order.index(v.dim), v.parts, None if v.inner is None else order.index(v.inner))
         if isinstance(v, _Attr):
             return _Attr(v.target, tuple((order.index(a), p) for a, p in v.axes))
         return _plain(v) if node in self.shapes else None
@@ -762,8 +981,13 @@ class _Deriver:
         base, idx = node.args[0], self._concrete(node.args[1])
         if node not in self.shapes:
             return None
+        if isinstance(base, fx.Node) and isinstance(self.val.get(base), _Tuple) and isinstance(idx, int):
+            items = cast(_Tuple, self.val[base]).items
+            return cast(Val, items[idx]) if -len(items) <= idx < len(items) else None
         if not isinstance(base, fx.Node) or base not in self.shapes:
-            return _FIXED  # a tensor out of an untracked tuple: never permuted
+            # a tensor out of an untracked tuple: never permuted (opaque if that tuple came from units)
+            bv = self.val.get(base) if isinstance(base, fx.Node) else None
+            return bv if isinstance(bv, _OpaqueT) else _FIXED
         v, ndim = self.val.get(base), len(self.shapes[base])
         mapping = _index_map(idx, ndim, self.shapes[base])
         if mapping is None:
@@ -772,6 +996,11 @@ class _Deriver:
             new, full = mapping.get(v.dim, (None, False))
             if new is None or not full:
                 return self._unknown(node, "indexes or slices the unit axis")
+            if v.inner is not None:
+                new_inner, full_inner = mapping.get(v.inner, (None, False))
+                if new_inner is None or not full_inner:
+                    return self._unknown(node, "indexes or slices the units within attention heads")
+                return _Flow(new, v.parts, new_inner)
             return _Flow(new, v.parts)
         if isinstance(v, _Attr):
             axes = []
@@ -796,7 +1025,9 @@ class _Deriver:
         if not flows:
             for v in vals:
                 self._opaque_use(node, v, "concatenated")
-            return _FIXED if any(v is _FIXED for v in vals) else _CONST
+            return _combine_fixed(vals)
+        if any(f.inner is not None for f in flows):
+            return self._unknown(node, "concatenation of attention heads")
         if all(f.dim == d for f in flows):
             parts: list[_Part] = []
             off = 0
@@ -805,12 +1036,61 @@ class _Deriver:
                     parts += [replace(p, offset=p.offset + off) for p in v.parts]
                 else:
                     self._opaque_use(node, v, "concatenated")
-                    parts.append(_Part(self.sets.new(self.shapes[t][d], fixed=True), 1, off, None))
+                    part = self.sets.new(self.shapes[t][d])
+                    self.sets.fix(part, origin=v.origin if isinstance(v, _OpaqueT) else None)
+                    parts.append(_Part(part, 1, off, None))
                 off += self.shapes[t][d]
             return _Flow(d, tuple(parts))
         if all(f.dim != d for f in flows):
             return self.elementwise(node, list(tensors))
         return self._unknown(node, "concatenation mixing the unit axis with another axis")
+
+    def split(self, node: fx.Node, x: fx.Node) -> Val:
+        """split / chunk / tensor_split: pieces along another axis keep the units; pieces along the unit
+        axis of a layer's fresh output (q, k, v = qkv(x).chunk(3, -1)) split its set into one set per
+        piece (the layer's output rows at the pieces' offsets)."""
+        shapes, ins = self.tuple_shapes.get(node), self.shapes.get(x)
+        dim = self._concrete(_arg(node, 2, "dim", 0))
+        if shapes is None or ins is None or not isinstance(dim, int):
+            return self._unknown(node, "split into pieces not understood")
+        d = dim % len(ins)
+        v = self.val.get(x)
+        if not isinstance(v, _Flow):
+            self._opaque_use(node, v, "split")
+            return _Tuple(tuple(_plain(v) for _ in shapes))
+        if d != v.dim and d != v.inner:
+            return _Tuple(tuple(v for _ in shapes))
+        p = v.parts[0]
+        s = self.sets.find(p.set)
+        fresh = (
+            v.inner is None
+            and len(v.parts) == 1
+            and p.block == 1
+            and p.offset == 0
+            and s == p.set
+            and self.sets.blocks[s] == 1
+            and not self.sets.fixed[s]
+            and not any(self.sets.find(i) == s for i in range(len(self.sets.parent)) if i != s)
+            and list(x.users) == [node]
+        )
+        if not fresh:
+            return self._unknown(node, "splits units that are not one layer's own output")
+        sizes = [shape[d] for shape in shapes]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        opener = self.sets.opener[s]
+        new = [self.sets.new(n, opener=f"{opener}.{i}") for i, n in enumerate(sizes)]
+        refs = []
+        for t, ref in self.refs:
+            if self.sets.find(t) != s:
+                refs.append((t, ref))
+                continue
+            for piece, start in zip(new, starts):
+                refs.append((piece, replace(ref, offset=ref.offset + start * ref.block)))
+        self.refs = refs
+        self.acts = [(t, a) for t, a in self.acts if self.sets.find(t) != s]
+        self.opened = {k: t for k, t in self.opened.items() if t != s}
+        self.sets.fix(s)  # the unsplit set has no tensors left
+        return _Tuple(tuple(_Flow(v.dim, (_Part(piece, 1, 0, None),)) for piece in new))
 
     # ---- layers
 
@@ -933,6 +1213,242 @@ class _Deriver:
                 )
         return self.per_unit(node, x, [(t, 0) for t in tensors], 1, "GroupNorm")
 
+    # ---- attention
+
+    def _split_set(self, f: _Flow) -> int:
+        return f.parts[0].set
+
+    def _bset(self, f: _Flow) -> int:
+        b = self.sets.block_set(self._split_set(f))
+        if b is None:  # pragma: no cover - a split flow's set is always structured
+            raise SpecError("internal error: attention heads without a block structure")
+        return b
+
+    def matmul(self, node: fx.Node, a: Any, b: Any) -> Val:
+        """Batched a @ b (contracting a's last axis with b's second-to-last; leading axes broadcast).
+
+        Understood layouts: q·kᵀ contracting the units of both (united; per head when both are split
+        flows with their heads on one batch axis: the result carries the heads' block set); a batch axis
+        carrying units on one side (scores per head) against heads split on the other (@ v: the block
+        sets are united); a unit-free left operand mixing tokens of a right operand's units (or the
+        mirror image). Anything else is unknown."""
+        out = self.shapes.get(node)
+        sa = self.shapes.get(a) if isinstance(a, fx.Node) else None
+        sb = self.shapes.get(b) if isinstance(b, fx.Node) else None
+        if out is None or sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+            return self._unknown(node, "matmul of vectors or non-tensors")
+        va, vb = self.val.get(a), self.val.get(b)
+        na, nb, no = len(sa), len(sb), len(out)
+        fa = va if isinstance(va, _Flow) else None
+        fb = vb if isinstance(vb, _Flow) else None
+        where = f"node {node.name}"
+        if fa is None and fb is None:
+            self._opaque_use(node, va, "multiplied")
+            self._opaque_use(node, vb, "multiplied")
+            return _combine_fixed([va, vb])
+
+        def pos(ax: int, n: int) -> int | None:  # batch axis of an n-dim operand -> output axis
+            return ax + (no - n) if ax < n - 2 else None
+
+        def flat_single(f: _Flow) -> bool:
+            return f.inner is None
+
+        def unit_free_at(shape: tuple[int, ...], n: int, out_ax: int | None) -> bool:
+            """The other operand is constant along output batch axis `out_ax` (size 1 or absent)."""
+            if out_ax is None:
+                return True
+            ax = out_ax - (no - n)
+            return ax < 0 or shape[ax] == 1
+
+        # q·kᵀ: units contracted on both sides
+        if fa is not None and fb is not None:
+            if flat_single(fa) and flat_single(fb) and fa.dim == na - 1 and fb.dim == nb - 2:
+                if not self._same_layout(fa, fb):
+                    return self._unknown(node, "matmul contracting different unit layouts")
+                for p, q in zip(fa.parts, fb.parts):
+                    self.sets.union(p.set, q.set, where)
+                return _CONST
+            if fa.inner == na - 1 and fb.inner == nb - 2:
+                ha, hb = pos(fa.dim, na), pos(fb.dim, nb)
+                if ha is None or ha != hb or sa[fa.dim] != sb[fb.dim]:
+                    return self._unknown(node, "attention scores whose heads are not on one batch axis")
+                self.sets.union(self._split_set(fa), self._split_set(fb), where)
+                return _Flow(ha, (_Part(self._bset(fa), 1, 0, None),))
+            # scores per head (a batch axis of a) @ values split into heads (b)
+            if flat_single(fa) and fb.inner == nb - 1 and len(fa.parts) == 1:
+                ha, hb = pos(fa.dim, na), pos(fb.dim, nb)
+                if ha is not None and ha == hb and sa[fa.dim] == sb[fb.dim]:
+                    self.sets.union(fa.parts[0].set, self._bset(fb), where)
+                    return _Flow(ha, fb.parts, no - 1)
+            if flat_single(fb) and fa.inner == na - 2 and len(fb.parts) == 1:
+                ha, hb = pos(fa.dim, na), pos(fb.dim, nb)
+                if hb is not None and ha == hb and sa[fa.dim] == sb[fb.dim]:
+                    self.sets.union(fb.parts[0].set, self._bset(fa), where)
+                    return _Flow(hb, fa.parts, no - 2)
+            if flat_single(fa) and flat_single(fb):
+                ha, hb = pos(fa.dim, na), pos(fb.dim, nb)
+                if ha is not None and ha == hb and self._same_layout(fa, fb):
+                    for p, q in zip(fa.parts, fb.parts):
+                        self.sets.union(p.set, q.set, where)
+                    return _Flow(ha, fa.parts)
+            return self._unknown(node, "matmul of two operands carrying units in a layout not understood")
+        if fb is not None:  # unit-free a mixes b's rows (tokens): b's units pass through
+            self._opaque_use(node, va, "multiplied")
+            if fb.inner is None and fb.dim == nb - 1:
+                return _Flow(no - 1, fb.parts)
+            if fb.inner == nb - 1 and unit_free_at(sa, na, pos(fb.dim, nb)) and pos(fb.dim, nb) is not None:
+                return _Flow(cast(int, pos(fb.dim, nb)), fb.parts, no - 1)
+            if fb.inner is None and pos(fb.dim, nb) is not None and unit_free_at(sa, na, pos(fb.dim, nb)):
+                return _Flow(cast(int, pos(fb.dim, nb)), fb.parts)
+            return self._unknown(node, "matmul contracting units with a tensor that is not permuted with them")
+        assert fa is not None
+        self._opaque_use(node, vb, "multiplied")
+        if fa.inner is None and fa.dim == na - 2:
+            return _Flow(no - 2, fa.parts)
+        if fa.inner == na - 2 and pos(fa.dim, na) is not None and unit_free_at(sb, nb, pos(fa.dim, na)):
+            return _Flow(cast(int, pos(fa.dim, na)), fa.parts, no - 2)
+        if fa.inner is None and pos(fa.dim, na) is not None and unit_free_at(sb, nb, pos(fa.dim, na)):
+            return _Flow(cast(int, pos(fa.dim, na)), fa.parts)
+        return self._unknown(node, "matmul contracting units with a tensor that is not permuted with them")
+
+    def sdpa(self, node: fx.Node) -> Val:
+        """F.scaled_dot_product_attention(q, k, v, attn_mask, …): softmax(q kᵀ·scale + mask) v per head.
+
+        q and k share their units (per head: heads and within-head units), v's heads follow q's, the
+        output carries v's units. A mask must be constant along the heads' axis."""
+        q, k, v = (_arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+        mask = _arg(node, 3, "attn_mask")
+        out = self.shapes.get(node)
+        if out is None or not all(isinstance(t, fx.Node) and t in self.shapes for t in (q, k, v)):
+            return self._unknown(node, "attention on non-tensors")
+        fq, fk, fv = (self.val.get(t) for t in (q, k, v))
+        no = len(out)
+        if not all(isinstance(f, _Flow) for f in (fq, fk, fv)):
+            if any(isinstance(f, _Flow) for f in (fq, fk, fv)):
+                return self._unknown(node, "attention with some of q, k, v unpermuted")
+            return _combine_fixed([fq, fk, fv])
+        fq, fk, fv = cast(_Flow, fq), cast(_Flow, fk), cast(_Flow, fv)
+        where = f"node {node.name}"
+        mask_v = self.val.get(mask) if isinstance(mask, fx.Node) else None
+        if isinstance(mask_v, _Flow):
+            return self._unknown(node, "attention mask carrying units")
+        if fq.inner is None and fk.inner is None and fv.inner is None:
+            nq, nk, nv = (len(self.shapes[t]) for t in (q, k, v))
+            if fq.dim == nq - 1 and fk.dim == nk - 1 and fv.dim == nv - 1 and self._same_layout(fq, fk):
+                for p, r in zip(fq.parts, fk.parts):
+                    self.sets.union(p.set, r.set, where)
+                return _Flow(no - 1, fv.parts)
+            return self._unknown(node, "single-head attention with units off the feature axis")
+        if any(f.inner is None for f in (fq, fk, fv)):
+            return self._unknown(node, "attention with heads split on only some of q, k, v")
+        layouts = {
+            (f.dim - len(self.shapes[t]), cast(int, f.inner) - len(self.shapes[t]))
+            for f, t in ((fq, q), (fk, k), (fv, v))
+        }
+        h, inner = next(iter(layouts))
+        if len(layouts) != 1 or inner != -1 or h >= -2:
+            return self._unknown(node, "attention whose q, k, v heads are not on one batch axis")
+        if isinstance(mask, fx.Node) and mask in self.shapes:
+            ms = self.shapes[mask]
+            if len(ms) >= -h and ms[h] != 1:
+                return self._unknown(node, "attention mask that differs between heads")
+        self.sets.union(self._split_set(fq), self._split_set(fk), where)
+        self.sets.union(self._bset(fq), self._bset(fv), where)
+        return _Flow(no + h, fv.parts, no - 1)
+
+    def multihead_attention(self, node: fx.Node, name: str, m: nn.MultiheadAttention) -> Val:
+        """nn.MultiheadAttention: heads of the q/k projections share one block-structured set (opened
+        here, heads × head_dim), those of the v projection and out_proj's input another, with the same
+        permutation of heads; out_proj opens the output's units. Returns (output, weights)."""
+        args = [_arg(node, i, n) for i, n in enumerate(("query", "key", "value"))]
+        if not all(isinstance(a, fx.Node) and a in self.shapes for a in args):
+            return self._unknown(node, "attention on non-tensors")
+        q, k, v = cast(list[fx.Node], args)
+        for t in (q, k, v):
+            f = self.val.get(t)
+            if isinstance(f, _Flow) and (f.inner is not None or f.dim != len(self.shapes[t]) - 1):
+                return self._unknown(node, "MultiheadAttention input whose units are not on the feature axis")
+        for i, n in ((3, "key_padding_mask"), (5, "attn_mask")):
+            mk = _arg(node, i, n)
+            if isinstance(mk, fx.Node) and isinstance(self.val.get(mk), _Flow):
+                return self._unknown(node, f"{n} carrying units")
+        p = f"{name}."
+        e, h = m.embed_dim, m.num_heads
+        if m._qkv_same_embed_dim:
+            for t in (q, k, v):
+                self._consume(node, self.val.get(t), p + "in_proj_weight", 1)
+            qk_refs = [(p + "in_proj_weight", 0, 0), (p + "in_proj_weight", 0, e)]
+            vo_refs = [(p + "in_proj_weight", 0, 2 * e)]
+        else:
+            for t, w in ((q, "q_proj_weight"), (k, "k_proj_weight"), (v, "v_proj_weight")):
+                self._consume(node, self.val.get(t), p + w, 1)
+            qk_refs = [(p + "q_proj_weight", 0, 0), (p + "k_proj_weight", 0, 0)]
+            vo_refs = [(p + "v_proj_weight", 0, 0)]
+        if m.in_proj_bias is not None:
+            qk_refs += [(p + "in_proj_bias", 0, 0), (p + "in_proj_bias", 0, e)]
+            vo_refs += [(p + "in_proj_bias", 0, 2 * e)]
+        if m.bias_k is not None and m.bias_v is not None:
+            qk_refs.append((p + "bias_k", 2, 0))
+            vo_refs.append((p + "bias_v", 2, 0))
+        vo_refs.append((p + "out_proj.weight", 1, 0))
+        where = f"node {node.name}"
+        qk = self.opened.get(p + "qk")
+        if qk is None:
+            qk = self.opened[p + "qk"] = self.sets.new(e, opener=f"{name}.qk")
+            vo = self.opened[p + "vo"] = self.sets.new(e, opener=f"{name}.vo")
+            self.sets.union(self.sets.structure(qk, h, where), self.sets.structure(vo, h, where), where)
+            for s_, refs in ((qk, qk_refs), (vo, vo_refs)):
+                for tensor, a, off in refs:
+                    if tensor in self.state:
+                        self._ref(s_, AxisRef(tensor, a, 1, off))
+        out_dim = len(self.shapes[q]) - 1
+        flow = self._open(
+            node,
+            p + "out_proj.weight",
+            f"{name}.out_proj",
+            e,
+            [(p + "out_proj.weight", 0)] + ([(p + "out_proj.bias", 0)] if m.out_proj.bias is not None else []),
+            out_dim,
+        )
+        flow = _Flow(out_dim, (replace(flow.parts[0], src=None),))
+        need = self._concrete(_arg(node, 4, "need_weights", True))
+        average = self._concrete(_arg(node, 6, "average_attn_weights", True))
+        weights: Val = None
+        if need is not False:
+            if average is False:
+                bset = self.sets.block_set(qk)
+                weights = _Flow(0 if out_dim == 1 else 1, (_Part(cast(int, bset), 1, 0, None),))
+            else:
+                weights = _CONST
+        return _Tuple((flow, weights))
+
+    def _split_arg(self, node: fx.Node) -> bool:
+        """Whether an argument of `node` carries attention heads split over two axes."""
+        found = False
+
+        def look(n: fx.Node) -> None:
+            nonlocal found
+            v = self.val.get(n)
+            found = found or (isinstance(v, _Flow) and v.inner is not None)
+
+        fx.node.map_arg((node.args, node.kwargs), look)
+        return found
+
+    def _split_ok(self, node: fx.Node) -> bool:
+        """Ops that understand split (head) flows."""
+        t = node.target
+        if node.op == "call_method":
+            return (
+                t in (_ELEMENTWISE_METHODS | _CAST_METHODS | _SHAPE_ONLY_METHODS | _RESHAPE_METHODS | _PERMUTE_METHODS)
+                or t in _MATMUL_METHODS
+            )
+        if node.op == "call_module":
+            return isinstance(self.gm.get_submodule(str(t)), _ELEMENTWISE_MODULES)
+        return t in (operator.getitem, builtins.getattr) or any(
+            _is_in(t, table)
+            for table in (_MATMUL_FUNCS, _SDPA_FUNCS, _ELEMENTWISE_FUNCS, _RESHAPE_FUNCS, _PERMUTE_FUNCS)
+        )
+
     # ---- dispatch
 
     def run(self) -> None:
@@ -952,11 +1468,14 @@ class _Deriver:
         if node.op == "output":
             for a in self._flat_nodes(node.args):
                 v = self.val.get(a)
-                if isinstance(v, _Flow):
-                    for p in v.parts:
-                        self.sets.fix(p.set)
-                self._opaque_use(node, v, "returned")
+                for item in v.items if isinstance(v, _Tuple) else (v,):
+                    if isinstance(item, _Flow):
+                        for p in item.parts:
+                            self.sets.fix(p.set)
+                    self._opaque_use(node, item, "returned")
             return None
+        if self._split_arg(node) and not self._split_ok(node):
+            return self._unknown(node, f"{_target_str(node)} on attention heads split over two axes")
         if node.op == "call_module":
             return self.visit_module(node, self.gm.get_submodule(str(node.target)))
         if node.op == "call_method":
@@ -974,6 +1493,8 @@ class _Deriver:
         if not isinstance(x, fx.Node):
             return self._unknown(node, "module called without a tensor input")
         p = f"{name}."
+        if isinstance(m, nn.MultiheadAttention):
+            return self.multihead_attention(node, name, m)
         if isinstance(m, nn.Linear):
             return self.linear(node, x, p + "weight", p + "bias" if m.bias is not None else None, m.out_features, name)
         if isinstance(m, nn.modules.conv._ConvNd):
@@ -1007,6 +1528,8 @@ class _Deriver:
             return self.per_unit(node, x, [(p + "weight", 0), (p + "bias", 0)], 1, "LayerNorm2d")
         if isinstance(m, nn.LayerNorm):
             return self.layer_norm(node, x, len(m.normalized_shape), [p + "weight", p + "bias"])
+        if hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
+            return self.layer_norm(node, x, len(m.normalized_shape), [p + "weight"])
         if isinstance(m, nn.GroupNorm):
             return self.group_norm(node, x, m.num_groups, m.num_channels, [p + "weight", p + "bias"])
         if isinstance(m, nn.PReLU):
@@ -1049,6 +1572,12 @@ class _Deriver:
             return self.permute(node, x, self._order(node, name, len(self.shapes[x])))
         if name in _REDUCE_METHODS:
             return self.reduce(node, x, self._concrete(_arg(node, 1, "dim")))
+        if name in _MATMUL_METHODS:
+            return self.matmul(node, x, _arg(node, 1, "other"))
+        if name in _SPLIT_METHODS:
+            return self.split(node, x)
+        if name in ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor"):
+            return _CONST  # a fresh tensor: only the dtype and device of `self` are used
         return self._unknown(node, f"method .{name}() is not known to be permutation-equivariant")
 
     def visit_function(self, node: fx.Node, fn: Any) -> Val:
@@ -1072,6 +1601,12 @@ class _Deriver:
             return self.cat(node, tensors, dim)
         if _is_in(fn, _ELEMENTWISE_FUNCS):  # may start with a scalar: 2 * x
             return self.elementwise(node)
+        if _is_in(fn, _MATMUL_FUNCS):
+            return self.matmul(node, x, node.args[1] if len(node.args) > 1 else node.kwargs.get("other"))
+        if _is_in(fn, _SDPA_FUNCS):
+            return self.sdpa(node)
+        if _is_in(fn, _SPLIT_FUNCS) and isinstance(x, fx.Node):
+            return self.split(node, x)
         if not isinstance(x, fx.Node) or x not in self.shapes:
             if self._tensor_args(node):
                 return self._unknown(node, f"{_target_str(node)} is not known to be permutation-equivariant")
@@ -1091,10 +1626,11 @@ class _Deriver:
             return self.spatial(node, x, len(pad) // 2)
         if fn is F.linear or _is_in(fn, _CONV_FUNCS):
             return self._functional_layer(node, fn, x)
-        if fn is F.layer_norm:
+        if fn is F.layer_norm or fn is getattr(F, "rms_norm", None):
             shape = self._concrete(_arg(node, 1, "normalized_shape"))
             k = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, (list, tuple)) else None
-            tensors = self._direct_attrs(node, [(2, "weight"), (3, "bias")])
+            slots = [(2, "weight"), (3, "bias")] if fn is F.layer_norm else [(2, "weight")]
+            tensors = self._direct_attrs(node, slots)
             if k is None or tensors is None:
                 return self._unknown(node, "layer_norm with untracked weight/bias or shape")
             return self.layer_norm(node, x, k, tensors)
@@ -1196,24 +1732,49 @@ class _Deriver:
                 claims[key] = (s, ref.block)
             if (ref.tensor, ref.axis) in self.pinned:
                 sets.fix(s)
-        permuted = {ref.tensor for s, ref in self.refs if not sets.is_fixed(s)}
-        errors = []
+        self._propagate_blocks()
+        errors: list[str] = []
         for node, why, ids in self.hazards:
-            if any(not sets.is_fixed(i) for i in ids):
-                errors.append(self._describe(node, why))
-        for node, target, why in self.opaque:
-            if target in permuted:
-                errors.append(
-                    self._describe(
+            bad = [i for i in ids if not sets.legit[sets.find(i)]]
+            if bad:
+                desc = self._describe(node, why)
+                errors.append(desc)
+                if self.leave_unknown_fixed:
+                    for i in bad:
+                        sets.fix(i, origin=desc)
+        while True:
+            self._propagate_blocks()
+            permuted = {ref.tensor for s, ref in self.refs if not sets.is_fixed(s)}
+            changed = False
+            for node, target, why in self.opaque:
+                if target in permuted:
+                    desc = self._describe(
                         node, f"parameter {target!r} is permuted but also {why} in a way the rules do not cover"
                     )
-                )
-        if errors:
-            errors = list(dict.fromkeys(errors))
+                    errors.append(desc)
+                    if self.leave_unknown_fixed:
+                        changed = True
+                        for s, ref in self.refs:
+                            if ref.tensor == target:
+                                sets.fix(s, origin=desc)
+            if not changed:
+                break
+        for r in range(len(sets.parent)):
+            if sets.find(r) == r and sets.tainted[r] and not sets.legit[r]:
+                errors.extend(sets.origins.get(r, []))
+        errors = list(dict.fromkeys(errors))
+        if errors and not self.leave_unknown_fixed:
             raise SpecError(
-                "cannot derive a permutation spec: an op touches permuted hidden units and is not "
-                "known to be permutation-equivariant (pass leaf_modules or an explicit spec):\n  " + "\n  ".join(errors)
+                "cannot derive a permutation spec: an op touches hidden units and is not known to be "
+                "permutation-equivariant, so they would be left unpermuted (pass leaf_modules, an explicit "
+                "spec, or leave_unknown_fixed=True to leave them fixed and say so):\n  " + "\n  ".join(errors)
             )
+        meta["left_fixed"] = errors
+        left = [(s, ref) for s, ref in self.refs if sets.tainted[sets.find(s)] and not sets.legit[sets.find(s)]]
+        meta["left_fixed_units"] = sorted(
+            {f"{sets.opener[sets.find(s)] or 'concatenated input'} ({sets.size[sets.find(s)]} units)" for s, _ in left}
+        )
+        meta["left_fixed_axes"] = sorted({f"{ref.tensor} axis {ref.axis}" for _, ref in left})
         roots: dict[int, list[AxisRef]] = {}
         acts: dict[int, list[str]] = {}
         for s, ref in self.refs:
@@ -1225,19 +1786,48 @@ class _Deriver:
             if r in roots and name not in acts.setdefault(r, []):
                 acts[r].append(name)
         groups = []
+        heads = {sets.block_set(r) for r in roots if sets.blocks[sets.find(r)] > 1}
         for r in sorted(roots):  # roots are the earliest set of their class: graph order of openers
             opener = sets.opener[r]
             if opener is None:  # pragma: no cover - only openers create non-fixed sets
                 raise SpecError("internal error: a permuted unit set without an opening layer")
+            b = sets.block_set(r)
+            if b is not None:  # structured: blocks moved by the permutation of set b
+                name, blocks, block_perm = f"P_{opener}", sets.blocks[r], f"H_{sets.opener[b]}"
+            elif r in heads:  # a set of whole blocks with tensors of its own (one entry per head)
+                name, blocks, block_perm = f"P_{opener}.heads", sets.size[r], f"H_{opener}"
+            else:
+                name, blocks, block_perm = f"P_{opener}", 1, None
             groups.append(
                 PermGroup(
-                    f"P_{opener}",
+                    name,
                     sets.size[r],
                     tuple(roots[r]),
-                    tuple(sorted(acts.get(r, []), key=self.order.__getitem__)),
+                    tuple(sorted(acts.get(r, []), key=self.order.__getitem__)) if blocks == 1 else (),
+                    blocks,
+                    block_perm,
                 )
             )
         return PermutationSpec(tuple(groups), meta=meta)
+
+    def _propagate_blocks(self) -> None:
+        """A structured set and its block set are fixed together (if the blocks cannot move, fixing the
+        structured set is the conservative choice; if it is fixed, σ must be the identity)."""
+        sets = self.sets
+        changed = True
+        while changed:
+            changed = False
+            for i in range(len(sets.parent)):
+                r = sets.find(i)
+                b = sets.block_set(r)
+                if r != i or b is None or sets.fixed[r] == sets.fixed[b]:
+                    continue
+                src, dst = (r, b) if sets.fixed[r] else (b, r)
+                sets.fixed[dst] = True
+                sets.legit[dst] = sets.legit[dst] or sets.legit[src]
+                sets.tainted[dst] = sets.tainted[dst] or sets.tainted[src]
+                sets.origins.setdefault(dst, []).extend(sets.origins.get(src, []))
+                changed = True
 
     def _describe(self, node: fx.Node, why: str) -> str:
         return f"node {node.name!r} ({node.op} {_target_str(node)}) at {_source_line(node, self.model)}: {why}"
@@ -1281,9 +1871,21 @@ def _index_map(idx: Any, ndim: int, shape: tuple[int, ...]) -> dict[int, tuple[i
 
 
 def derive_spec(
-    model: nn.Module, example_input: ExampleInput | None = None, *, leaf_modules: tuple[type, ...] = ()
+    model: nn.Module,
+    example_input: ExampleInput | None = None,
+    *,
+    leaf_modules: tuple[type, ...] = (),
+    leave_unknown_fixed: bool = False,
 ) -> PermutationSpec:
     """The permutation spec of `model`, derived from its fx graph (see the module docstring).
+
+    Never silently partial: an op the rules do not cover that touches hidden units raises SpecError
+    naming it, its node and source line, also when its result only feeds a residual stream (which it
+    would otherwise fix). With ``leave_unknown_fixed=True`` those units are left unpermuted instead,
+    and ``spec.meta["left_fixed"]`` lists the ops, ``spec.meta["left_fixed_units"]`` the unit sets and
+    ``spec.meta["left_fixed_axes"]`` the tensor axes that stay unpermuted because of them.
+    ``spec.meta["coverage"]`` is the fraction of the model's parameter entries in tensors the spec
+    permutes (:func:`lmclab.permutation.spec.coverage`).
 
     `example_input` (a tensor, or a tuple for several inputs) fixes the shapes, e.g. H·W of a
     conv→flatten→linear; by default :func:`example_input_for` guesses one (a 32×32 image for a first
@@ -1304,7 +1906,7 @@ def derive_spec(
             f"running {type(model).__name__} on an example input of shape {shapes} failed: {err}; "
             "pass a fitting example_input"
         ) from err
-    d = _Deriver(model, gm, prop)
+    d = _Deriver(model, gm, prop, leave_unknown_fixed)
     d.run()
     spec = d.spec(
         {
@@ -1319,6 +1921,7 @@ def derive_spec(
             f"derived spec of {type(model).__name__} is inconsistent (a layer reading a "
             f"concatenation whose only permuted part is at offset 0 cannot be expressed): {err}"
         ) from err
+    cast(dict[str, Any], spec.meta)["coverage"] = coverage(spec, dict(model.named_parameters()))
     return spec
 
 
@@ -1328,9 +1931,10 @@ def spec_for(
     example_input: ExampleInput | None = None,
     *,
     leaf_modules: tuple[type, ...] = (),
+    leave_unknown_fixed: bool = False,
 ) -> PermutationSpec:
     """`spec` after ``spec.check(model.state_dict())`` if given, else :func:`derive_spec` of `model`."""
     if spec is not None:
         spec.check(model.state_dict())
         return spec
-    return derive_spec(model, example_input, leaf_modules=leaf_modules)
+    return derive_spec(model, example_input, leaf_modules=leaf_modules, leave_unknown_fixed=leave_unknown_fixed)

@@ -12,15 +12,29 @@ entries per unit (a conv's channels flattened with their H·W positions into a l
 owns entries [i·block, (i+1)·block) and whole blocks move. When an axis is shared by several groups
 (a layer reading a channel-wise concatenation), each AxisRef has an `offset`: the group occupies
 entries [offset, offset + size·block) of that axis and only that slice is permuted.
+
+*Block-structured groups* (attention heads, grouped convolutions): a group with ``blocks = h > 1``
+splits its ``size`` units into h consecutive blocks of ``block_size = size // h`` units. Its
+permutations are exactly  p[i·d + k] = σ[i]·d + α_i[k]  (d = block_size): a permutation σ of whole
+blocks and, within each block, its own permutation α_i. Groups with the same ``block_perm`` name share
+σ (e.g. an attention layer's query/key group and its value/output group share the permutation of
+heads) and each has its own α. The index vector stays a permutation of range(size), so applying,
+inverting and composing are the flat operations; `Permutation.apply` refuses an index vector that
+breaks a group's structure (`check_structure`). Flat groups (blocks = 1) are unchanged, also in
+`to_dict`.
+
+*Coverage* (:func:`coverage`): the fraction of the parameters' entries lying in tensors that some
+group permutes. A derived spec records it in ``meta["coverage"]``, and in ``meta["left_fixed"]`` the
+ops it was allowed to leave unpermuted (``derive_spec(..., leave_unknown_fixed=True)``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -59,6 +73,22 @@ class PermGroup:
     size: int
     axes: tuple[AxisRef, ...]
     activations: tuple[str, ...] = ()
+    blocks: int = 1
+    block_perm: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.blocks < 1 or self.size % self.blocks:
+            raise SpecError(f"group {self.name}: {self.size} units do not split into {self.blocks} blocks")
+        if self.blocks > 1 and not self.block_perm:
+            raise SpecError(f"group {self.name}: a block-structured group needs a block_perm name")
+
+    @property
+    def block_size(self) -> int:
+        return self.size // self.blocks
+
+    @property
+    def structured(self) -> bool:
+        return self.blocks > 1
 
 
 @dataclass(frozen=True)
@@ -91,7 +121,8 @@ class PermutationSpec:
 
     def check(self, params: PointLike) -> None:
         """Every axis exists; a lone ref at offset 0 has axis size == group size × block, refs that share
-        an axis or sit at an offset lie inside it; no entry of an axis is claimed twice."""
+        an axis or sit at an offset lie inside it; no entry of an axis is claimed twice; groups sharing a
+        block permutation have the same number of blocks."""
         problems: list[str] = []
         on_axis: dict[tuple[str, int], list[tuple[str, AxisRef, int]]] = {}
         for g in self.groups:
@@ -127,8 +158,27 @@ class PermutationSpec:
                         f"{tensor} axis {axis} claimed by both {n0} and {n1}"
                         + (f" (entries [{s0}, {e0}) and [{s1}, {e1}))" if (s0, e0) != (s1, e1) else "")
                     )
+        for name, members in self.block_classes().items():
+            if len({g.blocks for g in members}) > 1:
+                problems.append(
+                    f"groups sharing block permutation {name} have different numbers of blocks: "
+                    + ", ".join(f"{g.name} ({g.blocks})" for g in members)
+                )
         if problems:
             raise SpecError("spec does not fit the parameters:\n  " + "\n  ".join(problems))
+
+    def block_classes(self) -> dict[str, list[PermGroup]]:
+        """block_perm name -> the structured groups sharing that permutation of whole blocks."""
+        out: dict[str, list[PermGroup]] = {}
+        for g in self.groups:
+            if g.structured:
+                out.setdefault(cast(str, g.block_perm), []).append(g)
+        return out
+
+    @property
+    def structured(self) -> bool:
+        """Whether any group is block-structured."""
+        return any(g.structured for g in self.groups)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,6 +188,7 @@ class PermutationSpec:
                     "size": g.size,
                     "activations": list(g.activations),
                     "axes": [[a.tensor, a.axis, a.block] + ([a.offset] if a.offset else []) for a in g.axes],
+                    **({"blocks": g.blocks, "block_perm": g.block_perm} if g.structured else {}),
                 }
                 for g in self.groups
             ]
@@ -152,6 +203,8 @@ class PermutationSpec:
                     int(g["size"]),
                     tuple(AxisRef(t, int(a), int(b), int(o[0]) if o else 0) for t, a, b, *o in g["axes"]),
                     tuple(g.get("activations", ())),
+                    int(g.get("blocks", 1)),
+                    g.get("block_perm"),
                 )
                 for g in d["groups"]
             )
@@ -160,10 +213,44 @@ class PermutationSpec:
     def canonical(self) -> PermutationSpec:
         """Axes sorted within groups, groups sorted by name: for comparing specs built differently."""
         groups = (
-            PermGroup(g.name, g.size, tuple(sorted(g.axes, key=lambda a: (a.tensor, a.axis, a.offset))), g.activations)
-            for g in self.groups
+            replace(g, axes=tuple(sorted(g.axes, key=lambda a: (a.tensor, a.axis, a.offset)))) for g in self.groups
         )
         return PermutationSpec(tuple(sorted(groups, key=lambda g: g.name)))
+
+
+def coverage(spec: PermutationSpec, params: PointLike) -> float:
+    """Σ numel(t) over the floating-point tensors t of `params` that the spec permutes on some axis,
+    divided by Σ numel(t) over all floating-point tensors of `params` (1.0 when there are none)."""
+    permuted = set(spec.axes_by_tensor())
+    sizes = {k: v.numel() for k, v in params.items() if v.is_floating_point()}
+    total = sum(sizes.values())
+    return sum(n for k, n in sizes.items() if k in permuted) / total if total else 1.0
+
+
+def block_structure(spec: PermutationSpec, perm: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """block_perm name -> σ (the permutation of whole blocks) read from `perm`; SpecError naming the group
+    when a structured group's index vector is not of the form p[i·d + k] = σ[i]·d + α_i[k], or when two
+    groups sharing a block_perm move the blocks differently."""
+    sigmas: dict[str, torch.Tensor] = {}
+    for g in spec.groups:
+        if not g.structured or g.name not in perm:
+            continue
+        d = g.block_size
+        p = torch.as_tensor(perm[g.name]).reshape(g.blocks, d)
+        sigma = p[:, 0] // d
+        if not torch.equal(p // d, sigma[:, None].expand_as(p)):
+            raise SpecError(f"group {g.name}: permutation moves units between its {g.blocks} blocks of {d}")
+        name = cast(str, g.block_perm)
+        if name in sigmas and not torch.equal(sigmas[name], sigma):
+            raise SpecError(f"group {g.name}: its blocks move differently from the other groups of {name}")
+        sigmas[name] = sigma
+    return sigmas
+
+
+def structured_perm(sigma: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """Index vector p[i·d + k] = σ[i]·d + within[i, k] of a block-structured group (within: blocks × d)."""
+    d = within.shape[1]
+    return (sigma[:, None] * d + within).reshape(-1)
 
 
 def expand_block(perm: torch.Tensor, block: int) -> torch.Tensor:
@@ -201,7 +288,20 @@ class Permutation:
 
     @staticmethod
     def random(spec: PermutationSpec, generator: torch.Generator | None = None) -> Permutation:
-        return Permutation({g.name: torch.randperm(g.size, generator=generator) for g in spec.groups})
+        """Uniform over the spec's symmetry: flat groups any permutation; structured groups one σ per
+        block_perm name, and independent within-block permutations per group and block."""
+        sigmas: dict[str, torch.Tensor] = {}
+        out = {}
+        for g in spec.groups:
+            if not g.structured:
+                out[g.name] = torch.randperm(g.size, generator=generator)
+                continue
+            name = cast(str, g.block_perm)
+            if name not in sigmas:
+                sigmas[name] = torch.randperm(g.blocks, generator=generator)
+            within = torch.stack([torch.randperm(g.block_size, generator=generator) for _ in range(g.blocks)])
+            out[g.name] = structured_perm(sigmas[name], within)
+        return Permutation(out)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.perms[name]
@@ -236,6 +336,7 @@ class Permutation:
         missing = [g.name for g in spec.groups if g.name not in self.perms]
         if missing:
             raise SpecError(f"permutation lacks groups {missing}")
+        block_structure(spec, self.perms)  # structured groups: refuse a permutation outside the symmetry
         out = dict(params)
         for tensor, axes in spec.axes_by_tensor().items():
             if tensor not in out:

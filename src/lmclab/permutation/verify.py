@@ -3,7 +3,11 @@
 θ and π(θ) (parameters AND buffers, i.e. state_dicts) are loaded into one float64 deep copy of the
 model with ``torch.func.functional_call`` on cloned tensors, so the model itself — its weights and its
 BatchNorm running statistics — is never touched. In train mode BatchNorm uses batch statistics, which
-must agree as well; dropout modules are switched off there (their masks are random, not symmetric).
+must agree as well; elementwise dropout (dropout modules and nn.MultiheadAttention's attention dropout)
+is switched off there: its masks are drawn per element, and a permutation moves the elements. Every
+other random layer (stochastic depth / DropPath, which scales whole samples and so commutes with every
+permutation of units) sees the same random stream in both calls: each forward pass runs under a
+fork of the RNG seeded with the same `seed`, so the comparison is exact.
 """
 
 from __future__ import annotations
@@ -31,14 +35,20 @@ def _as_inputs(model: nn.Module, example_input: ExampleInput | None, dtype: torc
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
 
 
-def _run(model: nn.Module, state: PointLike, inputs: tuple[torch.Tensor, ...], mode: str) -> list[torch.Tensor]:
+def _run(
+    model: nn.Module, state: PointLike, inputs: tuple[torch.Tensor, ...], mode: str, seed: int = 0
+) -> list[torch.Tensor]:
     model.train(mode == "train")
     if mode == "train":
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
+            if isinstance(m, nn.MultiheadAttention):
+                m.dropout = 0.0  # `model` is verification's own deep copy
     buffers = {name for name, _ in model.named_buffers()}  # BN updates these in place in train mode
-    with torch.no_grad():
+    devices = [t.device for t in inputs if isinstance(t, torch.Tensor) and t.device.type == "cuda"]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
         out = functional_call(model, {k: v.clone() if k in buffers else v for k, v in state.items()}, inputs)
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 

@@ -25,6 +25,7 @@ METHOD_STYLE: dict[str, dict[str, Any]] = {
     "pairwise": {"color": "#ff7f0e", "label": "weight matching to model 0"},
     "merge_many": {"color": "#2ca02c", "label": "MergeMany"},
     "ste_mm": {"color": "#1f77b4", "label": "STE-MM"},
+    "c2m3": {"color": "#9467bd", "label": "C2M3 (universe)"},
 }
 METRIC_LABEL = {"loss": "loss", "accuracy": "accuracy", "error": "error"}
 

@@ -8,7 +8,7 @@ from lmclab.training.plan import Schedule, plan_training
 from lmclab.training.recipes import PRESETS, Preset, UnknownPreset, get_preset
 from lmclab.training.schedules import SCHEDULES, CheckpointSchedule, learning_rate
 from lmclab.training.state import OPTIMIZERS, TrainingState, init_model, make_optimizer
-from lmclab.training.trainer import fork, load_run_model, resolve_device, train
+from lmclab.training.trainer import fork, load_run_model, load_run_split, resolve_device, train
 
 __all__ = [
     "OPTIMIZERS",
@@ -29,6 +29,7 @@ __all__ = [
     "init_model",
     "learning_rate",
     "load_run_model",
+    "load_run_split",
     "make_optimizer",
     "plan_training",
     "resolve_device",

@@ -97,6 +97,17 @@ PRESETS: dict[str, Preset] = {
                 _cifar_sgd(160, 64, lr=0.05, schedule="step", milestones=(80, 120)),
             ),
         ),
+        Preset(
+            "vit_mnist",
+            "lmclab's CPU smoke recipe: tiny ViT (patch 7, dim 64, depth 4, 4 heads, MLP ×2) on MNIST, "
+            "Adam 1e-3, batch 128, 5 epochs",
+            RunConfig(
+                DataConfig("mnist"),
+                ModelConfig("vit"),
+                TrainConfig(optimizer="adam", lr=1e-3, batch_size=128, epochs=5),
+                SeedConfig(),
+            ),
+        ),
     ]
 }
 

@@ -60,6 +60,7 @@ def load_datasets(config: RunConfig, options: RunOptions, device: torch.device) 
         device=device,
         download=options.download,
         progress=options.progress,
+        classes=d.classes,
     )
     test = DeviceDataset.load(
         d.dataset,
@@ -68,6 +69,7 @@ def load_datasets(config: RunConfig, options: RunOptions, device: torch.device) 
         device=device,
         download=options.download,
         progress=options.progress,
+        classes=d.classes,
     )
     expected = d.data_fingerprint  # image folders: the content the run's config (and hash) names
     if expected is not None and train.info.folder_fingerprint != expected:
@@ -231,6 +233,33 @@ def load_run_model(run: Run, step: int | None = None, device: str | torch.device
     )
     load_model_state(model, run.load_state(step), str(run.path))
     return model.to(device).eval()
+
+
+def load_run_split(
+    run: Run,
+    split: str,
+    *,
+    subset: int | None = None,
+    classes: tuple[int, ...] | None = None,
+    data_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+    progress: bool = True,
+) -> DeviceDataset:
+    """Split `split` of the run's dataset for evaluation: no augmentation, the run's own classes
+    (`run.config.data.classes`; all unless it was trained on some) unless `classes` names others, and a
+    stratified subset of `subset` examples (None: all)."""
+    return DeviceDataset.load(
+        run.config.data.dataset,
+        split,
+        data_dir=data_dir,
+        device=device,
+        subset=subset,
+        augment=False,
+        download=download,
+        progress=progress,
+        classes=run.config.data.classes if classes is None else classes,
+    )
 
 
 def fork(
