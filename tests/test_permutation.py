@@ -620,7 +620,6 @@ class Opaque(nn.Module):
 @pytest.mark.parametrize(
     "layer,pattern",
     [
-        (nn.GroupNorm(2, 4), "GroupNorm with 2 groups"),
         (nn.Conv2d(4, 4, 3, padding=1, groups=2), "grouped convolution"),
         (nn.ChannelShuffle(2), "ChannelShuffle"),
         (nn.PixelShuffle(2), "PixelShuffle"),
@@ -637,6 +636,60 @@ def test_unsupported_layers(layer: nn.Module, pattern: str) -> None:
     with pytest.raises(SpecError, match=pattern) as err:
         derive_spec(model, torch.randn(2, 3, 4, 4))
     assert "(call_module 1)" in str(err.value)
+
+
+def test_group_norm_with_groups_is_block_structured() -> None:
+    """GroupNorm(G, C) with 1 < G < C: whole groups and channels within each group move, nothing else."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.GroupNorm(3, 6),
+        nn.GELU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 2),
+    ).double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    spec = derive_spec(model, x)
+    g = spec.group("P_0")
+    assert (g.size, g.blocks, g.block_size) == (6, 3, 2)
+    axes = {(a.tensor, a.axis) for a in g.axes}
+    assert axes == {("0.weight", 0), ("0.bias", 0), ("1.weight", 0), ("1.bias", 0), ("3.weight", 1)}
+    assert spec.group("P_3").blocks == 1
+    randomize_(model, 0)
+    for seed in range(3):
+        assert_symmetry(model, spec, x, seed)
+    # a flat permutation crossing the groups is not a symmetry: structure is needed
+    flat = Permutation({"P_0": torch.tensor([1, 2, 0, 3, 4, 5]), "P_3": torch.arange(6)})
+    moved = copy.deepcopy(model)
+    moved.load_state_dict({**model.state_dict(), **_flat_apply(model.state_dict(), spec, flat)})
+    with torch.no_grad():
+        assert float((moved(x) - model(x)).abs().max()) > 1e-3
+
+
+class CatGroupNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))
+
+
+def test_group_norm_over_a_concatenation_is_refused() -> None:
+    with pytest.raises(SpecError, match="GroupNorm with 2 groups of 8 channels on a concatenation"):
+        derive_spec(CatGroupNorm(), torch.randn(2, 3, 4, 4))
+
+
+def _flat_apply(theta: dict, spec: PermutationSpec, perm: Permutation) -> dict:
+    """θ with each group's index vector applied to all its axes, without the structure check."""
+    out = dict(theta)
+    for g in spec.groups:
+        for a in g.axes:
+            out[a.tensor] = out[a.tensor].index_select(a.axis, perm[g.name])
+    return out
 
 
 def test_unknown_leaf_module_and_opaque_parameter_use() -> None:

@@ -21,6 +21,7 @@ from lmclab.curvature.spectrum import (
     Spectrum,
     block_curvature,
     block_partition,
+    curve_spectra,
     hessian_spectrum,
     lanczos,
     path_spectra,
@@ -28,11 +29,16 @@ from lmclab.curvature.spectrum import (
     slq_density,
     top_eigenpairs,
 )
+from lmclab.data import DatasetInfo, DeviceDataset
+from lmclab.experiments.curve import CurveSettings, fit_curve
 from lmclab.models import build_model
 from lmclab.models.layers import BasicBlock, ConvNormAct
+from lmclab.paths import reset_bn_stats
+from lmclab.paths.mode_curves import Curve, curve_point
 from lmclab.permutation import Permutation, derive_spec
-from lmclab.points import flatten, parameter_names, unflatten
+from lmclab.points import flatten, lerp, parameter_names, unflatten
 from lmclab.report.spectrum import plot_density, plot_path_curvature
+from lmclab.store import Store
 
 # ---------------------------------------------------------------------------------------- fixtures
 
@@ -219,6 +225,67 @@ def test_path_spectra_ends_are_the_endpoint_spectra_and_a_permutation_changes_no
     assert Spectrum.from_json(json.loads(json.dumps(one))).to_json() == one
 
 
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["bezier", "polychain"])
+def test_curve_spectra_ends_are_the_endpoints_and_inside_the_spectrum_at_the_curve_point(kind: str) -> None:
+    """Same probes at every t: φ(0), φ(1) give exactly the endpoints' spectra; at an interior t the top eigenvalues
+    are dense eigvalsh of ∇²L at curve_point(curve, t), which is off the straight line (a different spectrum)."""
+    model, data = tiny_mlp(0), batches()
+    theta_a, theta_b, bend = state(tiny_mlp(0)), state(tiny_mlp(1)), state(tiny_mlp(2))
+    curve = Curve(kind, theta_a, (bend,), theta_b)
+    options = {"top": 3, "trace_probes": 4, "tol": 0.0}
+    visited: list[tuple[str, float]] = []
+    spectra = curve_spectra(model, curve, data, [0, 0.3, 1], on_point=lambda *p: visited.append(p), **options)
+    assert list(spectra.spectra) == [kind] and spectra.lambdas == [0, 0.3, 1]
+    assert visited == [(kind, 0.0), (kind, 0.3), (kind, 1.0)]
+    at_0, inside, at_1 = spectra.spectra[kind]
+    assert at_0.to_json() == hessian_spectrum(model, theta_a, data, **options).to_json()
+    assert at_1.to_json() == hessian_spectrum(model, theta_b, data, **options).to_json()
+    point = curve_point(curve, 0.3)
+    dense = torch.linalg.eigvalsh(dense_hessian(model, point, data)).flip(0)[:3].numpy()
+    np.testing.assert_allclose(inside.top_eigenvalues, dense, rtol=1e-6)
+    assert inside.trace == hessian_spectrum(model, point, data, **options).trace  # the same probes
+    straight = float(torch.linalg.eigvalsh(dense_hessian(model, lerp(theta_a, theta_b, 0.3), data))[-1])
+    assert abs(inside.top_eigenvalues[0] - straight) > 1e-3 * abs(straight)
+    again = curve_spectra(model, curve, data, [0, 1], name="mine", at_a=at_0, **options)
+    assert again.spectra["mine"][0] is at_0 and again.spectra["mine"][1].to_json() == at_1.to_json()
+    with pytest.raises(ValueError, match="t must lie"):
+        curve_spectra(model, curve, data, [0, 1.5], top=1)
+
+
+def toy_dataset(n: int = 23) -> DeviceDataset:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 2, 2), generator=g, dtype=torch.uint8)
+    info = DatasetInfo("toy", 3, (1, 2, 2), (0.5,), (0.25,), False, ("a", "b", "c"), "test")
+    return DeviceDataset(images, torch.arange(n) % 3, info)
+
+
+def test_curve_spectra_recompute_batchnorm_statistics_at_each_t() -> None:
+    def bn_net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).eval()
+
+    model, data = bn_net(0), toy_dataset()
+    ends = [state(bn_net(s)) for s in (0, 1, 2)]
+    for p, scale in zip(ends, (1.0, 3.0, 0.2)):  # distinct running statistics at the control points
+        p["2.running_var"] *= scale
+    curve = Curve("bezier", ends[0], (ends[2],), ends[1])
+    with pytest.raises(ValueError, match="bn_data"):
+        curve_spectra(model, curve, data, [0.5], top=1)
+    spectra = curve_spectra(model, curve, data, [0, 0.5], bn_data=data, top=2, trace_probes=0, tol=0.0)
+    for t, found in zip((0, 0.5), spectra.spectra["bezier"]):
+        model.load_state_dict(curve_point(curve, t))
+        reset_bn_stats(model, data)
+        reset = state(model)
+        dense = torch.linalg.eigvalsh(dense_hessian(model, reset, data).double()).flip(0)[:2].numpy()
+        np.testing.assert_allclose(found.top_eigenvalues, dense, rtol=1e-4)
+        stale = float(torch.linalg.eigvalsh(dense_hessian(model, curve_point(curve, t), data).double())[-1])
+        assert abs(found.top_eigenvalues[0] - stale) > 1e-2 * abs(stale)  # not the interpolated statistics
+
+
 def test_batchnorm_path_needs_statistics() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
     theta = model.state_dict()
@@ -315,3 +382,41 @@ def test_cli_spectrum_on_a_tiny_stored_pair(
     assert code == 2 and "no run" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "spectrum", made[0], "--top", "100000", *io)
     assert code == 2 and "--top 100000" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_spectrum_along_a_tiny_stored_curve(tiny_pair, cli_io, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    store, (run_a, run_b) = tiny_pair
+    settings = CurveSettings(epochs=1, lr=3e-3, batch_size=50, train_subset=200)
+    fitted = fit_curve(run_a, run_b, settings=settings, store=Store(store.root), device="cpu", progress=False)
+    io = cli_io(store.root)
+    quick = ["--subset", "50", "--top", "2", "--probes", "4", "--points", "3", *io, "--json"]
+    code, out, err = run_cli(capsys, "spectrum", run_a.path.name, "--curve", fitted.path.name, *quick)
+    assert code == 0, err
+    result = json.loads(out)
+    rows = result["curve"]["rows"]
+    assert "path" not in result and result["curve"]["kind"] == "bezier" and result["curve"]["bends"] == 1
+    assert [(r["path"], r["lambda"]) for r in rows] == [("bezier curve", t) for t in (0.0, 0.5, 1.0)]
+    assert rows[0]["top_eigenvalue"] == result["top_eigenvalues"][0]  # φ(0) = θ_A
+    figure = Path(result["files"]["path_figure"])
+    assert figure.is_file() and Path(result["files"]["path_table"]).is_file()
+
+    both = ["--path-to", run_b.path.name, "--align", "weight"]
+    code, out, err = run_cli(capsys, "spectrum", run_a.path.name, "--curve", str(fitted.path), *both, *quick)
+    assert code == 0, err
+    again = json.loads(out)
+    assert {r["path"] for r in again["path"]["rows"]} == {"naive", "weight-matched"}
+    assert again["curve"]["rows"] == rows  # the same probes: the same numbers
+    naive_end = [r for r in again["path"]["rows"] if r["path"] == "naive"][-1]
+    assert naive_end["top_eigenvalue"] == pytest.approx(rows[-1]["top_eigenvalue"], rel=1e-5)  # both end at θ_B
+
+    before = sorted(p.name for p in store.root.iterdir())
+    for argv, named in (
+        ([run_b.path.name, "--curve", fitted.path.name], "--curve"),  # the curve starts at A, not B
+        ([run_a.path.name, "--curve", fitted.path.name, "--path-to", run_a.path.name], "--path-to"),
+        ([run_a.path.name, "--curve", "curve_nosuch"], "--curve"),
+    ):
+        code, out, err = run_cli(capsys, "spectrum", *argv, *io)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and named in err, (argv, err)
+    assert sorted(p.name for p in store.root.iterdir()) == before  # nothing written
+    code, out, _ = run_cli(capsys, "spectrum", "--help")
+    assert code == 0 and "--curve" in out

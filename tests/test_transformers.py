@@ -3,6 +3,7 @@ silently partial spec, coverage, head-block weight matching, the zoo's ViT."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmclab.align.activation_matching import activation_matching
+from lmclab.align.activation_matching import _attention_activations, activation_matching
 from lmclab.align.weight_matching import head_block_assignment, weight_matching
 from lmclab.cli import _alignment_report
 from lmclab.models import ModelError, build_model
@@ -354,11 +355,58 @@ def test_weight_matching_recovers_a_planted_head_permutation() -> None:
     assert res.distance_after == pytest.approx(0.0, abs=1e-12)
 
 
-def test_activation_matching_refuses_block_structure() -> None:
-    model, x = SeqModel(), _seq_input()
+def _permuted_copy(model: nn.Module, spec: PermutationSpec, perm: Permutation) -> nn.Module:
+    other = copy.deepcopy(model)
+    other.load_state_dict(perm.apply(model.state_dict(), spec))
+    return other
+
+
+def test_activation_matching_recovers_a_planted_head_permutation() -> None:
+    model = _tiny_vit()
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    spec = derive_spec(model, x[:2])
+    planted = Permutation.random(spec, torch.Generator().manual_seed(3))
+    heads = block_structure(spec, planted.perms)
+    assert not all(torch.equal(s, torch.arange(len(s))) for s in heads.values())
+    res = activation_matching(model, _permuted_copy(model, spec, planted), spec, [x[:8], x[8:]])
+    assert res.perm == planted.inverse()
+    assert res.distance_after == pytest.approx(0.0, abs=1e-5)
+    sources = res.info["module_sources"]  # heads, within-head units and MLP units come from module hooks
+    assert sources["P_blocks.0.attn.qk"] == ["blocks.0.attn:q", "blocks.0.attn:k"]
+    assert sources["P_blocks.0.attn.vo"] == ["blocks.0.attn:v", "blocks.0.attn:o"]
+    assert sources["P_blocks.1.mlp.0"] == ["blocks.1.mlp.2:input"]
+    # the residual stream: its fx node (the patch embedding) and the input of every LayerNorm
+    assert sources["P_patch_embed"] == [f"blocks.{i}.norm{j}:input" for i in range(2) for j in (1, 2)] + ["norm:input"]
+    # every matched unit correlates with itself: the objective is the number of units
+    assert res.objective[0] == pytest.approx(sum(g.size for g in spec.groups), rel=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_activation_matching_recovers_heads_of_written_attention(fused: bool) -> None:
+    """Attention written out (q, k, v Linears; matmuls or SDPA): queries/keys recorded at the Linears'
+    outputs, values at out-projection's input; the planted heads and within-head units are recovered."""
+    torch.manual_seed(0)
+    model, x = SeqModel(fused=fused), torch.randn(64, 7, 5, generator=torch.Generator().manual_seed(0))
     spec = derive_spec(model, x)
-    with pytest.raises(ValueError, match="block-structured"):
-        activation_matching(model, model, spec, [x])
+    planted = Permutation.random(spec, torch.Generator().manual_seed(6))
+    assert not all(torch.equal(s, torch.arange(len(s))) for s in block_structure(spec, planted.perms).values())
+    res = activation_matching(model, _permuted_copy(model, spec, planted), spec, [x])
+    qk = [g.name for g in spec.groups if g.structured and "q" in {a.tensor.split(".")[1] for a in g.axes}]
+    assert res.info["module_sources"][qk[0]] == ["attn.q:output", "attn.k:output"]
+    assert res.perm == planted.inverse()
+
+
+def test_activation_and_head_attention_outputs_match_the_module() -> None:
+    """The hook-computed heads' output ("o") is the input of out_proj: out_proj(o) == the module's output."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=False)
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(0))
+    acts = _attention_activations(mha, (x, x, x), {})
+    with torch.no_grad():
+        ref = mha(x, x, x, need_weights=False)[0].transpose(0, 1)
+        assert torch.allclose(mha.out_proj(acts["o"]), ref, atol=1e-6)
+        assert torch.allclose(acts["q"], F.linear(x, mha.in_proj_weight[:8], mha.in_proj_bias[:8]).transpose(0, 1))
+    with pytest.raises(ValueError, match="masks"):
+        _attention_activations(mha, (x, x, x), {"attn_mask": torch.zeros(5, 5)})
 
 
 # ------------------------------------------------------------------------------ zoo

@@ -22,7 +22,9 @@ products are the only way H is touched here), n = number of trainable parameters
   :func:`hutchinson_trace`), λ_max(H_BB) by Lanczos on that operator. Σ_B tr(H_BB) = tr(H).
 - **Along a path**: θ(λ) = lerp(θ_A, θ_B, λ) (naive) or lerp(θ_A, π(θ_B), λ) (aligned); BatchNorm
   statistics are recomputed at each λ (as `lmclab interpolate`'s default ``bn="reset"``), then
-  everything above at θ(λ), with the same probe seeds at every λ (common random numbers).
+  everything above at θ(λ), with the same probe seeds at every λ (common random numbers). Along a trained
+  curve φ(t) (Bezier or polygonal chain, :mod:`lmclab.paths.mode_curves`) the same at φ(t), statistics
+  recomputed at each t.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from lmclab.curvature.trace import (
 from lmclab.data import DeviceDataset
 from lmclab.models.layers import BasicBlock
 from lmclab.paths import has_batchnorm, reset_bn_stats
+from lmclab.paths.mode_curves import Curve, curve_point
 from lmclab.points import Point, PointLike, flatten, lerp, parameter_names, unflatten
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "Spectrum",
     "block_curvature",
     "block_partition",
+    "curve_spectra",
     "density_on_grid",
     "hessian_spectrum",
     "lanczos",
@@ -69,6 +73,7 @@ __all__ = [
     "slq_density",
     "spectrum_units",
     "top_eigenpairs",
+    "with_bn_stats",
 ]
 
 #: Block partitions of the parameters: one block per module with parameters, or per residual block.
@@ -240,7 +245,8 @@ class Spectrum:
 
 @dataclass
 class PathSpectra:
-    """Spectra at points θ(λ) of one or more straight paths (e.g. "naive", "weight-matched")."""
+    """Spectra at points θ(λ) of one or more straight paths (e.g. "naive", "weight-matched"), or φ(t) of a
+    curve (t in place of λ)."""
 
     lambdas: list[float]
     spectra: dict[str, list[Spectrum]]  # path name -> one Spectrum per λ
@@ -656,6 +662,18 @@ def spectrum_units(
     return units + sum(len(block_partition(model, kind)) for kind in blocks)
 
 
+def with_bn_stats(
+    model: nn.Module, point: PointLike, bn_data: DeviceDataset | None = None, bn_examples: int | None = None
+) -> Point:
+    """`point` with its BatchNorm statistics recomputed on `bn_data` where the model has BatchNorm (the point is
+    loaded into `model` for that); otherwise `point` itself."""
+    if bn_data is None or not has_batchnorm(model):
+        return dict(point)
+    model.load_state_dict(point)
+    reset_bn_stats(model, bn_data, max_examples=bn_examples)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def path_point(
     model: nn.Module,
     theta_a: PointLike,
@@ -664,14 +682,38 @@ def path_point(
     bn_data: DeviceDataset | None = None,
     bn_examples: int | None = None,
 ) -> Point:
-    """θ(λ) = lerp(θ_A, θ_B, λ), with BatchNorm statistics recomputed on `bn_data` where the model has BatchNorm
-    (θ(λ) is loaded into `model` for that)."""
-    point = lerp(theta_a, theta_b, lam)
-    if bn_data is None or not has_batchnorm(model):
-        return point
-    model.load_state_dict(point)
-    reset_bn_stats(model, bn_data, max_examples=bn_examples)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """θ(λ) = lerp(θ_A, θ_B, λ), with BatchNorm statistics recomputed on `bn_data` (:func:`with_bn_stats`)."""
+    return with_bn_stats(model, lerp(theta_a, theta_b, lam), bn_data, bn_examples)
+
+
+def _check_bn(model: nn.Module, bn_data: DeviceDataset | None) -> None:
+    if has_batchnorm(model) and bn_data is None:
+        raise ValueError("a BatchNorm model's statistics must be recomputed along the path: give bn_data")
+
+
+def _spectra_along(
+    model: nn.Module,
+    name: str,
+    point_at: Callable[[float], Point],
+    data: Data,
+    xs: Sequence[float],
+    at_a: Spectrum | None,
+    on_point: Callable[[str, float], None] | None,
+    options: Mapping[str, Any],
+) -> tuple[list[Spectrum], Spectrum | None]:
+    """:func:`hessian_spectrum` at `point_at(x)` for each x (x = 0 is θ_A: `at_a` where given); the spectra and
+    the spectrum at θ_A (for the next path)."""
+    out: list[Spectrum] = []
+    for x in xs:
+        if x == 0 and at_a is not None:
+            out.append(at_a)
+        else:
+            out.append(hessian_spectrum(model, point_at(float(x)), data, **options))
+            if x == 0:
+                at_a = out[-1]
+        if on_point is not None:
+            on_point(name, float(x))
+    return out, at_a
 
 
 def path_spectra(
@@ -688,24 +730,49 @@ def path_spectra(
     **options: Any,
 ) -> PathSpectra:
     """:func:`hessian_spectrum` at θ(λ) on the straight path from θ_A to each end (name -> θ_B or π(θ_B)),
-        BatchNorm statistics reset at each λ from `bn_data` (needed for BatchNorm models). θ(0) = θ_A is the same
-        point on every path: computed once (or given as `at_a`, computed with the same options; not for BatchNorm
+    BatchNorm statistics reset at each λ from `bn_data` (needed for BatchNorm models). θ(0) = θ_A is the same
+    point on every path: computed once (or given as `at_a`, computed with the same options; not for BatchNorm
     models, whose θ(0) has recomputed statistics). `on_point(path, λ)` is called after each point."""
+    _check_bn(model, bn_data)
     if has_batchnorm(model):
-        if bn_data is None:
-            raise ValueError("a BatchNorm model's statistics must be recomputed along the path: give bn_data")
         at_a = None
     spectra: dict[str, list[Spectrum]] = {}
     for name, end in ends.items():
-        spectra[name] = []
-        for lam in lambdas:
-            if lam == 0 and at_a is not None:
-                spectra[name].append(at_a)
-            else:
-                point = path_point(model, theta_a, end, lam, bn_data, bn_examples)
-                spectra[name].append(hessian_spectrum(model, point, data, **options))
-                if lam == 0:
-                    at_a = spectra[name][-1]
-            if on_point is not None:
-                on_point(name, lam)
+
+        def point_at(lam: float, end: PointLike = end) -> Point:
+            return path_point(model, theta_a, end, lam, bn_data, bn_examples)
+
+        spectra[name], at_a = _spectra_along(model, name, point_at, data, lambdas, at_a, on_point, options)
     return PathSpectra([float(x) for x in lambdas], spectra)
+
+
+def curve_spectra(
+    model: nn.Module,
+    curve: Curve,
+    data: Data,
+    ts: Sequence[float],
+    *,
+    name: str | None = None,
+    bn_data: DeviceDataset | None = None,
+    bn_examples: int | None = None,
+    on_point: Callable[[str, float], None] | None = None,
+    at_a: Spectrum | None = None,
+    **options: Any,
+) -> PathSpectra:
+    """:func:`hessian_spectrum` at φ(t) = :func:`curve_point` of a curve from θ_A (Garipov et al. 2018: Bezier
+    or polygonal chain), BatchNorm statistics reset at each t from `bn_data` as on the straight paths (needed
+    for BatchNorm models); one path named `name` (default: the curve's kind). φ(0) = θ_A: `at_a` where given
+    (not for BatchNorm models), as :func:`path_spectra`; φ(1) is the curve's end. The t play the part of λ in
+    the result (:attr:`PathSpectra.lambdas`)."""
+    _check_bn(model, bn_data)
+    if has_batchnorm(model):
+        at_a = None
+    if any(not 0.0 <= float(t) <= 1.0 for t in ts):
+        raise ValueError(f"t must lie in [0, 1], got {list(ts)}")
+    label = name or curve.kind
+
+    def point_at(t: float) -> Point:
+        return with_bn_stats(model, curve_point(curve, t), bn_data, bn_examples)
+
+    spectra, _ = _spectra_along(model, label, point_at, data, ts, at_a, on_point, options)
+    return PathSpectra([float(x) for x in ts], {label: spectra})

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from lmclab.config import UsageError
 from lmclab.data import DeviceDataset
-from lmclab.experiments.lmc import Alignment, align_runs, check_same_architecture, interpolate_runs
+from lmclab.experiments.lmc import Alignment, align_runs, check_same_architecture, interpolate_runs, load_alignment
 from lmclab.paths import barrier_report, default_bn_mode, default_lambdas
 from lmclab.paths.barriers import WHOLE_MODEL_BARRIER
 from lmclab.paths.mode_curves import Curve, evaluate_curve, straight_curve, train_curve
@@ -191,6 +192,26 @@ def _stored_curve(out: Path, start: Curve) -> StoredCurve | None:
     bends = _bends_from(tensors, start.start, start.n_bends, out / CURVE_FILE)
     info = json.loads((out / INFO_FILE).read_text())
     return StoredCurve(Curve(start.kind, start.start, bends, start.end), info, out, reused=True)
+
+
+def load_curve(path: str | Path, store: Store, device: str = "auto") -> StoredCurve:
+    """The trained curve stored in `path` (a ``curve_<hash>`` directory), its runs (and the alignment of its
+    end, where it was fitted to π(θ_B)) looked up in `store`, on `device`."""
+    path = Path(path)
+    if not ((path / INFO_FILE).is_file() and (path / CURVE_FILE).is_file()):
+        raise UsageError(f"{path}: not a stored curve (no {INFO_FILE} and {CURVE_FILE}); fit one with `lmclab curve`")
+    info = json.loads((path / INFO_FILE).read_text())
+    dev = resolve_device(device)
+    theta_a = store.runs.get(info["a"]).load_state(device=dev)
+    theta_b = store.runs.get(info["b"]).load_state(device=dev)
+    if info["align"] is not None:
+        if not isinstance(info["align"], str) or not (store.root / info["align"]).is_dir():
+            raise UsageError(f"{path}: the alignment of its end, {info['align']}, is not in the store {store.root}")
+        alignment = load_alignment(store.root / info["align"])
+        theta_b = alignment.perm.apply(theta_b, alignment.spec)
+    found = _stored_curve(path, straight_curve(info["kind"], theta_a, theta_b, int(info["bends"])))
+    assert found is not None
+    return found
 
 
 def curve_barriers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ N×F; another axis only after an explicit permute/transpose), merged with union-
   (weight/bias axis 0 join it, ``block`` × the channel multiplier); other grouped convs are errors.
   A Linear over another axis than the units' (token mixing) lets them pass, its outputs unpermuted;
 * norms keep the set and add their per-unit tensors: BatchNorm/InstanceNorm (weight, bias,
-  running_mean, running_var), LayerNorm2d, GroupNorm with 1 or C groups, nn.LayerNorm / F.layer_norm
+  running_mean, running_var), LayerNorm2d, GroupNorm (with 1 < G < C groups it makes the set
+  block-structured: G blocks of C/G channels), nn.LayerNorm / F.layer_norm
   over any trailing dims (the axis of weight/bias aligned with the unit axis; none if the unit axis
   is not normalised), PReLU with one weight per channel;
 * elementwise ops (activations, dropout, softmax/normalize, dtype/device casts, ``*_like``), pooling,
@@ -51,7 +52,7 @@ traced through. A structured set becomes a group with ``blocks`` and ``block_per
 :mod:`lmclab.permutation.spec`); a block set with tensors of its own becomes a group of whole blocks.
 
 Never silently partial: anything else that touches hidden units (indexing the unit axis, an unknown
-module, a grouped conv, GroupNorm with 1 < G < C, …) raises :class:`SpecError` naming the fx node,
+module, a grouped conv, GroupNorm over a concatenation, …) raises :class:`SpecError` naming the fx node,
 its target and its source line, also when its result only flows into a residual stream: a set that
 is fixed only because it meets such an op's (opaque) result counts as touched. With
 ``leave_unknown_fixed=True`` those sets stay unpermuted and the spec's meta says which.
@@ -1203,14 +1204,20 @@ class _Deriver:
         return self.per_unit(node, x, [(t, v.dim - (len(ins) - k)) for t in tensors], None, "layer norm")
 
     def group_norm(self, node: fx.Node, x: fx.Node, groups: int, channels: int, tensors: Sequence[str]) -> Val:
+        """GroupNorm: per-unit weight/bias. With 1 < G < C groups the statistics pool each group's C/G
+        consecutive channels, so the channels' set becomes block-structured (G blocks: permute whole
+        groups, and channels within each group)."""
         if groups not in (1, channels):
             v = self.val.get(x)
             if isinstance(v, _Flow):
-                return self._unknown(
-                    node,
-                    f"GroupNorm with {groups} groups of {channels} channels mixes "
-                    "statistics within groups (only 1 or C groups are equivariant)",
-                )
+                p = v.parts[0] if len(v.parts) == 1 else None
+                if v.inner is not None or v.dim != 1 or p is None or p.block != 1 or p.offset != 0:
+                    return self._unknown(
+                        node,
+                        f"GroupNorm with {groups} groups of {channels} channels on a concatenation or "
+                        "flattened units (only one unit set on the channel axis can be split into groups)",
+                    )
+                self.sets.structure(p.set, groups, f"node {node.name} (GroupNorm with {groups} groups)")
         return self.per_unit(node, x, [(t, 0) for t in tensors], 1, "GroupNorm")
 
     # ---- attention

@@ -1,5 +1,5 @@
 """Hessian spectra: the SLQ density on a signed log scale with the top eigenvalues marked, and curvature
-(top eigenvalue, trace with its CI) against λ along straight paths (naive and aligned)."""
+(top eigenvalue, trace with its CI) against λ along straight paths (naive and aligned) and against t along curves."""
 
 from __future__ import annotations
 
@@ -72,8 +72,10 @@ def plot_path_curvature(
     title: str = "",
     split: str = "train",
     examples: int | None = None,
+    xlabel: str = "λ",
 ) -> SavedFigure:
-    """Top eigenvalue and tr ∇²L (95% CI as error bars) against λ, one line per path, a marker at each λ."""
+    """Top eigenvalue and tr ∇²L (95% CI as error bars) against λ (t on a curve: `xlabel`), one line per path
+    or curve, a marker at each λ."""
     data = figures.data_text(split, examples)
     rows = spectra.rows()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
@@ -89,9 +91,9 @@ def plot_path_curvature(
                 [[r["trace"] - r["trace_ci_low"] for r in mine], [r["trace_ci_high"] - r["trace"] for r in mine]]
             )
             axes[1].errorbar(lam, est, yerr=err, fmt="-o", ms=3.2, color=f"C{i}", capsize=3, label=f"{name} (95% CI)")
-    axes[0].set(xlabel="λ", ylabel="top eigenvalue λ_max(∇²L)")
+    axes[0].set(xlabel=xlabel, ylabel="top eigenvalue λ_max(∇²L)")
     axes[0].set_title(f"top eigenvalue along the path\n{data}", fontsize=10)
-    axes[1].set(xlabel="λ", ylabel="tr ∇²L (Hutchinson)")
+    axes[1].set(xlabel=xlabel, ylabel="tr ∇²L (Hutchinson)")
     axes[1].set_title(f"Hessian trace along the path\n{data}", fontsize=10)
     for ax in axes:
         ax.grid(alpha=0.3)

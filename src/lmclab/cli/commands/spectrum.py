@@ -1,5 +1,6 @@
 """`lmclab spectrum RUN`: the Hessian's top eigenvalues, spectral density (SLQ), per-block curvature, and
-curvature along the straight paths to another run (naive and aligned). See :mod:`lmclab.curvature.spectrum`.
+curvature along the straight paths to another run (naive and aligned) and along a stored curve (`--curve`, a
+``curve_<hash>`` of `lmclab curve`). See :mod:`lmclab.curvature.spectrum`.
 
 Results are stored content-hashed in the run store (`spectrum_<hash>/spectrum.json`, keyed by the runs, the
 alignment and every setting that changes a number): the same command again reuses them and only redraws the
@@ -38,10 +39,12 @@ from lmclab.curvature.spectrum import (
     PathSpectra,
     Spectrum,
     block_partition,
+    curve_spectra,
     hessian_spectrum,
     path_spectra,
     spectrum_units,
 )
+from lmclab.experiments.curve import INFO_FILE, load_curve
 from lmclab.experiments.lmc import align_runs, check_same_architecture
 from lmclab.paths import default_lambdas, has_batchnorm
 from lmclab.report import write_csv
@@ -83,7 +86,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also compute the curvature at --points λ on the straight path(s) from RUN to RUN_B",
     )
     _pair_method(p, "weight", "with --path-to: also the path to RUN_B aligned to RUN")
-    _int_flag(p, "--points", POINTS, 5, "evenly spaced λ on each path (--path-to), both ends included")
+    p.add_argument(
+        "--curve",
+        metavar="CURVE",
+        default=None,
+        help="also compute the curvature at --points t along a curve stored by `lmclab curve RUN RUN_B` (its "
+        "curve_<hash> directory, or that name in the run store); with --path-to RUN_B the straight paths too",
+    )
+    _int_flag(p, "--points", POINTS, 5, "evenly spaced λ (t) on each path (--path-to, --curve), both ends included")
     _int_flag(p, "--seed", SEED, 0, "probe and start seed")
     _out(p, "figures and tables", "spectrum_<hash> in the run store")
     _no_progress(p)
@@ -121,6 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_b: Run | None = store.get(args.path_to) if args.path_to else None
     if not run_a.complete:
         raise UsageError(f"RUN {run_a.path.name}: not complete (status {run_a.meta.status}); train it first")
+    curve_dir = _curve_dir(args, store.root, run_a, run_b) if args.curve else None
     data_check = None
     if run_b is not None:
         check_same_architecture(run_a, run_b)
@@ -157,8 +168,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()},
         "path_to": None if run_b is None else run_b.path.name,
         "align": None if alignment is None else str(alignment.path.name if alignment.path else args.align),
-        "points": args.points if run_b is not None else None,
+        "points": args.points if run_b is not None or curve_dir is not None else None,
     }
+    if curve_dir is not None:  # (absent otherwise: results stored before --curve keep their identity)
+        identity["curve"] = curve_dir.name
     where = Store(store.root).result_dir("spectrum", identity)
     stored = where / "spectrum.json"
     reused = stored.is_file()
@@ -166,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with artifact_lock(where, root=store.root, what=f"spectrum {where.name}"):
             reused = stored.is_file()  # computed by another process while this one waited
             if not reused:
-                result = _compute(args, run_a, run_b, model, alignment, options, dev, progress)
+                result = _compute(args, run_a, run_b, curve_dir, model, alignment, options, dev, progress)
                 atomic_write_json(stored, {"identity": identity, **result}, root=store.root)
     saved = json.loads(stored.read_text())
     if reused:
@@ -174,10 +187,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return _report(args, run_a, saved, where, stored, reused)
 
 
+def _curve_dir(args: argparse.Namespace, root: Path, run_a: Run, run_b: Run | None) -> Path:
+    """The stored curve `--curve` names (a directory, or a name in the run store); it must start at RUN and, with
+    --path-to, end at RUN_B."""
+    found = Path(args.curve) if Path(args.curve).is_dir() else root / args.curve
+    if not (found / INFO_FILE).is_file():
+        raise UsageError(
+            f"--curve {args.curve}: no stored curve there or in {root}; allowed: a curve_<hash> directory of "
+            "`lmclab curve`"
+        )
+    info = json.loads((found / INFO_FILE).read_text())
+    if info["a"] != run_a.path.name:
+        raise UsageError(f"--curve {args.curve}: the curve starts at {info['a']}, not at RUN {run_a.path.name}")
+    if run_b is not None and info["b"] != run_b.path.name:
+        raise UsageError(
+            f"--path-to {args.path_to}: the curve ends at {info['b']}, not at {run_b.path.name}; allowed: the "
+            "curve's run B, or no --path-to"
+        )
+    return found
+
+
 def _compute(
     args: argparse.Namespace,
     run_a: Run,
     run_b: Run | None,
+    curve_dir: Path | None,
     model: Any,
     alignment: Any,
     options: dict[str, Any],
@@ -198,17 +232,21 @@ def _compute(
     with tqdm(total=units, desc="spectrum", unit="step", disable=not progress, leave=False) as bar:
         spectrum = hessian_spectrum(model, theta, data, progress=_ticker(bar), **options)
     out: dict[str, Any] = {"run": run_a.path.name, "split": args.split, "spectrum": spectrum.to_json()}
-    if run_b is None:
+    if run_b is None and curve_dir is None:
         return out
-    theta_b = run_b.load_state(device=dev)
-    ends = {"naive": theta_b}
-    if alignment is not None:
-        ends[f"{alignment.info.get('method', args.align)}-matched"] = alignment.perm.apply(theta_b, alignment.spec)
+    ends = {}
+    if run_b is not None:
+        theta_b = run_b.load_state(device=dev)
+        ends["naive"] = theta_b
+        if alignment is not None:
+            ends[f"{alignment.info.get('method', args.align)}-matched"] = alignment.perm.apply(theta_b, alignment.spec)
+    stored = None if curve_dir is None else load_curve(curve_dir, Store(run_a.path.parent), device=args.device)
     bn_data = None
     if has_batchnorm(model):  # statistics recomputed at each λ from the training split (as `interpolate --bn reset`)
         bn_data = data if args.split == "train" else load_run_split(run_a, "train", **load)
     lambdas = default_lambdas(args.points)
-    outer = tqdm(total=len(ends) * len(lambdas), desc="spectrum along the path", unit="point", disable=not progress)
+    paths = len(ends) + (stored is not None)
+    outer = tqdm(total=paths * len(lambdas), desc="spectrum along the path", unit="point", disable=not progress)
     with outer, tqdm(total=units, desc="spectrum", unit="step", disable=not progress, leave=False) as bar:
 
         def done(path: str, lam: float) -> None:
@@ -216,23 +254,25 @@ def _compute(
             outer.update()
             bar.reset()
 
-        spectra = path_spectra(
-            model,
-            theta,
-            ends,
-            data,
-            lambdas,
-            bn_data=bn_data,
-            on_point=done,
-            at_a=spectrum,
-            progress=_ticker(bar),
-            **options,
-        )
-    out["path"] = {
-        "run_b": run_b.path.name,
-        "alignment": None if alignment is None else str(alignment.path),
-        **spectra.to_json(),
-    }
+        along = dict(bn_data=bn_data, on_point=done, at_a=spectrum, progress=_ticker(bar), **options)
+        if run_b is not None:
+            spectra = path_spectra(model, theta, ends, data, lambdas, **along)
+            out["path"] = {
+                "run_b": run_b.path.name,
+                "alignment": None if alignment is None else str(alignment.path),
+                **spectra.to_json(),
+            }
+        if stored is not None:
+            name = f"{stored.curve.kind} curve" + ("" if stored.info["align"] is None else " (to π(B))")
+            on_curve = curve_spectra(model, stored.curve, data, lambdas, name=name, **along)
+            out["curve"] = {
+                "curve": str(stored.path),
+                "run_b": stored.info["b"],
+                "kind": stored.curve.kind,
+                "bends": stored.curve.n_bends,
+                "align": stored.info["align"],
+                **on_curve.to_json(),
+            }
     return out
 
 
@@ -314,25 +354,37 @@ def _report(
             ci = f"{r['trace']:.4g} ({r['ci_low']:.4g} … {r['ci_high']:.4g})"
             top = "" if r["top_eigenvalue"] is None else f"{r['top_eigenvalue']:.4g}"
             lines.append(f"{r['kind']:<8} {r['block']:<{width}} {r['parameters']:>9,} {ci:>34} {top:>15}")
-    if "path" in saved:
-        spectra = PathSpectra.from_json(saved["path"])
+    if "path" in saved or "curve" in saved:
+        parts = [PathSpectra.from_json(saved[k]) for k in ("path", "curve") if k in saved]
+        spectra = PathSpectra(parts[0].lambdas, {k: v for part in parts for k, v in part.spectra.items()})
         rows = spectra.rows()
+        run_b = saved["path"]["run_b"] if "path" in saved else saved["curve"]["run_b"]
         files["path_table"] = str(write_csv(out_dir / "path_curvature.csv", rows))
         files["path_figure"] = str(
             plot_path_curvature(
                 out_dir / "path_curvature.png",
                 spectra,
-                title=f"{run_a.path.name} → {saved['path']['run_b']}",
+                title=f"{run_a.path.name} → {run_b}",
                 split=saved["split"],
                 examples=spectrum.examples,
+                xlabel={1: "λ", 2: "t (curve)", 3: "λ (straight paths) / t (curve)"}[
+                    ("path" in saved) + 2 * ("curve" in saved)
+                ],
             ).path
         )
-        summary["path"] = {"run_b": saved["path"]["run_b"], "alignment": saved["path"]["alignment"], "rows": rows}
-        lines.append(f"{'path':<18} {'λ':>6} {'top eigenvalue':>15} {'trace (95% CI)':>34}")
+        if "path" in saved:
+            summary["path"] = {"run_b": run_b, "alignment": saved["path"]["alignment"]}
+            summary["path"]["rows"] = [r for r in rows if r["path"] in parts[0].spectra]
+        if "curve" in saved:
+            summary["curve"] = {k: saved["curve"][k] for k in ("curve", "run_b", "kind", "bends", "align")}
+            summary["curve"]["rows"] = [r for r in rows if r["path"] in parts[-1].spectra]
+        width = max(18, *(len(str(r["path"])) for r in rows))
+        x = "λ / t" if "curve" in saved else "λ"
+        lines.append(f"{'path':<{width}} {x:>6} {'top eigenvalue':>15} {'trace (95% CI)':>34}")
         for r in rows:
             top = "" if r["top_eigenvalue"] is None else f"{r['top_eigenvalue']:.4g}"
             ci = f"{r['trace']:.4g} ({r['trace_ci_low']:.4g} … {r['trace_ci_high']:.4g})" if "trace" in r else ""
-            lines.append(f"{r['path']:<18} {r['lambda']:>6.3f} {top:>15} {ci:>34}")
+            lines.append(f"{r['path']:<{width}} {r['lambda']:>6.3f} {top:>15} {ci:>34}")
     summary["files"] = files
     lines.append("files: " + ", ".join(files.values()))
     _say(args, "\n".join(lines))
@@ -341,7 +393,7 @@ def _report(
 
 COMMAND = Command(
     "spectrum",
-    "Hessian spectrum of a run: top eigenvalues (Lanczos), density (SLQ), per-block curvature, along paths",
+    "Hessian spectrum of a run: top eigenvalues (Lanczos), density (SLQ), per-block curvature, along paths/curves",
     add_arguments,
     run,
 )
