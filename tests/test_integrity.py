@@ -154,6 +154,24 @@ def test_eval_of_a_run_with_a_flipped_checkpoint_exits_non_zero_naming_the_file(
     assert "Traceback" not in err
 
 
+def test_a_stored_alignment_is_verified_when_reused(
+    run_copy: Run, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """alignment.json is sealed: reusing an edited one is refused, naming the file (exit 2, one line)."""
+    argv = ["align", run_copy.hash[:8], run_copy.hash[:8], "--runs-dir", str(run_copy.path.parent)]
+    argv += ["--data-dir", str(shared_data), "--no-progress"]
+    assert main(argv) == 0
+    (info,) = run_copy.path.parent.glob("align_*/alignment.json")
+    assert main(argv) == 0  # reused, verified
+    doc = json.loads(info.read_text())
+    doc["method"] = "activation"
+    info.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(info) in err and "is corrupt" in err
+
+
 # ---------------------------------------------------------------- permutations
 
 

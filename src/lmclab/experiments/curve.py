@@ -12,7 +12,6 @@ The evaluation (paths.csv, barriers.csv, curves.png) goes to ``--out`` or ``curv
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,11 @@ from lmclab.store import (
     Run,
     Store,
     artifact_lock,
-    atomic_write_json,
     check_same_data,
     load_checkpoint,
+    read_sealed_json,
     save_checkpoint,
+    write_sealed_json,
 )
 from lmclab.store.checkpoint import optimizer_from_flat, optimizer_to_flat, split_prefix
 from lmclab.training import load_run_model, load_run_split, resolve_device
@@ -180,7 +180,7 @@ def fit_curve(
             "history": history + record.history,
         }
         save_checkpoint(out / CURVE_FILE, _bend_tensors(trained), {"curve": identity})
-        atomic_write_json(out / INFO_FILE, info)
+        write_sealed_json(out / INFO_FILE, info)
         (out / RESUME_FILE).unlink(missing_ok=True)
         return StoredCurve(trained, info, out, reused=False)
 
@@ -190,7 +190,7 @@ def _stored_curve(out: Path, start: Curve) -> StoredCurve | None:
         return None
     tensors, _ = load_checkpoint(out / CURVE_FILE)
     bends = _bends_from(tensors, start.start, start.n_bends, out / CURVE_FILE)
-    info = json.loads((out / INFO_FILE).read_text())
+    info = read_sealed_json(out / INFO_FILE, kind="stored curve")
     return StoredCurve(Curve(start.kind, start.start, bends, start.end), info, out, reused=True)
 
 
@@ -200,7 +200,7 @@ def load_curve(path: str | Path, store: Store, device: str = "auto") -> StoredCu
     path = Path(path)
     if not ((path / INFO_FILE).is_file() and (path / CURVE_FILE).is_file()):
         raise UsageError(f"{path}: not a stored curve (no {INFO_FILE} and {CURVE_FILE}); fit one with `lmclab curve`")
-    info = json.loads((path / INFO_FILE).read_text())
+    info = read_sealed_json(path / INFO_FILE, kind="stored curve")
     dev = resolve_device(device)
     theta_a = store.runs.get(info["a"]).load_state(device=dev)
     theta_b = store.runs.get(info["b"]).load_state(device=dev)

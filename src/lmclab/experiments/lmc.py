@@ -11,7 +11,6 @@ Runs trained on different data are refused (`lmclab.store.check_same_data`) unle
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +46,10 @@ from lmclab.store import (
     RunStore,
     Store,
     artifact_lock,
-    atomic_write_json,
     check_same_data,
     content_hash,
+    read_sealed_json,
+    write_sealed_json,
 )
 from lmclab.training import load_run_model, resolve_device
 
@@ -169,7 +169,7 @@ def align_runs(
         info = {**settings, **result.to_json(), "invariance_max_abs_diff": invariance, "data": data_check.to_json()}
         info["coverage"] = coverage(spec, dict(model_a.named_parameters()))  # fraction of parameters permuted
         result.perm.save(out / "perm.safetensors", spec, **settings)
-        atomic_write_json(out / "alignment.json", info)
+        write_sealed_json(out / "alignment.json", info)
         return Alignment(result.perm, spec, info, out)
 
 
@@ -180,7 +180,7 @@ def _stored_alignment(out: Path, spec: PermutationSpec | None, data_check: DataC
         cached_spec = saved_spec or spec
         if cached_spec is None:
             raise SpecError(f"{out / 'perm.safetensors'} holds no spec; save permutations with their spec")
-        info = json.loads((out / "alignment.json").read_text())
+        info = read_sealed_json(out / "alignment.json", kind="alignment")
         return Alignment(perm, cached_spec, {**info, "data": data_check.to_json()}, out)
     return None
 
@@ -193,7 +193,7 @@ def load_alignment(path: str | Path) -> Alignment:
     if spec is None:
         raise SpecError(f"{file} holds no spec; save permutations with their spec")
     info_file = file.parent / "alignment.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else meta
+    info = read_sealed_json(info_file, kind="alignment") if info_file.is_file() else meta
     return Alignment(perm, spec, info, file.parent)
 
 

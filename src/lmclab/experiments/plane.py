@@ -11,7 +11,6 @@ subset, BN handling); the same request again reuses them. `out` chooses where th
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from lmclab.paths import default_bn_mode
 from lmclab.points import Point, norm, parameter_names
 from lmclab.report import write_csv
 from lmclab.report.plane import plot_plane
-from lmclab.store import Run, RunStore, Store, artifact_lock, atomic_write_json, check_same_data
+from lmclab.store import Run, RunStore, Store, artifact_lock, check_same_data, read_sealed_json, write_sealed_json
 from lmclab.training import load_run_model, load_run_split, resolve_device
 
 __all__ = ["PlaneRequest", "plane_runs"]
@@ -210,13 +209,14 @@ def plane_runs(
                 )
                 stored.mkdir(parents=True, exist_ok=True)
                 write_csv(stored / "grid.csv", rows)
-                atomic_write_json(
+                write_sealed_json(
                     stored / "plane.json",
                     {"identity": identity, "rows": len(rows), "points": {k: list(c) for k, c in coords.items()}},
+                    files=[("grid.csv", stored / "grid.csv")],
                 )
     if reused:
         say(f"reusing the stored plane {stored}")
-        saved = json.loads((stored / "plane.json").read_text()).get("points", {})
+        saved = read_sealed_json(stored / "plane.json", kind="stored plane").get("points", {})  # grid.csv checked too
         coords = {k: (float(saved[k][0]), float(saved[k][1])) if k in saved else c for k, c in coords.items()}
     rows = _read_grid(stored / "grid.csv")
     values = {(r["u"], r["v"], r["split"], r["metric"]): r["value"] for r in rows}

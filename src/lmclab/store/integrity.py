@@ -176,9 +176,15 @@ def sealed(obj: Mapping[str, Any], files: Iterable[tuple[str, Path]] = ()) -> di
     return {**doc, JSON_FIELD: record}
 
 
-def write_sealed_json(path: str | os.PathLike, obj: Mapping[str, Any], files: Iterable[tuple[str, Path]] = ()) -> Path:
-    """Atomically write `obj` with its integrity record (see `sealed`)."""
-    return atomic_write_json(path, sealed(obj, files))
+def write_sealed_json(
+    path: str | os.PathLike,
+    obj: Mapping[str, Any],
+    files: Iterable[tuple[str, Path]] = (),
+    *,
+    root: str | os.PathLike | None = None,
+) -> Path:
+    """Atomically write `obj` with its integrity record (see `sealed`); `root` as for `atomic_write_json`."""
+    return atomic_write_json(path, sealed(obj, files), root=root)
 
 
 def files_below(directory: Path, exclude: Iterable[str] = ()) -> list[tuple[str, Path]]:

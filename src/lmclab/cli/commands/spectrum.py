@@ -10,7 +10,6 @@ figures.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from lmclab.experiments.lmc import align_runs, check_same_architecture
 from lmclab.paths import default_lambdas, has_batchnorm
 from lmclab.report import write_csv
 from lmclab.report.spectrum import plot_density, plot_path_curvature
-from lmclab.store import Run, RunStore, Store, artifact_lock, atomic_write_json, check_same_data
+from lmclab.store import Run, RunStore, Store, artifact_lock, check_same_data, read_sealed_json, write_sealed_json
 from lmclab.training import load_run_model, load_run_split, resolve_device
 
 #: Bumped when what is stored changes meaning: part of every result's identity.
@@ -180,8 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             reused = stored.is_file()  # computed by another process while this one waited
             if not reused:
                 result = _compute(args, run_a, run_b, curve_dir, model, alignment, options, dev, progress)
-                atomic_write_json(stored, {"identity": identity, **result}, root=store.root)
-    saved = json.loads(stored.read_text())
+                write_sealed_json(stored, {"identity": identity, **result}, root=store.root)
+    saved = read_sealed_json(stored, kind="stored spectrum")
     if reused:
         _say(args, f"reusing the stored result {stored}")
     return _report(args, run_a, saved, where, stored, reused)
@@ -196,7 +195,7 @@ def _curve_dir(args: argparse.Namespace, root: Path, run_a: Run, run_b: Run | No
             f"--curve {args.curve}: no stored curve there or in {root}; allowed: a curve_<hash> directory of "
             "`lmclab curve`"
         )
-    info = json.loads((found / INFO_FILE).read_text())
+    info = read_sealed_json(found / INFO_FILE, kind="stored curve")
     if info["a"] != run_a.path.name:
         raise UsageError(f"--curve {args.curve}: the curve starts at {info['a']}, not at RUN {run_a.path.name}")
     if run_b is not None and info["b"] != run_b.path.name:
