@@ -58,11 +58,12 @@ def plot_paths(
                 found = figures.curve_barriers([(lam, v) for v in values], metric)
                 at = figures.barrier_position(lam, mean, metric)
                 if found and at is not None:
-                    text = figures.barrier_text(found)
+                    notes = [split] if len(splits) > 1 else []  # which curve: train and test peak close together
                     if metric in figures.LOWER_IS_WORSE:
-                        text += " (error barrier)"  # the drop below the endpoint line
+                        notes.append("error barrier")  # the drop below the endpoint line
                     if len(found) < len(curves):
-                        text += f" ({len(found)} of {len(curves)} pairs)"
+                        notes.append(f"{len(found)} of {len(curves)} pairs")
+                    text = figures.barrier_text(found) + (f" ({', '.join(notes)})" if notes else "")
                     offset = 18.0 * (splits.index(split) - (len(splits) - 1) / 2)
                     figures.annotate_barrier(ax, at, text, f"C{i}", metric, offset=offset)
         ax.set_xlim(-0.02, 1.02)
@@ -79,5 +80,5 @@ def plot_paths(
             fontsize=10,
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, handlelength=3.5)  # long enough to show test's dashes between the markers
     return figures.save_figure(fig, path, title)
