@@ -21,6 +21,22 @@ vector, median of `--repeat` interleaved runs, each relative to one gradient).
     python bench/hessian_trace.py --threads 1              # on a shared, oversubscribed CPU
     python bench/hessian_trace.py --device cuda --resnet-examples 500 --resnet-target 0.1
 
+Against PyHessian itself (``--vs-pyhessian``; install it into the project venv WITHOUT its dependencies,
+which would pull another torch: ``.venv/bin/pip install --no-deps pyhessian==0.1``; it is not a project
+dependency): the same trained MLP weights and the same `--pyhessian-examples` MNIST test images, each side
+at its best CPU settings, measured in one run:
+- PyHessian: single-batch mode (``hessian(model, CrossEntropyLoss(), data=(x, y))``: its gradient graph is
+  built once and reused by every product); trace from its own Hutchinson loop (``trace(maxIter=1)`` per
+  probe, Rademacher probes from torch's global RNG), stopped when the Student-t 95% relative half-width is
+  ≤ `--mlp-target` (checked after each probe, at least `--min-probes`); top eigenvalue by its power
+  iteration (``eigenvalues(tol=--power-tol)``).
+- lmclab: `HessianOperator` with all images in one batch (its graph kept across products,
+  ``reuse_graph``): `hessian_trace` Hutchinson (`--block` probes per pass) and adaptive Hutch++
+  (`--sketch` columns) to the same target; `top_eigenvalue` (Lanczos) at `--lanczos-tol`.
+Matched accuracy: both eigenvalues are compared with a tight Lanczos reference (tol 1e-10).
+
+    .venv/bin/python bench/hessian_trace.py --vs-pyhessian --threads 1
+
 Models: Git Re-Basin's MLP (784-512-512-512-10) on MNIST test (`--mlp-examples`, trained first for
 one pass over `--mlp-train` MNIST training examples so the point is not a random init), and ResNet-20
 ×1 (LayerNorm) on CIFAR-10 test (`--resnet-examples`, random init unless `--resnet-train-steps`).
@@ -30,21 +46,32 @@ Not a test: no thresholds; prints the measured numbers and ratios of this one ru
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import statistics
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmclab.curvature.hessian import HessianOperator
-from lmclab.curvature.trace import hessian_trace, hutchinson_trace, random_probe, t_interval
+from lmclab.curvature.trace import (
+    TraceEstimate,
+    hessian_trace,
+    hutchinson_trace,
+    lanczos_top,
+    random_probe,
+    t_interval,
+    top_eigenvalue,
+)
 from lmclab.data import DeviceDataset
 from lmclab.models import build_model, count_parameters
-from lmclab.points import inner
+from lmclab.points import flatten, inner, unflatten
 from lmclab.training import train_step
 
 DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data")  # ../shared/data beside the checkout
@@ -204,6 +231,127 @@ def lockstep(
     return {"lmclab": lm, "pyhessian": py}
 
 
+def vs_pyhessian(model: nn.Module, args: argparse.Namespace) -> None:
+    """PyHessian 0.1 itself vs lmclab on the same weights and images: trace to a CI width, top eigenvalue."""
+    module = importlib.import_module("pyhessian.hessian")  # optional: see the module docstring
+    PyHessian = module.hessian
+
+    n, target = args.pyhessian_examples, args.mlp_target
+    data = DeviceDataset.load("mnist", "test", data_dir=args.data_dir, subset=n, progress=False)
+    x, y = next(iter(data.batches(n)))
+    model = model.float().eval()
+    print(f"\n== vs PyHessian 0.1: MLP, {n} MNIST test images in one batch, target relative half-width {target}")
+
+    def py_trace(seed: int) -> tuple[list[float], float]:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        samples: list[float] = []
+        while len(samples) < args.max_probes:
+            samples += h.trace(maxIter=1, tol=-1.0)
+            if len(samples) >= args.min_probes:
+                mean, half = t_interval(samples, 0.95)
+                if half <= target * abs(mean):
+                    break
+        dt = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)  # PyHessian leaves create_graph gradients in .grad
+        return samples, dt
+
+    def lm_trace(method: str, seed: int) -> tuple[TraceEstimate, float]:
+        start = time.perf_counter()
+        est = hessian_trace(
+            model,
+            None,
+            data,
+            method=method,
+            sketch=args.sketch if method == "hutchpp" else None,
+            probes=2 * args.sketch + args.min_probes if method == "hutchpp" else args.min_probes,
+            target_ci_width=target,
+            max_probes=args.max_probes,
+            probes_per_pass=args.block,
+            batch_size=n,
+            max_examples=n,
+            seed=seed,
+        )
+        return est, time.perf_counter() - start
+
+    seeds = range(args.seed, args.seed + args.seeds)
+    totals = {"pyhessian": [0.0, 0], "hutchinson": [0.0, 0], "hutchpp": [0.0, 0]}
+    for seed in seeds:  # interleaved, so drifting load hits all sides alike
+        samples, t_py = py_trace(seed)
+        mean, half = t_interval(samples, 0.95)
+        totals["pyhessian"][0] += t_py
+        totals["pyhessian"][1] += len(samples)
+        print(
+            f"seed {seed} PyHessian trace    : {len(samples):4d} HVPs, {t_py:7.2f} s, trace {mean:.6g} ± {half:.3g} "
+            f"(relative {half / abs(mean):.3f})"
+        )
+        for method in ("hutchinson", "hutchpp"):
+            est, dt = lm_trace(method, seed)
+            totals[method][0] += dt
+            totals[method][1] += est.n_matvecs
+            print(
+                f"seed {seed} lmclab {method:11s}: {est.n_matvecs:4d} HVPs, {dt:7.2f} s, trace {est.estimate:.6g} ± "
+                f"{est.half_width:.3g} (relative {est.relative_half_width:.3f})"
+            )
+    t_py, k_py = totals["pyhessian"]
+    for method in ("hutchinson", "hutchpp"):
+        t_lm, k_lm = totals[method]
+        print(
+            f"trace over {args.seeds} seeds: PyHessian {k_py} HVPs {t_py:.2f} s ({t_py / k_py:.3f} s/HVP), "
+            f"lmclab {method} {k_lm} HVPs {t_lm:.2f} s ({t_lm / k_lm:.3f} s/HVP): "
+            f"PyHessian / lmclab = {t_py / t_lm:.2f}×"
+        )
+
+    ref = top_eigenvalue(model, None, data, batch_size=n, max_examples=n, tol=1e-10)
+    print(f"top eigenvalue reference (Lanczos, tol 1e-10): {ref:.8g}")
+    count = [0]
+    original = module.hessian_vector_product
+
+    def counted(*a: object) -> object:
+        count[0] += 1
+        return original(*a)
+
+    module.hessian_vector_product = counted
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+    py_top = h.eigenvalues(maxIter=args.power_iterations, tol=args.power_tol)[0][0]
+    t_py = time.perf_counter() - start
+    module.hessian_vector_product = original
+    del h
+    model.zero_grad(set_to_none=True)
+    err_py = abs(py_top - ref) / abs(ref)
+    print(
+        f"PyHessian power (tol {args.power_tol:g}): {py_top:.8g}, {count[0]} HVPs, "
+        f"relative error {err_py:.2e}, {t_py:.2f} s"
+    )
+    matched = None
+    for tol in args.lanczos_tols:
+        start = time.perf_counter()
+        op = HessianOperator(model, None, data, batch_size=n, max_examples=n)
+        like = op.params
+
+        def mv(v: torch.Tensor, op: HessianOperator = op, like: dict = like) -> torch.Tensor:
+            return flatten(op.matvec(unflatten(v, like))).double()
+
+        v0 = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(op.num_parameters))
+        lm_top, k = lanczos_top(mv, v0, tol, 1000)
+        t_lm = time.perf_counter() - start
+        err = abs(lm_top - ref) / abs(ref)
+        if err <= err_py and matched is None:
+            matched = (tol, t_lm)
+        print(
+            f"lmclab Lanczos (tol {tol:g}): {lm_top:.8g}, {k} HVPs, relative error {err:.2e}, {t_lm:.2f} s; "
+            f"PyHessian / lmclab = {t_py / t_lm:.2f}×"
+        )
+    if matched:
+        print(
+            f"top eigenvalue at matched accuracy (loosest Lanczos tol {matched[0]:g} with error ≤ PyHessian's "
+            f"{err_py:.1e}): PyHessian / lmclab = {t_py / matched[1]:.2f}×"
+        )
+
+
 def _fit(model: nn.Module, data: DeviceDataset, optimizer: torch.optim.Optimizer) -> None:
     """One pass over `data` in batches of 128 with the trainer's own step."""
     model.train()
@@ -246,12 +394,27 @@ def main() -> None:
         default=None,
         help="torch CPU threads (1 avoids OpenMP stalls when other jobs share the cores)",
     )
+    ap.add_argument("--vs-pyhessian", action="store_true", help="only the comparison with PyHessian 0.1 (MLP)")
+    ap.add_argument("--pyhessian-examples", type=int, default=2000)
+    ap.add_argument("--power-tol", type=float, default=1e-3, help="PyHessian power iteration tol (its default)")
+    ap.add_argument("--power-iterations", type=int, default=1000)
+    ap.add_argument("--lanczos-tols", type=float, nargs="+", default=[0.3, 0.1, 0.03, 0.01, 1e-3])
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the trace comparison (times summed)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
 
+    if args.vs_pyhessian:
+        load = os.getloadavg()
+        print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
+        torch.manual_seed(0)
+        model = build_model("mlp", input_shape=(1, 28, 28), num_classes=10).to(device)
+        if args.mlp_train:
+            train_mlp(model, device, args.mlp_train, args.data_dir)
+        vs_pyhessian(model, args)
+        return
     for name in args.models:
         torch.manual_seed(0)
         if name == "mlp":

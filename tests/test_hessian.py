@@ -24,7 +24,7 @@ from lmclab.curvature.predictions import (
     predicted_barrier_curve,
     predicted_set_barrier,
 )
-from lmclab.curvature.trace import hessian_trace, hutchinson_trace, hutchpp_trace, top_eigenvalue
+from lmclab.curvature.trace import hessian_trace, hutchinson_trace, hutchpp_trace, lanczos_top, top_eigenvalue
 from lmclab.data import DatasetInfo, DeviceDataset
 from lmclab.paths import layer_groups
 from lmclab.points import flatten, lerp, parameter_names
@@ -150,6 +150,59 @@ def test_quadratic_form_equals_dense() -> None:
     exact = float(flat(model, d) @ h @ flat(model, d))
     for method in HVP_METHODS:
         assert quadratic_form(model, None, d, data, method=method) == pytest.approx(exact, rel=1e-10)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_kept_graph_of_a_single_batch_matches_rebuilt_graphs_and_dense(vectorize: bool) -> None:
+    """One batch (N ≤ batch_size): the gradient graph is built once and reused by every later `matmat`/`matvec`;
+    its products equal rebuilding the graph per call (`reuse_graph=False`) and the dense Hessian."""
+    model, data = tiny_mlp(), batches64(23, 23)
+    h = dense_hessian(model, None, data)
+    kept = HessianOperator(model, None, data, vectorize=vectorize)
+    fresh = HessianOperator(model, None, data, vectorize=vectorize, reuse_graph=False)
+    vs = [random_vector(model, s) for s in range(5)]
+    for call in ([vs[0]], vs[1:4], [vs[4]], vs, [vs[2]]):
+        a, b = kept.matmat(call), fresh.matmat(call)
+        for v, ha, hb in zip(call, a, b):
+            torch.testing.assert_close(flat(model, ha), flat(model, hb), atol=1e-13, rtol=1e-12)
+            torch.testing.assert_close(flat(model, ha), h @ flat(model, v), atol=1e-12, rtol=1e-10)
+    assert kept.graphs_built == 1 and fresh.graphs_built == 5
+    assert kept.passes == fresh.passes == 5 and kept.products == fresh.products == 11
+    kept.release()
+    torch.testing.assert_close(flat(model, kept.matvec(vs[3])), h @ flat(model, vs[3]), atol=1e-12, rtol=1e-10)
+    assert kept.graphs_built == 2
+
+
+def test_kept_graph_serves_a_one_shot_iterator_and_several_batches_rebuild() -> None:
+    """A single-batch generator can be consumed once: later products come from the kept graph. With several
+    batches only one batch's graph is alive at a time, so each pass builds one graph per batch."""
+    model, data = tiny_mlp(), batches64(23, 10)
+    h = dense_hessian(model, None, data)
+    v, w = random_vector(model, 7), random_vector(model, 8)
+    x, y = batches64(23, 23)[0]
+    once = HessianOperator(model, None, iter([(x, y)]))
+    for u in (v, w, v):
+        torch.testing.assert_close(flat(model, once.matvec(u)), h @ flat(model, u), atol=1e-12, rtol=1e-10)
+    assert once.graphs_built == 1
+    several = HessianOperator(model, None, data, batch_size=10)
+    for u in (v, w):
+        torch.testing.assert_close(flat(model, several.matmat([u, w])[0]), h @ flat(model, u), atol=1e-12, rtol=1e-10)
+    assert several.graphs_built == 2 * 3 and several._graph is None
+
+
+def test_trace_and_top_eigenvalue_on_a_kept_graph_equal_rebuilt_graphs() -> None:
+    """Hutchinson samples and the Lanczos eigenvalue are the same (to rounding) with the graph kept or rebuilt."""
+    model, data = tiny_mlp(), batches64(23, 23)
+    kept = HessianOperator(model, None, data)
+    fresh = HessianOperator(model, None, data, reuse_graph=False)
+    a = hutchinson_trace(None, kept.params, probes=12, matmat=kept.matmat, block=5, seed=3)
+    b = hutchinson_trace(None, fresh.params, probes=12, matmat=fresh.matmat, block=5, seed=3)
+    np.testing.assert_allclose(a.samples, b.samples, rtol=1e-12)
+    assert kept.graphs_built == 1 and fresh.graphs_built == 3
+    eig = float(torch.linalg.eigvalsh(dense_hessian(model, None, data))[-1])
+    assert top_eigenvalue(model, None, data, batch_size=23, tol=1e-12) == pytest.approx(eig, rel=1e-9)
+    # 2 unrestarted steps cannot reach 1e-12: handed over to eigsh from the same start, same answer
+    assert top_eigenvalue(model, None, data, batch_size=23, tol=1e-12, iterations=2) == pytest.approx(eig, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------- Singh predictions
@@ -467,3 +520,20 @@ def test_operator_counts_passes() -> None:
     assert (op.passes, op.products) == (2, 5)
     with pytest.raises(ValueError):
         HessianOperator(model, None, data, method="finite_differences")
+
+
+def test_lanczos_top_matches_eigvalsh_and_stops_early() -> None:
+    """Largest algebraic eigenvalue of a symmetric matrix with a separated top (and a larger |negative| one)."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    lam = torch.cat(
+        [torch.tensor([10.0, 5.0, -20.0], dtype=torch.float64), torch.linspace(-1, 1, 297, dtype=torch.float64)]
+    )
+    a = q @ torch.diag(lam) @ q.T
+    v0 = torch.randn(300, generator=g, dtype=torch.float64)
+    value, products = lanczos_top(lambda x: a @ x, v0, 1e-8, 300)
+    assert value == pytest.approx(10.0, rel=1e-12) and products < 100
+    with pytest.raises(RuntimeError):
+        lanczos_top(lambda x: a @ x, v0, 1e-12, 3)
+    small = torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    assert lanczos_top(lambda x: small @ x, torch.ones(2, dtype=torch.float64), 1e-12, 2)[0] == pytest.approx(3.0)

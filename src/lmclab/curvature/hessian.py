@@ -12,6 +12,13 @@ Two ways to form H v from one batch (Pearlmutter's identity H v = ∇_θ(∇_θL
 - ``"forward_over_reverse"``: torch.func.jvp(torch.func.grad(L), (θ,), (v,)) — a forward-mode
   derivative of the gradient; several vectors go through one jvp under ``vmap``.
 
+Graph reuse (double backward): the forward pass and the first backward (g with create_graph) are built
+once per batch and reused by every vector of that batch (``retain_graph``). When the data is a single
+batch (N ≤ batch_size) the operator keeps that one graph across `matmat` calls (``reuse_graph=True``, the
+default), so sequential products (Lanczos, power iteration, adaptive Hutchinson) cost one double
+backward each, as PyHessian's single-batch mode; with several batches only one batch's graph is alive at a
+time (memory bounded by one batch) and each call rebuilds them.
+
 ``vectorize=True`` pushes a chunk of vectors through at once (``is_grads_batched`` for double
 backward, ``vmap`` over tangents for forward-over-reverse); otherwise vectors are looped over within
 each batch (double backward reuses the graph; forward-over-reverse recomputes it per vector).
@@ -23,6 +30,7 @@ the parameters' dtype.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 
 import torch
 from torch import nn
@@ -43,6 +51,7 @@ __all__ = ["HVP_METHODS", "HessianOperator", "dense_hessian", "hvp", "hvp_many",
 HVP_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
 
 Data = DeviceDataset | Iterable[Batch]
+_Graph = tuple[list[torch.Tensor], list[torch.Tensor], list[int]]  # leaves θ, used gradient entries, their indices
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -68,10 +77,12 @@ def _prepare(model: nn.Module, theta: PointLike | None) -> FunctionalModel:
 
 
 class HessianOperator:
-    """v ↦ ∇²L(θ) v for the mean loss over fixed data; each `matmat` call is one data pass.
+    """v ↦ ∇²L(θ) v for the mean loss over fixed data; each `matmat` call is one data pass (none with a kept graph).
 
     `data` must be re-iterable (a `DeviceDataset`, a list of batches) when more than one product is
-    taken. `passes` counts data passes, `products` Hessian-vector products.
+    taken. `passes` counts data passes, `products` Hessian-vector products, `graphs_built` gradient graphs.
+    θ and the data are fixed for the operator's life: with one batch its gradient graph is kept across calls
+    (``reuse_graph``; `release` drops it), so do not modify θ's tensors or the data in place in between.
     """
 
     def __init__(
@@ -86,14 +97,18 @@ class HessianOperator:
         method: str = "double_backward",
         vectorize: bool = False,
         chunk_size: int | None = None,
+        reuse_graph: bool = True,
     ) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")
         self.fm = _prepare(model, theta)
         self.data, self.batch_size, self.max_examples = data, batch_size, max_examples
         self.loss_fn, self.method, self.vectorize, self.chunk_size = loss_fn, method, vectorize, chunk_size
+        self.reuse_graph = reuse_graph
         self.passes = 0
         self.products = 0
+        self.graphs_built = 0  # gradient graphs built (double backward): one per batch per pass, or one in all
+        self._graph: tuple[_Graph, int] | None = None  # the single batch's graph and its size, when kept
 
     @property
     def params(self) -> Point:
@@ -122,7 +137,7 @@ class HessianOperator:
         return self.matmat([v])[0]
 
     def matmat(self, vectors: Sequence[PointLike]) -> list[Point]:
-        """[H v_1, …, H v_K] in one data pass."""
+        """[H v_1, …, H v_K] in one data pass (no pass at all when the single batch's graph is kept)."""
         vs = [self._cast(v) for v in vectors]
         if not vs:
             return []
@@ -130,17 +145,23 @@ class HessianOperator:
         acc = [{n: torch.zeros_like(p) for n, p in self.fm.params.items()} for _ in vs]
         total = 0
         chunk = len(vs) if self.chunk_size is None else max(1, self.chunk_size)
-        for x, y in self._batches():
-            total += len(y)
-            for start in range(0, len(vs), chunk):
-                part = vs[start : start + chunk]
-                if self.method == "double_backward":
-                    outs = self._double_backward(names, part, x, y)
-                else:
-                    outs = self._forward_over_reverse(names, part, x, y)
-                for a, hv in zip(acc[start : start + chunk], outs):
-                    for n in names:
-                        a[n].add_(hv[n])
+        if self.method == "double_backward":
+            for graph, size in self._graphs(names):
+                total += size
+                for start in range(0, len(vs), chunk):
+                    outs = self._double_backward(names, graph, vs[start : start + chunk])
+                    for a, hv in zip(acc[start : start + chunk], outs):
+                        for n in names:
+                            a[n].add_(hv[n])
+                del graph
+        else:
+            for x, y in self._batches():
+                total += len(y)
+                for start in range(0, len(vs), chunk):
+                    outs = self._forward_over_reverse(names, vs[start : start + chunk], x, y)
+                    for a, hv in zip(acc[start : start + chunk], outs):
+                        for n in names:
+                            a[n].add_(hv[n])
         if total == 0:
             raise ValueError("the data yielded no examples")
         self.passes += 1
@@ -150,39 +171,70 @@ class HessianOperator:
                 a[n].div_(total)
         return acc
 
-    def _double_backward(self, names: list[str], vs: list[Point], x: torch.Tensor, y: torch.Tensor) -> list[Point]:
+    def _build(self, names: list[str], x: torch.Tensor, y: torch.Tensor) -> _Graph:
+        """One batch's summed loss, its gradient g = ∇θ ℓ with create_graph, and the leaves θ."""
         leaves = [self.fm.params[n].detach().requires_grad_(True) for n in names]
         with torch.enable_grad():
             loss = self.loss_fn(self.fm.logits(dict(zip(names, leaves)), x), y)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
-            # entries of the gradient that do not depend on θ (loss linear in that tensor) add nothing to H v
-            used = [i for i, g in enumerate(grads) if g.requires_grad]
-            if not used:
-                return [{n: torch.zeros_like(self.fm.params[n]) for n in names} for _ in vs]
-            outputs = [grads[i] for i in used]
-            if self.vectorize and len(vs) > 1:
-                stacked = [torch.stack([v[names[i]] for v in vs]) for i in used]
-                hvs = torch.autograd.grad(
-                    outputs,
-                    leaves,
-                    grad_outputs=stacked,
-                    is_grads_batched=True,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-                return [{n: hvs[j][k].detach() for j, n in enumerate(names)} for k in range(len(vs))]
-            out = []
-            for k, v in enumerate(vs):
-                hv = torch.autograd.grad(
-                    outputs,
-                    leaves,
-                    grad_outputs=[v[names[i]] for i in used],
-                    retain_graph=k < len(vs) - 1,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-                out.append({n: t.detach() for n, t in zip(names, hv)})
-            return out
+        self.graphs_built += 1
+        # entries of the gradient that do not depend on θ (loss linear in that tensor) add nothing to H v
+        used = [i for i, g in enumerate(grads) if g.requires_grad]
+        return leaves, [grads[i] for i in used], used
+
+    def _graphs(self, names: list[str]) -> Iterator[tuple[_Graph, int]]:
+        """(graph, batch size) per batch; one graph alive at a time; a single batch's graph kept if `reuse_graph`."""
+        if self._graph is not None:
+            yield self._graph
+            return
+        batches = self._batches()
+        first = next(batches, None)
+        if first is None:
+            return
+        second = next(batches, None)
+        if second is None and self.reuse_graph:
+            self._graph = (self._build(names, *first), len(first[1]))
+            yield self._graph
+            return
+        rest = batches if second is None else chain([second], batches)
+        for x, y in chain([first], rest):
+            graph = self._build(names, x, y)
+            yield graph, len(y)
+            del graph
+
+    def release(self) -> None:
+        """Drop the kept gradient graph (it is rebuilt at the next product)."""
+        self._graph = None
+
+    def _double_backward(self, names: list[str], graph: _Graph, vs: list[Point]) -> list[Point]:
+        """H_b v for each v from one batch's gradient graph (kept: retain_graph)."""
+        leaves, outputs, used = graph
+        if not used:
+            return [{n: torch.zeros_like(self.fm.params[n]) for n in names} for _ in vs]
+        if self.vectorize and len(vs) > 1:
+            stacked = [torch.stack([v[names[i]] for v in vs]) for i in used]
+            hvs = torch.autograd.grad(
+                outputs,
+                leaves,
+                grad_outputs=stacked,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            return [{n: hvs[j][k].detach() for j, n in enumerate(names)} for k in range(len(vs))]
+        out = []
+        for v in vs:
+            hv = torch.autograd.grad(
+                outputs,
+                leaves,
+                grad_outputs=[v[names[i]] for i in used],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            out.append({n: t.detach() for n, t in zip(names, hv)})
+        return out
 
     def _forward_over_reverse(self, names: list[str], vs: list[Point], x: torch.Tensor, y: torch.Tensor) -> list[Point]:
         params = self.fm.params

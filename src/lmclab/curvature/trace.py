@@ -44,6 +44,7 @@ __all__ = [
     "hessian_trace",
     "hutchinson_trace",
     "hutchpp_trace",
+    "lanczos_top",
     "random_probe",
     "t_interval",
     "top_eigenvalue",
@@ -338,6 +339,44 @@ def hessian_trace(
     raise ValueError(f"method must be 'hutchinson' or 'hutchpp', got {method!r}")
 
 
+def lanczos_top(
+    matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, tol: float, steps: int
+) -> tuple[float, int]:
+    """(λ_max, products) of a symmetric operator on flat float64 vectors by Lanczos with full reorthogonalisation.
+
+    From q₁ = v0/‖v0‖: w = A q_j − β_{j−1} q_{j−1}, α_j = q_jᵀw, w ⊥ q_1..q_j (twice), β_j = ‖w‖. After each
+    step the largest Ritz value θ of T_j = tridiag(β, α, β) with eigenvector u has residual
+    ‖A y − θ y‖ = β_j |u_j| (y = Q_j u); stop when β_j |u_j| ≤ tol · |θ| (ARPACK's / eigsh's criterion), when
+    β_j = 0 (invariant subspace: θ exact) or after `steps` products (then RuntimeError: not converged).
+    """
+    q = v0 / v0.norm()
+    basis: list[torch.Tensor] = []
+    alphas: list[float] = []
+    betas: list[float] = []
+    beta_prev = 0.0
+    for j in range(1, steps + 1):
+        w = matvec(q)
+        if basis:
+            w = w - beta_prev * basis[-1]
+        basis.append(q)
+        alpha = float(q @ w)
+        alphas.append(alpha)
+        stack = torch.stack(basis, dim=1)
+        for _ in range(2):
+            w = w - stack @ (stack.T @ w)
+        beta = float(w.norm())
+        t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        vals, vecs = np.linalg.eigh(t)
+        theta, resid = float(vals[-1]), beta * abs(float(vecs[-1, -1]))
+        if resid <= tol * abs(theta) or beta <= 1e-14 * max(1.0, abs(theta)) or j == len(v0):
+            return theta, j
+        betas.append(beta)
+        beta_prev, q = beta, w / beta
+    raise RuntimeError(
+        f"Lanczos did not reach tol={tol:g} in {steps} products (residual/|θ| = {resid / abs(theta):.2e})"
+    )
+
+
 def top_eigenvalue(
     model: nn.Module,
     theta: PointLike | None,
@@ -351,27 +390,33 @@ def top_eigenvalue(
     loss_fn: LossFn = summed_cross_entropy,
     hvp_method: str = "double_backward",
 ) -> float:
-    """The largest *algebraic* eigenvalue of ∇²L(θ): Lanczos (scipy `eigsh`, which="LA") on the HVP operator.
+    """The largest *algebraic* eigenvalue of ∇²L(θ): Lanczos (:func:`lanczos_top`) on the HVP operator.
 
-    One data pass per Lanczos step; `iterations` caps the restarts (eigsh's maxiter), `tol` is eigsh's
-    relative accuracy. Power iteration would find the largest |λ| instead, which can be a negative one.
+    One product per Lanczos step (one data pass, or none when the data is one batch and its gradient graph
+    is kept); stops when the top Ritz pair's residual ‖Hy − θy‖ ≤ `tol` · |θ| (eigsh's relative accuracy;
+    the eigenvalue error is then about residual² / gap). Unrestarted, so it keeps one vector per step: after
+    `iterations` steps (default 100) without convergence it hands over to scipy's restarted `eigsh` (ARPACK,
+    ncv = 20 vectors) from the same start.
+    Power iteration would find the largest |λ| instead, which can be a negative one.
     """
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
     op = HessianOperator(
         model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn, method=hvp_method
     )
     like = op.params
     n = op.num_parameters
+    ref = next(iter(like.values()))
 
-    def mv(x: np.ndarray) -> np.ndarray:
-        v = unflatten(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)), like)
-        return flatten(op.matvec(v)).detach().cpu().double().numpy()
+    def mv(x: torch.Tensor) -> torch.Tensor:
+        return flatten(op.matvec(unflatten(x.to(ref.device), like))).detach().cpu().double()
 
-    if n <= 2:  # eigsh needs k < n; form the tiny matrix instead
-        dense = np.stack([mv(e) for e in np.eye(n)], axis=1)
-        return float(np.linalg.eigvalsh((dense + dense.T) / 2)[-1])
     v0 = np.random.default_rng(seed).standard_normal(n)
-    lin = LinearOperator((n, n), matvec=mv, dtype=np.float64)
-    values = eigsh(lin, k=1, which="LA", v0=v0, tol=tol, maxiter=iterations, return_eigenvectors=False)
-    return float(values[0])
+    try:
+        return lanczos_top(mv, torch.from_numpy(v0), tol, min(n, iterations or 100))[0]
+    except RuntimeError:  # not converged: ARPACK's restarted Lanczos from the same start (memory ncv · n)
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        def np_mv(x: np.ndarray) -> np.ndarray:
+            return mv(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))).numpy()
+
+        lin = LinearOperator((n, n), matvec=np_mv, dtype=np.float64)
+        return float(eigsh(lin, k=1, which="LA", v0=v0, tol=tol, return_eigenvectors=False)[0])
