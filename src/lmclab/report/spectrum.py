@@ -92,9 +92,10 @@ def plot_path_curvature(
             )
             axes[1].errorbar(lam, est, yerr=err, fmt="-o", ms=3.2, color=f"C{i}", capsize=3, label=f"{name} (95% CI)")
     axes[0].set(xlabel=xlabel, ylabel="top eigenvalue λ_max(∇²L)")
-    axes[0].set_title(f"top eigenvalue along the path\n{data}", fontsize=10)
+    where = "along the path" if len(spectra.spectra) == 1 else "along the paths"
+    axes[0].set_title(f"top eigenvalue {where}\n{data}", fontsize=10)
     axes[1].set(xlabel=xlabel, ylabel="tr ∇²L (Hutchinson)")
-    axes[1].set_title(f"Hessian trace along the path\n{data}", fontsize=10)
+    axes[1].set_title(f"Hessian trace {where}\n{data}", fontsize=10)
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
