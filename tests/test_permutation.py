@@ -620,7 +620,7 @@ class Opaque(nn.Module):
 @pytest.mark.parametrize(
     "layer,pattern",
     [
-        (nn.Conv2d(4, 4, 3, padding=1, groups=2), "grouped convolution"),
+        (nn.ConvTranspose2d(4, 4, 3, padding=1, groups=2), "grouped convolution"),
         (nn.ChannelShuffle(2), "ChannelShuffle"),
         (nn.PixelShuffle(2), "PixelShuffle"),
     ],

@@ -8,7 +8,10 @@ N×F; another axis only after an explicit permute/transpose), merged with union-
 * a Linear / Conv (module or ``F.linear``/``F.convNd`` on a parameter) OPENS a set of
   ``out_features`` units: weight axis 0 (axis 1 for ConvTranspose) and bias axis 0 join it; its
   input axis joins whatever set flows in. Depthwise convs (groups == in_channels) keep the set
-  (weight/bias axis 0 join it, ``block`` × the channel multiplier); other grouped convs are errors.
+  (weight/bias axis 0 join it, ``block`` × the channel multiplier). A conv with 1 < G < C_in groups
+  splits input and output sets into G blocks moved by one shared σ; the output's within-block units
+  permute freely, the input set keeps only whole-block moves (its within-block permutations would
+  permute weight axis 1 differently per output block). Transposed grouped convs are errors.
   A Linear over another axis than the units' (token mixing) lets them pass, its outputs unpermuted;
 * norms keep the set and add their per-unit tensors: BatchNorm/InstanceNorm (weight, bias,
   running_mean, running_var), LayerNorm2d, GroupNorm (with 1 < G < C groups it makes the set
@@ -52,7 +55,7 @@ traced through. A structured set becomes a group with ``blocks`` and ``block_per
 :mod:`lmclab.permutation.spec`); a block set with tensors of its own becomes a group of whole blocks.
 
 Never silently partial: anything else that touches hidden units (indexing the unit axis, an unknown
-module, a grouped conv, GroupNorm over a concatenation, …) raises :class:`SpecError` naming the fx node,
+module, a grouped conv or GroupNorm over a concatenation, …) raises :class:`SpecError` naming the fx node,
 its target and its source line, also when its result only flows into a residual stream: a set that
 is fixed only because it meets such an op's (opaque) result counts as touched. With
 ``leave_unknown_fixed=True`` those sets stay unpermuted and the spec's meta says which.
@@ -318,6 +321,7 @@ class _Sets:
         self.tainted: list[bool] = []
         self.blocks: list[int] = []
         self.bset: list[int | None] = []
+        self.whole: list[bool] = []
         self.origins: dict[int, list[str]] = {}
 
     def new(self, size: int, opener: str | None = None, fixed: bool = False) -> int:
@@ -329,6 +333,7 @@ class _Sets:
         self.tainted.append(False)
         self.blocks.append(1)
         self.bset.append(None)
+        self.whole.append(False)
         return len(self.parent) - 1
 
     def structure(self, i: int, blocks: int, where: str) -> int:
@@ -366,6 +371,7 @@ class _Sets:
         self.fixed[lo] = self.fixed[lo] or self.fixed[hi]
         self.legit[lo] = self.legit[lo] or self.legit[hi]
         self.tainted[lo] = self.tainted[lo] or self.tainted[hi]
+        self.whole[lo] = self.whole[lo] or self.whole[hi]
         self.origins.setdefault(lo, []).extend(self.origins.pop(hi, []))
         b_lo, b_hi = self.bset[lo], self.bset[hi]
         if b_lo is None and b_hi is not None:
@@ -1169,11 +1175,42 @@ class _Deriver:
                     self.acts.append((p.set, p.src))
                 parts.append(replace(p, block=p.block * mult, offset=p.offset * mult))
             return self._keep(node, _Flow(1, tuple(parts)))
+        if not transposed and in_ch % groups == 0 and out_ch % groups == 0:
+            return self._grouped_conv(node, v, weight, bias, out_ch, groups, opener)
         return self._unknown(
             node,
             f"grouped convolution (groups={groups}, {in_ch}->{out_ch} channels) is "
             "equivariant only under permutations that respect its groups",
         )
+
+    def _grouped_conv(
+        self, node: fx.Node, v: Val, weight: str, bias: str | None, out_ch: int, groups: int, opener: str
+    ) -> Val:
+        """Conv with 1 < G < in_channels groups: output group g reads input group g only, so input and
+        output channels split into G blocks moved by one shared σ; the output's within-block units
+        permute freely (W axis 0, b). The input's within-block permutations α_g would have to permute
+        W axis 1 separately in each output block, which an AxisRef cannot say: the input set keeps
+        only its whole-block permutations (`whole`, a group of G units) and W axis 1 stays put."""
+        tensors = [(weight, 0)] + ([(bias, 0)] if bias else [])
+        out = self._open(node, weight, opener, out_ch, tensors, 1)
+        s_out = out.parts[0].set
+        b_out = self.sets.structure(s_out, groups, f"node {node.name} (grouped convolution, {groups} groups)")
+        self._pin([(weight, 1)])
+        if not isinstance(v, _Flow):  # the network input (or a constant): its blocks cannot move
+            self._opaque_use(node, v, "fed to a layer")
+            self.sets.fix(b_out)
+            return out
+        p = v.parts[0] if len(v.parts) == 1 else None
+        if v.inner is not None or p is None or p.block != 1 or p.offset != 0:
+            return self._unknown(
+                node,
+                f"grouped convolution ({groups} groups) on a concatenation or flattened units (only one "
+                "unit set on the channel axis can be split into groups)",
+            )
+        b_in = self.sets.structure(p.set, groups, f"node {node.name} (grouped convolution, {groups} groups)")
+        self.sets.whole[self.sets.find(p.set)] = True
+        self.sets.union(b_in, b_out, f"node {node.name}")
+        return out
 
     def per_unit(
         self, node: fx.Node, x: fx.Node, tensors: Sequence[tuple[str, int]], dim: int | None, what: str
@@ -1799,7 +1836,12 @@ class _Deriver:
             if opener is None:  # pragma: no cover - only openers create non-fixed sets
                 raise SpecError("internal error: a permuted unit set without an opening layer")
             b = sets.block_set(r)
-            if b is not None:  # structured: blocks moved by the permutation of set b
+            size, refs = sets.size[r], tuple(roots[r])
+            if b is not None and sets.whole[r]:  # read by a grouped conv: only whole blocks move
+                d = size // sets.blocks[r]
+                size, refs = sets.blocks[r], tuple(replace(a, block=a.block * d) for a in refs)
+                name, blocks, block_perm = f"P_{opener}", size, f"H_{sets.opener[b]}"
+            elif b is not None:  # structured: blocks moved by the permutation of set b
                 name, blocks, block_perm = f"P_{opener}", sets.blocks[r], f"H_{sets.opener[b]}"
             elif r in heads:  # a set of whole blocks with tensors of its own (one entry per head)
                 name, blocks, block_perm = f"P_{opener}.heads", sets.size[r], f"H_{opener}"
@@ -1808,8 +1850,8 @@ class _Deriver:
             groups.append(
                 PermGroup(
                     name,
-                    sets.size[r],
-                    tuple(roots[r]),
+                    size,
+                    refs,
                     tuple(sorted(acts.get(r, []), key=self.order.__getitem__)) if blocks == 1 else (),
                     blocks,
                     block_perm,
