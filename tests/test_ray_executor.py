@@ -34,6 +34,7 @@ from lmclab.experiments.graph import (  # noqa: E402
     step_kind,
 )
 from lmclab.experiments.ray_executor import RayExecutor, parse_address  # noqa: E402
+from lmclab.store.locks import is_locked  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 
@@ -173,6 +174,13 @@ def test_a_killed_driver_loses_nothing_finished(cluster: str, tmp_path: Path) ->
     assert all(p.is_file() for p in stored), driver.communicate()[1][-2000:]
     driver.send_signal(signal.SIGKILL)
     driver.wait()
+    # Ray kills the dead driver's tasks asynchronously: wait until the slow step's claim is free (its worker
+    # gone), so that it cannot finish its computation after the hold is lifted and die before storing it.
+    slow = tmp_path / "runs" / "steps" / steps[2].name
+    deadline = time.monotonic() + 120
+    while is_locked(slow, tmp_path / "runs") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not is_locked(slow, tmp_path / "runs"), "the killed driver's slow step still holds its claim"
     (tmp_path / "hold").unlink()
     executor = RayExecutor(tmp_path / "runs", progress=False)
     results = executor.run(steps)
