@@ -9,25 +9,12 @@ from torch import nn
 
 from lmclab.permutation import Permutation, SpecError, check_invariance, derive_spec, verify_permutation
 from lmclab.permutation.spec import coverage
+from params import randomize_
 
 
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)  # module initialisation: deterministic tests
-
-
-def _randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial values for every per-unit vector (biases, BN affine and running statistics)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point() or t.ndim != 1:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) * 1.5 + 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-    return model
 
 
 class GroupedNet(nn.Module):
@@ -92,7 +79,7 @@ def _check(model: nn.Module, seeds: range = range(3)) -> dict[str, float]:
 
 @pytest.mark.parametrize("groups", [2, 4])
 def test_grouped_conv_spec_and_symmetry(groups: int) -> None:
-    model = _randomize_(GroupedNet(groups), groups)
+    model = randomize_(GroupedNet(groups), groups)
     spec = derive_spec(model, X)
     by_name = {g.name: g for g in spec.groups}
     inp, out = by_name["P_conv1"], by_name["P_gconv"]
@@ -114,7 +101,7 @@ def test_grouped_conv_spec_and_symmetry(groups: int) -> None:
 
 def test_grouped_conv_breaking_blocks_changes_the_function() -> None:
     """The structure is needed: moving one input channel to another group changes f (the test can fail)."""
-    model = _randomize_(GroupedNet(2), 0).double()
+    model = randomize_(GroupedNet(2), 0).double()
     theta = model.state_dict()
     p = torch.arange(8)
     p[[0, 4]] = p[[4, 0]]  # swap a channel of group 0 with one of group 1
@@ -127,7 +114,7 @@ def test_grouped_conv_breaking_blocks_changes_the_function() -> None:
 
 
 def test_depthwise_separable_block() -> None:
-    model = _randomize_(SeparableNet(), 1)
+    model = randomize_(SeparableNet(), 1)
     spec = derive_spec(model, X)
     by_name = {g.name: g for g in spec.groups}
     # depthwise (G = C_in = C_out): the channels keep one flat set through the depthwise conv
@@ -214,7 +201,7 @@ class ResidualGrouped(nn.Module):
 def test_residual_through_grouped_convs() -> None:
     """The residual ties g1's output to its input: the whole stream moves by whole blocks only, and
     g2's output shares the same σ."""
-    model = _randomize_(ResidualGrouped(), 3)
+    model = randomize_(ResidualGrouped(), 3)
     spec = derive_spec(model, X)
     by_name = {g.name: g for g in spec.groups}
     assert set(by_name) == {"P_a", "P_g2"}

@@ -27,6 +27,7 @@ from lmclab.permutation import (
     spec_for,
     verify_permutation,
 )
+from params import randomize_
 
 CNNS = ("resnet20", "vgg11", "vgg16", "resnet18")
 SHAPE = (3, 8, 8)
@@ -39,21 +40,6 @@ def _line_of(marker: str) -> int:
     hits = [i + 1 for i, line in enumerate(lines) if line.rstrip().endswith(f"# {marker}")]
     assert len(hits) == 1, marker
     return hits[0]
-
-
-def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """Random non-trivial values for every per-unit vector (norm affine, BN running stats, biases), so
-    that a spec missing one of them breaks invariance."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point() or t.ndim != 1:
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) * 1.5 + 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-    return model
 
 
 def assert_symmetry(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, seed: int = 0) -> None:

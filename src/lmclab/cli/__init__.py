@@ -31,6 +31,7 @@ from lmclab.cli.common import (
     POSITIVE,
     SPLITS,
     Parser,
+    _align_as_flagged,
     _allow_different_data,
     _bn,
     _checkpoint_schedule,
@@ -939,16 +940,7 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     alignment = (
         load_alignment(args.perm)
         if args.perm
-        else align_runs(
-            run_a,
-            run_b,
-            method=args.align,
-            store=store,
-            data_dir=args.data_dir,
-            device=args.device,
-            progress=_progress(args),
-            allow_different_data=args.allow_different_data,
-        )
+        else _align_as_flagged(args, store, run_a, run_b, args.align)
         if args.align
         else None
     )

@@ -17,6 +17,8 @@ import torch
 
 from lmclab.align import PAIR_METHODS, MethodEntry
 from lmclab.config import Allowed, argument_type, integer, integers
+from lmclab.experiments.lmc import Alignment, align_runs
+from lmclab.store import Run, RunStore
 from lmclab.store.data_identity import ALLOW_FLAG
 from lmclab.training import CheckpointSchedule, RunOptions
 
@@ -269,4 +271,19 @@ def _options(args: argparse.Namespace, **extra: Any) -> Any:
         progress=_progress(args),
         download=not args.offline,
         **extra,
+    )
+
+
+def _align_as_flagged(args: argparse.Namespace, store: RunStore, run_a: Run, run_b: Run, method: str) -> Alignment:
+    """B aligned to A by `method` (stored and reused), with the command's data, device, progress and
+    ``--allow-different-data`` flags."""
+    return align_runs(
+        run_a,
+        run_b,
+        method=method,
+        store=store,
+        data_dir=args.data_dir,
+        device=args.device,
+        progress=_progress(args),
+        allow_different_data=args.allow_different_data,
     )

@@ -21,6 +21,7 @@ from lmclab.cli.common import (
     NON_NEGATIVE,
     POINTS,
     POSITIVE,
+    _align_as_flagged,
     _allow_different_data,
     _common_io,
     _float_flag,
@@ -44,7 +45,7 @@ from lmclab.curvature.spectrum import (
     spectrum_units,
 )
 from lmclab.experiments.curve import INFO_FILE, load_curve
-from lmclab.experiments.lmc import align_runs, check_same_architecture
+from lmclab.experiments.lmc import check_same_architecture
 from lmclab.paths import default_lambdas, has_batchnorm
 from lmclab.report import write_csv
 from lmclab.report.spectrum import plot_density, plot_path_curvature
@@ -149,16 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = _options(args, kinds)
     alignment = None
     if run_b is not None and args.align != "none":
-        alignment = align_runs(
-            run_a,
-            run_b,
-            method=args.align,
-            store=store,
-            data_dir=args.data_dir,
-            device=args.device,
-            progress=progress,
-            allow_different_data=args.allow_different_data,
-        )
+        alignment = _align_as_flagged(args, store, run_a, run_b, args.align)
     identity = {
         "version": VERSION,
         "run": run_a.path.name,
