@@ -24,6 +24,7 @@ import pytest
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import ErrorbarContainer
+from matplotlib.contour import ContourSet
 from PIL import Image
 
 from lmclab.report import figures as report_figures
@@ -868,3 +869,110 @@ def check_predictions(
     assert len(images) == 1, "cross-blocks"
     assert_close(images[0].get_array(), matrix, "cross-blocks")
     assert [t.get_text() for t in axes[3].get_xticklabels()] == list(names)
+
+
+# ------------------------------------------------------------------------------------ zipit
+
+#: The methods of the ZipIt! bar chart, in drawing order (ZipIt!: its full zip only).
+ZIPIT_BARS = (
+    "model_a",
+    "model_b",
+    "ensemble",
+    "average",
+    "weight_matching",
+    "activation_matching",
+    "zipit",
+    "zipit_across",
+)
+
+
+def _task_text(task: Sequence[int]) -> str:
+    """Classes 0, 1, 2, 3, 4 as "0–4"; others (or two classes) listed: "1,3"."""
+    t = list(task)
+    return f"{t[0]}–{t[-1]}" if len(t) > 2 and t == list(range(t[0], t[0] + len(t))) else ",".join(map(str, t))
+
+
+def check_zipit(saved: SavedFigure, rows: Rows, *, tasks: Sequence[Sequence[int]], n_test: int | None = None) -> None:
+    """ZipIt!: left, per method present, bars of joint and each task's accuracy at 100·mean with ±100·SD
+    error bars; right, ZipIt!'s joint and mean per-task accuracy against the groups zipped (0: the
+    ensemble), and the matching merges' joint accuracy as horizontal lines. `rows`: the summary rows of
+    one setting and rule (or the same from zipit_summary.csv)."""
+    check_png(saved)
+    bar_ax, line_ax = panels(saved, 2)
+    for ax in (bar_ax, line_ax):
+        assert ax.get_ylabel() == "test accuracy (%)"
+        assert_data_title(ax.get_title(), "test", n_test, "zipit")
+    assert legend_labels(bar_ax) == [
+        "joint (all classes)",
+        f"task A ({_task_text(tasks[0])})",
+        f"task B ({_task_text(tasks[1])})",
+    ]
+    groups = max(int(num(r["groups"])) for r in rows)
+
+    def cell(method: str, metric: str, zipped: int | None = None) -> tuple[float, float] | None:
+        for r in rows:
+            level = zipped is None or num(r["zipped_groups"]) == zipped
+            if r["method"] == method and r["metric"] == metric and level:
+                return 100 * num(r["mean"]), 100 * num(r["sd"])
+        return None
+
+    full = {m: (groups if m == "zipit" else None) for m in ZIPIT_BARS}
+    present = [m for m in ZIPIT_BARS if cell(m, "joint_accuracy", full[m]) is not None]
+    assert len(bar_ax.get_xticklabels()) == len(present), f"zipit bars: methods {present}"
+    containers = [c for c in bar_ax.containers if type(c).__name__ == "BarContainer"]
+    metrics = ("joint_accuracy", "task_accuracy_0", "task_accuracy_1")
+    assert len(containers) == len(metrics), f"zipit: {len(containers)} bar series"
+    for container, metric in zip(containers, metrics):
+        want = [cell(m, metric, full[m]) or (math.nan, 0.0) for m in present]
+        assert_close([p.get_height() for p in container.patches], [v for v, _ in want], f"zipit bars {metric}")
+        segments = container.errorbar.lines[2][0].get_segments()
+        assert_close([s[1][1] - s[0][1] for s in segments], [2 * e for _, e in want], f"zipit error bars {metric}")
+    levels = sorted({int(num(r["zipped_groups"])) for r in rows if r["method"] == "zipit"})
+    bars = _errorbars(line_ax)
+    assert len(bars) == 2, f"zipit: {len(bars)} partial-zip series"
+    drawn_lines: list[Any] = []
+    for container, metric in zip(bars, ("joint_accuracy", "task_accuracy_mean")):
+        start = cell("ensemble", metric)
+        points = [(0, *start)] if start is not None else []
+        points += [(k, *v) for k in levels if (v := cell("zipit", metric, k)) is not None]
+        ks, y, e = (np.array(c, dtype=float) for c in zip(*points))
+        _assert_errorbar(container, ks, y, y - e, y + e, f"zipit partial {metric}")
+        drawn_lines += [container.lines[0], *container.lines[1]]
+    flat = [
+        (f"{label} + avg: joint", [0.0, 1.0], [v[0], v[0]])
+        for method, label in (("weight_matching", "weight matching"), ("activation_matching", "activation matching"))
+        if (v := cell(method, "joint_accuracy")) is not None
+    ]
+    assert_lines(line_ax, flat, "zipit merges", exclude=drawn_lines)
+
+
+# ------------------------------------------------------------------------------------ loss planes
+
+#: Filled contour levels of a loss plane: log-spaced from the smallest to the largest positive value.
+PLANE_LEVELS = 24
+
+
+def check_plane(saved: SavedFigure, grid: Rows, points: Rows, metric: str = "loss") -> None:
+    """Loss plane: one panel per split of the grid rows, showing exactly the grid's u and v range, filled
+    contours at PLANE_LEVELS log-spaced levels from the smallest to the largest finite positive value of
+    `metric` on that split, and every point of `points` (point, u, v) marked at its coordinates and
+    labelled."""
+    check_png(saved)
+    splits = _order(key(r["split"]) for r in grid)
+    axes = panels(saved, len(splits))
+    marks = {str(r["point"]): (num(r["u"]), num(r["v"])) for r in points}
+    for ax, split in zip(axes, splits):
+        sel = [r for r in grid if key(r["split"]) == split and r["metric"] == metric]
+        us, vs, z = (np.array([num(r[c]) for r in sel], dtype=float) for c in ("u", "v", "value"))
+        assert_close(ax.get_xlim(), (us.min(), us.max()), f"plane {split}: u range")
+        assert_close(ax.get_ylim(), (vs.min(), vs.max()), f"plane {split}: v range")
+        good = z[np.isfinite(z) & (z > 0)]
+        filled = [c for c in ax.collections if isinstance(c, ContourSet) and c.filled]
+        assert len(filled) == 1, f"plane {split}: {len(filled)} filled contour sets"
+        assert_close(filled[0].levels, np.geomspace(good.min(), good.max(), PLANE_LEVELS), f"plane {split}: levels")
+        drawn_marks = {_label(m): (float(m.get_xdata()[0]), float(m.get_ydata()[0])) for m in ax.get_lines()}
+        assert list(drawn_marks) == list(marks), f"plane {split}: marked {list(drawn_marks)}, expected {list(marks)}"
+        for label, (u, v) in marks.items():
+            assert_close(drawn_marks[label], (u, v), f"plane {split}: {label} at")
+        assert [t.get_text() for t in ax.texts] == list(marks)
+        assert split in ax.get_title() and metric in ax.get_title()

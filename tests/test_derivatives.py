@@ -21,6 +21,7 @@ from lmclab.curvature.derivatives import (
 from lmclab.curvature.taylor import (
     centred_at,
     interpolated_logits,
+    interpolated_outputs,
     logit_errors,
     logit_rmse,
     logits_at,
@@ -473,6 +474,16 @@ def test_logit_rmse_hand_computation() -> None:
     torch.testing.assert_close(logit_rmse(true, approx, ref), torch.tensor([math.sqrt(5.0), math.sqrt(2.0)], dtype=F64))
     with pytest.raises(ValueError):
         logit_rmse(true, approx[:, :1], ref)
+
+
+def test_interpolated_outputs_hand_values() -> None:
+    z_a = torch.tensor([[1.0, -2.0, 0.0], [4.0, 0.0, 2.0]])
+    z_b = torch.tensor([[3.0, 2.0, 0.0], [0.0, 0.0, -2.0]])
+    got = interpolated_outputs(z_a, z_b, [0.0, 0.25, 1.0])
+    assert got.shape == (3, 2, 3) and got.dtype == F64
+    torch.testing.assert_close(got[0], z_a.double(), rtol=0, atol=0)
+    torch.testing.assert_close(got[1], torch.tensor([[1.5, -1.0, 0.0], [3.0, 0.0, 1.0]], dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(got[2], z_b.double(), rtol=0, atol=0)
 
 
 def test_interpolated_logits_and_fig8_pipeline_on_a_deep_linear_path() -> None:

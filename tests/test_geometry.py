@@ -17,6 +17,7 @@ from lmclab.geometry import (
     distances,
     plane_determination,
     sibling_angle,
+    sibling_geometry,
 )
 from lmclab.points import distance, norm
 
@@ -85,6 +86,38 @@ def test_plane_determination_and_distances() -> None:
     assert math.isnan(cos[0])
     assert cos[1:] == pytest.approx([0.0, 1 / math.sqrt(2), 1.0])
     assert distances(iter(traj_1), iter(traj_2)) == pytest.approx([0.0, 1.0, math.sqrt(2), 2.0])
+
+
+def test_sibling_geometry_in_one_pass_against_numpy() -> None:
+    """Every quantity of Singh Figs. 2 and 4b at each t, checked against numpy on the flattened
+    parameters (the integer buffer ignored); trajectories are read once (generators)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand() -> dict[str, torch.Tensor]:
+        return point(torch.randn(3, generator=gen).tolist(), torch.randn(2, generator=gen).tolist())
+
+    def vec(p: dict[str, torch.Tensor]) -> np.ndarray:
+        return np.concatenate([p["w"].double().numpy(), p["b"].double().numpy()])
+
+    def deg(u: np.ndarray, v: np.ndarray) -> float:
+        return float(np.degrees(np.arccos(np.clip(u @ v / np.linalg.norm(u) / np.linalg.norm(v), -1, 1))))
+
+    base = rand()
+    traj_1, traj_2 = [base, rand(), rand()], [base, rand(), rand()]
+    got = sibling_geometry(iter(traj_1), iter(traj_2), traj_1[-1], traj_2[-1], base)
+    final = vec(traj_1[-1]) - vec(traj_2[-1])
+    assert len(got) == 3 and math.isnan(got[0].plane_cos) and math.isnan(got[0].angle_fork)
+    for g, p1, p2 in zip(got[1:], traj_1[1:], traj_2[1:]):
+        d = vec(p1) - vec(p2)
+        assert g.distance == pytest.approx(np.linalg.norm(d), rel=1e-12)
+        assert g.plane_cos == pytest.approx(d @ final / np.linalg.norm(d) / np.linalg.norm(final), rel=1e-12)
+        assert g.angle_origin == pytest.approx(deg(vec(p1), vec(p2)), rel=1e-9)
+        assert g.angle_fork == pytest.approx(deg(vec(p1) - vec(base), vec(p2) - vec(base)), rel=1e-9)
+    assert [g.distance for g in got] == distances(traj_1, traj_2)
+    assert [g.plane_cos for g in got[1:]] == plane_determination(traj_1, traj_2, traj_1[-1], traj_2[-1])[1:]
+    assert got[-1].plane_cos == pytest.approx(1.0) and got[0].distance == 0.0
+    with pytest.raises(ValueError, match="differ in length"):
+        sibling_geometry(traj_1, traj_2[:2], traj_1[-1], traj_2[-1], base)
 
 
 def test_bad_input_is_a_clear_error() -> None:

@@ -31,7 +31,7 @@ from lmclab.paths import (
     repair_points,
     reset_bn_stats,
 )
-from lmclab.paths.barriers import midpoint_index
+from lmclab.paths.barriers import curve_barrier_rows, midpoint_index
 from lmclab.paths.normalization import endpoint_stats
 from lmclab.points import lerp
 from lmclab.report import plot_paths
@@ -122,6 +122,24 @@ def test_barrier_report_groups_curves() -> None:
     ]
     report = {(r["path"], r["metric"]): r["barrier"] for r in barrier_report(rows)}
     assert report == {("naive", "loss"): 1.0, ("permuted", "loss"): 0.1}
+
+
+def test_curve_barrier_rows_name_each_quantity_and_report_a_non_finite_curve() -> None:
+    keys = ("path", "layers", "split", "metric")
+    rows = [
+        {"path": p, "layers": layers, "base": "b", "split": "test", "metric": "loss", "lambda": x, "value": v}
+        for p, layers, mid in (("naive", "all", 1.0), ("naive", "fc1", 0.25), ("broken", "all", float("nan")))
+        for x, v in ((0, 0.0), (0.5, mid), (1, 0.0))
+    ]
+    report = curve_barrier_rows(rows, keys)
+    assert [(r["path"], r["layers"], r["quantity"]) for r in report] == [
+        ("naive", "all", "barrier"),
+        ("naive", "fc1", "layerwise_barrier"),
+        ("broken", "all", "barrier"),
+    ]
+    assert report[0]["barrier"] == 1.0 and "base" not in report[0]
+    assert report[1]["barrier"] == 0.25 and report[1]["base"] == "b"
+    assert "non-finite" in report[2]["error"] and "barrier" not in report[2]
 
 
 # ---------------------------------------------------------------------------------------- interpolation

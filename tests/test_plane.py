@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from figures import assert_colorbars_labelled, check_png, drawn, panels
+from figures import assert_colorbars_labelled, check_plane, check_png, drawn, panels
 from lmclab.cli import main
 from lmclab.data import DeviceDataset
 from lmclab.experiments import plane as plane_module
@@ -205,6 +205,7 @@ def test_cli_plane_pair_draws_stores_and_reuses(  # type: ignore[no-untyped-def]
     assert_colorbars_labelled(saved, 1)
     assert [t.get_text() for t in ax.texts] == ["A", "B", "π(B)"]
     assert "test, 200 examples" in ax.get_title()
+    check_plane(saved, grid, read(tmp_path / "o" / "points.csv"))
     # the same request again: reused from the store, nothing evaluated
     calls: list[int] = []
     real = plane_module.evaluate_plane
@@ -224,7 +225,7 @@ def test_cli_plane_random_directions(tiny_pair, cli_io, tmp_path: Path, capsys: 
     result = json.loads(capsys.readouterr().out)
     assert [p["point"] for p in result["points"]] == ["A"] * 4
     assert result["grid"]["nodes"] == 9 and result["grid"]["u"][0] == pytest.approx(-result["grid"]["u"][1])
-    panels(drawn(tmp_path / "plane.png"), 2)
+    check_plane(drawn(tmp_path / "plane.png"), read(tmp_path / "grid.csv"), read(tmp_path / "points.csv"))
 
 
 def test_cli_plane_help_and_bad_values(tiny_pair, cli_io, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]

@@ -27,6 +27,7 @@ from lmclab.report import (
     singh,
     training,
     write_csv,
+    zipit,
 )
 from lmclab.report import figures as report_figures
 
@@ -382,6 +383,28 @@ def prediction_tables() -> tuple[list, list, list, list, np.ndarray]:
     return curve, layers, cumulative, list(LAYERS), matrix
 
 
+def zipit_rows() -> list[dict[str, Any]]:
+    """Summary rows of one setting and rule: every method, ZipIt! at 1 and 2 (= all) zipped groups."""
+    metrics = ("joint_accuracy", "task_accuracy_0", "task_accuracy_1", "task_accuracy_mean")
+    methods = [(m, "") for m in ("model_a", "model_b", "ensemble", "average", "weight_matching")]
+    methods += [("activation_matching", ""), ("zipit", 1), ("zipit", 2), ("zipit_across", "")]
+    return [
+        {
+            "setting": "s",
+            "method": m,
+            "zipped_groups": z,
+            "groups": 2,
+            "combine": "mean",
+            "metric": metric,
+            "mean": round(0.3 + 0.06 * i + 0.01 * j, 6),
+            "sd": round(0.01 * (1 + j), 6),
+            "pairs": 2,
+        }
+        for i, (m, z) in enumerate(methods)
+        for j, metric in enumerate(metrics)
+    ]
+
+
 # ------------------------------------------------------------------------------------ the cases
 
 
@@ -492,6 +515,14 @@ CASES = {
         lambda: (toy_rows(),),
         lambda r: r["kind"] == "pair" and r["landscape"] == "two minima",
         "predicted",
+    ),
+    "zipit": Case(
+        zipit.plot_zipit,
+        F.check_zipit,
+        lambda: (zipit_rows(),),
+        lambda r: r["method"] == "zipit" and r["zipped_groups"] == 1,
+        "mean",
+        {"tasks": ((0, 1, 2, 3, 4), (5, 7)), "n_test": 1000},
     ),
     "predictions": Case(
         predict.plot_predictions,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from figures import check_zipit, drawn
 from lmclab.align.zipit import (
     ZipError,
     apply_zip,
@@ -338,7 +339,14 @@ def test_tiny_study(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert all(0 <= float(r["value"]) <= 1 for r in rows if "accuracy" in r["metric"])
     levels = {r["zipped_groups"] for r in rows if r["method"] == "zipit"}
     assert levels == {"1", "2"}  # MLP 32-32: two groups, each level evaluated
-    assert (tmp_path / "out" / "zipit_mlp_tiny.png").is_file()
+    summary_rows = list(csv.DictReader(open(summary["files"]["summary"])))
+    tiny = EXPERIMENT.load("tiny")
+    check_zipit(
+        drawn(summary["files"]["figure_mlp_tiny"]),
+        [r for r in summary_rows if r["setting"] == "mlp_tiny" and r["combine"] == tiny.combine],
+        tasks=tiny.tasks,
+        n_test=int(rows[0]["n_test"]),
+    )
     assert any("joint acc" in line for line in said)
     # model A's per-task accuracy, recomputed directly from its run
     run_a = next(
@@ -402,7 +410,7 @@ def test_run_zipit_help_and_bad_preset(capsys) -> None:  # type: ignore[no-untyp
 
 
 def test_joint_metrics_by_hand() -> None:
-    from lmclab.experiments.zipit import joint_metrics
+    from lmclab.align.zipit import joint_metrics
 
     # 5 logits, tasks {0, 1} and {3, 4}: class 2 belongs to neither and is never predicted
     za = torch.tensor([[3.0, 1.0, 9.0, 0.0, 0.0], [0.0, 2.0, 9.0, 1.0, 0.0], [1.0, 0.0, 9.0, 0.0, 5.0]])
@@ -410,18 +418,25 @@ def test_joint_metrics_by_hand() -> None:
     labels = torch.tensor([0, 1, 4])
     m = joint_metrics([za, zb], labels, [(0, 1), (3, 4)])
     # mean: [1.5, .5, _, .5, 1], [0, 1, _, 2, .5], [.5, 0, _, .5, 3.5] -> 0, 3, 4: two of three right
-    assert m["mean"]["joint_accuracy"] == pytest.approx(2 / 3)
+    assert m["mean"].joint_accuracy == pytest.approx(2 / 3)
     # concat: A's logits for 0, 1 and B's for 3, 4: [3, 1, 1, 2], [0, 2, 3, 1], [1, 0, 1, 2] -> 0, 3, 4
-    assert m["concat"]["joint_accuracy"] == pytest.approx(2 / 3)
+    assert m["concat"].joint_accuracy == pytest.approx(2 / 3)
     # per task: task 0 on examples 0, 1 (argmax over classes 0, 1): mean -> 0, 1 (both right)
-    assert m["mean"]["task_accuracy_0"] == 1.0 and m["mean"]["task_accuracy_1"] == 1.0
-    assert m["mean"]["task_accuracy_mean"] == 1.0
+    assert m["mean"].task_accuracy == (1.0, 1.0)
+    assert m["mean"].task_accuracy_mean == 1.0
     logits = torch.tensor([[1.5, 0.5, 0.5, 1.0], [0.0, 1.0, 2.0, 0.5], [0.5, 0.0, 0.5, 3.5]], dtype=torch.float64)
     want = float(torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 3])))
-    assert m["mean"]["joint_loss"] == pytest.approx(want)
+    assert m["mean"].joint_loss == pytest.approx(want)
     single = joint_metrics([za], labels, [(0, 1), (3, 4)])
     assert single["mean"] == single["concat"]
-    assert single["mean"]["joint_accuracy"] == 1.0  # za alone over {0, 1, 3, 4}: 0, 1, 4
+    assert single["mean"].joint_accuracy == 1.0  # za alone over {0, 1, 3, 4}: 0, 1, 4
+    assert list(m["mean"].to_json()) == [
+        "joint_accuracy",
+        "joint_loss",
+        "task_accuracy_0",
+        "task_accuracy_1",
+        "task_accuracy_mean",
+    ]
 
 
 def test_resnet_zips_whole_and_refuses_levels_that_cut_the_stream() -> None:

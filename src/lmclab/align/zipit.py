@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmclab.align.activation_matching import ActivationStats, collect_activations, model_device
@@ -58,6 +59,7 @@ from lmclab.points import Point, PointLike
 
 __all__ = [
     "COMBINE_RULES",
+    "JointMetrics",
     "ZipError",
     "ZipMatch",
     "ZipResult",
@@ -65,6 +67,7 @@ __all__ = [
     "combine_heads",
     "greedy_pairs",
     "head_logits",
+    "joint_metrics",
     "zip_correlations",
     "zip_matrices",
     "zip_matches",
@@ -387,3 +390,61 @@ def combine_heads(
         idx = torch.as_tensor(list(task), dtype=torch.int64, device=z.device)
         joint[:, idx] = z[:, idx]
     return joint
+
+
+@dataclass(frozen=True)
+class JointMetrics:
+    """A joint prediction scored on the joint task and on each task (:func:`joint_metrics`).
+
+    ``joint_accuracy`` / ``joint_loss``: argmax / cross-entropy over the joint task's classes (the union of
+    the tasks) on every example; ``task_accuracy[t]``: on the examples of task t, argmax over task t's
+    classes (ZipIt's per-task accuracy); ``task_accuracy_mean``: their mean."""
+
+    joint_accuracy: float
+    joint_loss: float
+    task_accuracy: tuple[float, ...]
+    task_accuracy_mean: float
+
+    def to_json(self) -> dict[str, float]:
+        """{joint_accuracy, joint_loss, task_accuracy_0, …, task_accuracy_mean}."""
+        return {
+            "joint_accuracy": self.joint_accuracy,
+            "joint_loss": self.joint_loss,
+            **{f"task_accuracy_{t}": a for t, a in enumerate(self.task_accuracy)},
+            "task_accuracy_mean": self.task_accuracy_mean,
+        }
+
+
+def joint_metrics(
+    heads: Sequence[torch.Tensor], labels: torch.Tensor, tasks: Sequence[Sequence[int]]
+) -> dict[str, JointMetrics]:
+    """{rule: :class:`JointMetrics`} of the heads' logits combined by each rule of :data:`COMBINE_RULES`
+    (:func:`combine_heads`); one head: its own logits for every rule."""
+
+    def restricted(
+        joint: torch.Tensor, classes: Sequence[int], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits of `classes` on the examples `mask`, their labels as positions in `classes`)."""
+        idx = torch.as_tensor(list(classes), dtype=torch.int64, device=labels.device)
+        hit = labels[mask][:, None] == idx[None, :]
+        return joint[mask][:, idx], torch.where(hit.any(1), hit.int().argmax(1), -1)
+
+    union = sorted({c for t in tasks for c in t})
+    out: dict[str, JointMetrics] = {}
+    for rule in COMBINE_RULES:
+        joint = heads[0] if len(heads) == 1 else combine_heads(heads, rule, tasks)
+        logits, target = restricted(joint, union, torch.ones_like(labels, dtype=torch.bool))
+        if bool((target < 0).any()):
+            raise ValueError(f"labels outside the joint task's classes {union}")
+        per_task = []
+        for task in tasks:
+            mask = torch.isin(labels, torch.as_tensor(list(task), dtype=torch.int64, device=labels.device))
+            task_logits, task_target = restricted(joint, task, mask)
+            per_task.append(float((task_logits.argmax(1) == task_target).double().mean()))
+        out[rule] = JointMetrics(
+            joint_accuracy=float((logits.argmax(1) == target).double().mean()),
+            joint_loss=float(F.cross_entropy(logits.double(), target)),
+            task_accuracy=tuple(per_task),
+            task_accuracy_mean=sum(per_task) / len(per_task),
+        )
+    return out

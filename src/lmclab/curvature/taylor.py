@@ -36,6 +36,7 @@ from lmclab.points import Point, PointLike, direction, lerp, parameter_names
 __all__ = [
     "centred_at",
     "interpolated_logits",
+    "interpolated_outputs",
     "logit_errors",
     "logit_rmse",
     "logits_at",
@@ -225,6 +226,14 @@ def logits_at(
     if not out:
         raise ValueError("no examples in data")
     return torch.cat(out)
+
+
+def interpolated_outputs(outputs_a: torch.Tensor, outputs_b: torch.Tensor, lambdas: Sequence[float]) -> torch.Tensor:
+    """(L, …): (1−λ) z(θ_A) + λ z(θ_B) at every λ, the straight line between the endpoints' outputs
+    (Benkő Figs. 7–8's "direct" interpolation, next to the true z(θ_λ)), in float64."""
+    lam = torch.tensor(list(lambdas), dtype=torch.float64, device=outputs_a.device)
+    shape = (-1,) + (1,) * outputs_a.ndim
+    return (1 - lam).view(shape) * outputs_a + lam.view(shape) * outputs_b
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ import torch
 from lmclab.config import UsageError
 from lmclab.data import DeviceDataset
 from lmclab.experiments.lmc import Alignment, align_runs, check_same_architecture, interpolate_runs, load_alignment
-from lmclab.paths import barrier_report, default_bn_mode, default_lambdas
-from lmclab.paths.barriers import WHOLE_MODEL_BARRIER
+from lmclab.paths import default_bn_mode, default_lambdas
+from lmclab.paths.barriers import curve_barrier_rows
 from lmclab.paths.mode_curves import Curve, evaluate_curve, straight_curve, train_curve
 from lmclab.points import PointLike, parameter_names
 from lmclab.report import write_csv
@@ -97,6 +97,10 @@ def _bends_from(tensors: dict[str, torch.Tensor], start: PointLike, count: int, 
     return tuple(bends)
 
 
+#: Why a curve compares only runs trained on the same data (`check_same_data`'s message).
+DIFFERENT_DATA = "a curve is fitted on run A's training data and evaluated on its splits"
+
+
 def fit_curve(
     run_a: Run,
     run_b: Run,
@@ -113,7 +117,7 @@ def fit_curve(
     data (or its stratified ``train_subset``), stored in ``curve_<hash>/``; reused when stored, resumed
     from its last epoch when a previous training was interrupted. One process trains a curve at a time."""
     check_same_architecture(run_a, run_b)
-    check_same_data([run_a, run_b])
+    check_same_data([run_a, run_b], unsupported=DIFFERENT_DATA)
     store = store or Store(run_a.path.parent)
     identity = curve_identity(run_a, run_b, alignment, settings)
     out = store.result_dir(CURVE_KIND, identity)
@@ -214,24 +218,6 @@ def load_curve(path: str | Path, store: Store, device: str = "auto") -> StoredCu
     return found
 
 
-def curve_barriers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`lmclab interpolate --json`'s barrier rows (path, layers, pair, split, metric, quantity, barrier, rebasin,
-    midpoint, argmax_lambda) for every path, the curve included; a non-finite curve gets an `error`."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in KEYS), []).append(r)
-    report: list[dict[str, Any]] = []
-    for key, group in groups.items():
-        try:
-            report += [
-                {**{k: b[k] for k in KEYS if k in b}, "quantity": WHOLE_MODEL_BARRIER, **b}
-                for b in barrier_report(group, KEYS)
-            ]
-        except ValueError as exc:
-            report.append({**dict(zip(KEYS, key)), "quantity": WHOLE_MODEL_BARRIER, "error": str(exc)})
-    return report
-
-
 def curve_between_runs(
     run_a: Run,
     run_b: Run,
@@ -253,6 +239,7 @@ def curve_between_runs(
     and aligned paths (aligned by `align`, else by `compare`; None: the naive path only) at `points` points
     on `splits` (stratified `subset` of each), and write paths.csv, barriers.csv and curves.png. Returns
     the summary `lmclab curve --json` prints (``barriers`` in `lmclab interpolate --json`'s rows)."""
+    check_same_data([run_a, run_b], unsupported=DIFFERENT_DATA)  # before any alignment is computed
     store = Store(run_a.path.parent)
     method = align or compare
     alignment = (
@@ -312,7 +299,7 @@ def curve_between_runs(
     }
     out_dir = Path(out) if out else store.result_dir(REPORT_KIND, identity)
     out_dir.mkdir(parents=True, exist_ok=True)
-    barriers = curve_barriers(rows)
+    barriers = curve_barrier_rows(rows, KEYS)
     files = {
         "paths": str(write_csv(out_dir / "paths.csv", rows)),
         "barriers": str(write_csv(out_dir / "barriers.csv", barriers)),

@@ -239,9 +239,10 @@ def _previous_record(path: Path) -> dict[str, Any] | None:
 def measured_seconds(store: Store, kinds: Iterable[str]) -> dict[str, list[float]]:
     """Wall times of every stored step of each kind (`seconds` in its result.json), for estimates."""
     out: dict[str, list[float]] = {kind: [] for kind in kinds}
-    steps = store.root / "steps"
     for kind in out:
-        for path in steps.glob(f"{kind}_*/result.json") if steps.is_dir() else ():
+        pattern = store.step_dir(kind, "*")  # the store names step directories
+        steps = pattern.parent
+        for path in steps.glob(f"{pattern.name}/result.json") if steps.is_dir() else ():
             record = _previous_record(path)
             if record is not None and record.get("kind") == kind and isinstance(record.get("seconds"), (int, float)):
                 out[kind].append(float(record["seconds"]))

@@ -22,14 +22,13 @@ import torch
 from lmclab.align import align, get_pair_method
 from lmclab.data import DeviceDataset
 from lmclab.paths import (
-    barrier_report,
     cumulative_layer_sets,
     default_bn_mode,
     default_lambdas,
     evaluate_path,
     layer_groups,
 )
-from lmclab.paths.barriers import LAYERWISE_BARRIER, WHOLE_MODEL_BARRIER
+from lmclab.paths.barriers import curve_barrier_rows
 from lmclab.permutation import (
     Permutation,
     PermutationSpec,
@@ -81,8 +80,8 @@ def check_same_architecture(run_a: Run, run_b: Run) -> None:
             f"({b.model}, input {ib[0]}) have different architectures: nothing to align"
         )
     for run in (run_a, run_b):
-        if not run.complete:
-            raise SpecError(f"run {run.path} is not complete (status {run.meta.status}); train it first")
+        if not run.trained:
+            raise SpecError(f"run {run.path} is not trained to its end (status {run.status}); train it first")
 
 
 def align_runs(
@@ -307,7 +306,7 @@ def write_lmc_report(rows: list[dict[str, Any]], out: Path, title: str = "") -> 
     whole model, "layerwise_barrier" for ``--layers`` curves; an empty ``midpoint`` where λ = ½ was not
     evaluated) and paths.png."""
     out.mkdir(parents=True, exist_ok=True)
-    report = _safe_barriers(rows, _curve_keys(rows))
+    report = curve_barrier_rows(rows, _curve_keys(rows))
     files = {"paths": write_csv(out / "paths.csv", rows), "barriers": write_csv(out / "barriers.csv", report)}
     whole = [r for r in rows if r.get("layers", "all") == "all"]
     if whole:
@@ -319,30 +318,6 @@ def _curve_keys(rows: list[dict[str, Any]]) -> tuple[str, ...]:
     """What identifies a curve; rows of runs trained on different data also carry `evaluated_on`."""
     keys = ("path", "layers", "pair", "split", "metric")
     return (*keys, "evaluated_on") if any("evaluated_on" in r for r in rows) else keys
-
-
-def _safe_barriers(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Barrier rows; a curve with non-finite values is reported as such instead of failing the report."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    report: list[dict[str, Any]] = []
-    for key, group in groups.items():
-        quantity = _quantity(group[0])
-        try:
-            report += [{**{k: b[k] for k in keys if k in b}, **quantity, **b} for b in barrier_report(group, keys)]
-        except ValueError as exc:
-            report.append({**dict(zip(keys, key)), **quantity, "error": str(exc)})
-    return report
-
-
-def _quantity(row: dict[str, Any]) -> dict[str, Any]:
-    """Which barrier a curve's rows give: the whole model's, or (``--layers``) the one-sided
-    `layerwise_barrier` (the chosen layers interpolated, the others from `base`), which is not the
-    two-sided `layer_set_barrier` of `lmclab predict` (see :mod:`lmclab.paths.barriers`)."""
-    if row.get("layers", "all") == "all":
-        return {"quantity": WHOLE_MODEL_BARRIER}
-    return {"quantity": LAYERWISE_BARRIER, "base": row.get("base", "a")}
 
 
 def lmc_pairs(
@@ -403,7 +378,7 @@ def lmc_pairs(
     )
     title += "".join(f"\n{note}" for note in _data_notes(checks))
     files = write_lmc_report(rows, out_dir, title=title)
-    per_curve = _safe_barriers(rows, _curve_keys(rows))
+    per_curve = curve_barrier_rows(rows, _curve_keys(rows))
     summary = {
         "out": str(out_dir),
         **{k: str(v) for k, v in files.items()},

@@ -49,7 +49,7 @@ from lmclab.experiments.context import Experiment, ExperimentContext
 from lmclab.experiments.graph import Step, StepContext, step_kind
 from lmclab.experiments.settings import ExperimentOptions, PairSetting, Setting
 from lmclab.experiments.steps import dataset_for, fork_step, train_step
-from lmclab.geometry import ToyLandscape, cosine, sibling_angle
+from lmclab.geometry import ToyLandscape, sibling_geometry
 from lmclab.geometry.toy import FOUR_MINIMA, TWO_MINIMA
 from lmclab.paths import (
     BN_MODES,
@@ -61,7 +61,7 @@ from lmclab.paths import (
     layer_set_barrier,
     path_values,
 )
-from lmclab.points import direction, distance, norm, parameter_names
+from lmclab.points import distance, parameter_names
 from lmclab.report import write_csv
 from lmclab.report.singh import (
     plot_barrier_predictions,
@@ -394,15 +394,16 @@ def _geometry(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) 
     base = run_a.load_state(fork)
     if distance(base, run_b.load_state(fork), keys) != 0.0:
         raise ValueError(f"siblings {run_a.path.name} and {run_b.path.name} differ at the fork step {fork}")
-    final = direction(run_b.load_state(steps[-1]), run_a.load_state(steps[-1]), keys, torch.float64)  # θ_1* − θ_2*
-    out: dict[str, list[float]] = {"distance": [], "plane_cos": [], "angle_origin": [], "angle_fork": []}
-    for step in tqdm(steps, desc="geometry", unit="ckpt", disable=not ctx.options.get("progress", True), leave=False):
-        theta_1, theta_2 = run_a.load_state(step), run_b.load_state(step)
-        d = direction(theta_2, theta_1, keys, torch.float64)  # θ_1 − θ_2
-        out["distance"].append(norm(d))
-        out["plane_cos"].append(cosine(d, final))
-        out["angle_origin"].append(sibling_angle(theta_1, theta_2, keys=keys))
-        out["angle_fork"].append(sibling_angle(theta_1, theta_2, base=base, keys=keys))
+    bar = tqdm(steps, desc="geometry", unit="ckpt", disable=not ctx.options.get("progress", True), leave=False)
+    geometry = sibling_geometry(
+        (run_a.load_state(step) for step in bar),
+        (run_b.load_state(step) for step in steps),
+        run_a.load_state(steps[-1]),
+        run_b.load_state(steps[-1]),
+        base,
+        keys,
+    )
+    out = {f: [getattr(g, f) for g in geometry] for f in ("distance", "plane_cos", "angle_origin", "angle_fork")}
     return {"fork_step": fork, "steps_per_epoch": spe, "steps": steps, **out}
 
 

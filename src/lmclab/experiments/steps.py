@@ -19,6 +19,7 @@ from lmclab.curvature.derivatives import loss_derivatives
 from lmclab.curvature.taylor import (
     centred_at,
     interpolated_logits,
+    interpolated_outputs,
     logit_rmse,
     path_approximations,
     path_coefficients,
@@ -181,7 +182,6 @@ def _logits(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) ->
     run_a, model, theta_a, theta_b = endpoints(ctx, inputs)
     data = dataset_for(ctx, run_a, config["split"], config.get("examples"))
     lambdas = default_lambdas(config["points"])
-    lam = torch.tensor(lambdas, dtype=torch.float64)
     order = config["order"]
     coeff_a, coeff_b = path_coefficients(model, theta_a, theta_b, data, order=order, kind="logits")
     true = interpolated_logits(model, theta_a, theta_b, data, lambdas).double()  # (L, N, C)
@@ -190,7 +190,7 @@ def _logits(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) ->
         f"{center}{k}": values.permute(2, 0, 1)  # (L, N, C)
         for (center, k), values in path_approximations(coeff_a, coeff_b, lambdas, range(1, order + 1)).items()
     }
-    direct = (1 - lam)[:, None, None] * true[0] + lam[:, None, None] * true[-1]
+    direct = interpolated_outputs(true[0], true[-1], lambdas)
     rmse = {name: logit_rmse(true, a, z_a).tolist() for name, a in approx.items()}
     rmse["direct"] = logit_rmse(true, direct, z_a).tolist()
     n = int(config.get("example_index", 0))

@@ -22,9 +22,10 @@ Every method yields one or two heads' logits (one per class of the dataset) on `
 the joint task (stratified), combined into one joint prediction by each rule of
 :data:`lmclab.align.zipit.COMBINE_RULES` — ``mean`` (the heads' logits averaged: the paper's heads share an
 output space; for a single merged model it is its own logits) and ``concat`` (each class scored by the head of
-its task). Metrics per rule: ``joint_accuracy`` (argmax over the joint task's classes),
-``task_accuracy_<t>`` (test images of task t, argmax over task t's classes: the paper's per-task accuracy),
-``task_accuracy_mean``, ``joint_loss`` (cross-entropy of the joint logits over the joint task's classes).
+its task). Metrics per rule (:func:`lmclab.align.zipit.joint_metrics`): ``joint_accuracy`` (argmax over the
+joint task's classes), ``task_accuracy_<t>`` (test images of task t, argmax over task t's classes: the paper's
+per-task accuracy), ``task_accuracy_mean``, ``joint_loss`` (cross-entropy of the joint logits over the joint
+task's classes).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import lmclab.experiments.steps  # noqa: F401  (registers the train step)
 from lmclab.align import align
@@ -45,7 +45,7 @@ from lmclab.align.zipit import (
     COMBINE_RULES,
     ZipError,
     apply_zip,
-    combine_heads,
+    joint_metrics,
     zip_correlations,
     zip_matches,
     zip_prefix,
@@ -165,42 +165,6 @@ def _logits(
         return torch.cat([m(x) for x, _ in data.batches(batch)])
 
 
-def joint_metrics(
-    heads: Sequence[torch.Tensor], labels: torch.Tensor, tasks: Sequence[Sequence[int]]
-) -> dict[str, dict[str, float]]:
-    """metrics[rule][name] for each combine rule (module docstring); one head: its own logits for every rule.
-    Predictions are the argmax over the joint task's classes (the union of the tasks), or over one task's."""
-
-    def restricted(
-        joint: torch.Tensor, classes: Sequence[int], mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits of `classes` on the examples `mask`, their labels as positions in `classes`)."""
-        idx = torch.as_tensor(list(classes), dtype=torch.int64, device=labels.device)
-        hit = labels[mask][:, None] == idx[None, :]
-        return joint[mask][:, idx], torch.where(hit.any(1), hit.int().argmax(1), -1)
-
-    union = sorted({c for t in tasks for c in t})
-    out: dict[str, dict[str, float]] = {}
-    for rule in COMBINE_RULES:
-        joint = heads[0] if len(heads) == 1 else combine_heads(heads, rule, tasks)
-        logits, target = restricted(joint, union, torch.ones_like(labels, dtype=torch.bool))
-        if bool((target < 0).any()):
-            raise ValueError(f"labels outside the joint task's classes {union}")
-        row = {
-            "joint_accuracy": float((logits.argmax(1) == target).double().mean()),
-            "joint_loss": float(F.cross_entropy(logits.double(), target)),
-        }
-        per_task = []
-        for t, task in enumerate(tasks):
-            mask = torch.isin(labels, torch.as_tensor(list(task), dtype=torch.int64, device=labels.device))
-            logits, target = restricted(joint, task, mask)
-            row[f"task_accuracy_{t}"] = float((logits.argmax(1) == target).double().mean())
-            per_task.append(row[f"task_accuracy_{t}"])
-        row["task_accuracy_mean"] = sum(per_task) / len(per_task)
-        out[rule] = row
-    return out
-
-
 @step_kind("zipit_eval")
 def _zipit_eval(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(ctx.options.get("device", "auto"))
@@ -228,7 +192,7 @@ def _zipit_eval(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]
 
     def evaluate(heads: Sequence[Point], merged: bool = True) -> dict[str, dict[str, float]]:
         logits = [_logits(model, h, test, bn_data if merged else None, batch) for h in heads]
-        return joint_metrics(logits, test.labels, tasks)
+        return {rule: m.to_json() for rule, m in joint_metrics(logits, test.labels, tasks).items()}
 
     results: list[dict[str, Any]] = []
 

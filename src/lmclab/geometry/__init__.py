@@ -2,7 +2,15 @@
 
 Point operations (direction, inner, norm, distance) are :mod:`lmclab.points`."""
 
-from lmclab.geometry.angles import angle, cosine, distances, plane_determination, sibling_angle
+from lmclab.geometry.angles import (
+    SiblingGeometry,
+    angle,
+    cosine,
+    distances,
+    plane_determination,
+    sibling_angle,
+    sibling_geometry,
+)
 from lmclab.geometry.plane import (
     Plane,
     evaluate_plane,
@@ -17,6 +25,7 @@ __all__ = [
     "FOUR_MINIMA",
     "TWO_MINIMA",
     "Plane",
+    "SiblingGeometry",
     "ToyLandscape",
     "angle",
     "cosine",
@@ -28,4 +37,5 @@ __all__ = [
     "plane_from_directions",
     "plane_through",
     "sibling_angle",
+    "sibling_geometry",
 ]

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from lmclab.points import PointLike, common_keys, direction, distance, inner, norm
 
-__all__ = ["angle", "cosine", "distances", "plane_determination", "sibling_angle"]
+__all__ = [
+    "SiblingGeometry",
+    "angle",
+    "cosine",
+    "distances",
+    "plane_determination",
+    "sibling_angle",
+    "sibling_geometry",
+]
 
 
 def cosine(a: PointLike, b: PointLike, keys: Iterable[str] | None = None) -> float:
@@ -78,9 +87,7 @@ def plane_determination(
 
     Trajectories may be lazy (generators that load one checkpoint at a time)."""
     final = direction(final_2, final_1, keys, torch.float64)  # θ_1* − θ_2*
-    return [
-        cosine(direction(p2, p1, list(final), torch.float64), final) for p1, p2 in _pairs(trajectory_1, trajectory_2)
-    ]
+    return [cosine(_difference(p1, p2, final), final) for p1, p2 in _pairs(trajectory_1, trajectory_2)]
 
 
 def distances(
@@ -88,6 +95,48 @@ def distances(
 ) -> list[float]:
     """‖θ_1^t − θ_2^t‖ for each t (Singh Fig. 4b)."""
     return [distance(p1, p2, keys) for p1, p2 in _pairs(trajectory_1, trajectory_2)]
+
+
+@dataclass(frozen=True)
+class SiblingGeometry:
+    """Singh Figs. 2 and 4b at one training time t of two siblings (NaN where undefined)."""
+
+    distance: float  # ‖θ_1^t − θ_2^t‖
+    plane_cos: float  # cos(θ_1^t − θ_2^t, θ_1* − θ_2*)
+    angle_origin: float  # ∠(θ_1^t, θ_2^t), degrees
+    angle_fork: float  # ∠(θ_1^t − θ_base, θ_2^t − θ_base), degrees
+
+
+def sibling_geometry(
+    trajectory_1: Iterable[PointLike],
+    trajectory_2: Iterable[PointLike],
+    final_1: PointLike,
+    final_2: PointLike,
+    base: PointLike,
+    keys: Iterable[str] | None = None,
+) -> list[SiblingGeometry]:
+    """:class:`SiblingGeometry` at every t, in one pass over the (possibly lazy) trajectories: the
+    distance and plane determination of :func:`distances` and :func:`plane_determination`, and
+    :func:`sibling_angle` with the origin and with `base` (the fork point) as base."""
+    keys = None if keys is None else list(keys)
+    final = direction(final_2, final_1, keys, torch.float64)  # θ_1* − θ_2*
+    out = []
+    for p1, p2 in _pairs(trajectory_1, trajectory_2):
+        d = _difference(p1, p2, final)
+        out.append(
+            SiblingGeometry(
+                distance=norm(d),
+                plane_cos=cosine(d, final),
+                angle_origin=sibling_angle(p1, p2, keys=keys),
+                angle_fork=sibling_angle(p1, p2, base=base, keys=keys),
+            )
+        )
+    return out
+
+
+def _difference(p1: PointLike, p2: PointLike, final: PointLike) -> dict[str, torch.Tensor]:
+    """θ_1 − θ_2 in float64 on the tensors of `final`."""
+    return direction(p2, p1, list(final), torch.float64)
 
 
 def _pairs(

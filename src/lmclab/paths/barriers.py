@@ -110,3 +110,26 @@ def barrier_report(
         lam, val = zip(*points)
         report.append({**{k: v for k, v in zip(keys, key) if v is not None}, **barriers(lam, val)})
     return report
+
+
+def curve_barrier_rows(rows: Iterable[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """:func:`barrier_report` of every curve (rows grouped by `keys`), each row naming its ``quantity``:
+    :data:`WHOLE_MODEL_BARRIER`, or for the curve of a layer subset (``layers`` other than "all")
+    :data:`LAYERWISE_BARRIER` with its ``base``. A curve with non-finite values gets one row with its
+    ``error`` instead of failing the report."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    report: list[dict[str, Any]] = []
+    for key, group in groups.items():
+        first = group[0]
+        quantity: dict[str, Any] = (
+            {"quantity": WHOLE_MODEL_BARRIER}
+            if first.get("layers", "all") == "all"
+            else {"quantity": LAYERWISE_BARRIER, "base": first.get("base", "a")}
+        )
+        try:
+            report += [{**{k: b[k] for k in keys if k in b}, **quantity, **b} for b in barrier_report(group, keys)]
+        except ValueError as exc:
+            report.append({**dict(zip(keys, key)), **quantity, "error": str(exc)})
+    return report

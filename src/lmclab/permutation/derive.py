@@ -54,6 +54,17 @@ the output's set. ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` (wi
 traced through. A structured set becomes a group with ``blocks`` and ``block_perm`` (see
 :mod:`lmclab.permutation.spec`); a block set with tensors of its own becomes a group of whole blocks.
 
+Masks: an attention mask (causal, padding) is added to the scores, not to hidden units. It is allowed
+when it carries no units (built from the input or from shapes: a fixed or constant tensor, however it
+was computed) and is the same for every head (size 1 on the heads' axis); a mask carrying units, or
+one that differs between heads (which a permutation of heads would move), is an error.
+
+Tracers: ``torch.fx`` symbolic tracing by default; models it cannot trace (control flow on values or
+shapes, item assignment, cache objects: the ``transformers`` package's GPT-2 and BERT) are captured
+with ``torch.export`` and translated into the same torch-level graph
+(:mod:`lmclab.permutation.export`); ``derive_spec(..., tracer=...)`` chooses. A tied parameter (one
+tensor under several state_dict names) gets the same axes under every name, so it stays tied.
+
 Never silently partial: anything else that touches hidden units (indexing the unit axis, an unknown
 module, a grouped conv or GroupNorm over a concatenation, …) raises :class:`SpecError` naming the fx node,
 its target and its source line, also when its result only flows into a residual stream: a set that
@@ -83,6 +94,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from lmclab.models.norms import LayerNorm2d
+from lmclab.permutation.export import canonical_names, export_graph
 from lmclab.permutation.spec import AxisRef, PermGroup, PermutationSpec, SpecError, coverage
 
 __all__ = ["PermTracer", "trace_model", "example_input_for", "derive_spec", "spec_for"]
@@ -884,6 +896,8 @@ class _Deriver:
         v, ins, out = self.val.get(x), self.shapes.get(x), self.shapes.get(node)
         if ins is None or out is None:
             return self._unknown(node, "reshape of a non-tensor")
+        if ins == out and isinstance(v, (_Flow, _Attr)):
+            return v  # a reshape that changes nothing (export's reshape(x, x.shape))
         if isinstance(v, _Attr):
             return self._attr_reshape(node, v, ins, out)
         if not isinstance(v, _Flow):
@@ -1123,18 +1137,40 @@ class _Deriver:
                 self._ref(s, AxisRef(tensor, axis))
         return _Flow(out_dim, (_Part(s, 1, 0, node.name if out_dim == 1 else None),))
 
-    def linear(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, out_features: int, opener: str) -> Val:
-        """y = x Wᵀ + b over the last axis: opens a set (W axis 0, b); W axis 1 joins the input's sets."""
+    def embedding(self, node: fx.Node, x: fx.Node, weight: str, dim: int, opener: str) -> Val:
+        """Rows of W (vocabulary × dim) looked up by indices: opens a set of `dim` units on W axis 1."""
+        v = self.val.get(x)
+        if isinstance(v, _Flow):
+            self._hazard(node, "embedding indices carry units", v)
+        out = self.shapes.get(node)
+        if out is None:
+            return self._unknown(node, "embedding with a non-tensor result")
+        return self._open(node, f"{weight} axis 1", opener, dim, [(weight, 1)], len(out) - 1)
+
+    def linear(
+        self,
+        node: fx.Node,
+        x: fx.Node,
+        weight: str,
+        bias: str | None,
+        out_features: int,
+        opener: str,
+        transposed: bool = False,
+    ) -> Val:
+        """y = x Wᵀ + b over the last axis: opens a set (W axis 0, b); W axis 1 joins the input's sets.
+        `transposed`: W is stored in×out (y = x W + b, transformers' Conv1D): the axes swap."""
         v, ins, out = self.val.get(x), self.shapes.get(x), self.shapes.get(node)
         if ins is None or out is None or weight not in self.state:
             return self._unknown(node, "linear layer on a non-tensor or with a weight outside the state_dict")
+        w_out, w_in = (1, 0) if transposed else (0, 1)
         if isinstance(v, _Flow) and v.dim != len(ins) - 1:
             # acts along another axis: units pass through; its own outputs are not permuted
             self._pin([(weight, 0), (weight, 1)] + ([(bias, 0)] if bias else []))
             return v
-        self._consume(node, v, weight, 1)
+        self._consume(node, v, weight, w_in)
+        key = f"{weight} axis 1" if transposed else weight  # a tied embedding opens W axis 1 too
         return self._open(
-            node, weight, opener, out_features, [(weight, 0)] + ([(bias, 0)] if bias else []), len(out) - 1
+            node, key, opener, out_features, [(weight, w_out)] + ([(bias, 0)] if bias else []), len(out) - 1
         )
 
     def conv(
@@ -1555,13 +1591,7 @@ class _Deriver:
                 name,
             )
         if isinstance(m, nn.Embedding):
-            v = self.val.get(x)
-            if isinstance(v, _Flow):
-                self._hazard(node, "embedding indices carry units", v)
-            out = self.shapes.get(node)
-            if out is None:
-                return self._unknown(node, "embedding with a non-tensor result")
-            return self._open(node, p + "weight", name, m.embedding_dim, [(p + "weight", 1)], len(out) - 1)
+            return self.embedding(node, x, p + "weight", m.embedding_dim, name)
         if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*, SyncBatchNorm, InstanceNorm*
             return self.per_unit(
                 node, x, [(p + t, 0) for t in ("weight", "bias", "running_mean", "running_var")], 1, type(m).__name__
@@ -1670,6 +1700,12 @@ class _Deriver:
             return self.spatial(node, x, len(pad) // 2)
         if fn is F.linear or _is_in(fn, _CONV_FUNCS):
             return self._functional_layer(node, fn, x)
+        if fn is F.embedding:
+            w = _arg(node, 1, "weight")
+            wv = self.val.get(w) if isinstance(w, fx.Node) else None
+            if not isinstance(wv, _Attr) or wv.axes != ((0, 0), (1, 1)):
+                return self._unknown(node, "embedding with a weight that is not a plain parameter")
+            return self.embedding(node, x, wv.target, self.shapes[w][1], wv.target.removesuffix(".weight"))
         if fn is F.layer_norm or fn is getattr(F, "rms_norm", None):
             shape = self._concrete(_arg(node, 1, "normalized_shape"))
             k = 1 if isinstance(shape, int) else len(shape) if isinstance(shape, (list, tuple)) else None
@@ -1710,17 +1746,18 @@ class _Deriver:
         wv = self.val.get(w_node) if isinstance(w_node, fx.Node) else None
         bv = self.val.get(b_node) if isinstance(b_node, fx.Node) else None
         w_shape = self.shapes.get(w_node) if isinstance(w_node, fx.Node) else None
+        transposed = fn is F.linear and isinstance(wv, _Attr) and wv.axis_map() == {0: 1, 1: 0}  # F.linear(x, W.t())
         if (
             not isinstance(wv, _Attr)
             or w_shape is None
-            or wv.axes != tuple((i, i) for i in range(len(w_shape)))
+            or (wv.axes != tuple((i, i) for i in range(len(w_shape))) and not transposed)
             or (b_node is not None and (not isinstance(bv, _Attr) or bv.axes != ((0, 0),)))
         ):
             return self._unknown(node, f"{_target_str(node)} with a weight that is not a plain parameter")
         opener = wv.target[: -len(".weight")] if wv.target.endswith(".weight") else wv.target
         bias = bv.target if isinstance(bv, _Attr) else None
         if fn is F.linear:
-            return self.linear(node, x, wv.target, bias, w_shape[0], opener)
+            return self.linear(node, x, wv.target, bias, w_shape[0], opener, transposed)
         groups = self._concrete(_arg(node, 6, "groups", 1))
         if not isinstance(groups, int):
             return self._unknown(node, "convolution with unknown groups")
@@ -1759,7 +1796,20 @@ class _Deriver:
 
     # ---- result
 
+    def _tie_aliases(self) -> None:
+        """A tied parameter (one tensor under several state_dict names, e.g. GPT-2's wte and lm_head)
+        gets every axis claim, pin and opaque use under all its names, so it stays tied."""
+        tied: dict[str, list[str]] = {}
+        for name, first in canonical_names(self.model).items():
+            tied.setdefault(first, []).append(name)
+        names = {n: group for group in tied.values() if len(group) > 1 for n in group}
+        if names:
+            self.refs = [(s, replace(r, tensor=n)) for s, r in self.refs for n in names.get(r.tensor, [r.tensor])]
+            self.pinned = {(n, a) for t, a in self.pinned for n in names.get(t, [t])}
+            self.opaque = [(node, n, why) for node, t, why in self.opaque for n in names.get(t, [t])]
+
     def spec(self, meta: dict[str, Any]) -> PermutationSpec:
+        self._tie_aliases()
         sets = self.sets
         # tensors claimed at the same (axis, offset) by two sets tie them (shared modules / parameters)
         claims: dict[tuple[str, int, int], tuple[int, int]] = {}
@@ -1925,6 +1975,7 @@ def derive_spec(
     *,
     leaf_modules: tuple[type, ...] = (),
     leave_unknown_fixed: bool = False,
+    tracer: str = "auto",
 ) -> PermutationSpec:
     """The permutation spec of `model`, derived from its fx graph (see the module docstring).
 
@@ -1940,8 +1991,35 @@ def derive_spec(
     conv→flatten→linear; by default :func:`example_input_for` guesses one (a 32×32 image for a first
     Conv2d, a feature vector for a first Linear). The model's modules run once in eval mode under
     no_grad; training flags and BN statistics are left as they were.
+
+    `tracer`: ``"fx"`` (symbolic tracing, :func:`trace_model`), ``"export"`` (``torch.export`` on
+    `example_input`, translated by :func:`lmclab.permutation.export.export_graph`: for models fx cannot
+    trace, e.g. the ``transformers`` package's GPT-2 and BERT; needs an example input, no leaf_modules),
+    or ``"auto"`` (fx, and export when fx cannot trace the model and an example input is given).
+    ``spec.meta["tracer"]`` says which was used. Export-derived specs list no activations (their node
+    names are not those of :func:`trace_model`, which activation capture uses).
     """
-    gm = trace_model(model, leaf_modules)
+    if tracer not in ("auto", "fx", "export"):
+        raise ValueError(f"unknown tracer {tracer!r}; valid: 'auto', 'fx', 'export'")
+    gm: fx.GraphModule | None = None
+    fx_error: SpecError | None = None
+    if tracer != "export":
+        try:
+            gm = trace_model(model, leaf_modules)
+        except SpecError as err:
+            if tracer == "fx" or example_input is None:
+                raise SpecError(f"{err} (with an example_input, tracer='export' may capture it)") from err
+            fx_error = err
+    if gm is None:
+        if example_input is None:
+            raise SpecError("tracer='export' needs an example_input")
+        if leaf_modules:
+            raise SpecError("leaf_modules apply to the fx tracer only, not to tracer='export'")
+        try:
+            gm = export_graph(model, example_input if isinstance(example_input, tuple) else (example_input,))
+        except SpecError as err:
+            raise SpecError(f"{fx_error}; and {err}" if fx_error is not None else str(err)) from err
+        tracer = "export"
     if example_input is None:
         example_input = example_input_for(model, gm)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -1957,10 +2035,13 @@ def derive_spec(
         ) from err
     d = _Deriver(model, gm, prop, leave_unknown_fixed)
     d.run()
+    if tracer == "export":
+        d.acts = []  # node names of the translated graph: not capturable by lmclab.permutation.activations
     spec = d.spec(
         {
             "derived_from": type(model).__name__,
             "example_input_shape": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+            "tracer": "export" if tracer == "export" else "fx",
         }
     )
     try:
@@ -1981,9 +2062,12 @@ def spec_for(
     *,
     leaf_modules: tuple[type, ...] = (),
     leave_unknown_fixed: bool = False,
+    tracer: str = "auto",
 ) -> PermutationSpec:
     """`spec` after ``spec.check(model.state_dict())`` if given, else :func:`derive_spec` of `model`."""
     if spec is not None:
         spec.check(model.state_dict())
         return spec
-    return derive_spec(model, example_input, leaf_modules=leaf_modules, leave_unknown_fixed=leave_unknown_fixed)
+    return derive_spec(
+        model, example_input, leaf_modules=leaf_modules, leave_unknown_fixed=leave_unknown_fixed, tracer=tracer
+    )

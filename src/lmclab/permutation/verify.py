@@ -4,7 +4,8 @@
 model with ``torch.func.functional_call`` on cloned tensors, so the model itself — its weights and its
 BatchNorm running statistics — is never touched. In train mode BatchNorm uses batch statistics, which
 must agree as well; elementwise dropout (dropout modules and nn.MultiheadAttention's attention dropout)
-is switched off there: its masks are drawn per element, and a permutation moves the elements. Every
+is switched off there (rate 0 as well, for code that reads a dropout module's rate and passes it to an
+attention kernel): its masks are drawn per element, and a permutation moves the elements. Every
 other random layer (stochastic depth / DropPath, which scales whole samples and so commutes with every
 permutation of units) sees the same random stream in both calls: each forward pass runs under a
 fork of the RNG seeded with the same `seed`, so the comparison is exact.
@@ -21,6 +22,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from lmclab.permutation.derive import ExampleInput, example_input_for
+from lmclab.permutation.export import canonical_names
 from lmclab.permutation.spec import Permutation, PermutationSpec, SpecError
 from lmclab.points import PointLike
 
@@ -43,6 +45,7 @@ def _run(
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
+                m.p = 0.0  # also for code that reads the rate (transformers' GPT-2 hands it to SDPA)
             if isinstance(m, nn.MultiheadAttention):
                 m.dropout = 0.0  # `model` is verification's own deep copy
     buffers = {name for name, _ in model.named_buffers()}  # BN updates these in place in train mode
@@ -79,6 +82,13 @@ def _differences(
         if missing:
             raise SpecError(f"permuted parameters lack {missing[:5]}{' …' if len(missing) > 5 else ''}")
         pi_theta = {k: permuted[k].detach().to(device=theta[k].device, dtype=theta[k].dtype) for k in theta}
+    # a tied tensor (several state_dict names, e.g. GPT-2's wte and lm_head) must stay tied; it is
+    # loaded once, under its first name
+    for name, first in canonical_names(ref).items():
+        if name != first:
+            if not torch.equal(pi_theta[name], pi_theta[first]):
+                raise SpecError(f"the permutation unties the tied tensors {first!r} and {name!r}")
+            del theta[name], pi_theta[name]
     inputs = _as_inputs(model, example_input, dtype)
     result: dict[str, tuple[float, bool]] = {}
     for mode in modes:
