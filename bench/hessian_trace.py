@@ -33,7 +33,13 @@ at its best CPU settings, measured in one run:
 - lmclab: `HessianOperator` with all images in one batch (its graph kept across products,
   ``reuse_graph``): `hessian_trace` Hutchinson (`--block` probes per pass) and adaptive Hutch++
   (`--sketch` columns) to the same target; `top_eigenvalue` (Lanczos) at `--lanczos-tol`.
-Matched accuracy: both eigenvalues are compared with a tight Lanczos reference (tol 1e-10).
+- lmclab with the GGN control variate (``hessian_trace(control_variate="ggn")``): tr H = tr G exactly (per-sample
+  norms of C back-propagated vectors) + Hutchinson on R = H − G (one double backward per probe on the kept
+  graph); its "HVPs" are R products, its time includes tr G.
+Matched accuracy: both eigenvalues are compared with a tight Lanczos reference (tol 1e-10). Then, over
+`--seeds` seeds with each tolerance fixed in advance at `--power-tol`: PyHessian's power iteration vs
+`top_eigenvalue(error_tol=...)` (Lanczos stopping on its estimated eigenvalue error) from a random start
+and from the gradient (read off the kept graph).
 
     .venv/bin/python bench/hessian_trace.py --vs-pyhessian --threads 1
 
@@ -257,13 +263,15 @@ def vs_pyhessian(model: nn.Module, args: argparse.Namespace) -> None:
         model.zero_grad(set_to_none=True)  # PyHessian leaves create_graph gradients in .grad
         return samples, dt
 
-    def lm_trace(method: str, seed: int) -> tuple[TraceEstimate, float]:
+    def lm_trace(name: str, seed: int) -> tuple[TraceEstimate, float]:
+        method = "hutchinson" if name == "hutchinson-ggn" else name
         start = time.perf_counter()
         est = hessian_trace(
             model,
             None,
             data,
             method=method,
+            control_variate="ggn" if name == "hutchinson-ggn" else None,
             sketch=args.sketch if method == "hutchpp" else None,
             probes=2 * args.sketch + args.min_probes if method == "hutchpp" else args.min_probes,
             target_ci_width=target,
@@ -276,7 +284,8 @@ def vs_pyhessian(model: nn.Module, args: argparse.Namespace) -> None:
         return est, time.perf_counter() - start
 
     seeds = range(args.seed, args.seed + args.seeds)
-    totals = {"pyhessian": [0.0, 0], "hutchinson": [0.0, 0], "hutchpp": [0.0, 0]}
+    names = ("hutchinson", "hutchpp", "hutchinson-ggn")
+    totals = {"pyhessian": [0.0, 0], **{m: [0.0, 0] for m in names}}
     for seed in seeds:  # interleaved, so drifting load hits all sides alike
         samples, t_py = py_trace(seed)
         mean, half = t_interval(samples, 0.95)
@@ -286,16 +295,16 @@ def vs_pyhessian(model: nn.Module, args: argparse.Namespace) -> None:
             f"seed {seed} PyHessian trace    : {len(samples):4d} HVPs, {t_py:7.2f} s, trace {mean:.6g} ± {half:.3g} "
             f"(relative {half / abs(mean):.3f})"
         )
-        for method in ("hutchinson", "hutchpp"):
+        for method in names:
             est, dt = lm_trace(method, seed)
             totals[method][0] += dt
             totals[method][1] += est.n_matvecs
             print(
-                f"seed {seed} lmclab {method:11s}: {est.n_matvecs:4d} HVPs, {dt:7.2f} s, trace {est.estimate:.6g} ± "
+                f"seed {seed} lmclab {method:14s}: {est.n_matvecs:4d} HVPs, {dt:7.2f} s, trace {est.estimate:.6g} ± "
                 f"{est.half_width:.3g} (relative {est.relative_half_width:.3f})"
             )
     t_py, k_py = totals["pyhessian"]
-    for method in ("hutchinson", "hutchpp"):
+    for method in names:
         t_lm, k_lm = totals[method]
         print(
             f"trace over {args.seeds} seeds: PyHessian {k_py} HVPs {t_py:.2f} s ({t_py / k_py:.3f} s/HVP), "
@@ -349,6 +358,66 @@ def vs_pyhessian(model: nn.Module, args: argparse.Namespace) -> None:
         print(
             f"top eigenvalue at matched accuracy (loosest Lanczos tol {matched[0]:g} with error ≤ PyHessian's "
             f"{err_py:.1e}): PyHessian / lmclab = {t_py / matched[1]:.2f}×"
+        )
+    eigen_seeds(model, module, x, y, data, ref, args)
+
+
+def eigen_seeds(
+    model: nn.Module, module: object, x: torch.Tensor, y: torch.Tensor, data: DeviceDataset, ref: float, args
+) -> None:
+    """Top eigenvalue over `--seeds` seeds, interleaved, each side's tolerance fixed in advance at
+    `--power-tol`: PyHessian's power iteration (stops on the relative change of the eigenvalue) vs
+    `top_eigenvalue(error_tol=--power-tol)` (Lanczos stopping on its estimated relative eigenvalue error),
+    from a random start and from the gradient. Times include building each side's gradient graph."""
+    n = args.pyhessian_examples
+    count = [0]
+    original_hvp = module.hessian_vector_product  # type: ignore[attr-defined]
+    original_matmat = HessianOperator.matmat
+
+    def counted_hvp(*a: object) -> object:
+        count[0] += 1
+        return original_hvp(*a)
+
+    def counted_matmat(self: HessianOperator, vs: list) -> list:
+        count[0] += len(vs)
+        return original_matmat(self, vs)
+
+    rows: dict[str, list[tuple[float, int, float]]] = {"pyhessian": [], "random": [], "gradient": []}
+    for seed in range(args.seed, args.seed + args.seeds):
+        count[0] = 0
+        module.hessian_vector_product = counted_hvp  # type: ignore[attr-defined]
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        h = module.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)  # type: ignore[attr-defined]
+        lam = h.eigenvalues(maxIter=args.power_iterations, tol=args.power_tol)[0][0]
+        rows["pyhessian"].append((time.perf_counter() - start, count[0], abs(lam - ref) / abs(ref)))
+        module.hessian_vector_product = original_hvp  # type: ignore[attr-defined]
+        del h
+        model.zero_grad(set_to_none=True)
+        for how in ("random", "gradient"):
+            count[0] = 0
+            HessianOperator.matmat = counted_matmat  # type: ignore[method-assign]
+            start = time.perf_counter()
+            lam = top_eigenvalue(
+                model, None, data, batch_size=n, max_examples=n, seed=seed, start=how, error_tol=args.power_tol
+            )
+            rows[how].append((time.perf_counter() - start, count[0], abs(lam - ref) / abs(ref)))
+            HessianOperator.matmat = original_matmat  # type: ignore[method-assign]
+        print(
+            f"seed {seed} top eigenvalue: "
+            + ", ".join(f"{k} {r[-1][1]} HVPs {r[-1][0]:.2f} s error {r[-1][2]:.1e}" for k, r in rows.items())
+        )
+    t_py = sum(r[0] for r in rows["pyhessian"])
+    best_py = min(r[2] for r in rows["pyhessian"])
+    for how in ("random", "gradient"):
+        t_lm = sum(r[0] for r in rows[how])
+        worst = max(r[2] for r in rows[how])
+        print(
+            f"top eigenvalue over {args.seeds} seeds, tol {args.power_tol:g} both: PyHessian power "
+            f"{sum(r[1] for r in rows['pyhessian'])} HVPs {t_py:.2f} s, lmclab Lanczos ({how} start, error_tol) "
+            f"{sum(r[1] for r in rows[how])} HVPs {t_lm:.2f} s: PyHessian / lmclab = {t_py / t_lm:.2f}×; "
+            f"lmclab's largest error {worst:.1e} {'≤' if worst <= best_py else '>'} "
+            f"PyHessian's smallest {best_py:.1e}"
         )
 
 

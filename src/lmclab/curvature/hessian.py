@@ -23,6 +23,9 @@ time (memory bounded by one batch) and each call rebuilds them.
 backward, ``vmap`` over tangents for forward-over-reverse); otherwise vectors are looped over within
 each batch (double backward reuses the graph; forward-over-reverse recomputes it per vector).
 
+``part="residual"``: the same products of R = H − G instead of H (G the generalised Gauss–Newton matrix,
+see `ggn.py`): R = ∇²φ with φ(θ) = Σ_n r̄_nᵀ f_n(θ), r̄_n = ∇_f ℓ(f_n, y_n) computed at θ and held fixed.
+
 Precision: fp32, or fp64 when the point's parameters are fp64 (tests and checks); inputs are cast to
 the parameters' dtype.
 """
@@ -46,12 +49,23 @@ from lmclab.curvature.functional import (
 from lmclab.data import DeviceDataset
 from lmclab.points import Point, PointLike, flatten, inner, parameter_names, unflatten
 
-__all__ = ["HVP_METHODS", "HessianOperator", "dense_hessian", "hvp", "hvp_many", "quadratic_form", "working_dtype"]
+__all__ = [
+    "HVP_METHODS",
+    "PARTS",
+    "HessianOperator",
+    "dense_hessian",
+    "hvp",
+    "hvp_many",
+    "quadratic_form",
+    "working_dtype",
+]
 
 HVP_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse")
+PARTS: tuple[str, ...] = ("hessian", "residual")
 
 Data = DeviceDataset | Iterable[Batch]
-_Graph = tuple[list[torch.Tensor], list[torch.Tensor], list[int]]  # leaves θ, used gradient entries, their indices
+# leaves θ, used gradient entries (with graph), their indices, the whole batch gradient (detached)
+_Graph = tuple[list[torch.Tensor], list[torch.Tensor], list[int], list[torch.Tensor]]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -83,6 +97,7 @@ class HessianOperator:
     taken. `passes` counts data passes, `products` Hessian-vector products, `graphs_built` gradient graphs.
     θ and the data are fixed for the operator's life: with one batch its gradient graph is kept across calls
     (``reuse_graph``; `release` drops it), so do not modify θ's tensors or the data in place in between.
+    `part="residual"`: products with R = H − G instead (see the module docstring).
     """
 
     def __init__(
@@ -98,9 +113,13 @@ class HessianOperator:
         vectorize: bool = False,
         chunk_size: int | None = None,
         reuse_graph: bool = True,
+        part: str = "hessian",
     ) -> None:
         if method not in HVP_METHODS:
             raise ValueError(f"method must be one of {HVP_METHODS}, got {method!r}")
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        self.part = part
         self.fm = _prepare(model, theta)
         self.data, self.batch_size, self.max_examples = data, batch_size, max_examples
         self.loss_fn, self.method, self.vectorize, self.chunk_size = loss_fn, method, vectorize, chunk_size
@@ -175,12 +194,22 @@ class HessianOperator:
         """One batch's summed loss, its gradient g = ∇θ ℓ with create_graph, and the leaves θ."""
         leaves = [self.fm.params[n].detach().requires_grad_(True) for n in names]
         with torch.enable_grad():
-            loss = self.loss_fn(self.fm.logits(dict(zip(names, leaves)), x), y)
+            logits = self.fm.logits(dict(zip(names, leaves)), x)
+            loss = self._objective(logits, y)
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True, materialize_grads=True)
         self.graphs_built += 1
         # entries of the gradient that do not depend on θ (loss linear in that tensor) add nothing to H v
         used = [i for i, g in enumerate(grads) if g.requires_grad]
-        return leaves, [grads[i] for i in used], used
+        return leaves, [grads[i] for i in used], used, [g.detach() for g in grads]
+
+    def _objective(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The summed loss ("hessian"), or φ = Σ r̄ ⊙ f with r̄ = ∂ℓ/∂f held fixed ("residual": ∇²φ = R)."""
+        if self.part == "hessian":
+            return self.loss_fn(logits, y)
+        with torch.enable_grad():
+            f = logits.detach().requires_grad_(True)
+            (r,) = torch.autograd.grad(self.loss_fn(f, y), f)
+        return (r.detach() * logits).sum()
 
     def _graphs(self, names: list[str]) -> Iterator[tuple[_Graph, int]]:
         """(graph, batch size) per batch; one graph alive at a time; a single batch's graph kept if `reuse_graph`."""
@@ -202,13 +231,32 @@ class HessianOperator:
             yield graph, len(y)
             del graph
 
+    def gradient(self) -> Point:
+        """∇_θ of the operator's objective (the mean loss; φ/N with `part="residual"`), double backward only.
+
+        Read off the gradient graphs the products use: free when the single batch's graph is kept (it is
+        built now if not yet), one data pass otherwise.
+        """
+        if self.method != "double_backward":
+            raise ValueError("gradient() reads the double-backward graph: use method='double_backward'")
+        names = list(self.fm.params)
+        acc = self.fm.zeros_like_params()
+        total = 0
+        for (_, _, _, grads), size in self._graphs(names):
+            total += size
+            for n, g in zip(names, grads):
+                acc[n].add_(g)
+        if total == 0:
+            raise ValueError("the data yielded no examples")
+        return {n: t.div_(total) for n, t in acc.items()}
+
     def release(self) -> None:
         """Drop the kept gradient graph (it is rebuilt at the next product)."""
         self._graph = None
 
     def _double_backward(self, names: list[str], graph: _Graph, vs: list[Point]) -> list[Point]:
         """H_b v for each v from one batch's gradient graph (kept: retain_graph)."""
-        leaves, outputs, used = graph
+        leaves, outputs, used, _ = graph
         if not used:
             return [{n: torch.zeros_like(self.fm.params[n]) for n in names} for _ in vs]
         if self.vectorize and len(vs) > 1:
@@ -239,8 +287,15 @@ class HessianOperator:
     def _forward_over_reverse(self, names: list[str], vs: list[Point], x: torch.Tensor, y: torch.Tensor) -> list[Point]:
         params = self.fm.params
 
-        def loss(p: Point) -> torch.Tensor:
-            return self.loss_fn(self.fm.logits(p, x), y)
+        if self.part == "residual":
+            r = torch.func.grad(lambda f: self.loss_fn(f, y))(self.fm.logits(params, x).detach())
+
+            def loss(p: Point) -> torch.Tensor:
+                return (r * self.fm.logits(p, x)).sum()
+        else:
+
+            def loss(p: Point) -> torch.Tensor:
+                return self.loss_fn(self.fm.logits(p, x), y)
 
         grad_fn = torch.func.grad(loss)
 
@@ -331,8 +386,8 @@ def dense_hessian(
     """The full P×P Hessian of the mean loss (tiny models only: tests and checks).
 
     Rows/columns follow `model.named_parameters()` order, each tensor flattened row-major (the order of
-    `lmclab.points.flatten(HessianOperator(...).params)`). Computed with torch.func.hessian of the loss as a
-    function of the flat parameter vector, independently of the HVP code.
+    `lmclab.points.flatten(HessianOperator(...).params)`). Computed with torch.autograd.functional.hessian of
+    the loss as a function of the flat parameter vector, independently of the HVP code.
     """
     fm = _prepare(model, theta)
     like = fm.params
@@ -343,7 +398,11 @@ def dense_hessian(
     def loss(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss_fn(fm.logits(unflatten(flat, like), x), y)
 
-    hess = torch.func.hessian(loss)
+    def hess(flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # autograd's (vectorised) double backward: torch.func's second derivatives (hessian, jacrev∘jacrev)
+        # get layer_norm wrong when its input depends on θ (torch 2.x), while autograd's are right
+        return torch.autograd.functional.hessian(lambda p: loss(p, x, y), flat, vectorize=True)
+
     total, acc = 0, torch.zeros(flat0.numel(), flat0.numel(), dtype=flat0.dtype, device=flat0.device)
     for x, y in iterate_batches(data, batch_size, max_examples):
         if x.is_floating_point():

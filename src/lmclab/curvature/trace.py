@@ -16,6 +16,10 @@
   the l remainder samples — valid conditionally on the sketch, approximate like Hutchinson's. With a
   target width the sketch is fixed and remainder probes are added until the relative half-width is met
   (deflating the top of the spectrum shrinks the per-probe variance 2‖A‖_F² − 2Σ A_ii²).
+- **GGN control variate** (``hessian_trace(control_variate="ggn")``): tr H = tr G + tr R with tr G exact
+  (:func:`lmclab.curvature.ggn.ggn_trace`) and Hutchinson on R = H − G only (`offset` = tr G); the CI is
+  tr G ± the t-interval of the zᵀRz samples. Worth it when ‖R‖_F ≪ ‖H‖_F (low loss; diag R = 0 for
+  piecewise-linear nets).
 - **Scale-aware trace** (STE-MM): tr(D A D) with D = diag|θ|, i.e. Hutchinson with probes v = z ⊙ |θ|
   (vᵀAv = zᵀDADz); both estimators take `scale` = θ and work on the operator v ↦ D A (D v).
 
@@ -36,6 +40,7 @@ from scipy import stats
 from torch import nn
 
 from lmclab.curvature.functional import LossFn, summed_cross_entropy
+from lmclab.curvature.ggn import ggn_trace
 from lmclab.curvature.hessian import Data, HessianOperator
 from lmclab.points import Point, PointLike, flatten, inner, unflatten
 
@@ -170,8 +175,12 @@ def hutchinson_trace(
     max_probes: int = 10_000,
     matmat: Matmat | None = None,
     block: int = 1,
+    offset: float = 0.0,
 ) -> TraceEstimate:
     """Hutchinson: tr(A) ≈ (1/n) Σᵢ vᵢᵀAvᵢ with a Student-t CI (tr(DAD), D = diag|scale|, if `scale`).
+
+    `offset` c: the estimate is c + (1/n) Σᵢ vᵢᵀAvᵢ (a known part of the trace, e.g. an exact control
+    variate), with the same half-width; the relative stopping test is taken against |c + mean|.
 
     `target_ci_width`: stop once the relative CI half-width ≤ target (`probes` = minimum, `max_probes`
     = cap). `matmat` + `block`: apply A to `block` probes at a time (e.g. one data pass each). Probes
@@ -189,11 +198,13 @@ def hutchinson_trace(
             vs = [random_probe(like, gen, distribution) for _ in range(min(block, goal - len(samples)))]
             samples += [inner(v, av) for v, av in zip(vs, op(vs))]
         mean, half = t_interval(samples, confidence)
+        mean += offset
         if target_ci_width is None or len(samples) >= max_probes:
             break
         if half <= target_ci_width * abs(mean):
             break
-        goal = min(max_probes, len(samples) + _next_block(samples, half, target_ci_width, block))
+        shifted = [offset + x for x in samples] if offset else samples
+        goal = min(max_probes, len(samples) + _next_block(shifted, half, target_ci_width, block))
     name = "hutchinson" + ("-scaled" if scale is not None else "")
     return TraceEstimate(mean, mean - half, mean + half, confidence, len(samples), name, samples, len(samples))
 
@@ -288,14 +299,27 @@ def hessian_trace(
     seed: int = 0,
     distribution: str = "rademacher",
     sketch: int | None = None,
+    control_variate: str | None = None,
 ) -> TraceEstimate:
     """tr ∇²L(θ) (or STE-MM's tr(D ∇²L D), D = diag|θ|, with `scale_aware`) over fixed data, eval mode.
+
+    `control_variate="ggn"` (Hutchinson only, not scale-aware): tr H = tr G (exact, :func:`ggn_trace`) +
+    Hutchinson on R = H − G (products with R, `HessianOperator(part="residual")`); the samples are zᵀRz, the
+    CI is tr G ± their t-interval, `n_probes` counts R products (tr G costs about C backward passes more).
+    Default None: plain Hutchinson on H, as before.
 
     `method` "hutchinson" (`probes` probes; with `target_ci_width` the minimum, `max_probes` the cap) or
     "hutchpp" (`probes` matvecs, `sketch` columns, adaptive in the remainder with `target_ci_width`, at
     most `max_probes` matvecs). `probes_per_pass` products share each data pass (`HessianOperator.matmat`);
     `hvp_method`/`vectorize` choose how (see `hessian.py`; measure per model and device).
     """
+    if control_variate not in (None, "ggn"):
+        raise ValueError(f"control_variate must be None or 'ggn', got {control_variate!r}")
+    if control_variate is not None and (method != "hutchinson" or scale_aware):
+        raise ValueError("control_variate='ggn' is implemented for method='hutchinson' without scale_aware only")
+    exact = 0.0
+    if control_variate == "ggn":
+        exact = ggn_trace(model, theta, data, batch_size=batch_size, max_examples=max_examples, loss_fn=loss_fn)
     op = HessianOperator(
         model,
         theta,
@@ -305,9 +329,26 @@ def hessian_trace(
         loss_fn=loss_fn,
         method=hvp_method,
         vectorize=vectorize,
+        part="residual" if control_variate == "ggn" else "hessian",
     )
     like = op.params
     scale = like if scale_aware else None
+    if control_variate == "ggn":
+        est = hutchinson_trace(
+            None,
+            like,
+            probes=probes,
+            confidence=confidence,
+            seed=seed,
+            distribution=distribution,
+            target_ci_width=target_ci_width,
+            max_probes=max_probes,
+            matmat=op.matmat,
+            block=probes_per_pass,
+            offset=exact,
+        )
+        est.method = "hutchinson-ggn"
+        return est
     if method == "hutchinson":
         return hutchinson_trace(
             None,
@@ -340,7 +381,11 @@ def hessian_trace(
 
 
 def lanczos_top(
-    matvec: Callable[[torch.Tensor], torch.Tensor], v0: torch.Tensor, tol: float, steps: int
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    v0: torch.Tensor,
+    tol: float,
+    steps: int,
+    error_tol: float | None = None,
 ) -> tuple[float, int]:
     """(λ_max, products) of a symmetric operator on flat float64 vectors by Lanczos with full reorthogonalisation.
 
@@ -348,6 +393,11 @@ def lanczos_top(
     step the largest Ritz value θ of T_j = tridiag(β, α, β) with eigenvector u has residual
     ‖A y − θ y‖ = β_j |u_j| (y = Q_j u); stop when β_j |u_j| ≤ tol · |θ| (ARPACK's / eigsh's criterion), when
     β_j = 0 (invariant subspace: θ exact) or after `steps` products (then RuntimeError: not converged).
+    `error_tol` (replaces the residual test): stop when the estimated relative eigenvalue error
+    r²/(gap·|θ|) ≤ error_tol, r = β_j |u_j| and gap = θ − θ₂ (the next Ritz value) — the first-order
+    error of a Ritz value, λ − θ ≈ r²/(λ − λ₂), with the unknown gap taken from the Ritz values (an
+    estimate, not a bound: early on θ₂ can be far from λ₂). A (near-)degenerate top (gap ≈ 0) never
+    passes: it runs to `steps` (then `top_eigenvalue` hands over to eigsh).
     """
     q = v0 / v0.norm()
     basis: list[torch.Tensor] = []
@@ -368,7 +418,11 @@ def lanczos_top(
         t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         vals, vecs = np.linalg.eigh(t)
         theta, resid = float(vals[-1]), beta * abs(float(vecs[-1, -1]))
-        if resid <= tol * abs(theta) or beta <= 1e-14 * max(1.0, abs(theta)) or j == len(v0):
+        if error_tol is None:
+            done = resid <= tol * abs(theta)
+        else:
+            done = j > 1 and resid**2 <= error_tol * (theta - float(vals[-2])) * abs(theta)
+        if done or beta <= 1e-14 * max(1.0, abs(theta)) or j == len(v0):
             return theta, j
         betas.append(beta)
         beta_prev, q = beta, w / beta
@@ -389,8 +443,16 @@ def top_eigenvalue(
     max_examples: int | None = None,
     loss_fn: LossFn = summed_cross_entropy,
     hvp_method: str = "double_backward",
+    start: str = "random",
+    error_tol: float | None = None,
 ) -> float:
     """The largest *algebraic* eigenvalue of ∇²L(θ): Lanczos (:func:`lanczos_top`) on the HVP operator.
+
+    `start`: "random" (a seeded standard normal vector) or "gradient" (ĝ + 0.1 r̂, ĝ = ∇L/‖∇L‖ read off
+    the kept gradient graph, r̂ the random start normalised; the gradient lies mostly in the top
+    eigenspace of the Hessian of a trained net (Gur-Ari et al. 2018), r̂ keeps every direction in the
+    Krylov space; no gradient -> the random start). `error_tol`: stop on the estimated eigenvalue error
+    instead of `tol` (see :func:`lanczos_top`).
 
     One product per Lanczos step (one data pass, or none when the data is one batch and its gradient graph
     is kept); stops when the top Ritz pair's residual ‖Hy − θy‖ ≤ `tol` · |θ| (eigsh's relative accuracy;
@@ -409,9 +471,17 @@ def top_eigenvalue(
     def mv(x: torch.Tensor) -> torch.Tensor:
         return flatten(op.matvec(unflatten(x.to(ref.device), like))).detach().cpu().double()
 
+    if start not in ("random", "gradient"):
+        raise ValueError(f"start must be 'random' or 'gradient', got {start!r}")
     v0 = np.random.default_rng(seed).standard_normal(n)
+    if start == "gradient" and hvp_method == "double_backward":
+        g = flatten(op.gradient()).detach().cpu().double().numpy()
+        if np.linalg.norm(g) > 0:
+            v0 = g / np.linalg.norm(g) + 0.1 * v0 / np.linalg.norm(v0)
+    elif start == "gradient":
+        raise ValueError("start='gradient' reads the double-backward graph: use hvp_method='double_backward'")
     try:
-        return lanczos_top(mv, torch.from_numpy(v0), tol, min(n, iterations or 100))[0]
+        return lanczos_top(mv, torch.from_numpy(v0), tol, min(n, iterations or 100), error_tol)[0]
     except RuntimeError:  # not converged: ARPACK's restarted Lanczos from the same start (memory ncv · n)
         from scipy.sparse.linalg import LinearOperator, eigsh
 
