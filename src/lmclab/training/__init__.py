@@ -4,6 +4,7 @@ from lmclab.training.evaluate import evaluate
 from lmclab.training.forks import child_config
 from lmclab.training.loop import TrainingDiverged, TrainState, train_step
 from lmclab.training.options import RunOptions
+from lmclab.training.packed import train_pack
 from lmclab.training.plan import Schedule, plan_training
 from lmclab.training.recipes import PRESETS, Preset, UnknownPreset, get_preset
 from lmclab.training.schedules import SCHEDULES, CheckpointSchedule, learning_rate
@@ -34,5 +35,6 @@ __all__ = [
     "plan_training",
     "resolve_device",
     "train",
+    "train_pack",
     "train_step",
 ]
