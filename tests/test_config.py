@@ -37,6 +37,7 @@ PINNED_PRESET_HASHES = {
     "resnet18_cifar10": "214e20fe84042079",
     "resnet18_nobn_cifar10": "37889c961fb45de1",
     "vit_mnist": "9f9bed7f565a64a2",
+    "vit_cifar10": "672d250bb70aef84",
 }
 
 

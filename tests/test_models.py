@@ -38,7 +38,7 @@ def _conv(cin: int, cout: int, k: int) -> int:
 
 
 def test_names_and_defaults() -> None:
-    assert MODEL_NAMES == ("mlp", "resnet20", "vgg11", "vgg16", "resnet18", "vit")
+    assert MODEL_NAMES == ("mlp", "resnet20", "vgg11", "vgg16", "resnet18", "vit", "seq_transformer")
     assert NORMS == ("layernorm", "batchnorm", "none")
     assert issubclass(ModelError, ValueError)
     assert model_defaults("mlp") == {"hidden": (512, 512, 512), "width": 1}
@@ -46,6 +46,8 @@ def test_names_and_defaults() -> None:
     assert model_defaults("vgg11") == {"width": 1, "norm": "layernorm"}
     assert model_defaults("vgg16") == {"width": 1, "norm": "layernorm"}
     assert model_defaults("resnet18") == {"width": 1, "norm": "batchnorm"}
+    assert model_defaults("vit") == {"patch": 0, "dim": 64, "depth": 4, "heads": 4, "mlp_ratio": 2.0, "width": 1}
+    assert model_defaults("seq_transformer") == {"dim": 64, "depth": 4, "heads": 4, "mlp_ratio": 2.0, "width": 1}
     # a fresh dict each call
     d = model_defaults("resnet20")
     d["width"] = 7

@@ -84,6 +84,15 @@ class DataConfig:
             )
 
 
+#: Model options filled in with the model's defaults on normalise (part of every run's hash).
+FILLED_MODEL_OPTIONS: tuple[str, ...] = ("width", "hidden", "norm")
+#: Model options added later (the transformers'): on normalise a value equal to the model's default is left unset
+#: (None, so out of config.json and the hash), so runs from before them keep their hashes and an option spelled
+#: out at its default names the same run as one left unset.
+SPARSE_MODEL_OPTIONS: tuple[str, ...] = ("patch", "dim", "depth", "heads", "mlp_ratio")
+MODEL_OPTIONS: tuple[str, ...] = FILLED_MODEL_OPTIONS + SPARSE_MODEL_OPTIONS
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture by name; options not given take the model's defaults (filled in on normalise)."""
@@ -92,16 +101,36 @@ class ModelConfig:
     width: int | None = None
     hidden: tuple[int, ...] | None = None  # MLP hidden sizes
     norm: str | None = None  # layernorm | batchnorm | none (CNNs)
+    # Transformers (vit, seq_transformer); None: the model's default, left out of config.json and the hash.
+    patch: int | None = None  # ViT patch size (0: automatic, 7 on 28×28, 4 on 32×32)
+    dim: int | None = None  # embedding dimension (× width)
+    depth: int | None = None  # transformer blocks
+    heads: int | None = None  # attention heads
+    mlp_ratio: float | None = None  # MLP hidden size ÷ embedding dimension
 
     def validate(self) -> None:
-        """UsageError unless every field is allowed and the model takes every option given."""
+        """UsageError unless every field is allowed, the model takes every option given, the heads divide the
+        embedding dimension (dim · width) and the MLP has a hidden unit."""
         _validate_section(self)
         takes = model_defaults(self.model)
-        for name in ("width", "hidden", "norm"):
+        for name in MODEL_OPTIONS:
             if getattr(self, name) is not None and name not in takes:
                 raise UsageError(
                     f"{_flag('model', name)} {_spell(getattr(self, name))}: model {self.model} takes no {name}; "
                     f"its options: {', '.join(_flag('model', k) for k in takes)}"
+                )
+        opts = {**takes, **{k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}}
+        if "dim" in opts and "width" in opts:
+            d = int(opts["dim"]) * int(opts["width"])
+            if "heads" in opts and d % int(opts["heads"]):
+                raise UsageError(
+                    f"--heads {_spell(opts['heads'])}: allowed: a divisor of the embedding dimension dim × width = "
+                    f"{d} (--dim {_spell(opts['dim'])}, --width {_spell(opts['width'])}; config field model.heads)"
+                )
+            if "mlp_ratio" in opts and int(d * float(opts["mlp_ratio"])) < 1:
+                raise UsageError(
+                    f"--mlp-ratio {_spell(opts['mlp_ratio'])}: allowed: a ratio giving the MLP at least one hidden "
+                    f"unit, int(dim × width × ratio) >= 1 with dim × width = {d} (config field model.mlp_ratio)"
                 )
 
 
@@ -210,26 +239,39 @@ class RunConfig:
                 f"--train-subset {d.train_subset} and --train-per-class {d.train_per_class}: allowed: at most "
                 "one of them (a stratified subset in all, or the first N of each class)"
             )
+        entry = DATASETS.get(normalise_name(d.dataset)) if self.model.patch else None
+        if entry is not None and self.model.patch:
+            _, h, w = entry.info.input_shape
+            if h % self.model.patch or w % self.model.patch:
+                raise UsageError(
+                    f"--patch {self.model.patch}: allowed: 0 (automatic) or a divisor of the image size {h}×{w} of "
+                    f"{entry.name} (config field model.patch)"
+                )
 
     def normalised(self) -> RunConfig:
-        """Fill model defaults so that equal runs spelled differently hash equally (and check the fork); an
-        image folder gets its absolute path and content fingerprint (`DataConfig.data_fingerprint`)."""
+        """Fill model defaults so that equal runs spelled differently hash equally (and check the fork): the
+        `FILLED_MODEL_OPTIONS` take the model's default when unset, the `SPARSE_MODEL_OPTIONS` are unset when at
+        it; an image folder gets its absolute path and content fingerprint (`DataConfig.data_fingerprint`)."""
         self.fork.validate()
 
         defaults = model_defaults(self.model.model)
         # Registry defaults are untyped options (int width, hidden sizes, norm name); passed on as they are.
         filled: dict[str, Any] = {
             k: (getattr(self.model, k) if getattr(self.model, k) is not None else defaults.get(k))
-            for k in ("width", "hidden", "norm")
+            for k in FILLED_MODEL_OPTIONS
         }
         if filled["hidden"] is not None:
             filled["hidden"] = tuple(filled["hidden"])
-        unknown = [k for k in ("width", "hidden", "norm") if getattr(self.model, k) is not None and k not in defaults]
+        unknown = [k for k in MODEL_OPTIONS if getattr(self.model, k) is not None and k not in defaults]
         if unknown:
             raise ValueError(
                 f"model {self.model.model!r} takes no option(s) {unknown}; its options are {sorted(defaults)}"
             )
-        model = ModelConfig(model=self.model.model, **filled)
+        model = ModelConfig(
+            model=self.model.model,
+            **filled,
+            **{k: _sparse_option(getattr(self.model, k), defaults.get(k)) for k in SPARSE_MODEL_OPTIONS},
+        )
         return dataclasses.replace(self, data=_normalised_data(self.data), model=model)
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,7 +300,7 @@ class RunConfig:
     def model_options(self) -> dict[str, Any]:
         """Keyword options for `lmclab.models.build_model` (only those the model takes)."""
         m = self.normalised().model
-        return {k: getattr(m, k) for k in ("width", "hidden", "norm") if getattr(m, k) is not None}
+        return {k: getattr(m, k) for k in MODEL_OPTIONS if getattr(m, k) is not None}
 
 
 SECTIONS: dict[str, type] = {
@@ -270,9 +312,19 @@ SECTIONS: dict[str, type] = {
 }
 OPTIONAL_SECTIONS = frozenset({"fork"})  # left out of to_dict() and the hash while all their fields are None
 # Fields left out of to_dict() (config.json, step keys) while None, so that earlier configs read the same.
-OPTIONAL_FIELDS = frozenset({("data", "data_fingerprint"), ("data", "classes")})
+OPTIONAL_FIELDS = frozenset(
+    {("data", "data_fingerprint"), ("data", "classes"), *(("model", k) for k in SPARSE_MODEL_OPTIONS)}
+)
 DERIVED_FIELDS = frozenset({("data", "data_fingerprint")})  # filled by normalised(), not CLI flags
 FLAG_PREFIX = {"fork": "fork-"}  # `--fork-parent`, `--fork-epoch`, `--fork-step` (not to be confused with --epochs)
+
+
+def _sparse_option(value: Any, default: Any) -> Any:
+    """A later model option as normalised: None when unset or equal to the model's default; a float where the
+    default is one (so `mlp_ratio = 1` in a TOML preset and `--mlp-ratio 1.0` hash alike)."""
+    if value is None or value == default:
+        return None
+    return float(value) if isinstance(default, float) else value
 
 
 def _normalised_data(data: DataConfig) -> DataConfig:
@@ -411,6 +463,11 @@ ALLOWED: dict[tuple[str, str], Setting] = {
     ("model", "width"): Setting(integer(1), "width multiplier"),
     ("model", "hidden"): Setting(integers(1, nonempty=True, example="512,512"), "MLP hidden sizes"),
     ("model", "norm"): Setting(one_of(lambda: NORMS), "normalisation layers of the CNNs"),
+    ("model", "patch"): Setting(integer(0), "ViT patch size in pixels (0: automatic, 7 on 28×28, 4 on 32×32)"),
+    ("model", "dim"): Setting(integer(1), "transformer embedding dimension (multiplied by --width)"),
+    ("model", "depth"): Setting(integer(1), "transformer blocks"),
+    ("model", "heads"): Setting(integer(1), "attention heads (a divisor of dim × width)"),
+    ("model", "mlp_ratio"): Setting(number(0, strict=True), "transformer MLP hidden size ÷ embedding dimension"),
     ("train", "optimizer"): Setting(one_of(lambda: OPTIMIZERS), "optimiser"),
     ("train", "lr"): Setting(number(0, strict=True), "peak learning rate"),
     ("train", "momentum"): Setting(number(0, below=1), "SGD momentum (Adam: beta1 stays 0.9)"),

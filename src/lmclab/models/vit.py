@@ -18,7 +18,7 @@ from torch import nn
 from .errors import ModelError
 from .registry import register_model
 
-__all__ = ["ViT", "ViTBlock", "auto_patch"]
+__all__ = ["ViT", "ViTBlock", "auto_patch", "positive_option"]
 
 
 class ViTBlock(nn.Module):
@@ -58,6 +58,8 @@ class ViT(nn.Module):
             raise ModelError(f"patch {patch} does not divide the image size {h}×{w}")
         if dim % heads:
             raise ModelError(f"{heads} heads do not divide the embedding dimension {dim}")
+        if int(dim * mlp_ratio) < 1:
+            raise ModelError(f"mlp_ratio {mlp_ratio} leaves the MLP of dimension {dim} without a hidden unit")
         tokens = (h // patch) * (w // patch)
         self.patch_embed = nn.Conv2d(c, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -84,10 +86,11 @@ def auto_patch(h: int, w: int) -> int:
     raise ModelError(f"no automatic patch size for {h}×{w} images; pass patch=")
 
 
-def _positive(opts: dict[str, Any], key: str, kind: type = int) -> Any:
+def positive_option(model: str, opts: dict[str, Any], key: str, kind: type = int) -> Any:
+    """``opts[key]``, a positive int (or, with ``kind=float``, a positive number); ModelError naming ``model``."""
     v = opts[key]
     if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or v <= 0:
-        raise ModelError(f"vit option {key} must be a positive {kind.__name__}, got {v!r}")
+        raise ModelError(f"{model} option {key} must be a positive {kind.__name__}, got {v!r}")
     return v
 
 
@@ -105,8 +108,8 @@ def _build_vit(shape: tuple[int, int, int], num_classes: int, opts: dict[str, An
         shape,
         num_classes,
         patch=patch,
-        dim=_positive(opts, "dim") * opts["width"],
-        depth=_positive(opts, "depth"),
-        heads=_positive(opts, "heads"),
-        mlp_ratio=float(_positive(opts, "mlp_ratio", float)),
+        dim=positive_option("vit", opts, "dim") * opts["width"],
+        depth=positive_option("vit", opts, "depth"),
+        heads=positive_option("vit", opts, "heads"),
+        mlp_ratio=float(positive_option("vit", opts, "mlp_ratio", float)),
     )

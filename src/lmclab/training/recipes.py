@@ -108,6 +108,28 @@ PRESETS: dict[str, Preset] = {
                 SeedConfig(),
             ),
         ),
+        Preset(
+            "vit_cifar10",
+            "ViT-CIFAR (omihub777/ViT-CIFAR, 91.0% on CIFAR-10 with 6.3M parameters; ViT of Dosovitskiy et al. "
+            "2021): patch 4 (64 tokens), dim 384, depth 7, 12 heads, MLP ×1 (384), no dropout; Adam 1e-3 "
+            "(wd 5e-5 as L2), batch 128, 200 epochs, 5 warm-up + cosine. Not in lmclab's trainer: label smoothing "
+            "0.1, AutoAugment (lmclab's CIFAR augmentation, pad-4 crop + flip, instead) and the cosine's floor "
+            "1e-5 (lmclab's cosine ends at 0)",
+            RunConfig(
+                DataConfig("cifar10"),
+                ModelConfig("vit", dim=384, depth=7, heads=12, mlp_ratio=1.0),  # patch: automatic, 4 on 32×32
+                TrainConfig(
+                    optimizer="adam",
+                    lr=1e-3,
+                    weight_decay=5e-5,
+                    schedule="cosine",
+                    warmup_epochs=5.0,
+                    batch_size=128,
+                    epochs=200,
+                ),
+                SeedConfig(),
+            ),
+        ),
     ]
 }
 
