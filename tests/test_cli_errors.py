@@ -2,13 +2,15 @@
 left byte for byte as it was. Help of the program and of every command. Internal errors keep their traceback.
 
 Every bad invocation runs in-process against a store holding one small trained run (MLP on 10 MNIST
-examples per class, 1 epoch), whose snapshot (every path, size and mtime) must not change.
+examples per class, 1 epoch), whose snapshot (every path, its mode, size, mtime and content hash) must not
+change. The table covers every command and every flag that takes a value (a test checks that it does).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
 import os
 import subprocess
@@ -21,7 +23,9 @@ import torch
 
 from lmclab import cli
 from lmclab.cli import build_parser, main
+from lmclab.cli.commands import curve, plane, spectrum
 from lmclab.config import ALLOWED, SECTIONS, DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig, UsageError
+from lmclab.experiments.registry import EXPERIMENTS
 from lmclab.store import Run
 from lmclab.training import PRESETS, RunOptions, train
 
@@ -42,14 +46,16 @@ def store(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Iterat
     yield runs, run
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every path under `root` with its size and mtime (ns): equal snapshots = an untouched store."""
+def snapshot(root: Path) -> dict[str, tuple[int, int, int, str]]:
+    """Every path under `root` with its mode, size, mtime (ns) and content hash: equal snapshots = a store left
+    byte for byte as it was."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in [*dirnames, *filenames]:
             p = Path(dirpath) / name
             st = p.lstat()
-            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else ""
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
     return out
 
 
@@ -79,6 +85,16 @@ BAD: list[tuple[str, str]] = [
     ("train mlp_mnist --norm batchnorm", "--norm"),
     ("train resnet20_cifar10 --norm groupnorm", "--norm"),
     ("train mlp_mnist --model transformer", "--model"),
+    ("train mlp_mnist --dim 32", "--dim"),
+    ("train resnet20_cifar10 --heads 2", "--heads"),
+    ("train vit_mnist --dim 0", "--dim"),
+    ("train vit_mnist --depth 1.5", "--depth"),
+    ("train vit_mnist --heads 3", "--heads"),
+    ("train vit_mnist --mlp-ratio 0", "--mlp-ratio"),
+    ("train vit_mnist --mlp-ratio 0.001", "--mlp-ratio"),
+    ("train vit_mnist --patch -1", "--patch"),
+    ("train vit_mnist --patch 5", "--patch"),
+    ("train vit_mnist --model seq_transformer --patch 7", "--patch"),
     ("train mlp_mnist --dataset imagenet", "--dataset"),
     ("train mlp_mnist --dataset imagefolder:", "--dataset"),
     ("train mlp_mnist --optimizer lbfgs", "--optimizer"),
@@ -105,6 +121,15 @@ BAD: list[tuple[str, str]] = [
     ("train mlp_mnist --fork-parent R --fork-epoch 0 --lr 0.5 " + " ".join(PARENT_FLAGS), "--fork-parent"),
     ("train mlp_mnist --runs-dir-typo x", "--runs-dir-typo"),
     ("train no_such_preset", "preset"),
+    ("train mlp_mnist --classes -1", "--classes"),
+    ("train mlp_mnist --classes 0,99", "--classes"),
+    ("train mlp_mnist --seed-augment -1", "--seed-augment"),
+    ("train mlp_mnist --patch -1", "--patch"),
+    ("train mlp_mnist --dim 0", "--dim"),
+    ("train mlp_mnist --depth 0", "--depth"),
+    ("train mlp_mnist --heads 0", "--heads"),
+    ("train mlp_mnist --mlp-ratio 0", "--mlp-ratio"),
+    ("train mlp_mnist --fork-parent nope --fork-epoch 0", "nope"),
     # fork
     ("fork mlp_mnist --at -1", "--at"),
     ("fork mlp_mnist --at 0,x", "--at"),
@@ -115,6 +140,9 @@ BAD: list[tuple[str, str]] = [
     ("fork R --at 3", "--at"),
     ("fork R --at 0 --lr 0.1", "config flags"),
     ("fork R --at 0 --checkpoints every:-1", "--checkpoints"),
+    ("fork R --at 0 --fork-parent R", "config flags"),
+    ("fork mlp_mnist --at 0 --fork-step -1", "--fork-step"),
+    ("fork nope --at 0", "nope"),
     # runs, eval
     ("runs --device cpu", "--device"),
     ("runs --runs-dir F", "--runs-dir"),
@@ -123,12 +151,15 @@ BAD: list[tuple[str, str]] = [
     ("eval R --step -1", "--step"),
     ("eval R --split val", "--split"),
     ("eval R --device cuda:99", "--device"),
+    ("eval nope", "nope"),
     # align
     ("align R R --examples 0", "--examples"),
     ("align R R --seed -1", "--seed"),
     ("align R R --ste-epochs 0", "--ste-epochs"),
     ("align R R --method nope", "--method"),
     ("align R", "run_b"),
+    ("align nope R", "nope"),
+    ("align R nope", "nope"),
     # merge
     ("merge R", "RUN"),
     ("merge R R --points 1", "--points"),
@@ -137,6 +168,10 @@ BAD: list[tuple[str, str]] = [
     ("merge R R --ste-epochs -3", "--ste-epochs"),
     ("merge R R --method nope", "--method"),
     ("merge R R --out F", "--out"),
+    ("merge R nope", "nope"),
+    ("merge R R --executor nope", "--executor"),
+    ("merge R R --address nope", "--address"),
+    ("merge R R --address 127.0.0.1:6379", "--address"),  # only with --executor ray
     # interpolate
     ("interpolate R R --subset 0", "--subset"),
     ("interpolate R R --points 1", "--points"),
@@ -148,22 +183,36 @@ BAD: list[tuple[str, str]] = [
     ("interpolate R R --bn maybe", "--bn"),
     ("interpolate R R --base c", "--base"),
     ("interpolate R R --out F", "--out"),
+    ("interpolate R R --align nope", "--align"),
+    ("interpolate R R --align weight --perm F", "--perm"),
+    ("interpolate R R --split val", "--split"),
+    ("interpolate R nope", "nope"),
     # predict
     ("predict R R --points 0", "--points"),
     ("predict R R --subset -1", "--subset"),
     ("predict R R --orders sideways", "--orders"),
     ("predict R R --split val", "--split"),
     ("predict R R --out F", "--out"),
+    ("predict R R --align nope", "--align"),
+    ("predict R R --perm /nonexistent/perm.safetensors", "--perm"),
+    ("predict nope R", "nope"),
     # sharpness
     ("sharpness R --probes 0", "--probes"),
     ("sharpness R --probes 1", "--probes"),
     ("sharpness R --probes 3 --method hutchpp", "--probes"),
     ("sharpness R --subset -5", "--subset"),
     ("sharpness R --seed -1", "--seed"),
+    ("sharpness R --split val", "--split"),
+    ("sharpness R --method nope", "--method"),
+    ("sharpness nope", "nope"),
     # run
     ("run benko --preset nope", "--preset"),
     ("run nope", "EXPERIMENT"),
     ("run benko --out F", "--out"),
+    ("run benko --executor nope", "--executor"),
+    ("run benko --address nope", "--address"),
+    ("run benko --address 127.0.0.1:6379", "--address"),  # only with --executor ray
+    *((f"run {name} --preset nope", "--preset") for name in EXPERIMENTS),
     # listings
     ("presets --width 3", "--width"),
     ("models --json --points 3", "--points"),
@@ -171,14 +220,113 @@ BAD: list[tuple[str, str]] = [
     # demo
     ("demo --seeds a,b", "--seeds"),
     ("demo --seeds -1", "--seeds"),
+    ("demo --seeds 0,1,0", "--seeds"),
     ("demo --epochs -1", "--epochs"),
     ("demo --points 1", "--points"),
     ("demo --preset nope", "--preset"),
     ("demo --align nope", "--align"),
     ("demo --out F", "--out"),
+    # curve
+    ("curve R", "run_b"),
+    ("curve R nope", "nope"),
+    ("curve R R --align nope", "--align"),
+    ("curve R R --compare nope", "--compare"),
+    ("curve R R --kind zigzag", "--kind"),
+    ("curve R R --bends 0", "--bends"),
+    ("curve R R --bends 99", "--bends"),
+    ("curve R R --epochs 0", "--epochs"),
+    ("curve R R --lr 0", "--lr"),
+    ("curve R R --lr nan", "--lr"),
+    ("curve R R --optimizer lbfgs", "--optimizer"),
+    ("curve R R --batch-size 0", "--batch-size"),
+    ("curve R R --train-subset 0", "--train-subset"),
+    ("curve R R --seed -1", "--seed"),
+    ("curve R R --points 1", "--points"),
+    ("curve R R --split val", "--split"),
+    ("curve R R --subset 0", "--subset"),
+    ("curve R R --bn maybe", "--bn"),
+    # plane
+    ("plane R", "RUN"),
+    ("plane R R R R", "RUN"),
+    ("plane R R --align none", "--align"),
+    ("plane R R --random-directions", "--random-directions"),
+    ("plane R nope", "nope"),
+    ("plane R R --align nope", "--align"),
+    ("plane R R --seed -1", "--seed"),
+    ("plane R R --grid 1", "--grid"),
+    ("plane R R --margin -1", "--margin"),
+    ("plane R R --margin inf", "--margin"),
+    ("plane R R --radius 0", "--radius"),
+    ("plane R R --split val", "--split"),
+    ("plane R R --subset 0", "--subset"),
+    ("plane R R --bn repair", "--bn"),
+    ("plane R R --chunk 0", "--chunk"),
+    # spectrum
+    ("spectrum nope", "nope"),
+    ("spectrum R --top -1", "--top"),
+    ("spectrum R --top 100000000", "--top"),
+    ("spectrum R --split val", "--split"),
+    ("spectrum R --subset -1", "--subset"),
+    ("spectrum R --probes 1", "--probes"),
+    ("spectrum R --block-probes 1", "--block-probes"),
+    ("spectrum R --starts 0", "--starts"),
+    ("spectrum R --steps 0", "--steps"),
+    ("spectrum R --sigma 0", "--sigma"),
+    ("spectrum R --sigma nan", "--sigma"),
+    ("spectrum R --path-to nope", "nope"),
+    ("spectrum R --path-to R --align nope", "--align"),
+    ("spectrum R --curve nope", "--curve"),
+    ("spectrum R --points 1", "--points"),
+    ("spectrum R --seed -1", "--seed"),
     # the program itself
     ("nope", "COMMAND"),
 ]
+#: each command up to its flags (R: the stored run), for the rows every command gets
+LEADS = {
+    "train": "train mlp_mnist",
+    "fork": "fork mlp_mnist --at 0",
+    "eval": "eval R",
+    "align": "align R R",
+    "merge": "merge R R",
+    "interpolate": "interpolate R R",
+    "predict": "predict R R",
+    "sharpness": "sharpness R",
+    "run": "run benko",
+    "demo": "demo",
+    "curve": "curve R R",
+    "plane": "plane R R",
+    "spectrum": "spectrum R",
+}
+
+
+def _every_command_rows() -> list[tuple[str, str]]:
+    """A file given as a directory, and a device this machine lacks, for every command that takes them; fork
+    gets train's single-flag config rows (the same flags)."""
+    commands = {name: p for name, p in _subparsers(build_parser()).items() if name in LEADS}
+    rows: list[tuple[str, str]] = []
+    for name, p in commands.items():
+        flags = p._option_string_actions
+        rows += [(f"{LEADS[name]} {flag} F", flag) for flag in ("--runs-dir", "--data-dir", "--out") if flag in flags]
+        if "--device" in flags:
+            rows += [(f"{LEADS[name]} --device tpu", "--device"), (f"{LEADS[name]} --device cuda:99", "--device")]
+            rows += [(f"{LEADS[name]} --device cuda", "--device")] if NO_CUDA else []
+    for text, flag in list(BAD):
+        words = text.split()
+        if (
+            words[:2] == ["train", "mlp_mnist"]
+            and len(words) == 4
+            and words[2] in commands["fork"]._option_string_actions
+        ):
+            rows.append((f"{LEADS['fork']} {' '.join(words[2:])}", flag))
+    return [row for row in rows if row not in BAD]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+BAD += _every_command_rows()
 #: what every command with a store gets (listings take none of these)
 IO = ("--offline", "--no-progress")
 LISTINGS = ("presets", "models", "datasets")
@@ -188,7 +336,8 @@ class Ran(BaseException):
     """A bad invocation got past the checks to a function that does the work (and could write)."""
 
 
-#: the functions of lmclab.cli that do a command's work: a bad invocation must be refused before any of them
+#: the functions that do a command's work (of lmclab.cli, and of the command modules): a bad invocation must be
+#: refused before any of them
 WORK = (
     "train",
     "fork",
@@ -210,6 +359,21 @@ def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> None:
             raise Ran(f"{_name} was called: the invocation was not refused before the work")
 
         monkeypatch.setattr(cli, name, refuse)
+    for module, names in PLUGIN_WORK:
+        for name in names:
+            monkeypatch.setattr(module, name, lambda *a, _name=name, **k: _refused(_name))
+
+
+#: the same for the commands in modules of their own (spectrum loads the model to check --top: reading is fine)
+PLUGIN_WORK = (
+    (curve, ("curve_between_runs",)),
+    (plane, ("plane_runs",)),
+    (spectrum, ("_compute", "_align_as_flagged", "artifact_lock", "write_sealed_json")),
+)
+
+
+def _refused(name: str) -> None:
+    raise Ran(f"{name} was called: the invocation was not refused before the work")
 
 
 def invoke(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -254,6 +418,30 @@ def test_bad_invocation_exits_2_with_one_line_and_leaves_the_store(
     assert flag in lines[0], lines[0]
     assert lines[0].startswith("lmclab"), lines[0]
     assert snapshot(runs) == before, f"{argv} changed the store"
+
+
+#: flags that take a value but no bad one: free text checked where it is used (rows above cover those uses)
+FREE = {("run", "--preset"), ("interpolate", "--layers"), ("fork", "--fork-parent"), ("fork", "--fork-epoch")}
+
+
+def test_the_table_covers_every_command_and_every_flag_that_takes_a_value() -> None:
+    rows: dict[str, set[str]] = {}
+    for text, flag in BAD:
+        rows.setdefault(text.split()[0], set()).update([*text.split(), flag])
+    no_such_run = {text.split()[0] for text, flag in BAD if flag == "nope"}
+    commands = _subparsers(build_parser())
+    assert set(commands) <= set(rows), f"commands without a bad invocation: {set(commands) - set(rows)}"
+    missing = []
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or action.nargs == 0 or (name, action.dest) in FREE:
+                continue
+            if action.option_strings:
+                if not set(action.option_strings) & rows[name] and (name, action.option_strings[-1]) not in FREE:
+                    missing.append(f"{name} {action.option_strings[-1]}")
+            elif name in LEADS and " R" in LEADS[name] and name not in no_such_run:
+                missing.append(f"{name} {action.dest} (a run that does not exist)")
+    assert not missing, f"flags with no bad value in the table: {missing}"
 
 
 def test_the_issue_cases_as_a_user_types_them(store: tuple[Path, Run], shared_data: Path) -> None:
@@ -348,7 +536,10 @@ def test_every_flag_has_help_with_its_allowed_values() -> None:
 
 def test_long_commands_take_no_progress() -> None:
     commands = subparsers(build_parser())
-    for name in ("train", "fork", "eval", "align", "merge", "interpolate", "predict", "sharpness", "run", "demo"):
+    long = set(commands) - {*LISTINGS, "runs"}
+    assert long >= {"train", "fork", "eval", "align", "merge", "interpolate", "predict", "sharpness", "run", "demo"}
+    assert long >= {"curve", "plane", "spectrum"}
+    for name in long:
         assert any("--no-progress" in a.option_strings for a in commands[name]._actions), name
 
 

@@ -111,22 +111,26 @@ def test_old_runs_without_a_fingerprint_load_and_compare_by_name(runs: dict[str,
         check_same_data([Run(old), runs["mlp_fashion_mnist"]])
 
 
-@pytest.mark.parametrize("command", ["interpolate", "align", "predict", "merge"])
+@pytest.mark.parametrize("command", ["interpolate", "align", "predict", "merge", "plane", "spectrum", "curve"])
 def test_runs_on_different_data_are_refused(
     runs: dict[str, Run], shared_data: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
 ) -> None:
     a, b = runs["mlp_mnist"], runs["mlp_fashion_mnist"]
     root = a.path.parent
     before = stored(root)
-    extra = {"predict": ["--out", str(tmp_path / "p")], "merge": ["--out", str(tmp_path / "m")]}.get(command, [])
-    code, out, err = run_cli(capsys, command, a.hash, b.hash, *extra, *io(runs, shared_data), "--offline")
+    pair = [a.hash, "--path-to", b.hash] if command == "spectrum" else [a.hash, b.hash]
+    extra = ["--out", str(tmp_path / "out")] if command != "align" else []
+    code, out, err = run_cli(capsys, command, *pair, *extra, *io(runs, shared_data), "--offline", "--no-progress")
     assert code == 2 and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert a.path.name in lines[0] and b.path.name in lines[0]
     assert "mnist (data " in lines[0] and "fashion_mnist (data " in lines[0]
-    assert "--allow-different-data" in lines[0]
-    assert stored(root) == before and not (tmp_path / "p").exists() and not (tmp_path / "m").exists()
+    if command == "curve":  # fitted on run A's training data: no flag to allow it, and the message offers none
+        assert "only runs trained on the same data" in lines[0] and "--allow-different-data" not in lines[0]
+    else:
+        assert "--allow-different-data" in lines[0]
+    assert stored(root) == before and not (tmp_path / "out").exists()
 
 
 def test_python_api_refuses_unless_allowed(runs: dict[str, Run], tmp_path: Path) -> None:

@@ -161,8 +161,12 @@ def test_a_stored_alignment_is_verified_when_reused(
     argv = ["align", run_copy.hash[:8], run_copy.hash[:8], "--runs-dir", str(run_copy.path.parent)]
     argv += ["--data-dir", str(shared_data), "--no-progress"]
     assert main(argv) == 0
+    first = capsys.readouterr().out
     (info,) = run_copy.path.parent.glob("align_*/alignment.json")
     assert main(argv) == 0  # reused, verified
+    again = capsys.readouterr().out
+    assert "when it was computed" not in first and "reused" not in first
+    assert "on random inputs when it was computed: " in again and "reused; its checksums verified" in again
     doc = json.loads(info.read_text())
     doc["method"] = "activation"
     info.write_text(json.dumps(doc))

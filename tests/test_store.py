@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import lmclab.training.loop as loop
+import lmclab.training.state as state
 from lmclab.cli import main
 from lmclab.config import DataConfig, ModelConfig, RunConfig, SeedConfig, TrainConfig
+from lmclab.experiments.lmc import check_same_architecture
 from lmclab.models import build_model
 from lmclab.store import (
     CheckpointError,
@@ -213,7 +215,7 @@ TINY = RunConfig(
 
 
 def test_a_kill_during_the_final_evaluation_is_finished_by_a_rerun_without_training(
-    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     options = RunOptions(
         runs_dir=str(tmp_path), data_dir=str(shared_data), device="cpu", progress=False, download=False
@@ -234,6 +236,11 @@ def test_a_kill_during_the_final_evaluation_is_finished_by_a_rerun_without_train
     assert run is not None and run.final_checkpoint() is not None
     assert run.meta.status == "running" and run.meta.final_metrics is None  # what meta.json was left saying
     assert run.status == "unevaluated" and not run.complete  # what the files say
+    assert run.trained  # its final state is there: commands that use it take the run
+    check_same_architecture(run, run)
+    assert main(["runs", "--runs-dir", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert f"{run.path.name}  unevaluated" in listed and "(unevaluated: trained to the end" in listed
     plan = plan_training(RunStore(tmp_path), TINY.normalised(), Schedule.of(TINY, CheckpointSchedule(), 100))
     assert isinstance(plan, Train) and plan.only_evaluates and plan.source == run.final_checkpoint()
 
@@ -329,3 +336,27 @@ def test_a_run_directory_without_config_json(tmp_path: Path) -> None:
     scan = RunStore(tmp_path).scan()
     assert scan.healthy == [] and [r.path.name for r in scan.damaged] == ["train_fedcba9876543210"]
     assert scan.damaged[0].damage == "config.json is missing"
+
+
+def test_a_model_that_cannot_be_built_leaves_no_run_directory(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(e.g. `--width 10**26`: torch refuses the tensor sizes; that error keeps its traceback, but no half-made
+    run is left to be listed)"""
+
+    def cannot_allocate(config: RunConfig, info: object) -> torch.nn.Module:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(state, "init_model", cannot_allocate)
+    options = RunOptions(runs_dir=str(tmp_path), data_dir=str(shared_data), device="cpu", progress=False)
+    with pytest.raises(RuntimeError, match="can't allocate"):
+        train(TINY, options)
+    assert RunStore(tmp_path).scan().all() == [] and not RunStore(tmp_path).path_for(TINY.normalised()).exists()
+
+
+def test_an_empty_run_reference_names_no_run(tmp_path: Path) -> None:
+    run = RunStore(tmp_path).open(TINY.normalised(), preset=None)
+    assert RunStore(tmp_path).get(run.hash[:6]) == RunStore(tmp_path).get(run.path.name[:10]) == run
+    for ref in ("", " "):
+        with pytest.raises(RunNotFound, match="names no run"):
+            RunStore(tmp_path).get(ref)

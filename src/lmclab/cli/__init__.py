@@ -16,6 +16,7 @@ import inspect
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -391,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=(0, 1),
         metavar="S,S,…",
         type=_typed(seeds, _int_list),
-        help=f"one model per seed; allowed: {seeds.describe()} (default: 0,1)",
+        help=f"one model per seed; allowed: {seeds.describe()}, distinct (default: 0,1)",
     )
     _out(p, "where figures and tables go", "out/demo", default="out/demo")
     _pair_method(p, "weight")
@@ -661,8 +662,14 @@ def _print_runs(store: RunStore, rows: list[dict[str, Any]], differ: list[str], 
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         for row in table:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if len(rows) > 1 and not differ:
+        fixed_same = all(len({r["config"].get(k) for r in rows}) == 1 for k in _FIXED_FIELDS)
+        if len(rows) > 1 and not differ and fixed_same:
             print("(the listed runs differ only in their seeds)")
+        if any(r["status"] == "unevaluated" for r in rows):
+            print(
+                "(unevaluated: trained to the end, stopped during the final evaluation; commands use its final "
+                "state, and its train command again only evaluates it)"
+            )
     for r in damaged:
         print(f"{r['run']}  damaged: {r.get('damage')}")
 
@@ -711,6 +718,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     store = RunStore(args.runs_dir)
+    started = time.time_ns()
     alignment = align_runs(
         store.get(args.run_a),
         store.get(args.run_b),
@@ -728,12 +736,14 @@ def cmd_align(args: argparse.Namespace) -> dict[str, Any]:
     if not info["data"]["same"]:
         _say(args, f"note: {info['data']['note']}")
     assert path is not None, "align_runs stores every alignment in a directory"
-    _say(args, _alignment_report(args.method, info, path / "perm.safetensors"))
-    return {"path": str(path), "perm": str(path / "perm.safetensors"), **info}
+    reused = (path / "alignment.json").stat().st_mtime_ns < started  # stored by an earlier command
+    _say(args, _alignment_report(args.method, info, path / "perm.safetensors", reused=reused))
+    return {"path": str(path), "perm": str(path / "perm.safetensors"), "reused": reused, **info}
 
 
-def _alignment_report(method: str, info: Mapping[str, Any], perm_file: Path) -> str:
-    """What `lmclab align` found and how it was verified, in words."""
+def _alignment_report(method: str, info: Mapping[str, Any], perm_file: Path, *, reused: bool = False) -> str:
+    """What `lmclab align` found and how it was verified, in words (`reused`: a stored alignment, verified
+    when it was computed; its files' checksums were verified on reading)."""
     lines = [f"{method} matching of {info.get('b')} onto {info.get('a')}"]
     parts = []
     if info.get("sweeps") is not None:
@@ -757,8 +767,9 @@ def _alignment_report(method: str, info: Mapping[str, Any], perm_file: Path) -> 
     else:
         measured, worst = "not recorded", None
     verdict = "pass" if worst is not None else "passed when stored"
+    when = " when it was computed" if reused else ""
     lines.append(
-        f"verified f(π(θ_B)) = f(θ_B) on random inputs: max |Δlogit| {measured} "
+        f"verified f(π(θ_B)) = f(θ_B) on random inputs{when}: max |Δlogit| {measured} "
         f"(tolerance |Δ| <= {atol:g} + {rtol:g}·|logit|): {verdict}"
     )
     cov = info.get("coverage")
@@ -767,7 +778,10 @@ def _alignment_report(method: str, info: Mapping[str, Any], perm_file: Path) -> 
         if isinstance(cov, (int, float))
         else "coverage: not recorded"
     )
-    lines.append(f"permutation: {perm_file}")
+    lines.append(
+        f"permutation: {perm_file}"
+        + (" (stored earlier and reused; its checksums verified on reading)" if reused else "")
+    )
     return "\n".join(lines)
 
 
@@ -1071,6 +1085,9 @@ def cmd_datasets(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    if len(set(args.seeds)) < len(args.seeds):
+        seeds = ",".join(map(str, args.seeds))
+        raise UsageError(f"--seeds {seeds}: a seed given twice names one run twice; allowed: distinct seeds")
     summary = run_pair_demo(
         args.preset,
         seeds=list(args.seeds),

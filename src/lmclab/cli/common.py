@@ -98,7 +98,7 @@ def _device(text: str) -> str:
 
 
 def _existing_path(text: str) -> str:
-    if not Path(text).exists():
+    if not text or not Path(text).exists():
         raise argparse.ArgumentTypeError(f"{text!r} does not exist; allowed: a file or directory written by lmclab")
     return text
 

@@ -168,8 +168,8 @@ def plane_runs(
     request.check(len(runs))
     for run in runs[1:]:
         check_same_architecture(runs[0], run)
-    if not runs[0].complete:
-        raise UsageError(f"run {runs[0].path.name} is not complete (status {runs[0].meta.status}); train it first")
+    if not runs[0].trained:
+        raise UsageError(f"run {runs[0].path.name} is not trained to its end (status {runs[0].status}); train it first")
     data_check = check_same_data(list(runs), allow=allow_different_data)
     if (note := data_check.note()) is not None:
         say(f"note: {note}")

@@ -2,11 +2,12 @@
 
 Two runs of one architecture trained on different datasets (an MNIST MLP and a Fashion-MNIST MLP) align,
 interpolate and merge without any error, but the result evaluates both on one of the datasets. So every
-comparison of runs (`lmclab align`, `interpolate`, `predict`, `merge` and their Python functions) calls
-:func:`check_same_data` first: runs trained on different data are refused (:class:`DataMismatch`, one line
-naming both runs and their data) unless the caller asks to go on (``allow=True``: the
-``--allow-different-data`` flag, ``allow_different_data=True`` in Python); then the :class:`DataCheck` it
-returns says which data the comparison was evaluated on, for figure titles and tables.
+comparison of runs (`lmclab align`, `interpolate`, `predict`, `merge`, `plane`, `spectrum --path-to`,
+`curve` and their Python functions) calls :func:`check_same_data` first: runs trained on different data are
+refused (:class:`DataMismatch`, one line naming both runs and their data) unless the caller asks to go on
+(``allow=True``: the ``--allow-different-data`` flag, ``allow_different_data=True`` in Python; a curve,
+fitted on run A's training data, never does); then the :class:`DataCheck` it returns says which data the
+comparison was evaluated on, for figure titles and tables.
 
 Two runs saw the same data when their data fingerprints (``DataInfo.fingerprint``: the train and test
 splits as loaded, before any subset; see ``lmclab.data.fingerprint``) are equal. A run recorded before
@@ -118,9 +119,12 @@ class DataCheck:
         }
 
 
-def check_same_data(runs: Sequence[Run], *, allow: bool = False) -> DataCheck:
+def check_same_data(runs: Sequence[Run], *, allow: bool = False, unsupported: str | None = None) -> DataCheck:
     """Each run's data; :class:`DataMismatch` (one line naming the first run, a run whose data differs and
-    both their data) if they differ and `allow` is False. Comparisons evaluate on the first run's data."""
+    both their data) if they differ and `allow` is False. Comparisons evaluate on the first run's data.
+
+    `unsupported`: why the caller cannot compare runs trained on different data at all (the message then
+    says so, instead of offering --allow-different-data)."""
     data = tuple(RunData.of(run) for run in runs)
     check = DataCheck(data, same=all(d.same_as(data[0]) for d in data[1:]))
     if check.same or allow:
@@ -132,6 +136,10 @@ def check_same_data(runs: Sequence[Run], *, allow: bool = False) -> DataCheck:
         f"runs {first.run} and {other.run} were trained on different data: {first.label(source=sources)} vs "
         f"{other.label(source=sources)}"
         + (f" (and {more} more run(s) differ from {first.run})" if more else "")
-        + f"; comparing them evaluates both on {first.dataset}. Pass {ALLOW_FLAG} "
-        "(Python: allow_different_data=True) to compare them anyway"
+        + (
+            f"; {unsupported}, so only runs trained on the same data are compared"
+            if unsupported
+            else f"; comparing them evaluates both on {first.dataset}. Pass {ALLOW_FLAG} "
+            "(Python: allow_different_data=True) to compare them anyway"
+        )
     )

@@ -158,6 +158,12 @@ class Run:
         return self.meta.status == "complete" and self.final_checkpoint() is not None
 
     @property
+    def trained(self) -> bool:
+        """Whether the run's final state is stored: complete, or "unevaluated" (killed during its final
+        evaluation, which training it again computes). What commands that use the final state need."""
+        return self.status in ("complete", "unevaluated")
+
+    @property
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
@@ -280,13 +286,16 @@ class RunStore:
         return self.scan().healthy
 
     def get(self, ref: str | os.PathLike) -> Run:
-        """A run by path, directory name, or unique hash prefix; RunDamaged (naming it and why) if the run
-        it names is damaged."""
+        """A run by path, or by a unique prefix of its directory name or of its hash; RunDamaged (naming it
+        and why) if the run it names is damaged."""
+        if not os.fspath(ref).strip():
+            raise RunNotFound(f"{os.fspath(ref)!r} names no run; allowed: a run directory, name, or hash prefix")
         p = Path(ref)
         if os.path.lexists(p / "config.json"):
             return refuse_damaged(Run(p))
         scan = self.scan()
-        matches = [r for r in scan.all() if r.path.name == str(ref) or r.hash.startswith(str(ref))]
+        text = os.fspath(ref)
+        matches = [r for r in scan.all() if r.path.name.startswith(text) or r.hash.startswith(text)]
         if len(matches) == 1:
             return refuse_damaged(matches[0])
         if not matches:

@@ -184,10 +184,10 @@ def _carry_out(
 ) -> Run:
     """Train the planned run: its state from the plan's source, its metadata, the loop, the final metrics."""
     schedule = plan.schedule
-    run = RunStore(options.runs_dir).open(config, preset=options.preset)
-    if plan.source is None:
+    if plan.source is None:  # built before the run's directory exists: a model that cannot be built leaves none
         state, history = TrainingState.initial(config, train_ds.info, device), []
-    else:
+    run = RunStore(options.runs_dir).open(config, preset=options.preset)
+    if plan.source is not None:
         state = TrainingState.from_checkpoint(config, train_ds.info, device, plan.source)
         history = run.meta.history_until(state.step)
 

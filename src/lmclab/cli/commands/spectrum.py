@@ -128,10 +128,10 @@ def _ticker(bar: Any) -> Callable[[str, int], None]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     store = RunStore(args.runs_dir)
     run_a = store.get(args.run)
-    run_b: Run | None = store.get(args.path_to) if args.path_to else None
-    if not run_a.complete:
-        raise UsageError(f"RUN {run_a.path.name}: not complete (status {run_a.meta.status}); train it first")
-    curve_dir = _curve_dir(args, store.root, run_a, run_b) if args.curve else None
+    run_b: Run | None = store.get(args.path_to) if args.path_to is not None else None
+    if not run_a.trained:
+        raise UsageError(f"RUN {run_a.path.name}: not trained to its end (status {run_a.status}); train it first")
+    curve_dir = _curve_dir(args, store.root, run_a, run_b) if args.curve is not None else None
     data_check = None
     if run_b is not None:
         check_same_architecture(run_a, run_b)
