@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["WarmAssignment", "assignment_value", "solve_assignment"]
+__all__ = ["WarmAssignment", "assignment_value", "reduced_assignment", "solve_assignment"]
 
 
 def assignment_value(score: torch.Tensor, perm: torch.Tensor) -> float:
@@ -87,6 +87,51 @@ def solve_assignment(
             return warm.cpu().clone()
     s = _as_matrix(score)
     return torch.from_numpy(_scipy_perm(-s if maximize else s))
+
+
+def reduced_assignment(
+    score: torch.Tensor, current: torch.Tensor | None = None, potentials: np.ndarray | None = None, rounds: int = 2
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(p maximising Σ_i S[i, p[i]], column potentials w for the next, similar matrix), via scipy on a reduced matrix.
+
+    Solves R = S − w_j − a_i − b_j (float64; w = `potentials`, default 0; a_i the row maxima of S − w,
+    b_j the column maxima of what is left), which differs from S by a constant on every permutation and
+    so has the same optimal assignments: R ≤ 0 with a zero in every row and column, and with w the
+    potentials of a previous, similar matrix most rows' optimal entries are already zeros, which
+    spares scipy's shortest-augmenting-path solver most of its searches. If `current` already sits on
+    zeros of R it is optimal (⟨R, P⟩ ≤ 0 = ⟨R, P_current⟩) and is returned without solving.
+
+    The returned potentials are w + b + z, z from `rounds` Bellman–Ford rounds (score sense, started at
+    0) on z_j ≥ z_{p(i)} + R_ij − R_{i,p(i)}: few rounds leave them loose (not an exact dual; any w is
+    valid, only speed depends on it), which the next matrix tolerates better than exact shortest-path
+    potentials. Cost: O(n²) NumPy per round besides the solve.
+
+    R is rounded in float64 (w is arbitrary), so where two assignments' values differ by less than
+    about 1e-16 relative (ties) the one returned may differ from scipy's on S itself; the optimal value
+    agrees to that rounding.
+    """
+    if score.ndim != 2 or score.shape[0] != score.shape[1]:
+        raise ValueError(f"score must be a square matrix, got shape {tuple(score.shape)}")
+    r = _as_matrix(score)
+    n = r.shape[0]
+    w = np.zeros(n) if potentials is None else np.asarray(potentials, dtype=np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"potentials have shape {w.shape}, expected ({n},)")
+    if potentials is not None:
+        r -= w
+    r -= r.max(axis=1, keepdims=True) if n else 0.0
+    b = r.max(axis=0) if n else np.zeros(0)
+    r -= b
+    rows = np.arange(n)
+    if current is not None:
+        cur = torch.as_tensor(current, dtype=torch.int64).cpu().numpy()
+        if cur.shape == (n,) and (r[rows, cur] == 0).all() and np.array_equal(np.sort(cur), rows):
+            return torch.from_numpy(cur.copy()), w + b
+    np.negative(r, out=r)  # cost form C = −R ≥ 0
+    perm = _scipy_perm(r) if n else np.zeros(0, dtype=np.int64)
+    # Bellman–Ford rounds on the cost-form difference constraints v_j ≤ v_{p(i)} + C_ij − C_{i,p(i)} (z = −v).
+    v = column_potentials(r, perm, 0.0, max_iter=rounds) if rounds > 0 else np.zeros(n)
+    return torch.from_numpy(perm), w + b - v
 
 
 def center_potentials(

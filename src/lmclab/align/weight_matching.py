@@ -33,9 +33,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
-from lmclab.align.assignment import WarmAssignment, assignment_value, solve_assignment
+from lmclab.align.assignment import WarmAssignment, assignment_value, reduced_assignment, solve_assignment
 from lmclab.align.registry import register_pair_method
 from lmclab.align.results import MatchResult
 from lmclab.permutation.spec import Permutation, PermutationSpec, SpecError, expand_block, structured_perm
@@ -52,6 +53,15 @@ __all__ = [
 
 #: An improvement must exceed this fraction of |⟨S_P, P_old⟩| to be accepted (guards against cycling on ties).
 REL_TOL = 1e-12
+
+#: A stale cost term is corrected by a rank-k update (see ``_WeightMatcher.term``) when at most this fraction
+#: of its other axis moved, and while the entries moved since its last full product stay within
+#: UPDATE_BUDGET × that axis's length; otherwise it is rebuilt by a full product.
+UPDATE_FRACTION, UPDATE_BUDGET = 0.5, 2.0
+
+#: Groups of at least this many units refine the column potentials they pass to their next solve by two
+#: Bellman–Ford rounds (see ``reduced_assignment``); below it the rounds cost more than they save.
+POTENTIAL_ROUNDS_MIN_SIZE = 256
 
 
 @dataclass
@@ -113,7 +123,8 @@ class _WeightMatcher:
     A group's ref (t, a, block, offset) reads rows [offset, offset + n·block) of both, reshaped to
     (n, −1) for free. Each group's permutation carries a version (bumped by every set_perm); the
     caches of θ_B and of the cost terms w_t A_t^(a) (B̃_t^(a))ᵀ record the versions of the groups
-    they depend on and are recomputed only when one of those changed.
+    they depend on and are recomputed only when one of those changed (a term by a rank-k correction
+    when few entries of its other axis moved; see :meth:`term`).
     """
 
     def __init__(
@@ -135,7 +146,8 @@ class _WeightMatcher:
         self.shape: dict[str, tuple[int, ...]] = {}
         self.a_moved: dict[tuple[str, int], torch.Tensor] = {}
         self._b_lazy: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}  # versions, B̃
-        self.b_first: dict[tuple[str, int], torch.Tensor] = {}  # θ_B[t] with axis a moved first, unpermuted
+        self.b_src: dict[str, torch.Tensor] = {}  # θ_B[t] in the compute dtype on the device
+        self._b_first: dict[tuple[str, int], torch.Tensor] = {}  # θ_B[t] with axis a moved first, unpermuted
         self.tensor_value: dict[str, torch.Tensor] = {}
         self.group_refs: dict[str, list[tuple[str, int, int, int]]] = {g.name: [] for g in spec.groups}
         for t in spec_tensor_names(spec, params_a):
@@ -145,6 +157,7 @@ class _WeightMatcher:
             dtype = _compute_dtype(params_a[t].dtype)
             a = params_a[t].detach().to(device=device, dtype=dtype)
             b = params_b[t].detach().to(device=device, dtype=dtype)
+            self.b_src[t] = b
             refs = [(g, ax.axis, ax.block, ax.offset) for g, ax in by_tensor[t]]
             self.refs[t] = refs
             self.shape[t] = tuple(a.shape)
@@ -152,7 +165,6 @@ class _WeightMatcher:
             for axis in self.axes_of[t]:
                 am = a.movedim(axis, 0).contiguous()
                 self.a_moved[t, axis] = am * w if w != 1.0 else am
-                self.b_first[t, axis] = b.movedim(axis, 0).contiguous()
             for ref in refs:
                 self.group_refs[ref[0]].append((t, *ref[1:]))
         # Groups whose permutation enters S_g: those on the other axes of g's tensors (g itself too
@@ -170,8 +182,25 @@ class _WeightMatcher:
             for t, refs in self.refs.items()
             for g, axis, _, off in refs
         }
-        self.terms: dict[tuple[str, str, int, int], tuple[tuple[int, ...], torch.Tensor]] = {}
-        self.term_stats = {"computed": 0, "reused": 0}
+        # (versions, term, index vector of t's other permuted axis it was built at, entries moved since
+        # its last full product); updated by rank-k corrections when few entries moved (see term).
+        self.terms: dict[tuple[str, str, int, int], tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None, int]] = {}
+        self.update_terms = True
+        self.other_axis: dict[tuple[str, int], int | None] = {
+            (t, axis): (others[0] if len(others) == 1 else None)
+            for t, axes in self.axes_of.items()
+            for axis in axes
+            for others in [[o for o in axes if o != axis]]
+        }
+        # θ_B[t] laid out (o, the other axes but a, a) for the terms of (t, a) whose one other permuted axis o
+        # comes first in a_moved[t, a]'s rows: gathering along o is then a row gather, and the term is
+        # a_moved (n, K) @ b_rows (K, n) with the same order of the K entries (see term).
+        self.b_rows: dict[tuple[str, int], torch.Tensor] = {}
+        for (t, axis), o in self.other_axis.items():
+            if o is not None and o == min(d for d in range(len(self.shape[t])) if d != axis):
+                rest = [d for d in range(len(self.shape[t])) if d != axis]
+                self.b_rows[t, axis] = self.b_src[t].permute(*rest, axis).contiguous()
+        self.term_stats = {"computed": 0, "reused": 0, "updated": 0}
 
     @staticmethod
     def _pos(axis: int, first: int) -> int:
@@ -206,7 +235,16 @@ class _WeightMatcher:
 
     def term(self, group: str, t: str, axis: int, block: int, off: int) -> torch.Tensor:
         """w_t A_t^(a) (B̃_t^(a))ᵀ for one of `group`'s refs: the cached matrix unless a permutation it
-        depends on changed since it was built (or caching is off). Do not modify the result."""
+        depends on changed since it was built (or caching is off). Do not modify the result.
+
+        A stale term of a tensor with one other permuted axis o is corrected rather than rebuilt when
+        few entries of o's index vector moved: with M those k entries (idx_old → idx_new along o),
+
+            term_new = term_old + A_t^(a)[:, M] (B_t^(a)[:, idx_new[M]] − B_t^(a)[:, idx_old[M]])ᵀ,
+
+        k/|o| of a full product's work (exact up to float32 summation order). Used while
+        k ≤ UPDATE_FRACTION·|o| and the entries moved since the last full product stay within
+        UPDATE_BUDGET·|o| (bounds the drift of repeated corrections); otherwise the product is rebuilt."""
         key = (group, t, axis, off)
         versions = tuple(self.version[d] for d in self.term_deps[key])
         hit = self.terms.get(key) if self.cache_terms else None
@@ -214,12 +252,35 @@ class _WeightMatcher:
             self.term_stats["reused"] += 1
             return hit[1]
         n = self.size[group]
+        other = self.other_axis[t, axis]
+        idx = self.axis_index(t, other) if other is not None else None
+        rows = self.b_rows.get((t, axis)) if block == 1 else None  # (o, …, a): gathers along o are row gathers
+        if hit is not None and self.update_terms and other is not None and idx is not None and hit[2] is not None:
+            m, idx_old, drift = hit[1], hit[2], hit[3]
+            moved = torch.ne(idx, idx_old).nonzero().squeeze(1)
+            k, length = int(moved.numel()), idx.numel()
+            if k <= UPDATE_FRACTION * length and drift + k <= UPDATE_BUDGET * length:
+                if k:
+                    pos = self._pos(other, axis)
+                    a = self.a_moved[t, axis].narrow(0, off, n * block).index_select(pos, moved).reshape(n, -1)
+                    if rows is not None:
+                        d = rows.index_select(0, idx[moved]) - rows.index_select(0, idx_old[moved])
+                        m = torch.addmm(m, a, d.narrow(-1, off, n).reshape(-1, n))
+                    else:
+                        bf = self.b_first(t, axis).narrow(0, off, n * block)
+                        d = bf.index_select(pos, idx[moved]) - bf.index_select(pos, idx_old[moved])
+                        m = torch.addmm(m, a, d.reshape(n, -1).T)
+                self.term_stats["updated"] += 1
+                self.terms[key] = (versions, m, idx, drift + k)
+                return m
         a = self.a_moved[t, axis].narrow(0, off, n * block).reshape(n, -1)
-        b = self.b_moved(t, axis).narrow(0, off, n * block).reshape(n, -1)
-        m = a @ b.T
+        if rows is not None and idx is not None:
+            m = a @ rows.index_select(0, idx).narrow(-1, off, n).reshape(-1, n)
+        else:
+            m = a @ self.b_moved(t, axis).narrow(0, off, n * block).reshape(n, -1).T
         self.term_stats["computed"] += 1
         if self.cache_terms:
-            self.terms[key] = (versions, m)
+            self.terms[key] = (versions, m, idx, 0)
         return m
 
     def set_perm(self, group: str, new: torch.Tensor) -> None:
@@ -232,16 +293,24 @@ class _WeightMatcher:
         """Every b_cache[t, a] (see the class docstring), brought up to date."""
         return {key: self.b_moved(*key) for key in self.a_moved}
 
+    def b_first(self, t: str, axis: int) -> torch.Tensor:
+        """θ_B[t] with `axis` moved first (contiguous), unpermuted; built on first use."""
+        if (t, axis) not in self._b_first:
+            self._b_first[t, axis] = self.b_src[t].movedim(axis, 0).contiguous()
+        return self._b_first[t, axis]
+
     def b_moved(self, t: str, axis: int) -> torch.Tensor:
         """θ_B[t] with `axis` moved first and the current permutations on every other permuted axis."""
         versions = tuple(self.version[g] for g, ax, _, _ in self.refs[t] if ax != axis)
         hit = self._b_lazy.get((t, axis))
         if hit is not None and hit[0] == versions:
             return hit[1]
-        bm = self.b_first[t, axis]
+        bm = self.b_first(t, axis)
         for other in self.axes_of[t]:
             if other != axis:
-                bm = bm.index_select(self._pos(other, axis), self.axis_index(t, other))
+                idx = self.axis_index(t, other)
+                if not torch.equal(idx, torch.arange(len(idx), device=idx.device)):  # identity: no copy
+                    bm = bm.index_select(self._pos(other, axis), idx)
         self._b_lazy[t, axis] = (versions, bm)
         return bm
 
@@ -273,18 +342,33 @@ class _WeightMatcher:
             )
         )
 
-    def objective(self, changed: set[str] | None = None) -> float:
+    def objective(self, changed: set[str] | None = None, from_terms: bool = False) -> float:
         """J(π) = Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩: per-tensor sums in the compute dtype, their total in float64.
 
         Per-tensor terms are cached; only those of tensors touching a group in `changed` (all when
-        None) are recomputed.
+        None) are recomputed. With `from_terms`, a tensor one of whose cost terms is up to date (see
+        :meth:`term_value`) takes its value from that term, with no pass over the tensor.
         """
         for t, refs in self.refs.items():
             if changed is not None and t in self.tensor_value and not any(g in changed for g, _, _, _ in refs):
                 continue
-            self.tensor_value[t] = self._tensor_value(t)
+            value = self.term_value(t) if from_terms else None
+            self.tensor_value[t] = value if value is not None else self._tensor_value(t).double()
         values = list(self.tensor_value.values())
-        return float(torch.stack(values).double().sum()) if values else 0.0
+        return float(torch.stack(values).sum()) if values else 0.0
+
+    def term_value(self, t: str) -> torch.Tensor | None:
+        """w_t ⟨θ_A[t], π(θ_B)[t]⟩ = Σ_i T[i, p(i)] (float64 sum) from a cached term T = w_t A_t^(a) (B̃_t^(a))ᵀ
+        of a group g with permutation p that alone covers axis a, if one is up to date; else None."""
+        for g, axis, block, off in self.refs[t]:
+            if off != 0 or self.size[g] * block != self.shape[t][axis]:
+                continue
+            if sum(1 for _, ax, _, _ in self.refs[t] if ax == axis) != 1:
+                continue
+            hit = self.terms.get((g, t, axis, off))
+            if hit is not None and hit[0] == tuple(self.version[d] for d in self.term_deps[g, t, axis, off]):
+                return hit[1].gather(1, self.perm[g][:, None]).sum(dtype=torch.float64)
+        return None
 
 
 def _units(spec: PermutationSpec) -> list[list[str]]:
@@ -370,7 +454,13 @@ def weight_matching(
     after `max_sweeps` (then ``converged=False``). A group none of whose neighbours (groups on other
     axes of its tensors) changed since it was last solved is skipped: its S_P, hence its step, would
     be the same; within S_P, each term w_t A_t^(a) (B̃_t^(a))ᵀ is cached and rebuilt only when a group
-    on t's other axes changed since it was built (``info``: cost_terms_computed / cost_terms_reused).
+    on t's other axes changed since it was built, by a rank-k correction when few entries of that axis
+    moved (``info``: cost_terms_computed / cost_terms_reused / cost_terms_updated). Each assignment
+    is solved by scipy on S_P reduced by the group's column potentials from its previous solve and by
+    row/column maxima (:func:`~lmclab.align.assignment.reduced_assignment`: the same optimal
+    assignments, fewer augmenting-path searches). The per-sweep objective is read off up-to-date cost
+    terms where there are some (float32 products summed in float64; equal to a pass over the tensors
+    to float32 rounding).
     A group on two axes of one tensor (h + W h) makes S_P depend on P itself; its step
     solves the assignment for S_P at the current P and is accepted only if it raises the true
     objective over P's tensors, which keeps J monotone.
@@ -408,6 +498,7 @@ def weight_matching(
     sweeps = 0
     dirty = {g.name for g in spec.groups if g.size > 1 and matcher.group_refs[g.name]}
     units = _units(spec)
+    potentials: dict[str, np.ndarray] = {}  # per flat group: column potentials of its last solve (speed only)
     for sweeps in range(1, max_sweeps + 1):
         changed: set[str] = set()
         for i in torch.randperm(len(units), generator=gen).tolist():
@@ -426,7 +517,11 @@ def weight_matching(
             dirty.discard(g.name)
             s = matcher.cost(g.name)
             old = matcher.perm[g.name]
-            new = warm.solver(g.name).solve(s) if warm is not None else _solve_reduced(s, old)
+            if warm is not None:
+                new = warm.solver(g.name).solve(s)
+            else:
+                rounds = 2 if g.size >= POTENTIAL_ROUNDS_MIN_SIZE else 0
+                new, potentials[g.name] = reduced_assignment(s, old, potentials.get(g.name), rounds)
             solves += 1
             if g.name in matcher.neighbours[g.name]:  # S_P depends on P itself: judge by the true objective
                 old_val, new_val = matcher.local_objective(g.name, old), matcher.local_objective(g.name, new)
@@ -436,7 +531,9 @@ def weight_matching(
                 matcher.set_perm(g.name, new)
                 dirty.update(n for n in matcher.neighbours[g.name] if spec.group(n).size > 1)
                 changed.add(g.name)
-        objective.append(matcher.objective(changed) if changed else (objective[-1] if objective else objective_init))
+        objective.append(
+            matcher.objective(changed, from_terms=True) if changed else (objective[-1] if objective else objective_init)
+        )
         changes.append(len(changed))
         if progress:
             print(
@@ -469,23 +566,12 @@ def weight_matching(
             "assignments_solved": solves,
             "cost_terms_computed": term_stats["computed"],
             "cost_terms_reused": term_stats["reused"],
+            "cost_terms_updated": term_stats["updated"],
             "seconds": time.perf_counter() - start,
             "device": str(device),
             "warm": warm is not None,
         },
     )
-
-
-def _solve_reduced(s: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """argmax_p Σ_i S[i, p[i]] solved for R = S − max_j S[i, j] − max_i (S − max_j S)[i, j] (float64).
-
-    R differs from S by a constant on every permutation (row and column shifts), so it has the same
-    optimal assignments; its zeros give scipy's shortest-augmenting-path solver most rows at once
-    (about 20 % faster at n = 512). Differences of float32 entries are exact in float64."""
-    r = s.detach().to(device="cpu", dtype=torch.float64)
-    r = r - r.amax(dim=1, keepdim=True)
-    r = r - r.amax(dim=0, keepdim=True)
-    return solve_assignment(r, maximize=True, warm_start=old)
 
 
 def _block_step(matcher: _WeightMatcher, spec: PermutationSpec, names: list[str]) -> bool:
