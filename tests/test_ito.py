@@ -146,10 +146,10 @@ def test_merged_metrics_against_the_mean_loaded_by_hand(population) -> None:  # 
     mean = {k: torch.stack([p[k] for p in points[1:]]).mean(0) for k in points[0]}
     for split, data in datasets.items():
         loss, acc = manual_loss_accuracy(model, mean, data)
-        assert got[split]["loss"] == pytest.approx(loss, rel=1e-5)
-        assert got[split]["accuracy"] == pytest.approx(acc) and got[split]["error"] == pytest.approx(1 - acc)
+        assert got[split].loss == pytest.approx(loss, rel=1e-5)
+        assert got[split].accuracy == pytest.approx(acc) and got[split].error == pytest.approx(1 - acc)
     # one mapping is taken as the merged point itself
-    assert merged_metrics(model, mean, datasets)["test"]["loss"] == pytest.approx(got["test"]["loss"], rel=1e-6)
+    assert merged_metrics(model, mean, datasets)["test"].loss == pytest.approx(got["test"].loss, rel=1e-6)
 
 
 class BNNet(nn.Module):
@@ -180,12 +180,12 @@ def test_bn_statistics_are_reset_on_the_merged_model() -> None:
     h = x.flatten(1) @ mean["fc1.weight"].T + mean["fc1.bias"]
     mean["bn.running_mean"], mean["bn.running_var"] = h.mean(0), h.var(0, unbiased=True)
     loss, acc = manual_loss_accuracy(nets[0], mean, test)
-    assert got["test"]["loss"] == pytest.approx(loss, rel=1e-5) and got["test"]["accuracy"] == pytest.approx(acc)
+    assert got["test"].loss == pytest.approx(loss, rel=1e-5) and got["test"].accuracy == pytest.approx(acc)
     merged = merged_point(nets[0], points, bn_data=train)
     torch.testing.assert_close(merged["bn.running_var"], mean["bn.running_var"], rtol=1e-5, atol=1e-6)
     # without the reset, the averaged statistics give another model
     plain = merged_metrics(nets[0], points, {"test": test}, bn="none")
-    assert plain["test"]["loss"] != pytest.approx(loss, rel=1e-4)
+    assert plain["test"].loss != pytest.approx(loss, rel=1e-4)
     with pytest.raises(ValueError, match="needs bn_data"):
         merged_metrics(nets[0], points, {"test": test})
     with pytest.raises(ValueError, match="not defined for a population"):

@@ -154,7 +154,7 @@ def _midpoint_val_loss(
     m = merged_metrics(
         model, [theta_a, perm.apply(theta_b, spec)], {"val": val}, bn_data=data, bn_examples=BN_RESET_EXAMPLES
     )["val"]
-    return {"val_loss": m["loss"], "val_accuracy": m["accuracy"]}
+    return {"val_loss": m.loss, "val_accuracy": m.accuracy}
 
 
 def _check_options(init: str, tau_start: float, tau_end: float, iters: int, init_scale: float, noise: float) -> None:

@@ -281,9 +281,9 @@ def learn_permutations(
                 m = merged_metrics(loop.model, aligned, {"val": val_data}, bn_data=data, bn_examples=BN_RESET_EXAMPLES)[
                     "val"
                 ]
-                entry.update(val_loss=m["loss"], val_accuracy=m["accuracy"])
-                if best is None or m["loss"] < best[0]:
-                    best = (m["loss"], epoch, list(loop.perms))
+                entry.update(val_loss=m.loss, val_accuracy=m.accuracy)
+                if best is None or m.loss < best[0]:
+                    best = (m.loss, epoch, list(loop.perms))
             history.append(entry)
     finally:
         bar.close()

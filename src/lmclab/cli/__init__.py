@@ -91,6 +91,7 @@ from lmclab.training import (
     load_run_split,
     resolve_device,
     train,
+    train_pack,
 )
 from lmclab.training.forks import check_parent
 
@@ -131,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="extra kept checkpoints; allowed: epochs:0,1,2 | every:N | log:K | steps:S,T, joined by '+' "
         "(the final state is always kept)",
+    )
+    pack_seeds = integers(0, nonempty=True, example="0,1,2")
+    p.add_argument(
+        "--pack-seeds",
+        default=None,
+        metavar="S,S,…",
+        type=_typed(pack_seeds, _int_list),
+        help=f"train one run per seed (each as --seed S makes it) together as one pack on one device (stacked "
+        f"models, one vmap step; lmclab.training.train_pack): each a normal run with its own hash; its bits may "
+        f"differ from training it alone by float summation order (~5e-7 relative); not for BatchNorm or "
+        f"dropout models; allowed: {pack_seeds.describe()}, distinct",
     )
     _no_progress(p)
     _int_flag(p, "--eval-every", NON_NEGATIVE, 1, "epochs between test evaluations (0: only at the end)")
@@ -367,6 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the step graph (steps by kind, how many are stored, estimated cost from measured step "
         "times) and run nothing",
     )
+    p.add_argument(
+        "--pack",
+        action="store_true",
+        help="train the training runs that are ready together and differ only in their seeds as one pack on "
+        "one device (stacked models, one vmap step; lmclab.training.train_pack; one Ray task under --executor "
+        "ray), each stored as its own run and step; bits may differ from training alone by float summation "
+        "order (~5e-7 relative); BatchNorm and dropout models train one at a time (said)",
+    )
     _no_progress(p)
     _common_io(p)
 
@@ -427,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     preset = get_preset(args.preset)
+    if args.pack_seeds is not None:
+        return _train_packed(args, preset.config, preset.name)
     config = config_from_args(preset.config, args)
     config.validate()
     if config.fork.parent is not None:  # --fork-parent takes any run reference (name, path, hash prefix)
@@ -439,6 +461,26 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     final = run.meta.final_metrics or {}
     _say(args, f"run: {run.path}\n" + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
     return {"run": run.path.name, "path": str(run.path), "hash": run.hash, "final_metrics": final}
+
+
+def _train_packed(args: argparse.Namespace, base: RunConfig, preset: str) -> dict[str, Any]:
+    """`lmclab train PRESET --pack-seeds S,S,…`: the run of each seed (as `--seed S` makes it) trained in one pack."""
+    seeds = ",".join(map(str, args.pack_seeds))
+    if len(set(args.pack_seeds)) < len(args.pack_seeds):
+        raise UsageError(f"--pack-seeds {seeds}: a seed given twice names one run twice; allowed: distinct seeds")
+    for flag, value in (("--seed", args.seed), ("--fork-parent", args.cfg_fork_parent)):
+        if value is not None:
+            raise UsageError(f"{flag} {value} with --pack-seeds {seeds}: allowed: one of them")
+    configs = [config_from_args(base, argparse.Namespace(**{**vars(args), "seed": s})) for s in args.pack_seeds]
+    runs = train_pack(configs, _options(args, preset=preset, eval_every=args.eval_every))
+    rows = []
+    for seed, run in zip(args.pack_seeds, runs, strict=True):
+        _record_seed(run, seed)
+        final = run.meta.final_metrics or {}
+        _say(args, f"run: {run.path} (seed {seed})\n" + "  ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        rows.append({"seed": seed, "run": run.path.name, "path": str(run.path), "hash": run.hash})
+        rows[-1]["final_metrics"] = final
+    return {"pack": len(runs), "runs": rows}
 
 
 def _check_fork_point(parent: Run, child: RunConfig) -> None:
@@ -469,7 +511,7 @@ def _record_seed(run: Run, seed: int | None) -> None:
     """Keep the `--seed` a run was made with in its meta.json (key "seed"), when its seeds are that seed's."""
     if seed is None or run.config.seeds != SeedConfig.from_seed(seed):
         return
-    if run.meta.extra.get("seed") != seed:
+    if run.meta.seed != seed:
         run.update_meta(seed=seed)
 
 
@@ -570,7 +612,7 @@ _seed_table: dict[SeedConfig, int] = {}
 
 def _seed_of(run: Run, seeds: SeedConfig) -> int | None:
     """The `--seed` a run was made with: recorded in meta.json, or recognised (seeds 0…999 are)."""
-    recorded = run.meta.extra.get("seed")
+    recorded = run.meta.seed
     if isinstance(recorded, int):
         return recorded
     if not _seed_table:
@@ -1047,7 +1089,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     out = str(args.out or default_out(args.experiment, args.preset))
     return _graph_run(
         args,
-        Execution(args.executor, args.address),
+        Execution(args.executor, args.address, pack=args.pack),
         lambda: experiment(
             args.preset,
             out=args.out,

@@ -524,8 +524,10 @@ def _population_eval(ctx: StepContext, config: dict[str, Any], inputs: dict[str,
     datasets = {split: dataset_for(ctx, runs[0], split, config.get("examples")) for split in config["splits"]}
     bn, bn_data = _bn_setup(ctx, config, model, runs[0])
     common = {"bn": bn, "bn_data": bn_data, "bn_examples": config.get("bn_examples")}
-    merged = merged_metrics(model, aligned, datasets, **common)
-    members = [merged_metrics(model, theta, datasets, **common) for theta in aligned]
+    merged, *members = (
+        {split: m.to_json() for split, m in merged_metrics(model, points, datasets, **common).items()}
+        for points in (aligned, *aligned)
+    )
     barriers = all_pairs_barriers(
         model,
         aligned,

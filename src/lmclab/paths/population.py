@@ -42,6 +42,7 @@ __all__ = [
     "POPULATION_BN_MODES",
     "SYMMETRIC",
     "PopulationBarriers",
+    "SplitMetrics",
     "all_pairs_barriers",
     "barrier_matrix",
     "merged_metrics",
@@ -91,6 +92,21 @@ def merged_point(
     return {k: v.detach().clone() for k, v in scratch.state_dict().items()}
 
 
+@dataclass(frozen=True)
+class SplitMetrics:
+    """Loss and accuracy of a model on one split; error = 1 − accuracy."""
+
+    loss: float
+    accuracy: float
+
+    @property
+    def error(self) -> float:
+        return 1.0 - self.accuracy
+
+    def to_json(self) -> dict[str, float]:
+        return {"loss": self.loss, "accuracy": self.accuracy, "error": self.error}
+
+
 @torch.no_grad()
 def merged_metrics(
     model: torch.nn.Module,
@@ -101,14 +117,14 @@ def merged_metrics(
     bn_data: DeviceDataset | None = None,
     bn_examples: int | None = None,
     batch_size: int = 1000,
-) -> dict[str, dict[str, float]]:
-    """{split: {loss, accuracy, error}} of the merged model θ̄ (see :func:`merged_point`) on every split."""
+) -> dict[str, SplitMetrics]:
+    """{split: SplitMetrics} of the merged model θ̄ (see :func:`merged_point`) on every split."""
     scratch = copy.deepcopy(model)
     scratch.load_state_dict(merged_point(model, points_or_merged, bn=bn, bn_data=bn_data, bn_examples=bn_examples))
     out = {}
     for split, data in datasets.items():
         m = evaluate(scratch, data, batch_size)
-        out[split] = {"loss": m["loss"], "accuracy": m["accuracy"], "error": 1.0 - m["accuracy"]}
+        out[split] = SplitMetrics(loss=m["loss"], accuracy=m["accuracy"])
     return out
 
 

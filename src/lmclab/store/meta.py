@@ -178,6 +178,11 @@ class RunMeta(JsonRecord):
     history: list[dict[str, Any]] = field(default_factory=list)
     final_metrics: dict[str, float] | None = None
     error: str | None = None
+    initial_loss: float | None = None  # the loss of the run's first step (the divergence rule's L0)
+    seed: int | None = None  # the `--seed` the run was made with, when its seeds are that seed's
+    # packed training (lmclab.training.packed): one record per segment trained in a pack
+    # ({start_step, size, members, step, bits})
+    pack: list[dict[str, Any]] | None = None
 
     NESTED: ClassVar[dict[str, type[JsonRecord]]] = {
         "data_info": DataInfo,

@@ -87,6 +87,11 @@ class Run:
         return config
 
     @property
+    def stored(self) -> bool:
+        """Whether the run is in the store (its config.json exists)."""
+        return (self.path / "config.json").is_file()
+
+    @property
     def meta(self) -> RunMeta:
         """meta.json, read now (an empty RunMeta while the file does not exist); RunDamaged when it is
         unreadable or names another run."""

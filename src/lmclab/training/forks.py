@@ -65,7 +65,7 @@ def parent_run(store: RunStore, child: RunConfig) -> Run:
 def find_parent(store: RunStore, child: RunConfig) -> Run:
     """The stored run whose hash is `child.fork.parent`; RunNotFound naming the hash and the store if absent."""
     parent = parent_run(store, child)
-    if not (parent.path / "config.json").is_file():
+    if not parent.stored:
         raise RunNotFound(
             f"parent run {child.fork.parent} of the fork (epoch={child.fork.epoch}, step={child.fork.step}) is not in "
             f"{store.root.resolve()} (no {parent.path.name}/config.json); train the parent there first, or fork "

@@ -59,9 +59,9 @@ def reference_loss(run: Run, num_classes: int, initial: float | None = None) -> 
     for _ in range(64):  # a fork chain is short; the bound only guards a damaged store against a cycle
         if initial is not None or found is None:
             break
-        meta = found.meta
-        if "initial_loss" in meta and isinstance(meta["initial_loss"], (int, float)):
-            initial = float(meta["initial_loss"])
+        recorded = found.meta.initial_loss
+        if isinstance(recorded, (int, float)):
+            initial = float(recorded)
         found = found.parent
     return max(uniform, initial) if initial is not None and math.isfinite(initial) else uniform
 

@@ -427,9 +427,7 @@ def _record_pack(members: list[Member]) -> None:
         if m.plan.filling:
             continue
         start = m.state.step
-        earlier = (
-            [] if m.plan.source is None else [s for s in m.run.meta.extra.get("pack", []) if s["start_step"] < start]
-        )
+        earlier = [] if m.plan.source is None else [s for s in (m.run.meta.pack or []) if s["start_step"] < start]
         segment = {
             "start_step": start,
             "size": len(members),
