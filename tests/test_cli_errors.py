@@ -565,3 +565,16 @@ def test_a_user_error_of_the_library_is_one_line(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(cli.COMMANDS, "runs", refused)
     code, _, err = invoke(["runs", "--runs-dir", str(tmp_path)], capsys)
     assert code == 2 and err == "lmclab runs: error: --thing 3: allowed: 1 or 2\n"
+
+
+@pytest.mark.parametrize("width", ["100000000000000000000000000", "3000000"])
+def test_a_model_too_large_to_build_is_one_line_and_leaves_no_run(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str], width: str
+) -> None:
+    """An integer overflow in a layer's size, or a model the allocator refuses (TB of weights)."""
+    runs = tmp_path / "runs"
+    argv = ["train", "mlp_mnist", "--width", width, "--runs-dir", str(runs), "--data-dir", str(shared_data)]
+    code, out, err = invoke([*argv, "--no-progress"], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "too large to build" in err and f"width={width}" in err
+    assert not [p for p in runs.iterdir() if not p.name.startswith(".")]

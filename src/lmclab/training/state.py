@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmclab.config import OPTIMIZERS, RunConfig
+from lmclab.config import OPTIMIZERS, RunConfig, UsageError
 from lmclab.data import DatasetInfo
 from lmclab.models import build_model
 from lmclab.store import load_checkpoint, load_model_state, save_checkpoint
@@ -25,9 +25,29 @@ def init_model(config: RunConfig, info: DatasetInfo) -> torch.nn.Module:
     """The model at initialisation, drawn on CPU in fp32 under `seed_init` (global RNG left untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seeds.seed_init)
-        return build_model(
-            config.model.model, input_shape=info.input_shape, num_classes=info.num_classes, **config.model_options()
-        )
+        try:
+            return build_model(
+                config.model.model, input_shape=info.input_shape, num_classes=info.num_classes, **config.model_options()
+            )
+        except (OverflowError, MemoryError) as exc:
+            raise _too_large(config, exc) from exc
+        except (RuntimeError, TypeError) as exc:  # torch: "can't allocate memory …", "Overflow when unpacking …"
+            if "allocate" not in str(exc) and "Overflow" not in str(exc):
+                raise
+            raise _too_large(config, exc) from exc
+
+
+def _too_large(config: RunConfig, exc: BaseException) -> UsageError:
+    return UsageError(f"{_model_text(config)} is too large to build on this machine ({_first_line(exc)})")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _model_text(config: RunConfig) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in config.model_options().items())
+    return f"model {config.model.model}" + (f" ({options})" if options else "")
 
 
 def make_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
