@@ -23,7 +23,7 @@ from lmclab.config import (
     derive_seed,
 )
 from lmclab.store import content_hash as store_content_hash
-from lmclab.training import PRESETS
+from lmclab.training import PRESETS, get_preset
 
 # Regression pins: a change here changes every stored run's identity. Update only on purpose.
 PINNED_PRESET_HASHES = {
@@ -140,3 +140,12 @@ def test_content_hash_is_the_one_hash() -> None:
         content_hash({"p": Path("x")})
     assert content_hash({"p": Path("x")}, spaced=True, default=str) == content_hash({"p": "x"}, spaced=True)
     assert store_content_hash is content_hash
+
+
+def test_the_automatic_patch_spelled_out_is_the_same_run() -> None:
+    """patch 7 on MNIST (28×28) and patch 4 on CIFAR-10 (32×32) are what patch 0 picks: one model, one hash."""
+    for preset, auto, other in (("vit_mnist", 7, 4), ("vit_cifar10", 4, 8)):
+        config = get_preset(preset).config
+        spelled = dataclasses.replace(config, model=dataclasses.replace(config.model, patch=auto))
+        different = dataclasses.replace(config, model=dataclasses.replace(config.model, patch=other))
+        assert spelled.run_hash() == config.run_hash() != different.run_hash()

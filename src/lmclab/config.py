@@ -26,7 +26,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from lmclab.data import DATASET_NAMES, IMAGEFOLDER_PREFIX, folder_fingerprint, imagefolder_root
 from lmclab.data.registry import DATASETS, normalise_name
-from lmclab.models import MODEL_NAMES, NORMS, model_defaults
+from lmclab.models import MODEL_NAMES, NORMS, ModelError, model_defaults
+from lmclab.models.vit import auto_patch
 
 HASH_LENGTH = 16
 
@@ -267,12 +268,22 @@ class RunConfig:
             raise ValueError(
                 f"model {self.model.model!r} takes no option(s) {unknown}; its options are {sorted(defaults)}"
             )
-        model = ModelConfig(
-            model=self.model.model,
-            **filled,
-            **{k: _sparse_option(getattr(self.model, k), defaults.get(k)) for k in SPARSE_MODEL_OPTIONS},
-        )
+        sparse = {k: _sparse_option(getattr(self.model, k), defaults.get(k)) for k in SPARSE_MODEL_OPTIONS}
+        if sparse["patch"] is not None and sparse["patch"] == self._automatic_patch():
+            sparse["patch"] = None  # the patch "automatic" picks for the dataset's images: the same model
+        model = ModelConfig(model=self.model.model, **filled, **sparse)
         return dataclasses.replace(self, data=_normalised_data(self.data), model=model)
+
+    def _automatic_patch(self) -> int | None:
+        """The patch size `patch = 0` gives on this config's dataset (None when its image size is unknown)."""
+        entry = DATASETS.get(normalise_name(self.data.dataset))
+        if entry is None:
+            return None
+        _, h, w = entry.info.input_shape
+        try:
+            return auto_patch(h, w)
+        except ModelError:
+            return None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict; optional sections (`fork`) are left out while unset."""

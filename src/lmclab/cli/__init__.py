@@ -1114,8 +1114,9 @@ def cmd_presets(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_models(args: argparse.Namespace) -> dict[str, Any]:
     out = {name: model_defaults(name) for name in MODEL_NAMES}
     if not args.json:
+        pad = max(map(len, out), default=0)
         for name, opts in out.items():
-            print(f"{name:<10} " + ", ".join(f"{k}={v}" for k, v in opts.items()))
+            print(f"{name:<{pad}}  " + ", ".join(f"{k}={v}" for k, v in opts.items()))
     return out
 
 
