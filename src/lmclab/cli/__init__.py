@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_typed(pack_seeds, _int_list),
         help=f"train one run per seed (each as --seed S makes it) together as one pack on one device (stacked "
         f"models, one vmap step; lmclab.training.train_pack): each a normal run with its own hash; its bits may "
-        f"differ from training it alone by float summation order (~5e-7 relative); not for BatchNorm or "
-        f"dropout models; allowed: {pack_seeds.describe()}, distinct",
+        f"differ from training it alone by float summation order (~5e-7 relative; Adam can amplify it to ~1e-4 "
+        f"in a few weights); not for BatchNorm or dropout models; allowed: {pack_seeds.describe()}, distinct",
     )
     _no_progress(p)
     _int_flag(p, "--eval-every", NON_NEGATIVE, 1, "epochs between test evaluations (0: only at the end)")
@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the training runs that are ready together and differ only in their seeds as one pack on "
         "one device (stacked models, one vmap step; lmclab.training.train_pack; one Ray task under --executor "
         "ray), each stored as its own run and step; bits may differ from training alone by float summation "
-        "order (~5e-7 relative); BatchNorm and dropout models train one at a time (said)",
+        "order (~5e-7 relative; Adam can amplify it to ~1e-4 in a few weights); BatchNorm and dropout models "
+        "train one at a time (said)",
     )
     _no_progress(p)
     _common_io(p)

@@ -34,13 +34,16 @@ EXECUTORS = ("local", "ray")
 class Execution:
     """How step graphs run: the executor (`local`: in this process; `ray`: Ray tasks, on this machine or
     the cluster at `address`, each step retried up to `max_retries` times when its worker dies), or only
-    planned (`plan`: :meth:`ExperimentContext.run_steps` raises :class:`PlanReady`). `reports` collects
-    each graph run's :class:`RunReport` (computed / reused / failed / skipped)."""
+    planned (`plan`: :meth:`ExperimentContext.run_steps` raises :class:`PlanReady`). `pack`: train steps
+    ready together that differ only in their seeds train as one pack (`lmclab.training.train_pack`; see
+    `GraphExecutor`). `reports` collects each graph run's :class:`RunReport` (computed / reused / failed /
+    skipped)."""
 
     executor: str = "local"
     address: str | None = None
     plan: bool = False
     max_retries: int = 3
+    pack: bool = False
     reports: list[RunReport] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -136,8 +139,11 @@ class ExperimentContext:
                 resources=self.resources,
                 address=self.execution.address,
                 max_retries=self.execution.max_retries,
+                pack=self.execution.pack,
             )
-        return LocalExecutor(self.runs_dir, self.step_options(), progress=self.progress, say=self.say)
+        return LocalExecutor(
+            self.runs_dir, self.step_options(), progress=self.progress, say=self.say, pack=self.execution.pack
+        )
 
     def run_steps(self, steps: Iterable[Step]) -> tuple[dict[str, dict[str, Any]], list[str]]:
         """(results by step key, names of the steps run rather than reused) of `steps` and all they need.

@@ -14,7 +14,9 @@ claim, the store's lock on its directory (`lmclab.store.locks`, one per step key
 asking for it waits, then reuses the result the first stored; a claim of a process that died is taken
 over. Each stored result records its wall time (`seconds`), which `graph_plan` and the live view use
 to estimate what is left. `Resources` per step kind (`step_kind(..., resources=CLASS)`, overridable
-per preset) say what a cluster executor reserves for one step.
+per preset) say what a cluster executor reserves for one step. Under `pack=True` an executor runs the
+ready steps of a kind in PACK_KINDS that may share a pack (`train` steps differing only in their seeds)
+as one (`claim_and_compute_pack`: one call for all, each result sealed as if it had run alone).
 
 A stored result.json carries the sha256 of its content and of every file the step wrote beside it
 (`lmclab.store.integrity`), verified whenever it is read: a result that differs raises IntegrityError
@@ -29,6 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +98,44 @@ def step_kind(name: str, self_caching: bool = False, resources: str = "evaluatio
         return fn
 
     return register
+
+
+@dataclass(frozen=True)
+class PackKind:
+    """How ready steps of one kind run together as one pack under `GraphExecutor(pack=True)`.
+
+    `joins(group, step)`: whether `step` may join the steps of `group` (all of this kind); `refusal(group)`:
+    why a group of two or more cannot run as a pack after all (None: it can; said once, and its steps run
+    one at a time); `run(contexts, configs, inputs)`: every step's result (or its exception), in order,
+    computed at once, each result what the kind's step function would have returned for that step alone."""
+
+    joins: Callable[[list[Step], Step], bool]
+    refusal: Callable[[list[Step]], str | None]
+    run: Callable[[list[StepContext], list[dict[str, Any]], list[dict[str, Any]]], list[dict[str, Any] | Exception]]
+
+
+PACK_KINDS: dict[str, PackKind] = {}  # step kind -> how its steps run as a pack
+
+
+def pack_groups(steps: Iterable[Step], say: Callable[[str], None] = print) -> list[list[Step]]:
+    """`steps` in groups that run together, in the order of each group's first step: a step of a kind in
+    PACK_KINDS joins the first group it may join (`PackKind.joins`); a group its kind refuses
+    (`PackKind.refusal`, said) falls apart into single steps; every other step is a group of one."""
+    groups: list[list[Step]] = []
+    for step in steps:
+        kind = PACK_KINDS.get(step.kind)
+        group = next((g for g in groups if kind is not None and g[0].kind == step.kind and kind.joins(g, step)), None)
+        if group is None:
+            groups.append([step])
+        else:
+            group.append(step)
+    out: list[list[Step]] = []
+    for group in groups:
+        reason = PACK_KINDS[group[0].kind].refusal(group) if len(group) > 1 else None
+        if reason is not None:
+            say(f"--pack: {len(group)} {group[0].kind} steps run one at a time: {reason}")
+        out.extend([[s] for s in group] if reason is not None else [group])
+    return out
 
 
 def resources_for(kind: str, overrides: Mapping[str, Mapping[str, float]] | None = None) -> Resources:
@@ -206,25 +247,73 @@ def claim_and_compute(
         previous = _previous_record(directory / "result.json")
         start = time.perf_counter()
         result = STEP_KINDS[step.kind](StepContext(directory, options, say), dict(step.config), dict(inputs))
-        seconds = time.perf_counter() - start
-        result = json.loads(json.dumps(finite_or_none(result), sort_keys=True, allow_nan=False))
-        reused = previous is not None and previous.get("result") == result  # a self-caching kind's own store
-        first = previous.get("seconds") if reused and previous is not None else None
-        write_sealed_json(
-            directory / "result.json",
-            {
-                "kind": step.kind,
-                "config": step.config,
-                "inputs": {k: d.name for k, d in step.inputs.items()},
-                "seconds": first if isinstance(first, float) else seconds,
-                "host": host,
-                "result": result,
-            },
-            files=files_below(directory, exclude=("result.json",)),
-        )
-        # Hand back what a later run will read from the store (sorted keys, lists), so that tables built
-        # from a fresh result and from a stored one are identical.
-        return StepOutcome(result, not reused, seconds, os.getpid(), host)
+        return _seal(directory, step, result, time.perf_counter() - start, previous)
+
+
+def _seal(
+    directory: Path, step: Step, result: dict[str, Any], seconds: float, previous: dict[str, Any] | None
+) -> StepOutcome:
+    """Seal `result` of `step` into its directory's result.json (with its wall time, or the first one
+    measured when a self-caching kind found its own output again, `previous` being the record there)."""
+    host = os.uname().nodename
+    result = json.loads(json.dumps(finite_or_none(result), sort_keys=True, allow_nan=False))
+    reused = previous is not None and previous.get("result") == result  # a self-caching kind's own store
+    first = previous.get("seconds") if reused and previous is not None else None
+    write_sealed_json(
+        directory / "result.json",
+        {
+            "kind": step.kind,
+            "config": step.config,
+            "inputs": {k: d.name for k, d in step.inputs.items()},
+            "seconds": first if isinstance(first, float) else seconds,
+            "host": host,
+            "result": result,
+        },
+        files=files_below(directory, exclude=("result.json",)),
+    )
+    # Hand back what a later run will read from the store (sorted keys, lists), so that tables built
+    # from a fresh result and from a stored one are identical.
+    return StepOutcome(result, not reused, seconds, os.getpid(), host)
+
+
+def claim_and_compute_pack(
+    store: Store,
+    steps: list[Step],
+    inputs: list[dict[str, Any]],
+    options: Mapping[str, Any],
+    say: Callable[[str], None],
+) -> list[StepOutcome | Exception]:
+    """Run `steps` (one kind in PACK_KINDS) as one pack: every step's claim taken (in key order), the
+    steps another process stored meanwhile reused, the others computed by one `PackKind.run` call, and
+    each result sealed into its own directory exactly as `claim_and_compute` seals a step run alone (its
+    `seconds`: the pack's wall time over the steps computed in it). One outcome (or exception) per step."""
+    host = os.uname().nodename
+    with ExitStack() as claims:
+        for step in sorted(steps, key=lambda s: s.key):
+            directory = store.step_dir(step.kind, step.key)
+            claims.enter_context(artifact_lock(directory, root=store.root, what=f"step {step.name}", say=say))
+        outcomes: dict[str, StepOutcome | Exception] = {}
+        for step in steps:
+            cached = stored_result(store, step)
+            if cached is not None:
+                outcomes[step.key] = StepOutcome(cached, False, 0.0, os.getpid(), host, called=False)
+        todo = [(s, i) for s, i in zip(steps, inputs, strict=True) if s.key not in outcomes]
+        if todo:
+            directories = [store.step_dir(s.kind, s.key) for s, _ in todo]
+            for d in directories:
+                d.mkdir(parents=True, exist_ok=True)
+            previous = [_previous_record(d / "result.json") for d in directories]
+            start = time.perf_counter()
+            results = PACK_KINDS[todo[0][0].kind].run(
+                [StepContext(d, options, say) for d in directories],
+                [dict(s.config) for s, _ in todo],
+                [dict(i) for _, i in todo],
+            )
+            seconds = (time.perf_counter() - start) / len(todo)
+            for (step, _), d, before, result in zip(todo, directories, previous, results, strict=True):
+                sealed = result if isinstance(result, Exception) else _seal(d, step, result, seconds, before)
+                outcomes[step.key] = sealed
+        return [outcomes[s.key] for s in steps]
 
 
 def _previous_record(path: Path) -> dict[str, Any] | None:
@@ -456,7 +545,11 @@ class GraphExecutor:
     A subclass says how a step runs (`_submit`: start it; `_collect`: wait for one started step and give
     its outcome or error). A step whose input failed (or was skipped) is skipped; every other step runs;
     if any failed, `run` raises :class:`StepsFailed` once all that could run has run. `ran` lists the
-    steps whose function was called (a self-caching kind included), `report` the run's accounting."""
+    steps whose function was called (a self-caching kind included), `report` the run's accounting.
+
+    `pack`: the steps that are ready together and may run as one pack (`pack_groups`: train steps that
+    differ only in their seeds) are submitted as one (`_submit_pack`; by default still one at a time);
+    each is accounted for, stored and reused as a step of its own."""
 
     name = "graph"
 
@@ -467,12 +560,14 @@ class GraphExecutor:
         progress: bool = True,
         say: Callable[[str], None] = print,
         resources: Mapping[str, Mapping[str, float]] | None = None,
+        pack: bool = False,
     ) -> None:
         self.store = Store(runs_dir)
         self.options = dict(options or {})
         self.progress = progress
         self.say = say
         self.resources = dict(resources or {})
+        self.pack = pack
         self.ran: list[str] = []  # names of the steps this executor actually ran (not reused)
         self.report = RunReport(self.name)
 
@@ -491,6 +586,12 @@ class GraphExecutor:
 
     def _submit(self, step: Step, inputs: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    def _submit_pack(self, steps: list[Step], inputs: list[dict[str, Any]]) -> None:
+        """Start `steps` (two or more of one kind, see `pack_groups`) as one pack; `_collect` then gives
+        each step's outcome on its own. By default they are started one at a time."""
+        for step, step_inputs in zip(steps, inputs, strict=True):
+            self._submit(step, step_inputs)
 
     def _collect(self) -> tuple[Step, StepOutcome | BaseException]:
         raise NotImplementedError
@@ -526,6 +627,7 @@ class GraphExecutor:
         errors: dict[str, BaseException] = {}
         try:
             while waiting or running:
+                ready: list[Step] = []
                 for step in list(waiting.values()):  # in dependency order: inputs first
                     deps = [d.key for d in step.inputs.values()]
                     if any(k in bad for k in deps):
@@ -535,9 +637,16 @@ class GraphExecutor:
                         view.finish(step.kind, None, ok=False, started=False)
                     elif all(k in results for k in deps):
                         del waiting[step.key]
+                        ready.append(step)
+                for group in pack_groups(ready, self.say) if self.pack else [[s] for s in ready]:
+                    inputs = [{name: results[d.key] for name, d in s.inputs.items()} for s in group]
+                    for step in group:
                         view.start(step.kind)
-                        self._submit(step, {name: results[d.key] for name, d in step.inputs.items()})
-                        running += 1
+                    if len(group) == 1:
+                        self._submit(group[0], inputs[0])
+                    else:
+                        self._submit_pack(group, inputs)
+                    running += len(group)
                 if not running:
                     continue
                 step, outcome = self._collect()
@@ -569,17 +678,29 @@ class LocalExecutor(GraphExecutor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._queue: list[tuple[Step, dict[str, Any]]] = []
+        self._queue: list[tuple[list[Step], list[dict[str, Any]]]] = []
+        self._done: list[tuple[Step, StepOutcome | BaseException]] = []  # a pack's outcomes not yet collected
 
     def _submit(self, step: Step, inputs: dict[str, Any]) -> None:
-        self._queue.append((step, inputs))
+        self._queue.append(([step], [inputs]))
+
+    def _submit_pack(self, steps: list[Step], inputs: list[dict[str, Any]]) -> None:
+        self._queue.append((steps, inputs))
 
     def _collect(self) -> tuple[Step, StepOutcome | BaseException]:
-        step, inputs = self._queue.pop(0)
+        if self._done:
+            return self._done.pop(0)
+        steps, inputs = self._queue.pop(0)
+        outcomes: list[StepOutcome | BaseException]
         try:
-            return step, claim_and_compute(self.store, step, inputs, self.options, self.say)
-        except Exception as exc:  # a failing step; KeyboardInterrupt and the like stop the run
-            return step, exc
+            if len(steps) == 1:
+                outcomes = [claim_and_compute(self.store, steps[0], inputs[0], self.options, self.say)]
+            else:
+                outcomes = list(claim_and_compute_pack(self.store, steps, inputs, self.options, self.say))
+        except Exception as exc:  # a failing step (or pack); KeyboardInterrupt and the like stop the run
+            outcomes = [exc] * len(steps)
+        self._done.extend(zip(steps, outcomes, strict=True))
+        return self._done.pop(0)
 
 
 def finite_or_none(value: Any) -> Any:

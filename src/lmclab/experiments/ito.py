@@ -524,10 +524,11 @@ def _population_eval(ctx: StepContext, config: dict[str, Any], inputs: dict[str,
     datasets = {split: dataset_for(ctx, runs[0], split, config.get("examples")) for split in config["splits"]}
     bn, bn_data = _bn_setup(ctx, config, model, runs[0])
     common = {"bn": bn, "bn_data": bn_data, "bn_examples": config.get("bn_examples")}
-    merged, *members = (
-        {split: m.to_json() for split, m in merged_metrics(model, points, datasets, **common).items()}
-        for points in (aligned, *aligned)
-    )
+
+    def metrics(points: Sequence[Point] | Point) -> dict[str, dict[str, float]]:
+        return {split: m.to_json() for split, m in merged_metrics(model, points, datasets, **common).items()}
+
+    merged, members = metrics(aligned), [metrics(theta) for theta in aligned]
     barriers = all_pairs_barriers(
         model,
         aligned,

@@ -14,7 +14,10 @@ token file below the store root and a task on every node reads it back, refusing
 
 What one step takes is its kind's `Resources` (`graph.resources_for`: training 1 GPU, evaluation a
 quarter of one, assignment CPUs only; a preset overrides them). Where the cluster has no GPU every
-step runs on CPUs. Each task sets torch's thread count to its CPU share.
+step runs on CPUs. Each task sets torch's thread count to its CPU share. Under `pack=True` the
+steps that run as one pack (`graph.pack_groups`) are one task asking for what one step of their kind
+takes (a pack shares one device), which seals each step's result as if it had run alone
+(`claim_and_compute_pack`).
 
 Ray is optional (`pip install 'lmclab[ray]'`): it is imported only when a RayExecutor runs.
 """
@@ -32,14 +35,17 @@ import torch
 
 from lmclab.config import UsageError
 from lmclab.experiments.graph import (
+    PACK_KINDS,
     SELF_CACHING,
     STEP_KINDS,
     GraphExecutor,
+    PackKind,
     Resources,
     Step,
     StepFn,
     StepOutcome,
     claim_and_compute,
+    claim_and_compute_pack,
     resources_for,
 )
 from lmclab.store import Store
@@ -79,6 +85,25 @@ def _run_step(
     return claim_and_compute(Store(root), step, inputs, options, _stderr)
 
 
+def _run_pack(
+    root: str,
+    steps: list[Step],
+    inputs: list[dict[str, Any]],
+    options: dict[str, Any],
+    cpus: float,
+    fn: StepFn,
+    pack: PackKind,
+    self_caching: bool,
+) -> list[StepOutcome | Exception]:
+    """The body of one Ray task running `steps` as one pack (as `_run_step` runs one step)."""
+    torch.set_num_threads(max(1, int(cpus)))
+    STEP_KINDS.setdefault(steps[0].kind, fn)
+    PACK_KINDS.setdefault(steps[0].kind, pack)
+    if self_caching:
+        SELF_CACHING.add(steps[0].kind)
+    return claim_and_compute_pack(Store(root), steps, inputs, options, _stderr)
+
+
 def _read_token(path: str) -> tuple[str, str | None]:
     """(this node's host name, the token file's content or None): the shared-store check's task."""
     try:
@@ -104,13 +129,16 @@ class RayExecutor(GraphExecutor):
         *,
         address: str | None = None,
         max_retries: int = 3,
+        pack: bool = False,
     ) -> None:
-        super().__init__(runs_dir, options, progress, say, resources)
+        super().__init__(runs_dir, options, progress, say, resources, pack)
         self.address = address
         self.max_retries = max_retries
         self.root = self.store.root.resolve()  # workers may start in another directory
-        self._pending: dict[Any, Step] = {}
+        self._pending: dict[Any, list[Step]] = {}  # task -> its steps (two or more: a pack)
+        self._done: list[tuple[Step, StepOutcome | BaseException]] = []  # a pack's outcomes not yet collected
         self._remote: Any = None
+        self._remote_pack: Any = None
         self._gpus = False
         self._node_cpus = 0.0
         self._cluster: dict[str, float] = {}
@@ -150,6 +178,7 @@ class RayExecutor(GraphExecutor):
             for ref in list(self._pending):
                 ray.cancel(ref, force=True)
             self._pending.clear()
+            self._done.clear()
             if started:
                 ray.shutdown()
 
@@ -175,6 +204,7 @@ class RayExecutor(GraphExecutor):
             (float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0
         )
         self._remote = ray.remote(_run_step)
+        self._remote_pack = ray.remote(_run_pack)
         return ray, started
 
     def _check_shared_store(self, ray: Any) -> None:
@@ -237,18 +267,45 @@ class RayExecutor(GraphExecutor):
             STEP_KINDS[step.kind],
             step.kind in SELF_CACHING,
         )
-        self._pending[ref] = step
+        self._pending[ref] = [step]
+
+    def _submit_pack(self, steps: list[Step], inputs: list[dict[str, Any]]) -> None:
+        kind = steps[0].kind
+        self.check_fits({kind})
+        r = self.resources_of(kind)
+        ref = self._remote_pack.options(
+            num_cpus=r.cpus,
+            num_gpus=r.gpus,
+            max_retries=self.max_retries,
+            retry_exceptions=False,
+            name=f"lmclab pack of {len(steps)} {kind} steps ({steps[0].name}, …)",
+        ).remote(
+            str(self.root),
+            steps,
+            inputs,
+            self.task_options(r),
+            r.cpus,
+            STEP_KINDS[kind],
+            PACK_KINDS[kind],
+            kind in SELF_CACHING,
+        )
+        self._pending[ref] = steps
 
     def _collect(self) -> tuple[Step, StepOutcome | BaseException]:
         import ray
 
+        if self._done:
+            return self._done.pop(0)
         ready, _ = ray.wait(list(self._pending), num_returns=1)
-        step = self._pending.pop(ready[0])
+        steps = self._pending.pop(ready[0])
+        outcomes: list[StepOutcome | BaseException]
         try:
-            outcome = ray.get(ready[0])
+            got = ray.get(ready[0])
+            outcomes = list(got) if len(steps) > 1 else [got]
         except ray.exceptions.RayError as exc:
-            return step, exc
-        return step, outcome
+            outcomes = [exc] * len(steps)
+        self._done.extend(zip(steps, outcomes, strict=True))
+        return self._done.pop(0)
 
     def _cause(self, error: BaseException) -> BaseException:
         cause = getattr(error, "cause", None)  # a RayTaskError carries the task's own exception

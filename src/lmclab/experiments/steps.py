@@ -4,6 +4,13 @@ approximations.
 
 Every step takes its runs from its inputs (`train` results) and its options (runs_dir, data_dir,
 device, progress) from the executor, so the same graph runs anywhere.
+
+`train` steps also run as packs (`GraphExecutor(pack=True)`, `lmclab run --pack`): steps ready together
+whose runs differ only in their seeds (`training.packed.check_packable`; the same preset label and kept
+checkpoints) train in one `train_pack` call, each giving the result its step gives alone. Fork children
+of one parent at one fork point pack too; a model that packed training refuses (BatchNorm, dropout:
+`check_model_packable`) or whose layers cannot be built before its data is read (image folders) trains
+one step at a time, and the executor says so.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lmclab.config import RunConfig
+from lmclab.config import RunConfig, UsageError
 from lmclab.curvature.derivatives import loss_derivatives
 from lmclab.curvature.taylor import (
     centred_at,
@@ -26,12 +33,15 @@ from lmclab.curvature.taylor import (
     path_direction,
 )
 from lmclab.data import DeviceDataset
-from lmclab.experiments.graph import Step, StepContext, step_kind
+from lmclab.data.registry import STATIC_INFO, normalise_name
+from lmclab.experiments.graph import PACK_KINDS, PackKind, Step, StepContext, step_kind
 from lmclab.experiments.lmc import align_runs, load_alignment
 from lmclab.paths import default_lambdas, evaluate_path, path_values
 from lmclab.store import Run
-from lmclab.training import CheckpointSchedule, RunOptions, load_run_model, resolve_device, train
+from lmclab.training import CheckpointSchedule, RunOptions, init_model, load_run_model, resolve_device, train
 from lmclab.training.forks import child_config
+from lmclab.training.loop import TrainingDiverged
+from lmclab.training.packed import PackDiverged, check_model_packable, check_packable, train_pack
 
 
 @lru_cache(maxsize=8)
@@ -85,22 +95,77 @@ def fork_step(
     return Step("train", step.config, inputs={"parent": parent})
 
 
+def _run_options(ctx: StepContext, config: dict[str, Any]) -> RunOptions:
+    """The training options of a `train` step (its preset label and kept checkpoints, the executor's rest)."""
+    o = ctx.options
+    return RunOptions(
+        runs_dir=o.get("runs_dir"),
+        data_dir=o.get("data_dir"),
+        device=o.get("device", "auto"),
+        progress=o.get("progress", True),
+        preset=config.get("preset"),
+        eval_every=0,
+        checkpoints=CheckpointSchedule.parse(config.get("checkpoints") or ""),
+    )
+
+
+def _train_result(run: Run) -> dict[str, Any]:
+    return {"run": str(run.path), "final_metrics": run.meta.final_metrics}
+
+
 @step_kind("train", self_caching=True, resources="training")
 def _train(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
-    o = ctx.options
-    run = train(
-        RunConfig.from_dict(config["run"]),
-        RunOptions(
-            runs_dir=o.get("runs_dir"),
-            data_dir=o.get("data_dir"),
-            device=o.get("device", "auto"),
-            progress=o.get("progress", True),
-            preset=config.get("preset"),
-            eval_every=0,
-            checkpoints=CheckpointSchedule.parse(config.get("checkpoints") or ""),
-        ),
-    )
-    return {"run": str(run.path), "final_metrics": run.meta.final_metrics}
+    return _train_result(train(RunConfig.from_dict(config["run"]), _run_options(ctx, config)))
+
+
+def _pack_joins(group: list[Step], step: Step) -> bool:
+    """Whether train `step` may join the pack `group`: the same preset label and kept checkpoints, and
+    runs that `check_packable` accepts together (equal except their seeds, distinct, elementwise optimizer)."""
+    first = group[0].config
+    if (step.config.get("preset"), step.config.get("checkpoints")) != (first.get("preset"), first.get("checkpoints")):
+        return False
+    try:
+        check_packable([RunConfig.from_dict(s.config["run"]) for s in [*group, step]])
+    except (UsageError, ValueError):
+        return False
+    return True
+
+
+def _pack_refusal(group: list[Step]) -> str | None:
+    """Why the runs of `group` cannot train as a pack: their model's layers (`check_model_packable`, the
+    model built on the meta device from the dataset's registered shape), or a dataset whose shape is only
+    known once read (image folders)."""
+    config = RunConfig.from_dict(group[0].config["run"])
+    info = STATIC_INFO.get(normalise_name(config.data.dataset))
+    if info is None:
+        return f"dataset {config.data.dataset}: the model's layers are checked for packing only on registered datasets"
+    with torch.device("meta"):
+        model = init_model(config, info)
+    try:
+        check_model_packable(model, config)
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
+def _train_packed(
+    contexts: list[StepContext], configs: list[dict[str, Any]], inputs: list[dict[str, Any]]
+) -> list[dict[str, Any] | Exception]:
+    """The `train` steps of one pack: one `train_pack` call; a member that diverged gets the
+    TrainingDiverged its step would raise alone (its run's recorded error), the others their results."""
+    runs_configs = [RunConfig.from_dict(c["run"]) for c in configs]
+    try:
+        runs = train_pack(runs_configs, _run_options(contexts[0], configs[0]))
+    except PackDiverged as exc:
+        diverged = set(exc.diverged)
+        return [
+            TrainingDiverged(run.meta.error or str(exc)) if run.hash in diverged else _train_result(run)
+            for run in exc.runs
+        ]
+    return [_train_result(run) for run in runs]
+
+
+PACK_KINDS["train"] = PackKind(joins=_pack_joins, refusal=_pack_refusal, run=_train_packed)
 
 
 @step_kind("align", self_caching=True, resources="assignment")
