@@ -17,7 +17,10 @@ Optimisation, Frank–Wolfe on the relaxation (every P_i^g doubly stochastic):
 1. gradient G_i^g = ∂F/∂P_i^g = Σ_{(t, a) ∈ g} unfold_a(S_{−i}[t]) · unfold_a(θ̃_{i,t,a})ᵀ with
    S_{−i} = Σ_{j≠i} P_j(θ_j) and θ̃_{i,t,a} = θ_i[t] multiplied on all its permuted axes but a;
 2. linear-minimisation step: Q_i^g = argmax_{Q permutation} ⟨G_i^g, Q⟩, one linear assignment per
-   (model, group) (the vertices of the Birkhoff polytope maximise a linear function);
+   (model, group) (the vertices of the Birkhoff polytope maximise a linear function); block-structured
+   groups (attention heads) sharing a block permutation take the structured permutation maximising
+   Σ_g ⟨G_i^g, Q^g⟩ jointly (:func:`lmclab.align.weight_matching.head_block_assignment`), so the
+   relaxation is the convex hull of the spec's own permutations (:func:`feasible_argmax`);
    Frank–Wolfe gap  Σ ⟨G, Q − P⟩ ≥ 0 (zero at a stationary point);
 3. exact line search: along D = Q − P for all (model, group) at once, F(P + γD) is a polynomial in
    γ of degree ≤ 2·(most permuted axes of one tensor) (quadratic when every tensor has one permuted
@@ -25,7 +28,7 @@ Optimisation, Frank–Wolfe on the relaxation (every P_i^g doubly stochastic):
    roots of the derivative); P ← P + γ* D;
 
 until the gap is at most `tol`·|F| or `max_iter` iterations. F never decreases (exact line search).
-Then each P_i^g is projected to the permutation maximising ⟨P_i^g, Π⟩ (a linear assignment).
+Then each P_i is projected to the permutation maximising Σ_g ⟨P_i^g, Π^g⟩ (the same linear step).
 
 Gauge: F is invariant under P_i → U P_i for one U shared by all models; P_0 is fixed at the identity
 throughout, so the universe is model 0's basis and ``perms[i]`` (P_i as a :class:`Permutation`) is the
@@ -50,11 +53,11 @@ from tqdm.auto import tqdm
 from lmclab.align.assignment import solve_assignment
 from lmclab.align.registry import register_population_method
 from lmclab.align.results import PopulationAlignment
-from lmclab.align.weight_matching import spec_tensor_names, weight_matching
+from lmclab.align.weight_matching import head_block_assignment, spec_tensor_names, weight_matching
 from lmclab.permutation.spec import AxisRef, Permutation, PermutationSpec, permute_axis
 from lmclab.points import Point, PointLike
 
-__all__ = ["INITS", "C2M3Problem", "c2m3", "best_step", "merged_in_basis"]
+__all__ = ["INITS", "C2M3Problem", "c2m3", "best_step", "feasible_argmax", "merged_in_basis"]
 
 #: Starting points of the Frank–Wolfe iterations.
 INITS = ("pairwise", "identity")
@@ -249,6 +252,19 @@ def _project(mat: torch.Tensor) -> torch.Tensor:
     return solve_assignment(mat.double().cpu(), maximize=True)
 
 
+def feasible_argmax(spec: PermutationSpec, mats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The permutation of the spec maximising Σ_g ⟨M_g, Π_g⟩ (index vectors, Π_g[u, p[u]] = 1): flat groups one
+    assignment each; structured groups sharing a block permutation jointly (one σ of whole blocks, a
+    permutation within each block), as weight matching does — an assignment per group alone could move
+    units between heads, which is not a symmetry."""
+    out = {g.name: _project(mats[g.name]) for g in spec.groups if not g.structured}
+    for members in spec.block_classes().values():
+        costs = [mats[g.name].double().cpu() for g in members]
+        perms, _, _ = head_block_assignment(costs, members[0].blocks)
+        out.update({g.name: p for g, p in zip(members, perms)})
+    return {g.name: out[g.name] for g in spec.groups}
+
+
 @register_population_method(
     "c2m3",
     "maps into a shared universe by Frank–Wolfe on all pairs' weight matching at once; cycle-consistent (C2M3)",
@@ -307,10 +323,9 @@ def c2m3(
             targets: dict[int, dict[str, torch.Tensor]] = {}
             gap = 0.0
             for i in free:
-                targets[i] = {}
+                targets[i] = feasible_argmax(spec, grads[i])
                 for g, grad in grads[i].items():
-                    q = _project(grad)
-                    targets[i][g] = q
+                    q = targets[i][g]
                     gap += float(grad.double().gather(1, q.to(grad.device)[:, None]).sum()) - _inner(grad, mats[i][g])
             gaps.append(gap)
             if gap <= tol * max(abs(objective[-1]), 1.0):
@@ -332,7 +347,7 @@ def c2m3(
             bar.set_postfix(objective=f"{value:.6g}", gap=f"{gap:.3g}", step=f"{gamma:.3g}")
     finally:
         bar.close()
-    perms = [Permutation.identity(spec)] + [Permutation({g: _project(m) for g, m in mats[i].items()}) for i in free]
+    perms = [Permutation.identity(spec)] + [Permutation(feasible_argmax(spec, mats[i])) for i in free]
     projected = problem.objective([problem.from_perm(p) for p in perms])
     return PopulationAlignment(
         perms,

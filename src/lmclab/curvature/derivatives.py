@@ -27,10 +27,11 @@ weights only, not the BN statistics (d is over parameters). The mean over the da
 uneven last batch: per-batch sums (``loss_fn`` sums over the batch) accumulate in float64 and are
 divided by N at the end.
 
-Two traps handled here: torch's nested forward mode differentiates fused ``layer_norm`` (and
+Three traps handled here: torch's nested forward mode differentiates fused ``layer_norm`` (and
 instance / train-mode batch norm) wrongly at order ≥ 2, so those run as elementary ops inside the
-nested jvp (:class:`_ComposedNorms`); and cuDNN convolutions default to TF32 on CUDA, which is
-switched off while derivatives are taken (:func:`ieee_fp32`).
+nested jvp (:class:`_ComposedNorms`); torch's fused attention kernels have no forward-mode derivative
+and no double backward, so attention runs on SDPA's math backend (:func:`exact_attention`); and cuDNN
+convolutions default to TF32 on CUDA, which is switched off while derivatives are taken (:func:`ieee_fp32`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from lmclab.curvature.functional import (
     Batch,
     FunctionalModel,
     LossFn,
+    exact_attention,
     functional_model,
     iterate_batches,
     summed_cross_entropy,
@@ -246,7 +248,9 @@ def directional_taylor(fn: Callable[[torch.Tensor], Any], order: int, t0: torch.
     Nested forward mode, one pass: h_0(t) = (fn(t), ()) and h_k(t) = (∂_t p, (*aux, p)) where
     (p, ∂_t p, aux) = jvp(h_{k−1}, (t,), (1,), has_aux=True); the top level returns fn⁽ᴷ⁾ and the
     auxiliary tuple (fn, fn', …, fn⁽ᴷ⁻¹⁾), so every order comes out of the same evaluation. For
-    K ≥ 2 the batch-statistics normalisations run as elementary ops (see :class:`_ComposedNorms`).
+    K ≥ 2 the batch-statistics normalisations run as elementary ops (see :class:`_ComposedNorms`);
+    attention always runs on SDPA's math backend (its fused kernels have no forward-mode derivative,
+    :func:`lmclab.curvature.functional.exact_attention`).
     """
 
     def level(k: int) -> Callable[[torch.Tensor], tuple[Any, tuple[Any, ...]]]:
@@ -263,7 +267,8 @@ def directional_taylor(fn: Callable[[torch.Tensor], Any], order: int, t0: torch.
         return h
 
     order = _check_order(order)
-    with warnings.catch_warnings(), _ComposedNorms() if order >= 2 else contextlib.nullcontext():
+    norms = _ComposedNorms() if order >= 2 else contextlib.nullcontext()
+    with warnings.catch_warnings(), exact_attention(), norms:
         # torch's first forward-AD call scripts its jvp decompositions and warns that jit.script is deprecated
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
         top, lower = level(order)(t0)

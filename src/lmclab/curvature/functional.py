@@ -5,10 +5,14 @@ trainable parameters (the coordinates that directions and Hessians live in) and 
 running statistics), which stay at the point's own values (:func:`lmclab.points.split_point`).
 Directions d = θ_B − θ_A are over the parameters only:
 ``lmclab.points.direction(θ_A, θ_B, keys=parameter_names(model))``.
+
+Attention runs on scaled-dot-product attention's math backend here (:func:`exact_attention`): torch's
+fused kernels have neither forward-mode derivatives nor a double backward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmclab.data import DeviceDataset
 from lmclab.paths import layer_groups
@@ -31,6 +36,29 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+@contextlib.contextmanager
+def exact_attention() -> Iterator[None]:
+    """Within: ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention``, ``nn.Transformer*``) on its
+    math backend, softmax(QKᵀ/√d + mask) V composed of elementary ops, and no ``nn.MultiheadAttention`` /
+    ``nn.TransformerEncoderLayer`` inference fast path (restored after).
+
+    torch's fused kernels (flash, memory-efficient, cuDNN) implement only a first-order backward: on torch 2.13
+    (CPU, float64 too) nested ``jvp`` raises "Trying to use forward AD with
+    _scaled_dot_product_flash_attention_for_cpu" and double backward "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"; the eval-mode, no-grad fast
+    path (``torch._native_multi_head_attention``, ``torch._transformer_encoder_layer_fwd``) has no forward-mode
+    derivative either. On the math backend every order (nested jvp, double backward, forward-over-reverse)
+    is exact (tests/test_transformer_toolkit.py).
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 @dataclass
 class FunctionalModel:
     """f(params, x) over a private eval-mode copy of the architecture, buffers fixed."""
@@ -40,7 +68,9 @@ class FunctionalModel:
     buffers: Point  # buffers of the point (BN statistics), held fixed
 
     def logits(self, params: PointLike, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.module, {**self.buffers, **params}, (x,))
+        """f(params, x); attention on the math backend (:func:`exact_attention`) so every derivative exists."""
+        with exact_attention():
+            return functional_call(self.module, {**self.buffers, **params}, (x,))
 
     def zeros_like_params(self) -> Point:
         return {k: torch.zeros_like(v) for k, v in self.params.items()}
