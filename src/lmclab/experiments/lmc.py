@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lmclab.align import align, get_pair_method
@@ -28,7 +27,7 @@ from lmclab.paths import (
     evaluate_path,
     layer_groups,
 )
-from lmclab.paths.barriers import curve_barrier_rows
+from lmclab.paths.barriers import curve_barrier_rows, spread
 from lmclab.permutation import (
     Permutation,
     PermutationSpec,
@@ -418,6 +417,6 @@ def _say_barriers(per_curve: list[dict[str, Any]], n_pairs: int, say: Callable[[
             if any(r[name] is None for r in rs):  # the midpoint where λ = ½ was not evaluated
                 parts.append(f"{label} n/a (λ = ½ not evaluated)")
                 continue
-            v = np.array([r[name] for r in rs])
-            parts.append(f"{label} {v.mean():.4f}" + (f" ± {v.std():.4f}" if n_pairs > 1 else ""))
+            s = spread(r[name] for r in rs)
+            parts.append(f"{label} {s.mean:.4f}" + (f" ± {s.sd:.4f}" if n_pairs > 1 else ""))
         say(f"{path:<18} {split:<5} {metric:<5} {parts[0]}  ({', '.join(parts[1:])})")

@@ -57,6 +57,7 @@ from lmclab.experiments.graph import Step, StepContext, step_kind
 from lmclab.experiments.lmc import check_same_architecture, example_input
 from lmclab.experiments.settings import ExperimentOptions, Setting
 from lmclab.experiments.steps import train_step
+from lmclab.paths.barriers import spread
 from lmclab.paths.normalization import has_batchnorm, reset_bn_stats
 from lmclab.permutation import derive_spec
 from lmclab.points import Point, mean
@@ -278,7 +279,7 @@ def summary_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         keyed.setdefault(key, []).append(float(r["value"]))
     out = []
     for (setting, method, zipped, groups, rule, metric), values in keyed.items():
-        v = torch.tensor(values, dtype=torch.float64)
+        s = spread(values)
         out.append(
             {
                 "setting": setting,
@@ -287,8 +288,8 @@ def summary_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "groups": groups,
                 "combine": rule,
                 "metric": metric,
-                "mean": float(v.mean()),
-                "sd": float(v.std()) if len(values) > 1 else 0.0,
+                "mean": s.mean,
+                "sd": s.sd,
                 "pairs": len(values),
             }
         )

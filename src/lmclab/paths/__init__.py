@@ -2,7 +2,7 @@
 
 The interpolated points are :func:`lmclab.points.lerp`."""
 
-from lmclab.paths.barriers import DEFINITIONS, barrier_curve, barrier_report, barriers
+from lmclab.paths.barriers import DEFINITIONS, Spread, barrier_curve, barrier_report, barriers, spread
 from lmclab.paths.curves import (
     BN_MODES,
     default_bn_mode,
@@ -34,7 +34,11 @@ __all__ = [
     "BN_MODES",
     "DEFINITIONS",
     "ChannelStats",
+    "PopulationBarriers",
+    "Spread",
+    "all_pairs_barriers",
     "barrier_curve",
+    "barrier_matrix",
     "barrier_report",
     "barriers",
     "channel_stats",
@@ -46,15 +50,13 @@ __all__ = [
     "has_batchnorm",
     "layer_groups",
     "layer_set_barrier",
+    "merged_metrics",
+    "merged_point",
     "path_losses",
     "path_values",
     "repair",
     "repair_points",
     "reset_bn_stats",
-    "PopulationBarriers",
-    "all_pairs_barriers",
-    "barrier_matrix",
-    "merged_metrics",
-    "merged_point",
+    "spread",
     "summarize_barriers",
 ]

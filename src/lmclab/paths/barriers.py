@@ -23,6 +23,7 @@ With P = every tensor both are the whole-model barrier curve; for a proper subse
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -133,3 +134,33 @@ def curve_barrier_rows(rows: Iterable[Mapping[str, Any]], keys: Sequence[str]) -
         except ValueError as exc:
             report.append({**dict(zip(keys, key)), **quantity, "error": str(exc)})
     return report
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Values over repeats (pairs, seeds): `n` finite values and `missing` (NaN/None) ones; mean, SD, min and
+    max over the finite ones (NaN when none is). SD is the population SD, √(Σ(x − x̄)²/n) (ddof 0, numpy's
+    default), the one convention of every "mean ± SD" lmclab prints or stores."""
+
+    n: int
+    missing: int
+    mean: float
+    sd: float
+    min: float
+    max: float
+
+
+def spread(values: Iterable[float | None]) -> Spread:
+    """The :class:`Spread` of `values` (None and non-finite values counted as missing)."""
+    v = np.array([np.nan if x is None else float(x) for x in values], dtype=float)
+    finite = v[np.isfinite(v)]
+    if not finite.size:
+        return Spread(0, int(v.size), *(4 * [float("nan")]))
+    return Spread(
+        int(finite.size),
+        int(v.size - finite.size),
+        float(finite.mean()),
+        float(finite.std()),
+        float(finite.min()),
+        float(finite.max()),
+    )

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmclab.data import DeviceDataset
-from lmclab.paths.barriers import DEFINITIONS, barrier_report
+from lmclab.paths.barriers import DEFINITIONS, barrier_report, spread
 from lmclab.paths.curves import default_bn_mode, evaluate_path
 from lmclab.paths.interpolate import default_lambdas
 from lmclab.paths.normalization import reset_bn_stats
@@ -224,40 +224,28 @@ def all_pairs_barriers(
     return PopulationBarriers(k, lambdas, pairs, to_merged_rows)
 
 
-def _finite(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, int]:
-    values = np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows], dtype=float)
-    return values[np.isfinite(values)], int((~np.isfinite(values)).sum())
-
-
 def summarize_barriers(
     rows: Sequence[Mapping[str, Any]], definitions: Sequence[str] = DEFINITIONS
 ) -> list[dict[str, Any]]:
-    """Per (split, metric, definition): n rows, n_missing (NaN/None), and max, mean, SD (ddof 0), min over
-    the finite values (NaN when none is finite)."""
+    """Per (split, metric, definition): n rows, n_missing (NaN/None), and max, mean, SD, min over the finite
+    values (:func:`lmclab.paths.barriers.spread`; NaN when none is finite)."""
     out = []
     groups = dict.fromkeys((r["split"], r["metric"]) for r in rows)
     for split, metric in groups:
         sel = [r for r in rows if r["split"] == split and r["metric"] == metric]
         for definition in definitions:
-            values, missing = _finite(sel, definition)
-            stats = (
-                {
-                    "max": float(values.max()),
-                    "mean": float(values.mean()),
-                    "std": float(values.std()),
-                    "min": float(values.min()),
-                }
-                if values.size
-                else dict.fromkeys(("max", "mean", "std", "min"), math.nan)
-            )
+            s = spread(r.get(definition) for r in sel)
             out.append(
                 {
                     "split": split,
                     "metric": metric,
                     "definition": definition,
                     "n": len(sel),
-                    "n_missing": missing,
-                    **stats,
+                    "n_missing": s.missing,
+                    "max": s.max,
+                    "mean": s.mean,
+                    "std": s.sd,
+                    "min": s.min,
                 }
             )
     return out

@@ -31,7 +31,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Annotation, Text  # noqa: E402
 
-from lmclab.paths.barriers import barrier_curve  # noqa: E402
+from lmclab.paths.barriers import barrier_curve, spread  # noqa: E402
 from lmclab.store import atomic_write  # noqa: E402
 
 #: Sampled values: a sequence of floats or a 1-D array.
@@ -117,9 +117,9 @@ def splits_text(examples: Mapping[str, int | None]) -> str:
 def barrier_text(values: Values, std: bool = True) -> str:
     """ "barrier 0.123" for one value, "barrier 0.123 ± 0.004" for the mean ± SD of several (3 significant
     digits)."""
-    v = np.asarray(values, dtype=float)
-    text = f"barrier {v.mean():.3g}"
-    return text + (f" ± {v.std():.2g}" if std and v.size > 1 else "")
+    s = spread(np.asarray(values, dtype=float).ravel())
+    text = f"barrier {s.mean:.3g}"
+    return text + (f" ± {s.sd:.2g}" if std and s.n > 1 else "")
 
 
 def curve_barriers(curves: Sequence[tuple[Values, Values]], metric: str = "loss") -> list[float]:

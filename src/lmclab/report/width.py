@@ -12,6 +12,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
+from lmclab.paths.barriers import spread
 from lmclab.report import figures
 from lmclab.report.figures import SavedFigure
 
@@ -27,16 +28,17 @@ def _value(v: Any) -> float:
 
 
 def mean_sd_by_width(rows: Rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(widths sorted, mean barrier over the rows (pairs) at each, SD (ddof 0)); NaN where none is finite."""
+    """(widths sorted, mean barrier over the rows (pairs) at each, SD (:func:`lmclab.paths.barriers.spread`));
+    NaN where none is finite."""
     groups: dict[float, list[float]] = {}
     for r in rows:
         groups.setdefault(float(r["width"]), []).append(_value(r["barrier"]))
     xs = np.array(sorted(groups))
     means, sds = [], []
     for x in xs:
-        v = np.array([b for b in groups[x] if math.isfinite(b)])
-        means.append(v.mean() if v.size else math.nan)
-        sds.append(v.std() if v.size else math.nan)
+        s = spread(groups[x])
+        means.append(s.mean)
+        sds.append(s.sd)
     return xs, np.array(means), np.array(sds)
 
 
