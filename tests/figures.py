@@ -976,3 +976,101 @@ def check_plane(saved: SavedFigure, grid: Rows, points: Rows, metric: str = "los
             assert_close(drawn_marks[label], (u, v), f"plane {split}: {label} at")
         assert [t.get_text() for t in ax.texts] == list(marks)
         assert split in ax.get_title() and metric in ax.get_title()
+
+
+# ------------------------------------------------------------------------------------ Hessian spectra
+
+
+def _rug_in_axes_units(line: Any, ax: Axes) -> bool:
+    """The line's x is in data units and its y in axes units (a rug along the bottom)."""
+    return tuple(line.get_transform().contains_branch_seperately(ax.transData)) == (True, False)
+
+
+def check_density(
+    saved: SavedFigure,
+    density: Mapping[str, Any],
+    top: Sequence[float] = (),
+    *,
+    split: str = "train",
+    examples: int | None = None,
+) -> None:
+    """plot_density: one panel; the SLQ density ρ on its grid (floored at 10⁻⁸ of its largest value) labelled
+    with σ; every start's Gauss nodes, start after start, as a rug at 3% of the height; one dashed vertical
+    line at each top eigenvalue (in the legend once); λ on a symlog axis, ρ on a log axis; the title gives
+    the number of parameters and the data. `density`: SpectralDensity.to_json() (as spectrum.json stores it)."""
+    check_png(saved)
+    (ax,) = panels(saved, 1)
+    grid, rho = np.asarray(density["grid"], dtype=float), np.asarray(density["density"], dtype=float)
+    nodes = np.concatenate([np.asarray(t, dtype=float) for t in density["nodes"]])
+    starts, steps = len(density["nodes"]), int(density["steps"])
+    top = [float(x) for x in top]
+    expected: list[Series] = [
+        (f"SLQ density (σ = {float(density['sigma']):.3g})", grid, np.maximum(rho, rho.max() * 1e-8)),
+        (f"Gauss nodes ({starts} starts × ≤{steps} steps)", nodes, np.full_like(nodes, 0.03)),
+    ]
+    expected += [(f"top {len(top)} eigenvalues" if i == 0 else None, [x, x], [0.0, 1.0]) for i, x in enumerate(top)]
+    assert_lines(ax, expected, "density")
+    drawn_lines = lines(ax)
+    assert _rug_in_axes_units(drawn_lines[1], ax), "density: the Gauss nodes are not a rug in axes units"
+    for line in drawn_lines[2:]:
+        assert line.get_linestyle() == "--" and _rug_in_axes_units(line, ax), "density: eigenvalue lines"
+    assert ax.get_xscale() == "symlog" and ax.get_yscale() == "log"
+    assert ax.get_xlabel().startswith("eigenvalue λ") and ax.get_ylabel().startswith("density ρ(λ)")
+    assert f"{int(density['n_parameters']):,} parameters" in ax.get_title()
+    assert_data_title(ax.get_title(), split, examples, "density")
+    assert legend_labels(ax) == [label for label, _, _ in expected if label is not None]
+
+
+def check_path_curvature(
+    saved: SavedFigure,
+    rows: Rows,
+    *,
+    split: str = "train",
+    examples: int | None = None,
+    xlabel: str = "λ",
+) -> None:
+    """plot_path_curvature: left, the top eigenvalue against λ, a line with markers per path (paths in the
+    rows' order; a path without eigenvalues drawn none); right, tr ∇²L per path with its 95% CI as error
+    bars (paths with a trace at every λ), each path in the same colour in both panels. `rows`:
+    PathSpectra.rows() or path_curvature.csv read back."""
+    check_png(saved)
+    top_ax, trace_ax = panels(saved, 2)
+    names = _order(str(r["path"]) for r in rows)
+    expected: list[Series] = []
+    traced: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for name in names:
+        mine = [r for r in rows if str(r["path"]) == name]
+        lam = np.array([num(r["lambda"]) for r in mine])
+        top = np.array([num(r.get("top_eigenvalue")) for r in mine])
+        if np.isfinite(top).any():
+            expected.append((name, lam, top))
+        trace = np.array([num(r.get("trace")) for r in mine])
+        if np.isfinite(trace).all():
+            low, high = (np.array([num(r[c]) for r in mine]) for c in ("trace_ci_low", "trace_ci_high"))
+            traced.append((name, lam, trace, low, high))
+    assert_lines(top_ax, expected, "top eigenvalue")
+    for line in top_ax.get_lines():
+        assert_markers(line, "top eigenvalue")
+    bars = _errorbars(trace_ax)
+    assert [c.get_label() for c in bars] == [f"{name} (95% CI)" for name, *_ in traced], "trace: paths"
+    for container, (name, lam, trace, low, high) in zip(bars, traced):
+        line = container.lines[0]
+        assert_close(line.get_xdata(), lam, f"trace {name}: λ")
+        _assert_errorbar(container, lam, trace, low, high, f"trace {name}")
+        assert_markers(line, f"trace {name}")
+    colours = {name: line.get_color() for name, line in zip([n for n, _, _ in expected], top_ax.get_lines())}
+    for container, (name, *_) in zip(bars, traced):
+        if name in colours:
+            assert container.lines[0].get_color() == colours[name], f"{name}: other colours in the two panels"
+    where = "along the path" if len(names) == 1 else "along the paths"
+    for ax, what, ylabel in (
+        (top_ax, "top eigenvalue", "top eigenvalue λ_max(∇²L)"),
+        (trace_ax, "Hessian trace", "tr ∇²L (Hutchinson)"),
+    ):
+        assert ax.get_xlabel() == xlabel and ax.get_ylabel() == ylabel
+        assert ax.get_title().startswith(f"{what} {where}\n"), ax.get_title()
+        assert_data_title(ax.get_title(), split, examples, what)
+    if expected:
+        assert legend_labels(top_ax) == [label for label, _, _ in expected]
+    if traced:
+        assert legend_labels(trace_ax) == [c.get_label() for c in bars]

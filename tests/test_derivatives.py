@@ -433,20 +433,24 @@ def test_path_approximations_centred_at_b_use_minus_d() -> None:
         dtype=F64,
     )
     approx = path_approximations(ca, cb, lambdas, orders=(1, 2, 2 * depth))
-    assert set(approx) == {(c, k) for c in "ab" for k in (1, 2, 2 * depth)}
-    torch.testing.assert_close(approx[("a", 2 * depth)], truth, rtol=1e-10, atol=0.0)
-    torch.testing.assert_close(approx[("b", 2 * depth)], truth, rtol=1e-10, atol=0.0)
-    assert approx[("a", 1)][0].item() == pytest.approx(truth[0].item())
-    assert approx[("b", 2)][-1].item() == pytest.approx(truth[-1].item())
+    assert [(s.center, s.order) for s in approx] == [(c, k) for k in (1, 2, 2 * depth) for c in "ab"]
+    assert [s.name for s in approx][:2] == ["a1", "b1"]
+    with pytest.raises(KeyError, match="no approximation"):
+        approx.at("a", 3)
+    torch.testing.assert_close(approx.at("a", 2 * depth), truth, rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(approx.at("b", 2 * depth), truth, rtol=1e-10, atol=0.0)
+    assert approx.at("a", 1)[0].item() == pytest.approx(truth[0].item())
+    assert approx.at("b", 2)[-1].item() == pytest.approx(truth[-1].item())
     # with +d at B the odd orders flip sign and the reconstruction fails
     d = direction(theta_a, theta_b, parameter_names(model_a))
     wrong = loss_derivatives(model_a, theta_b, d, data, order=2 * depth, loss_fn=squared_error, dtype=F64).coefficients
-    assert not torch.allclose(path_approximations(ca, wrong, lambdas, (2 * depth,))[("b", 2 * depth)], truth, rtol=1e-3)
+    at_b = path_approximations(ca, wrong, lambdas, (2 * depth,)).at("b", 2 * depth)
+    assert not torch.allclose(at_b, truth, rtol=1e-3)
     rows = taylor_rows(lambdas, ca, cb, orders=(1, 2), true_values=truth.tolist())
     assert len(rows) == 9 * 5
     assert {r["center"] for r in rows} == {"a", "b", "true"}
     r = next(r for r in rows if r["center"] == "a" and r["order"] == 2 and r["lambda"] == 0.5)
-    assert r["value"] == pytest.approx(approx[("a", 2)][4].item()) and r["error"] == pytest.approx(
+    assert r["value"] == pytest.approx(approx.at("a", 2)[4].item()) and r["error"] == pytest.approx(
         r["value"] - truth[4].item()
     )
     assert [(r["center"], r["order"]) for r in rows[::9]] == [("true", None), ("a", 1), ("a", 2), ("b", 1), ("b", 2)]
@@ -499,9 +503,9 @@ def test_interpolated_logits_and_fig8_pipeline_on_a_deep_linear_path() -> None:
     ca, cb = path_coefficients(model_a, theta_a, theta_b, data, order=depth, kind="logits")
     assert ca.shape == cb.shape == (12, C, depth + 1)
     approx = path_approximations(ca, cb, lambdas, orders=(1, depth))
-    exact_a = approx[("a", depth)].permute(2, 0, 1)
-    exact_b = approx[("b", depth)].permute(2, 0, 1)
+    exact_a = approx.at("a", depth).permute(2, 0, 1)
+    exact_b = approx.at("b", depth).permute(2, 0, 1)
     assert logit_rmse(true, exact_a, true[0]).max() < 1e-4
     assert logit_rmse(true, exact_b, true[0]).max() < 1e-4
-    linear = logit_rmse(true, approx[("a", 1)].permute(2, 0, 1), true[0])
+    linear = logit_rmse(true, approx.at("a", 1).permute(2, 0, 1), true[0])
     assert linear[0] < 1e-5 and linear[-1] > 1e-2

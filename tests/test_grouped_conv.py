@@ -70,7 +70,7 @@ def _check(model: nn.Module, seeds: range = range(3)) -> dict[str, float]:
         assert not perm.is_identity()
         verify_permutation(model, perm, spec, example_input=X, atol=0.0, rtol=1e-10)
         diffs = check_invariance(model, spec, perm, X)
-        for mode, d in diffs.items():
+        for mode, d in diffs.to_json().items():
             worst[mode] = max(worst[mode], d / scale)
     assert worst["eval"] <= 1e-10 and worst["train"] <= 1e-10, worst
     print(f"{type(model).__name__}: coverage {spec.meta['coverage']:.4f}, worst relative |Δf| {worst}")

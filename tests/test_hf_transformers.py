@@ -73,7 +73,7 @@ def _relative_invariance(model: nn.Module, spec: PermutationSpec, x: tuple[torch
     for seed in range(seeds):
         perm = Permutation.random(spec, torch.Generator().manual_seed(seed))
         assert not perm.is_identity()
-        worst = max(worst, *check_invariance(model, spec, perm, x).values())
+        worst = max(worst, check_invariance(model, spec, perm, x).worst)
     assert math.isfinite(scale) and math.isfinite(worst)
     return worst / scale
 

@@ -47,7 +47,8 @@ def assert_symmetry(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, se
     theta = model.state_dict()
     perm = Permutation.random(spec, torch.Generator().manual_seed(seed))
     diffs = check_invariance(model, spec, perm, x)
-    assert diffs["eval"] < 1e-9 and diffs["train"] < 1e-9, diffs
+    assert diffs.eval is not None and diffs.train is not None, diffs
+    assert diffs.eval < 1e-9 and diffs.train < 1e-9, diffs
     moved = perm.apply(theta, spec)
     for g in spec.groups:
         if not torch.equal(perm[g.name], torch.arange(g.size)):
@@ -716,7 +717,11 @@ def test_verify_rejects_wrong_permutations() -> None:
         tuple(PermGroup(h.name, h.size, axes, h.activations) if h.name == g.name else h for h in spec.groups)
     )
     diffs = check_invariance(model, broken, perm, x)
-    assert diffs["eval"] > 1e-3 and diffs["train"] < 1e-9
+    assert diffs.eval is not None and diffs.train is not None, diffs
+    assert diffs.eval > 1e-3 and diffs.train < 1e-9
+    assert diffs.worst == diffs.eval and diffs.to_json() == {"eval": diffs.eval, "train": diffs.train}
+    train_only = check_invariance(model, broken, perm, x, modes=("train",))
+    assert train_only.eval is None and train_only.to_json() == {"train": diffs.train} and train_only.worst < 1e-9
     with pytest.raises(SpecError, match="eval mode"):
         verify_permutation(model, perm, broken, example_input=x, modes=("train", "eval"))
     verify_permutation(model, perm, broken, example_input=x, modes=("train",))

@@ -103,7 +103,7 @@ def test_spec_coverage_and_float64_invariance(shape: tuple[int, int, int]) -> No
         reference = model.double()
         with torch.no_grad():
             scale = float(reference(x.double()).abs().max())
-        assert diffs["eval"] / scale <= 1e-5 and diffs["train"] / scale <= 1e-5, diffs
+        assert diffs.worst / scale <= 1e-5, diffs
     # the check can fail: permuting the residual stream's units in one tensor only changes the logits
     broken = copy.deepcopy(model).double().eval()
     with torch.no_grad():

@@ -5,6 +5,7 @@ of the loss as a function of the flat parameters, independent of the HVP code)."
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -14,10 +15,12 @@ import pytest
 import torch
 from torch import nn
 
+from figures import check_density, check_path_curvature, drawn
 from lmclab.cli import main
 from lmclab.curvature.hessian import HessianOperator, dense_hessian
 from lmclab.curvature.spectrum import (
     PathSpectra,
+    SpectralDensity,
     Spectrum,
     block_curvature,
     block_partition,
@@ -38,6 +41,7 @@ from lmclab.paths.mode_curves import Curve, curve_point
 from lmclab.permutation import Permutation, derive_spec
 from lmclab.points import flatten, lerp, parameter_names, unflatten
 from lmclab.report.spectrum import plot_density, plot_path_curvature
+from lmclab.report.tables import write_csv
 from lmclab.store import Store
 
 # ---------------------------------------------------------------------------------------- fixtures
@@ -298,26 +302,89 @@ def test_figures_draw_density_on_symlog_and_curvature_on_both_paths(tmp_path: Pa
     density = slq_density(op, starts=3, steps=8, seed=0)
     top = top_eigenpairs(op, 3).values
     saved = plot_density(tmp_path / "density.png", density, top, split="train", examples=23)
+    check_density(saved, density.to_json(), top, split="train", examples=23)
     ax = saved.figure.axes[0]
     assert saved.path.is_file() and ax.get_xscale() == "symlog" and ax.get_yscale() == "log"
-    assert ax.get_xlabel() and ax.get_ylabel() and "train, 23 examples" in ax.get_title()
-    marked = sorted(line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "--")
-    np.testing.assert_allclose(marked, sorted(top))
     assert "top 3 eigenvalues" in [t.get_text() for t in ax.get_legend().get_texts()]
 
     theta_b = {k: v.clone() for k, v in tiny_mlp(1).state_dict().items()}
     spectra = path_spectra(model, model.state_dict(), {"naive": theta_b, "aligned": theta_b}, data, [0, 1], top=1)
     saved = plot_path_curvature(tmp_path / "path.png", spectra, split="train", examples=23)
+    rows = spectra.rows()
+    check_path_curvature(saved, rows, split="train", examples=23)
+    write_csv(tmp_path / "path.csv", rows)
+    check_path_curvature(saved, read_csv(tmp_path / "path.csv"), split="train", examples=23)  # the table as stored
     top_ax, trace_ax = saved.figure.axes
     assert [line.get_label() for line in top_ax.lines] == ["naive", "aligned"]
     assert [t.get_text() for t in trace_ax.get_legend().get_texts()] == ["naive (95% CI)", "aligned (95% CI)"]
+
+
+def test_spectrum_figure_checks_fail_on_a_wrong_or_missing_series(tmp_path: Path, setup) -> None:  # noqa: ANN001
+    """check_density / check_path_curvature compare what was drawn with the data: a figure drawn from other
+    numbers, or without one of the series, fails them."""
+    model, data, _, op = setup
+    density = slq_density(op, starts=3, steps=8, seed=0)
+    top = list(top_eigenpairs(op, 3).values)
+    stored = density.to_json()
+    other = SpectralDensity.from_json({**stored, "density": [2 * v for v in stored["density"]]})
+    fewer_nodes = SpectralDensity.from_json({**stored, "nodes": stored["nodes"][:2], "weights": stored["weights"][:2]})
+    for name, drawn_density, drawn_top in (
+        ("density: y of 'SLQ density", other, top),
+        (r"Gauss nodes \(3 starts", fewer_nodes, top),  # one start's nodes missing
+        ("density: drew 4 line", density, top[:2]),
+        ("density: x of 'top 3 eigenvalues'", density, [top[0] + 0.25, *top[1:]]),
+    ):
+        saved = plot_density(tmp_path / "d.png", drawn_density, drawn_top, split="train", examples=23)
+        with pytest.raises(AssertionError, match=name):
+            check_density(saved, stored, top, split="train", examples=23)
+            pytest.fail(name)
+
+    theta_b = {k: v.clone() for k, v in tiny_mlp(1).state_dict().items()}
+    spectra = path_spectra(model, model.state_dict(), {"naive": theta_b, "aligned": theta_b}, data, [0, 1], top=1)
     rows = spectra.rows()
-    np.testing.assert_allclose(top_ax.lines[0].get_ydata(), [r["top_eigenvalue"] for r in rows[:2]])
+    stored_path = spectra.to_json()
+    moved_top, moved_trace = json.loads(json.dumps(stored_path)), json.loads(json.dumps(stored_path))
+    moved_top["spectra"]["aligned"][1]["eigen"]["values"][0] += 0.25
+    moved_trace["spectra"]["naive"][0]["trace"]["estimate"] += 0.25
+    for name, drawn_spectra in (
+        ("top eigenvalue: drew 1 line", PathSpectra(spectra.lambdas, {"naive": spectra.spectra["naive"]})),
+        ("top eigenvalue: y of 'aligned'", PathSpectra.from_json(moved_top)),
+        ("trace naive: y", PathSpectra.from_json(moved_trace)),
+    ):
+        saved = plot_path_curvature(tmp_path / "p.png", drawn_spectra, split="train", examples=23)
+        with pytest.raises(AssertionError, match=name):
+            check_path_curvature(saved, rows, split="train", examples=23)
+            pytest.fail(name)
+    saved = plot_path_curvature(tmp_path / "p.png", spectra, split="train", examples=23)
+    check_path_curvature(saved, rows, split="train", examples=23)
+    with pytest.raises(AssertionError, match="train, 99 examples"):
+        check_path_curvature(saved, rows, split="train", examples=99)
 
 
 # ---------------------------------------------------------------------------------------- CLI
 
 TINY = ["--train-per-class", "20", "--hidden", "16", "--epochs", "1", "--batch-size", "50", "--no-progress"]
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def stored_blocks(stored: dict) -> list[dict]:
+    """The rows of blocks.csv rebuilt from the stored spectrum: kind, block, parameters, trace, CI, top eigenvalue."""
+    return [
+        {
+            "kind": b["kind"],
+            "block": b["name"],
+            "parameters": b["parameters"],
+            "trace": b["trace"]["estimate"],
+            "ci_low": b["trace"]["ci_low"],
+            "ci_high": b["trace"]["ci_high"],
+            "top_eigenvalue": b["top_eigenvalue"],
+        }
+        for b in stored["blocks"]
+    ]
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -367,6 +434,14 @@ def test_cli_spectrum_on_a_tiny_stored_pair(
     assert [b["block"] for b in result["blocks"]] == ["layers.0.linear", "head"]
     assert Path(result["files"]["density_figure"]).is_file() and Path(result["files"]["blocks"]).is_file()
     assert result["density"]["largest_node"] <= top[0] * (1 + 1e-6)  # Ritz values never exceed λ_max
+    stored = json.loads(Path(result["files"]["result"]).read_text())["spectrum"]
+    assert stored["top_eigenvalues"] == top
+    figure = drawn(result["files"]["density_figure"])
+    check_density(figure, stored["density"], top, split=result["split"], examples=result["examples"])
+    assert stored["density"]["starts"] == 2 and stored["density"]["steps"] == 6  # --starts 2 --steps 6
+    assert read_csv(result["files"]["blocks"]) == [
+        {k: "" if v is None else str(v) for k, v in b.items()} for b in stored_blocks(stored)
+    ]
     code, out, err = run_cli(capsys, *argv, "--no-progress")  # the same command: reused, same numbers
     again = json.loads(out)
     assert code == 0 and again["reused"] and again["top_eigenvalues"] == top and "spectrum: " not in err
@@ -378,6 +453,13 @@ def test_cli_spectrum_on_a_tiny_stored_pair(
     assert "top eigenvalues:" in out and "weight-matched" in out and "naive" in out
     lines = [line for line in out.splitlines() if line.startswith(("naive ", "weight-matched "))]
     assert len(lines) == 6
+    files = next(line for line in out.splitlines() if line.startswith("files: "))[len("files: ") :].split(", ")
+    table = read_csv(next(f for f in files if f.endswith("path_curvature.csv")))
+    assert [(r["path"], float(r["lambda"])) for r in table] == [
+        (p, x) for p in ("naive", "weight-matched") for x in (0, 0.5, 1)
+    ]
+    figure = drawn(next(f for f in files if f.endswith("path_curvature.png")))
+    check_path_curvature(figure, table, split=result["split"], examples=result["examples"])
     code, _, err = run_cli(capsys, "spectrum", "deadbeef", *io)
     assert code == 2 and "no run" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "spectrum", made[0], "--top", "100000", *io)
@@ -399,6 +481,9 @@ def test_cli_spectrum_along_a_tiny_stored_curve(tiny_pair, cli_io, capsys: pytes
     assert rows[0]["top_eigenvalue"] == result["top_eigenvalues"][0]  # φ(0) = θ_A
     figure = Path(result["files"]["path_figure"])
     assert figure.is_file() and Path(result["files"]["path_table"]).is_file()
+    data = {"split": result["split"], "examples": result["examples"]}
+    check_path_curvature(drawn(figure), rows, **data, xlabel="t (curve)")
+    check_path_curvature(drawn(figure), read_csv(result["files"]["path_table"]), **data, xlabel="t (curve)")
 
     both = ["--path-to", run_b.path.name, "--align", "weight"]
     code, out, err = run_cli(capsys, "spectrum", run_a.path.name, "--curve", str(fitted.path), *both, *quick)
@@ -406,6 +491,10 @@ def test_cli_spectrum_along_a_tiny_stored_curve(tiny_pair, cli_io, capsys: pytes
     again = json.loads(out)
     assert {r["path"] for r in again["path"]["rows"]} == {"naive", "weight-matched"}
     assert again["curve"]["rows"] == rows  # the same probes: the same numbers
+    both_rows = again["path"]["rows"] + again["curve"]["rows"]
+    check_path_curvature(
+        drawn(again["files"]["path_figure"]), both_rows, **data, xlabel="λ (straight paths) / t (curve)"
+    )
     naive_end = [r for r in again["path"]["rows"] if r["path"] == "naive"][-1]
     assert naive_end["top_eigenvalue"] == pytest.approx(rows[-1]["top_eigenvalue"], rel=1e-5)  # both end at θ_B
 

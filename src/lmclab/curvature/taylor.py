@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ from lmclab.data import DeviceDataset
 from lmclab.points import Point, PointLike, direction, lerp, parameter_names
 
 __all__ = [
+    "PathApproximations",
+    "TaylorSeries",
     "centred_at",
     "interpolated_logits",
     "interpolated_outputs",
@@ -77,23 +80,56 @@ def taylor_polynomial(
     return out[..., 0] if tt.ndim == 0 else out
 
 
+@dataclass(frozen=True)
+class TaylorSeries:
+    """One approximation along the path: centre "a" (θ_A) or "b" (θ_B), order k, its values (..., L)."""
+
+    center: str
+    order: int
+    values: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        """The centre and the order: "a2", "b1", …"""
+        return f"{self.center}{self.order}"
+
+
+@dataclass(frozen=True)
+class PathApproximations:
+    """The Taylor approximations of :func:`path_approximations`: for each order, centre "a" then "b"."""
+
+    lambdas: torch.Tensor
+    series: tuple[TaylorSeries, ...]
+
+    def __iter__(self) -> Iterator[TaylorSeries]:
+        return iter(self.series)
+
+    def at(self, center: str, order: int) -> torch.Tensor:
+        """The values (..., L) centred at `center` ("a" or "b") of order `order`."""
+        for s in self.series:
+            if s.center == center and s.order == order:
+                return s.values
+        have = ", ".join(f"({s.center!r}, {s.order})" for s in self.series)
+        raise KeyError(f"no approximation ({center!r}, {order}); computed: {have}")
+
+
 def path_approximations(
     coeffs_a: torch.Tensor,
     coeffs_b: torch.Tensor,
     lambdas: Sequence[float] | torch.Tensor,
     orders: Iterable[int] = (1, 2),
-) -> dict[tuple[str, int], torch.Tensor]:
-    """{("a", k): Σ_{j≤k} f_A⁽ʲ⁾(0) λʲ/j!, ("b", k): Σ_{j≤k} f_B⁽ʲ⁾(0) (1−λ)ʲ/j!} at every λ.
+) -> PathApproximations:
+    """Σ_{j≤k} f_A⁽ʲ⁾(0) λʲ/j! (centre "a") and Σ_{j≤k} f_B⁽ʲ⁾(0) (1−λ)ʲ/j! (centre "b") at every λ, each k.
 
     ``coeffs_a``: derivatives of f_A(t) = L(θ_A + t d); ``coeffs_b``: of f_B(s) = L(θ_B − s d), i.e.
-    computed at θ_B with direction −d. Both (..., K+1); values (..., L), float64.
+    computed at θ_B with direction −d. Both (..., K+1); values (..., L), float64 (``.at(center, k)``).
     """
     lam = _as_tensor(lambdas)
-    out: dict[tuple[str, int], torch.Tensor] = {}
+    series: list[TaylorSeries] = []
     for k in orders:
-        out[("a", k)] = taylor_polynomial(coeffs_a, lam, k)
-        out[("b", k)] = taylor_polynomial(coeffs_b, 1.0 - lam, k)
-    return out
+        series.append(TaylorSeries("a", k, taylor_polynomial(coeffs_a, lam, k)))
+        series.append(TaylorSeries("b", k, taylor_polynomial(coeffs_b, 1.0 - lam, k)))
+    return PathApproximations(lam, tuple(series))
 
 
 def taylor_rows(
@@ -122,7 +158,7 @@ def taylor_rows(
         rows += [{"lambda": x, "center": "true", "order": None, "value": float(v)} for x, v in zip(lam, true_values)]
     for center in ("a", "b"):
         for k in orders:
-            values = approx[(center, k)]
+            values = approx.at(center, k)
             for i, x in enumerate(lam):
                 row: dict[str, Any] = {"lambda": x, "center": center, "order": k, "value": float(values[i])}
                 if true_values is not None:

@@ -453,7 +453,7 @@ def _population_align(ctx: StepContext, config: dict[str, Any], inputs: dict[str
     for i, (perm, run, theta) in enumerate(zip(alignment.perms, runs, points)):
         member = copy.deepcopy(model)
         member.load_state_dict(theta)
-        invariance.append(max(check_invariance(member, spec, perm, x).values()))
+        invariance.append(check_invariance(member, spec, perm, x).worst)
         files.append(
             str(
                 perm.save(

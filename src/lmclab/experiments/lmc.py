@@ -163,7 +163,7 @@ def align_runs(
             )
         result = align(theta_a, theta_b, spec, method, **kw)
         verify_permutation(model_b, result.perm, spec, example_input=x)  # raises SpecError if f(π(θ_B)) ≠ f(θ_B)
-        invariance = check_invariance(model_b, spec, result.perm, x)
+        invariance = check_invariance(model_b, spec, result.perm, x).to_json()
         info = {**settings, **result.to_json(), "invariance_max_abs_diff": invariance, "data": data_check.to_json()}
         info["coverage"] = coverage(spec, dict(model_a.named_parameters()))  # fraction of parameters permuted
         result.perm.save(out / "perm.safetensors", spec, **settings)

@@ -252,8 +252,8 @@ def _logits(ctx: StepContext, config: dict[str, Any], inputs: dict[str, Any]) ->
     true = interpolated_logits(model, theta_a, theta_b, data, lambdas).double()  # (L, N, C)
     z_a = true[0]
     approx = {
-        f"{center}{k}": values.permute(2, 0, 1)  # (L, N, C)
-        for (center, k), values in path_approximations(coeff_a, coeff_b, lambdas, range(1, order + 1)).items()
+        series.name: series.values.permute(2, 0, 1)  # (L, N, C)
+        for series in path_approximations(coeff_a, coeff_b, lambdas, range(1, order + 1))
     }
     direct = interpolated_outputs(true[0], true[-1], lambdas)
     rmse = {name: logit_rmse(true, a, z_a).tolist() for name, a in approx.items()}

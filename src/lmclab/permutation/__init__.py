@@ -11,10 +11,11 @@ from lmclab.permutation.spec import (
     expand_block,
     permute_axis,
 )
-from lmclab.permutation.verify import check_invariance, verify_permutation
+from lmclab.permutation.verify import Invariance, check_invariance, verify_permutation
 
 __all__ = [
     "AxisRef",
+    "Invariance",
     "PermGroup",
     "Permutation",
     "PermutationSpec",

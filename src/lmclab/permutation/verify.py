@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from lmclab.permutation.export import canonical_names
 from lmclab.permutation.spec import Permutation, PermutationSpec, SpecError
 from lmclab.points import PointLike
 
-__all__ = ["check_invariance", "verify_permutation"]
+__all__ = ["Invariance", "check_invariance", "verify_permutation"]
 
 _MODES = ("eval", "train")
 
@@ -102,6 +103,23 @@ def _differences(
     return result
 
 
+@dataclass(frozen=True)
+class Invariance:
+    """max |f(π(θ)) − f(θ)| over all outputs in each mode checked (None: that mode was not checked)."""
+
+    eval: float | None = None
+    train: float | None = None
+
+    @property
+    def worst(self) -> float:
+        """The largest difference over the modes checked."""
+        return max(self.to_json().values())
+
+    def to_json(self) -> dict[str, float]:
+        """{"eval": …, "train": …}: mode -> max |Δ| for the modes checked (as alignment.json stores it)."""
+        return {mode: d for mode in _MODES if (d := getattr(self, mode)) is not None}
+
+
 def check_invariance(
     model: nn.Module,
     spec: PermutationSpec,
@@ -110,10 +128,10 @@ def check_invariance(
     *,
     modes: Sequence[str] = _MODES,
     dtype: torch.dtype = torch.float64,
-) -> dict[str, float]:
+) -> Invariance:
     """max |f(π(θ)) − f(θ)| over all outputs, per mode ('eval', 'train'), θ = the model's state_dict."""
     diffs = _differences(model, perm, spec, example_input, modes, dtype, 0.0, 0.0)
-    return {mode: d for mode, (d, _) in diffs.items()}
+    return Invariance(**{mode: d for mode, (d, _) in diffs.items()})
 
 
 def verify_permutation(
