@@ -219,7 +219,7 @@ def test_bn_reset_only_for_batchnorm_models() -> None:
 
 
 def test_presets_load_and_cli_refuses_a_bad_preset(capsys: pytest.CaptureFixture[str]) -> None:
-    for name in ("smoke", "paper", "tiny"):
+    for name in ("smoke", "paper", "tiny", "vit"):
         preset = load_preset("width", name, WidthOptions)
         assert preset.settings and preset.widths
     paper = load_preset("width", "paper", WidthOptions)
