@@ -30,8 +30,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 import lmclab.experiments.steps  # noqa: F401  (registers the train and align step kinds)
 from lmclab.align import PAIR_METHODS
 from lmclab.config import RunConfig
@@ -39,7 +37,7 @@ from lmclab.experiments.context import Experiment, ExperimentContext
 from lmclab.experiments.graph import Step, StepContext, step_kind
 from lmclab.experiments.settings import ExperimentOptions, PairSetting, Setting
 from lmclab.experiments.steps import dataset_for, endpoints, train_step
-from lmclab.paths import BN_MODES, barriers, default_lambdas, evaluate_path, path_values
+from lmclab.paths import BN_MODES, barriers, default_lambdas, evaluate_path, path_values, spread
 from lmclab.report import write_csv
 from lmclab.report.width import plot_barrier_vs_width
 
@@ -289,23 +287,16 @@ def tidy_tables(
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and SD (ddof 0) of the barrier over pairs, per (setting, norm, width, method, correction, split,
-    metric); `pairs`: how many finite barriers went in."""
+    """Mean and SD (:func:`lmclab.paths.barriers.spread`) of the barrier over pairs, per (setting, norm, width,
+    method, correction, split, metric); `pairs`: how many finite barriers went in."""
     keys = ("setting", "norm", "width", "method", "correction", "split", "metric")
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(float(r["barrier"]))
     out = []
     for key, values in groups.items():
-        v = np.array([x for x in values if math.isfinite(x)])
-        out.append(
-            {
-                **dict(zip(keys, key)),
-                "mean": float(v.mean()) if v.size else math.nan,
-                "sd": float(v.std()) if v.size else math.nan,
-                "pairs": int(v.size),
-            }
-        )
+        s = spread(values)
+        out.append({**dict(zip(keys, key)), "mean": s.mean, "sd": s.sd, "pairs": s.n})
     return out
 
 
