@@ -146,6 +146,16 @@ EXPERIMENT = Experiment("benko", "Benkő, a second-order perspective on LMC", Be
 run_benko = EXPERIMENT
 
 
+def _series_order(name: str) -> tuple[int, int, str]:
+    """Table order of logit series (stored results come back with sorted keys): the true logits, the direct
+    interpolation, then each order's approximations centred at A and at B (a1, b1, a2, b2, …); RMSE tables
+    put the direct interpolation last."""
+    fixed = {"true": 0, "direct": 1}
+    if name in fixed:
+        return (fixed[name], 0, "")
+    return (2, int(name[1:]), name[0]) if name[1:].isdigit() else (3, 0, name)
+
+
 def tidy_tables(
     preset: BenkoOptions, graph: dict[str, list[PairSteps]], results: dict[str, dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -187,7 +197,8 @@ def tidy_tables(
                     ]
                 if path in steps.logits:
                     res = results[steps.logits[path].key]
-                    for name, values in res["rmse"].items():
+                    for name in sorted(res["rmse"], key=lambda n: (n == "direct", _series_order(n))):
+                        values = res["rmse"][name]
                         rmse_rows += [
                             {
                                 "setting": s.name,
@@ -202,7 +213,8 @@ def tidy_tables(
                         ]
                     if pair == 0:
                         ex = res["example"]
-                        for curve in [k for k in ex if k not in ("index", "label", "classes")]:
+                        curves = sorted((k for k in ex if k not in ("index", "label", "classes")), key=_series_order)
+                        for curve in curves:
                             for li, x in enumerate(res["lambdas"]):
                                 for ci, c in enumerate(ex["classes"]):
                                     example_rows.append(
