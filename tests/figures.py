@@ -27,6 +27,7 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.contour import ContourSet
 from PIL import Image
 
+from lmclab.experiments.zipit import METHODS as ZIPIT_METHODS
 from lmclab.report import figures as report_figures
 from lmclab.report.figures import SavedFigure
 
@@ -873,18 +874,6 @@ def check_predictions(
 
 # ------------------------------------------------------------------------------------ zipit
 
-#: The methods of the ZipIt! bar chart, in drawing order (ZipIt!: its full zip only).
-ZIPIT_BARS = (
-    "model_a",
-    "model_b",
-    "ensemble",
-    "average",
-    "weight_matching",
-    "activation_matching",
-    "zipit",
-    "zipit_across",
-)
-
 
 def _task_text(task: Sequence[int]) -> str:
     """Classes 0, 1, 2, 3, 4 as "0–4"; others (or two classes) listed: "1,3"."""
@@ -916,8 +905,9 @@ def check_zipit(saved: SavedFigure, rows: Rows, *, tasks: Sequence[Sequence[int]
                 return 100 * num(r["mean"]), 100 * num(r["sd"])
         return None
 
-    full = {m: (groups if m == "zipit" else None) for m in ZIPIT_BARS}
-    present = [m for m in ZIPIT_BARS if cell(m, "joint_accuracy", full[m]) is not None]
+    # bars in the experiment's declared table and figure order (ZipIt!: its full zip only)
+    full = {m: (groups if m == "zipit" else None) for m in ZIPIT_METHODS}
+    present = [m for m in ZIPIT_METHODS if cell(m, "joint_accuracy", full[m]) is not None]
     assert len(bar_ax.get_xticklabels()) == len(present), f"zipit bars: methods {present}"
     containers = [c for c in bar_ax.containers if type(c).__name__ == "BarContainer"]
     metrics = ("joint_accuracy", "task_accuracy_0", "task_accuracy_1")

@@ -333,24 +333,8 @@ def hessian_trace(
     )
     like = op.params
     scale = like if scale_aware else None
-    if control_variate == "ggn":
+    if method == "hutchinson":  # with control_variate="ggn": on R = H − G, offset tr G (and scale None)
         est = hutchinson_trace(
-            None,
-            like,
-            probes=probes,
-            confidence=confidence,
-            seed=seed,
-            distribution=distribution,
-            target_ci_width=target_ci_width,
-            max_probes=max_probes,
-            matmat=op.matmat,
-            block=probes_per_pass,
-            offset=exact,
-        )
-        est.method = "hutchinson-ggn"
-        return est
-    if method == "hutchinson":
-        return hutchinson_trace(
             None,
             like,
             probes=probes,
@@ -362,7 +346,11 @@ def hessian_trace(
             max_probes=max_probes,
             matmat=op.matmat,
             block=probes_per_pass,
+            offset=exact,
         )
+        if control_variate == "ggn":
+            est.method = "hutchinson-ggn"
+        return est
     if method == "hutchpp":
         return hutchpp_trace(
             None,

@@ -50,7 +50,7 @@ from lmclab.experiments.graph import (
 )
 from lmclab.store import Store
 
-CHECK_DIR = ".ray_store_check"  # below the store root: the token files of the shared-store check
+CHECK_DIR = "ray_store_check"  # the store's scratch directory for the token files of the shared-store check
 
 
 def parse_address(text: str) -> str:
@@ -211,7 +211,7 @@ class RayExecutor(GraphExecutor):
         """UsageError unless a task on every alive node reads the token this driver wrote below the store."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        check = self.root / CHECK_DIR
+        check = self.store.scratch_dir(CHECK_DIR).resolve()
         check.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         path = check / token
@@ -250,45 +250,28 @@ class RayExecutor(GraphExecutor):
                 )
 
     def _submit(self, step: Step, inputs: dict[str, Any]) -> None:
-        self.check_fits({step.kind})
-        r = self.resources_of(step.kind)
-        ref = self._remote.options(
-            num_cpus=r.cpus,
-            num_gpus=r.gpus,
-            max_retries=self.max_retries,
-            retry_exceptions=False,
-            name=f"lmclab {step.name}",
-        ).remote(
-            str(self.root),
-            step,
-            inputs,
-            self.task_options(r),
-            r.cpus,
-            STEP_KINDS[step.kind],
-            step.kind in SELF_CACHING,
-        )
-        self._pending[ref] = [step]
+        kind = step.kind
+        self._launch(self._remote, kind, f"lmclab {step.name}", [step], step, inputs, (STEP_KINDS[kind],))
 
     def _submit_pack(self, steps: list[Step], inputs: list[dict[str, Any]]) -> None:
         kind = steps[0].kind
+        name = f"lmclab pack of {len(steps)} {kind} steps ({steps[0].name}, …)"
+        self._launch(self._remote_pack, kind, name, steps, steps, inputs, (STEP_KINDS[kind], PACK_KINDS[kind]))
+
+    def _launch(
+        self, remote: Any, kind: str, name: str, steps: list[Step], work: Any, inputs: Any, fns: tuple[Any, ...]
+    ) -> None:
+        """One Ray task `remote`(root, work, inputs, task options, CPUs, *fns, self-caching) for `steps`, with
+        `kind`'s resources (`_run_step`: work = one step, fns = its function; `_run_pack`: the steps, + pack)."""
         self.check_fits({kind})
         r = self.resources_of(kind)
-        ref = self._remote_pack.options(
+        ref = remote.options(
             num_cpus=r.cpus,
             num_gpus=r.gpus,
             max_retries=self.max_retries,
             retry_exceptions=False,
-            name=f"lmclab pack of {len(steps)} {kind} steps ({steps[0].name}, …)",
-        ).remote(
-            str(self.root),
-            steps,
-            inputs,
-            self.task_options(r),
-            r.cpus,
-            STEP_KINDS[kind],
-            PACK_KINDS[kind],
-            kind in SELF_CACHING,
-        )
+            name=name,
+        ).remote(str(self.root), work, inputs, self.task_options(r), r.cpus, *fns, kind in SELF_CACHING)
         self._pending[ref] = steps
 
     def _collect(self) -> tuple[Step, StepOutcome | BaseException]:

@@ -83,7 +83,7 @@ import math
 import operator
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -94,7 +94,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from lmclab.models.norms import LayerNorm2d
-from lmclab.permutation.export import canonical_names, export_graph
+from lmclab.permutation.export import canonical_names, eval_mode, export_graph
 from lmclab.permutation.spec import AxisRef, PermGroup, PermutationSpec, SpecError, coverage
 
 __all__ = ["PermTracer", "trace_model", "example_input_for", "derive_spec", "spec_for"]
@@ -182,18 +182,6 @@ def example_input_for(model: nn.Module, gm: fx.GraphModule | None = None) -> tor
             g = torch.Generator().manual_seed(0)
             return torch.randn(shape, generator=g).to(**kw)
     raise SpecError(f"cannot guess an example input for {type(model).__name__}; pass example_input")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Temporarily put every submodule in eval mode (no BN statistics updates); restore flags after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 _SMALL = (int, float, bool, str, type(None), torch.dtype, torch.device, slice, type(Ellipsis))
@@ -2025,7 +2013,7 @@ def derive_spec(
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     prop = _Prop(gm)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             prop.propagate(*inputs)
     except Exception as err:  # noqa: BLE001
         shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]

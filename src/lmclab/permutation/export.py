@@ -57,7 +57,7 @@ from torch.utils._pytree import tree_leaves
 
 from lmclab.permutation.spec import SpecError
 
-__all__ = ["export_graph", "canonical_names"]
+__all__ = ["export_graph", "canonical_names", "eval_mode"]
 
 
 def canonical_names(model: nn.Module) -> dict[str, str]:
@@ -70,7 +70,8 @@ def canonical_names(model: nn.Module) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Temporarily put every submodule in eval mode (no BN statistics updates); restore flags after."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -420,7 +421,7 @@ def export_graph(model: nn.Module, inputs: tuple[torch.Tensor | None, ...]) -> f
     output tensors. Raises SpecError if export fails or the translation does not reproduce the outputs."""
     if not all(t is None or isinstance(t, torch.Tensor) for t in inputs):
         raise SpecError("the export tracer takes tensor (or None) inputs only")
-    with _eval_mode(model):
+    with eval_mode(model):
         try:
             with _exportable(model):
                 ep = torch.export.export(model, tuple(inputs), strict=False)

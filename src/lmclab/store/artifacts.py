@@ -53,6 +53,13 @@ class Store:
         """`<root>/align_<hash>/`: the alignment with this identity (runs, method and its settings)."""
         return self.result_dir(ALIGNMENT_KIND, identity)
 
+    def scratch_dir(self, name: str) -> Path:
+        """`<root>/.<name>/` (not created): transient files of a tool (never results; e.g. the token files of the
+        Ray executor's shared-store check), hidden from `lmclab runs`."""
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"{name!r} cannot name a scratch directory")
+        return self.root / f".{name}"
+
     def step_dir(self, kind: str, key: str) -> Path:
         """`<root>/steps/<kind>_<key>/` (not created): the stored result of an experiment step."""
         return self.root / STEPS_DIR / f"{kind}_{key}"

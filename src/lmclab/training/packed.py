@@ -36,7 +36,6 @@ start step, one after another.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -52,9 +51,8 @@ from tqdm.auto import tqdm
 
 from lmclab.config import SECTIONS, RunConfig, UsageError
 from lmclab.data import DeviceDataset
-from lmclab.store import DataInfo, ResumedFrom, Run, RunStore, artifact_lock, environment_record
+from lmclab.store import Run, RunStore, artifact_lock
 from lmclab.training.evaluate import autocast_for, evaluate
-from lmclab.training.forks import start_child
 from lmclab.training.loop import (
     DIVERGENCE_FACTOR,
     DIVERGENCE_MARGIN,
@@ -67,10 +65,10 @@ from lmclab.training.loop import (
     reference_loss,
 )
 from lmclab.training.options import RunOptions
-from lmclab.training.plan import FillParent, Reuse, Schedule, StartChild, Train, plan_training, stored_complete
-from lmclab.training.schedules import CheckpointSchedule, learning_rate
-from lmclab.training.state import OPTIMIZERS, TrainingState, init_model
-from lmclab.training.trainer import DEFAULT_OPTIONS, load_datasets, resolve_device, train
+from lmclab.training.plan import Reuse, Schedule, Train, stored_complete
+from lmclab.training.schedules import learning_rate
+from lmclab.training.state import OPTIMIZERS, TrainingState, init_model, optimizer_over
+from lmclab.training.trainer import DEFAULT_OPTIONS, load_datasets, resolve_device, settle_plan, start_run
 
 #: optimizers whose update is elementwise in (parameter, gradient, state): one over stacked leaves is exact
 ELEMENTWISE_OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -253,14 +251,11 @@ def _member_value(key: str, value: Any, k: int) -> Any:
 
 def stacked_optimizer(config: RunConfig, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
     """The run's optimizer (as `make_optimizer` builds it) over the stacked leaves."""
-    t = config.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(leaves, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(leaves, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(leaves, lr=t.lr, weight_decay=t.weight_decay)
-    raise UsageError(f"train_pack: --optimizer {t.optimizer}: allowed: {', '.join(ELEMENTWISE_OPTIMIZERS)}")
+    if config.train.optimizer not in ELEMENTWISE_OPTIMIZERS:
+        raise UsageError(
+            f"train_pack: --optimizer {config.train.optimizer}: allowed: {', '.join(ELEMENTWISE_OPTIMIZERS)}"
+        )
+    return optimizer_over(config, leaves)
 
 
 @dataclass
@@ -310,7 +305,7 @@ def train_pack(
             locks.enter_context(artifact_lock(run.path, root=store.root, what=f"run {run.path.name}"))
         plans: dict[int, Train] = {}
         for i in pending:
-            plan = _settle(store, normalised[i], schedule, options, device)
+            plan = settle_plan(store, normalised[i], schedule, options, device)
             if isinstance(plan, Reuse):
                 runs[i] = plan.run
             else:
@@ -356,34 +351,6 @@ def _indexed_callback(
     return lambda k, state: callback(indices[k], state)
 
 
-def _settle(
-    store: RunStore, config: RunConfig, schedule: Schedule, options: RunOptions, device: torch.device
-) -> Reuse | Train:
-    """The member's plan once a fork child's parent state and first checkpoint exist (as `train` does)."""
-    plan = plan_training(store, config, schedule)
-    if isinstance(plan, FillParent):
-        parent = plan.parent
-        train(
-            parent.config,
-            dataclasses.replace(options, checkpoints=CheckpointSchedule(steps=(plan.step,)), preset=parent.meta.preset),
-        )
-        plan = plan_training(store, config, schedule)
-    if isinstance(plan, StartChild):
-        start_child(
-            store,
-            config,
-            plan.parent,
-            plan.fork,
-            steps_per_epoch=schedule.steps_per_epoch,
-            device=device,
-            preset=options.preset,
-        )
-        plan = plan_training(store, config, schedule)
-    if isinstance(plan, (Reuse, Train)):
-        return plan
-    raise RuntimeError(f"run {plan.parent.path} did not store the state that fork {config.run_hash()} starts from")
-
-
 def _open_member(
     config: RunConfig,
     plan: Train,
@@ -393,30 +360,10 @@ def _open_member(
     train_ds: DeviceDataset,
     test_ds: DeviceDataset,
 ) -> Member:
-    """The member's run opened and its meta.json set as the solo trainer sets it (`trainer._carry_out`)."""
-    schedule = plan.schedule
+    """The member's run opened and its meta.json set as the solo trainer sets it (`trainer.start_run`)."""
     run = RunStore(options.runs_dir).open(config, preset=options.preset)
     history = [] if plan.source is None else run.meta.history_until(state.step)
-    if not plan.filling:
-        started_at_fork = plan.fork is not None and state.step == schedule.fork_step and run.meta.status == "created"
-        run.update_meta(
-            status="running",
-            preset=options.preset,
-            hash=config.run_hash(),
-            environment=environment_record(device),
-            device=str(device),
-            precision="bf16-autocast" if device.type == "cuda" else "fp32",
-            steps_per_epoch=schedule.steps_per_epoch,
-            total_steps=schedule.total_steps,
-            data_info=DataInfo.of(train_ds, test_ds),
-            parameters=sum(p.numel() for p in state.model.parameters()),
-            resumed_from=(
-                None if plan.source is None or started_at_fork else ResumedFrom(path=str(plan.source), step=state.step)
-            ),
-            **({"fork": plan.fork} if plan.fork is not None else {}),
-        )
-    if state.step in schedule.checkpoints and not run.checkpoint_path(state.step).is_file():
-        state.save(run.checkpoint_path(state.step), schedule.steps_per_epoch, run.path.name)
+    start_run(run, config, plan, state, options, device, train_ds, test_ds)
     return Member(config=config, run=run, plan=plan, state=state, history=history)
 
 

@@ -51,8 +51,12 @@ def _model_text(config: RunConfig) -> str:
 
 
 def make_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return optimizer_over(config, list(model.parameters()))
+
+
+def optimizer_over(config: RunConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The run's optimizer (`config.train`: optimizer, lr, momentum, nesterov, weight decay) over `params`."""
     t = config.train
-    params = list(model.parameters())
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
     if t.optimizer == "adam":

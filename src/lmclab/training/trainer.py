@@ -133,6 +133,23 @@ def _train_locked(
         return stored
     train_ds, test_ds = load_datasets(config, options, device)
     schedule = Schedule.of(config, options.checkpoints, len(train_ds))
+    plan = settle_plan(store, config, schedule, options, device)
+    if isinstance(plan, Reuse):
+        _say_reused(plan.run, lock)
+        return plan.run
+    if (lock.waited or lock.took_over is not None) and plan.source is not None:
+        lock.say(f"resuming run {plan.run.path.name} from {plan.source.name}, where its previous holder stopped")
+    return _carry_out(plan, config, options, device, train_ds, test_ds, callback)
+
+
+def settle_plan(
+    store: RunStore, config: RunConfig, schedule: Schedule, options: RunOptions, device: torch.device
+) -> Reuse | Train:
+    """The run's plan once a fork child's parent state and first checkpoint exist.
+
+    FillParent: train the parent up to the fork step; StartChild: write the child's first checkpoint
+    from the parent's state (`start_child`); after each, plan again from the store.
+    """
     plan = plan_training(store, config, schedule)
     if isinstance(plan, FillParent):
         parent = plan.parent
@@ -152,13 +169,8 @@ def _train_locked(
             preset=options.preset,
         )
         plan = plan_training(store, config, schedule)
-    if isinstance(plan, Reuse):
-        _say_reused(plan.run, lock)
-        return plan.run
-    if isinstance(plan, Train):
-        if (lock.waited or lock.took_over is not None) and plan.source is not None:
-            lock.say(f"resuming run {plan.run.path.name} from {plan.source.name}, where its previous holder stopped")
-        return _carry_out(plan, config, options, device, train_ds, test_ds, callback)
+    if isinstance(plan, (Reuse, Train)):
+        return plan
     raise RuntimeError(
         f"run {plan.parent.path} did not store the state at step "
         f"{plan.step if isinstance(plan, FillParent) else plan.fork.step} that fork "
@@ -183,7 +195,6 @@ def _carry_out(
     callback: Callable[[TrainState], None] | None,
 ) -> Run:
     """Train the planned run: its state from the plan's source, its metadata, the loop, the final metrics."""
-    schedule = plan.schedule
     if plan.source is None:  # built before the run's directory exists: a model that cannot be built leaves none
         state, history = TrainingState.initial(config, train_ds.info, device), []
     run = RunStore(options.runs_dir).open(config, preset=options.preset)
@@ -191,6 +202,26 @@ def _carry_out(
         state = TrainingState.from_checkpoint(config, train_ds.info, device, plan.source)
         history = run.meta.history_until(state.step)
 
+    start_run(run, config, plan, state, options, device, train_ds, test_ds)
+    run_loop(state, plan, config, options, train_ds, test_ds, history, callback)
+    if not plan.filling:
+        finish(state, plan, options, train_ds, test_ds, history)
+    return run
+
+
+def start_run(
+    run: Run,
+    config: RunConfig,
+    plan: Train,
+    state: TrainingState,
+    options: RunOptions,
+    device: torch.device,
+    train_ds: DeviceDataset,
+    test_ds: DeviceDataset,
+) -> None:
+    """The run's meta.json set to "running" (unless the plan only fills a fork's parent), and the starting
+    state written as a checkpoint where the schedule has one at its step and none is stored."""
+    schedule = plan.schedule
     if not plan.filling:
         started_at_fork = plan.fork is not None and state.step == schedule.fork_step and run.meta.status == "created"
         run.update_meta(
@@ -202,7 +233,7 @@ def _carry_out(
             precision="bf16-autocast" if device.type == "cuda" else "fp32",
             steps_per_epoch=schedule.steps_per_epoch,
             total_steps=schedule.total_steps,
-            data_info=_info_record(train_ds, test_ds),
+            data_info=DataInfo.of(train_ds, test_ds),
             parameters=sum(p.numel() for p in state.model.parameters()),
             resumed_from=(
                 None if plan.source is None or started_at_fork else ResumedFrom(path=str(plan.source), step=state.step)
@@ -211,14 +242,6 @@ def _carry_out(
         )
     if state.step in schedule.checkpoints and not run.checkpoint_path(state.step).is_file():
         state.save(run.checkpoint_path(state.step), schedule.steps_per_epoch, run.path.name)
-    run_loop(state, plan, config, options, train_ds, test_ds, history, callback)
-    if not plan.filling:
-        finish(state, plan, options, train_ds, test_ds, history)
-    return run
-
-
-def _info_record(train_ds: DeviceDataset, test_ds: DeviceDataset) -> DataInfo:
-    return DataInfo.of(train_ds, test_ds)
 
 
 def load_run_model(run: Run, step: int | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
