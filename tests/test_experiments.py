@@ -307,7 +307,7 @@ def test_lmclab_run_lists_experiments_and_presets(capsys: pytest.CaptureFixture[
     assert main(["run", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert {"benko", "ito", "singh", "zipit"} <= set(listing)
-    assert list(listing["singh"]["presets"]) == ["smoke", "paper", "tiny"]
+    assert list(listing["singh"]["presets"]) == ["smoke", "paper", "tiny", "gpu"]
     with pytest.raises(SystemExit):
         main(["run", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
