@@ -38,7 +38,7 @@ import lmclab.experiments.steps  # noqa: F401  (registers the train step)
 from lmclab.align import POPULATION_METHODS, PopulationAlignment, align_population, get_population_method
 from lmclab.align.cycle import CycleConsistency, alignment_cycle_consistency, cycle_consistency, direct_pairwise_maps
 from lmclab.config import RunConfig, SeedConfig
-from lmclab.curvature.trace import hessian_trace
+from lmclab.curvature.trace import TraceEstimate, hessian_trace
 from lmclab.data import DeviceDataset
 from lmclab.experiments.context import Experiment, ExperimentContext
 from lmclab.experiments.graph import Step, StepContext, step_kind
@@ -359,8 +359,8 @@ class PopulationAlignResult:
 
 
 @dataclass(frozen=True)
-class TraceEstimate:
-    """One trace estimate with its confidence interval (None: not finite)."""
+class TraceRecord:
+    """One stored trace estimate with its confidence interval (None: not finite), without the samples."""
 
     estimate: float | None
     ci_low: float | None
@@ -368,6 +368,10 @@ class TraceEstimate:
     confidence: float
     probes: int
     method: str
+
+    @classmethod
+    def of(cls, est: TraceEstimate) -> TraceRecord:
+        return cls(est.estimate, est.ci_low, est.ci_high, est.confidence, est.n_probes, est.method)
 
 
 @dataclass(frozen=True)
@@ -377,8 +381,8 @@ class MergedTrace:
 
     split: str
     n_examples: int
-    trace: TraceEstimate
-    scale_aware_trace: TraceEstimate
+    trace: TraceRecord
+    scale_aware_trace: TraceRecord
 
     KINDS: ClassVar[tuple[str, str]] = ("trace", "scale_aware_trace")
 
@@ -390,7 +394,7 @@ class MergedTrace:
         return cls(
             split=data["split"],
             n_examples=data["n_examples"],
-            **{kind: TraceEstimate(**data[kind]) for kind in cls.KINDS},
+            **{kind: TraceRecord(**data[kind]) for kind in cls.KINDS},
         )
 
 
@@ -566,14 +570,7 @@ def _merged_trace(ctx: StepContext, config: dict[str, Any], inputs: dict[str, An
             batch_size=config["batch_size"],
             seed=config["seed"],
         )
-        estimates[key] = TraceEstimate(
-            estimate=est.estimate,
-            ci_low=est.ci_low,
-            ci_high=est.ci_high,
-            confidence=est.confidence,
-            probes=est.n_probes,
-            method=est.method,
-        )
+        estimates[key] = TraceRecord.of(est)
     return MergedTrace(split=config["split"], n_examples=len(data), **estimates).to_json()
 
 
@@ -638,7 +635,7 @@ def tidy_tables(
             if ms.trace is not None:
                 trace = MergedTrace.from_json(results[ms.trace.key])
                 for kind in MergedTrace.KINDS:
-                    t: TraceEstimate = getattr(trace, kind)
+                    t: TraceRecord = getattr(trace, kind)
                     tables["trace"].append(
                         {
                             **base,
