@@ -439,6 +439,32 @@ def train_resnet(model: nn.Module, device: torch.device, steps: int, data_dir: s
     _fit(model, train, torch.optim.SGD(model.parameters(), 0.05, momentum=0.9))
 
 
+def setup_model(
+    name: str, args: argparse.Namespace, device: torch.device
+) -> tuple[nn.Module, DeviceDataset, int, float, str]:
+    """(model in eval mode, its test data, examples, target relative half-width, where the point is) for
+    "mlp" (MNIST test, after one Adam pass over `--mlp-train`) or "resnet20" (×1 LN, CIFAR-10 test)."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        data = DeviceDataset.load(
+            "mnist", "test", data_dir=args.data_dir, device=device, subset=args.mlp_examples, progress=False
+        )
+        model = build_model("mlp", input_shape=(1, 28, 28), num_classes=10).to(device)
+        if args.mlp_train:
+            train_mlp(model, device, args.mlp_train, args.data_dir)
+        examples, target, point = args.mlp_examples, args.mlp_target, f"after 1 Adam pass over {args.mlp_train}"
+    else:
+        data = DeviceDataset.load(
+            "cifar10", "test", data_dir=args.data_dir, device=device, subset=args.resnet_examples, progress=False
+        )
+        model = build_model("resnet20", input_shape=(3, 32, 32), num_classes=10, width=1).to(device)
+        if args.resnet_train_steps:
+            train_resnet(model, device, args.resnet_train_steps, args.data_dir)
+        examples, target = args.resnet_examples, args.resnet_target
+        point = f"after {args.resnet_train_steps} SGD steps" if args.resnet_train_steps else "random init"
+    return model.eval(), data, examples, target, point
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["mlp", "resnet20"], choices=["mlp", "resnet20"])
@@ -485,25 +511,7 @@ def main() -> None:
         vs_pyhessian(model, args)
         return
     for name in args.models:
-        torch.manual_seed(0)
-        if name == "mlp":
-            data = DeviceDataset.load(
-                "mnist", "test", data_dir=args.data_dir, device=device, subset=args.mlp_examples, progress=False
-            )
-            model = build_model("mlp", input_shape=(1, 28, 28), num_classes=10).to(device)
-            if args.mlp_train:
-                train_mlp(model, device, args.mlp_train, args.data_dir)
-            examples, target, point = args.mlp_examples, args.mlp_target, f"after 1 Adam pass over {args.mlp_train}"
-        else:
-            data = DeviceDataset.load(
-                "cifar10", "test", data_dir=args.data_dir, device=device, subset=args.resnet_examples, progress=False
-            )
-            model = build_model("resnet20", input_shape=(3, 32, 32), num_classes=10, width=1).to(device)
-            if args.resnet_train_steps:
-                train_resnet(model, device, args.resnet_train_steps, args.data_dir)
-            examples, target = args.resnet_examples, args.resnet_target
-            point = f"after {args.resnet_train_steps} SGD steps" if args.resnet_train_steps else "random init"
-        model.eval()
+        model, data, examples, target, point = setup_model(name, args, device)
         print(
             f"\n== {name}: {count_parameters(model):,} parameters, {examples} examples, batch {args.batch_size}, "
             f"{point}"

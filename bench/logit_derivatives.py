@@ -120,7 +120,8 @@ def setup(
     return f"{label} ({count_parameters(model_a):,} params)", model_a, theta_a, d, data
 
 
-def bench_logits(name: str, args: argparse.Namespace, device: torch.device) -> None:
+def bench_logits(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Time both procedures, check they agree; prints the lines and returns the numbers."""
     pass_inputs = args.pass_inputs if name == "mlp" else args.resnet_pass_inputs
     label, model, theta, d, data = setup(name, device, max(pass_inputs, args.pair_inputs), args.data_dir)
     classes = data.info.num_classes
@@ -150,6 +151,16 @@ def bench_logits(name: str, args: argparse.Namespace, device: torch.device) -> N
         f"  ratio per-(n,c) / one pass: {full_pair / full_pass:8.1f}x   "
         f"agreement (max rel. diff, orders 0,1,2): {', '.join(f'{e:.1e}' for e in err)}"
     )
+    return {
+        "model": label,
+        "one_pass_s": t_pass,
+        "pass_inputs": pass_inputs,
+        "per_pair_s": t_pair,
+        "pair_inputs": args.pair_inputs,
+        "extrapolated_to": args.full,
+        "ratio": full_pair / full_pass,
+        "max_rel_diff_orders_0_1_2": err,
+    }
 
 
 def bench_loss(name: str, args: argparse.Namespace, device: torch.device) -> None:

@@ -103,7 +103,8 @@ def bench_case(
     data_dir: str | None,
     workers: int,
     repeats: int,
-) -> None:
+) -> dict:
+    """Time both sides (best of `repeats`, alternating); prints one line and returns its numbers."""
     data = DeviceDataset.load(dataset, "train", data_dir=data_dir, device=device, subset=subset, progress=False)
     torch.manual_seed(0)
     model = build_model(model_name, input_shape=data.info.input_shape, num_classes=data.info.num_classes, **options)
@@ -121,6 +122,16 @@ def bench_case(
         f"ratio {ours_ips / base_ips:5.2f}x   ({steps} steps × {batch_size}, best of {repeats})",
         flush=True,
     )
+    return {
+        "case": name,
+        "lmclab_img_s": ours_ips,
+        "dataloader_img_s": base_ips,
+        "workers": workers,
+        "ratio": ours_ips / base_ips,
+        "steps": steps,
+        "batch_size": batch_size,
+        "repeats": repeats,
+    }
 
 
 def main() -> None:

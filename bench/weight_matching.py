@@ -142,7 +142,8 @@ def compare(
     device: torch.device,
     max_sweeps: int,
     repeat: int,
-) -> None:
+) -> dict:
+    """Time both sides (fastest of `repeat`, alternating); prints one line and returns its numbers."""
     pa = {k: v.detach().to(device) for k, v in pa.items()}
     pb = {k: v.detach().to(device) for k, v in pb.items()}
     cuda = device.type == "cuda"
@@ -172,6 +173,15 @@ def compare(
         + (f"objective {j_l:.10g}" if j_l == j_p else f"objective lmclab {j_l:.10g} port {j_p:.10g}")
     )
     print(line, flush=True)
+    return {
+        "pair": label,
+        "lmclab_s": wall["lmclab"],
+        "port_s": wall["port"],
+        "ratio": wall["port"] / wall["lmclab"],
+        "sweeps": {"lmclab": res.sweeps, "port": port_sweeps},  # type: ignore[attr-defined]
+        "same_permutation": bool(same),
+        "objective": {"lmclab": j_l, "port": j_p},
+    }
 
 
 def resnet_pair(width: int) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor], PermutationSpec]:

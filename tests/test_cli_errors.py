@@ -215,6 +215,8 @@ BAD: list[tuple[str, str]] = [
     ("run benko --executor nope", "--executor"),
     ("run benko --address nope", "--address"),
     ("run benko --address 127.0.0.1:6379", "--address"),  # only with --executor ray
+    ("run benko --plan --on nope", "--on"),
+    ("run benko --on h100", "--on"),  # only with --plan
     *((f"run {name} --preset nope", "--preset") for name in EXPERIMENTS),
     # listings
     ("presets --width 3", "--width"),

@@ -1,8 +1,8 @@
-"""The `gpu` presets of benko, ito and singh (issue 13 item 4): each loads as its experiment's typed options, and,
-shrunk to a CPU size by replacing option values (fewer members, epochs, examples, probes; width 1; a training
-subset of 256 CIFAR-10 images) while keeping its structure (its settings, methods, orders, splits, step kinds),
-runs end to end on the real CIFAR-10 into a temporary store and writes its tables and figures. `--plan` shows
-each preset's step graph without running anything.
+"""The `gpu` presets of benko, ito, singh and width (issue 13 item 4): each loads as its experiment's typed options,
+and, shrunk to a CPU size by replacing option values (fewer members, epochs, examples, probes; width 1, or widths
+×1/×2 for width; a training subset of 256 CIFAR-10 images) while keeping its structure (its settings, methods,
+orders, splits, step kinds), runs end to end on the real CIFAR-10 into a temporary store and writes its tables and
+figures. `--plan` shows each preset's step graph without running anything.
 
 At this size the runs' own final evaluation on CIFAR-10's 10,000 test images (about 40 s per run on one CPU
 thread, and in no table of these experiments) would take most of the time: the end-to-end tests cut the test
@@ -27,6 +27,7 @@ from lmclab.experiments.ito import ItoOptions
 from lmclab.experiments.registry import EXPERIMENTS
 from lmclab.experiments.settings import Setting
 from lmclab.experiments.singh import SinghOptions
+from lmclab.experiments.width import WidthOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,11 +40,15 @@ def read(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def shrunk_setting(s: Setting, *, epochs: int, train: Mapping[str, Any] | None = None, **fields: Any) -> Any:
-    """`s` at a CPU size: width 1, TRAIN_SUBSET training images, `epochs` (and `train`'s other values) at batch 64,
-    EVAL_EXAMPLES examples per split; `fields` replace the setting's own (pairs, models)."""
+def shrunk_setting(
+    s: Setting, *, epochs: int, train: Mapping[str, Any] | None = None, width: int | None = 1, **fields: Any
+) -> Any:
+    """`s` at a CPU size: `width` (None: left alone, for the width experiment, whose axis it is), TRAIN_SUBSET
+    training images, `epochs` (and `train`'s other values) at batch 64, EVAL_EXAMPLES examples per split;
+    `fields` replace the setting's own (pairs, models)."""
     o = {section: dict(values) for section, values in s.overrides.items()}
-    o["model"] = {**o.get("model", {}), "width": 1}
+    if width is not None:
+        o["model"] = {**o.get("model", {}), "width": width}
     o["data"] = {**o.get("data", {}), "train_subset": TRAIN_SUBSET}
     o["train"] = {**o.get("train", {}), "epochs": epochs, "batch_size": 64, **(train or {})}
     return dataclasses.replace(s, overrides=o, eval_examples=EVAL_EXAMPLES, **fields)
@@ -86,7 +91,7 @@ def check_files(summary: Mapping[str, Any], names: list[str]) -> None:
 # --------------------------------------------------------------------------------------------- loading
 
 
-@pytest.mark.parametrize("experiment", ["benko", "ito", "singh"])
+@pytest.mark.parametrize("experiment", ["benko", "ito", "singh", "width"])
 def test_gpu_preset_loads_on_the_real_cifar10(experiment: str) -> None:
     e = EXPERIMENTS[experiment]
     assert "gpu" in e.presets()
@@ -119,9 +124,15 @@ def test_gpu_presets_hold_the_papers_main_comparisons() -> None:
     train = s.base_config().train
     assert s.base_config().model.norm == "batchnorm" and (train.epochs, train.milestones) == (12, (6, 9))
     assert singh.fork_epochs == (0, 1, 2, 5) and singh.layerwise_forks == (2,)
+    width = EXPERIMENTS["width"].load("gpu")
+    assert isinstance(width, WidthOptions)
+    assert width.widths == (1, 2, 4) and width.methods == ("naive", "weight")
+    assert width.corrections == ("none", "repair") and width.splits == ("train", "test")
+    (s,) = width.settings
+    assert s.base_config().model.norm == "layernorm" and s.pairs == 2 and s.eval_examples == 2000
 
 
-@pytest.mark.parametrize("experiment", ["benko", "ito", "singh"])
+@pytest.mark.parametrize("experiment", ["benko", "ito", "singh", "width"])
 def test_gpu_preset_plan_runs_nothing(
     experiment: str, tmp_path: Path, cli_io, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
@@ -258,3 +269,30 @@ def test_singh_gpu_shrunk_end_to_end(tmp_path: Path, shared_data: Path) -> None:
     assert sorted(r["fork_epoch"] for r in predictions) == ["0", "1"]
     assert all(r["measured_max"] != "" and r["measured_bn_reset_max"] != "" for r in predictions)
     assert {r["fork_epoch"] for r in read(summary["files"]["layerwise"])} == {"1"}
+
+
+@pytest.mark.usefixtures("small_test_split")
+def test_width_gpu_shrunk_end_to_end(tmp_path: Path, shared_data: Path) -> None:
+    gpu = EXPERIMENTS["width"].load("gpu")
+    assert isinstance(gpu, WidthOptions)
+    options = dataclasses.replace(
+        gpu,
+        widths=gpu.widths[:2],
+        points=3,
+        correction_examples=EVAL_EXAMPLES,
+        settings=tuple(shrunk_setting(s, epochs=1, width=None, pairs=1) for s in gpu.settings),
+    )
+    summary = run_shrunk("width", options, tmp_path, shared_data)
+    (name,) = [s.name for s in gpu.settings]
+    check_files(summary, ["barriers", "summary", "curves", f"barrier_vs_width_{name}"])
+    rows = read(summary["files"]["barriers"])
+    assert {(r["width"], r["method"], r["correction"], r["split"], r["metric"]) for r in rows} == {
+        (str(w), m, c, sp, me)
+        for w in (1, 2)
+        for m in gpu.methods
+        for c in gpu.corrections
+        for sp in gpu.splits
+        for me in ("loss", "error")
+    }
+    assert len(rows) == 2 * 2 * 2 * 2 * 2  # one pair: widths × methods × corrections × splits × metrics
+    assert {r["norm"] for r in rows} == {"layernorm"} and {r["examples"] for r in rows} == {str(EVAL_EXAMPLES)}

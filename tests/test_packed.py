@@ -176,14 +176,6 @@ def test_configs_that_differ_beyond_seeds_are_refused(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # refused before the store is touched
 
 
-def test_batchnorm_is_refused_in_one_line(tmp_path: Path, shared_data: Path) -> None:
-    bn = dataclasses.replace(BASE, model=ModelConfig("resnet20", norm="batchnorm"))
-    with pytest.raises(UsageError, match="BatchNorm") as err:
-        train_pack(seeded(bn, 0, 1), options(tmp_path))
-    assert "\n" not in str(err.value)
-    assert RunStore(tmp_path).runs() == []
-
-
 class Stop(Exception):
     pass
 

@@ -67,7 +67,8 @@ from lmclab.config import (
 )
 from lmclab.data import DATASET_NAMES, DataError
 from lmclab.experiments.context import EXECUTORS, Execution, PlanReady, default_out, using_execution
-from lmclab.experiments.graph import StepsFailed, describe_plan
+from lmclab.experiments.costs import PROFILES, profile
+from lmclab.experiments.graph import StepsFailed, describe_plan, plan_total
 from lmclab.experiments.ito import merge_runs
 from lmclab.experiments.lmc import align_runs, lmc_pairs, load_alignment
 from lmclab.experiments.pair import run_pair_demo
@@ -78,7 +79,7 @@ from lmclab.experiments.settings import PresetError
 from lmclab.models import MODEL_NAMES, ModelError, build_model, model_defaults
 from lmclab.paths import layer_groups
 from lmclab.permutation import SpecError, verify_permutation
-from lmclab.store import CheckpointError, DataMismatch, LockTimeout, Run, RunNotFound, RunStore
+from lmclab.store import CheckpointError, DataMismatch, LockTimeout, Run, RunNotFound, RunStore, Store
 from lmclab.training import (
     PRESETS,
     CheckpointSchedule,
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"train one run per seed (each as --seed S makes it) together as one pack on one device (stacked "
         f"models, one vmap step; lmclab.training.train_pack): each a normal run with its own hash; its bits may "
         f"differ from training it alone by float summation order (~5e-7 relative; Adam can amplify it to ~1e-4 "
-        f"in a few weights); not for BatchNorm or dropout models; allowed: {pack_seeds.describe()}, distinct",
+        f"in a few weights); BatchNorm models pack too (each member its own running statistics), dropout models "
+        f"do not; allowed: {pack_seeds.describe()}, distinct",
     )
     _no_progress(p)
     _int_flag(p, "--eval-every", NON_NEGATIVE, 1, "epochs between test evaluations (0: only at the end)")
@@ -380,13 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
         "times) and run nothing",
     )
     p.add_argument(
+        "--on",
+        choices=tuple(PROFILES),
+        default=None,
+        help="with --plan: also estimate each step's cost from its size on a device profile and total it in "
+        "hours of one device (h100: GPU-hours on one H100 from DESIGN.md's measured ResNet-20 throughput; "
+        "cpu: this machine); steps of unknown cost are listed; allowed: " + ", ".join(PROFILES),
+    )
+    p.add_argument(
         "--pack",
         action="store_true",
         help="train the training runs that are ready together and differ only in their seeds as one pack on "
         "one device (stacked models, one vmap step; lmclab.training.train_pack; one Ray task under --executor "
         "ray), each stored as its own run and step; bits may differ from training alone by float summation "
-        "order (~5e-7 relative; Adam can amplify it to ~1e-4 in a few weights); BatchNorm and dropout models "
-        "train one at a time (said)",
+        "order (~5e-7 relative; Adam can amplify it to ~1e-4 in a few weights); BatchNorm models pack too (each "
+        "member its own running statistics), dropout models train one at a time (said)",
     )
     _no_progress(p)
     _common_io(p)
@@ -1068,6 +1078,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
             f"--preset {args.preset}: not a preset of {args.experiment}; allowed: one of its presets: "
             f"{', '.join(presets)} (`lmclab run` lists them)"
         )
+    if args.on is not None and not args.plan:
+        raise UsageError(f"--on {args.on}: allowed only with --plan (it estimates, it runs nothing)")
     if args.plan:
         with using_execution(Execution(args.executor, args.address, plan=True)):
             try:
@@ -1083,10 +1095,14 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
                 plans = ready.plans
             else:
                 raise UsageError(f"{args.experiment} ran no step graph: nothing to plan")
+        device = None if args.on is None else profile(args.on, Store(args.runs_dir))
         if not args.json:
             print(f"{args.experiment} --preset {args.preset}: the step graph (nothing is run)")
-            print(describe_plan(plans))
-        return {"experiment": args.experiment, "preset": args.preset, "plan": [p.to_json() for p in plans]}
+            print(describe_plan(plans, device, pack=args.pack))
+        summary = {"experiment": args.experiment, "preset": args.preset, "plan": [p.to_json(device) for p in plans]}
+        if device is not None:
+            summary["on"] = plan_total(plans, device)
+        return summary
     out = str(args.out or default_out(args.experiment, args.preset))
     return _graph_run(
         args,

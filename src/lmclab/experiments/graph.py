@@ -38,6 +38,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lmclab.experiments.costs import PACK_NOTE, DeviceProfile, Estimate, StepWork, estimate, step_work
 from lmclab.store import Store, artifact_lock, content_hash, read_sealed_json, write_sealed_json
 from lmclab.store.integrity import files_below
 
@@ -393,15 +394,21 @@ class KindPlan:
     steps: int
     stored: int
     measured: int  # stored steps of the kind (anywhere in the store) with a recorded wall time
-    mean_seconds: float | None
+    mean_seconds: float | None  # their mean, whatever their size
+    works: tuple[StepWork, ...] = ()  # each step's work (lmclab.experiments.costs) and whether it is stored
 
     @property
     def to_run(self) -> int:
         return self.steps - self.stored
 
-    def to_json(self) -> dict[str, Any]:
+    def estimate(self, device: DeviceProfile) -> Estimate:
+        """What the kind's steps take on `device` by the cost model (`costs.estimate`)."""
+        return estimate(self.works, device)
+
+    def to_json(self, device: DeviceProfile | None = None) -> dict[str, Any]:
+        """The kind's counts and measured-mean estimate; with `device`, the cost model's estimate on it too."""
         estimate = None if self.mean_seconds is None else self.mean_seconds * self.to_run
-        return {
+        out = {
             "kind": self.kind,
             "steps": self.steps,
             "stored": self.stored,
@@ -412,27 +419,98 @@ class KindPlan:
             "measured_steps": self.measured,
             "estimated_seconds": estimate,
         }
+        if device is not None:
+            out.update(self.estimate(device).to_json())
+        return out
 
 
 def graph_plan(
     store: Store, targets: Iterable[Step], overrides: Mapping[str, Mapping[str, float]] | None = None
 ) -> list[KindPlan]:
     """The graph by step kind: how many steps, how many already stored (a result.json in the store), what
-    one step takes, and the mean measured wall time of the kind's stored steps (None: never measured)."""
+    one step takes, the mean measured wall time of the kind's stored steps (None: never measured), and each
+    step's work for the cost model (`costs.step_work`: sizes only; nothing is run or read but configs)."""
     order = topological_order(targets)
     kinds = sorted({s.kind for s in order}, key=[s.kind for s in order].index)
     times = measured_seconds(store, kinds)
     plans = []
     for kind in kinds:
         steps = [s for s in order if s.kind == kind]
-        stored = sum((store.step_dir(kind, s.key) / "result.json").is_file() for s in steps)
+        stored = [(store.step_dir(kind, s.key) / "result.json").is_file() for s in steps]
         mean = sum(times[kind]) / len(times[kind]) if times[kind] else None
-        plans.append(KindPlan(kind, resources_for(kind, overrides), len(steps), stored, len(times[kind]), mean))
+        works = tuple(StepWork(step_work(s), done) for s, done in zip(steps, stored, strict=True))
+        plans.append(
+            KindPlan(kind, resources_for(kind, overrides), len(steps), sum(stored), len(times[kind]), mean, works)
+        )
     return plans
 
 
-def describe_plan(plans: list[KindPlan]) -> str:
-    """The plan as a table: kind, steps, stored, to run, resources, mean measured time, estimate."""
+def describe_plan(plans: list[KindPlan], device: DeviceProfile | None = None, pack: bool = False) -> str:
+    """The plan as a table: kind, steps, stored, to run, resources, mean measured time (of the kind's stored
+    steps, whatever their size), its estimate; with `device`, the cost model's seconds per step and estimate
+    of the steps to run on it, the steps of unknown cost, and totals in the device's hours (whole graph and
+    still to run) with the throughput each model was given and where it comes from."""
+    if device is None:
+        return _describe_measured(plans)
+    lines = [
+        f"{'kind':<20} {'steps':>6} {'stored':>7} {'to run':>7} {'gpus':>5} {'measured s/step':>16} "
+        f"{'model s/step':>13} {'model est.':>11} {'unknown':>8}"
+    ]
+    estimates = [p.estimate(device) for p in plans]
+    for p, e in zip(plans, estimates, strict=True):
+        per_step = e.to_run_seconds / e.known_to_run if e.known_to_run else (e.seconds / e.known if e.known else None)
+        lines.append(
+            f"{p.kind:<20} {p.steps:>6} {p.stored:>7} {p.to_run:>7} {p.resources.gpus:>5g} "
+            f"{'—' if p.mean_seconds is None else f'{p.mean_seconds:.2f}':>16} "
+            f"{'—' if per_step is None else f'{per_step:.1f}':>13} "
+            f"{(_duration(e.to_run_seconds) if e.known_to_run else '—' if e.unknown_to_run else '0 s'):>11} "
+            f"{e.unknown:>8}"
+        )
+    whole, left = sum(e.seconds for e in estimates), sum(e.to_run_seconds for e in estimates)
+    lines.append(
+        f"model estimate on {device.name}: {whole / 3600:.3g} {device.unit} for the whole graph "
+        f"({sum(e.known for e in estimates)} of {sum(p.steps for p in plans)} steps costed), "
+        f"{left / 3600:.3g} still to run ({sum(p.to_run for p in plans)} steps), steps one after another"
+    )
+    unknown = [(p.kind, e) for p, e in zip(plans, estimates, strict=True) if e.unknown]
+    if unknown:
+        lines.append("not in the total (cost unknown):")
+        lines += [f"  {kind}: {e.unknown} step(s) ({'; '.join(e.reasons)})" for kind, e in unknown]
+    else:
+        lines.append("every step is costed")
+    lines.append(f"throughput assumed on {device.name} (training images/s at batch 256):")
+    models = {m.key: m for e in estimates for m in e.models}
+    for m in models.values():
+        t = device.throughput(m)
+        lines.append(f"  {m.key}: {t.images_per_second:,.0f} img/s [{t.status}] {t.source}")
+    lines += [f"  {note}" for note in device.notes]
+    if pack:
+        lines.append(f"--pack: {PACK_NOTE}")
+    return "\n".join(lines)
+
+
+def plan_total(plans: list[KindPlan], device: DeviceProfile) -> dict[str, Any]:
+    """The cost model's totals of `plans` on `device` (JSON): seconds and hours of one device for the whole
+    graph and for the steps still to run, the steps of unknown cost by kind (with why), the throughput each
+    model was given (with its source) and the profile's notes."""
+    estimates = {p.kind: p.estimate(device) for p in plans}
+    whole, left = sum(e.seconds for e in estimates.values()), sum(e.to_run_seconds for e in estimates.values())
+    models = {m.key: m for e in estimates.values() for m in e.models}
+    return {
+        "profile": device.name,
+        "unit": device.unit,
+        "seconds": whole,
+        "hours": whole / 3600,
+        "to_run_seconds": left,
+        "to_run_hours": left / 3600,
+        "unknown": {k: {"steps": e.unknown, "reasons": list(e.reasons)} for k, e in estimates.items() if e.unknown},
+        "throughput": [device.throughput(m).to_json() for m in models.values()],
+        "notes": list(device.notes),
+        "pack": PACK_NOTE,
+    }
+
+
+def _describe_measured(plans: list[KindPlan]) -> str:
     lines = [
         f"{'kind':<20} {'steps':>6} {'stored':>7} {'to run':>7} {'cpus':>5} {'gpus':>5} {'s/step':>9} {'estimate':>10}"
     ]

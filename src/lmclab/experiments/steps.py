@@ -8,8 +8,8 @@ device, progress) from the executor, so the same graph runs anywhere.
 `train` steps also run as packs (`GraphExecutor(pack=True)`, `lmclab run --pack`): steps ready together
 whose runs differ only in their seeds (`training.packed.check_packable`; the same preset label and kept
 checkpoints) train in one `train_pack` call, each giving the result its step gives alone. Fork children
-of one parent at one fork point pack too; a model that packed training refuses (BatchNorm, dropout:
-`check_model_packable`) or whose layers cannot be built before its data is read (image folders) trains
+of one parent at one fork point pack too (BatchNorm models included); a model that packed training refuses
+(dropout: `check_model_packable`) or whose layers cannot be built before its data is read (image folders) trains
 one step at a time, and the executor says so.
 """
 

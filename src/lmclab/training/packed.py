@@ -17,20 +17,32 @@ whatever K (per-member optimizers would launch K times as many); member k's solo
 (`Pack.write_back`) only when its checkpoint, resume file or evaluation needs it.
 
 Bits. A packed member equals its solo run up to float summation order (batched matmuls under vmap
-block their sums differently); tests/test_packed.py bounds the difference (see its TOLERANCE). The
-pack is therefore not part of the run's hash; meta.json records it under `pack` (one entry per packed
-segment: start step, size, members' hashes), so what a member's bits depend on is on record. On CPU a
-member's bits do not depend on the other members (a pack of one gives the same bits), and a pack
-resumed from its own resume files is bit-identical to one never interrupted. (A run later resumed by
+block their sums differently); tests/test_packed.py bounds the difference (see its TOLERANCE; for a
+BatchNorm ResNet, tests/test_packed_bn.py's TOLERANCES). The pack is therefore not part of the run's
+hash; meta.json records it under `pack` (one entry per packed segment: start step, size, members'
+hashes), so what a member's bits depend on is on record. On CPU a member's bits do not depend on the
+other members (a pack of one gives the same bits), and a pack resumed from its own resume files is
+bit-identical to one never interrupted. (A run later resumed by
 the solo trainer keeps its `pack` segments; the solo part is the steps after the last one.)
 
 Divergence: the solo rule (`lmclab.training.loop`) per member. A member that diverges is marked
 "diverged" (its meta.json's error says where, as solo) and leaves the pack; the others go on. When
 all are done, `PackDiverged` (a TrainingDiverged) names the diverged members and carries every run.
 
-Not packed (refused with a UsageError): BatchNorm (running statistics under vmap), dropout.
-Members at different stored steps (e.g. one resumed alone) are trained as separate packs, one per
-start step, one after another.
+BatchNorm. Each member's running_mean, running_var and num_batches_tracked are stacked buffers [K, …]
+passed through the vmap (in_dims 0), so BatchNorm's in-place update of its running statistics writes
+member k's slice from member k's own batch statistics (torch's batching rule for batch_norm keeps the
+members' channels apart): r ← (1 − m)·r + m·μ_B for the mean, with the unbiased batch variance for
+running_var, and num_batches_tracked += 1, as solo. With momentum None (a cumulative average) the factor
+m = 1/num_batches_tracked is a Python number in torch's BatchNorm, which vmap cannot read from a batched
+buffer; members at one step share that count, so the pack keeps it on the host (`Pack.cumulative`) and
+sets the skeleton layer's momentum to 1/(count + 1) for the step: the same float torch computes solo.
+Evaluation (eval_every, final metrics) runs on each member's solo model after `Pack.write_back`, i.e. on
+its own running statistics, and its checkpoints hold its own buffers in the solo layout.
+
+Not packed (refused with a UsageError): dropout (solo, its masks come from the global generator; vmap
+cannot draw each member's solo masks). Members at different stored steps (e.g. one resumed alone) are
+trained as separate packs, one per start step, one after another.
 """
 
 from __future__ import annotations
@@ -131,15 +143,10 @@ def check_packable(configs: Sequence[RunConfig]) -> list[RunConfig]:
 
 
 def check_model_packable(model: torch.nn.Module, config: RunConfig) -> None:
-    """UsageError (one line) for layers a pack does not train exactly: BatchNorm, dropout."""
+    """UsageError (one line) for layers a pack does not train exactly: dropout. (BatchNorm packs: see the
+    module docstring.)"""
     name = f"model {config.model.model}" + (f" (norm {config.model.norm})" if config.model.norm else "")
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            raise UsageError(
-                f"train_pack: {name} has BatchNorm layers, whose running statistics packed training does not "
-                "handle yet; allowed: models without BatchNorm (e.g. --norm layernorm), or train these runs "
-                "one at a time"
-            )
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
             raise UsageError(f"train_pack: {name} has dropout; allowed: models without dropout")
 
@@ -153,6 +160,8 @@ class Pack:
     buffers: dict[str, torch.Tensor]
     optimizer: torch.optim.Optimizer
     sums: torch.Tensor  # [K, 3] float64: each member's epoch loss·n, correct, seen
+    # BatchNorm layers with momentum None (cumulative average): name -> num_batches_tracked, shared by all members
+    cumulative: dict[str, int]
 
     @classmethod
     def of(cls, states: Sequence[TrainingState], config: RunConfig) -> Pack:
@@ -175,9 +184,10 @@ class Pack:
         groups = optimizer.state_dict()["param_groups"]
         groups[0].update({k: v for k, v in solo[0]["param_groups"][0].items() if k != "params"})
         optimizer.load_state_dict({"state": stacked_state, "param_groups": groups})
-        base = vmap_friendly(copy.deepcopy(models[0]).to("meta"))
+        base = vmap_friendly(copy.deepcopy(models[0]).to("meta")).train()
         sums = torch.stack([s.epoch_sums for s in states])
-        return cls(base=base, params=params, buffers=buffers, optimizer=optimizer, sums=sums)
+        cumulative = cumulative_counts(base, buffers)
+        return cls(base=base, params=params, buffers=buffers, optimizer=optimizer, sums=sums, cumulative=cumulative)
 
     @property
     def size(self) -> int:
@@ -199,8 +209,18 @@ class Pack:
             return F.cross_entropy(logits.float(), yb), logits
 
         leaves = {n: p.detach() for n, p in self.params.items()}
-        with sdpa_kernel([SDPBackend.MATH]):  # (see ATTENTION_NOTE)
-            grads, (loss, logits) = vmap(grad_and_value(loss_of, has_aux=True))(leaves, self.buffers, x, y)
+        layers = {name: _batchnorm(self.base.get_submodule(name)) for name in self.cumulative}
+        try:
+            for name, layer in layers.items():  # torch's cumulative factor 1/num_batches_tracked, after its += 1
+                layer.momentum = 1.0 / float(self.cumulative[name] + 1)
+            with sdpa_kernel([SDPBackend.MATH]):  # (see ATTENTION_NOTE)
+                # buffers batched (in_dims 0): BatchNorm updates each member's running statistics in place
+                grads, (loss, logits) = vmap(grad_and_value(loss_of, has_aux=True))(leaves, self.buffers, x, y)
+        finally:
+            for layer in layers.values():
+                layer.momentum = None
+        for name in self.cumulative:
+            self.cumulative[name] += 1
         for name, p in self.params.items():
             p.grad = grads[name]
         self.optimizer.step()
@@ -240,6 +260,30 @@ def vmap_friendly(base: torch.nn.Module) -> torch.nn.Module:
             parent, _, attr = name.rpartition(".")
             setattr(base.get_submodule(parent) if parent else base, attr, GlobalAveragePool())
     return base
+
+
+def cumulative_counts(base: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The BatchNorm layers of `base` that keep a cumulative average (momentum None), with their
+    num_batches_tracked (the members' stacked buffers): UsageError unless all members share it."""
+    counts: dict[str, int] = {}
+    for name, module in base.named_modules():
+        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        if module.momentum is not None or not module.track_running_stats:
+            continue
+        tracked = buffers[f"{name}.num_batches_tracked" if name else "num_batches_tracked"].tolist()
+        if len(set(tracked)) > 1:
+            raise UsageError(
+                f"train_pack: BatchNorm layer {name} (momentum None: a cumulative average) has tracked "
+                f"{', '.join(map(str, tracked))} batches in the members; allowed: members that share the count"
+            )
+        counts[name] = int(tracked[0])
+    return counts
+
+
+def _batchnorm(module: torch.nn.Module) -> torch.nn.modules.batchnorm._BatchNorm:
+    assert isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+    return module
 
 
 def _member_value(key: str, value: Any, k: int) -> Any:
