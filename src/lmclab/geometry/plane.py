@@ -18,12 +18,12 @@ so u and v are Euclidean distances in parameter space (Git Re-Basin, Fig. 1; Gar
 Evaluation (:func:`evaluate_plane`) handles BatchNorm statistics as the straight path does
 (:func:`lmclab.paths.evaluate_path`): "reset" recomputes them at every grid point from training data,
 "none" uses the plane's (combined) statistics in eval mode. Many grid points are evaluated per pass over
-the data (``torch.func.functional_call`` under ``torch.func.vmap`` over a chunk of points).
+the data (:func:`lmclab.paths.batched.evaluate_points`: ``torch.func.functional_call`` under
+``torch.func.vmap`` over a chunk of points).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,18 +31,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lmclab.data import DeviceDataset
+from lmclab.paths.batched import evaluate_points
 from lmclab.paths.curves import BN_MODES, default_bn_mode
-from lmclab.paths.normalization import NORM_TYPES, reset_bn_stats
+from lmclab.paths.normalization import NORM_TYPES
 from lmclab.points import Point, PointLike, direction, inner, norm, parameter_names
-from lmclab.training.evaluate import autocast_for
 
 __all__ = [
     "Plane",
-    "default_chunk",
     "evaluate_plane",
     "filter_normalized_direction",
     "gram_schmidt",
@@ -207,51 +204,6 @@ def nearest_node(nodes: Iterable[tuple[float, float]], u: float, v: float) -> tu
     return min(nodes, key=lambda n: (n[0] - u) ** 2 + (n[1] - v) ** 2)
 
 
-def default_chunk(model: torch.nn.Module, budget_bytes: int = 256 * 2**20, most: int | None = None) -> int:
-    """Grid points per pass: as many stacked copies of the model's state as fit `budget_bytes`, from 1 to
-    `most` (default 64 on an accelerator, 8 on the CPU, where larger passes gain little and the progress
-    bar would move in large steps)."""
-    tensors = list(model.state_dict().values())
-    size = sum(t.numel() * t.element_size() for t in tensors)
-    if most is None:
-        most = 8 if not tensors or tensors[0].device.type == "cpu" else 64
-    return max(1, min(most, budget_bytes // max(size, 1)))
-
-
-@torch.no_grad()
-def _evaluate_stacked(
-    model: torch.nn.Module, points: Sequence[PointLike], data: DeviceDataset, batch_size: int
-) -> list[dict[str, float]]:
-    """{"loss", "accuracy"} of each point on `data` in one pass (vmap over the points), as
-    :func:`lmclab.training.evaluate` computes them (eval mode, float64 sums, NaN for non-finite logits)."""
-    stacked = {k: torch.stack([p[k] for p in points]) for k in points[0]}
-
-    def logits_of(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(model, state, (x,))
-
-    batched = torch.func.vmap(logits_of, in_dims=(0, None))
-    device = data.images.device
-    k = len(points)
-    loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
-    correct = torch.zeros(k, dtype=torch.int64, device=device)
-    finite = torch.ones(k, dtype=torch.bool, device=device)
-    for x, y in data.batches(batch_size):
-        with autocast_for(device):
-            logits = batched(stacked, x)
-        n, c = logits.shape[1], logits.shape[2]
-        losses = F.cross_entropy(logits.float().reshape(k * n, c), y.repeat(k), reduction="none")
-        loss_sum += losses.view(k, n).double().sum(1)
-        correct += (logits.argmax(2) == y).sum(1)
-        finite &= torch.isfinite(logits).flatten(1).all(1)
-    total = len(data)
-    return [
-        {"loss": loss_sum[i].item() / total, "accuracy": correct[i].item() / total}
-        if bool(finite[i])
-        else {"loss": math.nan, "accuracy": math.nan}
-        for i in range(k)
-    ]
-
-
 def evaluate_plane(
     model: torch.nn.Module,
     plane: Plane,
@@ -270,33 +222,32 @@ def evaluate_plane(
 
     `bn` as in :func:`lmclab.paths.evaluate_path`: "reset" recomputes BatchNorm statistics at every point
     from `bn_data` (one pass each, or its first `bn_examples`), "none" keeps the plane's. `chunk` points
-    (default :func:`default_chunk`) are evaluated per pass over each split. `model` is only a template."""
+    (default: :func:`lmclab.paths.batched.default_chunk`'s memory estimate) are evaluated per pass over
+    each split, BN statistics reset per point in the same pass (:func:`lmclab.paths.batched.evaluate_points`).
+    `model` is only a template."""
     bn = bn or default_bn_mode(model)
     if bn not in ("none", "reset"):
         raise ValueError(f"bn mode {bn!r} is not available on a plane; valid: none, reset (of {', '.join(BN_MODES)})")
     if bn == "reset" and bn_data is None:
         raise ValueError("bn='reset' needs bn_data (the training split) to estimate statistics")
-    scratch = copy.deepcopy(model).eval()
-    chunk = chunk or default_chunk(scratch)
+    metrics = evaluate_points(
+        model,
+        (plane.point(u, v) for u, v in coords),
+        datasets,
+        bn=bn,
+        bn_data=bn_data,
+        bn_examples=bn_examples,
+        chunk=chunk,
+        batch_size=batch_size,
+        total=len(coords),
+        progress=progress,
+        desc=desc,
+        unit="pt",
+    )
     rows: list[dict[str, Any]] = []
-    with tqdm(total=len(coords), desc=desc, unit="pt", disable=not progress, leave=False) as bar:
-        for start in range(0, len(coords), chunk):
-            part = coords[start : start + chunk]
-            points = [plane.point(u, v) for u, v in part]
-            if bn == "reset":
-                for i, p in enumerate(points):
-                    scratch.load_state_dict(p)
-                    reset_bn_stats(scratch, bn_data, max_examples=bn_examples)  # type: ignore[arg-type]
-                    points[i] = {k: t.detach().clone() for k, t in scratch.state_dict().items()}
-            metrics = {split: _evaluate_stacked(scratch, points, data, batch_size) for split, data in datasets.items()}
-            for i, (u, v) in enumerate(part):
-                for split in datasets:
-                    m = metrics[split][i]
-                    for metric, value in (
-                        ("loss", m["loss"]),
-                        ("accuracy", m["accuracy"]),
-                        ("error", 1 - m["accuracy"]),
-                    ):
-                        rows.append({"u": float(u), "v": float(v), "split": split, "metric": metric, "value": value})
-            bar.update(len(part))
+    for (u, v), at in zip(coords, metrics):
+        for split in datasets:
+            m = at[split]
+            for metric, value in (("loss", m["loss"]), ("accuracy", m["accuracy"]), ("error", 1 - m["accuracy"])):
+                rows.append({"u": float(u), "v": float(v), "split": split, "metric": metric, "value": value})
     return rows

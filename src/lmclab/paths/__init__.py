@@ -3,6 +3,7 @@
 The interpolated points are :func:`lmclab.points.lerp`."""
 
 from lmclab.paths.barriers import DEFINITIONS, Spread, barrier_curve, barrier_report, barriers, spread
+from lmclab.paths.batched import evaluate_points
 from lmclab.paths.curves import (
     BN_MODES,
     default_bn_mode,
@@ -47,6 +48,7 @@ __all__ = [
     "default_lambdas",
     "endpoint_losses",
     "evaluate_path",
+    "evaluate_points",
     "has_batchnorm",
     "layer_groups",
     "layer_set_barrier",

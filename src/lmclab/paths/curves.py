@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lmclab.data import DeviceDataset
+from lmclab.paths.batched import evaluate_points
 from lmclab.paths.interpolate import default_lambdas
-from lmclab.paths.normalization import endpoint_stats, has_batchnorm, repair, repair_points, reset_bn_stats
+from lmclab.paths.normalization import endpoint_stats, has_batchnorm, repair, repair_points
 from lmclab.points import PointLike, lerp
-from lmclab.training.evaluate import evaluate
 
 BN_MODES = ("none", "reset", "repair")
 
@@ -54,6 +53,7 @@ def evaluate_path(
     only: Iterable[str] | None = None,
     base: str = "a",
     batch_size: int = 1000,
+    chunk: int | None = None,
     progress: bool = True,
     desc: str = "path",
 ) -> list[dict[str, Any]]:
@@ -63,6 +63,12 @@ def evaluate_path(
     recomputes BN statistics at every λ (endpoints included) from `bn_data` (one pass, or the first
     `bn_examples`); "repair" applies REPAIR; "none" uses the interpolated statistics. `model` is
     only a template: it is copied, never modified.
+
+    The λ points are evaluated `chunk` at a time with :func:`lmclab.paths.batched.evaluate_points` (one
+    vmap'd forward per data batch, BN reset batched too; equal to one at a time up to float rounding);
+    default: its memory estimate on an accelerator, 1 on the CPU. REPAIR's statistics are taken one λ at
+    a time with the model, the repaired points then evaluated in chunks. ``chunk=1``: one λ at a time
+    with the model itself.
     """
     bn = bn or default_bn_mode(model)
     if bn not in BN_MODES:
@@ -79,15 +85,33 @@ def evaluate_path(
         stats = tuple(
             endpoint_stats(scratch, th, points, bn_data, max_examples=bn_examples) for th in (theta_a, theta_b)
         )
+
+    def point(lam: float) -> PointLike:
+        theta = lerp(theta_a, theta_b, lam, only=only, base=base)
+        if bn != "repair":
+            return theta
+        scratch.load_state_dict(theta)
+        repaired = repair(scratch, stats[0], stats[1], lam, bn_data, max_examples=bn_examples)  # type: ignore[index,arg-type]
+        return {k: t.detach().clone() for k, t in repaired.items()}
+
+    metrics = evaluate_points(
+        scratch,
+        (point(lam) for lam in lambdas),
+        datasets,
+        bn="reset" if bn == "reset" else "none",
+        bn_data=bn_data,
+        bn_examples=bn_examples,
+        chunk=chunk,
+        batch_size=batch_size,
+        total=len(lambdas),
+        progress=progress,
+        desc=desc,
+        unit="λ",
+    )
     rows: list[dict[str, Any]] = []
-    for lam in tqdm(lambdas, desc=desc, unit="λ", disable=not progress, leave=False):
-        scratch.load_state_dict(lerp(theta_a, theta_b, lam, only=only, base=base))
-        if bn == "reset":
-            reset_bn_stats(scratch, bn_data, max_examples=bn_examples)  # type: ignore[arg-type]
-        elif bn == "repair":
-            repair(scratch, stats[0], stats[1], lam, bn_data, max_examples=bn_examples)  # type: ignore[index,arg-type]
-        for split, data in datasets.items():
-            m = evaluate(scratch, data, batch_size)
+    for lam, at in zip(lambdas, metrics):
+        for split in datasets:
+            m = at[split]
             for metric, value in (("loss", m["loss"]), ("accuracy", m["accuracy"]), ("error", 1.0 - m["accuracy"])):
                 rows.append({"lambda": lam, "split": split, "metric": metric, "value": value})
     return rows

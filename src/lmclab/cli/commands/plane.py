@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         POSITIVE,
         None,
         "grid points evaluated per pass over the data",
-        shown_default="as many as 256 MiB of parameters allow, at most 8 on the CPU, 64 on a GPU",
+        shown_default="1 on the CPU; on a GPU as many as half its free memory allows, at most 64",
     )
     _out(p, "tables and figure", "plane_<hash> in the run store")
     _no_progress(p)
