@@ -42,7 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from lmclab.data import DeviceDataset
-from lmclab.paths.normalization import _examples, reset_bn_stats
+from lmclab.paths.normalization import input_batches, reset_bn_stats
 from lmclab.points import Point, PointLike
 from lmclab.training.evaluate import autocast_for, evaluate
 from lmclab.training.packed import vmap_friendly
@@ -195,7 +195,7 @@ def _reset_stacked(
         m.train()
     try:
         with torch.no_grad(), _vmappable():
-            for i, x in enumerate(_examples(dataset, batch_size, max_examples), start=1):
+            for i, x in enumerate(input_batches(dataset, batch_size, max_examples), start=1):
                 for m in names.values():
                     m.momentum = 1.0 / i
                 forward(stacked, x)

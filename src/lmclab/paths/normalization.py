@@ -35,7 +35,8 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
-def _examples(dataset: DeviceDataset, batch_size: int, max_examples: int | None) -> Iterator[torch.Tensor]:
+def input_batches(dataset: DeviceDataset, batch_size: int, max_examples: int | None) -> Iterator[torch.Tensor]:
+    """The inputs of `dataset` in order, `batch_size` at a time, stopping once `max_examples` (None: all) are seen."""
     seen = 0
     for x, _ in dataset.batches(batch_size):
         if max_examples is not None and seen >= max_examples:
@@ -61,7 +62,7 @@ def reset_bn_stats(
         m.momentum = None
         m.train()
     try:
-        for x in _examples(dataset, batch_size, max_examples):
+        for x in input_batches(dataset, batch_size, max_examples):
             model(x)
     finally:
         for m, momentum in zip(bns, momenta):
@@ -159,7 +160,7 @@ def channel_stats(
         acc[p].add(y.float())
 
     with _hooks(model, points, record):
-        for x in _examples(dataset, batch_size, max_examples):
+        for x in input_batches(dataset, batch_size, max_examples):
             model(x)
     res = {p: a.result() for p, a in acc.items()}
     return ChannelStats({p: r[0] for p, r in res.items()}, {p: r[1] for p, r in res.items()})
@@ -188,7 +189,7 @@ def repair(
 
     model.eval()
     with _hooks(model, points, correct_with_batch_stats):
-        for x in _examples(dataset, batch_size, max_examples):
+        for x in input_batches(dataset, batch_size, max_examples):
             model(x)
     modules = dict(model.named_modules())
     for p in points:
