@@ -11,7 +11,7 @@ _scaled_dot_product_flash_attention_for_cpu", double backward "derivative for
 aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"; and the eval-mode no-grad
 fast path of nn.MultiheadAttention (torch._native_multi_head_attention) has no forward-mode derivative. The
 curvature engine runs attention on SDPA's math backend with the fast path off
-(:func:`lmclab.curvature.functional.exact_attention`); the derivative, HVP, Taylor, prediction and trace
+(:func:`lmclab.models.attention.exact_attention`); the derivative, HVP, Taylor, prediction and trace
 tests below fail without it (the order-1 checks without the fast-path part). C2M3 projected each attention
 group on its own and moved units between heads (not a symmetry: SpecError); it now takes the structured
 (head-block) assignment (:func:`lmclab.align.c2m3.feasible_argmax`).

@@ -54,12 +54,12 @@ from lmclab.curvature.functional import (
     Batch,
     FunctionalModel,
     LossFn,
-    exact_attention,
     functional_model,
     iterate_batches,
     summed_cross_entropy,
 )
 from lmclab.data import DeviceDataset
+from lmclab.models.attention import exact_attention
 from lmclab.points import Point, PointLike
 
 __all__ = [
@@ -250,7 +250,7 @@ def directional_taylor(fn: Callable[[torch.Tensor], Any], order: int, t0: torch.
     auxiliary tuple (fn, fn', …, fn⁽ᴷ⁻¹⁾), so every order comes out of the same evaluation. For
     K ≥ 2 the batch-statistics normalisations run as elementary ops (see :class:`_ComposedNorms`);
     attention always runs on SDPA's math backend (its fused kernels have no forward-mode derivative,
-    :func:`lmclab.curvature.functional.exact_attention`).
+    :func:`lmclab.models.attention.exact_attention`).
     """
 
     def level(k: int) -> Callable[[torch.Tensor], tuple[Any, tuple[Any, ...]]]:

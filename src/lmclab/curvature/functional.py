@@ -12,7 +12,6 @@ fused kernels have neither forward-mode derivatives nor a double backward.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lmclab.data import DeviceDataset
+from lmclab.models.attention import exact_attention
 from lmclab.paths import layer_groups
 from lmclab.points import Point, PointLike, parameter_names, split_point
 
@@ -34,29 +33,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, target
 def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Σ_i CE(z_i, y_i): batches add up to N · mean loss, so uneven last batches are weighted exactly."""
     return F.cross_entropy(logits, targets, reduction="sum")
-
-
-@contextlib.contextmanager
-def exact_attention() -> Iterator[None]:
-    """Within: ``F.scaled_dot_product_attention`` (and so ``nn.MultiheadAttention``, ``nn.Transformer*``) on its
-    math backend, softmax(QKᵀ/√d + mask) V composed of elementary ops, and no ``nn.MultiheadAttention`` /
-    ``nn.TransformerEncoderLayer`` inference fast path (restored after).
-
-    torch's fused kernels (flash, memory-efficient, cuDNN) implement only a first-order backward: on torch 2.13
-    (CPU, float64 too) nested ``jvp`` raises "Trying to use forward AD with
-    _scaled_dot_product_flash_attention_for_cpu" and double backward "derivative for
-    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"; the eval-mode, no-grad fast
-    path (``torch._native_multi_head_attention``, ``torch._transformer_encoder_layer_fwd``) has no forward-mode
-    derivative either. On the math backend every order (nested jvp, double backward, forward-over-reverse)
-    is exact (tests/test_transformer_toolkit.py).
-    """
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 @dataclass

@@ -28,7 +28,6 @@ with the model itself (load_state_dict, :func:`reset_bn_stats`, :func:`evaluate`
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
@@ -37,11 +36,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from lmclab.data import DeviceDataset
+from lmclab.models.attention import exact_attention
 from lmclab.paths.normalization import input_batches, reset_bn_stats
 from lmclab.points import Point, PointLike
 from lmclab.training.evaluate import autocast_for, evaluate
@@ -143,20 +142,6 @@ def _functional(model: torch.nn.Module) -> torch.nn.Module:
     return vmap_friendly(copy.deepcopy(model)).eval()
 
 
-@contextlib.contextmanager
-def _vmappable() -> Iterator[None]:
-    """Attention on the ops vmap batches: scaled dot-product attention on its math backend, and not
-    nn.MultiheadAttention's fused inference path (torch has no batching rule for either, and would run
-    the points one after another there)."""
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
 def _batched_forward(base: torch.nn.Module) -> Any:
     def logits_of(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(base, state, (x,))
@@ -194,7 +179,7 @@ def _reset_stacked(
     for m in names.values():
         m.train()
     try:
-        with torch.no_grad(), _vmappable():
+        with torch.no_grad(), exact_attention():
             for i, x in enumerate(input_batches(dataset, batch_size, max_examples), start=1):
                 for m in names.values():
                     m.momentum = 1.0 / i
@@ -227,7 +212,7 @@ def _evaluate(base: torch.nn.Module, stacked: Point, data: DeviceDataset, batch_
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
     correct = torch.zeros(k, dtype=torch.int64, device=device)
     finite = torch.ones(k, dtype=torch.bool, device=device)
-    with _vmappable():
+    with exact_attention():
         for x, y in data.batches(batch_size):
             with autocast_for(device):
                 logits = forward(stacked, x)
