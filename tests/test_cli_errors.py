@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from invoke import invoke
 from lmclab import cli
 from lmclab.cli import build_parser, main
 from lmclab.cli.commands import curve, plane, spectrum
@@ -379,16 +380,6 @@ PLUGIN_WORK = (
 
 def _refused(name: str) -> None:
     raise Ran(f"{name} was called: the invocation was not refused before the work")
-
-
-def invoke(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """`main(argv)` in-process: (exit status, stdout, stderr); argparse's SystemExit is an exit status."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def command_line(text: str, runs: Path, run: Run, data: Path) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lmclab.cli import main
+from invoke import invoke
 from lmclab.config import RunConfig
 from lmclab.experiments import costs
 from lmclab.experiments.costs import DeviceProfile, StepWork, Work, estimate, model_cost, step_work
@@ -32,15 +32,6 @@ def mlp_run(epochs: int, examples: int, batch: int = 50, hidden: tuple[int, ...]
             "train": {"epochs": epochs, "batch_size": batch},
         }
     )
-
-
-def invoke(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_the_flop_count_of_an_mlp_is_two_per_weight() -> None:
