@@ -8,10 +8,13 @@ within `--budget` seconds (default 480, so the command ends well inside the devi
   2 packed             8 ResNet-20 ×1 trained as one pack vs one after another, LN then BN (target ≥ 4×)
   3 hessian_trace      time to a 10 % relative CI half-width vs one double-backward probe per batch,
                        MLP and ResNet-20 (target ≥ 5×)
-  4 logit_derivatives  all logits' Taylor coefficients to order 2 in one pass vs per-(input, class) HVPs,
+  4 pyhessian          issue 13 item 2 on the GPU: PyHessian 0.1 itself vs lmclab (hessian_trace.py's vs_pyhessian),
+                       MLP, 2,000 MNIST images in one batch: trace to a 10 % CI half-width, then the top eigenvalue
+                       at matched accuracy (target ≥ 2×); skipped, saying why, where PyHessian cannot be imported
+  5 logit_derivatives  all logits' Taylor coefficients to order 2 in one pass vs per-(input, class) HVPs,
                        MLP and ResNet-20 (target ≥ 100×)
-  5 second_order       (25-point path + order 2 at both ends) / the path alone, MLP and ResNet-20 (target ≤ 1.5×)
-  6 weight_matching    lmclab vs a float32 port of Git Re-Basin on the same device, ResNet-20 ×8/×16/×32
+  6 second_order       (25-point path + order 2 at both ends) / the path alone, MLP and ResNet-20 (target ≤ 1.5×)
+  7 weight_matching    lmclab vs a float32 port of Git Re-Basin on the same device, ResNet-20 ×8/×16/×32
                        random and a trained ×8 pair, the MLP (target ≥ 5× for ×8 and wider)
 
 Writes `gpu_session.json` (every number, the card, torch/CUDA versions; rewritten after every case),
@@ -23,12 +26,15 @@ figures packed into `preset_X.tar.gz`. `--device cpu --tiny` runs every stage at
 
 The device machine has its own python3 with torch (the project's .venv is a CPU build for another Python,
 1.9 GB, and does not travel); lmclab's other needs (numpy, scipy, safetensors, tqdm, matplotlib, pillow) are
-there, and this script puts src/ on the path itself. The data travels compressed (only the checkout and
+there, and this script puts src/ on the path itself. PyHessian 0.1 is not there: `--pack-data` also puts its
+wheel (pure Python, no dependencies) in .cache/gpu_data/wheels, and with `--data-pack` the script pip-installs
+every wheel there offline into /tmp/site and puts that first on sys.path (a failure is recorded in the meta's
+"wheels", and the pyhessian stage is then skipped with the reason). The data travels compressed (only the checkout and
 carried ignored paths travel, 64 MiB at most; cifar10-jpeg.zip alone is 62 MiB, ≈ 18 MiB as xz) in
 .cache/gpu_data (ignored by .gitignore), unpacked there before the first stage and checked by lmclab's
 loaders against the checksums its registry records. What the GPU session types:
 
-  here, once (≈ 2 min on one core; writes .cache/gpu_data, ≈ 27 MiB):
+  here, once (≈ 2 min on one core; writes .cache/gpu_data, ≈ 27 MiB: the data and wheels/PyHessian-0.1-*.whl):
       .venv/bin/python bench/gpu_session.py --pack-data
   device tool `run`, timeout_s 600, carry [".cache/gpu_data"], command:
       PYTHONUNBUFFERED=1 python3 bench/gpu_session.py --data-pack .cache/gpu_data --out $OUT
@@ -44,6 +50,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib
 import io
 import json
 import lzma
@@ -91,6 +98,9 @@ PACKED_FILES = (
 )
 DEFAULT_PACK = ROOT / ".cache" / "gpu_data"
 PRESETS = ("benko", "ito", "singh", "width")
+#: Python packages the device machine lacks, carried as wheels in <pack>/wheels (pure Python, no dependencies).
+WHEELS = ("pyhessian==0.1",)
+SITE = Path("/tmp/site")  # where the device installs them (put on sys.path)
 PRESET_SECONDS = 480.0  # a preset's nominal share of the budget (each is sized to about 8 minutes)
 
 
@@ -112,6 +122,43 @@ def pack_data(source: Path, dest: Path, files: tuple[str, ...] = PACKED_FILES) -
             tmp.replace(out)
         written.append(out)
     return written
+
+
+def pack_wheels(dest: Path, requirements: tuple[str, ...] = WHEELS) -> list[Path]:
+    """Download each requirement's wheel (no dependencies) into `dest` with this Python's pip, or build it from the
+    sdist (`pip wheel`) where the registry has no wheel; a requirement whose wheel is already there is kept."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for req in requirements:
+        name, version = req.split("==")
+        if any(w.name.lower().startswith(f"{name.lower()}-{version}-") for w in dest.glob("*.whl")):
+            continue
+        pip = [sys.executable, "-m", "pip"]
+        got = subprocess.run([*pip, "download", req, "--no-deps", "--only-binary=:all:", "-d", str(dest)], check=False)
+        if got.returncode != 0:
+            subprocess.run([*pip, "wheel", req, "--no-deps", "-w", str(dest)], check=True)
+    return sorted(dest.glob("*.whl"))
+
+
+def install_wheels(folder: Path, target: Path = SITE) -> dict[str, Any]:
+    """pip-install every wheel in `folder` into `target` (offline, no dependencies) and put `target` first on
+    sys.path. Never raises: the record says what was installed, or the error (a stage needing it then skips)."""
+    wheels = sorted(folder.glob("*.whl"))
+    rec: dict[str, Any] = {"wheels": [w.name for w in wheels], "target": str(target)}
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--upgrade", "--no-index", "--no-deps", "--no-compile"]
+    cmd += ["--no-cache-dir"]
+    try:
+        done = subprocess.run(
+            [*cmd, "--target", str(target), *map(str, wheels)], capture_output=True, text=True, timeout=300
+        )
+        rec["ok"] = done.returncode == 0
+        if not rec["ok"]:
+            rec["error"] = (done.stderr or done.stdout)[-2000:]
+    except Exception as e:  # noqa: BLE001 - recorded; the session goes on without the package
+        rec.update(ok=False, error=f"{type(e).__name__}: {e}")
+    if rec["ok"] and str(target) not in sys.path:
+        sys.path.insert(0, str(target))
+        importlib.invalidate_caches()
+    return rec
 
 
 def unpack_data(pack: Path, dest: Path) -> list[str]:
@@ -186,6 +233,12 @@ class Context:
 
     def size(self, full: Any, tiny: Any) -> Any:
         return tiny if self.tiny else full
+
+    def skip(self, label: str, why: str) -> None:
+        """Record `label` as skipped for `why` (a need of the case is missing)."""
+        print(f"-- {label}: skipped ({why})", flush=True)
+        self.cases.append({"case": label, "status": "skipped", "why": why})
+        write_outputs(self.out, self.record)
 
     def case(self, label: str, fn: Callable[[], dict[str, Any]]) -> None:
         """Run `fn` unless the stage's budget is spent (then: skipped); interrupted when it runs past it;
@@ -323,6 +376,65 @@ def stage_hessian_trace(ctx: Context) -> None:
         ctx.case(f"Hessian trace, {name}", functools.partial(_trace_case, ctx, name, ns))
 
 
+def stage_pyhessian(ctx: Context) -> None:
+    """bench/hessian_trace.py's vs_pyhessian on this device: PyHessian 0.1 itself (carried as a wheel, see
+    --pack-data) vs lmclab, MLP 784-512³-10 after one Adam pass, MNIST test images in one batch (both sides at
+    their best settings: one gradient graph reused by every product): trace to a 10 % relative CI half-width,
+    then the top eigenvalue at matched accuracy (target ≥ 2×). Skipped, with the reason, without PyHessian."""
+    s = ctx.size
+    labels = ("PyHessian 0.1 vs lmclab, trace", "PyHessian 0.1 vs lmclab, top eigenvalue")
+    try:
+        where = importlib.import_module("pyhessian.hessian").__file__
+    except Exception as e:  # noqa: BLE001 - any failure to import it means: skip, saying why
+        for label in labels:
+            ctx.skip(label, f"pyhessian not importable: {type(e).__name__}: {e}")
+        return
+    ns = argparse.Namespace(
+        data_dir=ctx.data_dir,
+        pyhessian_examples=s(2000, 100),
+        mlp_target=s(0.1, 0.5),
+        min_probes=s(10, 2),
+        max_probes=s(2000, 6),
+        block=s(10, 2),
+        sketch=s(10, 2),
+        seed=0,
+        seeds=s(3, 1),
+        power_tol=1e-3,
+        power_iterations=s(1000, 30),
+        lanczos_tols=s([0.3, 0.1, 0.03, 0.01, 1e-3], [0.1, 1e-3]),
+    )
+    trained: list[torch.nn.Module] = []
+
+    def model() -> torch.nn.Module:  # trained once, by whichever case runs first
+        if not trained:
+            torch.manual_seed(0)
+            net = build_model("mlp", input_shape=(1, 28, 28), num_classes=10).to(ctx.device)
+            hessian_trace.train_mlp(net, ctx.device, s(20000, 256), ctx.data_dir)
+            trained.append(net)
+        return trained[0]
+
+    def trace() -> dict[str, Any]:
+        r = hessian_trace.pyhessian_trace(model(), ns, ctx.device)
+        return {**{k: v for k, v in r.items() if k != "per_seed"}, "pyhessian_file": where, "detail": r["per_seed"]}
+
+    def eigen() -> dict[str, Any]:
+        r = hessian_trace.pyhessian_eigen(model(), ns, ctx.device)
+        one = r["one_run"]
+        return {
+            "ratio": r["ratio"],
+            "ratio_basis": r["ratio_basis"],
+            "reference": r["reference"],
+            "pyhessian_power": one["pyhessian"],
+            "matched_one_run": one.get("matched"),
+            "seeds_seconds": {k: v["seconds"] for k, v in r["seeds"].items()},
+            "seeds_hvps": {k: v["hvps"] for k, v in r["seeds"].items()},
+            "detail": r,
+        }
+
+    ctx.case(labels[0], trace)
+    ctx.case(labels[1], eigen)
+
+
 def stage_logit_derivatives(ctx: Context) -> None:
     """bench/logit_derivatives.py's bench_logits: MLP (MNIST test), ResNet-20 ×1 LN and BN (random images)."""
     s = ctx.size
@@ -437,7 +549,8 @@ STAGES = {
     for s in (
         Stage("train_throughput", 55, "≥ 2", stage_train_throughput),
         Stage("packed", 75, "≥ 4", stage_packed),
-        Stage("hessian_trace", 100, "≥ 5", stage_hessian_trace),
+        Stage("hessian_trace", 80, "≥ 5", stage_hessian_trace),
+        Stage("pyhessian", 20, "≥ 2", stage_pyhessian),  # within the trace's former share of 100
         Stage("logit_derivatives", 55, "≥ 100", stage_logit_derivatives),
         Stage("second_order", 35, "≤ 1.5", stage_second_order),
         Stage("weight_matching", 100, "≥ 5", stage_weight_matching),
@@ -463,7 +576,7 @@ def met(target: str, ratio: Any) -> str:
 
 def _brief(rec: dict[str, Any]) -> str:
     """The case's other numbers, compactly."""
-    skip = {"case", "status", "ratio", "seconds", "traceback", "target_applies", "summary"}
+    skip = {"case", "status", "ratio", "seconds", "traceback", "target_applies", "summary", "detail"}
     parts = []
     for k, v in rec.items():
         if k in skip:
@@ -608,13 +721,17 @@ def main(argv: list[str] | None = None) -> int:
             or os.environ.get("LMCLAB_DATA_DIR", "").split(os.pathsep)[0]
             or ROOT.parent / "shared" / "data"
         )
-        for path in pack_data(source, DEFAULT_PACK):
+        for path in pack_data(source, DEFAULT_PACK) + pack_wheels(DEFAULT_PACK / "wheels"):
             print(f"{path}  {path.stat().st_size / 2**20:.1f} MiB")
         return 0
+    wheels = None
     if args.data_pack is not None:
         names = unpack_data(args.data_pack, args.unpack_to)
         print(f"unpacked {len(names)} files to {args.unpack_to} in {time.monotonic() - t0:.1f} s", flush=True)
         args.data_dir = args.data_dir or str(args.unpack_to)
+        if (args.data_pack / "wheels").is_dir():
+            wheels = install_wheels(args.data_pack / "wheels")
+            print(f"wheels: {json.dumps(wheels)}", flush=True)
     args.data_dir = str(
         args.data_dir or os.environ.get("LMCLAB_DATA_DIR", "").split(os.pathsep)[0] or ROOT.parent / "shared" / "data"
     )
@@ -630,6 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout, sys.stderr = Tee(sys.__stdout__, log), Tee(sys.__stderr__, log)
     stages = [STAGES[n] for n in args.stages] + [preset_stage(n) for n in args.presets]
     record: dict[str, Any] = {"_t0": t0, "meta": environment(device, args), "stages": [], "finished": False}
+    record["meta"]["wheels"] = wheels
     print(json.dumps(record["meta"]), flush=True)
     try:
         # decode (and cache) the datasets before any stage's budget starts: on a fresh machine CIFAR-10's 60,000

@@ -42,6 +42,13 @@ Matched accuracy: both eigenvalues are compared with a tight Lanczos reference (
 and from the gradient (read off the kept graph).
 
     .venv/bin/python bench/hessian_trace.py --vs-pyhessian --threads 1
+    python3 bench/hessian_trace.py --vs-pyhessian --device cuda   # on a GPU (PyHessian with cuda=True; each side
+                                                                  # warmed up once first); bench/gpu_session.py's
+                                                                  # pyhessian stage runs the same functions
+
+`vs_pyhessian` returns what it prints: {"trace": pyhessian_trace(...), "top_eigenvalue": pyhessian_eigen(...)},
+each with "ratio" (PyHessian's time / lmclab's: the fastest lmclab trace method; the eigenvalue over the seeds from
+the start whose errors are within PyHessian's, else the one-run matched tolerance).
 
 Models: Git Re-Basin's MLP (784-512-512-512-10) on MNIST test (`--mlp-examples`, trained first for
 one pass over `--mlp-train` MNIST training examples so the point is not a random init), and ResNet-20
@@ -59,6 +66,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -237,34 +245,60 @@ def lockstep(
     return {"lmclab": lm, "pyhessian": py}
 
 
-def vs_pyhessian(model: nn.Module, args: argparse.Namespace) -> None:
-    """PyHessian 0.1 itself vs lmclab on the same weights and images: trace to a CI width, top eigenvalue."""
+def vs_pyhessian(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """PyHessian 0.1 itself vs lmclab on the same weights and images: trace to a CI width, top eigenvalue.
+
+    Prints as it goes and returns {"trace": pyhessian_trace(...), "top_eigenvalue": pyhessian_eigen(...)}."""
+    return {
+        "trace": pyhessian_trace(model, args, device),
+        "top_eigenvalue": pyhessian_eigen(model, args, device),
+    }
+
+
+def _pyhessian_setup(
+    model: nn.Module, args: argparse.Namespace, device: torch.device
+) -> tuple[Any, nn.Module, DeviceDataset, torch.Tensor, torch.Tensor]:
+    """(pyhessian.hessian module, model float32 in eval mode, the `--pyhessian-examples` MNIST test images on
+    `device`, and those images and labels as one batch)."""
     module = importlib.import_module("pyhessian.hessian")  # optional: see the module docstring
-    PyHessian = module.hessian
-
-    n, target = args.pyhessian_examples, args.mlp_target
-    data = DeviceDataset.load("mnist", "test", data_dir=args.data_dir, subset=n, progress=False)
+    n = args.pyhessian_examples
+    data = DeviceDataset.load("mnist", "test", data_dir=args.data_dir, device=device, subset=n, progress=False)
     x, y = next(iter(data.batches(n)))
-    model = model.float().eval()
-    print(f"\n== vs PyHessian 0.1: MLP, {n} MNIST test images in one batch, target relative half-width {target}")
+    return module, model.float().eval(), data, x, y
 
-    def py_trace(seed: int) -> tuple[list[float], float]:
+
+def pyhessian_trace(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Trace to a relative CI half-width of `--mlp-target` over `--seeds` seeds (interleaved, times summed):
+    PyHessian's Hutchinson vs lmclab's Hutchinson, Hutch++ and GGN control variate. On a GPU each side is
+    warmed up once first. ratio: PyHessian's time / the fastest lmclab method's."""
+    module, model, data, x, y = _pyhessian_setup(model, args, device)
+    PyHessian, cuda = module.hessian, device.type == "cuda"
+    n, target = args.pyhessian_examples, args.mlp_target
+    print(
+        f"\n== vs PyHessian 0.1 on {device}: MLP, {n} MNIST test images in one batch, "
+        f"target relative half-width {target}"
+    )
+
+    def py_trace(seed: int, max_probes: int) -> tuple[list[float], float]:
         torch.manual_seed(seed)
+        sync(device)
         start = time.perf_counter()
-        h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=cuda)
         samples: list[float] = []
-        while len(samples) < args.max_probes:
+        while len(samples) < max_probes:
             samples += h.trace(maxIter=1, tol=-1.0)
             if len(samples) >= args.min_probes:
                 mean, half = t_interval(samples, 0.95)
                 if half <= target * abs(mean):
                     break
+        sync(device)
         dt = time.perf_counter() - start
         model.zero_grad(set_to_none=True)  # PyHessian leaves create_graph gradients in .grad
         return samples, dt
 
-    def lm_trace(name: str, seed: int) -> tuple[TraceEstimate, float]:
+    def lm_trace(name: str, seed: int, max_probes: int) -> tuple[TraceEstimate, float]:
         method = "hutchinson" if name == "hutchinson-ggn" else name
+        sync(device)
         start = time.perf_counter()
         est = hessian_trace(
             model,
@@ -275,43 +309,73 @@ def vs_pyhessian(model: nn.Module, args: argparse.Namespace) -> None:
             sketch=args.sketch if method == "hutchpp" else None,
             probes=2 * args.sketch + args.min_probes if method == "hutchpp" else args.min_probes,
             target_ci_width=target,
-            max_probes=args.max_probes,
+            max_probes=max(max_probes, 2 * args.sketch + args.min_probes if method == "hutchpp" else 0),
             probes_per_pass=args.block,
             batch_size=n,
             max_examples=n,
             seed=seed,
         )
+        sync(device)
         return est, time.perf_counter() - start
 
     seeds = range(args.seed, args.seed + args.seeds)
-    names = ("hutchinson", "hutchpp", "hutchinson-ggn")
+    names = ("hutchinson", "hutchpp", "hutchinson-ggn") if args.sketch else ("hutchinson", "hutchinson-ggn")
+    if cuda:  # kernels, cuBLAS handles and the caching allocator: a one-time cost neither side should pay
+        py_trace(args.seed, args.min_probes)
+        for method in names:
+            lm_trace(method, args.seed, args.min_probes)
     totals = {"pyhessian": [0.0, 0], **{m: [0.0, 0] for m in names}}
+    per_seed: list[dict[str, Any]] = []
     for seed in seeds:  # interleaved, so drifting load hits all sides alike
-        samples, t_py = py_trace(seed)
+        samples, t_py = py_trace(seed, args.max_probes)
         mean, half = t_interval(samples, 0.95)
         totals["pyhessian"][0] += t_py
         totals["pyhessian"][1] += len(samples)
+        per_seed.append({"seed": seed, "pyhessian": {"hvps": len(samples), "s": t_py, "trace": mean, "half": half}})
         print(
             f"seed {seed} PyHessian trace    : {len(samples):4d} HVPs, {t_py:7.2f} s, trace {mean:.6g} ± {half:.3g} "
             f"(relative {half / abs(mean):.3f})"
         )
         for method in names:
-            est, dt = lm_trace(method, seed)
+            est, dt = lm_trace(method, seed, args.max_probes)
             totals[method][0] += dt
             totals[method][1] += est.n_matvecs
+            per_seed[-1][method] = {"hvps": est.n_matvecs, "s": dt, "trace": est.estimate, "half": est.half_width}
             print(
                 f"seed {seed} lmclab {method:14s}: {est.n_matvecs:4d} HVPs, {dt:7.2f} s, trace {est.estimate:.6g} ± "
                 f"{est.half_width:.3g} (relative {est.relative_half_width:.3f})"
             )
     t_py, k_py = totals["pyhessian"]
+    ratios = {}
     for method in names:
         t_lm, k_lm = totals[method]
+        ratios[method] = t_py / t_lm
         print(
             f"trace over {args.seeds} seeds: PyHessian {k_py} HVPs {t_py:.2f} s ({t_py / k_py:.3f} s/HVP), "
             f"lmclab {method} {k_lm} HVPs {t_lm:.2f} s ({t_lm / k_lm:.3f} s/HVP): "
-            f"PyHessian / lmclab = {t_py / t_lm:.2f}×"
+            f"PyHessian / lmclab = {ratios[method]:.2f}×"
         )
+    best = max(ratios, key=ratios.__getitem__)
+    return {
+        "model": "mlp",
+        "examples": n,
+        "target_half_width": target,
+        "seeds": args.seeds,
+        "times_s": {k: t for k, (t, _) in totals.items()},
+        "hvps": {k: c for k, (_, c) in totals.items()},
+        "ratios": ratios,
+        "best": best,
+        "ratio": ratios[best],
+        "per_seed": per_seed,
+    }
 
+
+def pyhessian_eigen(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Top eigenvalue: PyHessian's power iteration vs lmclab's Lanczos at matched accuracy (one run, against a
+    tight Lanczos reference), then `eigen_seeds`. ratio: PyHessian / lmclab over the seeds, from the start whose
+    largest error is within PyHessian's smallest (the faster if both are; else the one-run matched ratio)."""
+    module, model, data, x, y = _pyhessian_setup(model, args, device)
+    n, cuda = args.pyhessian_examples, device.type == "cuda"
     ref = top_eigenvalue(model, None, data, batch_size=n, max_examples=n, tol=1e-10)
     print(f"top eigenvalue reference (Lanczos, tol 1e-10): {ref:.8g}")
     count = [0]
@@ -323,9 +387,11 @@ def vs_pyhessian(model: nn.Module, args: argparse.Namespace) -> None:
 
     module.hessian_vector_product = counted
     torch.manual_seed(args.seed)
+    sync(device)
     start = time.perf_counter()
-    h = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+    h = module.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=cuda)
     py_top = h.eigenvalues(maxIter=args.power_iterations, tol=args.power_tol)[0][0]
+    sync(device)
     t_py = time.perf_counter() - start
     module.hessian_vector_product = original
     del h
@@ -335,40 +401,73 @@ def vs_pyhessian(model: nn.Module, args: argparse.Namespace) -> None:
         f"PyHessian power (tol {args.power_tol:g}): {py_top:.8g}, {count[0]} HVPs, "
         f"relative error {err_py:.2e}, {t_py:.2f} s"
     )
+    one_run: dict[str, Any] = {
+        "pyhessian": {"value": py_top, "hvps": count[0], "error": err_py, "seconds": t_py},
+        "lanczos": [],
+    }
     matched = None
     for tol in args.lanczos_tols:
+        sync(device)
         start = time.perf_counter()
         op = HessianOperator(model, None, data, batch_size=n, max_examples=n)
         like = op.params
 
         def mv(v: torch.Tensor, op: HessianOperator = op, like: dict = like) -> torch.Tensor:
-            return flatten(op.matvec(unflatten(v, like))).double()
+            return flatten(op.matvec(unflatten(v, like))).detach().cpu().double()  # basis on the CPU, as top_eigenvalue
 
         v0 = torch.from_numpy(np.random.default_rng(args.seed).standard_normal(op.num_parameters))
         lm_top, k = lanczos_top(mv, v0, tol, 1000)
+        sync(device)
         t_lm = time.perf_counter() - start
         err = abs(lm_top - ref) / abs(ref)
         if err <= err_py and matched is None:
             matched = (tol, t_lm)
+        one_run["lanczos"].append({"tol": tol, "value": lm_top, "hvps": k, "error": err, "seconds": t_lm})
         print(
             f"lmclab Lanczos (tol {tol:g}): {lm_top:.8g}, {k} HVPs, relative error {err:.2e}, {t_lm:.2f} s; "
             f"PyHessian / lmclab = {t_py / t_lm:.2f}×"
         )
     if matched:
+        one_run["matched"] = {"tol": matched[0], "ratio": t_py / matched[1]}
         print(
             f"top eigenvalue at matched accuracy (loosest Lanczos tol {matched[0]:g} with error ≤ PyHessian's "
             f"{err_py:.1e}): PyHessian / lmclab = {t_py / matched[1]:.2f}×"
         )
-    eigen_seeds(model, module, x, y, data, ref, args)
+    seeds = eigen_seeds(model, module, x, y, data, ref, args, device)
+    fair = {how: s["ratio"] for how, s in seeds.items() if how != "pyhessian" and s["matched"]}
+    if fair:
+        basis = max(fair, key=fair.__getitem__)
+        ratio, why = fair[basis], f"{args.seeds} seeds, tol fixed in advance, {basis} start"
+    else:
+        ratio = one_run["matched"]["ratio"] if matched else None
+        why = "one run, loosest Lanczos tol matching PyHessian's error" if matched else "accuracy never matched"
+    return {
+        "model": "mlp",
+        "examples": n,
+        "reference": ref,
+        "one_run": one_run,
+        "seeds": seeds,
+        "ratio": ratio,
+        "ratio_basis": why,
+    }
 
 
 def eigen_seeds(
-    model: nn.Module, module: object, x: torch.Tensor, y: torch.Tensor, data: DeviceDataset, ref: float, args
-) -> None:
+    model: nn.Module,
+    module: object,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data: DeviceDataset,
+    ref: float,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, dict[str, Any]]:
     """Top eigenvalue over `--seeds` seeds, interleaved, each side's tolerance fixed in advance at
     `--power-tol`: PyHessian's power iteration (stops on the relative change of the eigenvalue) vs
     `top_eigenvalue(error_tol=--power-tol)` (Lanczos stopping on its estimated relative eigenvalue error),
-    from a random start and from the gradient. Times include building each side's gradient graph."""
+    from a random start and from the gradient. Times include building each side's gradient graph.
+    Returns per side {seconds, hvps, errors} (lmclab's starts also ratio = PyHessian / lmclab and matched:
+    its largest error ≤ PyHessian's smallest)."""
     n = args.pyhessian_examples
     count = [0]
     original_hvp = module.hessian_vector_product  # type: ignore[attr-defined]
@@ -387,9 +486,11 @@ def eigen_seeds(
         count[0] = 0
         module.hessian_vector_product = counted_hvp  # type: ignore[attr-defined]
         torch.manual_seed(seed)
+        sync(device)
         start = time.perf_counter()
-        h = module.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)  # type: ignore[attr-defined]
+        h = module.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=device.type == "cuda")  # type: ignore[attr-defined]
         lam = h.eigenvalues(maxIter=args.power_iterations, tol=args.power_tol)[0][0]
+        sync(device)
         rows["pyhessian"].append((time.perf_counter() - start, count[0], abs(lam - ref) / abs(ref)))
         module.hessian_vector_product = original_hvp  # type: ignore[attr-defined]
         del h
@@ -397,21 +498,28 @@ def eigen_seeds(
         for how in ("random", "gradient"):
             count[0] = 0
             HessianOperator.matmat = counted_matmat  # type: ignore[method-assign]
+            sync(device)
             start = time.perf_counter()
             lam = top_eigenvalue(
                 model, None, data, batch_size=n, max_examples=n, seed=seed, start=how, error_tol=args.power_tol
             )
+            sync(device)
             rows[how].append((time.perf_counter() - start, count[0], abs(lam - ref) / abs(ref)))
             HessianOperator.matmat = original_matmat  # type: ignore[method-assign]
         print(
             f"seed {seed} top eigenvalue: "
             + ", ".join(f"{k} {r[-1][1]} HVPs {r[-1][0]:.2f} s error {r[-1][2]:.1e}" for k, r in rows.items())
         )
-    t_py = sum(r[0] for r in rows["pyhessian"])
+    out: dict[str, dict[str, Any]] = {
+        k: {"seconds": sum(r[0] for r in v), "hvps": sum(r[1] for r in v), "errors": [r[2] for r in v]}
+        for k, v in rows.items()
+    }
+    t_py = out["pyhessian"]["seconds"]
     best_py = min(r[2] for r in rows["pyhessian"])
     for how in ("random", "gradient"):
-        t_lm = sum(r[0] for r in rows[how])
+        t_lm = out[how]["seconds"]
         worst = max(r[2] for r in rows[how])
+        out[how].update(ratio=t_py / t_lm, matched=worst <= best_py)
         print(
             f"top eigenvalue over {args.seeds} seeds, tol {args.power_tol:g} both: PyHessian power "
             f"{sum(r[1] for r in rows['pyhessian'])} HVPs {t_py:.2f} s, lmclab Lanczos ({how} start, error_tol) "
@@ -419,6 +527,7 @@ def eigen_seeds(
             f"lmclab's largest error {worst:.1e} {'≤' if worst <= best_py else '>'} "
             f"PyHessian's smallest {best_py:.1e}"
         )
+    return out
 
 
 def _fit(model: nn.Module, data: DeviceDataset, optimizer: torch.optim.Optimizer) -> None:
@@ -508,7 +617,7 @@ def main() -> None:
         model = build_model("mlp", input_shape=(1, 28, 28), num_classes=10).to(device)
         if args.mlp_train:
             train_mlp(model, device, args.mlp_train, args.data_dir)
-        vs_pyhessian(model, args)
+        vs_pyhessian(model, args, device)
         return
     for name in args.models:
         model, data, examples, target, point = setup_model(name, args, device)

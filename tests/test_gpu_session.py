@@ -7,6 +7,7 @@ case is interrupted), the data pack's round trip, and bad flag values."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.py"
 BENCH_STAGES = ["train_throughput", "packed", "hessian_trace", "logit_derivatives", "second_order", "weight_matching"]
+STAGES = BENCH_STAGES[:3] + ["pyhessian"] + BENCH_STAGES[3:]  # pyhessian: needs PyHessian 0.1 (else skipped)
+PYHESSIAN_CASES = ["PyHessian 0.1 vs lmclab, trace", "PyHessian 0.1 vs lmclab, top eigenvalue"]
+HAVE_PYHESSIAN = importlib.util.find_spec("pyhessian") is not None
 PRESETS = ["benko", "ito", "singh", "width"]
 
 
@@ -66,11 +71,11 @@ def test_dry_run_runs_every_stage_and_case(dry_run: tuple[Path, dict]) -> None:
     assert record["finished"] is True
     assert record["meta"]["device"] == "cpu" and record["meta"]["mode"] == "tiny (dry run)"
     assert record["meta"]["torch"] == torch.__version__
-    assert [s["name"] for s in record["stages"]] == BENCH_STAGES + [f"preset_{p}" for p in PRESETS]
-    failed = [(s["name"], c["case"], c.get("error") or c.get("why")) for s in record["stages"] for c in s["cases"]]
-    failed = [f for f in failed if f[2] is not None]
+    assert [s["name"] for s in record["stages"]] == STAGES + [f"preset_{p}" for p in PRESETS]
+    every = [c for s in record["stages"] for c in s["cases"] if HAVE_PYHESSIAN or s["name"] != "pyhessian"]
+    failed = [(c["case"], c.get("error") or c.get("why")) for c in every if c.get("error") or c.get("why")]
     assert not failed, failed
-    assert all(c["status"] == "ok" for s in record["stages"] for c in s["cases"])
+    assert all(c["status"] == "ok" for c in every)
     for stage in BENCH_STAGES:
         ratios = [c["ratio"] for c in cases(record, stage)]
         assert ratios and all(math.isfinite(r) and r > 0 for r in ratios), (stage, ratios)
@@ -80,7 +85,7 @@ def test_dry_run_runs_every_stage_and_case(dry_run: tuple[Path, dict]) -> None:
         (c,) = cases(record, f"preset_{p}")
         assert c["exit_code"] == 0
     md = (out / "gpu_session.md").read_text()
-    assert all(f"| {s} |" in md for s in BENCH_STAGES) and "| ≥ 2 |" in md and "| ≤ 1.5 |" in md
+    assert all(f"| {s} |" in md for s in STAGES) and "| ≥ 2 |" in md and "| ≤ 1.5 |" in md
     assert "NOT FINISHED" not in md
     log = (out / "gpu_session.log").read_text()
     assert "== stage weight_matching" in log and "lmclab run width --preset gpu" in log
@@ -100,6 +105,85 @@ def test_dry_run_sides_agree(dry_run: tuple[Path, dict]) -> None:
         assert c["same_permutation"] is True and c["objective"]["lmclab"] == c["objective"]["port"]
     for c in cases(record, "second_order"):
         assert c["ratio"] == pytest.approx((c["path_s"] + c["derivatives_s"]) / c["path_s"])
+
+
+def test_dry_run_pyhessian_ran_or_says_why(dry_run: tuple[Path, dict]) -> None:
+    """The stage against PyHessian itself ran both cases (PyHessian's Hutchinson and lmclab's on the same probes
+    give the same trace; the eigenvalues near the tight reference; the ratios from the recorded times), or, without
+    PyHessian, skipped both saying why."""
+    _, record = dry_run
+    got = cases(record, "pyhessian")
+    assert [c["case"] for c in got] == PYHESSIAN_CASES
+    if not HAVE_PYHESSIAN:
+        assert all(c["status"] == "skipped" and c["why"].startswith("pyhessian not importable") for c in got)
+        return
+    trace, eigen = got
+    assert trace["status"] == eigen["status"] == "ok"
+    (seed,) = trace["detail"]  # one seed in the dry run
+    assert seed["pyhessian"]["hvps"] == seed["hutchinson"]["hvps"]
+    assert seed["pyhessian"]["trace"] == pytest.approx(seed["hutchinson"]["trace"], rel=1e-4)
+    times = trace["times_s"]
+    assert trace["ratios"] == pytest.approx({m: times["pyhessian"] / times[m] for m in trace["ratios"]})
+    assert trace["ratio"] == max(trace["ratios"].values()) == trace["ratios"][trace["best"]]
+    ref, power = eigen["reference"], eigen["pyhessian_power"]
+    assert power["error"] == pytest.approx(abs(power["value"] - ref) / abs(ref)) and power["error"] < 0.05
+    lanczos = eigen["detail"]["one_run"]["lanczos"]
+    assert lanczos[-1]["tol"] == 1e-3 and lanczos[-1]["value"] == pytest.approx(ref, rel=1e-3)
+    seeds = eigen["detail"]["seeds"]
+    for h in ("random", "gradient"):
+        assert seeds[h]["matched"] == (max(seeds[h]["errors"]) <= min(seeds["pyhessian"]["errors"]))
+    fair = [seeds["pyhessian"]["seconds"] / seeds[h]["seconds"] for h in ("random", "gradient") if seeds[h]["matched"]]
+    if fair:
+        assert eigen["ratio"] == pytest.approx(max(fair)) and eigen["ratio_basis"].startswith("1 seeds")
+    else:
+        assert eigen["ratio_basis"].startswith("one run")
+
+
+def test_pyhessian_missing_skips_with_the_reason(
+    session: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pyhessian", None)  # import pyhessian.hessian now raises ImportError
+    monkeypatch.delitem(sys.modules, "pyhessian.hessian", raising=False)
+    record = {"_t0": time.monotonic(), "meta": {}, "stages": []}
+    ctx = session.Context(torch.device("cpu"), True, "", tmp_path, tmp_path, record)
+    record["meta"] = {"device_name": "cpu", "torch": "", "cuda": None, "cudnn": None, "python": "", "mode": "tiny"}
+    record["meta"].update(started_utc="", budget_s=1.0)
+    record["stages"].append({"name": "pyhessian", "target": "≥ 2", "cases": ctx.cases})
+    session.stage_pyhessian(ctx)
+    assert [(c["case"], c["status"]) for c in ctx.cases] == [(c, "skipped") for c in PYHESSIAN_CASES]
+    assert all(c["why"].startswith("pyhessian not importable: ModuleNotFoundError") for c in ctx.cases)
+    assert "| pyhessian | PyHessian 0.1 vs lmclab, trace | skipped |" in (tmp_path / "gpu_session.md").read_text()
+
+
+def test_wheels_install_offline_onto_the_path(session: ModuleType, tmp_path: Path) -> None:
+    """A pure-Python wheel installs with pip --no-index into the target, which goes first on sys.path; a failed
+    install is recorded, not raised; pack_wheels keeps a wheel already there (no download)."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    dist = "h5probe-0.1.dist-info"
+    files = {
+        "h5probe/__init__.py": "VALUE = 42\n",
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: h5probe\nVersion: 0.1\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    with zipfile.ZipFile(wheels / "h5probe-0.1-py3-none-any.whl", "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr(f"{dist}/RECORD", "".join(f"{n},,\n" for n in [*files, f"{dist}/RECORD"]))
+    site = tmp_path / "site"
+    before = list(sys.path)
+    try:
+        rec = session.install_wheels(wheels, site)
+        assert rec["ok"] is True, rec
+        assert rec["wheels"] == ["h5probe-0.1-py3-none-any.whl"] and sys.path[0] == str(site)
+        assert importlib.import_module("h5probe").VALUE == 42
+    finally:
+        sys.path[:] = before
+        sys.modules.pop("h5probe", None)
+    bad = session.install_wheels(tmp_path / "empty", tmp_path / "site2")
+    assert bad["ok"] is False and bad["error"] and sys.path == before
+    (wheels / "PyHessian-0.1-py3-none-any.whl").write_bytes(b"")
+    assert session.pack_wheels(wheels, ("pyhessian==0.1",)) == sorted(wheels.glob("*.whl"))
 
 
 def test_spent_budget_skips_the_remaining_cases(tmp_path: Path, shared_data: Path) -> None:
