@@ -231,9 +231,14 @@ def run_of(step: StepLike) -> RunConfig:
     raise LookupError(f"step {step.kind}: no train step among its inputs, its model is unknown")
 
 
+def steps_per_epoch(run: RunConfig) -> int:
+    """Optimizer steps in one epoch of `run`: ⌈training examples / batch size⌉."""
+    return math.ceil(training_examples(run) / run.train.batch_size)
+
+
 def train_steps(run: RunConfig) -> int:
     """Optimizer steps `train` takes for `run` (a forked child: from its fork point on)."""
-    spe = math.ceil(training_examples(run) / run.train.batch_size)
+    spe = steps_per_epoch(run)
     total = run.train.steps if run.train.steps is not None else run.train.epochs * spe
     fork = run.fork
     start = 0 if not fork.is_set else (fork.step if fork.step is not None else int(fork.epoch or 0) * spe)
@@ -365,8 +370,7 @@ def _singh_segments(step: StepLike) -> Work:
     """Segments between the siblings at every `every`-th child epoch (fork and end included), `points` each."""
     run, c = run_of(step), step.config
     cost = model_cost(run)
-    epochs = math.ceil(train_steps(run) / math.ceil(training_examples(run) / run.train.batch_size))
-    segments = math.ceil(epochs / max(1, int(c.get("every", 1)))) + 1
+    segments = math.ceil(_child_epochs(run) / max(1, int(c.get("every", 1)))) + 1
     n = split_examples(run, "train", c.get("examples")) + _bn_examples(run, cost, c)
     return Work(
         cost,
@@ -378,7 +382,7 @@ def _singh_segments(step: StepLike) -> Work:
 
 def _child_epochs(run: RunConfig) -> int:
     """Epochs a (forked) run trains: from its fork point to the end."""
-    return math.ceil(train_steps(run) / math.ceil(training_examples(run) / run.train.batch_size))
+    return math.ceil(train_steps(run) / steps_per_epoch(run))
 
 
 def _singh_geometry(step: StepLike) -> Work:

@@ -127,12 +127,14 @@ def default_chunk(
     64 on an accelerator). Default budget: half the free memory of a CUDA device, 256 MiB elsewhere."""
     tensors = list(model.state_dict().values())
     device = tensors[0].device if tensors else example.device
+    if most is None:
+        most = MOST["cpu"] if device.type == "cpu" else MOST["other"]
+    if most <= 1:  # nothing to size: skip the measuring forward pass
+        return 1
     state = sum(t.numel() * t.element_size() for t in tensors)
     per_point = state + batch_size * activation_bytes(model, example)
     if budget_bytes is None:
         budget_bytes = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else CPU_BUDGET
-    if most is None:
-        most = MOST["cpu"] if device.type == "cpu" else MOST["other"]
     return max(1, min(most, budget_bytes // max(per_point, 1)))
 
 
