@@ -58,11 +58,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from lmclab.config import SECTIONS, RunConfig, UsageError
 from lmclab.data import DeviceDataset
+from lmclab.models.attention import exact_attention
 from lmclab.store import Run, RunStore, artifact_lock
 from lmclab.training.evaluate import autocast_for, evaluate
 from lmclab.training.loop import (
@@ -84,9 +84,6 @@ from lmclab.training.trainer import DEFAULT_OPTIONS, load_datasets, resolve_devi
 
 #: optimizers whose update is elementwise in (parameter, gradient, state): one over stacked leaves is exact
 ELEMENTWISE_OPTIMIZERS = ("sgd", "adam", "adamw")
-#: Attention under vmap: torch has no batching rule for the fused scaled-dot-product kernels (flash, CPU
-#: flash), so vmap would loop over the members there; the math backend (matmul, softmax) is batched.
-ATTENTION_NOTE = "scaled dot-product attention runs on its math backend in a pack"
 #: optimizer-state keys shared by all members (the step count), not stacked
 SHARED_STATE_KEYS = frozenset({"step"})
 
@@ -213,7 +210,7 @@ class Pack:
         try:
             for name, layer in layers.items():  # torch's cumulative factor 1/num_batches_tracked, after its += 1
                 layer.momentum = 1.0 / float(self.cumulative[name] + 1)
-            with sdpa_kernel([SDPBackend.MATH]):  # (see ATTENTION_NOTE)
+            with exact_attention():  # vmap batches the math backend, not the fused kernels
                 # buffers batched (in_dims 0): BatchNorm updates each member's running statistics in place
                 grads, (loss, logits) = vmap(grad_and_value(loss_of, has_aux=True))(leaves, self.buffers, x, y)
         finally:
