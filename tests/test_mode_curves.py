@@ -177,12 +177,13 @@ def bn_point(seed: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def test_batchnorm_statistics_are_recomputed_at_every_t(shared_data: Path) -> None:
+@pytest.mark.parametrize("chunk", [1, 3])  # one t at a time with the model; stacked (vmap) with a partial last chunk
+def test_batchnorm_statistics_are_recomputed_at_every_t(shared_data: Path, chunk: int) -> None:
     data = DeviceDataset.load("mnist", "train", data_dir=shared_data, subset=200, augment=False, progress=False)
     c = random_bn_curve()
     ts = [0.0, 0.3, 0.5, 1.0]
-    rows = evaluate_curve(BNNet(), c, {"train": data}, ts=ts, bn="reset", bn_data=data, progress=False)
-    stored = evaluate_curve(BNNet(), c, {"train": data}, ts=ts, bn="none", progress=False)
+    rows = evaluate_curve(BNNet(), c, {"train": data}, ts=ts, bn="reset", bn_data=data, chunk=chunk, progress=False)
+    stored = evaluate_curve(BNNet(), c, {"train": data}, ts=ts, bn="none", chunk=chunk, progress=False)
     x, y = next(data.batches(len(data)))
     for t in ts:
         p = curve_point(c, t)  # by hand: BN with the mean and unbiased variance of its inputs over the data

@@ -108,12 +108,17 @@ def evaluate_path(
         desc=desc,
         unit="λ",
     )
+    return tidy_rows(lambdas, metrics)
+
+
+def tidy_rows(lambdas: Sequence[float], metrics: Sequence[Mapping[str, Mapping[str, float]]]) -> list[dict[str, Any]]:
+    """Rows {lambda, split, metric, value} (loss, accuracy, error = 1 − accuracy) from one
+    {split: {"loss", "accuracy"}} per λ (:func:`lmclab.paths.batched.evaluate_points`' output)."""
     rows: list[dict[str, Any]] = []
-    for lam, at in zip(lambdas, metrics):
-        for split in datasets:
-            m = at[split]
+    for lam, at in zip(lambdas, metrics, strict=True):
+        for split, m in at.items():
             for metric, value in (("loss", m["loss"]), ("accuracy", m["accuracy"]), ("error", 1.0 - m["accuracy"])):
-                rows.append({"lambda": lam, "split": split, "metric": metric, "value": value})
+                rows.append({"lambda": float(lam), "split": split, "metric": metric, "value": value})
     return rows
 
 

@@ -34,11 +34,10 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from lmclab.data import DeviceDataset
-from lmclab.paths.curves import default_bn_mode
+from lmclab.paths.batched import BATCHED_BN_MODES, evaluate_points
+from lmclab.paths.curves import default_bn_mode, tidy_rows
 from lmclab.paths.interpolate import default_lambdas
-from lmclab.paths.normalization import reset_bn_stats
 from lmclab.points import Point, PointLike, lerp, mixture, parameter_names
-from lmclab.training.evaluate import evaluate
 
 __all__ = [
     "CURVE_BN_MODES",
@@ -60,7 +59,7 @@ __all__ = [
 
 KINDS = ("bezier", "polychain")
 MAX_BENDS = 3
-CURVE_BN_MODES = ("none", "reset")
+CURVE_BN_MODES = BATCHED_BN_MODES
 OPTIMIZERS = ("adam", "sgd")
 
 Scalar = float | torch.Tensor
@@ -317,28 +316,33 @@ def evaluate_curve(
     bn_data: DeviceDataset | None = None,
     bn_examples: int | None = None,
     batch_size: int = 1000,
+    chunk: int | None = None,
     progress: bool = True,
     desc: str = "curve",
 ) -> list[dict[str, Any]]:
     """Tidy rows {lambda (= t), split, metric, value} for loss, accuracy and error at every t on every split,
     in :func:`lmclab.paths.evaluate_path`'s format. ``bn``: "reset" recomputes BatchNorm statistics at every
-    t from `bn_data` (endpoints included); "none" uses φ(t)'s own; default reset for BN models. `model` is
-    a template, never modified."""
+    t from `bn_data` (endpoints included); "none" uses φ(t)'s own; default reset for BN models. The points
+    are evaluated `chunk` at a time by :func:`lmclab.paths.batched.evaluate_points` (default: its memory
+    estimate on an accelerator, 1 on the CPU). `model` is a template, never modified."""
     bn = bn or default_bn_mode(model)
     if bn not in CURVE_BN_MODES:
         raise ValueError(f"bn mode {bn!r} is not available along a curve; valid: {', '.join(CURVE_BN_MODES)}")
     if bn == "reset" and bn_data is None:
         raise ValueError("bn='reset' needs bn_data (the training split) to estimate statistics")
     ts = list(ts) if ts is not None else default_lambdas()
-    scratch = copy.deepcopy(model).eval()
-    rows: list[dict[str, Any]] = []
-    for t in tqdm(ts, desc=desc, unit="t", disable=not progress, leave=False):
-        scratch.load_state_dict(curve_point(curve, float(t)))
-        if bn == "reset":
-            assert bn_data is not None
-            reset_bn_stats(scratch, bn_data, max_examples=bn_examples)
-        for split, data in datasets.items():
-            m = evaluate(scratch, data, batch_size)
-            for metric, value in (("loss", m["loss"]), ("accuracy", m["accuracy"]), ("error", 1.0 - m["accuracy"])):
-                rows.append({"lambda": float(t), "split": split, "metric": metric, "value": value})
-    return rows
+    metrics = evaluate_points(
+        model,
+        (curve_point(curve, float(t)) for t in ts),
+        datasets,
+        bn=bn,
+        bn_data=bn_data,
+        bn_examples=bn_examples,
+        chunk=chunk,
+        batch_size=batch_size,
+        total=len(ts),
+        progress=progress,
+        desc=desc,
+        unit="t",
+    )
+    return tidy_rows(ts, metrics)
