@@ -270,6 +270,7 @@ def feasible_argmax(spec: PermutationSpec, mats: Mapping[str, torch.Tensor]) -> 
     "maps into a shared universe by Frank–Wolfe on all pairs' weight matching at once; cycle-consistent (C2M3)",
     accepts=("seed", "device", "progress"),
     title="C2M3",
+    revision=2,  # 2: its weight-matching starts use the anchored start for specs with attention heads
 )
 def c2m3(
     points: Sequence[PointLike],

@@ -29,7 +29,12 @@ def naive(points: Sequence[PointLike], spec: PermutationSpec, **_: Any) -> Popul
     return PopulationAlignment([Permutation.identity(spec) for _ in points], spec, "naive")
 
 
-@register_population_method("pairwise", "weight-match each model to the first one, independently", accepts=("seed",))
+@register_population_method(
+    "pairwise",
+    "weight-match each model to the first one, independently",
+    accepts=("seed",),
+    revision=2,  # 2: weight matching's anchored start for specs with attention heads
+)
 def pairwise(points: Sequence[PointLike], spec: PermutationSpec, *, seed: int = 0, **kw: Any) -> PopulationAlignment:
     """π_i = weight_matching(θ_0, θ_i) for i ≥ 1; π_0 = identity."""
     results = [weight_matching(points[0], p, spec, seed=seed, **kw) for p in points[1:]]

@@ -70,7 +70,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 class MethodEntry:
     """A registered method: its name, function, one-line description, what it needs and what it accepts.
 
-    ``title`` names the method in messages (default: the name)."""
+    ``title`` names the method in messages (default: the name). ``revision`` counts changes to what the
+    method computes for the same inputs; stored results record it (when above 1), so a changed method is
+    recomputed rather than read back from a cache of the old one."""
 
     name: str
     fn: Callable[..., Any]
@@ -78,6 +80,7 @@ class MethodEntry:
     needs: tuple[str, ...] = ()
     accepts: tuple[str, ...] = ()
     title: str = ""
+    revision: int = 1
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.needs if n not in NEEDS] + [s for s in self.accepts if s not in SETTINGS]
@@ -95,6 +98,11 @@ class MethodEntry:
         if missing:
             wanted = " and ".join(f"{n}=<{NEEDS[n]}>" for n in self.needs)
             raise ValueError(f"{self.title} needs {wanted}; missing: {', '.join(missing)}")
+
+    def identity(self) -> dict[str, Any]:
+        """What a stored result of this method is keyed by: {"method": name}, plus "revision" when above 1
+        (so the keys of methods never revised stay as they were)."""
+        return {"method": self.name, **({"revision": self.revision} if self.revision > 1 else {})}
 
     def summary(self) -> str:
         """ "name (title): description", the line listings and ``--help`` show."""
@@ -133,26 +141,39 @@ def _add(registry: dict[str, Any], entry: MethodEntry, kind: str) -> None:
 
 
 def register_pair_method(
-    name: str, description: str, *, needs: Iterable[str] = (), accepts: Iterable[str] = (), title: str = ""
+    name: str,
+    description: str,
+    *,
+    needs: Iterable[str] = (),
+    accepts: Iterable[str] = (),
+    title: str = "",
+    revision: int = 1,
 ) -> Callable[[F], F]:
     """Decorator: register ``fn(θ_A, θ_B, spec, **kw) -> MatchResult`` as two-model method `name`."""
 
     def register(fn: F) -> F:
-        _add(PAIR_METHODS, PairMethod(name, fn, description, tuple(needs), tuple(accepts), title), "alignment method")
+        entry = PairMethod(name, fn, description, tuple(needs), tuple(accepts), title, revision)
+        _add(PAIR_METHODS, entry, "alignment method")
         return fn
 
     return register
 
 
 def register_population_method(
-    name: str, description: str, *, needs: Iterable[str] = (), accepts: Iterable[str] = (), title: str = ""
+    name: str,
+    description: str,
+    *,
+    needs: Iterable[str] = (),
+    accepts: Iterable[str] = (),
+    title: str = "",
+    revision: int = 1,
 ) -> Callable[[F], F]:
     """Decorator: register ``fn(points, spec, **kw) -> PopulationAlignment`` as K-model method `name`."""
 
     def register(fn: F) -> F:
         _add(
             POPULATION_METHODS,
-            PopulationMethod(name, fn, description, tuple(needs), tuple(accepts), title),
+            PopulationMethod(name, fn, description, tuple(needs), tuple(accepts), title, revision),
             "population method",
         )
         return fn

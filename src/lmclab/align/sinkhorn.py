@@ -174,6 +174,7 @@ def _check_options(init: str, tau_start: float, tau_end: float, iters: int, init
     needs=("model", "data"),
     accepts=("seed", "device", "progress", "val_data"),
     title="Sinkhorn matching",
+    revision=2,  # 2: its weight-matching initialisation uses the anchored start for specs with attention heads
 )
 def sinkhorn_matching(
     params_a: PointLike,

@@ -186,8 +186,15 @@ class STELoop:
         projected = []
         for i, (other, proxy, state) in enumerate(zip(self.others, self.proxies, self.states)):
             target = {**self.reference, **{k: v.detach() for k, v in proxy.items()}}
-            res = weight_matching(
-                target, other, self.spec, seed=self.seed, weights=self.weights, warm=state, device=self.device
+            res = weight_matching(  # warm: from the last projection; the first from the identity, as published
+                target,
+                other,
+                self.spec,
+                seed=self.seed,
+                weights=self.weights,
+                warm=state,
+                device=self.device,
+                start="identity",
             )
             self.perms[i + 1] = res.perm
             self.sweeps.append(res.sweeps)

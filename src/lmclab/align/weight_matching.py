@@ -24,6 +24,16 @@ the optimal within-block assignment objective (one LAP per group and pair (i, j)
 solution for (i, σ(i)). For fixed other groups this maximises Σ_g ⟨S_g, P_g⟩ over all structured
 permutations: for a given σ the blocks decouple into independent LAPs. These solves are cold (no
 warm LAP state), also when `warm` is given.
+
+Where the descent starts matters when one group is shared by many tensors, as a transformer's residual
+stream is (every block reads and writes it): from the identity, the first groups visited are solved against
+arbitrary neighbours, and the local optimum reached depends on the visiting order. The *anchored start*
+first solves every group from its anchored tensors alone, those permuted on one axis only (their other axes
+are fixed: input pixels, token positions, classes; so embeddings, position embeddings, class tokens, the
+classifier, norms, biases), whose terms of J depend on that group only, so each group gets the exact
+optimum of its anchored part, whatever the order. The first sweep then visits the groups in increasing
+order of their anchored share of Σ_t w_t ‖θ_A[t]‖ ‖θ_B[t]‖ (the least pinned, e.g. attention heads and MLP
+units, first, solved against the well-pinned residual stream), later sweeps in seeded random order.
 """
 
 from __future__ import annotations
@@ -43,7 +53,10 @@ from lmclab.permutation.spec import Permutation, PermutationSpec, SpecError, exp
 from lmclab.points import PointLike
 
 __all__ = [
+    "STARTS",
     "WeightMatchingState",
+    "anchored_tensors",
+    "resolve_start",
     "weight_matching",
     "head_block_assignment",
     "spec_tensor_names",
@@ -58,6 +71,9 @@ REL_TOL = 1e-12
 #: of its other axis moved, and while the entries moved since its last full product stay within
 #: UPDATE_BUDGET × that axis's length; otherwise it is rebuilt by a full product.
 UPDATE_FRACTION, UPDATE_BUDGET = 0.5, 2.0
+
+#: Where the coordinate descent starts (`start` of :func:`weight_matching`).
+STARTS = ("auto", "identity", "anchored")
 
 #: Groups of at least this many units refine the column potentials they pass to their next solve by two
 #: Bellman–Ford rounds (see ``reduced_assignment``); below it the rounds cost more than they save.
@@ -100,6 +116,48 @@ class WeightMatchingState:
 def spec_tensor_names(spec: PermutationSpec, params: PointLike) -> list[str]:
     """The floating-point tensors of `params` that the spec permutes (parameters and buffers alike)."""
     return [t for t in spec.axes_by_tensor() if t in params and params[t].is_floating_point()]
+
+
+def anchored_tensors(spec: PermutationSpec, params: PointLike) -> list[str]:
+    """The spec's floating-point tensors permuted on one axis only (every group on them moves that axis):
+    each of their terms in J depends on a single group (see the module docstring)."""
+    by_tensor = spec.axes_by_tensor()
+    return [t for t in spec_tensor_names(spec, params) if len({ax.axis for _, ax in by_tensor[t]}) == 1]
+
+
+def resolve_start(start: str, spec: PermutationSpec) -> str:
+    """ "identity" or "anchored": `start` itself, or for "auto" anchored when the spec has block-structured
+    groups (attention heads: a transformer), else the identity (Git Re-Basin's procedure)."""
+    if start not in STARTS:
+        raise ValueError(f"unknown start {start!r}; valid: {', '.join(STARTS)}")
+    if start != "auto":
+        return start
+    return "anchored" if any(g.structured for g in spec.groups) else "identity"
+
+
+def _anchored_order(
+    params_a: PointLike, params_b: PointLike, spec: PermutationSpec, weights: Callable[[str], float]
+) -> list[int]:
+    """Indices of :func:`_units` in increasing anchored share Σ_anchored m_t / Σ m_t, m_t = w_t ‖θ_A[t]‖ ‖θ_B[t]‖
+    over the tensors of the unit's groups (ties: in spec order)."""
+    anchored = set(anchored_tensors(spec, params_a))
+    by_group: dict[str, set[str]] = {}
+    for t in spec_tensor_names(spec, params_a):
+        for g, _ in spec.axes_by_tensor()[t]:
+            by_group.setdefault(g, set()).add(t)
+    mass = {
+        t: abs(float(weights(t))) * float(params_a[t].detach().double().norm() * params_b[t].detach().double().norm())
+        for ts in by_group.values()
+        for t in ts
+    }
+
+    def share(unit: list[str]) -> float:
+        ts = set().union(*(by_group.get(g, set()) for g in unit))
+        total = sum(mass[t] for t in ts)
+        return sum(mass[t] for t in ts if t in anchored) / total if total > 0 else 0.0
+
+    units = _units(spec)
+    return sorted(range(len(units)), key=lambda i: share(units[i]))
 
 
 def default_weights(name: str) -> float:
@@ -431,6 +489,7 @@ def _initial_perm(spec: PermutationSpec, init: Permutation | None) -> dict[str, 
     "maximise Σ⟨θ_A, π(θ_B)⟩ by coordinate descent (Git Re-Basin); no data",
     accepts=("seed", "progress"),
     title="weight matching",
+    revision=2,  # 2: the anchored start for specs with attention heads (start="auto")
 )
 def weight_matching(
     params_a: PointLike,
@@ -444,10 +503,16 @@ def weight_matching(
     progress: bool = False,
     weights: Callable[[str], float] | None = None,
     warm: WeightMatchingState | None = None,
+    start: str = "auto",
 ) -> MatchResult:
     """Permutation π maximising Σ_t w_t ⟨θ_A[t], π(θ_B)[t]⟩ by coordinate descent over the groups.
 
-    Starts at the identity (or `init`); each sweep visits the groups in an order drawn from a
+    Starts at `init` if given, else per `start` (:func:`resolve_start`): "identity", or "anchored" (module
+    docstring: each group's optimum over its anchored tensors, then a first sweep from the least to the
+    most anchored group); "auto" (default) is anchored for specs with attention heads, the identity
+    otherwise. On the ViT width study's ×4 and ×8 pairs the identity start reached 0.45–1.07 of the naive
+    test-loss barrier depending on the seed, the anchored start 0.32–0.49 for every seed (README). Each
+    sweep visits the groups in an order drawn from a
     ``torch.Generator`` seeded with `seed` (so the result is deterministic for a seed), solves the
     assignment for S_P (see the module docstring) and takes the new permutation only when
     ⟨S_P, P_new⟩ > ⟨S_P, P_old⟩ + 1e-12·|⟨S_P, P_old⟩|. Stops after a sweep that changes no group, or
@@ -484,10 +549,23 @@ def weight_matching(
         device = params_a[names[0]].device if names else torch.device("cpu")
     device = torch.device(device)
     weights = weights or default_weights
-    start = time.perf_counter()
+    clock = time.perf_counter()
 
     if init is None and warm is not None:
         init = warm.perm
+    start = resolve_start(start, spec) if init is None else "init"
+    first_order: list[int] | None = None
+    if start == "anchored":
+        anchored = set(anchored_tensors(spec, params_a))
+        init = weight_matching(
+            params_a,
+            params_b,
+            spec,
+            device=device,
+            weights=lambda t: weights(t) if t in anchored else 0.0,
+            start="identity",
+        ).perm  # the groups decouple: one sweep finds each group's optimum, a second confirms it
+        first_order = _anchored_order(params_a, params_b, spec, weights)
     matcher = _WeightMatcher(params_a, params_b, spec, _initial_perm(spec, init), weights, device)
     objective_init = matcher.objective()
     gen = torch.Generator().manual_seed(seed)
@@ -501,7 +579,12 @@ def weight_matching(
     potentials: dict[str, np.ndarray] = {}  # per flat group: column potentials of its last solve (speed only)
     for sweeps in range(1, max_sweeps + 1):
         changed: set[str] = set()
-        for i in torch.randperm(len(units), generator=gen).tolist():
+        order = (
+            first_order
+            if sweeps == 1 and first_order is not None
+            else torch.randperm(len(units), generator=gen).tolist()
+        )
+        for i in order:
             if len(units[i]) > 1 or spec.group(units[i][0]).structured:
                 if dirty.intersection(units[i]):
                     dirty.difference_update(units[i])
@@ -561,13 +644,14 @@ def weight_matching(
         converged=converged,
         info={
             "seed": seed,
+            "start": start,
             "objective_init": objective_init,
             "changes_per_sweep": changes,
             "assignments_solved": solves,
             "cost_terms_computed": term_stats["computed"],
             "cost_terms_reused": term_stats["reused"],
             "cost_terms_updated": term_stats["updated"],
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - clock,
             "device": str(device),
             "warm": warm is not None,
         },

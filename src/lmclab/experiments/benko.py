@@ -20,7 +20,7 @@ from lmclab.curvature.taylor import taylor_rows
 from lmclab.experiments.context import Experiment, ExperimentContext
 from lmclab.experiments.graph import Step
 from lmclab.experiments.settings import ExperimentOptions, PairSetting, Setting
-from lmclab.experiments.steps import train_step
+from lmclab.experiments.steps import align_step, train_step
 from lmclab.report import write_csv
 from lmclab.report.benko import plot_logit_example, plot_logit_rmse, plot_loss_approximations
 
@@ -92,7 +92,7 @@ def build_graph(preset: BenkoOptions) -> dict[str, list[PairSteps]]:
         for i in range(s.pairs):
             a = train_step(f"{s.name}/pair{i}/a", s.member_config(i, 0), s.preset)
             b = train_step(f"{s.name}/pair{i}/b", s.member_config(i, 1), s.preset)
-            align = Step("align", {"method": "weight", "seed": 0}, {"a": a, "b": b})
+            align = align_step(a, b, "weight")
             paths: dict[str, dict[str, SplitSteps]] = {}
             logits: dict[str, Step] = {}
             for path in PATHS:

@@ -254,7 +254,8 @@ def method_steps(
     """Align `members` with `method` (`keywords`), evaluate (`evaluation`: the eval step's config) and,
     unless `trace` is None, the merged model's trace (the trace step's config)."""
     ins = member_inputs(members)
-    align = Step("population_align", {"method": method, "k": len(members), "options": dict(keywords)}, ins)
+    identity = get_population_method(method).identity()  # with its revision: a revised method is recomputed
+    align = Step("population_align", {**identity, "k": len(members), "options": dict(keywords)}, ins)
     return MethodSteps(
         method=method,
         k=len(members),

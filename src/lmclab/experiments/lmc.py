@@ -119,7 +119,7 @@ def align_runs(
     settings: dict[str, Any] = {
         "a": run_a.path.name,
         "b": run_b.path.name,
-        "method": method,
+        **entry.identity(),
         "seed": seed,
         "spec_source": "derived" if spec is None else content_hash(spec.to_dict(), spaced=True),
     }

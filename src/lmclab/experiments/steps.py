@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lmclab.align import get_pair_method
 from lmclab.config import RunConfig, UsageError
 from lmclab.curvature.derivatives import loss_derivatives
 from lmclab.curvature.taylor import (
@@ -166,6 +167,13 @@ def _train_packed(
 
 
 PACK_KINDS["train"] = PackKind(joins=_pack_joins, refusal=_pack_refusal, run=_train_packed)
+
+
+def align_step(a: Step, b: Step, method: str, seed: int = 0) -> Step:
+    """The step aligning run `b` to run `a` with two-model `method`; its config carries the method's
+    revision (:meth:`lmclab.align.registry.MethodEntry.identity`), so the paths built on it are recomputed
+    when the method changes."""
+    return Step("align", {**get_pair_method(method).identity(), "seed": seed}, {"a": a, "b": b})
 
 
 @step_kind("align", self_caching=True, resources="assignment")

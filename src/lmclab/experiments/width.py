@@ -36,7 +36,7 @@ from lmclab.config import RunConfig
 from lmclab.experiments.context import Experiment, ExperimentContext
 from lmclab.experiments.graph import Step, StepContext, step_kind
 from lmclab.experiments.settings import ExperimentOptions, PairSetting, Setting
-from lmclab.experiments.steps import dataset_for, endpoints, train_step
+from lmclab.experiments.steps import align_step, dataset_for, endpoints, train_step
 from lmclab.paths import BN_MODES, barriers, default_lambdas, evaluate_path, path_values, spread
 from lmclab.report import write_csv
 from lmclab.report.width import plot_barrier_vs_width
@@ -154,7 +154,7 @@ def build_graph(preset: WidthOptions) -> dict[str, dict[int, list[PairSteps]]]:
                     train_step(f"{s.name}/w{width}/pair{i}/{m}", member_config(s, width, i, k), s.preset)
                     for k, m in enumerate("ab")
                 )
-                aligns = {m: Step("align", {"method": m, "seed": 0}, {"a": a, "b": b}) for m in o.methods if m != NAIVE}
+                aligns = {m: align_step(a, b, m) for m in o.methods if m != NAIVE}
                 paths = {
                     (m, c): path_step(
                         a,
