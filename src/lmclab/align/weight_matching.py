@@ -510,7 +510,7 @@ def weight_matching(
     Starts at `init` if given, else per `start` (:func:`resolve_start`): "identity", or "anchored" (module
     docstring: each group's optimum over its anchored tensors, then a first sweep from the least to the
     most anchored group); "auto" (default) is anchored for specs with attention heads, the identity
-    otherwise. On the ViT width study's ×4 and ×8 pairs the identity start reached 0.45–1.07 of the naive
+    otherwise. On the ViT width study's ×4 and ×8 pairs the identity start reached 0.45–1.12 of the naive
     test-loss barrier depending on the seed, the anchored start 0.32–0.49 for every seed (README). Each
     sweep visits the groups in an order drawn from a
     ``torch.Generator`` seeded with `seed` (so the result is deterministic for a seed), solves the
