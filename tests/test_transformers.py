@@ -469,6 +469,8 @@ def test_align_report_prints_coverage() -> None:
     text = _alignment_report("weight", {"a": "A", "b": "B", "coverage": 0.9731}, Path("p.safetensors"))
     assert "coverage: 97.31% of the parameters lie in permuted groups" in text
     assert "coverage: not recorded" in _alignment_report("weight", {}, Path("p.safetensors"))
+    text = _alignment_report("weight", {"a": "A", "b": "B", "sweeps": 2, "info": {"start": "anchored"}}, Path("p"))
+    assert text.splitlines()[0] == "weight matching of B onto A: from the anchored start; 2 sweep(s)"
 
 
 def test_fused_qkv_split_into_query_key_and_value_sets() -> None:

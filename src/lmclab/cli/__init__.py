@@ -799,6 +799,9 @@ def _alignment_report(method: str, info: Mapping[str, Any], perm_file: Path, *, 
     when it was computed; its files' checksums were verified on reading)."""
     lines = [f"{method} matching of {info.get('b')} onto {info.get('a')}"]
     parts = []
+    details = info.get("info")
+    if isinstance(details, Mapping) and details.get("start") in ("anchored", "identity"):
+        parts.append(f"from the {details['start']} start")  # weight matching's (lmclab.align.weight_matching)
     if info.get("sweeps") is not None:
         parts.append(f"{info['sweeps']} sweep(s)" + ("" if info.get("converged", True) else " (not converged)"))
     before, after = info.get("distance_before"), info.get("distance_after")
