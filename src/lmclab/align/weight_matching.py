@@ -141,9 +141,10 @@ def _anchored_order(
     """Indices of :func:`_units` in increasing anchored share Σ_anchored m_t / Σ m_t, m_t = w_t ‖θ_A[t]‖ ‖θ_B[t]‖
     over the tensors of the unit's groups (ties: in spec order)."""
     anchored = set(anchored_tensors(spec, params_a))
+    by_tensor = spec.axes_by_tensor()
     by_group: dict[str, set[str]] = {}
     for t in spec_tensor_names(spec, params_a):
-        for g, _ in spec.axes_by_tensor()[t]:
+        for g, _ in by_tensor[t]:
             by_group.setdefault(g, set()).add(t)
     mass = {
         t: abs(float(weights(t))) * float(params_a[t].detach().double().norm() * params_b[t].detach().double().norm())
