@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from lmclab.align import get_pair_method, get_population_method, weight_matching
+from lmclab.align import align_population, get_pair_method, get_population_method, weight_matching
 from lmclab.align.weight_matching import anchored_tensors, resolve_start
 from lmclab.experiments.graph import Step
 from lmclab.experiments.steps import align_step
@@ -161,3 +161,16 @@ def test_revised_methods_key_their_stored_results_by_revision() -> None:
     assert weight.config == {"method": "weight", "revision": 2, "seed": 0}
     assert activation.config == {"method": "activation", "seed": 0}
     assert weight.key != Step("align", {"method": "weight", "seed": 0}, {"a": a, "b": b}).key
+
+
+def test_merge_many_recovers_planted_vit_permutations_from_the_anchored_start() -> None:
+    """K = 3 copies of one ViT under random permutations σ_k: MergeMany maps them onto each other exactly."""
+    model, theta = vit_state(0)
+    spec = spec_of(model)
+    gen = torch.Generator().manual_seed(7)
+    sigmas = [Permutation.identity(spec)] + [Permutation.random(spec, generator=gen) for _ in range(2)]
+    points = [s.apply(theta, spec) for s in sigmas]
+    joint = align_population(points, spec, "merge_many")
+    for aligned in joint.aligned(points):
+        assert all(torch.equal(aligned[t], theta[t]) for t in theta)
+    assert get_population_method("merge_many").identity() == {"method": "merge_many", "revision": 2}
