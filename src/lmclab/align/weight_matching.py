@@ -136,11 +136,14 @@ def resolve_start(start: str, spec: PermutationSpec) -> str:
 
 
 def _anchored_order(
-    params_a: PointLike, params_b: PointLike, spec: PermutationSpec, weights: Callable[[str], float]
+    params_a: PointLike,
+    params_b: PointLike,
+    spec: PermutationSpec,
+    weights: Callable[[str], float],
+    anchored: set[str],
 ) -> list[int]:
     """Indices of :func:`_units` in increasing anchored share Σ_anchored m_t / Σ m_t, m_t = w_t ‖θ_A[t]‖ ‖θ_B[t]‖
-    over the tensors of the unit's groups (ties: in spec order)."""
-    anchored = set(anchored_tensors(spec, params_a))
+    over the tensors of the unit's groups (ties: in spec order); `anchored`: :func:`anchored_tensors`."""
     by_tensor = spec.axes_by_tensor()
     by_group: dict[str, set[str]] = {}
     for t in spec_tensor_names(spec, params_a):
@@ -566,7 +569,7 @@ def weight_matching(
             weights=lambda t: weights(t) if t in anchored else 0.0,
             start="identity",
         ).perm  # the groups decouple: one sweep finds each group's optimum, a second confirms it
-        first_order = _anchored_order(params_a, params_b, spec, weights)
+        first_order = _anchored_order(params_a, params_b, spec, weights, anchored)
     matcher = _WeightMatcher(params_a, params_b, spec, _initial_perm(spec, init), weights, device)
     objective_init = matcher.objective()
     gen = torch.Generator().manual_seed(seed)

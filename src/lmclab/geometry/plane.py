@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lmclab.data import DeviceDataset
-from lmclab.paths.batched import evaluate_points
+from lmclab.paths.batched import BATCHED_BN_MODES, evaluate_points, metric_rows
 from lmclab.paths.curves import BN_MODES, default_bn_mode
 from lmclab.paths.normalization import NORM_TYPES
 from lmclab.points import Point, PointLike, direction, inner, norm, parameter_names
@@ -226,11 +226,10 @@ def evaluate_plane(
     each split, BN statistics reset per point in the same pass (:func:`lmclab.paths.batched.evaluate_points`).
     `model` is only a template."""
     bn = bn or default_bn_mode(model)
-    if bn not in ("none", "reset"):
-        raise ValueError(f"bn mode {bn!r} is not available on a plane; valid: none, reset (of {', '.join(BN_MODES)})")
-    if bn == "reset" and bn_data is None:
-        raise ValueError("bn='reset' needs bn_data (the training split) to estimate statistics")
-    metrics = evaluate_points(
+    if bn not in BATCHED_BN_MODES:
+        valid = ", ".join(BATCHED_BN_MODES)
+        raise ValueError(f"bn mode {bn!r} is not available on a plane; valid: {valid} (of {', '.join(BN_MODES)})")
+    metrics = evaluate_points(  # raises if bn='reset' comes without bn_data
         model,
         (plane.point(u, v) for u, v in coords),
         datasets,
@@ -244,10 +243,4 @@ def evaluate_plane(
         desc=desc,
         unit="pt",
     )
-    rows: list[dict[str, Any]] = []
-    for (u, v), at in zip(coords, metrics):
-        for split in datasets:
-            m = at[split]
-            for metric, value in (("loss", m["loss"]), ("accuracy", m["accuracy"]), ("error", 1 - m["accuracy"])):
-                rows.append({"u": float(u), "v": float(v), "split": split, "metric": metric, "value": value})
-    return rows
+    return metric_rows([{"u": u, "v": v} for u, v in coords], metrics)

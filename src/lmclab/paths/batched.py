@@ -52,6 +52,7 @@ __all__ = [
     "default_chunk",
     "evaluate_points",
     "evaluate_stacked",
+    "metric_rows",
     "reset_bn_stats_stacked",
     "stack_points",
 ]
@@ -293,3 +294,17 @@ def evaluate_points(
                 out += [{s: metrics[s][i] for s in datasets} for i in range(len(part))]
             bar.update(len(part))
     return out
+
+
+def metric_rows(
+    coords: Sequence[Mapping[str, float]], metrics: Sequence[Mapping[str, Mapping[str, float]]]
+) -> list[dict[str, Any]]:
+    """Tidy rows {**coordinates, split, metric, value} for loss, accuracy and error (= 1 − accuracy): one
+    point's coordinates (e.g. {"lambda": λ}, {"u": u, "v": v}) per entry of :func:`evaluate_points`' output."""
+    rows: list[dict[str, Any]] = []
+    for at, m_at in zip(coords, metrics, strict=True):
+        where = {k: float(v) for k, v in at.items()}
+        for split, m in m_at.items():
+            for metric, value in (("loss", m["loss"]), ("accuracy", m["accuracy"]), ("error", 1.0 - m["accuracy"])):
+                rows.append({**where, "split": split, "metric": metric, "value": value})
+    return rows

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmclab.data import DeviceDataset
-from lmclab.paths.batched import evaluate_points
+from lmclab.paths.batched import evaluate_points, metric_rows
 from lmclab.paths.interpolate import default_lambdas
 from lmclab.paths.normalization import endpoint_stats, has_batchnorm, repair, repair_points
 from lmclab.points import PointLike, lerp
@@ -108,18 +108,7 @@ def evaluate_path(
         desc=desc,
         unit="λ",
     )
-    return tidy_rows(lambdas, metrics)
-
-
-def tidy_rows(lambdas: Sequence[float], metrics: Sequence[Mapping[str, Mapping[str, float]]]) -> list[dict[str, Any]]:
-    """Rows {lambda, split, metric, value} (loss, accuracy, error = 1 − accuracy) from one
-    {split: {"loss", "accuracy"}} per λ (:func:`lmclab.paths.batched.evaluate_points`' output)."""
-    rows: list[dict[str, Any]] = []
-    for lam, at in zip(lambdas, metrics, strict=True):
-        for split, m in at.items():
-            for metric, value in (("loss", m["loss"]), ("accuracy", m["accuracy"]), ("error", 1.0 - m["accuracy"])):
-                rows.append({"lambda": float(lam), "split": split, "metric": metric, "value": value})
-    return rows
+    return metric_rows([{"lambda": lam} for lam in lambdas], metrics)
 
 
 def path_losses(

@@ -34,8 +34,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from lmclab.data import DeviceDataset
-from lmclab.paths.batched import BATCHED_BN_MODES, evaluate_points
-from lmclab.paths.curves import default_bn_mode, tidy_rows
+from lmclab.paths.batched import BATCHED_BN_MODES, evaluate_points, metric_rows
+from lmclab.paths.curves import default_bn_mode
 from lmclab.paths.interpolate import default_lambdas
 from lmclab.points import Point, PointLike, lerp, mixture, parameter_names
 
@@ -343,4 +343,4 @@ def evaluate_curve(
         desc=desc,
         unit="t",
     )
-    return tidy_rows(ts, metrics)
+    return metric_rows([{"lambda": t} for t in ts], metrics)
