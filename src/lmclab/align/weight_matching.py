@@ -75,10 +75,6 @@ UPDATE_FRACTION, UPDATE_BUDGET = 0.5, 2.0
 #: Where the coordinate descent starts (`start` of :func:`weight_matching`).
 STARTS = ("auto", "identity", "anchored")
 
-#: Groups of at least this many units refine the column potentials they pass to their next solve by two
-#: Bellman–Ford rounds (see ``reduced_assignment``); below it the rounds cost more than they save.
-POTENTIAL_ROUNDS_MIN_SIZE = 256
-
 
 @dataclass
 class WeightMatchingState:
@@ -607,8 +603,7 @@ def weight_matching(
             if warm is not None:
                 new = warm.solver(g.name).solve(s)
             else:
-                rounds = 2 if g.size >= POTENTIAL_ROUNDS_MIN_SIZE else 0
-                new, potentials[g.name] = reduced_assignment(s, old, potentials.get(g.name), rounds)
+                new, potentials[g.name] = reduced_assignment(s, old, potentials.get(g.name))
             solves += 1
             if g.name in matcher.neighbours[g.name]:  # S_P depends on P itself: judge by the true objective
                 old_val, new_val = matcher.local_objective(g.name, old), matcher.local_objective(g.name, new)
