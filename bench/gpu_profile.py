@@ -38,6 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pack_candidates  # noqa: E402
 from lmclab.align import weight_matching  # noqa: E402
 from lmclab.curvature.derivatives import logit_derivatives  # noqa: E402
 from lmclab.curvature.hessian import hvp_many  # noqa: E402
@@ -79,6 +80,24 @@ def train_step_workload(norm: str) -> Workload:
         return lambda: train_step(model, optimizer, x, y)
 
     return Workload(f"train_step ResNet-20 ×1 {norm}, batch 128", make)
+
+
+def pack_step_workload(k: int, norm: str) -> Workload:
+    """lmclab's packed step (`training.packed.Pack.step`, as bench/pack_candidates.py's `vmap` candidate): `k`
+    ResNet-20 ×1 members, batch 128 each, on random images."""
+
+    def make(device: torch.device, tiny: bool) -> Callable[[], object]:
+        argv = ["--device", str(device), "--k", str(_size(tiny, k, 2)), "--norm", norm, "--pool", "1"]
+        argv += ["--batch-size", str(_size(tiny, 128, 4)), "--subset", str(_size(tiny, 128, 4))]
+        ns = pack_candidates.parse_args(argv)
+        data = random_dataset(ns.batch_size, (3, 32, 32), 10, device)
+        x, y = data.batch(torch.arange(ns.batch_size))
+        xs, ys = x.expand(1, ns.k, *x.shape).contiguous(), y.expand(1, ns.k, *y.shape).contiguous()
+        setup = pack_candidates.Setup(ns, device, pack_candidates.configs(ns), data, xs, ys, [])
+        stepper = pack_candidates.pack_stepper(setup)
+        return lambda: stepper.step(0, False)
+
+    return Workload(f"Pack.step {k} × ResNet-20 ×1 {norm}, batch 128", make)
 
 
 def hvp_workload(model_name: str, probes: int, batch: int) -> Workload:
@@ -151,6 +170,7 @@ def weight_matching_workload(width: int) -> Workload:
 WORKLOADS = (
     train_step_workload("batchnorm"),
     train_step_workload("layernorm"),
+    pack_step_workload(8, "batchnorm"),
     hvp_workload("mlp", 8, 2000),
     hvp_workload("resnet20", 8, 500),
     taylor_workload(100),

@@ -6,19 +6,27 @@ within `--budget` seconds (default 480, so the command ends well inside the devi
 
   1 train_throughput   trainer vs a plain DataLoader loop, ResNet-20 ×1 BN and LN, CIFAR-10 (target ≥ 2×)
   2 packed             8 ResNet-20 ×1 trained as one pack vs one after another, LN then BN (target ≥ 4×)
-  3 hessian_trace      time to a 10 % relative CI half-width vs one double-backward probe per batch,
+  3 pack_candidates    the ways of training 8 ResNet-20 ×1 at once, step by step (bench/pack_candidates.py):
+                       one after another (the baseline), lmclab's vmap pack, K processes, torch.compile and CUDA
+                       graphs of both; the eager ones of LN and BN first, then the compiled ones (target ≥ 4×: the
+                       winner vs one after another)
+  4 hessian_trace      time to a 10 % relative CI half-width vs one double-backward probe per batch,
                        MLP and ResNet-20 (target ≥ 5×)
-  4 pyhessian          issue 13 item 2 on the GPU: PyHessian 0.1 itself vs lmclab (hessian_trace.py's vs_pyhessian),
+  5 pyhessian          issue 13 item 2 on the GPU: PyHessian 0.1 itself vs lmclab (hessian_trace.py's vs_pyhessian),
                        MLP, 2,000 MNIST images in one batch: trace to a 10 % CI half-width, then the top eigenvalue
                        at matched accuracy (target ≥ 2×); skipped, saying why, where PyHessian cannot be imported
-  5 logit_derivatives  all logits' Taylor coefficients to order 2 in one pass vs per-(input, class) HVPs,
+  6 logit_derivatives  all logits' Taylor coefficients to order 2 in one pass vs per-(input, class) HVPs,
                        MLP and ResNet-20 (target ≥ 100×)
-  6 second_order       (25-point path + order 2 at both ends) / the path alone, MLP and ResNet-20 (target ≤ 1.5×)
-  7 weight_matching    lmclab vs a float32 port of Git Re-Basin on the same device, ResNet-20 ×8/×16/×32
+  7 second_order       (25-point path + order 2 at both ends) / the path alone, MLP and ResNet-20 (target ≤ 1.5×)
+  8 weight_matching    lmclab vs a float32 port of Git Re-Basin on the same device, ResNet-20 ×8/×16/×32
                        random and a trained ×8 pair, the MLP (target ≥ 5× for ×8 and wider)
+  9 profile            what bounds each workload behind those targets (bench/gpu_profile.py): torch.profiler's
+                       device, host and wall ms per call, busy = device / wall, launches, and the top ops
+                       (no target; the tables go to gpu_profile.txt)
 
 Writes `gpu_session.json` (every number, the card, torch/CUDA versions; rewritten after every case),
-`gpu_session.md` (the ratios against their targets) and `gpu_session.log` (everything printed) to `--out`
+`gpu_session.md` (the ratios against their targets), `gpu_profile.txt` (stage 9's tables) and
+`gpu_session.log` (everything printed) to `--out`
 (default $OUT, else ./gpu_out). `--presets benko,ito,singh,width` adds one stage per preset:
 `lmclab run X --preset gpu` (≈ 8 min each: one preset per command, with `--stages none`), its tables and
 figures packed into `preset_X.tar.gz`. `--device cpu --tiny` runs every stage at a tiny size in seconds
@@ -75,8 +83,10 @@ sys.path[:0] = [str(HERE), str(ROOT / "src")]  # the bench scripts, and lmclab w
 
 import torch  # noqa: E402
 
+import gpu_profile  # noqa: E402
 import hessian_trace  # noqa: E402
 import logit_derivatives  # noqa: E402
+import pack_candidates  # noqa: E402
 import packed_training  # noqa: E402
 import second_order_cost  # noqa: E402
 import train_throughput  # noqa: E402
@@ -325,6 +335,40 @@ def stage_packed(ctx: Context) -> None:
         ctx.case(f"{ns.k} × {model} {norm or ''} / {dataset}", functools.partial(_packed_case, ns))
 
 
+def _pack_candidates_case(argv: list[str]) -> dict[str, Any]:
+    """bench/pack_candidates.py's measure; a spent stage budget ends it with the candidates measured so far."""
+    result = pack_candidates.measure(pack_candidates.parse_args(argv), stop_on=(StageTimeout,))
+    keep = ("winner", "ratio", "fastest", "img_s", "vs_sequential", "statuses", "precision")
+    return {**{k: result[k] for k in keep}, "detail": result}
+
+
+def stage_pack_candidates(ctx: Context) -> None:
+    """bench/pack_candidates.py's measure, at the step level: K = 8 ResNet-20 ×1 on CIFAR-10 batches already on
+    the device, batch 128, 5 warm-up and 40 timed steps. The eager candidates (sequential, vmap, processes) of LN
+    and of BN first, then the compiled ones (vmap+cudagraphs, vmap+compile, cudagraphs, compile: tens of seconds
+    of compilation each), LN first; each case has its own sequential baseline (tiny: 2 MLPs on MNIST, every
+    candidate in one case, the CUDA-graph ones skipped)."""
+    if ctx.tiny:
+        argv = ["--model", "mlp", "--hidden", "16", "--k", "2", "--batch-size", "32", "--steps", "4", "--warmup", "2"]
+        argv += ["--subset", "256", "--pool", "2"]
+        cases = [("2 × MLP / MNIST, every candidate", argv)]
+    else:
+        argv = ["--model", "resnet20", "--width", "1", "--k", "8", "--batch-size", "128", "--steps", "40"]
+        argv += ["--warmup", "5", "--subset", "4096", "--pool", "8"]
+        groups = (
+            ("eager", "sequential,vmap,processes"),
+            ("compiled", "vmap+cudagraphs,vmap+compile,cudagraphs,compile"),
+        )
+        cases = [
+            (f"8 × ResNet-20 ×1 {norm} / CIFAR-10, {what}", [*argv, "--norm", norm, "--candidates", names])
+            for what, names in groups
+            for norm in ("layernorm", "batchnorm")
+        ]
+    for label, args in cases:
+        where = ["--device", str(ctx.device), "--data-dir", ctx.data_dir]
+        ctx.case(label, functools.partial(_pack_candidates_case, [*args, *where]))
+
+
 def _trace_case(ctx: Context, name: str, ns: argparse.Namespace) -> dict[str, Any]:
     """bench/hessian_trace.py: calibrate the HVP method, then lmclab and PyHessian's way in lockstep."""
     model, data, examples, target, point = hessian_trace.setup_model(name, ns, ctx.device)
@@ -536,6 +580,24 @@ def _preset_case(ctx: Context, name: str) -> dict[str, Any]:
     return {"exit_code": code, "archive": archive and archive.name, "summary": summary}
 
 
+def _profile_case(ctx: Context, workload: gpu_profile.Workload, done: list[dict[str, Any]]) -> dict[str, Any]:
+    """bench/gpu_profile.py's profile of one workload; gpu_profile.txt in `out` holds every table so far."""
+    rec = gpu_profile.profile_call(workload.make(ctx.device, ctx.tiny), ctx.device, ctx.size(5, 1))
+    rec["verdict"] = gpu_profile.verdict(rec)
+    done.append({"workload": workload.name, **rec})
+    gpu_profile.write_text(ctx.out / "gpu_profile.txt", ctx.device, done)
+    return {k: v for k, v in rec.items() if k != "table"}
+
+
+def stage_profile(ctx: Context) -> None:
+    """bench/gpu_profile.py: torch.profiler over each workload behind the targets above (a train step, HVPs,
+    the all-logit Taylor pass, a batched path, weight matching), so that a missed target comes with what
+    bounds it (busy = kernel time / wall time) from the same session; the tables go to gpu_profile.txt."""
+    done: list[dict[str, Any]] = []
+    for w in gpu_profile.WORKLOADS:
+        ctx.case(w.name, functools.partial(_profile_case, ctx, w, done))
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
@@ -547,13 +609,16 @@ class Stage:
 STAGES = {
     s.name: s
     for s in (
-        Stage("train_throughput", 55, "≥ 2", stage_train_throughput),
-        Stage("packed", 75, "≥ 4", stage_packed),
-        Stage("hessian_trace", 80, "≥ 5", stage_hessian_trace),
-        Stage("pyhessian", 20, "≥ 2", stage_pyhessian),  # within the trace's former share of 100
-        Stage("logit_derivatives", 55, "≥ 100", stage_logit_derivatives),
-        Stage("second_order", 35, "≤ 1.5", stage_second_order),
-        Stage("weight_matching", 100, "≥ 5", stage_weight_matching),
+        Stage("train_throughput", 50, "≥ 2", stage_train_throughput),
+        Stage("packed", 55, "≥ 4", stage_packed),
+        # the winner vs one after another; its compiled candidates take tens of seconds of compilation each
+        Stage("pack_candidates", 80, "≥ 4", stage_pack_candidates),
+        Stage("hessian_trace", 70, "≥ 5", stage_hessian_trace),
+        Stage("pyhessian", 20, "≥ 2", stage_pyhessian),
+        Stage("logit_derivatives", 50, "≥ 100", stage_logit_derivatives),
+        Stage("second_order", 30, "≤ 1.5", stage_second_order),
+        Stage("weight_matching", 90, "≥ 5", stage_weight_matching),
+        Stage("profile", 20, "", stage_profile),  # what bounds each workload: no target
     )
 }
 

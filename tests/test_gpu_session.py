@@ -25,8 +25,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.py"
-BENCH_STAGES = ["train_throughput", "packed", "hessian_trace", "logit_derivatives", "second_order", "weight_matching"]
-STAGES = BENCH_STAGES[:3] + ["pyhessian"] + BENCH_STAGES[3:]  # pyhessian: needs PyHessian 0.1 (else skipped)
+BENCH_STAGES = [
+    "train_throughput",
+    "packed",
+    "pack_candidates",
+    "hessian_trace",
+    "logit_derivatives",
+    "second_order",
+    "weight_matching",
+]
+# pyhessian: needs PyHessian 0.1 (else skipped); profile: no ratio (what bounds each workload)
+STAGES = BENCH_STAGES[:4] + ["pyhessian"] + BENCH_STAGES[4:] + ["profile"]
 PYHESSIAN_CASES = ["PyHessian 0.1 vs lmclab, trace", "PyHessian 0.1 vs lmclab, top eigenvalue"]
 HAVE_PYHESSIAN = importlib.util.find_spec("pyhessian") is not None
 PRESETS = ["benko", "ito", "singh", "width"]
@@ -81,6 +90,10 @@ def test_dry_run_runs_every_stage_and_case(dry_run: tuple[Path, dict]) -> None:
         assert ratios and all(math.isfinite(r) and r > 0 for r in ratios), (stage, ratios)
     assert len(cases(record, "train_throughput")) == 4  # BN and LN × DataLoader with 0 and with 1 worker
     assert len(cases(record, "weight_matching")) == 3
+    profiles = cases(record, "profile")  # every workload profiled, its table in gpu_profile.txt (not the JSON)
+    assert len(profiles) == 8 and all(c["wall_ms"] > 0 and "table" not in c for c in profiles)
+    text = (out / "gpu_profile.txt").read_text()
+    assert all(f"## {c['case']}" in text for c in profiles) and text.count("Self CPU time total") == 8
     for p in PRESETS:
         (c,) = cases(record, f"preset_{p}")
         assert c["exit_code"] == 0
@@ -105,6 +118,11 @@ def test_dry_run_sides_agree(dry_run: tuple[Path, dict]) -> None:
         assert c["same_permutation"] is True and c["objective"]["lmclab"] == c["objective"]["port"]
     for c in cases(record, "second_order"):
         assert c["ratio"] == pytest.approx((c["path_s"] + c["derivatives_s"]) / c["path_s"])
+    (c,) = cases(record, "pack_candidates")  # every candidate's first step agrees with the eager one's
+    ran = {n: r for n, r in c["detail"]["candidates"].items() if r["status"] == "ok"}
+    assert set(ran) == {"sequential", "vmap", "compile", "vmap+compile", "processes"}
+    assert all(r["check"]["agrees"] for r in ran.values()) and c["ratio"] == ran[c["winner"]]["ratio"]
+    assert c["statuses"]["cudagraphs"] == c["statuses"]["vmap+cudagraphs"] == "skipped"
 
 
 def test_dry_run_pyhessian_ran_or_says_why(dry_run: tuple[Path, dict]) -> None:
