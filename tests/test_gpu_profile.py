@@ -3,7 +3,6 @@ size, the numbers are consistent with an independent timing, and the verdict rea
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -14,19 +13,16 @@ from types import ModuleType
 import pytest
 import torch
 
+from bench_scripts import imported
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_profile.py"
 
 
 @pytest.fixture(scope="module")
 def gp() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("gpu_profile", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_profile"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["gpu_profile"]
+    with imported("gpu_profile") as module:
+        yield module
 
 
 def test_every_workload_profiles_on_the_cpu(gp: ModuleType, tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from bench_scripts import imported
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_session.py"
 BENCH_STAGES = [
@@ -51,14 +53,9 @@ def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[
 
 @pytest.fixture(scope="module")
 def session() -> Iterator[ModuleType]:
-    """bench/gpu_session.py imported as a module (registered while the tests use it: its dataclasses need that)."""
-    spec = importlib.util.spec_from_file_location("gpu_session", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_session"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["gpu_session"]
+    """bench/gpu_session.py imported as a module."""
+    with imported("gpu_session") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
