@@ -159,9 +159,10 @@ def weight_matching_workload(width: int) -> Workload:
 
     def make(device: torch.device, tiny: bool) -> Callable[[], object]:
         w = _size(tiny, width, 1)
-        a, b = (_model("resnet20", device, seed=s, width=w, norm="layernorm") for s in (0, 1))
-        spec = derive_spec(a, torch.randn(2, 3, 32, 32, device=device))
-        pa, pb = a.state_dict(), b.state_dict()
+        cpu = torch.device("cpu")  # the spec is traced on the CPU, as bench/weight_matching.py does
+        a, b = (_model("resnet20", cpu, seed=s, width=w, norm="layernorm") for s in (0, 1))
+        spec = derive_spec(a, torch.randn(2, 3, 32, 32))
+        pa, pb = ({k: v.to(device) for k, v in m.state_dict().items()} for m in (a, b))
         return lambda: weight_matching(pa, pb, spec, seed=0)
 
     return Workload(f"weight_matching ResNet-20 ×{width} LN, random inits", make)
