@@ -239,6 +239,13 @@ def verdict(rec: dict[str, Any]) -> str:
     )
 
 
+def profile_workload(w: Workload, device: torch.device, tiny: bool, calls: int) -> dict[str, Any]:
+    """{"workload": its name, profile_call's numbers and table, "verdict"} of one workload."""
+    rec: dict[str, Any] = {"workload": w.name, **profile_call(w.make(device, tiny), device, calls)}
+    rec["verdict"] = verdict(rec)
+    return rec
+
+
 def run(
     device: torch.device,
     tiny: bool,
@@ -253,8 +260,7 @@ def run(
     for w in workloads:
         print(f"-- profile: {w.name}", flush=True)
         try:
-            rec: dict[str, Any] = {"workload": w.name, **profile_call(w.make(device, tiny), device, n)}
-            rec["verdict"] = verdict(rec)
+            rec = profile_workload(w, device, tiny, n)
             print(f"   wall {rec['wall_ms']:.2f} ms per call; {rec['verdict']}", flush=True)
         except Exception as err:  # noqa: BLE001 (a workload that fails must not end the session)
             rec = {"workload": w.name, "error": f"{type(err).__name__}: {err}"}

@@ -582,11 +582,10 @@ def _preset_case(ctx: Context, name: str) -> dict[str, Any]:
 
 def _profile_case(ctx: Context, workload: gpu_profile.Workload, done: list[dict[str, Any]]) -> dict[str, Any]:
     """bench/gpu_profile.py's profile of one workload; gpu_profile.txt in `out` holds every table so far."""
-    rec = gpu_profile.profile_call(workload.make(ctx.device, ctx.tiny), ctx.device, ctx.size(5, 1))
-    rec["verdict"] = gpu_profile.verdict(rec)
-    done.append({"workload": workload.name, **rec})
+    rec = gpu_profile.profile_workload(workload, ctx.device, ctx.tiny, ctx.size(5, 1))
+    done.append(rec)
     gpu_profile.write_text(ctx.out / "gpu_profile.txt", ctx.device, done)
-    return {k: v for k, v in rec.items() if k != "table"}
+    return {k: v for k, v in rec.items() if k not in ("table", "workload")}
 
 
 def stage_profile(ctx: Context) -> None:

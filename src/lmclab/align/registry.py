@@ -133,11 +133,20 @@ PAIR_METHODS: dict[str, PairMethod] = {}
 POPULATION_METHODS: dict[str, PopulationMethod] = {}
 
 
-def _add(registry: dict[str, Any], entry: MethodEntry, kind: str) -> None:
-    if entry.name in registry:
-        old = registry[entry.name].fn
-        raise ValueError(f"{kind} {entry.name!r} is already registered ({old.__module__}.{old.__qualname__})")
-    registry[entry.name] = entry
+def _registrar(
+    registry: dict[str, Any], entry_type: type[MethodEntry], kind: str, name: str, description: str, **fields: Any
+) -> Callable[[F], F]:
+    """The decorator that registers its function as `entry_type(name, fn, description, **fields)` in `registry`
+    (ValueError if `name` is taken)."""
+
+    def register(fn: F) -> F:
+        if name in registry:
+            old = registry[name].fn
+            raise ValueError(f"{kind} {name!r} is already registered ({old.__module__}.{old.__qualname__})")
+        registry[name] = entry_type(name, fn, description, **fields)
+        return fn
+
+    return register
 
 
 def register_pair_method(
@@ -150,13 +159,8 @@ def register_pair_method(
     revision: int = 1,
 ) -> Callable[[F], F]:
     """Decorator: register ``fn(θ_A, θ_B, spec, **kw) -> MatchResult`` as two-model method `name`."""
-
-    def register(fn: F) -> F:
-        entry = PairMethod(name, fn, description, tuple(needs), tuple(accepts), title, revision)
-        _add(PAIR_METHODS, entry, "alignment method")
-        return fn
-
-    return register
+    fields = {"needs": tuple(needs), "accepts": tuple(accepts), "title": title, "revision": revision}
+    return _registrar(PAIR_METHODS, PairMethod, "alignment method", name, description, **fields)
 
 
 def register_population_method(
@@ -169,16 +173,8 @@ def register_population_method(
     revision: int = 1,
 ) -> Callable[[F], F]:
     """Decorator: register ``fn(points, spec, **kw) -> PopulationAlignment`` as K-model method `name`."""
-
-    def register(fn: F) -> F:
-        _add(
-            POPULATION_METHODS,
-            PopulationMethod(name, fn, description, tuple(needs), tuple(accepts), title, revision),
-            "population method",
-        )
-        return fn
-
-    return register
+    fields = {"needs": tuple(needs), "accepts": tuple(accepts), "title": title, "revision": revision}
+    return _registrar(POPULATION_METHODS, PopulationMethod, "population method", name, description, **fields)
 
 
 def get_pair_method(name: str) -> PairMethod:
